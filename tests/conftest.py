@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MMLU = ROOT.parent / "shared" / "data" / "mmlu"
+if SHARED_MMLU.is_dir():
+    os.environ.setdefault("VCOMPRESS_MMLU", str(SHARED_MMLU))
+
+from tests.tiny import build_model, build_tokenizer  # noqa: E402
+
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """One saved tiny random checkpoint per architecture (built once per session)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_model(arch, root / arch, tokenizer) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_model(request, tiny_models) -> Path:
+    return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def mmlu_root() -> Path:
+    if not SHARED_MMLU.is_dir():
+        pytest.skip(f"needs the MMLU copy at {SHARED_MMLU}")
+    return SHARED_MMLU
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process as a user would; returns (exit code, stdout, stderr)."""
+    from vcompress.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

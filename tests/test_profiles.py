@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from vcompress.core.errors import InputError
+from vcompress.core.profiles import builtin_names, load_profile, parse_profile
+
+SIX = {"snapdragon8g2", "snapdragon8g3", "pixel8", "jetson-orin-nano", "raspberry-pi5", "x86-cpu"}
+
+
+def good() -> dict:
+    return yaml.safe_load(open(__file__.replace("tests/test_profiles.py", "profiles/x86-cpu.yaml")))
+
+
+def test_six_builtin_profiles_load():
+    assert SIX <= set(builtin_names())
+    for name in SIX:
+        p = load_profile(name)
+        assert p.name == name
+        assert p.device.memory_bandwidth_gbs > 0 and p.budgets.prompt_tokens > 0
+        assert p.recipe[-1].stage == "validate"
+
+
+def test_real_device_figures():
+    assert load_profile("snapdragon8g2").device.memory_bandwidth_gbs == pytest.approx(67.2)
+    assert load_profile("jetson-orin-nano").device.memory_bandwidth_gbs == pytest.approx(68)
+    assert load_profile("raspberry-pi5").device.memory_bandwidth_gbs == pytest.approx(17.1)
+
+
+def test_profile_by_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({**good(), "name": "mine"}))
+    assert load_profile(str(path)).name == "mine"
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda d: d["budgets"].update(max_ttft_msec=3), "unknown key 'budgets.max_ttft_msec'"),
+        (lambda d: d["budgets"].update(max_ttft_ms=-5), "budgets.max_ttft_ms"),
+        (lambda d: d["budgets"].pop("min_decode_tokens_per_s"), "missing field 'budgets.min_decode_tokens_per_s'"),
+        (lambda d: d["budgets"].update(max_peak_ram_mb=100, max_model_size_mb=500), "must fit in RAM"),
+        (lambda d: d["target"].update(runtime="litert"), "cannot run target.format 'onnx'"),
+        (lambda d: d.update(recipe=[{"stage": "export"}, {"stage": "quantize"}]), "out of order"),
+        (lambda d: d["recipe"].insert(1, {"stage": "distill"}), "distills without pruning"),
+        (lambda d: d["device"].update(efficiency=1.5), "device.efficiency"),
+    ],
+)
+def test_bad_profiles_name_the_key_and_file(change, words):
+    data = good()
+    change(data)
+    with pytest.raises(InputError) as e:
+        parse_profile(yaml.safe_dump(data), "my.yaml")
+    message = str(e.value)
+    assert message.startswith("my.yaml: ") and words in message and "\n" not in message
+
+
+def test_unknown_profile_lists_known():
+    with pytest.raises(InputError, match="unknown profile 'iphone'.*x86-cpu"):
+        load_profile("iphone")
+
+
+def test_invalid_yaml_names_line():
+    with pytest.raises(InputError, match=r"bad.yaml: line 2 is not valid YAML"):
+        parse_profile("name: x\n  device: [\n", "bad.yaml")

@@ -1,0 +1,73 @@
+"""Tiny random models (Llama with GQA, Qwen2, GPT-2) and a tokenizer trained here: no hub, seconds to build."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The following are multiple choice questions (with answers) about anatomy.",
+    "Answer: A. B. C. D. The heart pumps blood through the body.",
+    "What is the capital of France? Paris is the capital of France.",
+    "A patient presents with fever and cough. The doctor orders a chest x-ray.",
+    "The contract is void if either party fails to deliver the goods on time.",
+    "Interest rates rose by two percent, and the bond prices fell.",
+    "Cells divide by mitosis; the nucleus holds the chromosomes.",
+    "Question: which organ filters the blood? A. liver B. kidney C. lung D. heart",
+] * 4
+
+
+def build_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_config(arch: str, vocab_size: int, layers: int = 2):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if arch == "llama":  # GQA like SmolLM2: 4 query heads share 2 KV heads, tied embeddings
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                           rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=layers, n_head=4, n_positions=256,
+                          bos_token_id=1, eos_token_id=2)
+    raise ValueError(arch)
+
+
+def build_model(arch: str, out: Path, tokenizer, layers: int = 2, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(build_config(arch, len(tokenizer), layers))
+    with torch.no_grad():  # larger weights than the init default, so heads differ measurably
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

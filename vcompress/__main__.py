@@ -1,0 +1,3 @@
+from vcompress.cli import main
+
+main()

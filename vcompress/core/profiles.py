@@ -1,0 +1,167 @@
+"""Device budget profiles: a pydantic schema, validated before any work starts.
+
+A profile is the recipe: the target device (bandwidth and compute for the roofline estimate,
+how to reach it), the export format, the quantization scheme, the budgets the verdict checks,
+the MMLU subset to evaluate on, and which stages run with which settings.
+"""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputError
+
+STAGE_ORDER = ("analyze", "prune", "distill", "quantize", "export", "validate")
+RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "tflite": "litert", "tensorrt": "tensorrt"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Connection(Strict):
+    kind: Literal["none", "host", "ssh", "adb"] = "none"
+    host: str | None = None
+    user: str | None = None
+    port: int | None = Field(None, gt=0, lt=65536)
+    python: str = "python3"  # interpreter on an ssh board
+    serial: str | None = None  # adb device serial
+    workdir: str = "/tmp/vcompress"
+
+
+class Device(Strict):
+    name: str
+    soc: str | None = None
+    memory_gb: float = Field(gt=0, description="RAM on the device")
+    memory_bandwidth_gbs: float = Field(gt=0, description="peak DRAM bandwidth, GB/s")
+    peak_compute_gflops: float = Field(gt=0, description="peak compute of the unit that runs the model, GFLOP/s")
+    efficiency: float = Field(0.65, gt=0, le=1, description="fraction of the roofline reached in practice")
+    threads: int | None = Field(None, gt=0)
+    connection: Connection = Connection()
+
+
+class Target(Strict):
+    format: Literal["onnx", "tflite", "tensorrt"]
+    runtime: Literal["onnxruntime", "litert", "tensorrt"]
+    quant: Literal["none", "int8", "int4", "fp16"] = "none"
+
+
+class Quantization(Strict):
+    method: Literal["gptq", "rtn", "int8", "none"] = "gptq"
+    bits: Literal[4, 8, 16] = 4
+    group_size: int = Field(128, gt=0)
+    act_order: bool = False
+
+
+class Budgets(Strict):
+    max_model_size_mb: float = Field(gt=0)
+    max_peak_ram_mb: float = Field(gt=0)
+    max_ttft_ms: float = Field(gt=0)
+    prompt_tokens: int = Field(gt=0, description="prompt length the TTFT budget is stated at")
+    min_decode_tokens_per_s: float = Field(gt=0)
+    max_mmlu_drop_points: float = Field(ge=0, le=100)
+    max_perplexity_rise_pct: float = Field(ge=0)
+    min_answer_agreement: float = Field(ge=0, le=1)
+
+
+class Evaluation(Strict):
+    subset: str | list[str] = "medical"
+    per_subject: int | None = Field(10, gt=0)
+    shots: int = Field(0, ge=0, le=5)
+    seed: int = 0
+
+
+class RecipeStep(BaseModel):
+    # Settings beyond `stage` are validated by that stage's own config (see vcompress.pipeline).
+    model_config = ConfigDict(extra="allow")
+    stage: Literal["analyze", "prune", "distill", "quantize", "export", "validate"]
+
+    @property
+    def settings(self) -> dict:
+        return dict(self.model_extra or {})
+
+
+class Profile(Strict):
+    name: str
+    description: str = ""
+    device: Device
+    target: Target
+    quantization: Quantization = Quantization()
+    budgets: Budgets
+    evaluation: Evaluation = Evaluation()
+    recipe: list[RecipeStep]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Profile":
+        b, d = self.budgets, self.device
+        if RUNTIME_OF_FORMAT[self.target.format] != self.target.runtime:
+            raise ValueError(f"target.runtime {self.target.runtime!r} cannot run target.format {self.target.format!r} (use {RUNTIME_OF_FORMAT[self.target.format]!r})")
+        if b.max_peak_ram_mb < b.max_model_size_mb:
+            raise ValueError(f"budgets.max_peak_ram_mb ({b.max_peak_ram_mb}) is below budgets.max_model_size_mb ({b.max_model_size_mb}): the model must fit in RAM")
+        if b.max_peak_ram_mb > d.memory_gb * 1024:
+            raise ValueError(f"budgets.max_peak_ram_mb ({b.max_peak_ram_mb}) exceeds device.memory_gb ({d.memory_gb} GB)")
+        stages = [s.stage for s in self.recipe]
+        if not stages:
+            raise ValueError("recipe is empty: list at least the export stage")
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"recipe names a stage twice: {stages}")
+        if stages != sorted(stages, key=STAGE_ORDER.index):
+            raise ValueError(f"recipe stages out of order: {stages}; the order is {list(STAGE_ORDER)}")
+        if "quantize" in stages and self.quantization.method == "none":
+            raise ValueError("recipe has a quantize stage but quantization.method is 'none'")
+        if "distill" in stages and "prune" not in stages:
+            raise ValueError("recipe distills without pruning: distill needs a pruned student (add a prune stage)")
+        return self
+
+    def step(self, stage: str) -> RecipeStep | None:
+        return next((s for s in self.recipe if s.stage == stage), None)
+
+
+def builtin_names() -> list[str]:
+    folder = importlib.resources.files("vcompress.profiles")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A builtin profile by name, or a YAML file by path."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return parse_profile(path.read_text(), str(path))
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        raise InputError(f"profile file {path} does not exist; pass an existing YAML file or one of: {', '.join(builtin_names())}")
+    if text not in builtin_names():
+        raise InputError(f"unknown profile {text!r}; choose one of: {', '.join(builtin_names())}, or pass a YAML file")
+    resource = importlib.resources.files("vcompress.profiles") / f"{text}.yaml"
+    return parse_profile(resource.read_text(), f"profiles/{text}.yaml")
+
+
+def parse_profile(text: str, where: str) -> Profile:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise InputError(f"{where}:{line} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: a profile is a YAML mapping (name, device, target, budgets, recipe); see `vcompress profiles show x86-cpu`")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        raise InputError(f"{where}: {_describe(e)}") from None
+
+
+def _describe(e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {key!r}; remove it or check its spelling"
+    if kind == "missing":
+        return f"missing field {key!r}; add it"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg}" if key != "(top level)" else msg
