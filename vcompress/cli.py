@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import logging
+
+    # gptqmodel pulls in torchao, whose optional CUDA kernels fail to load on CPU and say so on
+    # every model load; that is noise here, not a problem.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display, not a bar per weight file

@@ -141,8 +141,14 @@ def _load_csv_folder(root: Path, split: str, wanted: set[str] | None) -> list[Qu
         if wanted is not None and subject not in wanted:
             continue
         with open(file, newline="", encoding="utf-8") as f:
-            for lineno, row in enumerate(csv.reader(f), start=1):
-                questions.append(_row(row, subject, f"{file}:{lineno}"))
+            reader = csv.reader(f)
+            first_line = 1  # a quoted field may span lines: name the line the row starts on
+            try:
+                for row in reader:
+                    questions.append(_row(row, subject, f"{file}:{first_line}"))
+                    first_line = reader.line_num + 1
+            except csv.Error as e:
+                raise InputError(f"{file}:{reader.line_num}: not valid CSV ({e}); fix that row") from None
     if not questions and wanted is None:
         raise InputError(f"{folder} holds no <subject>_{split}.csv files; point --mmlu at the folder that holds dev/ and test/")
     return questions
@@ -168,7 +174,7 @@ def _load_jsonl(path: Path, split: str) -> list[Question]:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: not valid JSON ({e.msg}); fix that line") from None
-            if item.get("split", split) != split:
+            if item.get("split", "test") != split:  # lines without a split are test questions
                 continue
             choices, answer = item.get("choices"), item.get("answer")
             if not isinstance(item.get("question"), str) or not isinstance(choices, list) or len(choices) != 4:

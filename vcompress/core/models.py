@@ -320,6 +320,12 @@ def weights_hash(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def source_hash(spec: str | Path | None) -> str | None:
+    """weights_hash of a --model argument (None for LoRA adapters and hub ids)."""
+    source = resolve(spec)
+    return weights_hash(source.path) if source.kind in ("hf", "gguf") else None
+
+
 def summarize(model, source: ModelSource) -> dict:
     config = model.config
     shape = attention_shape(config)

@@ -1,0 +1,529 @@
+"""Teacher-student distillation: win back, on the teacher's own outputs, what pruning cost.
+
+Loss = kl_weight * T^2 * KL(teacher_T || student_T) on next-token distributions at temperature T
+     + ce_weight * cross-entropy on the next token
+     + hidden_weight * MSE between student layer outputs and the teacher layers they came from.
+
+The loop is resumable bit for bit: a checkpoint (every `save_every` steps, in the stage's work
+folder) holds the student, optimizer, schedule, RNG states and the step; batches are a pure
+function of (seed, step), so a resumed run sees the same data in the same order.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from vcompress.core.artifact import METRICS, read_json, read_metrics, write_json
+from vcompress.core.data import pack, texts_for
+from vcompress.core.errors import InputError
+from vcompress.core.models import attention_shape, load_model, save_model
+from vcompress.core.registry import STAGES
+from vcompress.core.scoring import answer_agreement, mmlu_logprobs, text_fidelity, torch_logits_fn
+from vcompress.core.stage import Stage, StageConfig, StageContext, execute
+
+CHECKPOINT = "checkpoint.pt"
+BEFORE = "before.json"
+
+
+class DistillConfig(StageConfig):
+    temperature: float = Field(2.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0)
+    hidden_weight: float = Field(0.0, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: int = Field(10, ge=0, description="linear warm-up steps before the cosine decay")
+    grad_accum: int = Field(1, ge=1)
+    clip: float = Field(1.0, ge=0, description="max gradient norm; 0 turns clipping off")
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(4, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; default one pass over the data (or what fits max_minutes)")
+    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget for training; makes runs non-reproducible")
+    save_every: int = Field(50, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="validation KL every N steps; default save_every")
+    patience: int = Field(3, ge=1, description="stop after this many validations without a lower KL")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    val_blocks: int = Field(4, ge=1)
+    max_blocks: int = Field(4096, ge=1, description="training blocks kept after packing")
+    eval_blocks: int = Field(8, ge=1, description="held-out blocks for the before/after perplexity")
+    eval_per_subject: int = Field(5, ge=0, description="MMLU questions per subject for answer agreement; 0 skips it")
+
+
+@STAGES.register("distill")
+class Distill(Stage):
+    """Student = the stage's source (the pruned model); teacher = the reference (the uncompressed model)."""
+
+    name = "distill"
+    Config = DistillConfig
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg: DistillConfig = self.config
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        flags = {k: ctx.extra[k] for k in ("allow_pickle", "trust_remote_code") if ctx.extra.get(k) is not None}
+        teacher, tokenizer = load_model(ctx.reference, **flags)
+        student, student_tokenizer = load_model(ctx.source, **flags)
+        check_same_vocab(teacher, tokenizer, student, student_tokenizer)
+        layer_map = student_layer_map(ctx.source, teacher, student) if cfg.hidden_weight else None
+        if layer_map is not None:
+            ctx.log(f"hidden-state loss maps student layers to teacher layers {layer_map}")
+        train, val = build_blocks(ctx.data, tokenizer, cfg, seed=ctx.seed, subset=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
+        heldout = heldout_blocks(tokenizer, cfg, subset=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
+        teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        student.to(device)
+        ctx.log(f"distilling on {device.type}: {train.shape[0]} training and {val.shape[0]} validation blocks of {cfg.seq_len} tokens")
+
+        reference = Reference(teacher, tokenizer, val, mmlu_questions(ctx, cfg))
+        before = _stored_before(ctx.work, ctx.resume)
+        if before is None:
+            before = evaluate(student, reference, heldout)
+            write_json(ctx.work / BEFORE, before)
+        trainer = Trainer(student, teacher, train, val, cfg, device=device, seed=ctx.seed, work=ctx.work,
+                          teacher_val_logits=reference.val_logits, layer_map=layer_map, log=ctx.log,
+                          on_step=ctx.extra.get("on_step"))
+        summary = trainer.fit(resume=ctx.resume)
+        after = evaluate(student, reference, heldout)
+        student.to("cpu", dtype=torch.float32)
+        save_model(student, student_tokenizer, ctx.out)
+        return {
+            "teacher": str(ctx.reference) if ctx.reference else "default",
+            "student": str(ctx.source) if ctx.source else "default",
+            "device": device.type,
+            **summary,
+            "validation": {"before": before["validation"], "after": after["validation"]},
+            "heldout": {"before": before["heldout"], "after": after["heldout"]},
+            "answer_agreement": {"before": before["answer_agreement"], "after": after["answer_agreement"]},
+        }
+
+
+def distill(student, out, *, teacher=None, data=None, config: DistillConfig | dict | None = None, seed: int = 0,
+            force: bool = False, resume: bool = False, mmlu=None, subset="medical", log=print, on_step=None,
+            allow_pickle: bool | None = None, trust_remote_code: bool | None = None) -> dict:
+    """Distill `teacher` (None: the embedded default) into `student`; write an HF folder to `out`.
+
+    `on_step(step)` is called after every optimizer step (and its checkpoint, if any).
+    """
+    out = Path(out)
+    if resume and (out / METRICS).is_file() and not force:
+        log(f"{out} is already complete; nothing to resume")
+        return read_metrics(out)
+    extra = {"on_step": on_step, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    return execute(Distill(config), out, source=student, reference=teacher, data=data, seed=seed, force=force,
+                   resume=resume, mmlu=mmlu, subset=subset, log=log, extra=extra)
+
+
+# --- checks --------------------------------------------------------------------------------
+
+
+def check_same_vocab(teacher, teacher_tokenizer, student, student_tokenizer) -> None:
+    t_size, s_size = teacher.config.vocab_size, student.config.vocab_size
+    if t_size != s_size or teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise InputError(f"teacher and student do not share a tokenizer vocabulary (vocab sizes {t_size} and {s_size}); "
+                         "distill into a student pruned from the teacher, or pass the teacher it came from")
+
+
+def student_layer_map(student_source, teacher, student) -> list[int]:
+    """Teacher layer index for each student layer: the prune stage's record, else spread evenly."""
+    t_shape, s_shape = attention_shape(teacher.config), attention_shape(student.config)
+    if t_shape["hidden_size"] != s_shape["hidden_size"]:
+        raise InputError(f"hidden-state loss needs equal hidden sizes (teacher {t_shape['hidden_size']}, student {s_shape['hidden_size']}); "
+                         "set --hidden-weight 0")
+    t_layers, s_layers = t_shape["layers"], s_shape["layers"]
+    recorded = _recorded_layer_map(student_source)
+    if recorded is not None:
+        if len(recorded) != s_layers or not all(isinstance(i, int) and 0 <= i < t_layers for i in recorded):
+            raise InputError(f"the layer map recorded with the student ({recorded}) does not fit {s_layers} student and "
+                             f"{t_layers} teacher layers; re-run the prune stage, or set --hidden-weight 0")
+        return list(recorded)
+    return [round((i + 1) * t_layers / s_layers) - 1 for i in range(s_layers)]
+
+
+def _recorded_layer_map(source) -> list[int] | None:
+    """The source layer of each kept layer, from the prune stage's metrics.json beside the student."""
+    path = Path(source) / METRICS if source is not None else None
+    if path is None or not path.is_file():
+        return None
+    record = read_json(path)
+    if isinstance(record.get("layer_map"), list):
+        return record["layer_map"]
+    kept = (record.get("heads") or {}).get("kept_per_layer")
+    if isinstance(kept, list) and kept and all(isinstance(k, dict) and "source_layer" in k for k in kept):
+        return [k["source_layer"] for k in kept]
+    layers = record.get("layers") or {}
+    if isinstance(layers.get("dropped"), list) and isinstance(layers.get("count"), list) and layers["count"]:
+        return [i for i in range(layers["count"][0]) if i not in layers["dropped"]]
+    return None
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def build_blocks(data, tokenizer, cfg: DistillConfig, *, seed: int, subset, mmlu, log) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation blocks [N, seq_len]; records go to one side by a seeded shuffle."""
+    texts = texts_for(data, tokenizer, part="calib", exclude=subset, mmlu=mmlu, log=log)
+    if len(texts) < 2:
+        raise InputError(f"{data}: distillation needs at least 2 records (one for validation); add records")
+    order = list(range(len(texts)))
+    random.Random(f"distill-split:{seed}").shuffle(order)
+    n_val = max(1, round(len(texts) * cfg.val_fraction))
+    val_texts, train_texts = [texts[i] for i in order[:n_val]], [texts[i] for i in order[n_val:]]
+    try:
+        val = pack(val_texts, tokenizer, cfg.seq_len, cfg.val_blocks)
+        train = pack(train_texts, tokenizer, cfg.seq_len, cfg.max_blocks)
+    except InputError as e:
+        raise InputError(f"{e} (validation split: {n_val} of {len(texts)} records)") from None
+    return train, val
+
+
+def heldout_blocks(tokenizer, cfg: DistillConfig, *, subset, mmlu, log) -> torch.Tensor | None:
+    """MMLU held-out text outside the evaluated subset, for perplexity before/after (None without MMLU)."""
+    try:
+        texts = texts_for(None, tokenizer, part="heldout", exclude=subset, mmlu=mmlu, log=lambda _: None)
+    except InputError as e:
+        log(f"no held-out perplexity: {e}")
+        return None
+    return pack(texts, tokenizer, cfg.seq_len, cfg.eval_blocks)
+
+
+def batch_indices(micro_step: int, batch_size: int, n_blocks: int, seed: int) -> list[int]:
+    """Block indices of one micro-batch: a pure function of the position, so a resume sees the same order.
+
+    Every epoch is a fresh seeded permutation of the training blocks.
+    """
+    out = []
+    for item in range(micro_step * batch_size, (micro_step + 1) * batch_size):
+        epoch, offset = divmod(item, n_blocks)
+        out.append(int(_permutation(seed, epoch, n_blocks)[offset]))
+    return out
+
+
+_PERMUTATIONS: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    key = (seed, epoch, n)
+    if key not in _PERMUTATIONS:
+        if len(_PERMUTATIONS) > 8:
+            _PERMUTATIONS.clear()
+        _PERMUTATIONS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return _PERMUTATIONS[key]
+
+
+# --- loss ----------------------------------------------------------------------------------
+
+
+def distill_loss(student_out, teacher_out, ids: torch.Tensor, cfg: DistillConfig, layer_map: list[int] | None = None) -> tuple[torch.Tensor, dict]:
+    """The weighted loss and its parts (floats) for one batch of student and teacher outputs."""
+    t = cfg.temperature
+    s_logits, t_logits = student_out.logits.float(), teacher_out.logits.float()
+    vocab = s_logits.shape[-1]
+    s_logp = F.log_softmax(s_logits.view(-1, vocab) / t, dim=-1)
+    t_logp = F.log_softmax(t_logits.view(-1, vocab) / t, dim=-1)
+    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * t * t
+    loss = cfg.kl_weight * kl
+    parts = {"kl": kl.item()}
+    if cfg.ce_weight:
+        ce = F.cross_entropy(s_logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        loss = loss + cfg.ce_weight * ce
+        parts["ce"] = ce.item()
+    if cfg.hidden_weight and layer_map is not None:
+        s_hidden, t_hidden = student_out.hidden_states, teacher_out.hidden_states
+        mse = sum(F.mse_loss(s_hidden[i + 1].float(), t_hidden[j + 1].float()) for i, j in enumerate(layer_map)) / len(layer_map)
+        loss = loss + cfg.hidden_weight * mse
+        parts["hidden_mse"] = mse.item()
+    return loss, parts
+
+
+class Schedule:
+    """Linear warm-up, then cosine to zero at `total` steps (`total` may be set after the first steps)."""
+
+    def __init__(self, warmup: int, total: int | None):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if not self.total:
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, student, teacher, train: torch.Tensor, val: torch.Tensor, cfg: DistillConfig, *, device,
+                 seed: int, work: Path, teacher_val_logits: list[torch.Tensor], layer_map=None, log=print, on_step=None):
+        self.student, self.teacher, self.train, self.val, self.cfg = student, teacher, train, val, cfg
+        self.device, self.seed, self.work, self.layer_map, self.log, self.on_step = device, seed, Path(work), layer_map, log, on_step
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        epoch_steps = math.ceil(train.shape[0] / (cfg.batch_size * cfg.grad_accum))
+        # With only a time budget, the cosine's length is fixed from the speed of the first steps.
+        total = cfg.max_steps or (None if cfg.max_minutes else epoch_steps)
+        self.schedule = Schedule(cfg.warmup, total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.eval_every = cfg.eval_every or cfg.save_every
+        self.step, self.tokens, self.train_seconds = 0, 0, 0.0
+        self.best_kl, self.best_step, self.bad_evals, self.best_state = math.inf, 0, 0, None
+        self.history: list[dict] = []
+        self.data_hash = hashlib.sha256(train.numpy().tobytes() + val.numpy().tobytes()).hexdigest()[:16]
+        self.teacher_val_logits = teacher_val_logits  # one [1, seq, vocab] per validation block
+
+    def fit(self, resume: bool = False) -> dict:
+        checkpoint = self.work / CHECKPOINT
+        if resume and checkpoint.is_file():
+            self._load(checkpoint)
+            self.log(f"resumed from {checkpoint} at step {self.step}")
+        else:
+            if resume:
+                self.log(f"no checkpoint in {self.work}: starting from step 0")
+            if checkpoint.is_file():
+                self.log(f"starting over: ignoring the checkpoint in {self.work} (pass --resume to continue it)")
+                checkpoint.unlink()
+            torch.manual_seed(self.seed)
+            random.seed(self.seed)
+            np.random.seed(self.seed % 2**32)
+        stopped = self._loop()
+        if self.best_state is not None and self.best_step != self.step:
+            self.student.load_state_dict(self.best_state)
+        return {
+            "steps": self.step,
+            "stopped_by": stopped,
+            "best_step": self.best_step,
+            "train_tokens": self.tokens,
+            "train_seconds": round(self.train_seconds, 2),
+            "tokens_per_s": round(self.tokens / max(self.train_seconds, 1e-9), 1),
+            "learning_rate_peak": self.cfg.lr,
+            "validation_history": self.history,
+        }
+
+    def _loop(self) -> str:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        cfg = self.cfg
+        budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        columns = [TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
+        self.student.train()
+        stopped = "steps_done"
+        with Progress(*columns, console=Console(stderr=True)) as bar:
+            task = bar.add_task("distill", total=self.schedule.total, completed=self.step, status="")
+            while self.schedule.total is None or self.step < self.schedule.total:
+                started = time.perf_counter()
+                loss = self._optimizer_step()
+                self.train_seconds += time.perf_counter() - started
+                if self.schedule.total is None and self.step >= 2:
+                    per_step = self.train_seconds / self.step
+                    self.schedule.total = max(self.step, int(0.9 * budget_s / per_step))
+                    bar.update(task, total=self.schedule.total)
+                if self.step % self.eval_every == 0:
+                    if self._validate():
+                        stopped = "early_stop"
+                if self.step % cfg.save_every == 0 or stopped == "early_stop":
+                    self._save(self.work / CHECKPOINT)
+                last_kl = self.history[-1]["kl_nats_per_token"] if self.history else float("nan")
+                bar.update(task, completed=self.step, status=f"loss {loss:.4f}  val KL {last_kl:.4f}  {self.tokens / self.train_seconds:,.0f} tok/s")
+                if self.on_step is not None:
+                    self.on_step(self.step)
+                if stopped == "early_stop":
+                    break
+                if self.train_seconds >= budget_s:
+                    stopped = "max_minutes"
+                    break
+        if not self.history or self.history[-1]["step"] != self.step:
+            self._validate()
+        self.student.eval()
+        return stopped
+
+    def _optimizer_step(self) -> float:
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            index = batch_indices(self.step * cfg.grad_accum + micro, cfg.batch_size, self.train.shape[0], self.seed)
+            ids = self.train[index].to(self.device)
+            hidden = bool(cfg.hidden_weight and self.layer_map)
+            with self._autocast():
+                with torch.no_grad():
+                    t_out = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                s_out = self.student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                loss, _ = distill_loss(s_out, t_out, ids, cfg, self.layer_map)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            self.tokens += ids.numel()
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return total
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def _validate(self) -> bool:
+        """Validation KL(teacher || student) at temperature 1; True when patience has run out."""
+        self.student.eval()
+        kl_sum, count = 0.0, 0
+        for ids, t_logits in zip(self.val.split(1), self.teacher_val_logits):
+            with self._autocast():
+                logits = self.student(input_ids=ids.to(self.device), use_cache=False).logits
+            s_logp = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+            t_logp = F.log_softmax(t_logits[:, :-1].float(), dim=-1)
+            kl_sum += (t_logp.exp() * (t_logp - s_logp)).sum().item()
+            count += t_logp.shape[1]
+        self.student.train()
+        kl = kl_sum / count
+        self.history.append({"step": self.step, "kl_nats_per_token": round(kl, 5)})
+        self.log(f"step {self.step}: validation KL {kl:.4f} nats/token")
+        if kl < self.best_kl:
+            self.best_kl, self.best_step, self.bad_evals = kl, self.step, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+            return False
+        self.bad_evals += 1
+        return self.bad_evals >= self.cfg.patience
+
+    # --- checkpoints: everything that decides the next step, so a resume ends where one run would
+
+    def _save(self, path: Path) -> None:
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train_seconds": self.train_seconds,
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best": {"kl": self.best_kl, "step": self.best_step, "bad_evals": self.bad_evals,
+                     "state": self.best_state if self.best_step != self.step else None},
+            "history": self.history,
+            "rng": _rng_state(),
+            "identity": self._identity(),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it and start over without --resume") from None
+        if state["identity"] != self._identity():
+            raise InputError(f"checkpoint {path} was made with other settings or data; rerun with the same ones, or drop --resume to start over")
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
+        best = state["best"]
+        self.best_kl, self.best_step, self.bad_evals = best["kl"], best["step"], best["bad_evals"]
+        self.best_state = best["state"]
+        if self.best_step == self.step:  # saved without a copy: the best weights are the current ones
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+        self.history = state["history"]
+        _set_rng_state(state["rng"])
+
+    def _identity(self) -> dict:
+        settings = self.cfg.model_dump(exclude={"max_steps", "max_minutes", "save_every", "eval_per_subject", "eval_blocks"})
+        return {"seed": self.seed, "data": self.data_hash, **{k: str(v) for k, v in settings.items()}}
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+# --- before / after ------------------------------------------------------------------------
+
+
+def _stored_before(work: Path, resume: bool) -> dict | None:
+    path = Path(work) / BEFORE
+    if resume and path.is_file() and (Path(work) / CHECKPOINT).is_file():
+        return read_json(path)
+    return None
+
+
+def mmlu_questions(ctx: StageContext, cfg: DistillConfig) -> list | None:
+    if not cfg.eval_per_subject:
+        return None
+    from vcompress.core.data import load_mmlu, resolve_subjects, sample_questions
+
+    try:
+        questions = load_mmlu(ctx.mmlu, "test", resolve_subjects(ctx.subset))
+    except InputError as e:
+        ctx.log(f"no answer agreement: {e}")
+        return None
+    return sample_questions(questions, cfg.eval_per_subject, seed=ctx.seed)
+
+
+class Reference:
+    """The teacher's side of every comparison, run once: validation logits and MMLU answer log-probs."""
+
+    def __init__(self, teacher, tokenizer, val: torch.Tensor, questions: list | None):
+        self.fn, self.tokenizer, self.questions = torch_logits_fn(teacher), tokenizer, questions
+        self.val = val
+        self.val_logits = [self.fn(ids) for ids in val.split(1)]
+        self.mmlu = mmlu_logprobs(self.fn, tokenizer, questions) if questions else None
+
+    def val_fn(self, ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's stored logits for a validation block (text_fidelity's reference, without a rerun)."""
+        for block, logits in zip(self.val.split(1), self.val_logits):
+            if torch.equal(block, ids):
+                return logits
+        return self.fn(ids)
+
+
+@torch.no_grad()
+def evaluate(student, reference: Reference, heldout: torch.Tensor | None) -> dict:
+    """Student against teacher: validation and held-out KL / perplexity, MMLU answer agreement."""
+    was_training = student.training
+    student.eval()
+    fn = torch_logits_fn(student)
+    out = {
+        "validation": _fidelity(text_fidelity(fn, reference.val, reference.val_fn)),
+        "heldout": _fidelity(text_fidelity(fn, heldout, reference.fn)) if heldout is not None else None,
+        "answer_agreement": None,
+    }
+    if reference.mmlu is not None:
+        agreement = answer_agreement(mmlu_logprobs(fn, reference.tokenizer, reference.questions), reference.mmlu)
+        out["answer_agreement"] = {"fraction": agreement["agreement"], "ci95": agreement["ci95"], "n": agreement["n"],
+                                   "answer_kl_nats": agreement["kl_mean"]}
+    student.train(was_training)
+    return out
+
+
+def _fidelity(f: dict) -> dict:
+    return {
+        "kl_nats_per_token": round(f["kl_mean"], 5),
+        "perplexity": round(f["perplexity"], 4),
+        "teacher_perplexity": round(f["reference_perplexity"], 4),
+        "perplexity_gap": round(f["perplexity"] - f["reference_perplexity"], 4),
+        "top1_agreement_fraction": round(f["top1_agreement"], 4),
+        "tokens": f["tokens"],
+    }

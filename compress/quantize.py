@@ -1,0 +1,539 @@
+"""Weight quantization: GPTQ INT4 (group-wise, optional act-order), round-to-nearest INT4, INT8.
+
+Every linear projection inside the decoder layers is quantized (embeddings, norms and the LM head
+stay as they are). GPTQ runs layer by layer: the calibration blocks' hidden states enter a decoder
+layer, hooks collect each projection's Hessian, the projections are quantized, and the layer's
+output with the quantized weights becomes the next layer's input.
+
+The GPTQ algorithm is ours (compress/_gptq_core.py), not gptqmodel's quantizer: it takes one group
+size per model, asymmetric grids with integer or float zero points, is deterministic and leaves
+the global RNG alone, and runs in minutes on 2 CPU cores. gptqmodel is what transformers needs to
+reload the result: the checkpoint is the standard GPTQ layout (qweight/qzeros/scales/g_idx and a
+`quantization_config`). quant_manifest.json describes every quantized linear for the exporters
+(see compress/_gptq_pack.py and docs: the format is also in /work/notes/quant_format.md).
+
+Float zero points cannot be carried by the GPTQ layout; with `zero_point: float` the checkpoint
+holds the dequantized float32 weights (which reload anywhere and compute exactly what the
+quantized model computes) and the packed codes go to quant.safetensors for the exporters.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from safetensors.torch import save_file
+
+from vcompress.core.artifact import figure, read_json, write_json
+from vcompress.core.data import load_mmlu, pack, resolve_subjects, sample_questions, texts_for
+from vcompress.core.errors import InputError
+from vcompress.core.registry import STAGES
+from vcompress.core.scoring import answer_agreement, mmlu_logprobs, text_fidelity, torch_logits_fn
+from vcompress.core.stage import Stage, StageConfig
+
+from ._arch import decoder_layers, in_dim, is_gpt2, linear_modules, load, weight_bytes
+from ._gptq_core import Grid, Hessians, Quantized, gptq, reconstruction_error, rtn
+from ._gptq_pack import to_tensors
+from .sensitivity import calibration_blocks
+
+MANIFEST = "quant_manifest.json"
+SIDECAR = "quant.safetensors"
+GROUP_SIZES = (128, 64, 32)
+
+
+class QuantizeConfig(StageConfig):
+    method: Literal["gptq", "rtn", "int8"] = "gptq"
+    bits: int = Field(4, description="bits per weight for gptq and rtn (int8 is always 8)")
+    group_size: int = Field(128, gt=0, description="preferred group size; falls back to 64 or 32 when it does not divide every layer")
+    sym: bool = Field(False, description="symmetric grid (zero point fixed at the middle)")
+    zero_point: Literal["int", "float"] = Field("int", description="asymmetric zero point stored as an integer (GPTQ format) or a float")
+    act_order: bool = Field(False, description="GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    damp: float = Field(0.01, gt=0, lt=1, description="GPTQ: damping, as a fraction of the mean Hessian diagonal")
+    calib_samples: int = Field(128, gt=0, description="GPTQ calibration blocks")
+    seq_len: int = Field(512, ge=8, description="tokens per calibration block")
+    batch_size: int = Field(8, gt=0)
+    scores: str | None = Field(None, description="sensitivity.json (or the analyze folder) to keep the most sensitive linears unquantized")
+    keep_sensitive: int = Field(0, ge=0, description="how many of the most quantization-sensitive linears stay unquantized")
+    compare_rtn: bool = Field(False, description="also measure round-to-nearest at the same settings")
+    heldout_blocks: int = Field(4, ge=0, description="held-out blocks for perplexity and top-1 agreement (0: skip)")
+    heldout_seq_len: int = Field(512, ge=8)
+    eval_per_subject: int = Field(10, ge=0, description="MMLU questions per subject of the evaluated subset for answer agreement (0: skip)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.method != "int8" and self.bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, not {self.bits}")
+        if self.zero_point == "float" and self.sym:
+            raise ValueError("a symmetric grid has no zero point to store as a float; drop sym or zero_point")
+        if self.keep_sensitive and not self.scores:
+            raise ValueError("keep_sensitive needs scores (the analyze stage's sensitivity.json)")
+        return self
+
+    @property
+    def grid_bits(self) -> int:
+        return 8 if self.method == "int8" else self.bits
+
+
+@STAGES.register("quantize")
+class Quantize(Stage):
+    name = "quantize"
+    Config = QuantizeConfig
+
+    def run(self, ctx) -> dict:
+        cfg: QuantizeConfig = self.config
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load(ctx)
+        model.to(device)
+        targets = quantizable(model)
+        kept = sensitive_linears(cfg.scores, cfg.keep_sensitive, model, targets) if cfg.keep_sensitive else []
+        targets = {name: m for name, m in targets.items() if name not in kept}
+        group_size = choose_group_size(cfg.group_size, targets, cfg.grid_bits)
+        grid = Grid(cfg.grid_bits, group_size, sym=cfg.sym, float_zero=cfg.zero_point == "float")
+        if group_size != cfg.group_size:
+            ctx.log(f"group size {cfg.group_size} does not divide every layer's input features; using {group_size}")
+        bytes_before = weight_bytes(model)
+
+        judge = Judge(model, tokenizer, ctx, cfg)
+        metrics: dict = {"method": cfg.method, "device": device.type}
+        if cfg.compare_rtn and cfg.method == "gptq":
+            metrics["rtn"] = compare_rtn(model, targets, grid, judge, ctx)
+
+        started = time.time()
+        if cfg.method == "gptq":
+            blocks = calibration_blocks(tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=cfg.calib_samples,
+                                        seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log)
+            ctx.log(f"GPTQ on {device.type}: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
+            results, errors = quantize_gptq(model, targets, blocks, grid, act_order=cfg.act_order, damp=cfg.damp,
+                                            batch_size=cfg.batch_size, log=ctx.log)
+            metrics["calibration"] = {"data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
+                                      "blocks": blocks.shape[0], "seq_len": blocks.shape[1], "tokens": blocks.numel()}
+            metrics["layer_error"] = summarize_errors(errors)
+        else:
+            results = {}
+            for name, module in _progress(targets.items(), "round-to-nearest", len(targets)):
+                results[name] = rtn(weight_of(module), grid)
+                set_weight(module, results[name].dequantize())
+        metrics["quantize_seconds"] = round(time.time() - started, 1)
+
+        model.to("cpu")
+        written = save_quantized(model, tokenizer, results, kept, grid, cfg, ctx.out)
+        model.to(device)
+        metrics.update(describe(results, kept, grid, cfg, bytes_before, written))
+        metrics["checkpoint_layout"] = "gptq" if gptq_reloadable(model, grid) else f"float32 weights + {SIDECAR}"
+        metrics.update(judge.score(model))
+        metrics["notes"] = notes(cfg, grid, gptq_reloadable(model, grid))
+        if "rtn" in metrics and metrics.get("heldout") and metrics["rtn"].get("heldout"):
+            metrics["beats_rtn"] = metrics["heldout"]["perplexity"] < metrics["rtn"]["heldout"]["perplexity"]
+        return metrics
+
+
+# --- which layers, which group size ---------------------------------------------------
+
+
+def quantizable(model) -> dict[str, torch.nn.Module]:
+    """Full name -> module of every linear projection inside the decoder layers."""
+    prefix = "transformer.h" if is_gpt2(model) else "model.layers"
+    return {f"{prefix}.{i}.{name}": module for i, layer in enumerate(decoder_layers(model)) for name, module in linear_modules(layer)}
+
+
+def choose_group_size(preferred: int, targets: dict, bits: int) -> int:
+    """The preferred size if it divides every quantized layer's input features, else the largest of
+    128/64/32 below it that does. One size for the whole model: transformers' GPTQ loader builds
+    every quantized layer with the config's single group_size."""
+    features = {weight_of(m).shape[1] for m in targets.values()}
+    outputs = {weight_of(m).shape[0] for m in targets.values()}
+    per_word = 32 // bits
+    if any(n % per_word for n in outputs):
+        raise InputError(f"output features {sorted(outputs)} are not all multiples of {per_word}, which {bits}-bit GPTQ packing needs; this model cannot be stored in the GPTQ layout")
+    for size in (preferred, *(s for s in GROUP_SIZES if s < preferred)):
+        if all(k % size == 0 for k in features):
+            return size
+    raise InputError(f"no group size among {preferred}/64/32 divides every layer's input features {sorted(features)}; pass --group-size with a divisor of them")
+
+
+def sensitive_linears(scores: str | Path | None, count: int, model, targets: dict) -> list[str]:
+    """The `count` linears whose 4-bit rounding changed the loss most, from the analyze stage's
+    sensitivity.json ("quant": {"modules": [...], "loss_delta_nats": [[per layer]...]})."""
+    path = Path(scores)
+    if path.is_dir():
+        path = path / "sensitivity.json"
+    data = read_json(path)
+    quant = data.get("quant") if isinstance(data, dict) else None
+    modules = quant.get("modules") if isinstance(quant, dict) else None
+    rows = (quant.get("loss_delta_nats") or quant.get("scores")) if isinstance(quant, dict) else None
+    if not isinstance(modules, list) or not isinstance(rows, list):
+        raise InputError(f"{path} has no per-linear quantization sensitivity (quant.modules and quant.loss_delta_nats); run `vcompress analyze` with the quant part")
+    layers = len(decoder_layers(model))
+    if len(rows) != layers or any(not isinstance(r, list) or len(r) != len(modules) for r in rows):
+        raise InputError(f"{path} scores {len(rows)} layers x {len(modules)} linears, but the model has {layers} layers; analyze this model again")
+    prefix = "transformer.h" if is_gpt2(model) else "model.layers"
+    ranked = sorted(((float(d), f"{prefix}.{i}.{m}") for i, row in enumerate(rows) for m, d in zip(modules, row)
+                     if d is not None and not (isinstance(d, float) and math.isnan(d))), reverse=True)
+    unknown = [name for _, name in ranked if name not in targets]
+    if unknown:
+        raise InputError(f"{path} names linears the model does not have (e.g. {unknown[0]}); analyze this model again")
+    if count > len(ranked):
+        raise InputError(f"--keep-sensitive {count} exceeds the {len(ranked)} scored linears; pass a smaller number")
+    return [name for _, name in ranked[:count]]
+
+
+def weight_of(module) -> torch.Tensor:
+    """The weight as [out, in] (GPT-2's Conv1D stores [in, out])."""
+    w = module.weight.data
+    return w.t() if in_dim(module) == 0 else w
+
+
+def set_weight(module, w: torch.Tensor) -> None:
+    w = w.to(module.weight.device, module.weight.dtype)
+    module.weight.data = w.t().contiguous() if in_dim(module) == 0 else w.contiguous()
+
+
+# --- GPTQ, layer by layer -------------------------------------------------------------
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """(hidden states, other positional arguments, keyword arguments) entering the first decoder layer, per batch.
+
+    Every layer is then called with the same masks and position embeddings (models whose layers
+    differ in attention type, e.g. Qwen2 with sliding-window layers, are not handled).
+    """
+    device = next(model.parameters()).device
+    captured = []
+
+    def grab(module, args, kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        captured.append((hidden.detach(), rest, dict(kwargs)))
+        raise _Captured
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in blocks.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def quantize_gptq(model, targets: dict, blocks: torch.Tensor, grid: Grid, *, act_order: bool = False, damp: float = 0.01,
+                  batch_size: int = 8, log=print) -> tuple[dict[str, Quantized], dict[str, dict]]:
+    """Quantize `targets` in place (dequantized weights), layer by layer; return the codes and, per
+    linear, the reconstruction error of GPTQ and of RTN on the same Hessian."""
+    layers = decoder_layers(model)
+    prefix = "transformer.h" if is_gpt2(model) else "model.layers"
+    inputs = first_layer_inputs(model, blocks, batch_size)
+    results, errors = {}, {}
+    for i, layer in _progress(list(enumerate(layers)), "GPTQ layers", len(layers)):
+        mine = {name: m for name, m in targets.items() if name.startswith(f"{prefix}.{i}.")}
+        hessians = Hessians().watch(mine)
+        try:
+            for hidden, args, kwargs in inputs:
+                layer(hidden, *args, **kwargs)
+        finally:
+            hessians.close()
+        for names in shared_inputs(hessians, mine):
+            # Projections reading the same input share H: one GPTQ run over their stacked rows.
+            H = hessians.get(names[0])
+            weights = [weight_of(mine[name]).float() for name in names]
+            stacked = gptq(torch.cat(weights), H, grid, act_order=act_order, damp=damp)
+            for name, w, result in zip(names, weights, split_rows(stacked, [w.shape[0] for w in weights])):
+                w_hat = result.dequantize().to(w.device)
+                errors[name] = {"gptq": reconstruction_error(w, w_hat, H),
+                                "rtn": reconstruction_error(w, rtn(w, grid).dequantize().to(w.device), H),
+                                "signal": reconstruction_error(w, torch.zeros_like(w), H)}
+                set_weight(mine[name], w_hat)
+                results[name] = result
+        del hessians
+        inputs = [(_hidden_out(layer(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in inputs]
+    return results, errors
+
+
+def shared_inputs(hessians: Hessians, modules: dict) -> list[list[str]]:
+    """Names grouped by the Hessian they share (q/k/v, gate/up), in module order."""
+    groups: dict[str, list[str]] = {}
+    for name in modules:
+        groups.setdefault(hessians.alias[name], []).append(name)
+    return list(groups.values())
+
+
+def split_rows(q: Quantized, sizes: list[int]) -> list[Quantized]:
+    out, start = [], 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        out.append(Quantized(q.codes[rows].clone(), q.scales[rows].clone(), q.zeros[rows].clone(), q.g_idx, q.grid))
+        start += size
+    return out
+
+
+def _hidden_out(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def summarize_errors(errors: dict[str, dict]) -> dict:
+    """Relative output error of each linear on the calibration inputs, GPTQ against RTN."""
+    ratios = sorted(e["gptq"] / e["rtn"] for e in errors.values() if e["rtn"] > 0)
+    rel = {name: round(e["gptq"] / e["signal"], 6) for name, e in errors.items() if e["signal"] > 0}
+    return {
+        "unit": "||(W - W_hat) X||^2 / ||W X||^2 on the calibration inputs, per linear",
+        "gptq_relative": rel,
+        "gptq_over_rtn_median": round(ratios[len(ratios) // 2], 4) if ratios else None,
+        "gptq_better_than_rtn_fraction": round(sum(r < 1 for r in ratios) / len(ratios), 4) if ratios else None,
+    }
+
+
+# --- RTN at the same settings, for comparison -----------------------------------------
+
+
+def compare_rtn(model, targets: dict, grid: Grid, judge: "Judge", ctx) -> dict:
+    originals = {name: module.weight.data.clone() for name, module in targets.items()}
+    try:
+        for name, module in targets.items():
+            set_weight(module, rtn(weight_of(module), grid).dequantize())
+        ctx.log("scoring round-to-nearest at the same settings")
+        return judge.score(model)
+    finally:
+        for name, module in targets.items():
+            module.weight.data = originals[name]
+
+
+# --- scoring against the input model --------------------------------------------------
+
+
+class Judge:
+    """The input model's held-out logits and MMLU answer log-probs, taken once before quantizing."""
+
+    def __init__(self, model, tokenizer, ctx, cfg: QuantizeConfig):
+        self.tokenizer = tokenizer
+        self.heldout = heldout_blocks(tokenizer, ctx, cfg)
+        fn = torch_logits_fn(model)
+        self.reference = [fn(block) for block in self.heldout.split(1)] if self.heldout is not None else []
+        self.questions = mmlu_questions(ctx, cfg)
+        self.mmlu = mmlu_logprobs(fn, tokenizer, self.questions) if self.questions else None
+
+    def reference_fn(self, ids: torch.Tensor) -> torch.Tensor:
+        for block, logits in zip(self.heldout.split(1), self.reference):
+            if torch.equal(block, ids):
+                return logits
+        raise KeyError("not a held-out block")
+
+    @torch.no_grad()
+    def score(self, model) -> dict:
+        fn = torch_logits_fn(model)
+        out: dict = {"heldout": None, "answer_agreement": None}
+        if self.heldout is not None:
+            f = text_fidelity(fn, self.heldout, self.reference_fn)
+            out["heldout"] = {
+                "perplexity": round(f["perplexity"], 4),
+                "reference_perplexity": round(f["reference_perplexity"], 4),
+                "perplexity_ratio": round(f["perplexity"] / f["reference_perplexity"], 4),
+                "top1_agreement_fraction": round(f["top1_agreement"], 4),
+                "kl_nats_per_token": round(f["kl_mean"], 5),
+                "tokens": f["tokens"],
+            }
+        if self.mmlu is not None:
+            a = answer_agreement(mmlu_logprobs(fn, self.tokenizer, self.questions), self.mmlu)
+            out["answer_agreement"] = {"fraction": a["agreement"], "ci95": a["ci95"], "n": a["n"], "answer_kl_nats": a["kl_mean"]}
+        return out
+
+
+def heldout_blocks(tokenizer, ctx, cfg: QuantizeConfig) -> torch.Tensor | None:
+    if not cfg.heldout_blocks:
+        return None
+    try:
+        texts = texts_for(None, tokenizer, part="heldout", exclude=ctx.subset, mmlu=ctx.mmlu, log=lambda _: None)
+        return pack(texts, tokenizer, cfg.heldout_seq_len, cfg.heldout_blocks)
+    except InputError as e:
+        ctx.log(f"no held-out perplexity: {e}")
+        return None
+
+
+def mmlu_questions(ctx, cfg: QuantizeConfig) -> list | None:
+    if not cfg.eval_per_subject:
+        return None
+    try:
+        questions = load_mmlu(ctx.mmlu, "test", resolve_subjects(ctx.subset))
+    except InputError as e:
+        ctx.log(f"no answer agreement: {e}")
+        return None
+    return sample_questions(questions, cfg.eval_per_subject, seed=ctx.seed) or None
+
+
+# --- writing the checkpoint -----------------------------------------------------------
+
+
+def save_quantized(model, tokenizer, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig,
+                   out: Path) -> dict[str, int]:
+    """Write the checkpoint, quant_manifest.json and (float zero points) quant.safetensors.
+
+    Returns bytes per file of the weights that make up the quantized model.
+    """
+    out = Path(out)
+    state = _untied_state_dict(model)
+    packed = {f"{name}.{key}": t for name, q in results.items() for key, t in to_tensors(q).items()}
+    config = copy.deepcopy(model.config)
+    written = {}
+    if not gptq_reloadable(model, grid):
+        # The folder keeps exact float32 weights (W = scale * (q - zero) evaluated in float32),
+        # which reload anywhere, and the codes go beside them for the exporters.
+        save_file(_contiguous(state), out / "model.safetensors", metadata={"format": "pt"})
+        save_file(_contiguous(packed), out / SIDECAR, metadata={"format": "pt"})
+        others = {k: v for k, v in state.items() if not any(k == f"{n}.weight" for n in results)}
+        written = {"model.safetensors (float weights, for reload)": _nbytes(state), "quantized model": _nbytes(others) + _nbytes(packed)}
+    else:
+        for name in results:
+            del state[f"{name}.weight"]
+        state.update(packed)
+        save_file(_contiguous(state), out / "model.safetensors", metadata={"format": "pt"})
+        config.quantization_config = gptq_config(grid, cfg, sorted(results), kept)
+        written = {"quantized model": _nbytes(state)}
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_json(out / MANIFEST, manifest(model, results, kept, grid, cfg))
+    return written
+
+
+def gptq_reloadable(model, grid: Grid) -> bool:
+    """Whether transformers can reload the GPTQ layout: not with float zero points (GPTQ stores
+    integers), and not for GPT-2 (transformers 5.23 re-initializes its Conv1D projections after
+    gptqmodel has swapped them, and fails)."""
+    return not grid.float_zero and not is_gpt2(model)
+
+
+def gptq_config(grid: Grid, cfg: QuantizeConfig, quantized: list[str], kept: list[str]) -> dict:
+    from vcompress import __version__
+
+    config = {
+        "quant_method": "gptq", "bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
+        "desc_act": False,  # act-order here uses static groups: g_idx stays k // group_size
+        "format": "gptq_v2", "checkpoint_format": "gptq_v2", "pack_dtype": "int32",
+        "backend": "torch",  # gptqmodel's float kernel; its CPU aten kernel would run activations in bfloat16
+        "true_sequential": False, "lm_head": False,
+        "meta": {"quantizer": [f"vcompress:{__version__}"], "method": cfg.method, "act_order": cfg.act_order,
+                 "static_groups": True, "damp_percent": cfg.damp},
+    }
+    if kept:
+        config["modules_in_block_to_quantize"] = [quantized]
+    return config
+
+
+def manifest(model, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig) -> dict:
+    linears = {}
+    modules = dict(model.named_modules())
+    for name, q in results.items():
+        module = modules[name]
+        tensors = {key: f"{name}.{key}" for key in to_tensors_keys(grid)}
+        linears[name] = {
+            "bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym, "zero_point": "float" if grid.float_zero else "int",
+            "in_features": q.codes.shape[1], "out_features": q.codes.shape[0], "bias": getattr(module, "bias", None) is not None,
+            "module": type(module).__name__, "act_order": cfg.act_order, "tensors": tensors,
+        }
+    return {
+        "format": "vcompress.quant/1",
+        "method": cfg.method,
+        "layout": "gptq_v2",
+        "weights_file": "model.safetensors" if gptq_reloadable(model, grid) else SIDECAR,
+        "math": "W[k,n] = float32(scales[g_idx[k],n]) * (q[k,n] - zero[g_idx[k],n]); y = x @ W + bias (x [..., in], W [in, out])",
+        "packing": {
+            "qweight": "int32 [in*bits/32, out]: code of input k at word k // (32/bits), bit offset (k % (32/bits))*bits, low bits first",
+            "qzeros": "int32 [groups, out*bits/32]: zero of output n at word n // (32/bits), bit offset (n % (32/bits))*bits; stored as is (not zero-1)",
+            "zeros": "float32 [groups, out] (zero_point float only, instead of qzeros)",
+            "scales": "float16 [groups, out]",
+            "g_idx": "int32 [in] == arange(in) // group_size (act-order uses static groups: no permutation)",
+        },
+        "linears": linears,
+        "kept": {name: "float (among the most quantization-sensitive)" for name in kept},
+    }
+
+
+def to_tensors_keys(grid: Grid) -> tuple[str, ...]:
+    return ("qweight", "zeros" if grid.float_zero else "qzeros", "scales", "g_idx")
+
+
+def _untied_state_dict(model) -> dict[str, torch.Tensor]:
+    """state_dict without the second name of tied tensors (the LM head tied to the embeddings)."""
+    seen, state = set(), {}
+    for key, tensor in model.state_dict().items():
+        ptr = (tensor.data_ptr(), tensor.shape)
+        if tensor.numel() and ptr in seen:
+            continue
+        seen.add(ptr)
+        state[key] = tensor.detach().cpu()
+    return state
+
+
+def _contiguous(tensors: dict) -> dict:
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def describe(results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig, bytes_before: int,
+             written: dict[str, int]) -> dict:
+    weights = sum(q.codes.numel() for q in results.values())
+    quant_bytes = sum(_nbytes(to_tensors(q)) for q in results.values())
+    after = written["quantized model"]
+    return {
+        "bits": grid.bits,
+        "group_size": grid.group_size,
+        "group_size_requested": cfg.group_size,
+        "group_sizes": {name: q.grid.group_size for name, q in results.items()},
+        "sym": grid.sym,
+        "zero_point": "symmetric (fixed 2**(bits-1))" if grid.sym else ("float32" if grid.float_zero else f"int{grid.bits} (packed)"),
+        "act_order": cfg.act_order if cfg.method == "gptq" else False,
+        "quantized_linears": len(results),
+        "kept_linears": kept,
+        "bits_per_weight": figure(round(quant_bytes * 8 / weights, 4) if weights else None, "bits",
+                                  note="quantized linears, counting codes, scales, zero points and g_idx"),
+        "weights_bytes_before": bytes_before,
+        "weights_bytes_after": after,
+        "weights_fraction_of_before": round(after / bytes_before, 4),
+        "files_bytes": written,
+    }
+
+
+def notes(cfg: QuantizeConfig, grid: Grid, reloadable: bool) -> list[str]:
+    out = []
+    if grid.group_size != cfg.group_size:
+        out.append(f"group size {cfg.group_size} does not divide every layer's input features: {grid.group_size} is used for all layers "
+                   "(transformers' GPTQ loader takes one group size per model)")
+    if not reloadable:
+        why = "float zero points do not fit the GPTQ layout" if grid.float_zero else "transformers cannot reload GPT-2 GPTQ checkpoints"
+        out.append(f"{why}: model.safetensors holds the dequantized float32 weights (exact), {SIDECAR} the codes")
+    else:
+        out.append("reloading this folder with transformers needs gptqmodel (pip install 'vcompress[gptq]')")
+    return out
+
+
+def _progress(items, label: str, total: int):
+    """Iterate with a progress bar on stderr (one step per layer)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(label, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)

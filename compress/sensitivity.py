@@ -1,0 +1,409 @@
+"""Sensitivity analysis: which heads, layers, MLP channels and linear layers matter, on calibration text.
+
+Scores (all on the same calibration blocks, losses in nats per token):
+- heads: first-order Taylor importance sum|w * dL/dw| over each query head's q rows and o columns
+  (and per KV group: its query heads plus its k and v rows), and the loss change when one KV
+  group's contribution is masked;
+- layers: the loss change when the layer is skipped (its output replaced by its input), and the
+  angular distance arccos(cos(x_in, x_out)) / pi between its input and output hidden states;
+- mlp: Taylor importance of each MLP channel (its gate/up rows and down column);
+- quant: the loss change when only that linear layer is rounded to 4-bit RTN (asymmetric, per group).
+
+Writes sensitivity.json and heatmaps/*.png; `vcompress prune --scores` ranks by it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from vcompress.core.artifact import write_json
+from vcompress.core.data import pack, texts_for
+from vcompress.core.models import DEFAULT_NAME
+from vcompress.core.registry import STAGES
+from vcompress.core.stage import Stage, StageConfig
+
+from ._arch import (attention, decoder_layers, final_norm, group_heads, in_dim, is_gpt2, linear_modules, load, out_dim,
+                    shape)
+from ._heads import masked_heads
+
+PARTS = ("heads", "layers", "mlp", "quant")
+SENSITIVITY = "sensitivity.json"
+UNITS = {
+    "loss": "nats per token (mean next-token cross-entropy on the calibration blocks)",
+    "loss_delta": "nats per token, loss with the change minus baseline_loss_nats (higher = more important)",
+    "taylor": "sum over the weights of |w * dL/dw|, L the mean loss (higher = more important)",
+    "angular_distance": "arccos(cosine(layer input, layer output)) / pi, mean over tokens, 0..1 (lower = the layer changes less)",
+}
+
+
+# --- calibration ----------------------------------------------------------------------
+
+
+def calibration_blocks(tokenizer, *, data=None, subset="medical", mmlu=None, samples: int = 8, seq_len: int = 128,
+                       seed: int = 0, log=print) -> torch.Tensor:
+    """[samples, seq_len] token ids: the user's file, else MMLU text outside the evaluated subset.
+
+    The seed picks which blocks (out of up to 4x as many packed) are used.
+    """
+    texts = texts_for(data, tokenizer, part="calib", exclude=subset, mmlu=mmlu, log=log)
+    pool = pack(texts, tokenizer, seq_len, max_blocks=samples * 4)
+    if pool.shape[0] < samples:
+        log(f"calibration text gives {pool.shape[0]} blocks of {seq_len} tokens, fewer than the {samples} asked for; using them all")
+        return pool
+    pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
+    return pool[pick.sort().values]
+
+
+# --- measuring ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def mean_loss(model, blocks: torch.Tensor, batch_size: int = 4) -> float:
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start : start + batch_size].to(device)
+        total += model(input_ids=ids, labels=ids, use_cache=False).loss.item() * ids.shape[0]
+    return total / blocks.shape[0]
+
+
+class Probe:
+    """The calibration loss of a model, re-run from any layer.
+
+    One full forward pass caches every decoder layer's inputs; a change at layer i (a masked group,
+    a rounded weight, the layer skipped) then re-runs only layers i.. and the head, which is exact
+    because nothing before layer i changed. It also measures each layer's angular distance.
+    """
+
+    def __init__(self, model, blocks: torch.Tensor, batch_size: int = 4):
+        self.model, self.layers = model, decoder_layers(model)
+        device = next(model.parameters()).device
+        self.batches: list[tuple[torch.Tensor, list]] = []
+        angle_sums = [0.0] * len(self.layers)
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start : start + batch_size].to(device)
+            calls: list = [None] * len(self.layers)
+            outputs: list = [None] * len(self.layers)
+
+            def keep(index):
+                def pre(module, args, kwargs):
+                    calls[index] = (args, kwargs)
+
+                def post(module, args, kwargs, output):
+                    outputs[index] = _hidden(output)
+
+                return pre, post
+
+            handles = []
+            for i, layer in enumerate(self.layers):
+                pre, post = keep(i)
+                handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post, with_kwargs=True)]
+            try:
+                with torch.no_grad():
+                    self.model(input_ids=ids, use_cache=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for i in range(len(self.layers)):
+                cos = F.cosine_similarity(_hidden_in(*calls[i]).float(), outputs[i].float(), dim=-1).clamp(-1.0, 1.0)
+                angle_sums[i] += (torch.arccos(cos) / math.pi).sum().item()
+            self.batches.append((ids, calls))
+        self.angular_distance = [s / blocks.numel() for s in angle_sums]
+        self.baseline = self.loss()
+
+    @torch.no_grad()
+    def loss(self, start: int = 0, skip: int | None = None) -> float:
+        """Mean loss running layers start.. (without `skip`) from the cached inputs of layer `start`."""
+        total, count = 0.0, 0
+        for ids, calls in self.batches:
+            hidden = _hidden_in(*calls[start])
+            for j in range(start, len(self.layers)):
+                if j != skip:
+                    args, kwargs = calls[j]
+                    hidden = _hidden(self.layers[j](hidden, *args[1:], **kwargs) if args else self.layers[j](**{**kwargs, "hidden_states": hidden}))
+            logits = self.model.lm_head(final_norm(self.model)(hidden)).float()
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+        return total / count
+
+
+def _hidden_in(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _saliency(module, dim_kept: int) -> torch.Tensor:
+    """sum |w * grad| of a projection, kept along one weight dimension (plus the bias for output features)."""
+    weight = module.weight
+    scores = (weight.detach() * weight.grad).abs().sum(dim=1 - dim_kept)
+    bias = getattr(module, "bias", None)
+    if bias is not None and bias.grad is not None and dim_kept == out_dim(module):
+        scores = scores + (bias.detach() * bias.grad).abs()
+    return scores
+
+
+def taylor_scores(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
+    """Per query head, per KV group and per MLP channel: sum|w * dL/dw| with L the mean calibration loss."""
+    info = shape(model)
+    heads, kv, d = info["query_heads"], info["kv_heads"], info["head_dim"]
+    device = next(model.parameters()).device
+    inside = {id(p) for p in decoder_layers(model).parameters()}
+    frozen = [p for p in model.parameters() if id(p) not in inside and p.requires_grad]
+    for p in frozen:  # embeddings and lm_head need no gradient (and tied ones cost a big matmul)
+        p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    try:
+        with torch.enable_grad():
+            for start in range(0, blocks.shape[0], batch_size):
+                ids = blocks[start : start + batch_size].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (ids.shape[0] / blocks.shape[0])
+                loss.backward()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    query, groups, channels = [], [], []
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            attn = attention(layer)
+            if is_gpt2(model):
+                q, k, v = _saliency(attn.c_attn, out_dim(attn.c_attn)).split(heads * d)
+                o = _saliency(attn.c_proj, in_dim(attn.c_proj))
+                down = layer.mlp.c_proj
+                channel = _saliency(layer.mlp.c_fc, out_dim(layer.mlp.c_fc))
+            else:
+                q, k, v = (_saliency(m, 0) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+                o = _saliency(attn.o_proj, 1)
+                down = layer.mlp.down_proj
+                channel = _saliency(layer.mlp.gate_proj, 0) + _saliency(layer.mlp.up_proj, 0)
+            per_query = (q + o).view(heads, d).sum(1)
+            per_group = (k + v).view(kv, d).sum(1) + per_query.view(kv, heads // kv).sum(1)
+            query.append(per_query.tolist())
+            groups.append(per_group.tolist())
+            channels.append((channel + _saliency(down, in_dim(down))).tolist())
+    model.zero_grad(set_to_none=True)
+    return {"query": query, "groups": groups, "channels": channels}
+
+
+def rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128) -> torch.Tensor:
+    """Round-to-nearest, asymmetric min/max per group of `group_size` input features; weight is [out, in]."""
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // group_size, group_size)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / (2**bits - 1)).clamp(min=1e-8)
+    zero = torch.round(-low / scale)
+    q = torch.clamp(torch.round(groups / scale) + zero, 0, 2**bits - 1)
+    return ((q - zero) * scale).reshape(rows, cols)
+
+
+def group_size_for(in_features: int, preferred: int = 128) -> int:
+    """The largest of preferred/64/32 that divides in_features (else one group per row)."""
+    for size in (preferred, 64, 32):
+        if size <= preferred and in_features % size == 0:
+            return size
+    return in_features
+
+
+@contextlib.contextmanager
+def quantized(module, bits: int, group_size: int):
+    """Inside the block, only this projection's weight is RTN-rounded."""
+    original = module.weight.data
+    w = original.t() if in_dim(module) == 0 else original  # rtn wants [out, in]
+    q = rtn(w.float(), bits, group_size).to(original.dtype)
+    module.weight.data = q.t().contiguous() if in_dim(module) == 0 else q
+    try:
+        yield
+    finally:
+        module.weight.data = original
+
+
+# --- the whole analysis ---------------------------------------------------------------
+
+
+def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, bits: int = 4,
+            group_size: int = 128, log=print) -> dict:
+    """All requested scores for `model` on `blocks`, as plain lists (layer-major), rounded to 6 digits."""
+    info = shape(model)
+    layers = decoder_layers(model)
+    result: dict = {"model_type": model.config.model_type, "shape": info, "units": UNITS}
+    started = time.time()
+    probe = Probe(model, blocks, batch_size)
+    loss = probe.baseline
+    result["baseline_loss_nats"] = loss
+    log(f"baseline loss {loss:.4f} nats/token on {blocks.shape[0]} x {blocks.shape[1]} tokens")
+
+    if "heads" in parts or "mlp" in parts:
+        taylor = taylor_scores(model, blocks, batch_size)
+        log(f"taylor scores ({time.time() - started:.0f}s)")
+    if "heads" in parts:
+        deltas = []
+        for i, layer in enumerate(layers):
+            row = []
+            for group in range(info["kv_heads"]):
+                with masked_heads(layer, group_heads(group, info["query_heads"], info["kv_heads"]), info["head_dim"]):
+                    row.append(probe.loss(start=i) - loss)
+            deltas.append(row)
+        result["heads"] = {"taylor_query": taylor["query"], "taylor_kv_group": taylor["groups"], "mask_loss_delta_nats": deltas}
+        log(f"KV group masking ({time.time() - started:.0f}s)")
+    if "mlp" in parts:
+        result["mlp"] = {"taylor_channel": taylor["channels"]}
+    if "layers" in parts:
+        skips = [probe.loss(start=i, skip=i) - loss for i in range(len(layers))]
+        result["layers"] = {"skip_loss_delta_nats": skips, "angular_distance": probe.angular_distance}
+        log(f"layer skipping ({time.time() - started:.0f}s)")
+    if "quant" in parts:
+        names = [name for name, _ in linear_modules(layers[0])]
+        sizes = {name: group_size_for(m.weight.shape[in_dim(m)], group_size) for name, m in linear_modules(layers[0])}
+        rows = []
+        for i, layer in enumerate(layers):
+            row = []
+            for name, module in linear_modules(layer):
+                with quantized(module, bits, sizes[name]):
+                    row.append(probe.loss(start=i) - loss)
+            rows.append(row)
+        result["quant"] = {"scheme": f"rtn int{bits} asymmetric", "bits": bits, "modules": names, "group_size": sizes, "loss_delta_nats": rows}
+        log(f"{bits}-bit rounding per linear layer ({time.time() - started:.0f}s)")
+    return _rounded(result)
+
+
+def _rounded(data):
+    if isinstance(data, float):
+        return float(f"{data:.6g}")
+    if isinstance(data, dict):
+        return {k: _rounded(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_rounded(v) for v in data]
+    return data
+
+
+def least_important_layers(scores: dict) -> list[int]:
+    """Layers ordered by the loss change when skipped, smallest first (ties: lower angular distance)."""
+    layers = scores["layers"]
+    return sorted(range(len(layers["skip_loss_delta_nats"])), key=lambda i: (layers["skip_loss_delta_nats"][i], layers["angular_distance"][i], i))
+
+
+# --- figures --------------------------------------------------------------------------
+
+
+def write_heatmaps(result: dict, folder: Path) -> list[Path]:
+    """heads.png (layers x heads), layers.png (per-layer bars), quant.png (layers x linear layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    n = result["shape"]["layers"]
+    tall = max(4.0, 0.26 * n + 1.8)
+
+    if "heads" in result:
+        heads = result["heads"]
+        share = torch.tensor(heads["taylor_query"])
+        share = share / share.sum(1, keepdim=True).clamp(min=1e-30)
+        fig, (a, b) = plt.subplots(1, 2, figsize=(11, tall), gridspec_kw={"width_ratios": [max(3, share.shape[1]), max(2, len(heads["mask_loss_delta_nats"][0]))]})
+        _heatmap(a, share.tolist(), "query head", "{:.0%}", "Taylor importance per query head\n(share of its layer's total)", fig)
+        per = result["shape"]["query_heads"] // result["shape"]["kv_heads"]
+        for edge in range(per, result["shape"]["query_heads"], per):
+            a.axvline(edge - 0.5, color="white", lw=2)
+        _heatmap(b, heads["mask_loss_delta_nats"], "KV group", "{:.3f}", "loss change when the KV group\nis masked (nats/token)", fig)
+        fig.suptitle(f"Attention heads: {result['shape']['query_heads']} query / {result['shape']['kv_heads']} KV heads per layer (white lines: KV groups)")
+        written.append(_save(fig, folder / "heads.png", plt))
+
+    if "layers" in result:
+        layers = result["layers"]
+        fig, (a, b) = plt.subplots(2, 1, figsize=(max(7.0, 0.3 * n + 2), 7), sharex=True)
+        order = least_important_layers(result)
+        colors = ["tab:red" if i in order[: max(1, n // 6)] else "tab:blue" for i in range(n)]
+        a.bar(range(n), layers["skip_loss_delta_nats"], color=colors)
+        a.set_ylabel("loss change (nats/token)")
+        a.set_title(f"Loss change when the layer is skipped (red: the {max(1, n // 6)} least important)")
+        b.bar(range(n), layers["angular_distance"], color="tab:gray")
+        b.set_ylabel("angular distance (0..1)")
+        b.set_title("Angular distance between the layer's input and output hidden states")
+        b.set_xlabel("layer")
+        b.set_xticks(range(n))
+        for ax in (a, b):
+            ax.grid(axis="y", alpha=0.3)
+        written.append(_save(fig, folder / "layers.png", plt))
+
+    if "quant" in result:
+        quant = result["quant"]
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(quant["modules"]) + 2), tall))
+        _heatmap(ax, quant["loss_delta_nats"], None, "{:.3f}", f"Loss change (nats/token) when only this layer is rounded to {quant['bits']}-bit RTN", fig)
+        ax.set_xticks(range(len(quant["modules"])), [f"{m}\n(g{quant['group_size'][m]})" for m in quant["modules"]], rotation=30, ha="right", fontsize=8)
+        written.append(_save(fig, folder / "quant.png", plt))
+    return written
+
+
+def _heatmap(ax, values, xlabel, fmt, title, fig):
+    data = torch.tensor(values, dtype=torch.float32)
+    image = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    rows, cols = data.shape
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels(range(rows), fontsize=7)
+    ax.set_ylabel("layer")
+    if xlabel:
+        ax.set_xticks(range(cols))
+        ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    if rows <= 48 and cols <= 16:
+        middle = (data.max() + data.min()).item() / 2
+        for i in range(rows):
+            for j in range(cols):
+                value = data[i, j].item()
+                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=6, color="black" if value > middle else "white")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- the stage ------------------------------------------------------------------------
+
+
+@STAGES.register("analyze")
+class Analyze(Stage):
+    name = "analyze"
+
+    class Config(StageConfig):
+        samples: int = Field(8, gt=0, description="calibration blocks")
+        seq_len: int = Field(128, ge=8, description="tokens per calibration block")
+        batch_size: int = Field(4, gt=0)
+        group_size: int = Field(128, gt=0, description="RTN group size for the quantization sensitivity")
+        parts: list[Literal["heads", "layers", "mlp", "quant"]] = list(PARTS)
+
+    def run(self, ctx) -> dict:
+        cfg = self.config
+        model, tokenizer = load(ctx)
+        blocks = calibration_blocks(tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=cfg.samples,
+                                    seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log)
+        result = {"model": str(ctx.source) if ctx.source else DEFAULT_NAME}
+        result.update(analyze(model, blocks, parts=cfg.parts, batch_size=cfg.batch_size, group_size=cfg.group_size, log=ctx.log))
+        result["calibration"] = {"data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
+                                 "blocks": blocks.shape[0], "seq_len": blocks.shape[1], "tokens": blocks.numel(), "seed": ctx.seed}
+        write_json(ctx.out / SENSITIVITY, result)
+        figures = write_heatmaps(result, ctx.out / "heatmaps")
+        metrics = {"baseline_loss_nats": result["baseline_loss_nats"], "calibration_tokens": blocks.numel(),
+                   "heatmaps": [str(p.relative_to(ctx.out)) for p in figures]}
+        if "layers" in result:
+            metrics["least_important_layers"] = least_important_layers(result)[:5]
+        if "quant" in result:
+            flat = [(delta, i, name) for i, row in enumerate(result["quant"]["loss_delta_nats"]) for name, delta in zip(result["quant"]["modules"], row)]
+            delta, i, name = max(flat)
+            metrics["most_quant_sensitive"] = {"layer": i, "module": name, "loss_delta_nats": delta}
+        return metrics

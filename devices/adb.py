@@ -1,0 +1,190 @@
+"""`adb`: an Android phone. Push the .tflite and run LiteRT's `benchmark_model` on it through
+`adb shell`, once per signature: `prefill` (the prompt, its length fixed at export) gives the time
+to first token, `decode` (one token against the KV cache) gives decode tokens/s. Its output is
+parsed into the same latency.json as the other devices.
+
+benchmark_model prints aggregates, not per-run samples: each figure carries the tool's statistics
+(count, avg, std, min, max and, in newer builds, median) instead of `samples`, and its value is
+the median when printed, else the average. The binary must be on the phone already
+(default /data/local/tmp/benchmark_model; LiteRT publishes prebuilt ones per ABI).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+from vcompress.core.artifact import MANIFEST, figure
+from vcompress.core.errors import InputError
+from vcompress.core.registry import DEVICES
+
+from .base import LatencyDevice, Settings, last_line
+
+NUMBER = r"([-+]?\d[\d.]*(?:[eE][-+]?\d+)?)"
+TIMINGS = re.compile(rf"Inference timings in us: Init: {NUMBER}, First inference: {NUMBER}, Warmup \(avg\): {NUMBER}, Inference \(avg\): {NUMBER}")
+COUNT = re.compile(r"\bcount=\d+(?:[ \t]+\w+=\S+)*")
+MODEL_SIZE = re.compile(rf"The input model file size \(MB\): {NUMBER}")
+SESSION = re.compile(rf"Initialized session in {NUMBER}\s*ms")
+DELTA = re.compile(rf"Memory footprint delta from the start of the tool \(MB\): init={NUMBER} overall={NUMBER}")
+OLD_PEAK = re.compile(rf"Peak memory footprint \(MB\): init={NUMBER} overall={NUMBER}")  # older builds
+PEAK = re.compile(rf"Overall peak memory footprint \(MB\) via periodic monitoring: {NUMBER}")
+SIGNATURE = re.compile(r"Signature to run: \[(.*?)\]")
+DELEGATE = re.compile(r"Replacing (\d+) out of (\d+) node\(s\) with delegate \((\w+)\)")
+
+
+def parse_benchmark_model(text: str) -> dict:
+    """Figures from one benchmark_model transcript (times in microseconds, memory in MB).
+
+    Lines starting with '#' are skipped: notes in a saved transcript (the tool's own
+    "#threads used" line carries nothing parsed here)."""
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    timings = TIMINGS.search(text)
+    if timings is None:
+        raise InputError(f"benchmark_model printed no timings (last line: {last_line(text)}); check the model, the signature and the --benchmark-model path")
+    init, first, warmup, avg = (float(x) for x in timings.groups())
+    # The tool prints one count= line for the warm-up and one for the timed runs, in that order.
+    stats = [_stats(m.group(0)) for m in COUNT.finditer(text)]
+    out = {"init_us": init, "first_inference_us": first, "warmup_avg_us": warmup, "inference_avg_us": avg,
+           "runs": stats[-1] if stats else {"avg": avg}, "warmup_runs": stats[0] if len(stats) > 1 else None}
+    for key, pattern in (("model_size_mb", MODEL_SIZE), ("session_init_ms", SESSION), ("peak_memory_mb", PEAK)):
+        m = pattern.search(text)
+        out[key] = float(m.group(1)) if m else None
+    m = DELTA.search(text) or OLD_PEAK.search(text)
+    out["memory_init_mb"], out["memory_overall_mb"] = (float(m.group(1)), float(m.group(2))) if m else (None, None)
+    m = SIGNATURE.search(text)
+    out["signature"] = m.group(1) if m else None
+    m = DELEGATE.search(text)
+    out["delegated_nodes"] = {"nodes": int(m.group(1)), "of": int(m.group(2)), "delegate": m.group(3)} if m else None
+    return out
+
+
+def _stats(line: str) -> dict:
+    return {k: float(v) for k, v in (item.split("=", 1) for item in line.split()) if _is_number(v)}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def typical_us(parsed: dict) -> float:
+    """The timed runs' median when the build prints it, else their average."""
+    runs = parsed["runs"] or {}
+    return runs.get("median") or runs.get("avg") or parsed["inference_avg_us"]
+
+
+class AdbSettings(Settings):
+    serial: str | None = None
+    adb: str = "adb"
+    workdir: str = "/data/local/tmp/vcompress"
+    benchmark_model: str = "/data/local/tmp/benchmark_model"
+    prefill_signature: str = "prefill"
+    decode_signature: str = "decode"
+    extra_args: list[str] = []  # e.g. ["--use_gpu=true"] for the GPU delegate
+
+
+@DEVICES.register("adb")
+class AdbDevice(LatencyDevice):
+    kind = "adb"
+    Settings = AdbSettings
+
+    @classmethod
+    def defaults(cls, profile) -> dict:
+        c = profile.device.connection
+        values = {**super().defaults(profile), "serial": c.serial}
+        if "workdir" in c.model_fields_set:  # the schema's default (/tmp) is not writable on a phone
+            values["workdir"] = c.workdir
+        return values
+
+    def adb(self, *args: str) -> list[str]:
+        prefix = [self.settings.adb] + (["-s", self.settings.serial] if self.settings.serial else [])
+        return [*prefix, *args]
+
+    def remote_model(self, model: Path) -> str:
+        return f"{self.settings.workdir.rstrip('/')}/{model.name}"
+
+    def benchmark_command(self, model: Path, signature: str) -> list[str]:
+        s = self.settings
+        flags = [f"--graph={self.remote_model(model)}", f"--signature_to_run_for={signature}",
+                 f"--num_runs={s.runs}", f"--warmup_runs={s.warmup}", "--min_secs=0", "--warmup_min_secs=0",
+                 "--report_peak_memory_footprint=true"]
+        if s.threads:
+            flags.append(f"--num_threads={s.threads}")
+        flags += s.extra_args
+        # adb shell takes one command line, run by the phone's sh: quote each word for it.
+        return self.adb("shell", " ".join(shlex.quote(w) for w in [s.benchmark_model, *flags]))
+
+    def _run(self, command: list[str], what: str) -> str:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=self.settings.timeout_s)
+        except FileNotFoundError:
+            raise InputError(f"{command[0]} is not installed; install Android platform-tools (adb) or pass --adb PATH") from None
+        except subprocess.TimeoutExpired:
+            raise InputError(f"{what} on the phone ran past {self.settings.timeout_s:.0f} s; lower --runs or raise the timeout") from None
+        if done.returncode != 0:
+            raise InputError(f"{what} on the phone failed: {last_line(done.stderr or done.stdout)}; check `adb devices` and --serial")
+        return done.stdout + done.stderr
+
+    def measure(self, artifact: Path) -> dict:
+        artifact = Path(artifact)
+        model = find_tflite(artifact)
+        s = self.settings
+        self._run(self.adb("shell", f"mkdir -p {shlex.quote(s.workdir)}"), "mkdir")
+        self._run(self.adb("push", str(model), f"{s.workdir.rstrip('/')}/"), "adb push")
+        prefill = parse_benchmark_model(self._run(self.benchmark_command(model, s.prefill_signature), "benchmark_model (prefill)"))
+        decode = parse_benchmark_model(self._run(self.benchmark_command(model, s.decode_signature), "benchmark_model (decode)"))
+        return latency_from(prefill, decode, label=self.label, settings=s, prompt_tokens=prefill_tokens(artifact, s.prompt_tokens),
+                            model_bytes=model.stat().st_size)
+
+
+def latency_from(prefill: dict, decode: dict, *, label: str, settings: AdbSettings, prompt_tokens: int, model_bytes: int) -> dict:
+    """latency.json from the prefill and decode transcripts of one phone."""
+    ttft_ms = typical_us(prefill) / 1e3
+    decode_tps = 1e6 / typical_us(decode)
+    peaks = [p.get("peak_memory_mb") or p.get("memory_overall_mb") for p in (prefill, decode)]
+    peaks = [p for p in peaks if p is not None]
+    return {
+        "device": label,
+        "device_kind": "adb",
+        "backend": "litert",
+        "source": "measured",
+        "threads": settings.threads,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": 1,  # benchmark_model times single decode steps
+        "runs": settings.runs,
+        "warmup": settings.warmup,
+        "ttft_ms": figure(round(ttft_ms, 3), "ms", measured=True, device=label, stats_us=prefill["runs"], tool="benchmark_model"),
+        "decode_tokens_per_s": figure(round(decode_tps, 2), "tokens/s", measured=True, device=label, stats_us=decode["runs"], tool="benchmark_model"),
+        "peak_rss_mb": figure(max(peaks) if peaks else None, "MB", measured=True, device=label, tool="benchmark_model",
+                              note="benchmark_model's own footprint figure (approximate, includes the tool)"),
+        "model_size_mb": figure(round(model_bytes / 2**20, 2), "MB", measured=True),
+        "benchmark_model": {"prefill": prefill, "decode": decode},
+    }
+
+
+def find_tflite(artifact: Path) -> Path:
+    if artifact.is_file() and artifact.suffix == ".tflite":
+        return artifact
+    models = sorted(artifact.glob("*.tflite")) if artifact.is_dir() else []
+    named = [m for m in models if m.name == "model.tflite"]
+    if named or len(models) == 1:
+        return (named or models)[0]
+    if not models:
+        raise InputError(f"{artifact} holds no .tflite model; the adb device runs TFLite artifacts (export with a tflite profile)")
+    raise InputError(f"{artifact} holds several .tflite files ({', '.join(m.name for m in models)}); pass the one to benchmark")
+
+
+def prefill_tokens(artifact: Path, default: int) -> int:
+    """The prompt length the prefill signature was exported for (the manifest says), else the profile's."""
+    manifest = artifact / MANIFEST if artifact.is_dir() else None
+    if manifest is not None and manifest.is_file():
+        data = json.loads(manifest.read_text())
+        for key in ("prefill_tokens", "prefill_length", "prompt_tokens"):
+            if isinstance(data.get(key), int):
+                return data[key]
+    return default

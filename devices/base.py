@@ -1,0 +1,102 @@
+"""What every device shares: its settings (validated before work starts) and how a result is labelled.
+
+A device is where latency comes from: `host` and `ssh` run `vcompress.devices.bench` (the one
+Runner code path), `adb` runs LiteRT's `benchmark_model` on a phone, `roofline` estimates. Each is
+registered by name in `vcompress.core.registry.DEVICES`; its settings start from the profile
+(prompt length, threads, connection) and take command-line overrides on top.
+"""
+from __future__ import annotations
+
+import abc
+import platform
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vcompress.core.errors import InputError
+from vcompress.core.profiles import Profile
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_tokens: int = Field(gt=0)
+    decode_tokens: int = Field(64, gt=0)
+    runs: int = Field(5, gt=0)
+    warmup: int = Field(1, ge=0)
+    threads: int | None = Field(None, gt=0)
+    backend: str | None = None
+    seed: int = 0
+    label: str | None = None  # what to call the device in the result; default from the profile
+    timeout_s: float = Field(1800, gt=0)
+
+
+class LatencyDevice(abc.ABC):
+    kind: str = ""
+    Settings: type[Settings] = Settings
+
+    def __init__(self, profile: Profile, settings: Settings):
+        self.profile = profile
+        self.settings = settings
+
+    @classmethod
+    def defaults(cls, profile: Profile) -> dict:
+        """Settings taken from the profile before overrides."""
+        return {"prompt_tokens": profile.budgets.prompt_tokens, "threads": profile.device.threads}
+
+    @classmethod
+    def configure(cls, profile: Profile, overrides: dict) -> "LatencyDevice":
+        values = {**cls.defaults(profile), **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            settings = cls.Settings.model_validate(values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(sorted(cls.Settings.model_fields))
+                raise InputError(f"device {cls.kind!r} has no setting {key!r}; known: {known}") from None
+            raise InputError(f"device {cls.kind!r} setting {key}: {err['msg']}") from None
+        return cls(profile, settings)
+
+    @property
+    def label(self) -> str:
+        return self.settings.label or self.profile.device.name
+
+    @abc.abstractmethod
+    def measure(self, artifact: Path) -> dict:
+        """latency.json for the artifact (see notes/run_format.md)."""
+
+
+def host_label(profile: Profile) -> str:
+    """This machine's name: the profile's device when the profile describes the host itself."""
+    if profile.device.connection.kind == "host":
+        return profile.device.name
+    return f"{platform.machine()} host"
+
+
+def bench_args(settings: Settings, label: str, kind: str) -> list[str]:
+    """Command-line arguments of `python -m vcompress.devices.bench` after the artifact path."""
+    args = ["--prompt-tokens", settings.prompt_tokens, "--decode-tokens", settings.decode_tokens,
+            "--runs", settings.runs, "--warmup", settings.warmup, "--seed", settings.seed,
+            "--device-label", label, "--device-kind", kind]
+    if settings.threads:
+        args += ["--threads", settings.threads]
+    if settings.backend:
+        args += ["--backend", settings.backend]
+    return [str(a) for a in args]
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def parse_bench_json(stdout: str, where: str) -> dict:
+    """The JSON document bench.py prints last (libraries may print lines before it)."""
+    import json
+
+    start = stdout.rfind("\n{\n")
+    start = 0 if stdout.startswith("{") and start < 0 else start + 1
+    try:
+        return json.loads(stdout[start:])
+    except (json.JSONDecodeError, ValueError):
+        raise InputError(f"the benchmark on {where} printed no result (last line: {last_line(stdout)}); run `python -m vcompress.devices.bench ARTIFACT` there to see why") from None

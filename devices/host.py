@@ -1,0 +1,35 @@
+"""`host`: measure on this machine, in a subprocess with the same Python, so that the peak RSS
+belongs to the benchmark (runtime + model) alone and not to the pipeline that asked for it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vcompress.core.errors import InputError
+from vcompress.core.registry import DEVICES
+
+from .base import LatencyDevice, bench_args, host_label, last_line, parse_bench_json
+
+
+@DEVICES.register("host")
+class HostDevice(LatencyDevice):
+    kind = "host"
+
+    @property
+    def label(self) -> str:
+        return self.settings.label or host_label(self.profile)
+
+    def command(self, artifact: Path) -> list[str]:
+        return [sys.executable, "-m", "vcompress.devices.bench", str(Path(artifact).resolve()), *bench_args(self.settings, self.label, self.kind)]
+
+    def measure(self, artifact: Path) -> dict:
+        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        try:
+            done = subprocess.run(self.command(artifact), capture_output=True, text=True, env=env, timeout=self.settings.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise InputError(f"the host benchmark of {artifact} ran past {self.settings.timeout_s:.0f} s; lower --runs or --prompt-tokens, or raise the timeout") from None
+        if done.returncode != 0:
+            raise InputError(f"the host benchmark of {artifact} failed: {last_line(done.stderr)}")
+        return parse_bench_json(done.stdout, "this host")

@@ -1,0 +1,299 @@
+"""Roofline estimate of an artifact's latency on a device that is not attached.
+
+Decode is memory bound: every generated token reads the weights once plus the KV cache so far, so
+    decode tokens/s <= memory bandwidth / (weight bytes read per token + KV bytes at the context)
+(and <= peak compute / FLOPs per token, which binds only on very slow compute units).
+Prefill is compute bound for any useful prompt length, so
+    TTFT >= max(prompt FLOPs / peak compute, weight bytes / bandwidth),
+with prompt FLOPs = 2 * body params * prompt tokens + 2 * head params (only the last position's
+logits are computed, as every runner here does) + attention (QK^T and AV over the causal triangle).
+The profile's efficiency factor turns ceilings into expectations: decode * efficiency, TTFT / efficiency
+(published on-device decode runs at about 60-70% of the bandwidth ceiling).
+
+Weight bytes are the bytes the artifact actually stores (int4 / int8 / fp16 / fp32 as written), read
+from the weight files: safetensors headers, ONNX initializers, else the file sizes. Tables that are
+only gathered from (an untied input embedding, GPT-2's position table) are read one row per token
+and are left out of the per-token bytes.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+from vcompress.core.artifact import MANIFEST, figure
+from vcompress.core.errors import InputError
+from vcompress.core.models import attention_shape
+from vcompress.core.profiles import Device
+
+MB = 2**20  # "MB" in budgets, like benchmark_model and /proc, counts MiB
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".tflite", ".engine", ".plan", ".gguf")
+GATHER_OPS = {"Gather", "GatherBlockQuantized"}
+DEFAULT_DECODE_TOKENS = 64
+
+
+# --- what the artifact holds ----------------------------------------------------------
+
+
+def read_config(artifact: Path | str) -> dict:
+    """config.json of an artifact folder (exporters copy it beside the model)."""
+    folder = Path(artifact)
+    folder = folder.parent if folder.is_file() else folder
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{folder} has no config.json, so its shapes are unknown; export it with vcompress (which copies config.json) or copy the source model's config.json beside it")
+    return json.loads(path.read_text())
+
+
+def shapes(config: dict) -> dict:
+    """Layers, heads, sizes and parameter counts that the roofline needs, from config.json."""
+    ns = SimpleNamespace(**config)
+    shape = attention_shape(ns)
+    h, layers = shape["hidden_size"], shape["layers"]
+    q, kv = shape["query_heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+    gated = config.get("model_type") != "gpt2"  # Llama/Qwen2 MLPs have gate, up and down projections
+    inter = config.get("intermediate_size") or config.get("n_inner") or 4 * h
+    per_layer = h * q + 2 * h * kv + q * h + (3 if gated else 2) * h * inter
+    vocab = config["vocab_size"]
+    return {
+        **shape,
+        "model_type": config.get("model_type"),
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "tied": bool(config.get("tie_word_embeddings", config.get("model_type") == "gpt2")),
+        "body_params": layers * per_layer,  # matmul weights inside the layers
+        "head_params": h * vocab,  # the vocabulary projection
+    }
+
+
+def weight_files(artifact: Path | str) -> list[Path]:
+    path = Path(artifact)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) and "checkpoints" not in p.parts)
+
+
+def weight_bytes(artifact: Path | str, tied: bool = True) -> dict:
+    """Bytes of weights stored, and of those read for every token (gather-only tables left out)."""
+    stored = gathered = 0
+    files = weight_files(artifact)
+    if not files:
+        raise InputError(f"{artifact} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); pass an HF folder or an exported artifact")
+    onnx_data = {p for p in files if p.suffix == ".data"}
+    for file in files:
+        if file.suffix == ".safetensors":
+            s, g = _safetensors_bytes(file, tied)
+        elif file.suffix == ".onnx":
+            s, g = _onnx_bytes(file, onnx_data)
+        elif file in onnx_data and any(f.suffix == ".onnx" for f in files):
+            continue  # counted through the .onnx initializers that point into it
+        else:
+            s, g = file.stat().st_size, 0
+        stored += s
+        gathered += g
+    return {"stored_bytes": stored, "gather_only_bytes": gathered, "per_token_bytes": stored - gathered, "files": [f.name for f in files]}
+
+
+def _safetensors_bytes(file: Path, tied: bool) -> tuple[int, int]:
+    # The format: 8-byte little-endian header length, then a JSON header of {name: {dtype, shape, data_offsets}}.
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    stored = gathered = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        stored += end - begin
+        leaf = name.split(".")[-2] if "." in name else name
+        if leaf == "wpe" or (not tied and leaf in ("embed_tokens", "wte")):
+            gathered += end - begin
+    return stored, gathered
+
+
+def _onnx_bytes(file: Path, data_files: set[Path]) -> tuple[int, int]:
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:  # a board without onnx: the files' sizes are the stored bytes
+        return file.stat().st_size + sum(p.stat().st_size for p in data_files if p.name.startswith(file.name)), 0
+    model = onnx.load(str(file), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            consumers.setdefault(name, set()).add(node.op_type if position == 0 else f"{node.op_type}:{position}")
+    stored = gathered = 0
+    for init in model.graph.initializer:
+        size = _initializer_bytes(init, onnx, helper)
+        stored += size
+        if consumers.get(init.name) and consumers[init.name] <= GATHER_OPS:
+            gathered += size
+    return stored, gathered
+
+
+def _initializer_bytes(init, onnx, helper) -> int:
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in init.external_data}
+        if "length" in info:
+            return int(info["length"])
+    if init.raw_data:
+        return len(init.raw_data)
+    count = 1
+    for d in init.dims:
+        count *= d
+    return count * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+
+
+def kv_bytes_per_element(artifact: Path | str) -> int:
+    """The KV cache's element size: the manifest's kv_dtype if given, fp16 for TensorRT, else fp32."""
+    folder = Path(artifact)
+    manifest = folder / MANIFEST if folder.is_dir() else None
+    if manifest is not None and manifest.is_file():
+        data = json.loads(manifest.read_text())
+        kv = str(data.get("kv_dtype", "")).lower()
+        if kv:
+            return {"float16": 2, "fp16": 2, "bfloat16": 2, "int8": 1, "float32": 4, "fp32": 4}.get(kv, 4)
+        if data.get("format") == "tensorrt":
+            return 2
+    return 4
+
+
+def format_of(artifact: Path | str) -> str:
+    folder = Path(artifact)
+    manifest = folder / MANIFEST
+    if folder.is_dir() and manifest.is_file():
+        return json.loads(manifest.read_text()).get("format", "unknown")
+    return "torch" if (folder / "config.json").is_file() else "unknown"
+
+
+# --- the estimate ---------------------------------------------------------------------
+
+
+def roofline(shape: dict, weights: dict, device: Device, prompt_tokens: int, decode_tokens: int, kv_element_bytes: int = 4) -> dict:
+    """Ceilings and expectations from shapes and byte counts alone (pure arithmetic, no files)."""
+    P, N = prompt_tokens, decode_tokens
+    bandwidth = device.memory_bandwidth_gbs * 1e9  # bytes/s
+    compute = device.peak_compute_gflops * 1e9  # FLOP/s
+    kv_per_token = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * kv_element_bytes
+    mean_context = P + (N - 1) / 2  # the decode steps see P, P+1, ..., P+N-1 cached tokens
+    bytes_per_token = weights["per_token_bytes"] + kv_per_token * mean_context
+    attention_per_token = 4 * shape["layers"] * shape["query_heads"] * shape["head_dim"] * mean_context
+    flops_per_token = 2 * (shape["body_params"] + shape["head_params"]) + attention_per_token
+    # Decode is bandwidth bound on every device we know, but the compute roof is checked too.
+    decode_ceiling = min(bandwidth / bytes_per_token, compute / flops_per_token)
+
+    attention_flops = 2 * shape["layers"] * shape["query_heads"] * shape["head_dim"] * P * (P + 1)  # 2 matmuls x 2 FLOP x causal P(P+1)/2
+    prompt_flops = 2 * shape["body_params"] * P + 2 * shape["head_params"] + attention_flops
+    compute_floor_s = prompt_flops / compute
+    memory_floor_s = weights["per_token_bytes"] / bandwidth
+    ttft_floor_s = max(compute_floor_s, memory_floor_s)
+
+    eff = device.efficiency
+    return {
+        "ttft_ms": ttft_floor_s / eff * 1e3,
+        "decode_tokens_per_s": decode_ceiling * eff,
+        "ttft_floor_ms": ttft_floor_s * 1e3,
+        "decode_ceiling_tokens_per_s": decode_ceiling,
+        "ttft_bound": "compute" if compute_floor_s >= memory_floor_s else "memory",
+        "decode_bound": "memory" if bandwidth / bytes_per_token <= compute / flops_per_token else "compute",
+        "decode_flops_per_token": flops_per_token,
+        "prompt_flops": prompt_flops,
+        "attention_flops": attention_flops,
+        "weight_bytes_per_token": weights["per_token_bytes"],
+        "kv_bytes_per_token_of_context": kv_per_token,
+        "mean_decode_context_tokens": mean_context,
+        "bytes_read_per_decode_token": bytes_per_token,
+        "memory_bandwidth_gbs": device.memory_bandwidth_gbs,
+        "peak_compute_gflops": device.peak_compute_gflops,
+        "efficiency": eff,
+    }
+
+
+def peak_ram_bytes(shape: dict, weights: dict, prompt_tokens: int, decode_tokens: int, kv_element_bytes: int = 4) -> int:
+    """A lower bound on resident memory: all stored weights, the KV cache at the full context, and
+    the prefill's largest activations (attention scores of one layer, MLP hidden, the last logits).
+    The runtime's own code and allocator slack are not included."""
+    P, context = prompt_tokens, prompt_tokens + decode_tokens
+    kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * kv_element_bytes * context
+    activations = 4 * (shape["query_heads"] * P * P + 2 * P * shape["intermediate_size"] + shape["vocab_size"])
+    return weights["stored_bytes"] + kv + activations
+
+
+def estimate(artifact: Path | str, device: Device, *, prompt_tokens: int, decode_tokens: int = DEFAULT_DECODE_TOKENS) -> dict:
+    """latency.json for a device that is not attached: every latency figure labelled estimated."""
+    if prompt_tokens <= 0 or decode_tokens <= 0:
+        raise InputError(f"prompt_tokens ({prompt_tokens}) and decode_tokens ({decode_tokens}) must be positive")
+    artifact = Path(artifact)
+    shape = shapes(read_config(artifact))
+    weights = weight_bytes(artifact, tied=shape["tied"])
+    kv_bytes = kv_bytes_per_element(artifact)
+    line = roofline(shape, weights, device, prompt_tokens, decode_tokens, kv_bytes)
+    name = device.name
+    return {
+        "device": name,
+        "device_kind": "roofline",
+        "backend": format_of(artifact),
+        "source": "estimated",
+        "threads": device.threads,
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "ttft_ms": figure(round(line["ttft_ms"], 3), "ms", measured=False, device=name),
+        "decode_tokens_per_s": figure(round(line["decode_tokens_per_s"], 2), "tokens/s", measured=False, device=name),
+        "peak_rss_mb": figure(round(peak_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_bytes) / MB, 1), "MB", measured=False, device=name,
+                              note="lower bound: weights + KV cache + prefill activations, without the runtime itself"),
+        "model_size_mb": figure(round(sum(p.stat().st_size for p in weight_files(artifact)) / MB, 2), "MB", measured=True),
+        "roofline": {**line, "kv_bytes_per_element": kv_bytes, "weight_bytes_stored": weights["stored_bytes"],
+                     "params": {k: shape[k] for k in ("body_params", "head_params", "layers", "query_heads", "kv_heads", "head_dim", "hidden_size", "vocab_size")}},
+    }
+
+
+def compare(measured: dict, estimated: dict) -> dict:
+    """The estimate beside a measurement of the same artifact: ratio measured / estimated per figure.
+
+    A decode ratio below 1 means the device reached less than the expected share of its bandwidth
+    ceiling; a TTFT ratio above 1 means the prompt took longer than the estimate.
+    """
+    ratios = {}
+    for key in ("ttft_ms", "decode_tokens_per_s"):
+        m, e = (measured.get(key) or {}).get("value"), (estimated.get(key) or {}).get("value")
+        ratios[key] = float(f"{m / e:.4g}") if m and e else None
+    return {
+        "device": estimated["device"],
+        "source": "estimated",
+        "ttft_ms": estimated["ttft_ms"],
+        "decode_tokens_per_s": estimated["decode_tokens_per_s"],
+        "peak_rss_mb": estimated["peak_rss_mb"],
+        "roofline": estimated["roofline"],
+        "ratio_measured_to_estimated": ratios,
+    }
+
+
+def validate_on_host(artifact: Path | str, measured: dict, device: Device | None = None) -> dict:
+    """Estimate the artifact with the host's own figures (profile x86-cpu unless given) at the same
+    prompt and decode lengths as `measured` (a host latency.json), and compare."""
+    if device is None:
+        from vcompress.core.profiles import load_profile
+
+        device = load_profile("x86-cpu").device
+    estimated = estimate(artifact, device, prompt_tokens=measured["prompt_tokens"], decode_tokens=measured["decode_tokens"])
+    return compare(measured, estimated)
+
+
+# --- the device -----------------------------------------------------------------------
+
+
+from vcompress.core.registry import DEVICES  # noqa: E402
+
+from .base import LatencyDevice  # noqa: E402
+
+
+@DEVICES.register("roofline")
+class RooflineDevice(LatencyDevice):
+    """No device attached: estimate from the profile's bandwidth, compute and efficiency."""
+
+    kind = "roofline"
+
+    def measure(self, artifact: Path) -> dict:
+        device = self.profile.device.model_copy(update={"name": self.label})
+        return estimate(artifact, device, prompt_tokens=self.settings.prompt_tokens, decode_tokens=self.settings.decode_tokens)

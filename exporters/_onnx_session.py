@@ -1,0 +1,195 @@
+"""The ONNX Runtime decode loop, on numpy alone: what both the Runner and the latency bench run.
+
+No torch here on purpose: importing torch costs ~200 MB of resident memory, which a deployed ONNX
+Runtime app does not pay, so bench/onnx_latency.py loads this file by path and measures the same
+code that `OnnxRunner` (exporters/onnx.py) wraps for evaluation.
+
+The KV cache is one [1, kv_heads, capacity, head_dim] float32 buffer per layer and side, bound by
+pointer both as past_key_values.* and present.*: GroupQueryAttention appends in place, so a decode
+step copies nothing; inputs (token, lengths) are numpy scalars written in place before each run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+OPTIMIZATION = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class SessionError(ValueError):
+    """A folder that is not a usable ONNX artifact, or a sequence past the model's positions."""
+
+
+@dataclass
+class KVState:
+    """The cache of one sequence. decode() updates and returns the same object: an older state
+    of the same sequence is not kept (the Runner interface never goes back to one)."""
+
+    length: int
+    capacity: int
+    cache: list[np.ndarray]
+    binding: Any = None
+    token: np.ndarray | None = None
+    seqlens: np.ndarray | None = None
+    total: np.ndarray | None = None
+    position: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+
+class DecoderSession:
+    headroom = 256  # cache slots allocated past the prompt before the first growth
+
+    def __init__(self, folder: str | Path, *, threads: int | None = None, optimization: str = "all", spin: bool = True):
+        self.folder = Path(folder)
+        manifest_file = self.folder / "manifest.json"
+        if not manifest_file.is_file():
+            raise SessionError(f"{self.folder} has no manifest.json; pass a folder written by `vcompress export onnx`")
+        self.manifest = json.loads(manifest_file.read_text())
+        if self.manifest.get("format") != "onnx":
+            raise SessionError(f"{self.folder} is a {self.manifest.get('format')!r} artifact, not onnx; open it with its own backend")
+        model_file = self.folder / self.manifest["files"]["model"]
+        if not model_file.is_file():
+            raise SessionError(f"{model_file} is missing; re-run `vcompress export onnx`")
+        self.threads = threads or os.cpu_count() or 1
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = OPTIMIZATION[optimization]
+        options.log_severity_level = 3
+        if not spin:  # threads sleep between runs instead of spinning: less CPU, a little more latency
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        start = time.perf_counter()
+        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        self.load_seconds = time.perf_counter() - start
+        m = self.manifest
+        self.layers, self.kv_heads, self.head_dim, self.vocab = m["layers"], m["kv_heads"], m["head_dim"], m["vocab_size"]
+        self.max_positions = m["max_positions"]
+        self.uses_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
+        self.kv_names = [(f"past_key_values.{i}.{p}", f"present.{i}.{p}") for i in range(self.layers) for p in ("key", "value")]
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Full logits [batch, seq, vocab] for right-padded ids (attention is causal: a real token
+        never sees the padding after it, so no mask is needed)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        batch, seq = ids.shape
+        self.check_length(seq)
+        feeds = self._feeds(ids, batch, seq, keep=seq)
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+        feeds.update({past: empty for past, _ in self.kv_names})
+        return self.session.run(["logits"], feeds)[0]
+
+    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, KVState]:
+        """Run a prompt; the last position's logits [vocab] (a view, valid until the next call) and the state."""
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
+        seq = ids.shape[1]
+        self.check_length(seq)
+        capacity = min(seq + self.headroom, self.max_positions)
+        state = KVState(length=0, capacity=capacity, cache=self._new_cache(capacity))
+        binding = self.session.io_binding()
+        for name, array in self._feeds(ids, 1, seq, keep=1).items():
+            bind_input(binding, name, array)
+        logits = np.empty((1, 1, self.vocab), np.float32)
+        bind_output(binding, "logits", logits)
+        self._bind_cache(binding, state)
+        self.session.run_with_iobinding(binding)
+        state.length = seq
+        self._decode_binding(state)
+        return logits[0, -1], state
+
+    def decode(self, token_id: int, state: KVState) -> tuple[np.ndarray, KVState]:
+        """Feed one token; its logits [vocab] (a view into the state's buffer) and the same state."""
+        if state.length + 1 > state.capacity:
+            self._grow(state)
+        state.token[0, 0] = token_id
+        state.seqlens[0] = state.length
+        state.total[()] = state.length + 1
+        if state.position is not None:
+            state.position[0, 0] = state.length
+        self.session.run_with_iobinding(state.binding)
+        state.length += 1
+        return state.logits[0, -1], state
+
+    def check_length(self, seq: int) -> None:
+        if seq > self.max_positions:
+            raise SessionError(f"{seq} tokens exceed the model's {self.max_positions} positions; shorten the input")
+
+    def _feeds(self, ids: np.ndarray, batch: int, seq: int, keep: int) -> dict[str, np.ndarray]:
+        feeds = {
+            "input_ids": ids,
+            "seqlens_k": np.full(batch, seq - 1, np.int32),
+            "total_sequence_length": np.array(seq, np.int32),
+            "logits_to_keep": np.array([keep], np.int64),
+        }
+        if self.uses_positions:
+            feeds["position_ids"] = np.ascontiguousarray(np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)))
+        return feeds
+
+    def _new_cache(self, capacity: int) -> list[np.ndarray]:
+        return [np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.kv_names]
+
+    def _bind_cache(self, binding, state: KVState) -> None:
+        for (past, present), buffer in zip(self.kv_names, state.cache):
+            bind_input(binding, past, buffer)
+            bind_output(binding, present, buffer)
+
+    def _decode_binding(self, state: KVState) -> None:
+        binding = self.session.io_binding()
+        state.token = np.zeros((1, 1), np.int64)
+        state.seqlens = np.zeros(1, np.int32)
+        state.total = np.zeros((), np.int32)
+        state.logits = np.empty((1, 1, self.vocab), np.float32)
+        bind_input(binding, "input_ids", state.token)
+        bind_input(binding, "seqlens_k", state.seqlens)
+        bind_input(binding, "total_sequence_length", state.total)
+        bind_input(binding, "logits_to_keep", np.ones(1, np.int64))
+        if self.uses_positions:
+            state.position = np.zeros((1, 1), np.int64)
+            bind_input(binding, "position_ids", state.position)
+        bind_output(binding, "logits", state.logits)
+        self._bind_cache(binding, state)
+        state.binding = binding
+
+    def _grow(self, state: KVState) -> None:
+        capacity = min(state.capacity * 2, self.max_positions)
+        if capacity <= state.length:
+            raise SessionError(f"the sequence reached the model's {self.max_positions} positions; generate fewer tokens")
+        bigger = self._new_cache(capacity)
+        for old, new in zip(state.cache, bigger):
+            new[:, :, : state.length] = old[:, :, : state.length]
+        state.cache, state.capacity = bigger, capacity
+        self._decode_binding(state)
+
+
+_ELEMENT = {np.dtype(np.float32): np.float32, np.dtype(np.int64): np.int64, np.dtype(np.int32): np.int32}
+
+
+def bind_input(binding, name: str, array: np.ndarray) -> None:
+    # Bound by pointer: later writes into `array` are what the next run reads. ONNX Runtime keeps
+    # no reference to the memory, so the binding object does.
+    binding.bind_input(name, "cpu", 0, _ELEMENT[array.dtype], list(array.shape), array.ctypes.data)
+    _keep(binding, array)
+
+
+def bind_output(binding, name: str, array: np.ndarray) -> None:
+    binding.bind_output(name, "cpu", 0, _ELEMENT[array.dtype], list(array.shape), array.ctypes.data)
+    _keep(binding, array)
+
+
+def _keep(binding, array: np.ndarray) -> None:
+    kept = getattr(binding, "_vcompress_arrays", None)
+    if kept is None:
+        kept = binding._vcompress_arrays = []
+    kept.append(array)

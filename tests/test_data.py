@@ -1,0 +1,105 @@
+"""MMLU loading: Hendrycks CSV folders, JSONL, subjects and groups, seeded sampling."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vcompress.core.data import (ALL_SUBJECTS, GROUPS, Question, default_texts, load_mmlu, resolve_subjects,
+                                 sample_questions)
+from vcompress.core.errors import InputError
+
+
+def write_csv(folder, subject, split, rows: list[str]):
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    path = folder / split / f"{subject}_{split}.csv"
+    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_csv_folder_loads_questions_and_answers(tmp_path):
+    write_csv(tmp_path, "anatomy", "test", ['"Which, bone?",a,b,c,d,B', "Q2,e,f,g,h,d"])
+    write_csv(tmp_path, "virology", "test", ["Q3,i,j,k,l,A"])
+    questions = load_mmlu(tmp_path, "test")
+    assert questions[0] == Question("anatomy", "Which, bone?", ("a", "b", "c", "d"), 1)
+    assert [q.answer for q in questions] == [1, 3, 0]
+    assert [q.subject for q in load_mmlu(tmp_path, "test", ["virology"])] == ["virology"]
+
+
+def test_malformed_csv_row_names_file_and_line(tmp_path):
+    # The first row spans two lines (a quoted newline), so the bad row starts on line 3.
+    path = write_csv(tmp_path, "anatomy", "test", ['"Two\nlines",a,b,c,d,A', "only,four,columns,here"])
+    with pytest.raises(InputError, match=rf"{path}:3: expected 6 columns"):
+        load_mmlu(tmp_path, "test")
+    write_csv(tmp_path, "anatomy", "test", ["Q,a,b,c,d,A", "Q,a,b,c,d,E"])
+    with pytest.raises(InputError, match=r"anatomy_test.csv:2: answer 'E' is not one of A, B, C, D"):
+        load_mmlu(tmp_path, "test")
+
+
+def test_missing_split_folder_says_what_a_folder_holds(tmp_path):
+    write_csv(tmp_path, "anatomy", "test", ["Q,a,b,c,d,A"])
+    with pytest.raises(InputError, match="no dev/ folder"):
+        load_mmlu(tmp_path, "dev")
+
+
+def test_unknown_subject_lists_valid_groups_and_subjects():
+    with pytest.raises(InputError) as info:
+        resolve_subjects("medical,anatomyy")
+    message = str(info.value)
+    assert "'anatomyy'" in message and "medical" in message and "professional_medicine" in message and "virology" in message
+
+
+def test_groups_resolve_to_subjects():
+    assert resolve_subjects("medical") == sorted(["anatomy", "clinical_knowledge", "college_biology", "college_medicine",
+                                                  "medical_genetics", "nutrition", "professional_medicine", "virology"])
+    assert len(resolve_subjects("all")) == len(ALL_SUBJECTS) == 57
+    assert sum(len(GROUPS[g]) for g in ("stem", "humanities", "social_sciences", "other")) == 57
+    assert resolve_subjects(["virology", "anatomy", "virology"]) == ["anatomy", "virology"]
+
+
+def test_jsonl_loads_letters_and_indices_and_splits(tmp_path):
+    path = tmp_path / "mmlu.jsonl"
+    lines = [
+        {"question": "Q1", "choices": ["a", "b", "c", "d"], "answer": "C", "subject": "anatomy"},
+        {"question": "Q2", "choices": ["a", "b", "c", "d"], "answer": 3, "subject": "virology"},
+        {"question": "D1", "choices": ["a", "b", "c", "d"], "answer": 0, "subject": "anatomy", "split": "dev"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    test = load_mmlu(path, "test")
+    assert [(q.question, q.subject, q.answer) for q in test] == [("Q1", "anatomy", 2), ("Q2", "virology", 3)]
+    assert [q.question for q in load_mmlu(path, "dev")] == ["D1"]  # lines without a split are test questions
+    assert [q.question for q in load_mmlu(path, "test", ["virology"])] == ["Q2"]
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "Q", "choices": ["a","b","c","d"], "answer": 1}\n{"question": "Q", "choices": ["a"], "answer": 1}\n')
+    with pytest.raises(InputError, match=rf"{path}:2: needs question"):
+        load_mmlu(path)
+    path.write_text("{not json\n")
+    with pytest.raises(InputError, match=rf"{path}:1: not valid JSON"):
+        load_mmlu(path)
+
+
+def test_sampling_is_seeded_and_per_subject():
+    questions = [Question(s, f"{s}{i}", ("a", "b", "c", "d"), i % 4) for s in ("anatomy", "virology") for i in range(30)]
+    first = sample_questions(questions, 5, seed=0)
+    assert [q.question for q in first] == [q.question for q in sample_questions(questions, 5, seed=0)]
+    assert [q.question for q in first] != [q.question for q in sample_questions(questions, 5, seed=1)]
+    assert [q.subject for q in first] == ["anatomy"] * 5 + ["virology"] * 5
+    assert len(sample_questions(questions, None)) == 60 and len(sample_questions(questions, 100)) == 60
+
+
+def test_shared_copy_has_the_released_test_set(mmlu_root):
+    test = load_mmlu(mmlu_root, "test")
+    assert len(test) == 14042 and {q.subject for q in test} == set(ALL_SUBJECTS)
+    dev = load_mmlu(mmlu_root, "dev", ["anatomy"])
+    assert len(dev) == 5
+
+
+def test_heldout_text_avoids_the_evaluated_subset(mmlu_root):
+    medical = {q.question for q in load_mmlu(mmlu_root, "test", resolve_subjects("medical"))}
+    heldout = default_texts("heldout", "medical", mmlu_root)
+    calib = set(default_texts("calib", "medical", mmlu_root))
+    assert heldout and not calib.intersection(heldout)
+    assert not any(text.split("\nA. ")[0] in medical for text in heldout[:500])

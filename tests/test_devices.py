@@ -1,0 +1,308 @@
+"""Devices: roofline arithmetic, the host benchmark, ssh against a real local sshd, adb against a transcript."""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vcompress.core.errors import InputError
+from vcompress.core.profiles import Device, load_profile
+from vcompress.devices import default_device, measure, open_device
+from vcompress.devices import adb, roofline
+from vcompress.devices.bench import prompt_ids, run_benchmark
+
+DATA = Path(__file__).parent / "data"
+CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=384, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def write_artifact(folder: Path, tied: bool = True) -> Path:
+    """config.json + safetensors whose weight bytes are known by hand: 49152 + 1000 + 256 = 50408."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**CONFIG, "tie_word_embeddings": tied}))
+    save_file({
+        "model.embed_tokens.weight": torch.zeros(384, 64, dtype=torch.float16),  # 49152 bytes
+        "model.layers.0.mlp.down_proj.qweight": torch.zeros(1000, dtype=torch.int8),  # 1000 bytes
+        "model.norm.weight": torch.zeros(64, dtype=torch.float32),  # 256 bytes
+    }, str(folder / "model.safetensors"))
+    return folder
+
+
+DEVICE = Device(name="test board", memory_gb=1, memory_bandwidth_gbs=10, peak_compute_gflops=100, efficiency=0.5)
+
+
+# --- roofline -------------------------------------------------------------------------
+
+
+def test_roofline_matches_hand_computed_figures(tmp_path):
+    art = write_artifact(tmp_path / "art")
+    est = roofline.estimate(art, DEVICE, prompt_tokens=32, decode_tokens=8)
+    line = est["roofline"]
+    assert line["weight_bytes_per_token"] == 50408  # tied: the fp16 table is read by the head
+    # KV per context token: 2 (K, V) x 2 layers x 2 kv heads x 16 dims x 4 bytes = 512;
+    # mean decode context 32 + (8 - 1) / 2 = 35.5 -> 18176 bytes; per token 50408 + 18176 = 68584
+    assert line["kv_bytes_per_token_of_context"] == 512
+    assert line["mean_decode_context_tokens"] == 35.5
+    assert line["bytes_read_per_decode_token"] == 68584
+    assert line["decode_ceiling_tokens_per_s"] == pytest.approx(1e10 / 68584)  # 145806.6
+    # the compute roof is far: 2 x 98304 params + 4*2*4*16*35.5 attention = 214784 FLOP/token -> 465584 tokens/s
+    assert line["decode_flops_per_token"] == 214784 and line["decode_bound"] == "memory"
+    assert est["decode_tokens_per_s"]["value"] == pytest.approx(72903.30, abs=0.01)  # x efficiency 0.5
+    # FLOPs: body 2 layers x (64*64 + 2*64*32 + 64*64 + 3*64*128) = 73728 params, x 2 x 32 tokens = 4718592;
+    # head 384*64 = 24576 params, last position only, x 2 = 49152; attention 2*2*4*16*32*33 = 270336
+    assert line["prompt_flops"] == 5038080
+    assert line["ttft_bound"] == "compute"  # 50.38 us of compute vs 5.04 us to read the weights
+    assert line["ttft_floor_ms"] == pytest.approx(0.0503808)
+    assert est["ttft_ms"]["value"] == pytest.approx(0.101, abs=1e-3)  # / efficiency 0.5
+    for key in ("ttft_ms", "decode_tokens_per_s", "peak_rss_mb"):
+        assert est[key]["source"] == "estimated" and est[key]["device"] == "test board"
+        assert "samples" not in est[key]
+    assert est["source"] == "estimated" and est["device_kind"] == "roofline"
+    # peak RAM lower bound: weights 50408 + KV at 40 tokens 20480 + activations 4*(4*32*32 + 2*32*128 + 384) = 50688
+    shape = roofline.shapes(CONFIG)
+    assert roofline.peak_ram_bytes(shape, roofline.weight_bytes(art), 32, 8) == 121576
+
+
+def test_untied_input_embedding_is_not_read_per_token(tmp_path):
+    art = write_artifact(tmp_path / "art", tied=False)
+    weights = roofline.weight_bytes(art, tied=False)
+    assert weights["stored_bytes"] == 50408 and weights["per_token_bytes"] == 1256
+    est = roofline.estimate(art, DEVICE, prompt_tokens=32, decode_tokens=8)
+    # 19432 bytes/token would allow 514615 tokens/s; the compute roof (214784 FLOP/token) binds first
+    assert est["roofline"]["bytes_read_per_decode_token"] == 1256 + 18176
+    assert est["roofline"]["decode_ceiling_tokens_per_s"] == pytest.approx(1e11 / 214784)
+    assert est["roofline"]["decode_bound"] == "compute"
+
+
+def test_onnx_weight_bytes_leave_out_gather_only_tables(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "embed_tokens.weight")  # 160 bytes, gathered
+    weight = numpy_helper.from_array(np.zeros((4, 4), np.float32), "proj.weight")  # 64 bytes, read every token
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embed_tokens.weight", "ids"], ["h"]), helper.make_node("MatMul", ["h", "proj.weight"], ["y"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [table, weight])
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    onnx.save_model(helper.make_model(graph), folder / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    weights = roofline.weight_bytes(folder)
+    assert weights == {"stored_bytes": 224, "gather_only_bytes": 160, "per_token_bytes": 64, "files": ["model.onnx", "model.onnx.data"]}
+
+
+def test_compare_gives_measured_over_estimated():
+    measured = {"ttft_ms": {"value": 10.0}, "decode_tokens_per_s": {"value": 50.0}}
+    estimated = {"device": "d", "ttft_ms": {"value": 5.0}, "decode_tokens_per_s": {"value": 100.0}, "peak_rss_mb": {}, "roofline": {}}
+    assert roofline.compare(measured, estimated)["ratio_measured_to_estimated"] == {"ttft_ms": 2.0, "decode_tokens_per_s": 0.5}
+
+
+def test_roofline_device_through_measure(tmp_path):
+    art = write_artifact(tmp_path / "art")
+    result = measure(art, "roofline", "snapdragon8g2", prompt_tokens=32, decode_tokens=8)
+    assert result["source"] == "estimated" and "estimate" not in result
+    assert result["ttft_ms"] == {**result["ttft_ms"], "source": "estimated", "device": "Snapdragon 8 Gen 2"}
+    assert result["roofline"]["memory_bandwidth_gbs"] == 67.2 and result["roofline"]["efficiency"] == 0.65
+    assert result["model_size_mb"]["source"] == "measured"
+
+
+def test_default_device_follows_the_profile_connection():
+    assert default_device(load_profile("x86-cpu")) == "host"
+    assert default_device(load_profile("raspberry-pi5")) == "roofline"  # ssh without a host
+    if shutil.which("adb") is None:
+        assert default_device(load_profile("snapdragon8g2")) == "roofline"
+
+
+def test_unknown_setting_is_bad_input(tiny_llama):
+    with pytest.raises(InputError, match="no setting 'bogus'"):
+        measure(tiny_llama, "host", "x86-cpu", bogus=1)
+    with pytest.raises(InputError, match="unknown device"):
+        measure(tiny_llama, "phone", "x86-cpu")
+
+
+# --- bench on the host ----------------------------------------------------------------
+
+
+def test_prompt_ids_are_fixed_by_the_seed():
+    a, b = prompt_ids(384, 16, seed=0), prompt_ids(384, 16, seed=0)
+    assert a.shape == (1, 16) and torch.equal(a, b) and int(a.max()) < 384
+    assert not torch.equal(a, prompt_ids(384, 16, seed=1))
+
+
+def test_host_device_measures_through_the_runner(tiny_llama):
+    result = measure(tiny_llama, "host", "x86-cpu", prompt_tokens=16, decode_tokens=4, runs=3, warmup=1, threads=1)
+    assert (result["device"], result["device_kind"], result["backend"], result["source"]) == ("x86-64 host", "host", "torch", "measured")
+    assert (result["prompt_tokens"], result["decode_tokens"], result["runs"], result["warmup"]) == (16, 4, 3, 1)
+    for key, unit in (("ttft_ms", "ms"), ("decode_tokens_per_s", "tokens/s")):
+        fig = result[key]
+        assert fig["unit"] == unit and fig["source"] == "measured" and fig["device"] == "x86-64 host"
+        assert len(fig["samples"]) == 3 and fig["value"] == sorted(fig["samples"])[1] and fig["value"] > 0
+    rss = result["peak_rss_mb"]
+    assert rss["source"] == "measured" and rss["value"] >= rss["rss_before_load_mb"] > 0
+    assert result["model_size_mb"]["value"] == round((tiny_llama / "model.safetensors").stat().st_size / 2**20, 2)
+    est = result["estimate"]
+    assert est["source"] == "estimated" and est["ttft_ms"]["source"] == "estimated"
+    assert est["roofline"]["memory_bandwidth_gbs"] == 36  # the host's own figures (x86-cpu)
+    ratio = est["ratio_measured_to_estimated"]
+    assert ratio["decode_tokens_per_s"] == pytest.approx(result["decode_tokens_per_s"]["value"] / est["decode_tokens_per_s"]["value"], rel=1e-3)
+
+
+def test_bench_refuses_a_prompt_past_the_context(tiny_models):
+    context = json.loads((tiny_models["gpt2"] / "config.json").read_text())["n_positions"]
+    with pytest.raises(InputError, match=f"exceeds the model's context of {context}"):
+        run_benchmark(tiny_models["gpt2"], prompt_tokens=context - 4, decode_tokens=10, runs=1, warmup=0, threads=1)
+
+
+def test_validate_on_host_uses_the_host_figures(tiny_llama):
+    measured = {"prompt_tokens": 16, "decode_tokens": 4, "ttft_ms": {"value": 2.0}, "decode_tokens_per_s": {"value": 500.0}}
+    out = roofline.validate_on_host(tiny_llama, measured)
+    assert out["device"] == "x86-64 host" and out["roofline"]["peak_compute_gflops"] == 192
+    assert out["ratio_measured_to_estimated"]["ttft_ms"] == pytest.approx(2.0 / out["ttft_ms"]["value"], rel=1e-3)
+
+
+# --- ssh against a real sshd on 127.0.0.1 ---------------------------------------------
+
+SSHD = Path("/usr/sbin/sshd")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    if not SSHD.exists() or shutil.which("ssh-keygen") is None or shutil.which("scp") is None:
+        pytest.skip("needs openssh-server and openssh-client (apt-get install -y openssh-server)")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
+    shutil.copy(keys / "client_key.pub", keys / "authorized_keys")
+    port = _free_port()
+    config = keys / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {keys / 'host_key'}", f"PidFile {keys / 'sshd.pid'}",
+        f"AuthorizedKeysFile {keys / 'authorized_keys'}", "PermitRootLogin yes", "StrictModes no", "UsePAM no",
+        "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "Subsystem sftp /usr/lib/openssh/sftp-server", "LogLevel ERROR", ""]))
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"sshd exited: {proc.stderr.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    settings = dict(host="127.0.0.1", port=port, user=getpass.getuser(), identity_file=str(keys / "client_key"),
+                    ssh_options=["StrictHostKeyChecking=accept-new", f"UserKnownHostsFile={keys / 'known_hosts'}"])
+    yield settings
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_ssh_device_copies_runs_and_reads_back(sshd, tiny_llama, tmp_path):
+    board = tmp_path / "board"  # the board's workdir; the board's python is this venv's
+    result = measure(tiny_llama, "ssh", "raspberry-pi5", python=sys.executable, workdir=str(board),
+                     prompt_tokens=16, decode_tokens=4, runs=2, warmup=0, threads=1, **sshd)
+    copied = board / tiny_llama.name / "model.safetensors"
+    assert copied.read_bytes() == (tiny_llama / "model.safetensors").read_bytes()
+    assert (result["device"], result["device_kind"], result["source"]) == ("Raspberry Pi 5", "ssh", "measured")
+    for key in ("ttft_ms", "decode_tokens_per_s", "peak_rss_mb"):
+        assert result[key]["source"] == "measured" and result[key]["device"] == "Raspberry Pi 5"
+    assert len(result["ttft_ms"]["samples"]) == 2 and len(result["decode_tokens_per_s"]["samples"]) == 2
+    est = result["estimate"]  # the board's own figures from the profile
+    assert est["device"] == "Raspberry Pi 5" and est["roofline"]["memory_bandwidth_gbs"] == 17.1
+    assert set(est["ratio_measured_to_estimated"]) == {"ttft_ms", "decode_tokens_per_s"}
+
+
+def test_ssh_device_says_when_the_board_is_unreachable(sshd, tiny_llama, tmp_path):
+    settings = {**sshd, "port": _free_port()}  # nothing listens there
+    with pytest.raises(InputError, match="cannot reach .*127.0.0.1"):
+        measure(tiny_llama, "ssh", "raspberry-pi5", workdir=str(tmp_path / "b"), prompt_tokens=8, **settings)
+
+
+def test_ssh_device_needs_a_host(tiny_llama):
+    with pytest.raises(InputError, match="needs a host"):
+        measure(tiny_llama, "ssh", "raspberry-pi5", prompt_tokens=8)
+
+
+# --- adb against a recorded benchmark_model transcript ---------------------------------
+
+
+def test_parse_benchmark_model_transcript():
+    out = adb.parse_benchmark_model((DATA / "benchmark_model_prefill.txt").read_text())
+    assert (out["init_us"], out["first_inference_us"], out["warmup_avg_us"], out["inference_avg_us"]) == (412318, 398214, 398214, 287637)
+    assert out["runs"] == {"count": 5, "first": 291877, "curr": 286540, "min": 284903, "max": 291877, "avg": 287637, "std": 2461,
+                           "p5": 284903, "median": 286981, "p95": 291877}
+    assert out["warmup_runs"]["count"] == 1
+    assert (out["model_size_mb"], out["session_init_ms"], out["peak_memory_mb"]) == (139.861, 412.318, 184.918)
+    assert (out["memory_init_mb"], out["memory_overall_mb"]) == (146.227, 178.652)
+    assert out["signature"] == "prefill" and out["delegated_nodes"] == {"nodes": 1290, "of": 1302, "delegate": "TfLiteXNNPackDelegate"}
+    assert adb.typical_us(out) == 286981  # the median when the build prints it
+
+
+def test_parse_older_benchmark_model_output():
+    # Builds without p5/median print avg in %g form and the older "Peak memory footprint" line.
+    text = ("count=50 first=3001122 curr=2950011 min=2900400 max=3100200 avg=2.95034e+06 std=41000\n"
+            "Inference timings in us: Init: 18000, First inference: 3100200, Warmup (avg): 3.1002e+06, Inference (avg): 2.95034e+06\n"
+            "Peak memory footprint (MB): init=4.5 overall=120.25\n")
+    out = adb.parse_benchmark_model(text)
+    assert out["inference_avg_us"] == 2950340 and adb.typical_us(out) == 2950340
+    assert out["memory_overall_mb"] == 120.25 and out["peak_memory_mb"] is None
+
+
+def test_parse_rejects_output_without_timings():
+    with pytest.raises(InputError, match="no timings.*Segmentation fault"):
+        adb.parse_benchmark_model("INFO: Loaded model x.tflite\nSegmentation fault\n")
+
+
+def test_adb_command_line():
+    device = open_device("adb", "snapdragon8g2", serial="R5CT1234", threads=4, runs=5, warmup=1, extra_args=["--use_gpu=true"])
+    cmd = device.benchmark_command(Path("art/model.tflite"), "prefill")
+    assert cmd == ["adb", "-s", "R5CT1234", "shell",
+                   "/data/local/tmp/benchmark_model --graph=/data/local/tmp/vcompress/model.tflite --signature_to_run_for=prefill "
+                   "--num_runs=5 --warmup_runs=1 --min_secs=0 --warmup_min_secs=0 --report_peak_memory_footprint=true "
+                   "--num_threads=4 --use_gpu=true"]
+    assert device.adb("push", "art/model.tflite", "/data/local/tmp/vcompress/") == ["adb", "-s", "R5CT1234", "push", "art/model.tflite", "/data/local/tmp/vcompress/"]
+
+
+def test_adb_device_end_to_end_with_a_fake_adb(tmp_path):
+    art = write_artifact(tmp_path / "art")
+    (art / "model.safetensors").rename(art / "model.tflite")  # any bytes: the fake phone does not read them
+    log = tmp_path / "adb.log"
+    fake = tmp_path / "adb"
+    fake.write_text("#!/bin/sh\n"
+                    f'echo "$@" >> {log}\n'
+                    'case "$*" in\n'
+                    f'  *signature_to_run_for=prefill*) cat {DATA / "benchmark_model_prefill.txt"} ;;\n'
+                    f'  *signature_to_run_for=decode*) cat {DATA / "benchmark_model_decode.txt"} ;;\n'
+                    '  *push*) echo "1 file pushed" ;;\n'
+                    'esac\n')
+    fake.chmod(0o755)
+    result = measure(art, "adb", "snapdragon8g2", adb=str(fake), serial="R5CT1234", threads=4)
+    assert (result["device"], result["device_kind"], result["backend"], result["source"]) == ("Snapdragon 8 Gen 2", "adb", "litert", "measured")
+    assert result["ttft_ms"]["value"] == 286.981 and result["ttft_ms"]["device"] == "Snapdragon 8 Gen 2"
+    assert result["decode_tokens_per_s"]["value"] == pytest.approx(1e6 / 8641, abs=0.01)
+    assert result["peak_rss_mb"]["value"] == 184.918
+    assert result["estimate"]["source"] == "estimated" and result["estimate"]["roofline"]["memory_bandwidth_gbs"] == 67.2
+    calls = log.read_text().splitlines()
+    assert calls[0] == "-s R5CT1234 shell mkdir -p /data/local/tmp/vcompress"
+    assert calls[1] == f"-s R5CT1234 push {art / 'model.tflite'} /data/local/tmp/vcompress/"
+    assert "--signature_to_run_for=prefill" in calls[2] and "--signature_to_run_for=decode" in calls[3]

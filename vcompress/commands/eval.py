@@ -1,0 +1,84 @@
+"""vcompress eval: MMLU-subset accuracy with its interval, and fidelity to a reference model."""
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from vcompress.commands._options import json_option, mmlu_option, model_options, print_json, seed_option
+
+
+@click.command("eval")
+@model_options
+@click.option("--reference", type=str, default=None, help="The uncompressed checkpoint to compare with (agreement, KL, perplexity); `default` = the embedded default.")
+@click.option("--subset", default="medical", show_default=True, help="MMLU group (medical, stem, humanities, social_sciences, other, all), subject, or comma list.")
+@click.option("--shots", type=click.IntRange(0, 5), default=0, show_default=True, help="Dev exemplars before each question (lm-eval mmlu prompt).")
+@click.option("--per-subject", type=click.IntRange(0), default=10, show_default=True, help="Questions per subject, drawn with --seed (0 = all).")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Held-out text for perplexity (JSONL/CSV/TXT); default: MMLU text outside --subset.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Prompts per forward pass.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for the backend (default: the library's choice).")
+@mmlu_option
+@seed_option
+@json_option
+def command(model, base, allow_pickle, trust_remote_code, reference, subset, shots, per_subject, data, batch_size, threads, mmlu, seed, as_json):
+    """Score a model (HF folder, GGUF, exported artifact) on an MMLU subset as lm-eval's mmlu task does."""
+    from vcompress.evaluate import evaluate
+
+    console = Console(stderr=True)
+    report = evaluate(
+        model, reference, subset=subset, shots=shots, per_subject=per_subject, mmlu=mmlu, data=data, seed=seed,
+        batch_size=batch_size, threads=threads, show_progress=not as_json,
+        log=None if as_json else (lambda message: console.print(f"[dim]{message}[/dim]")),
+        open_kwargs={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base},
+    )
+    if as_json:
+        print_json(report)
+    else:
+        show(report)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _interval(item: dict) -> str:
+    low, high = item["ci95"]
+    return f"{_pct(low)} - {_pct(high)}"
+
+
+def show(report: dict) -> None:
+    console = Console()
+    mmlu = report["mmlu"]
+    n_subjects = len(mmlu["subjects"])
+    per = f"{report['per_subject']} per subject, " if report["per_subject"] else "all questions, "
+    console.print(f"[bold]{report['model']}[/bold] ({report['backend']}) on MMLU {report['subset']}, {report['shots']}-shot: "
+                  f"{mmlu['n']} questions ({per}{n_subjects} subjects, seed {report['seed']})", soft_wrap=True)
+    console.print(f"accuracy [bold]{_pct(mmlu['accuracy'])}[/bold]  (95% CI {_interval(mmlu)}, {mmlu['correct']}/{mmlu['n']})"
+                  f"   answers given: " + " ".join(f"{k} {v}" for k, v in mmlu["predicted_letters"].items()), soft_wrap=True)
+    ref = report.get("reference")
+    table = Table(title="per subject")
+    for column in ("subject", "n", "correct", "accuracy", "95% CI"):
+        table.add_column(column, justify="left" if column == "subject" else "right")
+    if ref:
+        table.add_column("reference", justify="right")
+    for subject, row in mmlu["subjects"].items():
+        cells = [subject, str(row["n"]), str(row["correct"]), _pct(row["accuracy"]), _interval(row)]
+        if ref:
+            cells.append(_pct(ref["mmlu"]["subjects"][subject]["accuracy"]))
+        table.add_row(*cells)
+    console.print(table)
+    if ref:
+        agreement, text = report["agreement"], report.get("text", {})
+        fidelity = Table(title=f"fidelity to {ref['model']} ({ref['backend']})", show_header=False)
+        fidelity.add_row("reference accuracy", f"{_pct(ref['mmlu']['accuracy'])}  (95% CI {_interval(ref['mmlu'])})")
+        fidelity.add_row("answer agreement", f"{_pct(agreement['agreement'])}  (95% CI {_interval(agreement)}, {agreement['agree']}/{agreement['n']})")
+        fidelity.add_row("answer KL, mean (max)", f"{agreement['kl_mean']:.4g} ({agreement['kl_max']:.4g}) nats")
+        if text:
+            fidelity.add_row("held-out perplexity", f"{text['perplexity']:.3f}  (reference {text['reference_perplexity']:.3f})")
+            fidelity.add_row("top-1 next-token agreement", _pct(text["top1_agreement"]))
+            fidelity.add_row("next-token KL, mean", f"{text['kl_mean']:.4g} nats")
+            fidelity.add_row("held-out text", f"{text['source']}: {text['blocks']} x {text['seq_len']} tokens")
+        console.print(fidelity)
+    elif "text" in report:
+        text = report["text"]
+        console.print(f"held-out perplexity {text['perplexity']:.3f} on {text['source']} ({text['tokens']} tokens)", soft_wrap=True)

@@ -1,0 +1,66 @@
+"""vcompress export FORMAT: write a deployable artifact (ONNX today) and check it against PyTorch.
+
+The group holds one subcommand per format. `onnx` is defined here; another format adds a module
+`vcompress/commands/_export_<format>.py` exposing `command` (a Click command), which the group
+picks up by itself (the underscore keeps cli.py from also adding it at the top level).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import click
+
+from vcompress.commands._options import force_option, json_option, model_options, out_option, print_json, seed_option
+from vcompress.core.models import resolve
+
+
+@click.group("export")
+def command():
+    """Export a checkpoint to a runtime format, with a parity check against PyTorch."""
+
+
+@command.command("onnx")
+@model_options
+@out_option()
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weights: fp32, INT8 dynamic (ONNX Runtime) or INT4 weight-only (MatMulNBits).")
+@click.option("--method", type=click.Choice(["rtn", "hqq", "rtn-float"]), default="rtn", show_default=True,
+              help="INT4 quantizer: ONNX Runtime's RTN, its HQQ, or min/max with a float zero point (exact on GGUF Q4_1 grids; slow kernel).")
+@click.option("--int8-method", type=click.Choice(["blockwise", "dynamic"]), default="blockwise", show_default=True,
+              help="INT8: 8-bit MatMulNBits blocks, or ONNX Runtime dynamic quantization (per-tensor activations).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="INT4/INT8 block size along the input dimension (power of two, >= 16).")
+@click.option("--table-bits", type=click.Choice(["0", "4", "8"]), default="4", show_default=True,
+              help="Bits of the embedding table (and tied head) under INT4 (INT8: 8); 0 keeps it fp32.")
+@click.option("--min-agreement", type=float, default=0.5, show_default=True, help="INT8/INT4: top-1 agreement with PyTorch fp32 the check requires.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads for the parity check (default: all cores).")
+@force_option
+@seed_option
+@json_option
+def onnx(model, base, allow_pickle, trust_remote_code, out, quant, method, int8_method, block_size, table_bits, min_agreement, threads, force, seed, as_json):
+    """Decoder with KV cache for ONNX Runtime; fp32 must match PyTorch, INT8/INT4 must agree with it."""
+    from vcompress.exporters.onnx import export
+
+    resolve(model, allow_pickle=allow_pickle, base=base)  # bad paths fail before any work
+    log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    metrics = export(model, out, quant, force=force, seed=seed, log=log, method=method, int8_method=int8_method, block_size=block_size,
+                     table_bits=int(table_bits), threads=threads,
+                     min_top1_quantized=min_agreement)
+    if as_json:
+        print_json(metrics)
+        return
+    p = metrics["parity"]
+    click.echo(f"wrote {out} ({quant}): {metrics['model_bytes'] / 1e6:.1f} MB, {metrics['size_ratio_to_fp32']:.1%} of the fp32 weights")
+    click.echo(f"parity on {p['prompts']} prompts: max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
+               f"greedy {p['greedy_tokens']} tokens identical on {p['greedy_identical']}/{p['prompts']}")
+
+
+def _add_format_modules() -> None:
+    import vcompress.commands as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name.startswith("_export_"):
+            command.add_command(importlib.import_module(f"vcompress.commands.{info.name}").command)
+
+
+_add_format_modules()

@@ -1,0 +1,49 @@
+"""vcompress prune: remove whole KV groups, MLP channels and layers; write a standard smaller checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vcompress.commands._options import force_option, json_option, mmlu_option, model_options, out_option, print_json, seed_option
+from vcompress.core.stage import execute
+
+
+@click.command("prune")
+@model_options
+@click.option("--heads", type=float, default=0.0, show_default=True, help="Fraction of KV groups (a KV head and the query heads sharing it) to remove in every layer.")
+@click.option("--mlp", type=float, default=0.0, show_default=True, help="Fraction of MLP channels to remove in every layer.")
+@click.option("--layers", type=int, default=0, show_default=True, help="Number of least important layers (loss change when skipped) to drop.")
+@click.option("--scores", type=click.Path(path_type=Path), default=None, help="sensitivity.json or an analyze folder to rank by; default: scores computed here.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Calibration text for scores computed here; default: MMLU text outside the evaluated subset.")
+@click.option("--samples", type=int, default=8, show_default=True, help="Calibration blocks for scores computed here.")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration block.")
+@mmlu_option
+@out_option()
+@seed_option
+@force_option
+@json_option
+def command(model, base, allow_pickle, trust_remote_code, heads, mlp, layers, scores, data, samples, seq_len, mmlu, out, seed, force, as_json):
+    """Prune by whole KV groups, MLP channels and layers; --out reloads with AutoModelForCausalLM."""
+    from vcompress.compress.prune import Prune
+
+    stage = Prune({"heads": heads, "mlp": mlp, "layers": layers, "scores": str(scores) if scores else None,
+                   "samples": samples, "seq_len": seq_len})
+    log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    metrics = execute(stage, out, source=model, force=force, seed=seed, data=data, mmlu=mmlu, log=log,
+                      extra={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base})
+    if as_json:
+        print_json(metrics)
+        return
+    h, m, l = metrics["heads"], metrics["mlp"], metrics["layers"]
+    click.echo(f"wrote {out}")
+    click.echo(f"query/KV heads per layer {h['query_heads'][0]}/{h['kv_heads'][0]} -> {h['query_heads'][1]}/{h['kv_heads'][1]}, "
+               f"MLP channels {m['intermediate_size'][0]} -> {m['intermediate_size'][1]}, layers {l['count'][0]} -> {l['count'][1]}"
+               + (f" (dropped {l['dropped']})" if l["dropped"] else ""))
+    click.echo(f"parameters {metrics['parameters_before']:,} -> {metrics['parameters_after']:,}, "
+               f"weights {metrics['weights_bytes_before'] / 1e6:.1f} MB -> {metrics['weights_bytes_after'] / 1e6:.1f} MB "
+               f"({metrics['size_reduction']['value']}% smaller)")
+    click.echo(f"held-out perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f} "
+               f"(top-1 agreement {metrics['top1_agreement']:.1%}, {metrics['heldout_tokens']} tokens)")
+    for note in metrics["notes"]:
+        click.echo(f"note: {note}")

@@ -1,0 +1,76 @@
+"""vcompress run: the whole road in one resumable command, ending in a budget verdict."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from vcompress.commands._options import json_option, mmlu_option, print_json, seed_option
+from vcompress.core.profiles import load_profile
+
+
+@click.command("run")
+@click.option("--profile", "profile_name", required=True, help="Profile name (see `vcompress profiles list`) or a YAML file.")
+@click.option("--model", type=str, default=None, help="Checkpoint to compress (HF folder, .gguf, LoRA adapter); default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--data", type=click.Path(), default=None, help="Domain data (JSONL/CSV) for calibration and distillation; default: MMLU text outside the evaluated subset.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (one numbered subfolder per stage).")
+@click.option("--resume", is_flag=True, help="Skip finished stages and continue an interrupted one.")
+@click.option("--from", "from_stage", type=click.Choice(["analyze", "prune", "distill", "quantize", "export", "validate"]), default=None, help="Re-run from this stage on.")
+@click.option("--force", is_flag=True, help="Start over in an existing run folder.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (stages, settings, folders) and stop.")
+@click.option("--device", type=click.Choice(["host", "ssh", "adb", "roofline"]), default=None, help="Where latency comes from (default: the profile's connection; roofline estimate when the device is not attached).")
+@click.option("--host", "ssh_host", default=None, help="ssh: the board's address (overrides the profile).")
+@click.option("--serial", default=None, help="adb: the phone's serial (overrides the profile).")
+@click.option("--record", is_flag=True, help="Record the result in the history database (see `vcompress report`).")
+@click.option("--db", default=None, help="History database: a SQLAlchemy URL or a SQLite file path.")
+@mmlu_option
+@seed_option
+@json_option
+def command(profile_name, model, data, out, resume, from_stage, force, dry_run, device, ssh_host, serial, record, db, mmlu, seed, as_json):
+    """Run a profile's recipe: analyze > prune > distill > quantize > export > validate, then print the verdict.
+
+    Exit code 0 when every budget passes, 1 when one fails, 2 on bad input.
+    """
+    from vcompress import pipeline
+
+    profile = load_profile(profile_name)
+    steps = pipeline.plan(profile, where=profile_name)
+    console = Console(stderr=as_json)
+    if dry_run:
+        if as_json:
+            print_json({"profile": profile.name, "out": str(out), "steps": [
+                {"stage": s.stage, "folder": s.folder, "config": s.config if isinstance(s.config, dict) else s.config.model_dump(mode="json"),
+                 "done": (out / s.folder).is_dir()} for s in steps]})
+            return 0
+        console.print(f"[bold]plan[/bold] for profile {profile.name} -> {out}")
+        for s in steps:
+            config = s.config if isinstance(s.config, dict) else s.config.model_dump(mode="json")
+            done = " (done, kept by --resume)" if (out / s.folder).is_dir() else ""
+            console.print(f"  {s.folder:<18} {s.stage:<9} {config}{done}")
+        return 0
+    overrides = {k: v for k, v in (("host", ssh_host), ("serial", serial)) if v}
+    options = pipeline.RunOptions(out=out, model=model, data=data, mmlu=mmlu, seed=seed, resume=resume, from_stage=from_stage,
+                                  force=force, device=device, device_overrides=overrides, record=record, db=db)
+    started = time.time()
+
+    def log(message: str) -> None:
+        console.print(f"[dim]{time.time() - started:7.1f}s[/dim] {message}", highlight=False)
+
+    def on_stage(stage: str, event: str, info: dict) -> None:
+        if event == "start":
+            console.rule(f"[bold]{stage}[/bold]")
+        else:
+            console.print(f"[green]done[/green] {stage} in {info['seconds']:.1f}s")
+
+    verdict = pipeline.run(profile, options, where=profile_name, log=log, on_stage=on_stage)
+    if as_json:
+        print_json(verdict)
+    else:
+        from vcompress.validate import print_verdict
+
+        print_verdict(verdict, Console())
+        console.print(f"run folder: {out}  ({time.time() - started:.0f}s)")
+    return 0 if verdict.get("passed") else 1

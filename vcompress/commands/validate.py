@@ -1,0 +1,51 @@
+"""vcompress validate: an exported artifact against a profile's budgets, with a verdict."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from vcompress.commands._options import force_option, json_option, mmlu_option, print_json, seed_option
+
+
+@click.command("validate")
+@click.option("--profile", "profile_name", required=True, help="Profile name or YAML file whose budgets apply.")
+@click.option("--artifact", required=True, type=click.Path(path_type=Path), help="Exported artifact folder (or an HF folder, run by PyTorch).")
+@click.option("--reference", default=None, help="The uncompressed model the artifact came from; default: the embedded default model.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for eval.json, latency.json and verdict.json.")
+@click.option("--device", type=click.Choice(["host", "ssh", "adb", "roofline"]), default=None, help="Where latency comes from (default: the profile's connection).")
+@click.option("--data", type=click.Path(), default=None, help="Held-out domain text for perplexity (default: MMLU text outside the subset).")
+@click.option("--record", is_flag=True, help="Record the verdict in the history database.")
+@click.option("--db", default=None, help="History database (SQLAlchemy URL or SQLite path).")
+@mmlu_option
+@seed_option
+@force_option
+@json_option
+def command(profile_name, artifact, reference, out, device, data, record, db, mmlu, seed, force, as_json):
+    """Score the artifact and its reference on the profile's MMLU subset, measure or estimate latency,
+    and check every budget. Exit 0 all pass, 1 a budget failed, 2 bad input."""
+    from vcompress.core.models import resolve
+    from vcompress.core.profiles import load_profile
+    from vcompress.core.stage import execute
+    from vcompress.validate import ValidateStage, print_verdict
+    from vcompress.core.artifact import read_json
+
+    profile = load_profile(profile_name)
+    if not artifact.exists():
+        raise click.UsageError(f"--artifact {artifact} does not exist")
+    reference = reference or str(resolve(None).path)
+    console = Console(stderr=as_json)
+    execute(ValidateStage(profile.step("validate").settings if profile.step("validate") else {}), out, source=str(artifact),
+            force=force, seed=seed, reference=reference, data=data, mmlu=mmlu, subset=profile.evaluation.subset,
+            log=lambda m: console.print(m, highlight=False), extra={"profile": profile, "device": device, "device_overrides": {}})
+    verdict = read_json(out / "verdict.json")
+    if record:
+        from vcompress.history import record as record_history
+
+        record_history(out, db=db)
+    if as_json:
+        print_json(verdict)
+    else:
+        print_verdict(verdict, Console())
+    return 0 if verdict["passed"] else 1

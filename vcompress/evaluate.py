@@ -1,0 +1,187 @@
+"""Evaluation: MMLU-subset accuracy, and fidelity to a reference model, through any Runner.
+
+Every backend is reached only through `Runner.forward` and its tokenizer, so an HF folder, an ONNX
+export or any later runtime is scored by the same prompts, the same token ids and the same code.
+An `Evaluator` holds one question set and one held-out text, and scores each model once: score
+several models against one reference and the reference's MMLU log-probs are computed once.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from vcompress.core import scoring
+from vcompress.core.data import load_mmlu, pack, resolve_subjects, sample_questions, texts_for
+from vcompress.core.errors import InputError
+from vcompress.core.runner import Runner
+
+UNITS = {"accuracy": "fraction", "agreement": "fraction", "top1_agreement": "fraction", "kl_mean": "nats",
+         "kl_max": "nats", "perplexity": "unitless", "reference_perplexity": "unitless", "tokens": "tokens", "seconds": "s"}
+
+
+class Evaluator:
+    def __init__(self, *, subset: str = "medical", shots: int = 0, per_subject: int | None = 10, mmlu=None,
+                 data: str | Path | None = None, seed: int = 0, batch_size: int = 8, seq_len: int = 512,
+                 max_blocks: int = 4, threads: int | None = None, show_progress: bool = True,
+                 log: Callable[[str], None] | None = None, open_kwargs: dict | None = None):
+        if not 0 <= shots <= 5:
+            raise InputError(f"--shots {shots} is out of range; MMLU has 5 dev questions per subject, use 0 to 5")
+        self.subset, self.shots, self.per_subject, self.seed = subset, shots, per_subject, seed
+        self.mmlu, self.data = mmlu, data
+        self.batch_size, self.seq_len, self.max_blocks, self.threads = batch_size, seq_len, max_blocks, threads
+        self.show_progress = show_progress
+        self.log = log or (lambda message: None)
+        self.open_kwargs = open_kwargs or {}
+        self.subjects = resolve_subjects(subset)
+        self._questions = None
+        self._dev = None
+        self._runners: dict[str, Runner] = {}
+        self._logprobs: dict[str, torch.Tensor] = {}
+        self._seconds: dict[str, float] = {}
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    @property
+    def questions(self):
+        if self._questions is None:
+            found = load_mmlu(self.mmlu, "test", self.subjects)
+            if not found:
+                raise InputError(f"the MMLU source holds no test questions for {self.subset!r}; check --mmlu and --subset (JSONL lines need a subject)")
+            self._questions = sample_questions(found, self.per_subject or None, self.seed)
+        return self._questions
+
+    @property
+    def dev(self):
+        if self._dev is None:
+            self._dev = load_mmlu(self.mmlu, "dev", self.subjects) if self.shots else []
+        return self._dev
+
+    def runner(self, spec) -> Runner:
+        """A Runner for a path (opened once per evaluator), or the Runner given."""
+        if isinstance(spec, Runner):
+            return spec
+        key = _key(spec)
+        if key not in self._runners:
+            from vcompress.exporters import detect_backend, open_runner
+
+            backend = "torch" if _is_default(spec) else detect_backend(spec)
+            kwargs = self.open_kwargs if backend == "torch" else {}
+            self.log(f"loading {'the embedded default model' if _is_default(spec) else spec} ({backend})")
+            self._runners[key] = open_runner(None if _is_default(spec) else spec, threads=self.threads, backend=backend, **kwargs)
+        return self._runners[key]
+
+    # --- scores ---------------------------------------------------------------------------
+
+    def mmlu_logprobs(self, spec) -> torch.Tensor:
+        """[N, 4] answer log-probs of one model, computed once per evaluator."""
+        key = _key(spec)
+        if key not in self._logprobs:
+            runner = self.runner(spec)
+            questions, dev = self.questions, self.dev  # load before timing
+            started = time.perf_counter()
+            with _progress(self.show_progress, f"MMLU {_label(runner)}") as progress:
+                self._logprobs[key] = scoring.mmlu_logprobs(
+                    runner.forward, runner.tokenizer, questions, shots=self.shots, dev=dev,
+                    batch_size=self.batch_size, progress=progress, max_length=getattr(runner, "max_length", None))
+            self._seconds[key] = time.perf_counter() - started
+        return self._logprobs[key]
+
+    def text_blocks(self, tokenizer, seq_len: int) -> tuple[torch.Tensor, str]:
+        texts = texts_for(self.data, tokenizer, part="heldout", exclude=self.subset, mmlu=self.mmlu, log=self.log)
+        source = str(self.data) if self.data else f"MMLU held-out text outside {self.subset}"
+        return pack(texts, tokenizer, seq_len, self.max_blocks), source
+
+    def evaluate(self, model=None, reference=None) -> dict:
+        """Accuracy with its interval, per subject; with a reference also agreement, KL and text fidelity."""
+        runner = self.runner(model)
+        logprobs = self.mmlu_logprobs(model)
+        report = {
+            "model": _label(runner), "backend": runner.backend, "subset": self.subset, "subjects": self.subjects,
+            "shots": self.shots, "per_subject": self.per_subject, "seed": self.seed,
+            "questions": len(self.questions),
+            "mmlu": scoring.mmlu_summary(logprobs, self.questions),
+            "seconds": {"mmlu": self._seconds.get(_key(model))},
+            "units": UNITS,
+        }
+        if reference is not None:
+            ref_runner = self.runner(reference)
+            _check_same_vocab(runner, ref_runner)
+            ref_logprobs = self.mmlu_logprobs(reference)
+            report["reference"] = {"model": _label(ref_runner), "backend": ref_runner.backend,
+                                   "mmlu": scoring.mmlu_summary(ref_logprobs, self.questions)}
+            report["agreement"] = scoring.answer_agreement(logprobs, ref_logprobs)
+        if reference is not None or self.data:
+            ref_runner = self.runner(reference) if reference is not None else None
+            # The same token ids go into both models: the reference's tokenizer makes them.
+            limits = [r.max_length for r in (runner, ref_runner) if getattr(r, "max_length", None)]
+            blocks, source = self.text_blocks((ref_runner or runner).tokenizer, min([self.seq_len, *limits]))
+            started = time.perf_counter()
+            with _progress(self.show_progress, "held-out text") as progress:
+                text = scoring.text_fidelity(runner.forward, blocks, ref_runner.forward if ref_runner else None,
+                                             batch_size=1, progress=progress)
+            report["text"] = {**text, "source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
+            report["seconds"]["text"] = time.perf_counter() - started
+        return report
+
+    def close(self) -> None:
+        for runner in self._runners.values():
+            runner.close()
+        self._runners.clear()
+
+
+def evaluate(model=None, reference=None, **options) -> dict:
+    """One-shot helper: `Evaluator(**options).evaluate(model, reference)`."""
+    evaluator = Evaluator(**options)
+    try:
+        return evaluator.evaluate(model, reference)
+    finally:
+        evaluator.close()
+
+
+def _is_default(spec) -> bool:
+    """None, "" or "default" (when no such path exists) name the embedded default model."""
+    return spec is None or str(spec) == "" or (str(spec) == "default" and not Path("default").exists())
+
+
+def _key(spec) -> str:
+    if isinstance(spec, Runner):
+        return f"runner:{id(spec)}"
+    if _is_default(spec):
+        return "default"
+    text = str(spec)
+    return text if text.startswith("hf:") else str(Path(text).expanduser().resolve())
+
+
+def _label(runner: Runner) -> str:
+    return getattr(runner, "label", None) or str(runner.path)
+
+
+def _check_same_vocab(runner: Runner, reference: Runner) -> None:
+    if runner.tokenizer is reference.tokenizer:
+        return
+    if runner.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        raise InputError(f"{_label(runner)} and the reference {_label(reference)} have different tokenizers; "
+                         "agreement and KL need the same vocabulary: pass the checkpoint this model was compressed from")
+
+
+@contextmanager
+def _progress(show: bool, description: str) -> Iterator[scoring.Progress | None]:
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file gets no bar
+        yield None
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=console, transient=True)
+    task = bar.add_task(description, total=None)
+    with bar:
+        yield lambda done, total: bar.update(task, completed=done, total=total)

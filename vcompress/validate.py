@@ -1,0 +1,149 @@
+"""Validate an artifact against a profile: MMLU accuracy and fidelity to the input model, latency on
+the device (measured, or estimated by the roofline when the device is not attached), and a verdict
+with one check per budget. The teacher (input) and student (artifact) are scored by the same code.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from pydantic import Field
+from rich.console import Console
+from rich.table import Table
+
+from vcompress import __version__
+from vcompress.core.artifact import write_json
+from vcompress.core.models import source_hash, weights_hash
+from vcompress.core.profiles import Budgets, Profile
+from vcompress.core.stage import Stage, StageConfig
+
+
+class ValidateConfig(StageConfig):
+    runs: int = Field(5, gt=0, description="timed runs (the median is reported)")
+    warmup: int = Field(1, ge=0)
+    decode_tokens: int = Field(64, gt=0, description="tokens decoded per timed run")
+    threads: int | None = Field(None, gt=0, description="runtime threads (default: the profile's device.threads)")
+    batch_size: int = Field(8, gt=0, description="MMLU prompts scored per forward pass")
+
+
+class ValidateStage(Stage):
+    name = "validate"
+    Config = ValidateConfig
+
+    def run(self, ctx) -> dict:
+        from vcompress.devices import measure
+        from vcompress.evaluate import Evaluator
+
+        profile: Profile = ctx.extra["profile"]
+        cfg: ValidateConfig = self.config
+        ev = profile.evaluation
+        threads = cfg.threads or profile.device.threads
+        evaluator = Evaluator(subset=ev.subset, shots=ev.shots, per_subject=ev.per_subject, mmlu=ctx.mmlu, data=ctx.data,
+                              seed=ev.seed, batch_size=cfg.batch_size, threads=threads, log=ctx.log)
+        try:
+            report = evaluator.evaluate(model=str(ctx.source), reference=ctx.reference)
+        finally:
+            evaluator.close()
+        ctx.log("measuring latency")
+        overrides = {k: v for k, v in ctx.extra.get("device_overrides", {}).items() if v is not None}
+        latency = measure(ctx.source, ctx.extra.get("device"), profile, prompt_tokens=profile.budgets.prompt_tokens,
+                          decode_tokens=cfg.decode_tokens, runs=cfg.runs, warmup=cfg.warmup, threads=threads, **overrides)
+        evaluation = eval_summary(report)
+        checks = budget_checks(profile.budgets, evaluation, latency)
+        verdict = {
+            "profile": profile.name, "device": latency.get("device"), "backend": latency.get("backend"),
+            "format": profile.target.format, "artifact": Path(ctx.source).name,
+            "model": {"label": report.get("reference", {}).get("model") or str(ctx.reference or "default"),
+                      "hash": source_hash(ctx.reference)},
+            "artifact_hash": weights_hash(ctx.source),
+            "passed": all(c["passed"] for c in checks),
+            "checks": checks,
+            "accuracy": {"teacher": evaluation["teacher"]["accuracy"], "student": evaluation["student"]["accuracy"], "unit": "fraction"},
+            "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "vcompress": __version__,
+        }
+        write_json(ctx.out / "eval.json", {**evaluation, "report": report})
+        write_json(ctx.out / "latency.json", latency)
+        write_json(ctx.out / "verdict.json", verdict)
+        metrics = {"passed": verdict["passed"], "failed": [c["budget"] for c in checks if not c["passed"]],
+                   "latency_source": latency.get("source"), "device": latency.get("device")}
+        if "estimate" in latency:
+            metrics["roofline_check"] = latency["estimate"]
+        return metrics
+
+
+def eval_summary(report: dict) -> dict:
+    """The figures the budgets need, from an Evaluator report with a reference."""
+    student, teacher = report["mmlu"], report["reference"]["mmlu"]
+    text = report.get("text", {})
+    ppl, ref_ppl = text.get("perplexity"), text.get("reference_perplexity")
+    return {
+        "subset": report["subset"], "shots": report["shots"], "per_subject": report["per_subject"], "n": report["questions"],
+        "teacher": {k: teacher[k] for k in ("accuracy", "ci95", "n", "subjects")},
+        "student": {k: student[k] for k in ("accuracy", "ci95", "n", "subjects")},
+        "answer_agreement": report["agreement"]["agreement"], "answer_kl_mean": report["agreement"]["kl_mean"],
+        "perplexity": {"teacher": ref_ppl, "student": ppl,
+                       "rise_pct": (ppl / ref_ppl - 1) * 100 if ppl and ref_ppl else None},
+        "top1_agreement": text.get("top1_agreement"), "kl_mean": text.get("kl_mean"),
+    }
+
+
+def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dict]:
+    """One check per budget: the limit, the figure, its unit and where it came from."""
+
+    def check(budget, limit, value, unit, source, ok, **extra):
+        return {"budget": budget, "limit": limit, "value": _round(value), "unit": unit, "source": source,
+                "passed": bool(value is not None and ok), **extra}
+
+    def lat(key):
+        fig = latency.get(key) or {}
+        extra = {k: fig[k] for k in ("device", "samples") if k in fig}
+        return fig.get("value"), fig.get("source", latency.get("source")), extra
+
+    size, size_src, size_extra = lat("model_size_mb")
+    ram, ram_src, ram_extra = lat("peak_rss_mb")
+    ttft, ttft_src, ttft_extra = lat("ttft_ms")
+    tps, tps_src, tps_extra = lat("decode_tokens_per_s")
+    drop = (evaluation["teacher"]["accuracy"] - evaluation["student"]["accuracy"]) * 100
+    rise = evaluation["perplexity"]["rise_pct"]
+    agreement = evaluation["answer_agreement"]
+    return [
+        check("max_model_size_mb", budgets.max_model_size_mb, size, "MB", size_src, size is not None and size <= budgets.max_model_size_mb, **size_extra),
+        check("max_peak_ram_mb", budgets.max_peak_ram_mb, ram, "MB", ram_src, ram is not None and ram <= budgets.max_peak_ram_mb, **ram_extra),
+        check("max_ttft_ms", budgets.max_ttft_ms, ttft, "ms", ttft_src, ttft is not None and ttft <= budgets.max_ttft_ms,
+              prompt_tokens=budgets.prompt_tokens, **ttft_extra),
+        check("min_decode_tokens_per_s", budgets.min_decode_tokens_per_s, tps, "tokens/s", tps_src,
+              tps is not None and tps >= budgets.min_decode_tokens_per_s, **tps_extra),
+        check("max_mmlu_drop_points", budgets.max_mmlu_drop_points, drop, "points", "measured", drop <= budgets.max_mmlu_drop_points,
+              n=evaluation["n"]),
+        check("max_perplexity_rise_pct", budgets.max_perplexity_rise_pct, rise, "%", "measured",
+              rise is not None and rise <= budgets.max_perplexity_rise_pct),
+        check("min_answer_agreement", budgets.min_answer_agreement, agreement, "fraction", "measured",
+              agreement is not None and agreement >= budgets.min_answer_agreement, n=evaluation["n"]),
+    ]
+
+
+def print_verdict(verdict: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    if not verdict:
+        console.print("no verdict: the recipe has no validate stage")
+        return
+    table = Table(title=f"verdict: {verdict['profile']} on {verdict.get('device')} ({verdict.get('backend')})")
+    for col in ("budget", "limit", "figure", "unit", "source", "result"):
+        table.add_column(col)
+    for c in verdict["checks"]:
+        source = c.get("source") or "?"
+        if c.get("device") and source == "measured":
+            source = f"measured on {c['device']}"
+        result = "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]"
+        table.add_row(c["budget"], f"{c['limit']:g}", "n/a" if c["value"] is None else f"{c['value']:g}", c["unit"], source, result)
+    console.print(table)
+    acc = verdict.get("accuracy", {})
+    if acc.get("teacher") is not None:
+        console.print(f"MMLU accuracy: teacher {acc['teacher']:.3f}, student {acc['student']:.3f}")
+    console.print("[bold green]PASS[/bold green]" if verdict["passed"] else "[bold red]FAIL[/bold red]: "
+                  + ", ".join(c["budget"] for c in verdict["checks"] if not c["passed"]))
+
+
+def _round(value):
+    return round(value, 4) if isinstance(value, float) else value
