@@ -2,7 +2,7 @@
 
 The layout is the one transformers (through optimum and gptqmodel) loads, "gptq_v2" flavour:
 zero points are stored as they are (v1 stored zero - 1, which cannot hold a zero point of 0).
-/work/notes/quant_format.md and the artifact's quant_manifest.json describe it for exporters.
+docs/quant_format.md and the artifact's quant_manifest.json describe it for exporters.
 
     qweight int32 [in * bits / 32, out]   code of input k, output n at word k // (32/bits),
                                           bits (k % (32/bits)) * bits .. + bits - 1 (low bits first)

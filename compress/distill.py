@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from vcompress.core.artifact import METRICS, read_json, read_metrics, write_json
-from vcompress.core.data import pack, texts_for
+from vcompress.core.data import agreement_questions, pack, texts_for
 from vcompress.core.errors import InputError
 from vcompress.core.models import attention_shape, load_model, save_model
 from vcompress.core.registry import STAGES
@@ -82,7 +82,7 @@ class Distill(Stage):
         student.to(device)
         ctx.log(f"distilling on {device.type}: {train.shape[0]} training and {val.shape[0]} validation blocks of {cfg.seq_len} tokens")
 
-        reference = Reference(teacher, tokenizer, val, mmlu_questions(ctx, cfg))
+        reference = Reference(teacher, tokenizer, val, agreement_questions(ctx.mmlu, ctx.subset, cfg.eval_per_subject, ctx.seed, ctx.log))
         before = _stored_before(ctx.work, ctx.resume)
         if before is None:
             before = evaluate(student, reference, heldout)
@@ -468,18 +468,6 @@ def _stored_before(work: Path, resume: bool) -> dict | None:
         return read_json(path)
     return None
 
-
-def mmlu_questions(ctx: StageContext, cfg: DistillConfig) -> list | None:
-    if not cfg.eval_per_subject:
-        return None
-    from vcompress.core.data import load_mmlu, resolve_subjects, sample_questions
-
-    try:
-        questions = load_mmlu(ctx.mmlu, "test", resolve_subjects(ctx.subset))
-    except InputError as e:
-        ctx.log(f"no answer agreement: {e}")
-        return None
-    return sample_questions(questions, cfg.eval_per_subject, seed=ctx.seed)
 
 
 class Reference:

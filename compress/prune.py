@@ -242,7 +242,6 @@ class Prune(Stage):
         heldout = pack(texts, tokenizer, cfg.heldout_seq_len, cfg.heldout_blocks)
         reload_diff = check_reload(model, ctx.out, heldout[:1])
         fidelity = text_fidelity(torch_logits_fn(model), heldout, reference_fn=torch_logits_fn(reference))
-        ctx.log(f"perplexity {fidelity['reference_perplexity']:.2f} -> {fidelity['perplexity']:.2f} on {fidelity['tokens']} held-out tokens")
         return self.metrics(reference, model, info, after, plan, fidelity, reload_diff, ctx)
 
     def metrics(self, reference, model, info, after, plan, fidelity, reload_diff, ctx) -> dict:
@@ -273,7 +272,7 @@ class Prune(Stage):
             "layers": {"requested": cfg.layers, "count": [info["layers"], after["layers"]],
                        "dropped": [i for i in range(info["layers"]) if i not in plan.keep_layers], "ranked_by": "skip_loss_delta_nats"},
             "scores": cfg.scores or "computed here",
-            "notes": plan.notes,
+            "notes": plan.notes,  # ratios rounded to whole groups / channels
         }
 
 

@@ -10,7 +10,7 @@ size per model, asymmetric grids with integer or float zero points, is determini
 the global RNG alone, and runs in minutes on 2 CPU cores. gptqmodel is what transformers needs to
 reload the result: the checkpoint is the standard GPTQ layout (qweight/qzeros/scales/g_idx and a
 `quantization_config`). quant_manifest.json describes every quantized linear for the exporters
-(see compress/_gptq_pack.py and docs: the format is also in /work/notes/quant_format.md).
+(docs/quant_format.md describes the format).
 
 Float zero points cannot be carried by the GPTQ layout; with `zero_point: float` the checkpoint
 holds the dequantized float32 weights (which reload anywhere and compute exactly what the
@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import save_file
 
 from vcompress.core.artifact import figure, read_json, write_json
-from vcompress.core.data import load_mmlu, pack, resolve_subjects, sample_questions, texts_for
+from vcompress.core.data import agreement_questions, pack, texts_for
 from vcompress.core.errors import InputError
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import answer_agreement, mmlu_logprobs, text_fidelity, torch_logits_fn
@@ -322,7 +322,7 @@ class Judge:
         self.heldout = heldout_blocks(tokenizer, ctx, cfg)
         fn = torch_logits_fn(model)
         self.reference = [fn(block) for block in self.heldout.split(1)] if self.heldout is not None else []
-        self.questions = mmlu_questions(ctx, cfg)
+        self.questions = agreement_questions(ctx.mmlu, ctx.subset, cfg.eval_per_subject, ctx.seed, ctx.log)
         self.mmlu = mmlu_logprobs(fn, tokenizer, self.questions) if self.questions else None
 
     def reference_fn(self, ids: torch.Tensor) -> torch.Tensor:
@@ -361,16 +361,6 @@ def heldout_blocks(tokenizer, ctx, cfg: QuantizeConfig) -> torch.Tensor | None:
         ctx.log(f"no held-out perplexity: {e}")
         return None
 
-
-def mmlu_questions(ctx, cfg: QuantizeConfig) -> list | None:
-    if not cfg.eval_per_subject:
-        return None
-    try:
-        questions = load_mmlu(ctx.mmlu, "test", resolve_subjects(ctx.subset))
-    except InputError as e:
-        ctx.log(f"no answer agreement: {e}")
-        return None
-    return sample_questions(questions, cfg.eval_per_subject, seed=ctx.seed) or None
 
 
 # --- writing the checkpoint -----------------------------------------------------------

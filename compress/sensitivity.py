@@ -234,7 +234,7 @@ def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, bi
     """All requested scores for `model` on `blocks`, as plain lists (layer-major), rounded to 6 digits."""
     info = shape(model)
     layers = decoder_layers(model)
-    result: dict = {"model_type": model.config.model_type, "shape": info, "units": UNITS}
+    result: dict = {"model_type": model.config.model_type, "shape": info, "vocab_size": model.config.vocab_size, "units": UNITS}
     started = time.time()
     probe = Probe(model, blocks, batch_size)
     loss = probe.baseline
@@ -316,7 +316,7 @@ def write_heatmaps(result: dict, folder: Path) -> list[Path]:
         per = result["shape"]["query_heads"] // result["shape"]["kv_heads"]
         for edge in range(per, result["shape"]["query_heads"], per):
             a.axvline(edge - 0.5, color="white", lw=2)
-        _heatmap(b, heads["mask_loss_delta_nats"], "KV group", "{:.3f}", "loss change when the KV group\nis masked (nats/token)", fig)
+        _heatmap(b, heads["mask_loss_delta_nats"], "KV group", "{:.3f}", "loss change when the KV group\nis masked (nats/token)", fig, delta=True)
         fig.suptitle(f"Attention heads: {result['shape']['query_heads']} query / {result['shape']['kv_heads']} KV heads per layer (white lines: KV groups)")
         written.append(_save(fig, folder / "heads.png", plt))
 
@@ -326,7 +326,10 @@ def write_heatmaps(result: dict, folder: Path) -> list[Path]:
         order = least_important_layers(result)
         colors = ["tab:red" if i in order[: max(1, n // 6)] else "tab:blue" for i in range(n)]
         a.bar(range(n), layers["skip_loss_delta_nats"], color=colors)
-        a.set_ylabel("loss change (nats/token)")
+        a.set_yscale("symlog", linthresh=0.01)
+        a.set_ylabel("loss change (nats/token, log)")
+        for i, value in enumerate(layers["skip_loss_delta_nats"]):
+            a.text(i, value, f"{value:.2f}", ha="center", va="bottom", fontsize=6)
         a.set_title(f"Loss change when the layer is skipped (red: the {max(1, n // 6)} least important)")
         b.bar(range(n), layers["angular_distance"], color="tab:gray")
         b.set_ylabel("angular distance (0..1)")
@@ -340,15 +343,24 @@ def write_heatmaps(result: dict, folder: Path) -> list[Path]:
     if "quant" in result:
         quant = result["quant"]
         fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(quant["modules"]) + 2), tall))
-        _heatmap(ax, quant["loss_delta_nats"], None, "{:.3f}", f"Loss change (nats/token) when only this layer is rounded to {quant['bits']}-bit RTN", fig)
+        _heatmap(ax, quant["loss_delta_nats"], None, "{:.4f}", f"Loss change (nats/token) when only this layer is rounded to {quant['bits']}-bit RTN\n(red: the loss rises; blue: it falls, which is measurement noise)", fig, delta=True)
         ax.set_xticks(range(len(quant["modules"])), [f"{m}\n(g{quant['group_size'][m]})" for m in quant["modules"]], rotation=30, ha="right", fontsize=8)
         written.append(_save(fig, folder / "quant.png", plt))
     return written
 
 
-def _heatmap(ax, values, xlabel, fmt, title, fig):
+def _heatmap(ax, values, xlabel, fmt, title, fig, *, delta: bool = False):
+    """Annotated heatmap; loss deltas get a diverging, symmetric-log scale so a few large values
+    do not wash out the rest (red: the loss rises, blue: it falls)."""
+    from matplotlib.colors import SymLogNorm
+
     data = torch.tensor(values, dtype=torch.float32)
-    image = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    if delta:
+        top = max(data.abs().max().item(), 2e-3)
+        norm = SymLogNorm(linthresh=1e-3, vmin=-top, vmax=top)
+        image = ax.imshow(data.numpy(), aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+    else:
+        image = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     rows, cols = data.shape
     ax.set_yticks(range(rows))
     ax.set_yticklabels(range(rows), fontsize=7)
@@ -358,11 +370,12 @@ def _heatmap(ax, values, xlabel, fmt, title, fig):
         ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     if rows <= 48 and cols <= 16:
-        middle = (data.max() + data.min()).item() / 2
         for i in range(rows):
             for j in range(cols):
                 value = data[i, j].item()
-                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=6, color="black" if value > middle else "white")
+                red, green, blue, _ = image.cmap(image.norm(value))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=6, color="white" if dark else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
 
 
@@ -381,7 +394,7 @@ class Analyze(Stage):
     name = "analyze"
 
     class Config(StageConfig):
-        samples: int = Field(8, gt=0, description="calibration blocks")
+        samples: int = Field(4, gt=0, description="calibration blocks (4 x 128 tokens: about 4 minutes for the 135M default on 2 cores)")
         seq_len: int = Field(128, ge=8, description="tokens per calibration block")
         batch_size: int = Field(4, gt=0)
         group_size: int = Field(128, gt=0, description="RTN group size for the quantization sensitivity")

@@ -83,8 +83,9 @@ class AdbSettings(Settings):
     adb: str = "adb"
     workdir: str = "/data/local/tmp/vcompress"
     benchmark_model: str = "/data/local/tmp/benchmark_model"
-    prefill_signature: str = "prefill"
-    decode_signature: str = "decode"
+    # None: the names the export wrote into manifest.json (litert-torch names prefill `prefill_<P>`)
+    prefill_signature: str | None = None
+    decode_signature: str | None = None
     extra_args: list[str] = []  # e.g. ["--use_gpu=true"] for the GPU delegate
 
 
@@ -136,8 +137,10 @@ class AdbDevice(LatencyDevice):
         s = self.settings
         self._run(self.adb("shell", f"mkdir -p {shlex.quote(s.workdir)}"), "mkdir")
         self._run(self.adb("push", str(model), f"{s.workdir.rstrip('/')}/"), "adb push")
-        prefill = parse_benchmark_model(self._run(self.benchmark_command(model, s.prefill_signature), "benchmark_model (prefill)"))
-        decode = parse_benchmark_model(self._run(self.benchmark_command(model, s.decode_signature), "benchmark_model (decode)"))
+        names = signature_names(artifact)
+        prefill_name, decode_name = s.prefill_signature or names["prefill"], s.decode_signature or names["decode"]
+        prefill = parse_benchmark_model(self._run(self.benchmark_command(model, prefill_name), "benchmark_model (prefill)"))
+        decode = parse_benchmark_model(self._run(self.benchmark_command(model, decode_name), "benchmark_model (decode)"))
         return latency_from(prefill, decode, label=self.label, settings=s, prompt_tokens=prefill_tokens(artifact, s.prompt_tokens),
                             model_bytes=model.stat().st_size)
 
@@ -177,6 +180,16 @@ def find_tflite(artifact: Path) -> Path:
     if not models:
         raise InputError(f"{artifact} holds no .tflite model; the adb device runs TFLite artifacts (export with a tflite profile)")
     raise InputError(f"{artifact} holds several .tflite files ({', '.join(m.name for m in models)}); pass the one to benchmark")
+
+
+def signature_names(artifact: Path) -> dict:
+    """The prefill and decode signature names from the artifact's manifest, else `prefill` / `decode`."""
+    names = {"prefill": "prefill", "decode": "decode"}
+    manifest = artifact / MANIFEST if artifact.is_dir() else None
+    if manifest is not None and manifest.is_file():
+        signatures = json.loads(manifest.read_text()).get("signatures", {})
+        names.update({k: v["name"] for k, v in signatures.items() if k in names and isinstance(v, dict) and v.get("name")})
+    return names
 
 
 def prefill_tokens(artifact: Path, default: int) -> int:

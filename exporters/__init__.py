@@ -34,12 +34,20 @@ def open_runner(path: str | Path | None, *, threads: int | None = None, backend:
     return RUNNERS.get(backend)(path, threads=threads, **kwargs)
 
 
+NOT_A_PIPELINE_FORMAT = {
+    "tensorrt": "TensorRT's ONNX parser does not take the ONNX Runtime fused operators our ONNX graph is built from "
+                "(GroupQueryAttention, MatMulNBits), so `run` cannot end in an engine; run an onnx profile, then "
+                "`vcompress export tensorrt --onnx RUN/05-export-onnx --out E` for the labelled engine build plan",
+}
+
+
 def export_stage(settings: dict, where: str | None = None):
     """The export Stage for settings that name their `format` (onnx, tflite, tensorrt)."""
     settings = dict(settings)
     fmt = settings.pop("format")
     if fmt not in EXPORTERS:
         known = ", ".join(EXPORTERS.names())
-        raise InputError(f"{where + ': ' if where else ''}no exporter for format {fmt!r} in this installation; available: {known}")
+        hint = NOT_A_PIPELINE_FORMAT.get(fmt, f"available: {known}")
+        raise InputError(f"{where + ': ' if where else ''}no pipeline exporter for format {fmt!r}; {hint}")
     stage_cls = EXPORTERS.get(fmt)
     return stage_cls(stage_cls.parse_config(settings, where=where))

@@ -8,6 +8,13 @@ a quantized folder holds quant_manifest.json ("format": "vcompress.quant/1") des
   W[k, n] = float32(scales[g, n]) * (q[k, n] - zero[g, n]),  g = k // group_size;  y = x @ W + bias
 MatMulNBits computes the same (q - zero) * scale with B [N, G, group_size*bits/8], so the codes are
 repacked, not re-quantized: the ONNX model holds exactly the quantized model's weights.
+
+Float zero points (Q4_1-style grids, W = scale * q + min): MatMulNBits takes them, but ONNX Runtime
+then leaves its fast MLAS kernels for a reference path (~4 tokens/s instead of ~80 on SmolLM2).
+So they are split exactly: zero = z_int + r with z_int = round(zero) in [0, 2^bits - 1], and
+  x @ W = MatMulNBits(x; q, scale, z_int)  +  groupsum(x) @ (-scale * r)
+where groupsum(x) [.., G] adds x over each group of inputs and (-scale * r) is a small [G, N] float
+matrix: the fast kernel does the work, the correction is one tiny MatMul per quantized MatMul.
 """
 from __future__ import annotations
 
@@ -105,9 +112,12 @@ def matmulnbits_inputs(packed: dict, specs: list[dict]) -> dict:
     n, groups = q.shape[1], k // gs
     rows = q.T.reshape(n, groups, gs).astype(np.uint8)
     b = rows if bits == 8 else (rows[..., 0::2] | (rows[..., 1::2] << 4)).astype(np.uint8)
-    if zero.dtype == np.float32:
-        zp = np.ascontiguousarray(zero.T)
-    elif bits == 8:
+    correction = None
+    if zero.dtype == np.float32:  # split into an integer zero point and an exact float correction
+        z_int = np.clip(np.round(zero), 0, 2**bits - 1)
+        correction = np.ascontiguousarray((-scales * (zero - z_int)).astype(np.float32))  # [G, N]
+        zero = z_int.astype(np.uint8)
+    if bits == 8:
         zp = np.ascontiguousarray(zero.T.astype(np.uint8))
     else:
         z = zero.T.astype(np.uint8)
@@ -115,7 +125,7 @@ def matmulnbits_inputs(packed: dict, specs: list[dict]) -> dict:
             z = np.pad(z, ((0, 0), (0, 1)))
         zp = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
     return {"B": np.ascontiguousarray(b), "scales": np.ascontiguousarray(scales.T), "zero_points": zp,
-            "K": k, "N": n, "bits": bits, "block_size": gs}
+            "K": k, "N": n, "bits": bits, "block_size": gs, "correction": correction}
 
 
 def graph_linears(arch: str, layers: int) -> dict[str, list[str]]:
@@ -163,8 +173,12 @@ def carry(model: onnx.ModelProto, folder: str | Path, manifest: dict, arch: str,
         attrs = {key: inputs[key] for key in ("K", "N", "bits", "block_size")}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *init_names], list(node.output),
+        correction = inputs["correction"]
+        main_out = list(node.output) if correction is None else [f"{stem}/MatMulNBits_out"]
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *init_names], main_out,
                                       name=f"{node.name}_Q{inputs['bits']}", domain=MS, **attrs))
+        if correction is not None:
+            nodes.extend(_float_zero_correction(graph, stem, node.input[0], main_out[0], node.output[0], correction, inputs["block_size"]))
         dropped.add(node.input[1])
         replaced.extend(names)
     del graph.node[:]
@@ -174,6 +188,24 @@ def carry(model: onnx.ModelProto, folder: str | Path, manifest: dict, arch: str,
     graph.initializer.extend(kept)
     return model, {"linears": len(replaced), "kept_float": kept_float, "method": manifest.get("method"),
                    "bits": grid_bits(manifest), "group_size": sorted({s["group_size"] for s in linears.values()})}
+
+
+def _float_zero_correction(graph, stem: str, x: str, main: str, out: str, correction: np.ndarray, block: int) -> list:
+    """out = main + groupsum(x) @ correction: the float part of the zero points (see the module doc)."""
+    groups = correction.shape[0]
+    names = {key: f"{stem}.zero_correction.{key}" for key in ("shape", "axes", "matrix")}
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([0, 0, groups, block], dtype=np.int64), names["shape"]),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), names["axes"]),
+        numpy_helper.from_array(correction, names["matrix"]),
+    ])
+    grouped, sums, fix = (f"{stem}/zero_correction/{t}" for t in ("grouped", "sums", "fix"))
+    return [
+        helper.make_node("Reshape", [x, names["shape"]], [grouped], name=f"{stem}/zero_correction/Reshape"),
+        helper.make_node("ReduceSum", [grouped, names["axes"]], [sums], name=f"{stem}/zero_correction/ReduceSum", keepdims=0),
+        helper.make_node("MatMul", [sums, names["matrix"]], [fix], name=f"{stem}/zero_correction/MatMul"),
+        helper.make_node("Add", [main, fix], [out], name=f"{stem}/zero_correction/Add"),
+    ]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

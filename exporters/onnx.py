@@ -38,7 +38,19 @@ PARITY_PROMPTS = (
 )
 
 
-class OnnxExportConfig(StageConfig):
+class ParityConfig(StageConfig):
+    """The parity check's thresholds, shared by every exporter (written into each manifest)."""
+    new_tokens: int = Field(32, ge=1, description="greedy tokens compared with PyTorch per prompt")
+    # fp32 sums in another order than PyTorch (MLAS vs ATen kernels): over 30 layers that moves
+    # logits of magnitude ~10 by ~1e-4; a real bug moves them by far more than the threshold.
+    max_abs_diff: float = Field(5e-3, gt=0, description="fp32: largest |logit difference| allowed")
+    min_top1: float = Field(0.98, ge=0, le=1, description="fp32: top-1 agreement over prompt positions")
+    # A gate against broken exports (a wrong layout agrees ~0%), not a quality budget: those are the
+    # profile's, checked by validate. Measured on SmolLM2 ONNX: int4 RTN 0.52, HQQ 0.83.
+    min_top1_quantized: float = Field(0.5, ge=0, le=1, description="int8/int4: top-1 agreement with PyTorch fp32")
+
+
+class OnnxExportConfig(ParityConfig):
     quant: Literal["none", "int8", "int4"] = "none"
     method: Literal["rtn", "hqq", "rtn-float"] = Field("rtn", description="int4: ONNX Runtime's RTN (integer zero point), HQQ, or min/max with a float zero point (exact on Q4_1 grids, slow kernel)")
     int8_method: Literal["blockwise", "dynamic"] = Field("blockwise", description="int8: 8-bit MatMulNBits blocks, or ONNX Runtime dynamic quantization")
@@ -46,14 +58,6 @@ class OnnxExportConfig(StageConfig):
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type; 4 = int8 activations")
     table_bits: Literal[0, 4, 8] = Field(4, description="bits of the embedding table (and tied head) under int4; 0 keeps it fp32")
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the parity check")
-    new_tokens: int = Field(32, ge=1, description="greedy tokens compared with PyTorch per prompt")
-    # fp32 sums in another order than PyTorch (MLAS vs ATen kernels): over 30 layers that moves
-    # logits of magnitude ~10 by ~1e-4; a real bug moves them by far more than the threshold.
-    max_abs_diff: float = Field(5e-3, gt=0, description="fp32: largest |logit difference| allowed")
-    min_top1: float = Field(0.98, ge=0, le=1, description="fp32: top-1 agreement over prompt positions")
-    # A gate against broken exports (a wrong layout agrees ~0%), not a quality budget: those are the
-    # profile's, checked by validate. Measured on SmolLM2: int4 RTN 0.52, HQQ 0.83.
-    min_top1_quantized: float = Field(0.5, ge=0, le=1, description="int8/int4: top-1 agreement with PyTorch fp32")
 
     @field_validator("block_size")
     @classmethod

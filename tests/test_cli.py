@@ -5,7 +5,7 @@ import sys
 def test_help_lists_command_groups(cli):
     code, out, _ = cli("--help")
     assert code == 0
-    for name in ("inspect", "profiles"):
+    for name in ("inspect", "profiles", "run", "analyze", "prune", "distill", "quantize", "export", "eval", "validate", "record", "report", "package", "verify"):
         assert name in out
 
 

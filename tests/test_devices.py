@@ -283,6 +283,14 @@ def test_adb_command_line():
     assert device.adb("push", "art/model.tflite", "/data/local/tmp/vcompress/") == ["adb", "-s", "R5CT1234", "push", "art/model.tflite", "/data/local/tmp/vcompress/"]
 
 
+def test_adb_signature_names_come_from_the_manifest(tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    assert adb.signature_names(art) == {"prefill": "prefill", "decode": "decode"}
+    (art / "manifest.json").write_text(json.dumps({"format": "tflite", "signatures": {"prefill": {"name": "prefill_256"}, "decode": {"name": "decode"}}}))
+    assert adb.signature_names(art) == {"prefill": "prefill_256", "decode": "decode"}
+
+
 def test_adb_device_end_to_end_with_a_fake_adb(tmp_path):
     art = write_artifact(tmp_path / "art")
     (art / "model.safetensors").rename(art / "model.tflite")  # any bytes: the fake phone does not read them

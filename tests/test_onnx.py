@@ -254,6 +254,26 @@ def test_carried_grid_is_exact(quantized_llama, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["quant"]["method"] == "carried"
 
 
+def test_carried_float_zero_points_stay_exact_on_the_fast_kernel(cli_module, tiny_models, tmp_path, mmlu_root):
+    """Float zero points (Q4_1-style) are split into integer zero points for MatMulNBits plus an exact
+    float correction, so ONNX Runtime keeps its fast kernels and the export still computes the checkpoint."""
+    from vcompress.exporters import _onnx_gptq
+
+    folder = tmp_path / "float-zero"
+    assert cli_module("quantize", "--model", tiny_models["llama"], "--out", folder, "--method", "rtn", "--group-size", "32", "--zero-point", "float") == 0
+    manifest = _onnx_gptq.quant_manifest(folder)
+    out = tmp_path / "carried"
+    export(folder, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(inits[n.input[3]].data_type == onnx.TensorProto.UINT8 for n in nbits)
+    assert sum(n.name.endswith("zero_correction/MatMul") for n in model.graph.node) == len(nbits)
+    reference, _ = _onnx_gptq.load_dequantized(folder, manifest)
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), reference(input_ids=ids).logits, atol=1e-4)
+
+
 def test_carried_grid_refuses_other_bits(quantized_llama, tmp_path):
     from vcompress.core.errors import InputError
 

@@ -256,7 +256,7 @@ def test_cli_quantize_and_bad_input(cli, tiny_llama, calib, tmp_path):
 
 
 def matmulnbits_session(tensors: dict, in_features: int, out_features: int, bits: int, group_size: int):
-    """One com.microsoft.MatMulNBits node built from saved GPTQ tensors as /work/notes/quant_format.md says."""
+    """One com.microsoft.MatMulNBits node built from saved GPTQ tensors as docs/quant_format.md says."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

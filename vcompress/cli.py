@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     # gptqmodel pulls in torchao, whose optional CUDA kernels fail to load on CPU and say so on
-    # every model load; that is noise here, not a problem.
+    # every model load, and whose enum registrations make torch's pytree warn about a deprecation:
+    # noise here, not a problem.
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display, not a bar per weight file

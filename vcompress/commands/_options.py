@@ -30,3 +30,25 @@ def print_json(data) -> None:
     from vcompress.core.artifact import _clean
 
     click.echo(json.dumps(_clean(data), indent=2))
+
+
+def make_console(stderr: bool = False):
+    """A rich Console; when output is piped (CI logs, `| tee`) tables get 160 columns instead of
+    rich's 80, which squeezed the wide ones into unreadable stacks."""
+    import os
+    import sys
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, width=width)
+
+
+def execute_stage(stage, out, *, model, base, allow_pickle, trust_remote_code, as_json, **kwargs) -> dict:
+    """Run one stage for a command: its log on stderr (silent under --json), the intake flags passed on."""
+    from vcompress.core.stage import execute
+
+    log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    return execute(stage, out, source=model, log=log,
+                   extra={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base}, **kwargs)

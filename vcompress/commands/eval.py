@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from vcompress.commands._options import json_option, mmlu_option, model_options, print_json, seed_option
+from vcompress.commands._options import make_console, json_option, mmlu_option, model_options, print_json, seed_option
 
 
 @click.command("eval")
@@ -24,7 +23,7 @@ def command(model, base, allow_pickle, trust_remote_code, reference, subset, sho
     """Score a model (HF folder, GGUF, exported artifact) on an MMLU subset as lm-eval's mmlu task does."""
     from vcompress.evaluate import evaluate
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     report = evaluate(
         model, reference, subset=subset, shots=shots, per_subject=per_subject, mmlu=mmlu, data=data, seed=seed,
         batch_size=batch_size, threads=threads, show_progress=not as_json,
@@ -47,7 +46,7 @@ def _interval(item: dict) -> str:
 
 
 def show(report: dict) -> None:
-    console = Console()
+    console = make_console()
     mmlu = report["mmlu"]
     n_subjects = len(mmlu["subjects"])
     per = f"{report['per_subject']} per subject, " if report["per_subject"] else "all questions, "

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from vcompress.commands._options import json_option, model_options, print_json
+from vcompress.commands._options import make_console, json_option, model_options, print_json
 from vcompress.core.models import load_model, resolve, summarize
 
 
@@ -28,4 +27,4 @@ def command(model_arg, model, base, allow_pickle, trust_remote_code, as_json):
         if isinstance(value, int) and not isinstance(value, bool) and value > 9999:
             value = f"{value:,}"
         table.add_row(key.replace("_", " "), str(value))
-    Console().print(table)
+    make_console().print(table)

@@ -5,10 +5,9 @@ import importlib.resources
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from vcompress.commands._options import json_option, print_json
+from vcompress.commands._options import make_console, json_option, print_json
 from vcompress.core.profiles import builtin_names, load_profile
 
 
@@ -27,14 +26,14 @@ def list_profiles(as_json):
         return
     table = Table(title="vcompress profiles")
     for col in ("name", "device", "format", "quant", "GB/s", "GFLOP/s", "size MB", "RAM MB", "TTFT ms", "tok/s", "stages"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("name", "stages"))
     for p in profiles:
         b = p.budgets
         table.add_row(p.name, p.device.name, p.target.format, f"{p.quantization.method}/{p.target.quant}",
                       f"{p.device.memory_bandwidth_gbs:g}", f"{p.device.peak_compute_gflops:g}",
                       f"<= {b.max_model_size_mb:g}", f"<= {b.max_peak_ram_mb:g}", f"<= {b.max_ttft_ms:g} @{b.prompt_tokens}",
-                      f">= {b.min_decode_tokens_per_s:g}", " > ".join(s.stage for s in p.recipe))
-    Console().print(table)
+                      f">= {b.min_decode_tokens_per_s:g}", ">".join(s.stage for s in p.recipe))
+    make_console().print(table)
 
 
 @command.command("show")

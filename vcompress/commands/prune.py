@@ -5,8 +5,7 @@ from pathlib import Path
 
 import click
 
-from vcompress.commands._options import force_option, json_option, mmlu_option, model_options, out_option, print_json, seed_option
-from vcompress.core.stage import execute
+from vcompress.commands._options import execute_stage, force_option, json_option, mmlu_option, model_options, out_option, print_json, seed_option
 
 
 @click.command("prune")
@@ -29,9 +28,8 @@ def command(model, base, allow_pickle, trust_remote_code, heads, mlp, layers, sc
 
     stage = Prune({"heads": heads, "mlp": mlp, "layers": layers, "scores": str(scores) if scores else None,
                    "samples": samples, "seq_len": seq_len})
-    log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
-    metrics = execute(stage, out, source=model, force=force, seed=seed, data=data, mmlu=mmlu, log=log,
-                      extra={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base})
+    metrics = execute_stage(stage, out, model=model, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                            as_json=as_json, force=force, seed=seed, data=data, mmlu=mmlu)
     if as_json:
         print_json(metrics)
         return
@@ -45,5 +43,3 @@ def command(model, base, allow_pickle, trust_remote_code, heads, mlp, layers, sc
                f"({metrics['size_reduction']['value']}% smaller)")
     click.echo(f"held-out perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f} "
                f"(top-1 agreement {metrics['top1_agreement']:.1%}, {metrics['heldout_tokens']} tokens)")
-    for note in metrics["notes"]:
-        click.echo(f"note: {note}")

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import click
 
-from vcompress.commands._options import force_option, json_option, mmlu_option, model_options, out_option, print_json, seed_option
-from vcompress.core.stage import execute
+from vcompress.commands._options import execute_stage, force_option, json_option, mmlu_option, model_options, out_option, print_json, seed_option
 
 
 @click.command("quantize")
@@ -38,9 +37,8 @@ def command(model, base, allow_pickle, trust_remote_code, method, bits, group_si
     stage = Quantize({"method": method, "bits": int(bits), "group_size": group_size, "sym": sym, "zero_point": zero_point,
                       "act_order": act_order, "calib_samples": calib_samples, "seq_len": seq_len,
                       "scores": str(scores) if scores else None, "keep_sensitive": keep_sensitive, "compare_rtn": compare_rtn})
-    log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
-    metrics = execute(stage, out, source=model, force=force, seed=seed, data=calib, mmlu=mmlu, subset=subset, log=log,
-                      extra={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base})
+    metrics = execute_stage(stage, out, model=model, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                            as_json=as_json, force=force, seed=seed, data=calib, mmlu=mmlu, subset=subset)
     if as_json:
         print_json(metrics)
         return

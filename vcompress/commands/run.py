@@ -1,14 +1,12 @@
 """vcompress run: the whole road in one resumable command, ending in a budget verdict."""
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
-from rich.console import Console
 
-from vcompress.commands._options import json_option, mmlu_option, print_json, seed_option
+from vcompress.commands._options import make_console, json_option, mmlu_option, print_json, seed_option
 from vcompress.core.profiles import load_profile
 
 
@@ -21,6 +19,7 @@ from vcompress.core.profiles import load_profile
 @click.option("--from", "from_stage", type=click.Choice(["analyze", "prune", "distill", "quantize", "export", "validate"]), default=None, help="Re-run from this stage on.")
 @click.option("--force", is_flag=True, help="Start over in an existing run folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (stages, settings, folders) and stop.")
+@click.option("--auto", is_flag=True, help="Search the prune ratio and bit width for the smallest artifact that passes the profile (RUN/auto.json lists every candidate).")
 @click.option("--device", type=click.Choice(["host", "ssh", "adb", "roofline"]), default=None, help="Where latency comes from (default: the profile's connection; roofline estimate when the device is not attached).")
 @click.option("--host", "ssh_host", default=None, help="ssh: the board's address (overrides the profile).")
 @click.option("--serial", default=None, help="adb: the phone's serial (overrides the profile).")
@@ -29,7 +28,7 @@ from vcompress.core.profiles import load_profile
 @mmlu_option
 @seed_option
 @json_option
-def command(profile_name, model, data, out, resume, from_stage, force, dry_run, device, ssh_host, serial, record, db, mmlu, seed, as_json):
+def command(profile_name, model, data, out, resume, from_stage, force, dry_run, auto, device, ssh_host, serial, record, db, mmlu, seed, as_json):
     """Run a profile's recipe: analyze > prune > distill > quantize > export > validate, then print the verdict.
 
     Exit code 0 when every budget passes, 1 when one fails, 2 on bad input.
@@ -38,7 +37,7 @@ def command(profile_name, model, data, out, resume, from_stage, force, dry_run, 
 
     profile = load_profile(profile_name)
     steps = pipeline.plan(profile, where=profile_name)
-    console = Console(stderr=as_json)
+    console = make_console(stderr=as_json)
     if dry_run:
         if as_json:
             print_json({"profile": profile.name, "out": str(out), "steps": [
@@ -65,12 +64,46 @@ def command(profile_name, model, data, out, resume, from_stage, force, dry_run, 
         else:
             console.print(f"[green]done[/green] {stage} in {info['seconds']:.1f}s")
 
+    if auto:
+        return _auto(profile, options, profile_name, log, on_stage, console, as_json)
     verdict = pipeline.run(profile, options, where=profile_name, log=log, on_stage=on_stage)
     if as_json:
         print_json(verdict)
     else:
         from vcompress.validate import print_verdict
 
-        print_verdict(verdict, Console())
+        print_verdict(verdict, make_console())
         console.print(f"run folder: {out}  ({time.time() - started:.0f}s)")
     return 0 if verdict.get("passed") else 1
+
+
+def _auto(profile, options, where, log, on_stage, console, as_json) -> int:
+    import json
+
+    from rich.table import Table
+
+    from vcompress.auto import search
+
+    summary = search(profile, options, where=where, log=log, on_stage=on_stage)
+    verdict = None
+    if summary["winner"]:
+        verdict = json.loads((options.out / summary["winner_folder"] / "06-validate" / "verdict.json").read_text())
+    if as_json:
+        print_json({**summary, "verdict": verdict})
+        return 0 if verdict else 1
+    table = Table(title=f"--auto candidates for {profile.name}, smallest estimated artifact first")
+    for col in ("candidate", "est. MB", "predicted ppl", "status", "MB", "why"):
+        table.add_column(col)
+    for c in summary["candidates"]:
+        rise = c["predicted_ppl_rise_pct"]
+        table.add_row(c["name"], f"{c['estimated_mb']:.0f}", "n/a" if rise is None else f"+{rise:.1f}%", c["status"],
+                      "" if c["size_mb"] is None else f"{c['size_mb']:.0f}", c["reason"])
+    console.print(table)
+    if verdict is None:
+        console.print("[red]no candidate passed the profile[/red]; the table says why each failed or was skipped")
+        return 1
+    from vcompress.validate import print_verdict
+
+    print_verdict(verdict, make_console())
+    console.print(f"smallest passing artifact: {options.out / summary['winner_folder']}")
+    return 0

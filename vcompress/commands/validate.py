@@ -4,9 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
 
-from vcompress.commands._options import force_option, json_option, mmlu_option, print_json, seed_option
+from vcompress.commands._options import make_console, force_option, json_option, mmlu_option, print_json, seed_option
 
 
 @click.command("validate")
@@ -35,7 +34,7 @@ def command(profile_name, artifact, reference, out, device, data, record, db, mm
     if not artifact.exists():
         raise click.UsageError(f"--artifact {artifact} does not exist")
     reference = reference or str(resolve(None).path)
-    console = Console(stderr=as_json)
+    console = make_console(stderr=as_json)
     execute(ValidateStage(profile.step("validate").settings if profile.step("validate") else {}), out, source=str(artifact),
             force=force, seed=seed, reference=reference, data=data, mmlu=mmlu, subset=profile.evaluation.subset,
             log=lambda m: console.print(m, highlight=False), extra={"profile": profile, "device": device, "device_overrides": {}})
@@ -47,5 +46,5 @@ def command(profile_name, artifact, reference, out, device, data, record, db, mm
     if as_json:
         print_json(verdict)
     else:
-        print_verdict(verdict, Console())
+        print_verdict(verdict, make_console())
     return 0 if verdict["passed"] else 1

@@ -321,3 +321,16 @@ def pack(texts: list[str], tokenizer, seq_len: int, max_blocks: int | None = Non
     if n == 0:
         raise InputError(f"the text gives {len(ids)} tokens, fewer than one block of {seq_len}; give more data or a smaller --seq-len")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def agreement_questions(mmlu, subset, per_subject: int, seed: int = 0, log=print) -> list[Question] | None:
+    """The evaluated subset's test questions a stage scores answer agreement on: `per_subject` per
+    subject with `seed`; None (and a log line saying why) when there are none to score."""
+    if not per_subject:
+        return None
+    try:
+        questions = load_mmlu(mmlu, "test", resolve_subjects(subset))
+    except InputError as e:
+        log(f"no answer agreement: {e}")
+        return None
+    return sample_questions(questions, per_subject, seed=seed) or None

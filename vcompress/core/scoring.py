@@ -91,7 +91,7 @@ def text_fidelity(logits_fn: LogitsFn, blocks: torch.Tensor, reference_fn: Logit
             ref_logp = F.log_softmax(call_logits(reference_fn, ids)[:, :-1], dim=-1)
             ref_nll_sum += -ref_logp.gather(-1, targets.unsqueeze(-1)).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum(-1).sum().item()
+            kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0.0).sum().item()  # >= 0 but for rounding
         if progress is not None:
             progress(min(start + batch_size, blocks.shape[0]), blocks.shape[0])
     out = {"perplexity": math.exp(nll_sum / count), "tokens": count}

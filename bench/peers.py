@@ -1,0 +1,949 @@
+"""vcompress against the tools a user would pick instead, and against the memory-bandwidth limit.
+
+    flock /tmp/vcompress-heavy.lock .venv/bin/python bench/peers.py [--model M] [--threads 2] [--runs 5]
+        [--out bench/results/peers] [--per-subject 5] [--ours RUN_OR_ARTIFACT] [--tflite ARTIFACT] [--setup]
+
+One run, one host, one input model (default: the embedded SmolLM2-135M-Instruct). Rows:
+  pytorch-fp32      transformers model with its KV cache, through vcompress's torch Runner
+  optimum-onnx      `optimum-cli export onnx --task text-generation-with-past`, run by ORTModelForCausalLM
+                    (optimum-onnx pins transformers 4.57, so it lives in its own venv, --optimum-python)
+  ort-int8-dynamic  onnxruntime.quantization.quantize_dynamic of that export, run the same way
+  llama.cpp         the model's GGUF through llama-cpp-python (its own venv, --llama-python)
+  vcompress-int4    vcompress's x86-cpu artifact (ONNX INT4; --ours, else runs/demo, else an export)
+  vcompress-int8    `vcompress export onnx --quant int8`
+  vcompress-tflite  an int8 TFLite artifact, only with --tflite
+Each row is measured in subprocesses of its own (so peak RSS is its own): size on disk, time to
+first token for a fixed 256-token prompt, greedy decode tokens/s (median of --runs runs after a
+warm-up, fixed --threads), peak RSS (VmHWM), and MMLU answer agreement with pytorch-fp32 and
+accuracy on a fixed subset (--per-subject questions of each of the 57 subjects, seed 0). MMLU uses
+vcompress.core.scoring's lm-eval prompts and token ids for every row: the parent tokenizes, each
+runtime returns logits on those ids, and scoring reads the A/B/C/D log-probs from them.
+The host's copy bandwidth is measured in the same run; each row's decode speed is printed as a
+fraction of bandwidth / bytes read per token (devices/roofline.py's weight and KV byte counts).
+A row that cannot run shows why instead of numbers. Writes peers.json, peers.md, peers.png.
+
+--setup builds what is missing: the optimum venv (torch 2.13.0 CPU first) and the llama-cpp-python
+venv from a wheel built once with GGML_NATIVE under ~/.cache/vcompress/peers (~7 min on 2 cores).
+This file is also the per-row worker (`--worker JOB.json`), run by each row's own Python: keep
+module-level imports to the standard library.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("VCOMPRESS_CACHE", Path.home() / ".cache" / "vcompress")) / "peers"
+OPTIMUM_PYTHON = Path("/work/venv-optimum/bin/python")
+LLAMA_PYTHON = CACHE / "venv-llama" / "bin" / "python"
+LLAMA_CPP_VERSION = "0.3.36"
+OPTIMUM_REQUIREMENTS = ["torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "transformers==4.57.*", "onnxruntime==1.31.*"]
+OURS = "vcompress-int4"  # the row every ratio is taken against
+REFERENCE = "pytorch-fp32"  # the row MMLU agreement is taken against
+MB = 2**20
+
+
+# =========================================================================================
+# Worker side: one engine per runtime, the same timing and logits code for all of them.
+# Runs inside the row's own Python (main venv, optimum venv or llama venv).
+# =========================================================================================
+
+
+def _load_by_path(name: str, path: Path):
+    """A repository module without importing the vcompress package (absent in the peers' venvs)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class TorchEngine:
+    """PyTorch fp32 through vcompress's torch Runner (prefill, then one cached step per token)."""
+
+    def __init__(self, target, threads, context, **_):
+        from vcompress.exporters import open_runner
+
+        self.runner = open_runner(None if target == "default" else target, threads=threads, backend="torch")
+
+    def prefill(self, ids):
+        import torch
+
+        logits, self.state = self.runner.prefill(torch.tensor([ids]))
+        return logits.numpy()
+
+    def decode(self, token):
+        logits, self.state = self.runner.decode(token, self.state)
+        return logits.numpy()
+
+    def logits_at(self, ids, positions):
+        import torch
+
+        return self.runner.forward(torch.tensor([ids]), positions=torch.tensor(positions))[0].numpy()
+
+
+class RunnerEngine(TorchEngine):
+    """Any vcompress Runner named by its artifact's manifest (the TFLite row)."""
+
+    def __init__(self, target, threads, context, **_):
+        from vcompress.exporters import open_runner
+
+        self.runner = open_runner(target, threads=threads)
+
+    def logits_at(self, ids, positions):
+        import torch
+
+        return self.runner.forward(torch.tensor([ids]))[0, positions].numpy()
+
+
+class OnnxEngine:
+    """vcompress's ONNX artifact through exporters/_onnx_session.py, numpy only: no torch resident,
+    as in an app built on ONNX Runtime (the same loop OnnxRunner wraps)."""
+
+    def __init__(self, target, threads, context, profile_prefix=None, **_):
+        module = _load_by_path("onnx_session", ROOT / "exporters" / "_onnx_session.py")
+        self.session = module.DecoderSession(target, threads=threads)
+        if profile_prefix:  # the same session settings, with ONNX Runtime's per-node profiler on
+            ort = module.ort
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = self.session.threads, 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+            model_file = Path(target) / self.session.manifest["files"]["model"]
+            self.session.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+    def prefill(self, ids):
+        import numpy as np
+
+        logits, self.state = self.session.prefill(np.array(ids, np.int64))
+        return logits
+
+    def decode(self, token):
+        logits, self.state = self.session.decode(token, self.state)
+        return logits
+
+    def logits_at(self, ids, positions):
+        import numpy as np
+
+        return self.session.logits(np.array([ids], np.int64))[0, positions]
+
+
+class OptimumEngine:
+    """An optimum export through ORTModelForCausalLM.forward with its past_key_values: the call
+    `generate` makes for every token, without generate's logits processors."""
+
+    def __init__(self, target, threads, context, file_name="model.onnx", **_):
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        torch.set_num_threads(threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.model = ORTModelForCausalLM.from_pretrained(target, file_name=file_name, session_options=options, use_cache=True)
+
+    def prefill(self, ids):
+        import torch
+
+        out = self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), use_cache=True)
+        self.past, self.length = out.past_key_values, len(ids)
+        return out.logits[0, -1].numpy()
+
+    def decode(self, token):
+        import torch
+
+        self.length += 1
+        out = self.model(input_ids=torch.tensor([[token]]), attention_mask=torch.ones(1, self.length, dtype=torch.long),
+                         past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+    def logits_at(self, ids, positions):
+        import torch
+
+        out = self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), use_cache=True)
+        return out.logits[0, positions].numpy()
+
+
+class LlamaEngine:
+    """A GGUF through llama-cpp-python's low-level eval (no sampler chain): prompt in one batch,
+    then one eval per token; logits of the last token read from the context."""
+
+    def __init__(self, target, threads, context, **_):
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(target), n_ctx=context, n_batch=512, n_ubatch=512, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=False, verbose=False)
+        self.vocab = self.llm.n_vocab()
+
+    def _last_logits(self):
+        import numpy as np
+
+        pointer = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.vocab,)).copy()
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._last_logits()
+
+    def decode(self, token):
+        self.llm.eval([token])
+        return self._last_logits()
+
+    def logits_at(self, ids, positions):
+        import numpy as np
+
+        return np.stack([self.prefill(ids[: p + 1]) for p in positions])  # positions are all last ones for one-token letters
+
+
+ENGINES = {"torch": TorchEngine, "runner": RunnerEngine, "onnx": OnnxEngine, "optimum": OptimumEngine, "llama": LlamaEngine}
+
+
+def time_generation(engine, prompt: list[int], decode_tokens: int, runs: int, warmup: int) -> dict:
+    """Time to first token and greedy decode tokens/s, per run (devices/bench.py's one_run, on numpy)."""
+    import numpy as np
+
+    ttft_ms, decode_tps, tokens = [], [], []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        token = int(np.argmax(engine.prefill(prompt)))
+        first = time.perf_counter()
+        generated = [token]
+        for _ in range(decode_tokens):
+            token = int(np.argmax(engine.decode(token)))
+            generated.append(token)
+        end = time.perf_counter()
+        if i >= warmup:
+            ttft_ms.append(round((first - start) * 1e3, 2))
+            decode_tps.append(round(decode_tokens / (end - first), 2))
+            tokens = generated[:8]
+    return {"ttft_ms": statistics.median(ttft_ms), "ttft_ms_samples": ttft_ms, "decode_tokens_per_s": statistics.median(decode_tps),
+            "decode_tokens_per_s_samples": decode_tps, "first_tokens": tokens}
+
+
+def profile_steps(engine, prompt: list[int], decode_tokens: int, top: int = 8) -> dict:
+    """Where an ONNX Runtime engine spends its time: one prefill, then `decode_tokens` decode
+    steps, with node times summed by operator type (per prefill, and per decoded token)."""
+    import numpy as np
+
+    token = int(np.argmax(engine.prefill(prompt)))
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = int(np.argmax(engine.decode(token)))
+    wall_ms = (time.perf_counter() - start) * 1e3 / decode_tokens
+    events = json.loads(Path(engine.session.session.end_profiling()).read_text())
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    if len(runs) < 2:
+        return {"error": "the profile holds no decode runs"}
+    prefill = _ops_between(events, runs[0]["ts"], runs[0]["ts"] + runs[0]["dur"], 1, top)
+    decode = _ops_between(events, runs[1]["ts"], float("inf"), decode_tokens, top)
+    run_ms = sum(e["dur"] for e in runs[1:]) / 1e3 / decode_tokens
+    return {"prefill": {"run_ms": round(runs[0]["dur"] / 1e3, 3), **prefill},
+            "decode": {"wall_ms_per_token": round(wall_ms, 3), "run_ms_per_token": round(run_ms, 3),
+                       "outside_nodes_share": round(1 - decode["node_ms"] / wall_ms, 3), **decode}}
+
+
+def _ops_between(events, begin: float, end: float, steps: int, top: int) -> dict:
+    ops: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and begin <= e["ts"] <= end and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            ops[op] = ops.get(op, 0.0) + e["dur"] / 1e3 / steps
+    total = sum(ops.values())
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+    return {"node_ms": round(total, 3), "ops": [{"op": op, "ms": round(ms, 3), "share": round(ms / total, 3)} for op, ms in ranked]}
+
+
+def worker(job_file: Path) -> dict:
+    """One row's measurement, in this process: speed and peak RSS, or MMLU logits (to an .npy file)."""
+    import numpy as np
+
+    job = json.loads(job_file.read_text())
+    bench = _load_by_path("devices_bench", ROOT / "devices" / "bench.py")  # peak_rss, stdlib only
+    start = time.perf_counter()
+    engine = ENGINES[job["engine"]](job["target"], job["threads"], job["context"], **job.get("options", {}))
+    out = {"load_s": round(time.perf_counter() - start, 2)}
+    if job.get("speed"):
+        s = job["speed"]
+        out.update(time_generation(engine, s["prompt"], s["decode_tokens"], s["runs"], s["warmup"]))
+        rss = bench.peak_rss()
+        out["peak_rss_mb"] = rss["vmhwm_mb"] or rss["maxrss_mb"]
+    if job.get("profile"):
+        out["profile"] = profile_steps(engine, job["profile"]["prompt"], job["profile"]["decode_tokens"])
+    if job.get("mmlu"):
+        rows = [np.asarray(engine.logits_at(ids, positions), np.float32) for ids, positions in job["mmlu"]["calls"]]
+        np.save(job["mmlu"]["out"], np.concatenate(rows))
+        out["mmlu_positions"] = sum(len(r) for r in rows)
+    return out
+
+
+# =========================================================================================
+# Parent side: prepare each row's model, run its workers, compare.
+# =========================================================================================
+
+
+def memory_bandwidth(threads: int = 2, gib: float = 1.0, repeats: int = 5) -> dict:
+    """Copy bandwidth of a `gib` GiB buffer, best of `repeats`, `threads` threads each copying a
+    slice (numpy drops the GIL for plain copies). Counts read + write bytes, as STREAM's Copy does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    src = np.ones(int(gib * 2**30) // 8)
+    dst = np.zeros_like(src)  # both touched before timing: page faults are not bandwidth
+    bounds = np.linspace(0, src.size, threads + 1, dtype=np.int64)
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    seconds = []
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
+            seconds.append(time.perf_counter() - start)
+    best = min(seconds)
+    return {"copy_gbs": round(2 * src.nbytes / best / 1e9, 2), "buffer_gib": gib, "threads": threads, "repeats": repeats,
+            "samples_gbs": [round(2 * src.nbytes / s / 1e9, 2) for s in seconds], "method": "numpy copyto, best of repeats, (read + write) bytes / s"}
+
+
+class Recorder:
+    """A scoring LogitsFn that first records the (ids, positions) scoring asks for, then replays
+    the logits a runtime computed for exactly those calls, so that every runtime is scored by
+    vcompress.core.scoring itself on the same token ids."""
+
+    def __init__(self, vocab: int):
+        self.vocab, self.calls, self.logits, self.used = vocab, [], None, 0
+
+    def __call__(self, ids, attention_mask=None, positions=None):
+        import torch
+
+        if ids.shape[0] != 1:
+            raise ValueError("the recorder scores one question per call (batch_size=1)")
+        wanted = positions.tolist() if positions is not None else list(range(ids.shape[1]))
+        if self.logits is None:
+            self.calls.append((ids[0].tolist(), wanted))
+            return torch.zeros(1, len(wanted), self.vocab)
+        block = torch.from_numpy(self.logits[self.used : self.used + len(wanted)])
+        self.used += len(wanted)
+        return block.unsqueeze(0)
+
+
+def mmlu_questions(per_subject: int, seed: int, mmlu=None):
+    from vcompress.core.data import load_mmlu, resolve_subjects, sample_questions
+
+    return sample_questions(load_mmlu(mmlu, "test", resolve_subjects("all")), per_subject, seed)
+
+
+def mmlu_calls(tokenizer, questions, vocab: int) -> list:
+    recorder = Recorder(vocab)
+    _score(recorder, tokenizer, questions)
+    return recorder.calls
+
+
+def mmlu_logprobs_from(logits, tokenizer, questions, vocab: int):
+    recorder = Recorder(vocab)
+    recorder.logits = logits
+    logprobs = _score(recorder, tokenizer, questions)
+    if recorder.used != len(logits):
+        raise ValueError(f"replayed {recorder.used} logit rows of {len(logits)}: the runtime answered other calls than scoring asked")
+    return logprobs
+
+
+def _score(fn, tokenizer, questions):
+    from vcompress.core import scoring
+
+    return scoring.mmlu_logprobs(fn, tokenizer, questions, batch_size=1)
+
+
+def run_worker(python: Path, job: dict, work: Path, timeout: int = 1800) -> dict:
+    """Run this file as a worker under `python`; its last stdout line is the result JSON."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=work, delete=False) as f:
+        json.dump(job, f)
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONPATH": ""}
+    try:
+        done = subprocess.run([str(python), __file__, "--worker", f.name], capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"worker ran past {timeout} s") from None
+    finally:
+        os.unlink(f.name)
+    if done.returncode:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"worker exited {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the rows: each prepares its model and says how to run it --------------------------------
+# A row is {"name", "runtime", "engine", "target", "python", "options", "kv_bytes", "weights_path"}
+# or {"name", "runtime", "error"} when it cannot run here.
+
+
+class Skip(Exception):
+    """This row cannot run here; the message says why and how to fix it."""
+
+
+def row_pytorch(ctx) -> dict:
+    return {"runtime": f"PyTorch {ctx['versions'].get('torch')} (vcompress torch Runner, KV cache)", "engine": "torch",
+            "target": ctx["model_arg"], "python": sys.executable, "kv_bytes": 4, "weights_path": ctx["hf_dir"]}
+
+
+def row_optimum(ctx) -> dict:
+    folder = optimum_export(ctx)
+    return {"runtime": "optimum-onnx 0.1.0 export, ORTModelForCausalLM (onnxruntime 1.31)", "engine": "optimum",
+            "target": folder, "python": ctx["optimum_python"], "kv_bytes": 4, "weights_path": folder}
+
+
+def row_ort_int8(ctx) -> dict:
+    source = optimum_export(ctx)
+    folder = ctx["work"] / "ort-int8-dynamic"
+    if not (folder / "model.onnx").is_file():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        log(f"quantize_dynamic {source} -> {folder}")
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data"))
+        quantize_dynamic(source / "model.onnx", tmp / "model.onnx", weight_type=QuantType.QInt8)
+        tmp.rename(folder)
+    return {"runtime": "onnxruntime quantize_dynamic (QInt8, defaults), ORTModelForCausalLM", "engine": "optimum",
+            "target": folder, "python": ctx["optimum_python"], "kv_bytes": 4, "weights_path": folder}
+
+
+def row_llama(ctx) -> dict:
+    gguf = ctx["gguf"]
+    if gguf is None:
+        raise Skip("no GGUF of this model: pass --model FILE.gguf (llama.cpp's convert_hf_to_gguf.py makes one)")
+    python = ctx["llama_python"]
+    if not Path(python).is_file():
+        raise Skip(f"no llama-cpp-python venv at {python}; run with --setup (builds llama-cpp-python {LLAMA_CPP_VERSION} once, ~7 min)")
+    version = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True).stdout.strip()
+    return {"runtime": f"llama.cpp via llama-cpp-python {version} (GGML_NATIVE), {gguf.name}", "engine": "llama",
+            "target": gguf, "python": python, "kv_bytes": 2, "weights_path": gguf}  # llama.cpp's KV cache is f16
+
+
+def row_ours_int4(ctx) -> dict:
+    folder = ctx["ours"] or ours_artifact(ctx)
+    return {"runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}", "engine": "onnx",
+            "target": folder, "python": sys.executable, "kv_bytes": _kv_bytes(folder), "weights_path": folder}
+
+
+def row_ours_int8(ctx) -> dict:
+    folder = vcompress_export(ctx, "int8")
+    return {"runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}", "engine": "onnx",
+            "target": folder, "python": sys.executable, "kv_bytes": _kv_bytes(folder), "weights_path": folder}
+
+
+def row_tflite(ctx) -> dict:
+    folder = ctx["tflite"]
+    if not (Path(folder) / "manifest.json").is_file():
+        raise Skip(f"{folder} has no manifest.json; pass a folder written by `vcompress export tflite`")
+    return {"runtime": "LiteRT, vcompress TFLite int8", "engine": "runner", "target": folder, "python": sys.executable,
+            "kv_bytes": _kv_bytes(folder), "weights_path": folder}
+
+
+ROWS = {"pytorch-fp32": row_pytorch, "optimum-onnx": row_optimum, "ort-int8-dynamic": row_ort_int8, "llama.cpp": row_llama,
+        OURS: row_ours_int4, "vcompress-int8": row_ours_int8, "vcompress-tflite": row_tflite}
+
+
+def optimum_export(ctx) -> Path:
+    folder = ctx["work"] / "optimum-fp32"
+    if (folder / "model.onnx").is_file():
+        return folder
+    cli = Path(ctx["optimum_python"]).parent / "optimum-cli"
+    if not cli.is_file():
+        raise Skip(f"no optimum-cli at {cli}; run with --setup (a venv with {' '.join(OPTIMUM_REQUIREMENTS)}) or pass --optimum-python")
+    if ctx["hf_dir"] is None:
+        raise Skip("optimum exports a Hugging Face folder; pass one as --model")
+    log(f"optimum-cli export onnx --task text-generation-with-past -> {folder}")
+    tmp = folder.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    done = subprocess.run([str(cli), "export", "onnx", "--model", str(ctx["hf_dir"]), "--task", "text-generation-with-past", str(tmp)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode or not (tmp / "model.onnx").is_file():
+        raise Skip(f"optimum-cli export failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    tmp.rename(folder)
+    return folder
+
+
+def ours_artifact(ctx) -> Path:
+    """The x86-cpu run's ONNX export if the demo run has one, else a plain INT4 export."""
+    for candidate in sorted((ROOT / "runs" / "demo").glob("[0-9][0-9]-export-*")):  # not a stage's hidden temp folder
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    return vcompress_export(ctx, "int4")
+
+
+def vcompress_export(ctx, quant: str) -> Path:
+    folder = ctx["work"] / f"vcompress-{quant}"
+    if not (folder / "manifest.json").is_file():
+        from vcompress.exporters.onnx import export
+
+        log(f"vcompress export onnx --quant {quant} -> {folder}")
+        export(ctx["model_arg"] if ctx["model_arg"] != "default" else None, folder, quant, force=True, threads=ctx["threads"],
+               log=lambda m: log(f"  {m}"))
+    return folder
+
+
+def _quant_label(folder: Path) -> str:
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    quant = manifest.get("quant", {})
+    parts = [quant.get("scheme"), quant.get("method"), f"block {quant['block_size']}" if quant.get("block_size") else None]
+    return f"{Path(folder).name}: " + " ".join(str(p) for p in parts if p)
+
+
+def _kv_bytes(folder) -> int:
+    from vcompress.devices.roofline import kv_bytes_per_element
+
+    return kv_bytes_per_element(folder)
+
+
+# --- measuring a row --------------------------------------------------------------------------
+
+
+def measure_row(name: str, ctx) -> dict:
+    """Prepare the row, run its speed worker and its MMLU worker, fill in size and roofline."""
+    from vcompress.devices import roofline
+    from vcompress.devices.roofline import weight_files
+
+    try:
+        row = {"name": name, **ROWS[name](ctx)}
+    except Skip as e:
+        return {"name": name, "error": str(e)}
+    row = {k: str(v) if isinstance(v, Path) else v for k, v in row.items()}
+    row["size_mb"] = round(sum(p.stat().st_size for p in weight_files(row["weights_path"])) / MB, 1)
+    weights = roofline.weight_bytes(row["weights_path"], tied=ctx["shape"]["tied"])
+    line = roofline.roofline(ctx["shape"], weights, ctx["host"], ctx["prompt_tokens"], ctx["decode_tokens"], row["kv_bytes"])
+    row["roofline"] = {k: line[k] for k in ("decode_ceiling_tokens_per_s", "bytes_read_per_decode_token", "weight_bytes_per_token")}
+    base = {"engine": row["engine"], "target": row["target"], "threads": ctx["threads"], "options": row.get("options", {})}
+    log(f"{name}: speed")
+    try:
+        speed = run_worker(row["python"], {**base, "context": ctx["prompt_tokens"] + ctx["decode_tokens"] + 16,
+                                           "speed": {"prompt": ctx["prompt"], "decode_tokens": ctx["decode_tokens"], "runs": ctx["runs"],
+                                                     "warmup": ctx["warmup"]}}, ctx["work"])
+    except RuntimeError as e:
+        return {**row, "error": f"speed run failed: {e}"}
+    row.update(speed)
+    row["roofline_fraction"] = round(row["decode_tokens_per_s"] / row["roofline"]["decode_ceiling_tokens_per_s"], 4)
+    if ctx["per_subject"]:
+        log(f"{name}: MMLU ({len(ctx['questions'])} questions)")
+        out = ctx["work"] / f"logits-{name}.npy"
+        try:
+            mmlu = run_worker(row["python"], {**base, "context": ctx["mmlu_context"], "mmlu": {"calls": ctx["calls"], "out": str(out)}}, ctx["work"])
+            row["mmlu_logprobs"] = mmlu_logprobs_from(_load(out), ctx["tokenizer"], ctx["questions"], ctx["vocab"])
+        except (RuntimeError, ValueError) as e:
+            row["mmlu_error"] = str(e)
+        finally:
+            out.unlink(missing_ok=True)
+    return row
+
+
+def _load(path: Path):
+    import numpy as np
+
+    return np.load(path)
+
+
+def add_mmlu_scores(rows: list[dict], questions) -> None:
+    """Accuracy for each row, and answer agreement with the fp32 row (logprobs replaced by scores)."""
+    from vcompress.core import scoring
+
+    reference = next((r.get("mmlu_logprobs") for r in rows if r["name"] == REFERENCE), None)
+    for row in rows:
+        logprobs = row.pop("mmlu_logprobs", None)
+        if logprobs is None:
+            continue
+        summary = scoring.mmlu_summary(logprobs, questions)
+        row["mmlu"] = {"accuracy": summary["accuracy"], "ci95": summary["ci95"], "n": summary["n"], "predicted_letters": summary["predicted_letters"]}
+        if reference is not None:
+            agreement = scoring.answer_agreement(logprobs, reference)
+            row["mmlu"].update(agreement=agreement["agreement"], agreement_ci95=agreement["ci95"], answer_kl_mean=agreement["kl_mean"])
+
+
+def profile_ours(rows: list[dict], ctx, force: bool = False) -> dict | None:
+    """ONNX Runtime's profile of vcompress's prefill and decode step, when a peer beats it (or forced)."""
+    base = next((r for r in rows if r["name"] == OURS and "error" not in r), None)
+    if base is None:
+        return None
+    g = gaps(rows)
+    losses = []
+    if (g.get("best_decode_peer") or {}).get("peer_over_ours", 0) > 1:
+        losses.append(f"decode: {g['best_decode_peer']['peer']} is {g['best_decode_peer']['peer_over_ours']:.2f}x faster")
+    if (g.get("best_ttft_peer") or {}).get("ours_over_peer", 0) > 1:
+        losses.append(f"TTFT: ours takes {g['best_ttft_peer']['ours_over_peer']:.2f}x {g['best_ttft_peer']['peer']}'s")
+    if not losses and not force:
+        return None
+    log(f"{OURS}: ONNX Runtime profile ({'; '.join(losses) or 'asked for'})")
+    job = {"engine": "onnx", "target": base["target"], "threads": ctx["threads"], "context": ctx["prompt_tokens"] + ctx["decode_tokens"] + 16,
+           "options": {"profile_prefix": str(ctx["work"] / "ort-profile")},
+           "profile": {"prompt": ctx["prompt"], "decode_tokens": ctx["decode_tokens"]}}
+    try:
+        found = run_worker(Path(sys.executable), job, ctx["work"])["profile"]
+    except RuntimeError as e:
+        found = {"error": str(e)}
+    for trace in ctx["work"].glob("ort-profile*.json"):
+        trace.unlink()
+    return {"row": OURS, "losses": losses, **found}
+
+
+# --- comparing --------------------------------------------------------------------------------
+
+
+def ratios(rows: list[dict], ours: str = OURS) -> list[dict]:
+    """vcompress against each measured peer: >1 means vcompress is better (faster, smaller, leaner)."""
+    base = next((r for r in rows if r["name"] == ours and "error" not in r), None)
+    if base is None:
+        return []
+    out = []
+    for row in rows:
+        if row["name"] == ours or "error" in row:
+            continue
+        out.append({
+            "peer": row["name"],
+            "decode_speedup": _ratio(base["decode_tokens_per_s"], row["decode_tokens_per_s"]),
+            "ttft_speedup": _ratio(row["ttft_ms"], base["ttft_ms"]),
+            "size_ratio": _ratio(row["size_mb"], base["size_mb"]),
+            "rss_ratio": _ratio(row["peak_rss_mb"], base["peak_rss_mb"]),
+            "agreement_points": _points((base.get("mmlu") or {}).get("agreement"), (row.get("mmlu") or {}).get("agreement")),
+            "accuracy_points": _points((base.get("mmlu") or {}).get("accuracy"), (row.get("mmlu") or {}).get("accuracy")),
+        })
+    return out
+
+
+def gaps(rows: list[dict], ours: str = OURS) -> dict:
+    """The largest shortfall of vcompress: to the best peer on decode and TTFT, and to the roofline."""
+    base = next((r for r in rows if r["name"] == ours and "error" not in r), None)
+    peers = [r for r in rows if not r["name"].startswith("vcompress") and "error" not in r]
+    if base is None:
+        return {}
+    out = {"roofline_fraction": base["roofline_fraction"]}
+    if peers:
+        fastest = max(peers, key=lambda r: r["decode_tokens_per_s"])
+        quickest = min(peers, key=lambda r: r["ttft_ms"])
+        out["best_decode_peer"] = {"peer": fastest["name"], "peer_over_ours": _ratio(fastest["decode_tokens_per_s"], base["decode_tokens_per_s"])}
+        out["best_ttft_peer"] = {"peer": quickest["name"], "ours_over_peer": _ratio(base["ttft_ms"], quickest["ttft_ms"])}
+    return out
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def _points(a, b):
+    return round(100 * (a - b), 1) if a is not None and b is not None else None
+
+
+# --- printing ---------------------------------------------------------------------------------
+
+COLUMNS = ("row", "size MB", "TTFT ms", "decode tok/s", "% roofline", "peak RSS MB", "MMLU acc", "agree fp32 (answer KL)", "runtime")
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r["name"], "-", "-", "-", "-", "-", "-", "-", f"not run: {r['error']}"])
+            continue
+        mmlu = r.get("mmlu") or {}
+        out.append([r["name"], f"{r['size_mb']:.1f}", f"{r['ttft_ms']:.1f}", f"{r['decode_tokens_per_s']:.1f}",
+                    f"{100 * r['roofline_fraction']:.1f}%", f"{r['peak_rss_mb']:.0f}", _fraction(mmlu.get("accuracy")),
+                    _agreement(mmlu, r.get("mmlu_error")),
+                    r["runtime"]])
+    return out
+
+
+RATIO_COLUMNS = ("vcompress vs", "decode x", "TTFT x", "size x", "peak RSS x", "agreement pts", "accuracy pts")
+
+
+def ratio_rows(ratio_list: list[dict]) -> list[list[str]]:
+    return [[r["peer"], _times(r["decode_speedup"]), _times(r["ttft_speedup"]), _times(r["size_ratio"]), _times(r["rss_ratio"]),
+             _signed(r["agreement_points"]), _signed(r["accuracy_points"])] for r in ratio_list]
+
+
+def _agreement(mmlu: dict, error: str | None) -> str:
+    if error:
+        return f"failed: {error[:60]}"
+    if mmlu.get("agreement") is None:
+        return "-"
+    kl = mmlu.get("answer_kl_mean")
+    return f"{mmlu['agreement']:.3f}" + (f" (KL {kl:.4f})" if kl is not None else "")
+
+
+def _fraction(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _times(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _signed(value) -> str:
+    return "-" if value is None else f"{value:+.1f}"
+
+
+def markdown(header, rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(result: dict) -> str:
+    s = result["settings"]
+    bw = result["bandwidth"]
+    head = (f"# vcompress vs peers: {result['model']}\n\n"
+            f"Host {result['host']}, {s['threads']} threads, prompt {s['prompt_tokens']} tokens, {s['decode_tokens']} decoded greedily, "
+            f"median of {s['runs']} runs after {s['warmup']} warm-up; MMLU {s['questions']} questions ({s['per_subject']} per subject, seed {s['seed']}, 0-shot, lm-eval prompts).\n"
+            f"Memory bandwidth (copy, {bw['threads']} threads, {bw['buffer_gib']} GiB): {bw['copy_gbs']} GB/s; "
+            f"% roofline = decode tok/s / (bandwidth / bytes read per token: weights + KV cache at the mean context).\n\n")
+    body = markdown(COLUMNS, table_rows(result["rows"]))
+    ratio = markdown(RATIO_COLUMNS, ratio_rows(result["ratios"])) if result["ratios"] else f"(no ratios: {OURS} or every peer did not run)"
+    g = result["gaps"]
+    lines = [f"- vcompress reaches {100 * g['roofline_fraction']:.1f}% of the roofline"] if g else []
+    if g.get("best_decode_peer"):
+        lines.append(f"- fastest peer decode: {g['best_decode_peer']['peer']}, {g['best_decode_peer']['peer_over_ours']:.2f}x ours")
+        lines.append(f"- quickest peer TTFT: {g['best_ttft_peer']['peer']}; ours takes {g['best_ttft_peer']['ours_over_peer']:.2f}x its time")
+    return head + body + profile_markdown(result.get("profile")) + f"\n\nRatios, {OURS} against each peer (x > 1: vcompress is faster / smaller / leaner):\n\n" + ratio + "\n\n" + "\n".join(lines) + "\n"
+
+
+def profile_markdown(profile: dict | None) -> str:
+    if not profile:
+        return ""
+    if "error" in profile:
+        return f"\n\nProfile of {profile['row']}: failed ({profile['error']})"
+    d, p = profile["decode"], profile["prefill"]
+    lines = [f"\n\nProfile of {profile['row']} (ONNX Runtime profiler; {'; '.join(profile['losses']) or 'asked for'}):",
+             f"- decode: {d['wall_ms_per_token']:.2f} ms/token wall, {d['run_ms_per_token']:.2f} ms in session runs, "
+             f"{d['node_ms']:.2f} ms in nodes ({100 * d['outside_nodes_share']:.0f}% outside nodes: ORT dispatch, Python, argmax); top ops: "
+             + ", ".join(f"{o['op']} {o['ms']:.2f} ms ({100 * o['share']:.0f}%)" for o in d["ops"]),
+             f"- prefill: {p['run_ms']:.1f} ms run, {p['node_ms']:.1f} ms in nodes; top ops: "
+             + ", ".join(f"{o['op']} {o['ms']:.1f} ms ({100 * o['share']:.0f}%)" for o in p["ops"])]
+    return "\n".join(lines)
+
+
+def print_tables(result: dict) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(report_markdown(result))
+        return
+    console = Console(width=200)
+    tables = [(f"{result['model']}: {result['settings']['threads']} threads, copy bandwidth {result['bandwidth']['copy_gbs']} GB/s", COLUMNS, table_rows(result["rows"]))]
+    if result["ratios"]:
+        tables.append((f"{OURS} against each peer (x > 1: vcompress better)", RATIO_COLUMNS, ratio_rows(result["ratios"])))
+    for title, header, rows in tables:
+        table = Table(title=title)
+        for column in header:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    if result.get("profile"):
+        console.print(profile_markdown(result["profile"]).strip())
+    g = result["gaps"]
+    if g:
+        console.print(f"vcompress at {100 * g['roofline_fraction']:.1f}% of the roofline" + (
+            f"; fastest peer decode {g['best_decode_peer']['peer']} at {g['best_decode_peer']['peer_over_ours']:.2f}x ours; "
+            f"ours TTFT {g['best_ttft_peer']['ours_over_peer']:.2f}x {g['best_ttft_peer']['peer']}'s" if "best_decode_peer" in g else ""))
+
+
+def chart(result: dict, path: Path) -> Path | None:
+    """Decode tok/s and TTFT of every row relative to vcompress-int4 (= 1), and the roofline share."""
+    rows = [r for r in result["rows"] if "error" not in r]
+    base = next((r for r in rows if r["name"] == OURS), None)
+    if base is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    colors = ["tab:orange" if r["name"].startswith("vcompress") else "tab:gray" for r in rows]
+    panels = (("decode tok/s relative to vcompress-int4 (higher is faster)", [r["decode_tokens_per_s"] / base["decode_tokens_per_s"] for r in rows]),
+              ("TTFT at 256 tokens relative to vcompress-int4 (lower is faster)", [r["ttft_ms"] / base["ttft_ms"] for r in rows]),
+              ("decode as a share of the bandwidth roofline", [r["roofline_fraction"] for r in rows]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(rows) + 2))
+    for ax, (title, values) in zip(axes, panels):
+        ax.barh(names, values, color=colors)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.invert_yaxis()
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(f"{result['model']}, {result['host']}, {result['settings']['threads']} threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log(message: str) -> None:
+    print(f"[peers {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def setup(optimum_python: Path, llama_python: Path) -> None:
+    """Create the peers' venvs that are missing (never a CUDA torch: torch==2.13.0 goes first)."""
+    if not optimum_python.is_file():
+        venv = optimum_python.parents[1]
+        log(f"creating {venv} ({' '.join(OPTIMUM_REQUIREMENTS)})")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(optimum_python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(optimum_python), "-m", "pip", "install", "-q", *OPTIMUM_REQUIREMENTS], check=True)
+    if not llama_python.is_file():
+        wheels = CACHE / "wheels"
+        if not list(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl")):
+            log(f"building llama-cpp-python {LLAMA_CPP_VERSION} with GGML_NATIVE (about 7 minutes on 2 cores)")
+            subprocess.run(["nice", "-n", "15", sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(wheels),
+                            f"llama-cpp-python=={LLAMA_CPP_VERSION}"], check=True, env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"})
+        venv = llama_python.parents[1]
+        log(f"creating {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        wheel = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl"))[-1]
+        subprocess.run([str(llama_python), "-m", "pip", "install", "-q", str(wheel), "numpy"], check=True)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def context(args) -> dict:
+    """Everything the rows share: the model, the prompt, the MMLU calls, the host's bandwidth."""
+    import platform
+
+    import numpy as np
+    import onnxruntime
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from vcompress.core.models import default_gguf, resolve
+    from vcompress.core.profiles import load_profile
+    from vcompress.devices import roofline
+    from vcompress.devices.bench import prompt_ids
+
+    source = resolve(args.model)
+    hf_dir = Path(source.path) if source.kind == "hf" else None
+    gguf = Path(source.path) if source.kind == "gguf" else (default_gguf() if args.model is None else None)
+    config_dir = hf_dir or Path(source.path).parent
+    shape = roofline.shapes(roofline.read_config(hf_dir)) if hf_dir else None
+    if shape is None:
+        raise SystemExit("the bench needs a Hugging Face folder (config.json) for the model's shapes; pass one as --model")
+    tokenizer = AutoTokenizer.from_pretrained(str(config_dir))
+    vocab = shape["vocab_size"]
+    log(f"measuring memory bandwidth ({args.threads} threads)")
+    bandwidth = memory_bandwidth(args.threads)
+    host = load_profile("x86-cpu").device.model_copy(update={"memory_bandwidth_gbs": bandwidth["copy_gbs"], "efficiency": 1.0,
+                                                             "threads": args.threads, "name": f"{platform.machine()} host"})
+    ctx = {
+        "model_arg": str(args.model) if args.model else "default", "hf_dir": hf_dir, "gguf": gguf, "shape": shape, "tokenizer": tokenizer,
+        "vocab": vocab, "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens, "prompt": prompt_ids(vocab, args.prompt_tokens, args.seed)[0].tolist(),
+        "per_subject": args.per_subject, "work": args.work, "ours": args.ours, "tflite": args.tflite, "host": host, "bandwidth": bandwidth,
+        "optimum_python": args.optimum_python, "llama_python": args.llama_python,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+    }
+    if args.per_subject:
+        ctx["questions"] = mmlu_questions(args.per_subject, args.seed, args.mmlu)
+        ctx["calls"] = mmlu_calls(tokenizer, ctx["questions"], vocab)
+        ctx["mmlu_context"] = max(len(ids) for ids, _ in ctx["calls"]) + 8
+    return ctx
+
+
+def resolve_ours(path: Path | None) -> Path | None:
+    """--ours: an ONNX artifact folder, or a run folder holding one (NN-export-onnx)."""
+    if path is None:
+        return None
+    if (path / "manifest.json").is_file():
+        return path
+    found = sorted(p for p in path.glob("[0-9][0-9]-export-*") if (p / "manifest.json").is_file())
+    if not found:
+        raise SystemExit(f"--ours {path}: neither an exported artifact (manifest.json) nor a run folder with an NN-export-* folder")
+    return found[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--per-subject", type=int, default=5, help="MMLU questions per subject (57 subjects); 0 skips MMLU")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the MMLU sample and of the prompt ids")
+    parser.add_argument("--mmlu", default=None, help="MMLU copy (default: $VCOMPRESS_MMLU or shared/data/mmlu)")
+    parser.add_argument("--rows", default=",".join(n for n in ROWS if n != "vcompress-tflite"), help=f"comma list of {', '.join(ROWS)}")
+    parser.add_argument("--ours", type=Path, default=None, help="vcompress's x86-cpu artifact or run folder (default: runs/demo's export, else an INT4 export)")
+    parser.add_argument("--tflite", type=Path, default=None, help="a vcompress TFLite artifact folder (adds the vcompress-tflite row)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers")
+    parser.add_argument("--work", type=Path, default=CACHE / "work", help="exports kept between runs")
+    parser.add_argument("--optimum-python", type=Path, default=OPTIMUM_PYTHON)
+    parser.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON)
+    parser.add_argument("--profile", action="store_true", help="profile vcompress's prefill and decode step even where no peer beats it")
+    parser.add_argument("--setup", action="store_true", help="create the optimum and llama-cpp-python venvs if missing")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker)))
+        return 0
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    if args.tflite and "vcompress-tflite" not in names:
+        names.append("vcompress-tflite")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    if args.setup:
+        setup(args.optimum_python, args.llama_python)
+    args.ours = resolve_ours(args.ours)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    ctx = context(args)
+    rows = [measure_row(name, ctx) for name in names]
+    if args.per_subject:
+        add_mmlu_scores(rows, ctx["questions"])
+    import platform
+
+    result = {
+        "model": resolve_label(args.model), "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {"threads": args.threads, "runs": args.runs, "warmup": args.warmup, "prompt_tokens": args.prompt_tokens,
+                     "decode_tokens": args.decode_tokens, "per_subject": args.per_subject, "seed": args.seed,
+                     "questions": len(ctx.get("questions", []))},
+        "bandwidth": ctx["bandwidth"], "versions": ctx["versions"], "rows": rows,
+        "ratios": ratios(rows), "gaps": gaps(rows), "profile": profile_ours(rows, ctx, force=args.profile),
+        "units": {"size_mb": "MiB", "ttft_ms": "ms", "decode_tokens_per_s": "tokens/s", "peak_rss_mb": "MiB", "copy_gbs": "GB/s",
+                  "roofline_fraction": "fraction", "accuracy": "fraction", "agreement": "fraction"},
+    }
+    (args.out / "peers.json").write_text(json.dumps(result, indent=2))
+    (args.out / "peers.md").write_text(report_markdown(result))
+    chart(result, args.out / "peers.png")
+    print_tables(result)
+    log(f"wrote {args.out}/peers.json, peers.md, peers.png")
+    return 0
+
+
+def resolve_label(model) -> str:
+    from vcompress.core.models import resolve
+
+    return resolve(model).label or str(model)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""TFLite (LiteRT) export (prefill + decode signatures with a KV cache; fp32, INT8 or INT4 weights)
+and its LiteRT Runner.
+
+`export(model, out, quant=...)` writes an artifact folder:
+  model.tflite                   both signatures over one set of weights (see _tflite_session.py)
+  config.json, generation_config.json, tokenizer files   from the source checkpoint
+  manifest.json                  "format": "tflite", files, signatures with input/output names, dtypes
+                                 and shapes, prefill and cache lengths, quantization, parity results
+  recipe.yaml, metrics.json      written by vcompress.core.stage.execute
+The conversion is litert-torch's (_tflite_convert.py, the optional [tflite] extra). Every export checks
+itself against PyTorch with the ONNX exporter's parity check; a failed check raises CheckFailed and
+leaves no artifact behind.
+"""
+from __future__ import annotations
+
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from vcompress.core.artifact import MANIFEST, write_json
+from vcompress.core.errors import CheckFailed, InputError, Unsupported
+from vcompress.core.models import ModelSource, attention_shape, bytes_on_disk, load_model, resolve, save_model
+from vcompress.core.registry import EXPORTERS
+from vcompress.core.runner import RUNNERS, Runner
+from vcompress.core.stage import Stage, StageContext, execute
+
+from . import _onnx_gptq, _tflite_convert
+from ._tflite_session import FORMAT, KVState, LiteRTSession, SessionError, signature_io
+from .onnx import ParityConfig, parity
+
+MODEL_FILE = "model.tflite"
+
+
+class TFLiteExportConfig(ParityConfig):
+    quant: Literal["none", "int8", "int4"] = "none"
+    prefill_tokens: int = Field(256, ge=1, description="tokens of the prefill signature (a prompt runs in chunks of this size)")
+    cache_length: int = Field(1024, ge=2, description="KV cache slots: the longest sequence the export can hold")
+    threads: int | None = Field(None, gt=0, description="LiteRT threads for the parity check")
+
+    @model_validator(mode="after")
+    def _cache_holds_a_chunk(self):
+        if self.cache_length < self.prefill_tokens:
+            raise ValueError(f"cache_length {self.cache_length} is shorter than prefill_tokens {self.prefill_tokens}; raise it or lower prefill_tokens")
+        return self
+
+
+@EXPORTERS.register(FORMAT)
+class TFLiteExport(Stage):
+    name = "export"
+    Config = TFLiteExportConfig
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg: TFLiteExportConfig = self.config
+        source = ctx.source if isinstance(ctx.source, ModelSource) else resolve(ctx.source)
+        grid = _quant_manifest(source)
+        if grid is not None:  # the quantize stage's packed grid: converted from its dequantized weights
+            model, tokenizer = _onnx_gptq.load_dequantized(Path(str(source.path)), grid)
+        else:
+            model, tokenizer = load_model(source)
+        model_type = model.config.model_type
+        if not _tflite_convert.available():
+            raise Unsupported("the tflite exporter needs litert-torch, tensorflow-cpu and ai-edge-litert; install them with `pip install -e '.[tflite]'`")
+        hf = Path(str(source.path)) if source.kind == "hf" and grid is None else save_model(model, tokenizer, ctx.work / "hf")
+        ctx.log(f"converting to TFLite with litert-torch ({model_type}, {cfg.quant}, prefill {cfg.prefill_tokens}, cache {cfg.cache_length})")
+        converted = _tflite_convert.convert(hf, ctx.work / "litert", model_type=model_type, quant=cfg.quant,
+                                            prefill_tokens=cfg.prefill_tokens, cache_length=cfg.cache_length, log=ctx.log)
+        fp32_bytes = (converted.parent / "model.tflite").stat().st_size
+        shutil.copyfile(converted, ctx.out / MODEL_FILE)
+        model.config.save_pretrained(ctx.out)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(ctx.out)
+        tokenizer.save_pretrained(ctx.out)
+        manifest = _manifest(model.config, cfg, ctx.out / MODEL_FILE)
+        write_json(ctx.out / MANIFEST, manifest)
+        ctx.log("checking the export against PyTorch" + (" (the dequantized checkpoint)" if grid else ""))
+        runner = TFLiteRunner(ctx.out, threads=cfg.threads)
+        result = parity(model, tokenizer, runner, cfg)
+        runner.close()
+        manifest["parity"] = result
+        write_json(ctx.out / MANIFEST, manifest)
+        size = bytes_on_disk(ctx.out / MODEL_FILE)
+        metrics = {
+            "format": FORMAT,
+            "quant": cfg.quant,
+            "model_bytes": size,
+            "fp32_tflite_bytes": fp32_bytes,
+            "size_ratio_to_fp32": round(size / fp32_bytes, 4),
+            "prefill_tokens": cfg.prefill_tokens,
+            "cache_length": cfg.cache_length,
+            "parity": result,
+        }
+        if not result["passed"]:
+            raise CheckFailed(f"TFLite parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)")
+        return metrics
+
+
+def export(model_path: str | Path | None, out: str | Path, quant: str = "none", *, force: bool = False, seed: int = 0,
+           log=print, **settings) -> dict:
+    """Export a checkpoint (None: the embedded default) to a TFLite artifact folder; returns metrics."""
+    stage = TFLiteExport({"quant": quant, **settings})
+    return execute(stage, out, source=model_path, force=force, seed=seed, log=log)
+
+
+def _quant_manifest(source: ModelSource) -> dict | None:
+    if source.kind != "hf":
+        return None
+    try:
+        return _onnx_gptq.quant_manifest(Path(str(source.path)))
+    except ValueError as e:
+        raise InputError(f"{e}; re-run `vcompress quantize` with this vcompress version") from None
+
+
+def _manifest(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:
+    shape = attention_shape(config)
+    signatures = signature_io(model_file)
+    prefill = next(name for name in signatures if name.startswith("prefill"))
+    return {
+        "format": FORMAT,
+        "runtime": "litert",
+        "files": {"model": model_file.name, "config": "config.json", "tokenizer": "tokenizer.json"},
+        "architecture": config.model_type,
+        "layers": shape["layers"],
+        "heads": shape["query_heads"],
+        "kv_heads": shape["kv_heads"],
+        "head_dim": shape["head_dim"],
+        "vocab_size": config.vocab_size,
+        "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "prefill_tokens": cfg.prefill_tokens,
+        "cache_length": cfg.cache_length,
+        "signatures": {"prefill": {"name": prefill, **signatures[prefill]}, "decode": {"name": "decode", **signatures["decode"]}},
+        "quant": {"scheme": cfg.quant, **({} if cfg.quant == "none" else {
+            "recipe": _tflite_convert.RECIPES[cfg.quant], "tool": f"ai-edge-quantizer {_version('ai-edge-quantizer')}",
+            "weights": f"{cfg.quant} per output channel", "activations": "float32, quantized on the fly (dynamic range)"})},
+        "converter": {"litert-torch": _version("litert-torch"), "ai-edge-litert": _version("ai-edge-litert")},
+        "notes": {
+            "kv_cache": "kv_cache_k_<layer> [1, kv_heads, cache, head_dim] and kv_cache_v_<layer> [1, kv_heads, head_dim, cache]: "
+                        "passed in and returned by every call, new entries written at input_pos",
+            "mask": "float32 added to attention scores: 0 where the cache slot is at or before the row's position, -inf after",
+            "prompt": "all but the last token through prefill (chunks of prefill_tokens, zero-padded), the last through decode",
+            "logits": "decode only; prefill returns the cache",
+        },
+        "thresholds": {"max_abs_diff": cfg.max_abs_diff, "min_top1": cfg.min_top1, "min_top1_quantized": cfg.min_top1_quantized,
+                       "greedy_tokens": cfg.new_tokens},
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --- the runner -----------------------------------------------------------------------
+
+
+@RUNNERS.register(FORMAT)
+class TFLiteRunner(Runner):
+    """The ai-edge-litert interpreter on CPU: prefill + decode through the two signatures, int32 ids.
+
+    A torch-facing adapter over `_tflite_session.LiteRTSession`. `forward` takes `positions` so that
+    evaluation asks only for the logits it reads (every position costs one decode step here).
+    """
+
+    backend = FORMAT
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, **_):
+        from transformers import AutoTokenizer
+
+        super().__init__(path, threads=threads)
+        try:
+            self.session = LiteRTSession(self.path, threads=threads)
+        except SessionError as e:
+            raise InputError(str(e)) from None
+        self.manifest = self.session.manifest
+        self.max_length = self.session.cache_length
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        lengths = None if attention_mask is None else attention_mask.sum(-1).tolist()
+        wanted = None if positions is None else positions.cpu().numpy()
+        return torch.from_numpy(self._call(self.session.logits, input_ids.cpu().numpy(), lengths, wanted))
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, KVState]:
+        logits, state = self._call(self.session.prefill, input_ids.cpu().numpy())
+        return torch.from_numpy(np.array(logits)), state
+
+    def decode(self, token_id: int, state: KVState) -> tuple[torch.Tensor, KVState]:
+        logits, state = self._call(self.session.decode, token_id, state)
+        return torch.from_numpy(np.array(logits)), state
+
+    def close(self) -> None:
+        self.session = None
+
+    @staticmethod
+    def _call(fn, *args):
+        try:
+            return fn(*args)
+        except SessionError as e:
+            raise InputError(str(e)) from None

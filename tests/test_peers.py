@@ -1,0 +1,123 @@
+"""bench/peers.py's helpers on fake inputs: ratios, gaps, tables, the chart, the bandwidth probe,
+MMLU record/replay through vcompress's scoring, and one worker run on a tiny model. No timings asserted."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vcompress.core import scoring
+from vcompress.core.data import Question
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def peers():
+    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "bench" / "peers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_row(name, decode, ttft, size=100.0, rss=200.0, accuracy=0.3, agreement=0.9, roofline=0.5):
+    return {"name": name, "runtime": f"{name} runtime", "decode_tokens_per_s": decode, "ttft_ms": ttft, "size_mb": size,
+            "peak_rss_mb": rss, "roofline_fraction": roofline, "mmlu": {"accuracy": accuracy, "agreement": agreement}}
+
+
+ROWS = [
+    fake_row("pytorch-fp32", 20.0, 400.0, size=513.0, rss=1000.0, agreement=1.0, roofline=0.3),
+    fake_row("llama.cpp", 150.0, 600.0, size=86.0, rss=190.0, agreement=0.95, roofline=0.6),
+    {"name": "optimum-onnx", "error": "no optimum-cli at /x; run with --setup"},
+    fake_row("vcompress-int4", 100.0, 80.0, size=95.0, rss=250.0, agreement=0.9, roofline=0.4),
+]
+
+
+def test_ratios_put_vcompress_over_each_peer_and_skip_failed_rows(peers):
+    ratios = {r["peer"]: r for r in peers.ratios(ROWS)}
+    assert set(ratios) == {"pytorch-fp32", "llama.cpp"}  # the failed row has no ratio
+    assert ratios["pytorch-fp32"]["decode_speedup"] == 5.0  # 100 / 20
+    assert ratios["llama.cpp"]["decode_speedup"] == pytest.approx(0.667, abs=1e-3)  # slower than llama.cpp
+    assert ratios["llama.cpp"]["ttft_speedup"] == 7.5  # 600 / 80: ours is faster to the first token
+    assert ratios["pytorch-fp32"]["size_ratio"] == pytest.approx(5.4, abs=1e-2)
+    assert ratios["llama.cpp"]["agreement_points"] == -5.0
+
+
+def test_gaps_name_the_best_peer_and_the_roofline_share(peers):
+    g = peers.gaps(ROWS)
+    assert g["best_decode_peer"] == {"peer": "llama.cpp", "peer_over_ours": 1.5}
+    assert g["best_ttft_peer"]["peer"] == "pytorch-fp32" and g["best_ttft_peer"]["ours_over_peer"] == 0.2
+    assert g["roofline_fraction"] == 0.4
+    assert peers.gaps([r for r in ROWS if r["name"] != "vcompress-int4"]) == {}  # no ours, no gap
+    assert peers.ratios([r for r in ROWS if r["name"] != "vcompress-int4"]) == []
+
+
+def test_tables_show_numbers_or_the_reason(peers):
+    rows = peers.table_rows(ROWS)
+    failed = next(r for r in rows if r[0] == "optimum-onnx")
+    assert failed[-1] == "not run: no optimum-cli at /x; run with --setup" and failed[1] == "-"
+    ours = next(r for r in rows if r[0] == "vcompress-int4")
+    assert ours[1:8] == ["95.0", "80.0", "100.0", "40.0%", "250", "0.300", "0.900"]
+    with_kl = peers.table_rows([{**ROWS[0], "mmlu": {"accuracy": 0.3, "agreement": 1.0, "answer_kl_mean": 0.0123}}])[0]
+    assert with_kl[7] == "1.000 (KL 0.0123)"
+    text = peers.report_markdown({"model": "m", "host": "h", "rows": ROWS, "ratios": peers.ratios(ROWS), "gaps": peers.gaps(ROWS),
+                                  "bandwidth": {"copy_gbs": 20.0, "threads": 2, "buffer_gib": 1.0},
+                                  "settings": {"threads": 2, "prompt_tokens": 256, "decode_tokens": 64, "runs": 5, "warmup": 1,
+                                               "questions": 285, "per_subject": 5, "seed": 0}})
+    assert "| llama.cpp | 0.67x | 7.50x |" in text
+    assert "fastest peer decode: llama.cpp, 1.50x ours" in text and "40.0% of the roofline" in text
+    assert len({line.count("|") for line in text.splitlines() if line.startswith("| row")}) == 1
+
+
+def test_chart_writes_a_png(peers, tmp_path):
+    result = {"model": "m", "host": "h", "settings": {"threads": 2}, "rows": ROWS}
+    path = peers.chart(result, tmp_path / "peers.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert peers.chart({**result, "rows": ROWS[:3]}, tmp_path / "none.png") is None  # nothing to compare with
+
+
+def test_bandwidth_probe_reports_read_plus_write_bytes(peers):
+    bw = peers.memory_bandwidth(threads=2, gib=1 / 64, repeats=2)
+    assert bw["copy_gbs"] == max(bw["samples_gbs"]) > 0 and len(bw["samples_gbs"]) == 2
+
+
+def _questions():
+    words = "the heart pumps blood through the body"
+    return [Question(s, f"Question {i}: {words}?", (f"liver {i}", "kidney", "lung", "heart"), i % 4)
+            for i, s in enumerate(["anatomy", "virology", "anatomy"])]
+
+
+def test_recorded_calls_replayed_give_scorings_own_logprobs(peers, tiny_llama):
+    from vcompress.exporters import open_runner
+
+    runner = open_runner(tiny_llama)
+    vocab = runner.model.config.vocab_size
+    questions = _questions()
+    calls = peers.mmlu_calls(runner.tokenizer, questions, vocab)
+    assert calls and all(len(ids) > max(positions) for ids, positions in calls)
+    logits = np.concatenate([runner.forward(torch.tensor([ids]), positions=torch.tensor(p))[0].numpy() for ids, p in calls])
+    replayed = peers.mmlu_logprobs_from(logits, runner.tokenizer, questions, vocab)
+    direct = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, batch_size=1)
+    assert torch.allclose(replayed, direct, atol=1e-5)
+    with pytest.raises(ValueError, match="replayed"):
+        peers.mmlu_logprobs_from(np.concatenate([logits, logits[:1]]), runner.tokenizer, questions, vocab)
+
+
+def test_worker_measures_speed_and_logits_in_its_own_process(peers, tiny_llama, tmp_path):
+    job = {"engine": "torch", "target": str(tiny_llama), "threads": 1, "context": 32,
+           "speed": {"prompt": [5, 6, 7, 8], "decode_tokens": 3, "runs": 2, "warmup": 1},
+           "mmlu": {"calls": [[[5, 6, 7], [2]], [[9, 10, 11, 12], [2, 3]]], "out": str(tmp_path / "logits.npy")}}
+    out = peers.run_worker(Path(sys.executable), job, tmp_path)
+    assert len(out["ttft_ms_samples"]) == 2 and out["decode_tokens_per_s"] > 0 and out["peak_rss_mb"] > 0
+    assert len(out["first_tokens"]) == 4 and out["mmlu_positions"] == 3
+    logits = np.load(tmp_path / "logits.npy")
+    assert logits.shape[0] == 3 and np.isfinite(logits).all()
+    bad = {**job, "engine": "torch", "target": str(tmp_path / "missing")}
+    with pytest.raises(RuntimeError):
+        peers.run_worker(Path(sys.executable), bad, tmp_path)
+    assert json.loads(json.dumps(out))  # the result is plain JSON

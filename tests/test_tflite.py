@@ -1,0 +1,192 @@
+"""TFLite (LiteRT) export and its runner, on tiny Llama (GQA) / Qwen2 checkpoints; GPT-2 is refused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from vcompress.core.errors import Unsupported
+
+QUIET = dict(log=lambda _: None, threads=1)
+# Small signatures keep the tiny exports quick; the llama cache (100) is not a multiple of the prefill
+# length (8), so a prompt near the cache's end takes the shifted last chunk.
+SHAPES = {"llama": dict(prefill_tokens=8, cache_length=100), "qwen2": dict(prefill_tokens=8, cache_length=128)}
+
+
+def _needs_litert():
+    pytest.importorskip("litert_torch", reason="needs the [tflite] extra (litert-torch, tensorflow-cpu, ai-edge-litert)")
+    pytest.importorskip("ai_edge_litert.interpreter", reason="needs the [tflite] extra (ai-edge-litert)")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_models, tmp_path_factory):
+    _needs_litert()
+    from vcompress.exporters.tflite import export
+
+    root = tmp_path_factory.mktemp("tflite")
+    cache = {}
+
+    def get(arch: str, quant: str = "none"):
+        if (arch, quant) not in cache:
+            out = root / f"{arch}-{quant}"
+            # Tiny random models have near-flat logits: their int8 agreement says little (see test_onnx.py).
+            loose = {} if quant == "none" else {"min_top1_quantized": 0.0}
+            cache[arch, quant] = (out, export(tiny_models[arch], out, quant, **QUIET, **SHAPES[arch], **loose))
+        return cache[arch, quant]
+
+    return get
+
+
+def _torch(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _weight_bytes(model_file) -> dict[str, int]:
+    """Bytes of constant buffers in a .tflite by tensor type (int8 / float32 ...)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = model_file.read_bytes()
+    model = schema.Model.GetRootAsModel(data, 0)
+    names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    sizes = [model.Buffers(i).DataLength() or int(model.Buffers(i).Size()) for i in range(model.BuffersLength())]
+    seen, out = set(), {}
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        for t in range(graph.TensorsLength()):
+            tensor = graph.Tensors(t)
+            if tensor.Buffer() and tensor.Buffer() not in seen and sizes[tensor.Buffer()]:
+                seen.add(tensor.Buffer())  # signatures share their weights: count each buffer once
+                kind = names[tensor.Type()]
+                out[kind] = out.get(kind, 0) + sizes[tensor.Buffer()]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fp32_export_matches_pytorch(exported, arch):
+    out, metrics = exported(arch)
+    parity = metrics["parity"]
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-4 and parity["top1_agreement"] == 1.0
+    assert parity["greedy_identical"] == parity["prompts"] == 5 and parity["greedy_tokens"] == 32
+    assert json.loads((out / "metrics.json").read_text())["parity"]["passed"] is True
+
+
+def test_manifest_describes_the_signatures(exported):
+    from ai_edge_litert.interpreter import Interpreter
+
+    out, _ = exported("llama")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "tflite" and manifest["quant"]["scheme"] == "none" and manifest["parity"]["passed"]
+    for name in ("model", "config", "tokenizer"):
+        assert (out / manifest["files"][name]).is_file()
+    interpreter = Interpreter(model_path=str(out / manifest["files"]["model"]))
+    assert sorted(interpreter.get_signature_list()) == sorted(s["name"] for s in manifest["signatures"].values())
+    assert manifest["signatures"]["prefill"]["name"] == "prefill_8" and manifest["prefill_tokens"] == 8 and manifest["cache_length"] == 100
+    for role, signature in manifest["signatures"].items():
+        runner = interpreter.get_signature_runner(signature["name"])
+        inputs = runner.get_input_details()
+        assert {i["name"] for i in signature["inputs"]} == set(inputs)
+        for tensor in signature["inputs"]:
+            assert tensor["shape"] == list(inputs[tensor["name"]]["shape"]) and tensor["dtype"] == np.dtype(inputs[tensor["name"]]["dtype"]).name
+        assert inputs["tokens"]["dtype"] == np.int32 and inputs["input_pos"]["dtype"] == np.int32
+        kv = [i for i in signature["inputs"] if i["name"].startswith("kv_cache_")]
+        assert len(kv) == 2 * manifest["layers"] and all(100 in i["shape"] for i in kv)
+    assert "logits" in {o["name"] for o in manifest["signatures"]["decode"]["outputs"]}
+
+
+@pytest.mark.parametrize("prompt", [9, 99])  # across a chunk boundary; up to the cache's end (shifted last chunk)
+def test_kv_cache_decode_equals_full_recompute(exported, tiny_models, prompt):
+    from vcompress.exporters.tflite import TFLiteRunner
+
+    out, _ = exported("llama")
+    runner = TFLiteRunner(out, threads=1)
+    model = _torch(tiny_models["llama"])
+    ids = torch.randint(5, 300, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    logits, state = runner.prefill(ids)
+    seq = ids[0].tolist()
+    for step in range(min(10, 100 - prompt)):
+        full = model(input_ids=torch.tensor([seq])).logits[0, -1]
+        assert torch.allclose(logits, full, atol=1e-4), f"step {step}"
+        token = int(logits.argmax()) if step % 2 else (step * 37) % 300  # also feed tokens greedy would not pick
+        logits, state = runner.decode(token, state)
+        seq.append(token)
+    assert state.length == len(seq)
+    with pytest.raises(Exception, match="cache of 100"):
+        for _ in range(101):
+            logits, state = runner.decode(1, state)
+
+
+def test_runner_through_the_evaluation_interface(exported, tiny_models, mmlu_root):
+    from vcompress.core import scoring
+    from vcompress.evaluate import Evaluator
+    from vcompress.exporters import open_runner
+    from vcompress.exporters.tflite import TFLiteRunner
+
+    out, _ = exported("llama")
+    runner = open_runner(out, threads=1)
+    assert isinstance(runner, TFLiteRunner) and runner.backend == "tflite" and runner.max_length == 100
+    ids = torch.randint(5, 300, (2, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding: positions past it are not computed
+    want = _torch(tiny_models["llama"])(input_ids=ids).logits
+    got = runner.forward(ids, mask)
+    assert got.shape == want.shape and torch.allclose(got[0], want[0], atol=1e-4) and torch.allclose(got[1, :7], want[1, :7], atol=1e-4)
+    picked = scoring.call_logits(runner.forward, ids, mask, torch.tensor([3, 6]))  # evaluation asks only for what it reads
+    assert torch.allclose(picked, want[:, [3, 6]], atol=1e-4)
+    # MMLU through the evaluator: the export's context (its cache, 100) truncates prompts on the left,
+    # so PyTorch is scored with the same limit.
+    evaluator = Evaluator(mmlu=mmlu_root, subset="medical", per_subject=1, show_progress=False, threads=1)
+    got = evaluator.mmlu_logprobs(out)
+    reference = evaluator.runner(tiny_models["llama"])
+    want = scoring.mmlu_logprobs(reference.forward, reference.tokenizer, evaluator.questions, max_length=100)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
+    report = evaluator.evaluate(out, tiny_models["llama"])
+    assert report["backend"] == "tflite" and report["reference"]["backend"] == "torch"
+    assert report["text"]["top1_agreement"] == 1.0 and report["text"]["seq_len"] == 100 and report["text"]["kl_mean"] < 1e-6
+
+
+def test_latency_bench_runs_the_tflite_runner(exported):
+    from vcompress.devices.bench import run_benchmark
+
+    out, _ = exported("llama")
+    result = run_benchmark(out, prompt_tokens=20, decode_tokens=4, runs=1, warmup=0, threads=1)
+    assert result["backend"] == "tflite" and result["ttft_ms"]["value"] > 0 and result["decode_tokens_per_s"]["value"] > 0
+    assert result["model_size_mb"]["value"] > 0
+
+
+def test_int8_weights_are_a_quarter_of_fp32(exported):
+    fp32_dir, _ = exported("llama")
+    out, metrics = exported("llama", "int8")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quant"]["scheme"] == "int8" and manifest["quant"]["recipe"] == "dynamic_wi8_afp32"
+    assert metrics["parity"]["top1_agreement"] > 0.9 and metrics["size_ratio_to_fp32"] < 0.6
+    fp32, int8 = _weight_bytes(fp32_dir / "model.tflite"), _weight_bytes(out / "model.tflite")
+    # Every matmul and the embedding table go to int8 (1 byte per weight + a float scale per output
+    # channel): the int8 buffers are ~1/4 of the fp32 weights they replace. What stays float32 is small
+    # (norm weights, rotary tables).
+    assert 0.24 < int8["INT8"] / fp32["FLOAT32"] < 0.30, (int8, fp32)
+    assert int8.get("FLOAT32", 0) < 0.2 * fp32["FLOAT32"], (int8, fp32)
+
+
+def test_gpt2_is_refused_naming_it(tiny_models, tmp_path):
+    _needs_litert()
+    from vcompress.exporters.tflite import export
+
+    with pytest.raises(Unsupported, match="'gpt2'.*num_key_value_heads.*vcompress export onnx"):
+        export(tiny_models["gpt2"], tmp_path / "out", **QUIET, prefill_tokens=8, cache_length=64)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_tflite_int4(cli, tiny_models, tmp_path):
+    _needs_litert()
+    out = tmp_path / "int4"
+    code, stdout, stderr = cli("export", "tflite", "--model", tiny_models["qwen2"], "--out", out, "--quant", "int4", "--prefill-tokens", "8",
+                               "--cache-length", "96", "--min-agreement", "0", "--threads", "1", "--json")
+    assert code == 0, stderr
+    metrics = json.loads(stdout)  # the converter's progress output stays off stdout
+    assert metrics["format"] == "tflite" and metrics["quant"] == "int4" and metrics["size_ratio_to_fp32"] < 0.6
+    assert json.loads((out / "manifest.json").read_text())["quant"]["recipe"] == "dynamic_wi4_afp32"
+    code, _, stderr = cli("export", "tflite", "--model", tiny_models["qwen2"], "--out", tmp_path / "x", "--prefill-tokens", "64", "--cache-length", "32")
+    assert code == 2 and "cache_length" in stderr

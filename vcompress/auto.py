@@ -1,0 +1,179 @@
+"""`vcompress run --auto`: search the prune ratio and bit width for the smallest artifact that
+still passes the profile.
+
+The profile's analyze step runs once. Its scores rank the candidates before any of them is built:
+each candidate (a fraction of KV groups pruned in every layer, 4- or 8-bit weights) gets an
+estimated artifact size and a predicted perplexity rise (the loss changes of the KV groups the
+pruner would remove plus, at 4 bits, of every linear rounded, summed as if independent). A
+candidate predicted far over the size or perplexity budget is skipped with the reason; the rest
+run the profile's recipe with their settings, smallest first, and the first whose verdict passes
+is the answer: nothing smaller passed or was worth trying. Estimates only order and prune the
+search; every verdict is measured as in a plain run.
+
+RUN/01-analyze        the shared analysis
+RUN/candidates/NAME/  one run folder per candidate tried (resumable like any run)
+RUN/auto.json         every candidate with its estimates, status and failed budgets, and the winner
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from vcompress.core.artifact import write_json
+from vcompress.core.errors import InputError, VcompressError
+from vcompress.core.profiles import Profile
+
+# How far over budget a prediction may be and still be tried: distillation wins some of the
+# pruning loss back, and summed single-unit deltas are only a first-order guess.
+PREDICTION_SLACK = 2.0
+MAX_PRUNE_FRACTION = 0.5
+
+
+@dataclass
+class Candidate:
+    heads: float
+    bits: int
+    estimated_mb: float = 0.0
+    predicted_ppl_rise_pct: float | None = None
+    status: str = "pending"  # pending, skipped, passed, failed, error, not needed
+    reason: str = ""
+    size_mb: float | None = None
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"heads{self.heads:.2f}-int{self.bits}"
+
+
+def candidates(scores: dict, profile: Profile) -> list[Candidate]:
+    """Every (prune fraction, bits) pair, with estimates, smallest estimated artifact first."""
+    shape = scores["shape"]
+    kv = shape["kv_heads"]
+    fractions = [round(g / kv, 4) for g in range(kv) if g / kv <= MAX_PRUNE_FRACTION]
+    found = []
+    for heads in fractions:
+        for bits in (4, 8):
+            c = Candidate(heads, bits)
+            c.estimated_mb = estimated_mb(shape, scores.get("vocab_size", 0), heads, bits, profile.quantization.group_size)
+            c.predicted_ppl_rise_pct = predicted_rise_pct(scores, heads, bits)
+            found.append(c)
+    return sorted(found, key=lambda c: (c.estimated_mb, -c.bits))
+
+
+def estimated_mb(shape: dict, vocab: int, heads: float, bits: int, group_size: int) -> float:
+    """Weight bytes after pruning and quantization: codes plus a 4-byte scale and 1-byte zero per group."""
+    hidden, head_dim = shape["hidden_size"], shape["head_dim"]
+    kv_kept = shape["kv_heads"] - round(heads * shape["kv_heads"])
+    q_kept = shape["query_heads"] // shape["kv_heads"] * kv_kept
+    attention = 2 * hidden * q_kept * head_dim + 2 * hidden * kv_kept * head_dim
+    mlp = 3 * hidden * shape["intermediate_size"]
+    weights = shape["layers"] * (attention + mlp) + vocab * hidden
+    per_weight = bits / 8 + 5 / group_size
+    return weights * per_weight / 2**20
+
+
+def predicted_rise_pct(scores: dict, heads: float, bits: int) -> float | None:
+    """First-order perplexity rise from the analysis: None when the scores needed are missing."""
+    delta = 0.0
+    if heads:
+        if "heads" not in scores:
+            return None
+        removed = round(heads * scores["shape"]["kv_heads"])
+        delta += sum(sum(sorted(row)[:removed]) for row in scores["heads"]["mask_loss_delta_nats"])
+    if bits == 4:
+        if "quant" not in scores:
+            return None
+        delta += sum(max(0.0, d) for row in scores["quant"]["loss_delta_nats"] for d in row)
+    return round(100 * (math.exp(delta) - 1), 2)
+
+
+def candidate_profile(profile: Profile, c: Candidate) -> Profile:
+    """The profile's recipe with this candidate's prune fraction and bit width."""
+    data = profile.model_dump(mode="json")
+    steps = {s["stage"]: s for s in data["recipe"]}
+    if c.heads:
+        steps["prune"] = {**steps.get("prune", {"stage": "prune"}), "heads": c.heads}
+    else:
+        steps.pop("prune", None)
+        steps.pop("distill", None)
+    steps.setdefault("quantize", {"stage": "quantize"})
+    if c.bits == 8:
+        data["quantization"].update(method="int8", bits=8)
+        steps["quantize"] = {"stage": "quantize"}  # 4-bit grid settings (zero_point...) do not apply
+    else:
+        data["quantization"].update(method=profile.quantization.method if profile.quantization.method in ("gptq", "rtn") else "gptq", bits=4)
+    data["target"]["quant"] = f"int{c.bits}"
+    order = ["analyze", "prune", "distill", "quantize", "export", "validate"]
+    data["recipe"] = [steps[s] for s in order if s in steps]
+    return Profile.model_validate(data)
+
+
+def search(profile: Profile, options, *, where: str = "profile", log: Callable[[str], None] = print,
+           on_stage=None) -> dict:
+    """Run the search into options.out; returns auto.json's content (winner's verdict included)."""
+    from vcompress import pipeline
+
+    if profile.step("analyze") is None or profile.step("validate") is None:
+        raise InputError(f"{where}: --auto needs analyze and validate in the profile's recipe (the scores rank the candidates, the verdict decides)")
+    out = Path(options.out)
+    analysis_profile = Profile.model_validate({**profile.model_dump(mode="json"), "recipe": [profile.step("analyze").model_dump(mode="json")]})
+    pipeline.run(analysis_profile, _with(options, out=out), where=where, log=log, on_stage=on_stage)
+    analysis = out / pipeline.FOLDERS["analyze"]
+    scores = json.loads((analysis / "sensitivity.json").read_text())
+    found = candidates(scores, profile)
+    budget = profile.budgets
+    winner = None
+    for c in found:
+        if winner is not None:
+            c.status = "not needed"
+            continue
+        if c.estimated_mb > PREDICTION_SLACK * budget.max_model_size_mb:
+            c.status, c.reason = "skipped", f"estimated {c.estimated_mb:.0f} MB, budget {budget.max_model_size_mb:g} MB"
+        elif c.predicted_ppl_rise_pct is not None and c.predicted_ppl_rise_pct > PREDICTION_SLACK * budget.max_perplexity_rise_pct:
+            c.status, c.reason = "skipped", f"predicted perplexity +{c.predicted_ppl_rise_pct:.1f}%, budget +{budget.max_perplexity_rise_pct:g}%"
+        else:
+            winner = _try(c, profile, analysis, out, options, where, log, on_stage)
+        log(f"auto: {c.name}: {c.status}{' (' + c.reason + ')' if c.reason else ''}")
+        write_json(out / "auto.json", _summary(found, winner))
+    summary = _summary(found, winner)
+    write_json(out / "auto.json", summary)
+    return summary
+
+
+def _try(c: Candidate, profile: Profile, analysis: Path, out: Path, options, where, log, on_stage) -> Candidate | None:
+    from vcompress import pipeline
+
+    folder = out / "candidates" / c.name
+    if not (folder / pipeline.FOLDERS["analyze"]).is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(analysis, folder / pipeline.FOLDERS["analyze"])
+    log(f"auto: trying {c.name} (estimated {c.estimated_mb:.0f} MB, predicted perplexity "
+        f"{'+%.1f%%' % c.predicted_ppl_rise_pct if c.predicted_ppl_rise_pct is not None else 'n/a'})")
+    try:
+        verdict = pipeline.run(candidate_profile(profile, c), _with(options, out=folder, resume=True, from_stage=None, force=False, record=False),
+                               where=f"{where} [{c.name}]", log=log, on_stage=on_stage)
+    except VcompressError as e:  # one candidate the toolchain cannot build does not end the search
+        c.status, c.reason = "error", str(e)
+        return None
+    size = next((ch for ch in verdict.get("checks", []) if ch["budget"] == "max_model_size_mb"), None)
+    c.size_mb = size["value"] if size else None
+    c.failed = [ch["budget"] for ch in verdict.get("checks", []) if not ch["passed"]]
+    c.status = "passed" if verdict.get("passed") else "failed"
+    c.reason = "" if c.status == "passed" else "failed: " + ", ".join(c.failed)
+    return c if c.status == "passed" else None
+
+
+def _summary(found: list[Candidate], winner: Candidate | None) -> dict:
+    return {"winner": winner.name if winner else None,
+            "winner_folder": f"candidates/{winner.name}" if winner else None,
+            "candidates": [{"name": c.name, **asdict(c)} for c in found]}
+
+
+def _with(options, **changes):
+    from dataclasses import replace
+
+    return replace(options, **changes)

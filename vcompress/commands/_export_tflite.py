@@ -1,0 +1,36 @@
+"""vcompress export tflite: a .tflite with prefill/decode signatures and a KV cache, checked against PyTorch."""
+from __future__ import annotations
+
+import click
+
+from vcompress.commands._options import force_option, json_option, model_options, out_option, print_json, seed_option
+from vcompress.core.models import resolve
+
+
+@click.command("tflite")
+@model_options
+@out_option()
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weights: fp32, or INT8 / INT4 per channel with float activations (ai-edge-quantizer dynamic range).")
+@click.option("--prefill-tokens", type=int, default=256, show_default=True, help="Length of the prefill signature (prompts run in chunks of it).")
+@click.option("--cache-length", type=int, default=1024, show_default=True, help="KV cache slots: the longest sequence the export holds.")
+@click.option("--min-agreement", type=float, default=0.5, show_default=True, help="INT8/INT4: top-1 agreement with PyTorch fp32 the check requires.")
+@click.option("--threads", type=int, default=None, help="LiteRT threads for the parity check (default: the interpreter's).")
+@force_option
+@seed_option
+@json_option
+def command(model, base, allow_pickle, trust_remote_code, out, quant, prefill_tokens, cache_length, min_agreement, threads, force, seed, as_json):
+    """TFLite (LiteRT) for Android: fp32 must match PyTorch, INT8/INT4 must agree with it."""
+    from vcompress.exporters.tflite import export
+
+    resolve(model, allow_pickle=allow_pickle, base=base)  # bad paths fail before any work
+    log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
+    metrics = export(model, out, quant, force=force, seed=seed, log=log, prefill_tokens=prefill_tokens, cache_length=cache_length,
+                     threads=threads, min_top1_quantized=min_agreement)
+    if as_json:
+        print_json(metrics)
+        return
+    p = metrics["parity"]
+    click.echo(f"wrote {out} ({quant}): {metrics['model_bytes'] / 1e6:.1f} MB, {metrics['size_ratio_to_fp32']:.1%} of the fp32 .tflite")
+    click.echo(f"parity on {p['prompts']} prompts: max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
+               f"greedy {p['greedy_tokens']} tokens identical on {p['greedy_identical']}/{p['prompts']}")
