@@ -20,7 +20,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/vcompress inspect
-	$(BIN)/vcompress run --profile x86-cpu --out runs/demo --resume
+	# exit 1 is a verdict (a budget failed; the table says which), not a broken demo: only errors fail make
+	$(BIN)/vcompress run --profile x86-cpu --out runs/demo --resume || [ $$? -eq 1 ]
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -456,6 +456,8 @@ ROWS = {"pytorch-fp32": row_pytorch, "optimum-onnx": row_optimum, "ort-int8-dyna
 
 
 def optimum_export(ctx) -> Path:
+    if not Path(ctx["optimum_python"]).is_file():
+        raise Skip(f"no optimum venv at {ctx['optimum_python']}; run with --setup or pass --optimum-python")
     folder = ctx["work"] / "optimum-fp32"
     if (folder / "model.onnx").is_file():
         return folder
@@ -467,12 +469,33 @@ def optimum_export(ctx) -> Path:
     log(f"optimum-cli export onnx --task text-generation-with-past -> {folder}")
     tmp = folder.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    done = subprocess.run([str(cli), "export", "onnx", "--model", str(ctx["hf_dir"]), "--task", "text-generation-with-past", str(tmp)],
+    source = legacy_config_copy(Path(ctx["hf_dir"]), ctx["work"] / "hf-transformers4")
+    done = subprocess.run([str(cli), "export", "onnx", "--model", str(source), "--task", "text-generation-with-past", str(tmp)],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode or not (tmp / "model.onnx").is_file():
         raise Skip(f"optimum-cli export failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    want, got = (json.loads((f / "config.json").read_text()).get("rope_theta") for f in (source, tmp))
+    if want != got:
+        raise Skip(f"the optimum export read rope theta {got}, the model has {want}; check {source}/config.json")
     tmp.rename(folder)
     return folder
+
+
+def legacy_config_copy(hf_dir: Path, out: Path) -> Path:
+    """The checkpoint as transformers 4.x reads it: 5.x writes rope theta only inside
+    `rope_parameters`, which 4.57 ignores, silently building the model with theta 10000
+    (SmolLM2 uses 100000). Weights and tokenizer are linked, config.json gets `rope_theta`."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and rope.get("rope_type", "default") == "default":
+        config["rope_theta"] = rope["rope_theta"]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for file in hf_dir.iterdir():
+        if file.is_file() and file.name != "config.json":
+            (out / file.name).symlink_to(file.resolve())
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def ours_artifact(ctx) -> Path:
@@ -538,7 +561,7 @@ def measure_row(name: str, ctx) -> dict:
         log(f"{name}: MMLU ({len(ctx['questions'])} questions)")
         out = ctx["work"] / f"logits-{name}.npy"
         try:
-            mmlu = run_worker(row["python"], {**base, "context": ctx["mmlu_context"], "mmlu": {"calls": ctx["calls"], "out": str(out)}}, ctx["work"])
+            run_worker(row["python"], {**base, "context": ctx["mmlu_context"], "mmlu": {"calls": ctx["calls"], "out": str(out)}}, ctx["work"])
             row["mmlu_logprobs"] = mmlu_logprobs_from(_load(out), ctx["tokenizer"], ctx["questions"], ctx["vocab"])
         except (RuntimeError, ValueError) as e:
             row["mmlu_error"] = str(e)

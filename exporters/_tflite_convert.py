@@ -31,11 +31,13 @@ def available() -> bool:
 def convert(hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill_tokens: int, cache_length: int,
             log=print) -> Path:
     """The .tflite written under `work` (quantized when asked). Raises Unsupported when the converter cannot."""
+    transcript = io.StringIO()
     try:
-        from litert_torch.generative.export_hf import export as litert_export
+        # importing it imports transformers model classes whose docstring checks print on stdout
+        with contextlib.redirect_stdout(transcript):
+            from litert_torch.generative.export_hf import export as litert_export
     except ImportError as e:
         raise Unsupported(f"the tflite exporter needs litert-torch and tensorflow-cpu ({e}); install them with `pip install -e '.[tflite]'`") from None
-    transcript = io.StringIO()
     try:
         # The exporter prints a progress tree on stdout, which carries --json output here.
         with contextlib.redirect_stdout(transcript):

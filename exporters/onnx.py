@@ -74,31 +74,19 @@ class OnnxExport(Stage):
 
     def run(self, ctx: StageContext) -> dict:
         cfg: OnnxExportConfig = self.config
-        grid = _quant_manifest(ctx.source)
-        if grid is not None:
-            model, tokenizer = _onnx_gptq.load_dequantized(_source_path(ctx.source), grid)
-        else:
-            model, tokenizer = load_model(ctx.source)
+        model, tokenizer, grid = load_source(ctx.source)
         ctx.log(f"building the ONNX decoder graph ({model.config.model_type}, {cfg.quant})")
         proto, dims = _onnx_graph.build(model)
         fp32_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
         proto, carried = _quantize(proto, dims, cfg, ctx.source, grid, ctx.log)
         files = _onnx_quant.save(proto, ctx.out)
         del proto
-        model.config.save_pretrained(ctx.out)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(ctx.out)
-        tokenizer.save_pretrained(ctx.out)
+        save_sidecars(model, tokenizer, ctx.out)
         manifest = _manifest(dims, cfg, files, ctx.out)
         if carried:
             manifest["quant"].update(method="carried", grid=carried)
         write_json(ctx.out / MANIFEST, manifest)
-        ctx.log("checking the export against PyTorch" + (" (the dequantized checkpoint)" if grid else ""))
-        runner = OnnxRunner(ctx.out, threads=cfg.threads)
-        result = parity(model, tokenizer, runner, cfg)
-        runner.close()
-        manifest["parity"] = result
-        write_json(ctx.out / MANIFEST, manifest)
+        result = gate(ctx, OnnxRunner, model, tokenizer, cfg, manifest, "ONNX", dequantized=bool(grid))
         size = bytes_on_disk(ctx.out / files[0]) + bytes_on_disk(ctx.out / files[1])
         metrics = {
             "format": FORMAT,
@@ -109,8 +97,6 @@ class OnnxExport(Stage):
             "size_ratio_to_fp32": round(size / fp32_bytes, 4),
             "parity": result,
         }
-        if not result["passed"]:
-            raise CheckFailed(f"ONNX parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)")
         return metrics
 
 
@@ -143,6 +129,26 @@ def _quantize(proto, dims, cfg: OnnxExportConfig, source, grid: dict | None, log
         return _onnx_quant.quantize_int4(proto, dims, block_size=cfg.block_size, method=cfg.method,
                                          accuracy_level=cfg.accuracy_level, table_bits=cfg.table_bits), {}
     return proto, {}
+
+
+def load_source(source) -> tuple[Any, Any, dict | None]:
+    """Model, tokenizer and quantize-stage grid (None if the source is not a quantize folder) to export.
+
+    A quantize folder is loaded as its dequantized weights: what the exported graph must compute."""
+    grid = _quant_manifest(source)
+    if grid is not None:
+        model, tokenizer = _onnx_gptq.load_dequantized(_source_path(source), grid)
+    else:
+        model, tokenizer = load_model(source)
+    return model, tokenizer, grid
+
+
+def save_sidecars(model, tokenizer, out: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files beside an exported model."""
+    model.config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _source_path(source) -> Path | None:
@@ -204,6 +210,21 @@ def _manifest(dims, cfg: OnnxExportConfig, files: list[str], out: Path) -> dict:
 
 
 # --- parity ---------------------------------------------------------------------------
+
+
+def gate(ctx: StageContext, runner_class, model, tokenizer, cfg, manifest: dict, label: str, dequantized: bool) -> dict:
+    """Check the written artifact against PyTorch, record the result in its manifest, refuse a failed one."""
+    ctx.log("checking the export against PyTorch" + (" (the dequantized checkpoint)" if dequantized else ""))
+    runner = runner_class(ctx.out, threads=cfg.threads)
+    try:
+        result = parity(model, tokenizer, runner, cfg)
+    finally:
+        runner.close()
+    manifest["parity"] = result
+    write_json(ctx.out / MANIFEST, manifest)
+    if not result["passed"]:
+        raise CheckFailed(f"{label} parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)")
+    return result
 
 
 @torch.no_grad()

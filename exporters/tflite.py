@@ -23,15 +23,15 @@ import torch
 from pydantic import Field, model_validator
 
 from vcompress.core.artifact import MANIFEST, write_json
-from vcompress.core.errors import CheckFailed, InputError, Unsupported
-from vcompress.core.models import ModelSource, attention_shape, bytes_on_disk, load_model, resolve, save_model
+from vcompress.core.errors import InputError, Unsupported
+from vcompress.core.models import ModelSource, attention_shape, bytes_on_disk, resolve, save_model
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS, Runner
 from vcompress.core.stage import Stage, StageContext, execute
 
-from . import _onnx_gptq, _tflite_convert
+from . import _tflite_convert
 from ._tflite_session import FORMAT, KVState, LiteRTSession, SessionError, signature_io
-from .onnx import ParityConfig, parity
+from .onnx import ParityConfig, gate, load_source, save_sidecars
 
 MODEL_FILE = "model.tflite"
 
@@ -57,11 +57,7 @@ class TFLiteExport(Stage):
     def run(self, ctx: StageContext) -> dict:
         cfg: TFLiteExportConfig = self.config
         source = ctx.source if isinstance(ctx.source, ModelSource) else resolve(ctx.source)
-        grid = _quant_manifest(source)
-        if grid is not None:  # the quantize stage's packed grid: converted from its dequantized weights
-            model, tokenizer = _onnx_gptq.load_dequantized(Path(str(source.path)), grid)
-        else:
-            model, tokenizer = load_model(source)
+        model, tokenizer, grid = load_source(source)  # a quantize folder: its dequantized weights
         model_type = model.config.model_type
         if not _tflite_convert.available():
             raise Unsupported("the tflite exporter needs litert-torch, tensorflow-cpu and ai-edge-litert; install them with `pip install -e '.[tflite]'`")
@@ -71,18 +67,10 @@ class TFLiteExport(Stage):
                                             prefill_tokens=cfg.prefill_tokens, cache_length=cfg.cache_length, log=ctx.log)
         fp32_bytes = (converted.parent / "model.tflite").stat().st_size
         shutil.copyfile(converted, ctx.out / MODEL_FILE)
-        model.config.save_pretrained(ctx.out)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(ctx.out)
-        tokenizer.save_pretrained(ctx.out)
+        save_sidecars(model, tokenizer, ctx.out)
         manifest = _manifest(model.config, cfg, ctx.out / MODEL_FILE)
         write_json(ctx.out / MANIFEST, manifest)
-        ctx.log("checking the export against PyTorch" + (" (the dequantized checkpoint)" if grid else ""))
-        runner = TFLiteRunner(ctx.out, threads=cfg.threads)
-        result = parity(model, tokenizer, runner, cfg)
-        runner.close()
-        manifest["parity"] = result
-        write_json(ctx.out / MANIFEST, manifest)
+        result = gate(ctx, TFLiteRunner, model, tokenizer, cfg, manifest, "TFLite", dequantized=bool(grid))
         size = bytes_on_disk(ctx.out / MODEL_FILE)
         metrics = {
             "format": FORMAT,
@@ -94,8 +82,6 @@ class TFLiteExport(Stage):
             "cache_length": cfg.cache_length,
             "parity": result,
         }
-        if not result["passed"]:
-            raise CheckFailed(f"TFLite parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)")
         return metrics
 
 
@@ -104,15 +90,6 @@ def export(model_path: str | Path | None, out: str | Path, quant: str = "none", 
     """Export a checkpoint (None: the embedded default) to a TFLite artifact folder; returns metrics."""
     stage = TFLiteExport({"quant": quant, **settings})
     return execute(stage, out, source=model_path, force=force, seed=seed, log=log)
-
-
-def _quant_manifest(source: ModelSource) -> dict | None:
-    if source.kind != "hf":
-        return None
-    try:
-        return _onnx_gptq.quant_manifest(Path(str(source.path)))
-    except ValueError as e:
-        raise InputError(f"{e}; re-run `vcompress quantize` with this vcompress version") from None
 
 
 def _manifest(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:

@@ -121,3 +121,15 @@ def test_worker_measures_speed_and_logits_in_its_own_process(peers, tiny_llama, 
     with pytest.raises(RuntimeError):
         peers.run_worker(Path(sys.executable), bad, tmp_path)
     assert json.loads(json.dumps(out))  # the result is plain JSON
+
+
+def test_optimum_gets_a_config_that_transformers_4_reads_with_the_right_rope_theta(peers, tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}))
+    (hf / "model.safetensors").write_bytes(b"weights")
+    out = peers.legacy_config_copy(hf, tmp_path / "legacy")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == 100000.0 and config["rope_parameters"]["rope_theta"] == 100000.0
+    assert (out / "model.safetensors").read_bytes() == b"weights" and (out / "model.safetensors").is_symlink()
+    assert json.loads((hf / "config.json").read_text()).get("rope_theta") is None  # the source is left alone

@@ -52,3 +52,11 @@ def execute_stage(stage, out, *, model, base, allow_pickle, trust_remote_code, a
     log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
     return execute(stage, out, source=model, log=log,
                    extra={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base}, **kwargs)
+
+
+def echo_export(out, quant: str, metrics: dict, fp32_what: str) -> None:
+    """The two lines every export command prints: size against fp32, and the parity check."""
+    p = metrics["parity"]
+    click.echo(f"wrote {out} ({quant}): {metrics['model_bytes'] / 1e6:.1f} MB, {metrics['size_ratio_to_fp32']:.1%} of {fp32_what}")
+    click.echo(f"parity on {p['prompts']} prompts: max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
+               f"greedy {p['greedy_tokens']} tokens identical on {p['greedy_identical']}/{p['prompts']}")

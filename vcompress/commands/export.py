@@ -11,7 +11,7 @@ import pkgutil
 
 import click
 
-from vcompress.commands._options import force_option, json_option, model_options, out_option, print_json, seed_option
+from vcompress.commands._options import echo_export, force_option, json_option, model_options, out_option, print_json, seed_option
 from vcompress.core.models import resolve
 
 
@@ -49,10 +49,7 @@ def onnx(model, base, allow_pickle, trust_remote_code, out, quant, method, int8_
     if as_json:
         print_json(metrics)
         return
-    p = metrics["parity"]
-    click.echo(f"wrote {out} ({quant}): {metrics['model_bytes'] / 1e6:.1f} MB, {metrics['size_ratio_to_fp32']:.1%} of the fp32 weights")
-    click.echo(f"parity on {p['prompts']} prompts: max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
-               f"greedy {p['greedy_tokens']} tokens identical on {p['greedy_identical']}/{p['prompts']}")
+    echo_export(out, quant, metrics, "the fp32 weights")
 
 
 def _add_format_modules() -> None:
