@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml Makefile
 .PHONY: install demo test
 install: $(STAMP)
 
+# exit 1 from `vcompress run` is a verdict (a budget failed; the table says which), not a broken demo: only errors fail make
 demo: $(STAMP)
 	$(BIN)/vcompress inspect
-	# exit 1 is a verdict (a budget failed; the table says which), not a broken demo: only errors fail make
 	$(BIN)/vcompress run --profile x86-cpu --out runs/demo --resume || [ $$? -eq 1 ]
 
 test: $(STAMP)
