@@ -35,7 +35,7 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_size:
         evaluator = Evaluator(subset=args.subset, shots=args.shots, per_subject=args.per_subject, mmlu=args.mmlu,
-                              batch_size=batch_size, show_progress=False)
+                              batch_size=batch_size)
         questions = evaluator.questions  # loading MMLU is not part of the timing
         started, cpu_started = time.perf_counter(), time.process_time()
         report = evaluator.evaluate(runner)

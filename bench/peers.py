@@ -49,7 +49,6 @@ LLAMA_CPP_VERSION = "0.3.36"
 OPTIMUM_REQUIREMENTS = ["torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "transformers==4.57.*", "onnxruntime==1.31.*"]
 OURS = "vcompress-int4"  # the row every ratio is taken against
 REFERENCE = "pytorch-fp32"  # the row MMLU agreement is taken against
-MB = 2**20
 
 
 # =========================================================================================
@@ -266,20 +265,27 @@ def _ops_between(events, begin: float, end: float, steps: int, top: int) -> dict
     return {"node_ms": round(total, 3), "ops": [{"op": op, "ms": round(ms, 3), "share": round(ms / total, 3)} for op, ms in ranked]}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM, KiB) in MiB; read here because devices/bench.py imports
+    vcompress, which the peers' venvs lack."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise SystemExit("no VmHWM in /proc/self/status: peak RSS is read on Linux only")
+
+
 def worker(job_file: Path) -> dict:
     """One row's measurement, in this process: speed and peak RSS, or MMLU logits (to an .npy file)."""
     import numpy as np
 
     job = json.loads(job_file.read_text())
-    bench = _load_by_path("devices_bench", ROOT / "devices" / "bench.py")  # peak_rss, stdlib only
     start = time.perf_counter()
     engine = ENGINES[job["engine"]](job["target"], job["threads"], job["context"], **job.get("options", {}))
     out = {"load_s": round(time.perf_counter() - start, 2)}
     if job.get("speed"):
         s = job["speed"]
         out.update(time_generation(engine, s["prompt"], s["decode_tokens"], s["runs"], s["warmup"]))
-        rss = bench.peak_rss()
-        out["peak_rss_mb"] = rss["vmhwm_mb"] or rss["maxrss_mb"]
+        out["peak_rss_mb"] = peak_rss_mib()
     if job.get("profile"):
         out["profile"] = profile_steps(engine, job["profile"]["prompt"], job["profile"]["decode_tokens"])
     if job.get("mmlu"):
@@ -535,16 +541,19 @@ def _kv_bytes(folder) -> int:
 
 def measure_row(name: str, ctx) -> dict:
     """Prepare the row, run its speed worker and its MMLU worker, fill in size and roofline."""
+    from vcompress.core.manifest import model_files
+    from vcompress.core.units import mib
     from vcompress.devices import roofline
-    from vcompress.devices.roofline import weight_files
 
     try:
         row = {"name": name, **ROWS[name](ctx)}
     except Skip as e:
         return {"name": name, "error": str(e)}
     row = {k: str(v) if isinstance(v, Path) else v for k, v in row.items()}
-    row["size_mb"] = round(sum(p.stat().st_size for p in weight_files(row["weights_path"])) / MB, 1)
-    weights = roofline.weight_bytes(row["weights_path"], tied=ctx["shape"]["tied"])
+    # optimum's ONNX folders have no vcompress manifest: their model files are the graph and its data
+    files = model_files(row["weights_path"]) or sorted(Path(row["weights_path"]).glob("*.onnx*"))
+    row["size_mb"] = mib(sum(p.stat().st_size for p in files), 1)
+    weights = roofline.weight_bytes(files, tied=ctx["shape"]["tied"])
     line = roofline.roofline(ctx["shape"], weights, ctx["host"], ctx["prompt_tokens"], ctx["decode_tokens"], row["kv_bytes"])
     row["roofline"] = {k: line[k] for k in ("decode_ceiling_tokens_per_s", "bytes_read_per_decode_token", "weight_bytes_per_token")}
     base = {"engine": row["engine"], "target": row["target"], "threads": ctx["threads"], "options": row.get("options", {})}
@@ -667,7 +676,7 @@ def _points(a, b):
 
 # --- printing ---------------------------------------------------------------------------------
 
-COLUMNS = ("row", "size MB", "TTFT ms", "decode tok/s", "% roofline", "peak RSS MB", "MMLU acc", "agree fp32 (answer KL)", "runtime")
+COLUMNS = ("row", "size MiB", "TTFT ms", "decode tok/s", "% roofline", "peak RSS MiB", "MMLU acc", "agree fp32 (answer KL)", "runtime")
 
 
 def table_rows(rows: list[dict]) -> list[list[str]]:

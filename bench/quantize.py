@@ -67,15 +67,16 @@ def main() -> None:
         metrics = run(method, args, root / method)
         everything[method] = metrics
         generated = reloads_and_generates(root / method) if method == "gptq" else ""
-        held = metrics.get("heldout") or {}
-        mmlu = metrics.get("answer_agreement") or {}
+        ppl = metrics.get("perplexity") or {}
+        nan = float("nan")
         rows.append((method, f"{metrics['bits']}", f"g{metrics['group_size']}", f"{metrics['quantize_seconds'] / 60:.1f}",
                      f"{metrics['wall_seconds'] / 60:.1f}", f"{metrics['weights_bytes_after'] / 1e6:.1f}",
                      f"{metrics['weights_fraction_of_before']:.1%}",
-                     f"{held.get('perplexity', float('nan')):.2f} / {held.get('reference_perplexity', float('nan')):.2f}",
-                     f"{held.get('perplexity_ratio', float('nan')) - 1:+.1%}", f"{held.get('top1_agreement_fraction', float('nan')):.1%}",
-                     f"{held.get('kl_nats_per_token', float('nan')):.4f}",
-                     f"{mmlu['fraction']:.1%} of {mmlu['n']}" if mmlu else "-", generated[:40]))
+                     f"{ppl.get('student', nan):.2f} / {ppl.get('reference', nan):.2f}",
+                     f"{ppl.get('rise_pct', nan):+.1f}%", f"{metrics.get('top1_agreement') or nan:.1%}",
+                     f"{metrics.get('kl_mean') or nan:.4f}",
+                     f"{metrics['answer_agreement']:.1%} of {metrics['questions']}" if metrics.get("answer_agreement") is not None else "-",
+                     generated[:40]))
     header = ("method", "bits", "group", "quant min", "stage min", "MB", "% fp32", "ppl / fp32", "ppl rise", "top-1", "KL",
               "MMLU agree", "gptq reload+generate")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -85,11 +86,11 @@ def main() -> None:
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
     if "gptq" in everything and "rtn" in everything:
-        g, r = everything["gptq"].get("heldout") or {}, everything["rtn"].get("heldout") or {}
-        if g and r:
-            print(f"GPTQ beats RTN: perplexity {g['perplexity']:.2f} < {r['perplexity']:.2f}: {g['perplexity'] < r['perplexity']}; "
-                  f"top-1 {g['top1_agreement_fraction']:.1%} > {r['top1_agreement_fraction']:.1%}: "
-                  f"{g['top1_agreement_fraction'] > r['top1_agreement_fraction']}")
+        g, r = everything["gptq"], everything["rtn"]
+        if g.get("perplexity") and r.get("perplexity"):
+            gp, rp = g["perplexity"]["student"], r["perplexity"]["student"]
+            print(f"GPTQ beats RTN: perplexity {gp:.2f} < {rp:.2f}: {gp < rp}; "
+                  f"top-1 {g['top1_agreement']:.1%} > {r['top1_agreement']:.1%}: {g['top1_agreement'] > r['top1_agreement']}")
     if args.json:
         args.json.write_text(json.dumps(everything, indent=2, default=str))
 

@@ -10,15 +10,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from vcompress.core.models import attention_shape, check_supported, load_model
+from vcompress.core.models import attention_shape, check_supported
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
-
-
-def load(ctx):
-    """(model, tokenizer) for a stage's source, with the intake flags the command passed in ctx.extra."""
-    flags = {k: ctx.extra[k] for k in ("allow_pickle", "trust_remote_code", "base") if ctx.extra.get(k) is not None}
-    return load_model(ctx.source, **flags)
 
 
 def shape(model) -> dict:

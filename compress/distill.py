@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from vcompress.core.artifact import METRICS, read_json, read_metrics, write_json
-from vcompress.core.data import agreement_questions, pack, texts_for
+from vcompress.core.data import pack, texts_for
 from vcompress.core.errors import InputError
-from vcompress.core.models import attention_shape, load_model, save_model
+from vcompress.core.models import Intake, attention_shape, save_model
 from vcompress.core.registry import STAGES
-from vcompress.core.scoring import answer_agreement, mmlu_logprobs, text_fidelity, torch_logits_fn
-from vcompress.core.stage import Stage, StageConfig, StageContext, execute
+from vcompress.core.scoring import Judge, torch_logits_fn
+from vcompress.core.stage import Progress, Stage, StageConfig, StageContext, execute, no_progress
+
+from ._judge import judge_of
 
 CHECKPOINT = "checkpoint.pt"
 BEFORE = "before.json"
@@ -64,34 +66,42 @@ class Distill(Stage):
     """Student = the stage's source (the pruned model); teacher = the reference (the uncompressed model)."""
 
     name = "distill"
+    folder = "03-distill"
     Config = DistillConfig
+
+    @classmethod
+    def from_profile(cls, settings: dict, profile, where=None) -> "Distill":
+        if profile.step("prune") is None:
+            raise InputError(f"{where}: distillation needs a pruned student; add a prune step before it")
+        return super().from_profile(settings, profile, where)
 
     def run(self, ctx: StageContext) -> dict:
         cfg: DistillConfig = self.config
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        flags = {k: ctx.extra[k] for k in ("allow_pickle", "trust_remote_code") if ctx.extra.get(k) is not None}
-        teacher, tokenizer = load_model(ctx.reference, **flags)
-        student, student_tokenizer = load_model(ctx.source, **flags)
+        teacher, tokenizer = ctx.load(ctx.reference)
+        student, student_tokenizer = ctx.load()
         check_same_vocab(teacher, tokenizer, student, student_tokenizer)
         layer_map = student_layer_map(ctx.source, teacher, student) if cfg.hidden_weight else None
         if layer_map is not None:
             ctx.log(f"hidden-state loss maps student layers to teacher layers {layer_map}")
         train, val = build_blocks(ctx.data, tokenizer, cfg, seed=ctx.seed, subset=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
-        heldout = heldout_blocks(tokenizer, cfg, subset=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
         teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         student.to(device)
         ctx.log(f"distilling on {device.type}: {train.shape[0]} training and {val.shape[0]} validation blocks of {cfg.seq_len} tokens")
 
-        reference = Reference(teacher, tokenizer, val, agreement_questions(ctx.mmlu, ctx.subset, cfg.eval_per_subject, ctx.seed, ctx.log))
+        # The teacher stays loaded: the held-out judge reruns it rather than hold its logits; the
+        # validation judge keeps them, since every validation during training reads them.
+        judge = judge_of(teacher, tokenizer, ctx, blocks=cfg.eval_blocks, seq_len=cfg.seq_len, per_subject=cfg.eval_per_subject,
+                         keep_logits=False)
+        validation = Judge(torch_logits_fn(teacher), val, progress=ctx.progress)
         before = _stored_before(ctx.work, ctx.resume)
         if before is None:
-            before = evaluate(student, reference, heldout)
+            before = evaluate(student, judge, validation)
             write_json(ctx.work / BEFORE, before)
         trainer = Trainer(student, teacher, train, val, cfg, device=device, seed=ctx.seed, work=ctx.work,
-                          teacher_val_logits=reference.val_logits, layer_map=layer_map, log=ctx.log,
-                          on_step=ctx.extra.get("on_step"))
+                          teacher_val_logits=validation.logits, layer_map=layer_map, log=ctx.log, progress=ctx.progress)
         summary = trainer.fit(resume=ctx.resume)
-        after = evaluate(student, reference, heldout)
+        after = evaluate(student, judge, validation)
         student.to("cpu", dtype=torch.float32)
         save_model(student, student_tokenizer, ctx.out)
         return {
@@ -99,26 +109,25 @@ class Distill(Stage):
             "student": str(ctx.source) if ctx.source else "default",
             "device": device.type,
             **summary,
-            "validation": {"before": before["validation"], "after": after["validation"]},
-            "heldout": {"before": before["heldout"], "after": after["heldout"]},
-            "answer_agreement": {"before": before["answer_agreement"], "after": after["answer_agreement"]},
+            **after,  # the distilled student against the teacher
+            "before": before,  # the student as it came in
         }
 
 
 def distill(student, out, *, teacher=None, data=None, config: DistillConfig | dict | None = None, seed: int = 0,
-            force: bool = False, resume: bool = False, mmlu=None, subset="medical", log=print, on_step=None,
-            allow_pickle: bool | None = None, trust_remote_code: bool | None = None) -> dict:
+            force: bool = False, resume: bool = False, mmlu=None, subset="medical", log=print, progress: Progress = no_progress,
+            allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Distill `teacher` (None: the embedded default) into `student`; write an HF folder to `out`.
 
-    `on_step(step)` is called after every optimizer step (and its checkpoint, if any).
+    `progress("distill", step, total)` is called after every optimizer step (and its checkpoint, if any).
     """
     out = Path(out)
     if resume and (out / METRICS).is_file() and not force:
         log(f"{out} is already complete; nothing to resume")
         return read_metrics(out)
-    extra = {"on_step": on_step, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     return execute(Distill(config), out, source=student, reference=teacher, data=data, seed=seed, force=force,
-                   resume=resume, mmlu=mmlu, subset=subset, log=log, extra=extra)
+                   resume=resume, mmlu=mmlu, subset=subset, log=log, progress=progress,
+                   intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
 
 
 # --- checks --------------------------------------------------------------------------------
@@ -182,16 +191,6 @@ def build_blocks(data, tokenizer, cfg: DistillConfig, *, seed: int, subset, mmlu
     except InputError as e:
         raise InputError(f"{e} (validation split: {n_val} of {len(texts)} records)") from None
     return train, val
-
-
-def heldout_blocks(tokenizer, cfg: DistillConfig, *, subset, mmlu, log) -> torch.Tensor | None:
-    """MMLU held-out text outside the evaluated subset, for perplexity before/after (None without MMLU)."""
-    try:
-        texts = texts_for(None, tokenizer, part="heldout", exclude=subset, mmlu=mmlu, log=lambda _: None)
-    except InputError as e:
-        log(f"no held-out perplexity: {e}")
-        return None
-    return pack(texts, tokenizer, cfg.seq_len, cfg.eval_blocks)
 
 
 def batch_indices(micro_step: int, batch_size: int, n_blocks: int, seed: int) -> list[int]:
@@ -263,9 +262,10 @@ class Schedule:
 
 class Trainer:
     def __init__(self, student, teacher, train: torch.Tensor, val: torch.Tensor, cfg: DistillConfig, *, device,
-                 seed: int, work: Path, teacher_val_logits: list[torch.Tensor], layer_map=None, log=print, on_step=None):
+                 seed: int, work: Path, teacher_val_logits: list[torch.Tensor], layer_map=None, log=print,
+                 progress: Progress = no_progress):
         self.student, self.teacher, self.train, self.val, self.cfg = student, teacher, train, val, cfg
-        self.device, self.seed, self.work, self.layer_map, self.log, self.on_step = device, seed, Path(work), layer_map, log, on_step
+        self.device, self.seed, self.work, self.layer_map, self.log, self.progress = device, seed, Path(work), layer_map, log, progress
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         epoch_steps = math.ceil(train.shape[0] / (cfg.batch_size * cfg.grad_accum))
         # With only a time budget, the cosine's length is fixed from the speed of the first steps.
@@ -308,38 +308,29 @@ class Trainer:
         }
 
     def _loop(self) -> str:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         cfg = self.cfg
         budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        columns = [TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
         self.student.train()
         stopped = "steps_done"
-        with Progress(*columns, console=Console(stderr=True)) as bar:
-            task = bar.add_task("distill", total=self.schedule.total, completed=self.step, status="")
-            while self.schedule.total is None or self.step < self.schedule.total:
-                started = time.perf_counter()
-                loss = self._optimizer_step()
-                self.train_seconds += time.perf_counter() - started
-                if self.schedule.total is None and self.step >= 2:
-                    per_step = self.train_seconds / self.step
-                    self.schedule.total = max(self.step, int(0.9 * budget_s / per_step))
-                    bar.update(task, total=self.schedule.total)
-                if self.step % self.eval_every == 0:
-                    if self._validate():
-                        stopped = "early_stop"
-                if self.step % cfg.save_every == 0 or stopped == "early_stop":
-                    self._save(self.work / CHECKPOINT)
-                last_kl = self.history[-1]["kl_nats_per_token"] if self.history else float("nan")
-                bar.update(task, completed=self.step, status=f"loss {loss:.4f}  val KL {last_kl:.4f}  {self.tokens / self.train_seconds:,.0f} tok/s")
-                if self.on_step is not None:
-                    self.on_step(self.step)
-                if stopped == "early_stop":
-                    break
-                if self.train_seconds >= budget_s:
-                    stopped = "max_minutes"
-                    break
+        while self.schedule.total is None or self.step < self.schedule.total:
+            started = time.perf_counter()
+            self._optimizer_step()
+            self.train_seconds += time.perf_counter() - started
+            if self.schedule.total is None and self.step >= 2:
+                per_step = self.train_seconds / self.step
+                self.schedule.total = max(self.step, int(0.9 * budget_s / per_step))
+            if self.step % self.eval_every == 0 and self._validate():
+                stopped = "early_stop"
+            if self.step % cfg.save_every == 0 or stopped == "early_stop":
+                self._save(self.work / CHECKPOINT)
+            if self.schedule.total is not None:  # a time budget sets it after the first steps
+                self.progress("distill", self.step, self.schedule.total)
+            if stopped == "early_stop":
+                break
+            if self.train_seconds >= budget_s:
+                stopped = "max_minutes"
+                break
+        self.progress("distill", self.step, self.step)  # stopped early or not, training is over
         if not self.history or self.history[-1]["step"] != self.step:
             self._validate()
         self.student.eval()
@@ -387,7 +378,7 @@ class Trainer:
             count += t_logp.shape[1]
         self.student.train()
         kl = kl_sum / count
-        self.history.append({"step": self.step, "kl_nats_per_token": round(kl, 5)})
+        self.history.append({"step": self.step, "kl_mean": round(kl, 5)})
         self.log(f"step {self.step}: validation KL {kl:.4f} nats/token")
         if kl < self.best_kl:
             self.best_kl, self.best_step, self.bad_evals = kl, self.step, 0
@@ -469,49 +460,12 @@ def _stored_before(work: Path, resume: bool) -> dict | None:
     return None
 
 
-
-class Reference:
-    """The teacher's side of every comparison, run once: validation logits and MMLU answer log-probs."""
-
-    def __init__(self, teacher, tokenizer, val: torch.Tensor, questions: list | None):
-        self.fn, self.tokenizer, self.questions = torch_logits_fn(teacher), tokenizer, questions
-        self.val = val
-        self.val_logits = [self.fn(ids) for ids in val.split(1)]
-        self.mmlu = mmlu_logprobs(self.fn, tokenizer, questions) if questions else None
-
-    def val_fn(self, ids: torch.Tensor) -> torch.Tensor:
-        """The teacher's stored logits for a validation block (text_fidelity's reference, without a rerun)."""
-        for block, logits in zip(self.val.split(1), self.val_logits):
-            if torch.equal(block, ids):
-                return logits
-        return self.fn(ids)
-
-
 @torch.no_grad()
-def evaluate(student, reference: Reference, heldout: torch.Tensor | None) -> dict:
-    """Student against teacher: validation and held-out KL / perplexity, MMLU answer agreement."""
+def evaluate(student, judge: Judge, validation: Judge) -> dict:
+    """The student against the teacher: held-out text and MMLU answers, and the validation blocks under "validation"."""
     was_training = student.training
     student.eval()
     fn = torch_logits_fn(student)
-    out = {
-        "validation": _fidelity(text_fidelity(fn, reference.val, reference.val_fn)),
-        "heldout": _fidelity(text_fidelity(fn, heldout, reference.fn)) if heldout is not None else None,
-        "answer_agreement": None,
-    }
-    if reference.mmlu is not None:
-        agreement = answer_agreement(mmlu_logprobs(fn, reference.tokenizer, reference.questions), reference.mmlu)
-        out["answer_agreement"] = {"fraction": agreement["agreement"], "ci95": agreement["ci95"], "n": agreement["n"],
-                                   "answer_kl_nats": agreement["kl_mean"]}
+    out = {**judge.score(fn), "validation": validation.score(fn)}
     student.train(was_training)
     return out
-
-
-def _fidelity(f: dict) -> dict:
-    return {
-        "kl_nats_per_token": round(f["kl_mean"], 5),
-        "perplexity": round(f["perplexity"], 4),
-        "teacher_perplexity": round(f["reference_perplexity"], 4),
-        "perplexity_gap": round(f["perplexity"] - f["reference_perplexity"], 4),
-        "top1_agreement_fraction": round(f["top1_agreement"], 4),
-        "tokens": f["tokens"],
-    }

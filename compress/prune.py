@@ -25,16 +25,17 @@ from pydantic import Field
 from torch import nn
 
 from vcompress.core.artifact import figure, read_json
-from vcompress.core.data import pack, texts_for
 from vcompress.core.errors import CheckFailed, InputError
 from vcompress.core.models import bytes_on_disk, save_model
 from vcompress.core.registry import STAGES
-from vcompress.core.scoring import text_fidelity, torch_logits_fn
+from vcompress.core.scoring import torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig
 
-from ._arch import attention, decoder_layers, is_gpt2, load, parameter_count, shape, weight_bytes
+from ._arch import attention, decoder_layers, is_gpt2, parameter_count, shape, weight_bytes
+from ._calib import calibration_blocks
 from ._heads import keep_kv_groups, slice_features
-from .sensitivity import SENSITIVITY, analyze, calibration_blocks, least_important_layers
+from ._judge import judge_of
+from .sensitivity import SENSITIVITY, analyze, least_important_layers
 
 
 @dataclass
@@ -203,6 +204,7 @@ def needed_parts(heads: float, mlp: float, layers: int) -> list[str]:
 @STAGES.register("prune")
 class Prune(Stage):
     name = "prune"
+    folder = "02-prune"
 
     class Config(StageConfig):
         heads: float = Field(0.0, ge=0, lt=1, description="fraction of KV groups to remove in every layer")
@@ -212,14 +214,15 @@ class Prune(Stage):
         head_score: Literal["mask", "taylor"] = "mask"
         samples: int = Field(8, gt=0, description="calibration blocks when scores are computed here")
         seq_len: int = Field(128, ge=8)
-        heldout_blocks: int = Field(16, gt=0, description="held-out blocks for perplexity before/after")
+        heldout_blocks: int = Field(16, ge=0, description="held-out blocks for perplexity before/after (0: skip)")
         heldout_seq_len: int = Field(256, ge=8)
+        eval_per_subject: int = Field(10, ge=0, description="MMLU questions per subject of the evaluated subset for answer agreement (0: skip)")
 
     def run(self, ctx) -> dict:
         cfg = self.config
         if not (cfg.heads or cfg.mlp or cfg.layers):
             raise InputError("nothing to prune; pass --heads, --mlp and/or --layers")
-        model, tokenizer = load(ctx)
+        model, tokenizer = ctx.load()
         info = shape(model)
         if cfg.heads and is_gpt2(model):
             raise InputError("GPT-2 cannot lose attention heads and stay a standard checkpoint (GPT2Config has no head_dim: "
@@ -236,13 +239,12 @@ class Prune(Stage):
             ctx.log(f"note: {note}")
 
         reference = copy.deepcopy(model)
+        judge = judge_of(reference, tokenizer, ctx, blocks=cfg.heldout_blocks, seq_len=cfg.heldout_seq_len,
+                         per_subject=cfg.eval_per_subject, keep_logits=False)  # the reference stays: no need to hold its logits
         after = apply_plan(model, plan)
         save_model(model, tokenizer, ctx.out)
-        texts = texts_for(None, tokenizer, part="heldout", exclude=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
-        heldout = pack(texts, tokenizer, cfg.heldout_seq_len, cfg.heldout_blocks)
-        reload_diff = check_reload(model, ctx.out, heldout[:1])
-        fidelity = text_fidelity(torch_logits_fn(model), heldout, reference_fn=torch_logits_fn(reference))
-        return self.metrics(reference, model, info, after, plan, fidelity, reload_diff, ctx)
+        reload_diff = check_reload(model, ctx.out, torch.arange(32).unsqueeze(0) % model.config.vocab_size)
+        return self.metrics(reference, model, info, after, plan, judge.score(torch_logits_fn(model)), reload_diff, ctx)
 
     def metrics(self, reference, model, info, after, plan, fidelity, reload_diff, ctx) -> dict:
         cfg = self.config
@@ -258,11 +260,7 @@ class Prune(Stage):
             "weights_bytes_after": size[1],
             "size_reduction": figure(round(100 * (1 - size[1] / size[0]), 2), "%"),
             "folder_bytes_after": bytes_on_disk(ctx.out),
-            "perplexity_before": fidelity["reference_perplexity"],
-            "perplexity_after": fidelity["perplexity"],
-            "top1_agreement": fidelity["top1_agreement"],
-            "kl_mean_nats": fidelity["kl_mean"],
-            "heldout_tokens": fidelity["tokens"],
+            **fidelity,  # the pruned model against the model before pruning
             "reload_max_abs_logit_diff": reload_diff,
             "heads": {"requested_ratio": cfg.heads, "query_heads": [info["query_heads"], after["query_heads"]],
                       "kv_heads": [info["kv_heads"], after["kv_heads"]], "removed_ratio": round(1 - after["kv_heads"] / info["kv_heads"], 4),

@@ -29,18 +29,18 @@ from pydantic import Field, model_validator
 from safetensors.torch import save_file
 
 from vcompress.core.artifact import figure, read_json, write_json
-from vcompress.core.data import agreement_questions, pack, texts_for
 from vcompress.core.errors import InputError
+from vcompress.core.quant_format import MANIFEST, make_manifest
 from vcompress.core.registry import STAGES
-from vcompress.core.scoring import answer_agreement, mmlu_logprobs, text_fidelity, torch_logits_fn
-from vcompress.core.stage import Stage, StageConfig
+from vcompress.core.scoring import Judge, torch_logits_fn
+from vcompress.core.stage import Stage, StageConfig, no_progress, track
 
-from ._arch import decoder_layers, in_dim, is_gpt2, linear_modules, load, weight_bytes
+from ._arch import decoder_layers, in_dim, is_gpt2, linear_modules, weight_bytes
+from ._calib import calibration_blocks
 from ._gptq_core import Grid, Hessians, Quantized, gptq, reconstruction_error, rtn
 from ._gptq_pack import to_tensors
-from .sensitivity import calibration_blocks
+from ._judge import judge_of
 
-MANIFEST = "quant_manifest.json"
 SIDECAR = "quant.safetensors"
 GROUP_SIZES = (128, 64, 32)
 
@@ -81,12 +81,22 @@ class QuantizeConfig(StageConfig):
 @STAGES.register("quantize")
 class Quantize(Stage):
     name = "quantize"
+    folder = "04-quantize"
     Config = QuantizeConfig
+
+    @classmethod
+    def from_profile(cls, settings: dict, profile, where=None) -> "Quantize":
+        """The profile's quantization scheme fills in what the recipe step does not say itself."""
+        q = profile.quantization
+        if q.method == "none":
+            raise InputError(f"{where}: the recipe quantizes but quantization.method is 'none'; set a method or drop the step")
+        scheme = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "act_order": q.act_order}
+        return cls(cls.parse_config({**{k: v for k, v in scheme.items() if k in cls.Config.model_fields}, **settings}, where))
 
     def run(self, ctx) -> dict:
         cfg: QuantizeConfig = self.config
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load(ctx)
+        model, tokenizer = ctx.load()
         model.to(device)
         targets = quantizable(model)
         kept = sensitive_linears(cfg.scores, cfg.keep_sensitive, model, targets) if cfg.keep_sensitive else []
@@ -97,7 +107,8 @@ class Quantize(Stage):
             ctx.log(f"group size {cfg.group_size} does not divide every layer's input features; using {group_size}")
         bytes_before = weight_bytes(model)
 
-        judge = Judge(model, tokenizer, ctx, cfg)
+        # the input model's side, taken now: the model is quantized in place
+        judge = judge_of(model, tokenizer, ctx, blocks=cfg.heldout_blocks, seq_len=cfg.heldout_seq_len, per_subject=cfg.eval_per_subject)
         metrics: dict = {"method": cfg.method, "device": device.type}
         if cfg.compare_rtn and cfg.method == "gptq":
             metrics["rtn"] = compare_rtn(model, targets, grid, judge, ctx)
@@ -108,13 +119,13 @@ class Quantize(Stage):
                                         seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log)
             ctx.log(f"GPTQ on {device.type}: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
             results, errors = quantize_gptq(model, targets, blocks, grid, act_order=cfg.act_order, damp=cfg.damp,
-                                            batch_size=cfg.batch_size, log=ctx.log)
+                                            batch_size=cfg.batch_size, progress=ctx.progress)
             metrics["calibration"] = {"data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
                                       "blocks": blocks.shape[0], "seq_len": blocks.shape[1], "tokens": blocks.numel()}
             metrics["layer_error"] = summarize_errors(errors)
         else:
             results = {}
-            for name, module in _progress(targets.items(), "round-to-nearest", len(targets)):
+            for name, module in track(targets.items(), "round-to-nearest", ctx.progress):
                 results[name] = rtn(weight_of(module), grid)
                 set_weight(module, results[name].dequantize())
         metrics["quantize_seconds"] = round(time.time() - started, 1)
@@ -124,10 +135,10 @@ class Quantize(Stage):
         model.to(device)
         metrics.update(describe(results, kept, grid, cfg, bytes_before, written))
         metrics["checkpoint_layout"] = "gptq" if gptq_reloadable(model, grid) else f"float32 weights + {SIDECAR}"
-        metrics.update(judge.score(model))
+        metrics.update(judge.score(torch_logits_fn(model)))
         metrics["notes"] = notes(cfg, grid, gptq_reloadable(model, grid))
-        if "rtn" in metrics and metrics.get("heldout") and metrics["rtn"].get("heldout"):
-            metrics["beats_rtn"] = metrics["heldout"]["perplexity"] < metrics["rtn"]["heldout"]["perplexity"]
+        if "rtn" in metrics and metrics["perplexity"] and metrics["rtn"]["perplexity"]:
+            metrics["beats_rtn"] = metrics["perplexity"]["student"] < metrics["rtn"]["perplexity"]["student"]
         return metrics
 
 
@@ -231,14 +242,14 @@ def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int) -> list[tup
 
 @torch.no_grad()
 def quantize_gptq(model, targets: dict, blocks: torch.Tensor, grid: Grid, *, act_order: bool = False, damp: float = 0.01,
-                  batch_size: int = 8, log=print) -> tuple[dict[str, Quantized], dict[str, dict]]:
+                  batch_size: int = 8, progress=no_progress) -> tuple[dict[str, Quantized], dict[str, dict]]:
     """Quantize `targets` in place (dequantized weights), layer by layer; return the codes and, per
     linear, the reconstruction error of GPTQ and of RTN on the same Hessian."""
     layers = decoder_layers(model)
     prefix = "transformer.h" if is_gpt2(model) else "model.layers"
     inputs = first_layer_inputs(model, blocks, batch_size)
     results, errors = {}, {}
-    for i, layer in _progress(list(enumerate(layers)), "GPTQ layers", len(layers)):
+    for i, layer in track(enumerate(layers), "GPTQ layers", progress):
         mine = {name: m for name, m in targets.items() if name.startswith(f"{prefix}.{i}.")}
         hessians = Hessians().watch(mine)
         try:
@@ -299,68 +310,16 @@ def summarize_errors(errors: dict[str, dict]) -> dict:
 # --- RTN at the same settings, for comparison -----------------------------------------
 
 
-def compare_rtn(model, targets: dict, grid: Grid, judge: "Judge", ctx) -> dict:
+def compare_rtn(model, targets: dict, grid: Grid, judge: Judge, ctx) -> dict:
     originals = {name: module.weight.data.clone() for name, module in targets.items()}
     try:
         for name, module in targets.items():
             set_weight(module, rtn(weight_of(module), grid).dequantize())
         ctx.log("scoring round-to-nearest at the same settings")
-        return judge.score(model)
+        return judge.score(torch_logits_fn(model))
     finally:
         for name, module in targets.items():
             module.weight.data = originals[name]
-
-
-# --- scoring against the input model --------------------------------------------------
-
-
-class Judge:
-    """The input model's held-out logits and MMLU answer log-probs, taken once before quantizing."""
-
-    def __init__(self, model, tokenizer, ctx, cfg: QuantizeConfig):
-        self.tokenizer = tokenizer
-        self.heldout = heldout_blocks(tokenizer, ctx, cfg)
-        fn = torch_logits_fn(model)
-        self.reference = [fn(block) for block in self.heldout.split(1)] if self.heldout is not None else []
-        self.questions = agreement_questions(ctx.mmlu, ctx.subset, cfg.eval_per_subject, ctx.seed, ctx.log)
-        self.mmlu = mmlu_logprobs(fn, tokenizer, self.questions) if self.questions else None
-
-    def reference_fn(self, ids: torch.Tensor) -> torch.Tensor:
-        for block, logits in zip(self.heldout.split(1), self.reference):
-            if torch.equal(block, ids):
-                return logits
-        raise KeyError("not a held-out block")
-
-    @torch.no_grad()
-    def score(self, model) -> dict:
-        fn = torch_logits_fn(model)
-        out: dict = {"heldout": None, "answer_agreement": None}
-        if self.heldout is not None:
-            f = text_fidelity(fn, self.heldout, self.reference_fn)
-            out["heldout"] = {
-                "perplexity": round(f["perplexity"], 4),
-                "reference_perplexity": round(f["reference_perplexity"], 4),
-                "perplexity_ratio": round(f["perplexity"] / f["reference_perplexity"], 4),
-                "top1_agreement_fraction": round(f["top1_agreement"], 4),
-                "kl_nats_per_token": round(f["kl_mean"], 5),
-                "tokens": f["tokens"],
-            }
-        if self.mmlu is not None:
-            a = answer_agreement(mmlu_logprobs(fn, self.tokenizer, self.questions), self.mmlu)
-            out["answer_agreement"] = {"fraction": a["agreement"], "ci95": a["ci95"], "n": a["n"], "answer_kl_nats": a["kl_mean"]}
-        return out
-
-
-def heldout_blocks(tokenizer, ctx, cfg: QuantizeConfig) -> torch.Tensor | None:
-    if not cfg.heldout_blocks:
-        return None
-    try:
-        texts = texts_for(None, tokenizer, part="heldout", exclude=ctx.subset, mmlu=ctx.mmlu, log=lambda _: None)
-        return pack(texts, tokenizer, cfg.heldout_seq_len, cfg.heldout_blocks)
-    except InputError as e:
-        ctx.log(f"no held-out perplexity: {e}")
-        return None
-
 
 
 # --- writing the checkpoint -----------------------------------------------------------
@@ -434,22 +393,8 @@ def manifest(model, results: dict[str, Quantized], kept: list[str], grid: Grid, 
             "in_features": q.codes.shape[1], "out_features": q.codes.shape[0], "bias": getattr(module, "bias", None) is not None,
             "module": type(module).__name__, "act_order": cfg.act_order, "tensors": tensors,
         }
-    return {
-        "format": "vcompress.quant/1",
-        "method": cfg.method,
-        "layout": "gptq_v2",
-        "weights_file": "model.safetensors" if gptq_reloadable(model, grid) else SIDECAR,
-        "math": "W[k,n] = float32(scales[g_idx[k],n]) * (q[k,n] - zero[g_idx[k],n]); y = x @ W + bias (x [..., in], W [in, out])",
-        "packing": {
-            "qweight": "int32 [in*bits/32, out]: code of input k at word k // (32/bits), bit offset (k % (32/bits))*bits, low bits first",
-            "qzeros": "int32 [groups, out*bits/32]: zero of output n at word n // (32/bits), bit offset (n % (32/bits))*bits; stored as is (not zero-1)",
-            "zeros": "float32 [groups, out] (zero_point float only, instead of qzeros)",
-            "scales": "float16 [groups, out]",
-            "g_idx": "int32 [in] == arange(in) // group_size (act-order uses static groups: no permutation)",
-        },
-        "linears": linears,
-        "kept": {name: "float (among the most quantization-sensitive)" for name in kept},
-    }
+    return make_manifest(method=cfg.method, weights_file="model.safetensors" if gptq_reloadable(model, grid) else SIDECAR, linears=linears,
+                         kept={name: "float (among the most quantization-sensitive)" for name in kept})
 
 
 def to_tensors_keys(grid: Grid) -> tuple[str, ...]:
@@ -514,16 +459,3 @@ def notes(cfg: QuantizeConfig, grid: Grid, reloadable: bool) -> list[str]:
     else:
         out.append("reloading this folder with transformers needs gptqmodel (pip install 'vcompress[gptq]')")
     return out
-
-
-def _progress(items, label: str, total: int):
-    """Iterate with a progress bar on stderr (one step per layer)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(label, total=total)
-        for item in items:
-            yield item
-            bar.advance(task)

@@ -7,7 +7,8 @@ Scores (all on the same calibration blocks, losses in nats per token):
 - layers: the loss change when the layer is skipped (its output replaced by its input), and the
   angular distance arccos(cos(x_in, x_out)) / pi between its input and output hidden states;
 - mlp: Taylor importance of each MLP channel (its gate/up rows and down column);
-- quant: the loss change when only that linear layer is rounded to 4-bit RTN (asymmetric, per group).
+- quant: the loss change when only that linear layer is rounded to nearest on the grid quantize will
+  use (quantize's own RTN: its bits, group size, zero point and symmetry; a profile's quantize step sets them).
 
 Writes sensitivity.json and heatmaps/*.png; `vcompress prune --scores` ranks by it.
 """
@@ -21,17 +22,18 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vcompress.core.artifact import write_json
-from vcompress.core.data import pack, texts_for
 from vcompress.core.models import DEFAULT_NAME
 from vcompress.core.registry import STAGES
 from vcompress.core.stage import Stage, StageConfig
 
-from ._arch import (attention, decoder_layers, final_norm, group_heads, in_dim, is_gpt2, linear_modules, load, out_dim,
-                    shape)
+from ._arch import attention, decoder_layers, final_norm, group_heads, in_dim, is_gpt2, linear_modules, out_dim, shape
+from ._calib import calibration_blocks
+from ._gptq_core import Grid, rtn
 from ._heads import masked_heads
+from .quantize import Quantize, choose_group_size, quantizable, set_weight, weight_of
 
 PARTS = ("heads", "layers", "mlp", "quant")
 SENSITIVITY = "sensitivity.json"
@@ -41,24 +43,6 @@ UNITS = {
     "taylor": "sum over the weights of |w * dL/dw|, L the mean loss (higher = more important)",
     "angular_distance": "arccos(cosine(layer input, layer output)) / pi, mean over tokens, 0..1 (lower = the layer changes less)",
 }
-
-
-# --- calibration ----------------------------------------------------------------------
-
-
-def calibration_blocks(tokenizer, *, data=None, subset="medical", mmlu=None, samples: int = 8, seq_len: int = 128,
-                       seed: int = 0, log=print) -> torch.Tensor:
-    """[samples, seq_len] token ids: the user's file, else MMLU text outside the evaluated subset.
-
-    The seed picks which blocks (out of up to 4x as many packed) are used.
-    """
-    texts = texts_for(data, tokenizer, part="calib", exclude=subset, mmlu=mmlu, log=log)
-    pool = pack(texts, tokenizer, seq_len, max_blocks=samples * 4)
-    if pool.shape[0] < samples:
-        log(f"calibration text gives {pool.shape[0]} blocks of {seq_len} tokens, fewer than the {samples} asked for; using them all")
-        return pool
-    pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
-    return pool[pick.sort().values]
 
 
 # --- measuring ------------------------------------------------------------------------
@@ -194,43 +178,26 @@ def taylor_scores(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     return {"query": query, "groups": groups, "channels": channels}
 
 
-def rtn(weight: torch.Tensor, bits: int = 4, group_size: int = 128) -> torch.Tensor:
-    """Round-to-nearest, asymmetric min/max per group of `group_size` input features; weight is [out, in]."""
-    rows, cols = weight.shape
-    groups = weight.reshape(rows, cols // group_size, group_size)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    scale = ((high - low) / (2**bits - 1)).clamp(min=1e-8)
-    zero = torch.round(-low / scale)
-    q = torch.clamp(torch.round(groups / scale) + zero, 0, 2**bits - 1)
-    return ((q - zero) * scale).reshape(rows, cols)
-
-
-def group_size_for(in_features: int, preferred: int = 128) -> int:
-    """The largest of preferred/64/32 that divides in_features (else one group per row)."""
-    for size in (preferred, 64, 32):
-        if size <= preferred and in_features % size == 0:
-            return size
-    return in_features
-
-
 @contextlib.contextmanager
-def quantized(module, bits: int, group_size: int):
-    """Inside the block, only this projection's weight is RTN-rounded."""
+def quantized(module, grid: Grid):
+    """Inside the block, only this projection's weight is rounded, by quantize's own RTN on `grid`."""
     original = module.weight.data
-    w = original.t() if in_dim(module) == 0 else original  # rtn wants [out, in]
-    q = rtn(w.float(), bits, group_size).to(original.dtype)
-    module.weight.data = q.t().contiguous() if in_dim(module) == 0 else q
+    set_weight(module, rtn(weight_of(module).float(), grid).dequantize())
     try:
         yield
     finally:
         module.weight.data = original
 
 
+def model_grid(model, grid: Grid) -> Grid:
+    """`grid` with the group size quantize would use for this model (one for every linear, falling back 128 -> 64 -> 32)."""
+    return Grid(grid.bits, choose_group_size(grid.group_size, quantizable(model), grid.bits), sym=grid.sym, float_zero=grid.float_zero)
+
+
 # --- the whole analysis ---------------------------------------------------------------
 
 
-def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, bits: int = 4,
-            group_size: int = 128, log=print) -> dict:
+def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, grid: Grid | None = None, log=print) -> dict:
     """All requested scores for `model` on `blocks`, as plain lists (layer-major), rounded to 6 digits."""
     info = shape(model)
     layers = decoder_layers(model)
@@ -261,17 +228,20 @@ def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, bi
         result["layers"] = {"skip_loss_delta_nats": skips, "angular_distance": probe.angular_distance}
         log(f"layer skipping ({time.time() - started:.0f}s)")
     if "quant" in parts:
+        grid = model_grid(model, grid or Grid())
         names = [name for name, _ in linear_modules(layers[0])]
-        sizes = {name: group_size_for(m.weight.shape[in_dim(m)], group_size) for name, m in linear_modules(layers[0])}
         rows = []
         for i, layer in enumerate(layers):
             row = []
-            for name, module in linear_modules(layer):
-                with quantized(module, bits, sizes[name]):
+            for _, module in linear_modules(layer):
+                with quantized(module, grid):
                     row.append(probe.loss(start=i) - loss)
             rows.append(row)
-        result["quant"] = {"scheme": f"rtn int{bits} asymmetric", "bits": bits, "modules": names, "group_size": sizes, "loss_delta_nats": rows}
-        log(f"{bits}-bit rounding per linear layer ({time.time() - started:.0f}s)")
+        zero = "symmetric" if grid.sym else ("float zero point" if grid.float_zero else "integer zero point")
+        result["quant"] = {"scheme": f"quantize's rtn, int{grid.bits}, group {grid.group_size}, {zero}", "bits": grid.bits,
+                           "group_size": grid.group_size, "sym": grid.sym, "zero_point": "float" if grid.float_zero else "int",
+                           "modules": names, "loss_delta_nats": rows}
+        log(f"{grid.bits}-bit rounding per linear layer ({time.time() - started:.0f}s)")
     return _rounded(result)
 
 
@@ -343,8 +313,8 @@ def write_heatmaps(result: dict, folder: Path) -> list[Path]:
     if "quant" in result:
         quant = result["quant"]
         fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(quant["modules"]) + 2), tall))
-        _heatmap(ax, quant["loss_delta_nats"], None, "{:.4f}", f"Loss change (nats/token) when only this layer is rounded to {quant['bits']}-bit RTN\n(red: the loss rises; blue: it falls, which is measurement noise)", fig, delta=True)
-        ax.set_xticks(range(len(quant["modules"])), [f"{m}\n(g{quant['group_size'][m]})" for m in quant["modules"]], rotation=30, ha="right", fontsize=8)
+        _heatmap(ax, quant["loss_delta_nats"], None, "{:.4f}", f"Loss change (nats/token) when only this layer is rounded to {quant['bits']}-bit RTN, group {quant['group_size']}\n(red: the loss rises; blue: it falls, which is measurement noise)", fig, delta=True)
+        ax.set_xticks(range(len(quant["modules"])), quant["modules"], rotation=30, ha="right", fontsize=8)
         written.append(_save(fig, folder / "quant.png", plt))
     return written
 
@@ -392,21 +362,47 @@ def _save(fig, path: Path, plt) -> Path:
 @STAGES.register("analyze")
 class Analyze(Stage):
     name = "analyze"
+    folder = "01-analyze"
+    produces = "analysis"
 
     class Config(StageConfig):
         samples: int = Field(4, gt=0, description="calibration blocks (4 x 128 tokens: about 4 minutes for the 135M default on 2 cores)")
         seq_len: int = Field(128, ge=8, description="tokens per calibration block")
         batch_size: int = Field(4, gt=0)
-        group_size: int = Field(128, gt=0, description="RTN group size for the quantization sensitivity")
         parts: list[Literal["heads", "layers", "mlp", "quant"]] = list(PARTS)
+        # the grid of the quant part: quantize's settings, which a profile's quantize step fills in
+        bits: Literal[2, 4, 8] = 4
+        group_size: int = Field(128, gt=0, description="preferred group size; falls back to 64 or 32 as quantize's does")
+        sym: bool = False
+        zero_point: Literal["int", "float"] = "int"
+
+        @model_validator(mode="after")
+        def _consistent(self):
+            if self.zero_point == "float" and self.sym:
+                raise ValueError("a symmetric grid has no zero point to store as a float; drop sym or zero_point")
+            return self
+
+        @property
+        def grid(self) -> Grid:
+            return Grid(self.bits, self.group_size, sym=self.sym, float_zero=self.zero_point == "float")
+
+    @classmethod
+    def from_profile(cls, settings: dict, profile, where=None) -> Analyze:
+        """Rank the linears on the grid the profile's quantize step will use (its bits, group size, zero point)."""
+        step = profile.step("quantize")
+        if step is None:
+            return super().from_profile(settings, profile, where)
+        q = Quantize.from_profile(step.settings, profile, where).config
+        grid = {"bits": q.grid_bits, "group_size": q.group_size, "sym": q.sym, "zero_point": q.zero_point}
+        return cls(cls.parse_config({**grid, **settings}, where))
 
     def run(self, ctx) -> dict:
         cfg = self.config
-        model, tokenizer = load(ctx)
+        model, tokenizer = ctx.load()
         blocks = calibration_blocks(tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=cfg.samples,
                                     seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log)
         result = {"model": str(ctx.source) if ctx.source else DEFAULT_NAME}
-        result.update(analyze(model, blocks, parts=cfg.parts, batch_size=cfg.batch_size, group_size=cfg.group_size, log=ctx.log))
+        result.update(analyze(model, blocks, parts=cfg.parts, batch_size=cfg.batch_size, grid=cfg.grid, log=ctx.log))
         result["calibration"] = {"data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
                                  "blocks": blocks.shape[0], "seq_len": blocks.shape[1], "tokens": blocks.numel(), "seed": ctx.seed}
         write_json(ctx.out / SENSITIVITY, result)

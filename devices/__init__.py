@@ -1,9 +1,18 @@
 """Devices: where latency is measured (host, ssh, adb) or estimated (roofline).
 
-Importing this registers them in `vcompress.core.registry.DEVICES`. The pipeline calls
-`measure(artifact, device_name, profile, **overrides)`; boards run `python -m vcompress.devices.bench`.
+Importing this registers every device module in `vcompress.core.registry.DEVICES`, so a new device is
+one file. The pipeline calls `measure(artifact, device_name, profile, **overrides)`; host and ssh
+boards run devices/bench.py by path (see `base.bench_command`).
 """
-from . import adb, host, roofline, ssh  # noqa: F401  (registers the devices)
-from .measure import default_device, measure, open_device
+import importlib
+import pkgutil
 
-__all__ = ["measure", "open_device", "default_device"]
+SCRIPT = "bench"  # the measuring process, run by path: imported here, `python -m` would load it twice
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_") and _info.name != SCRIPT:
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+from .measure import default_device, measure, measure_on, open_device  # noqa: E402
+
+__all__ = ["measure", "measure_on", "open_device", "default_device"]

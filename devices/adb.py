@@ -10,15 +10,16 @@ the median when printed, else the average. The binary must be on the phone alrea
 """
 from __future__ import annotations
 
-import json
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
-from vcompress.core.artifact import MANIFEST, figure
 from vcompress.core.errors import InputError
+from vcompress.core.manifest import model_files, read_manifest
 from vcompress.core.registry import DEVICES
+from vcompress.core.units import UNIT, figure, mib
 
 from .base import LatencyDevice, Settings, last_line
 
@@ -35,7 +36,8 @@ DELEGATE = re.compile(r"Replacing (\d+) out of (\d+) node\(s\) with delegate \((
 
 
 def parse_benchmark_model(text: str) -> dict:
-    """Figures from one benchmark_model transcript (times in microseconds, memory in MB).
+    """Figures from one benchmark_model transcript (times in microseconds, memory in MiB: the tool
+    prints KiB / 1024 and calls it MB).
 
     Lines starting with '#' are skipped: notes in a saved transcript (the tool's own
     "#threads used" line carries nothing parsed here)."""
@@ -94,13 +96,15 @@ class AdbDevice(LatencyDevice):
     kind = "adb"
     Settings = AdbSettings
 
-    @classmethod
-    def defaults(cls, profile) -> dict:
-        c = profile.device.connection
-        values = {**super().defaults(profile), "serial": c.serial}
-        if "workdir" in c.model_fields_set:  # the schema's default (/tmp) is not writable on a phone
-            values["workdir"] = c.workdir
-        return values
+    def attached(self) -> bool:
+        if shutil.which(self.settings.adb) is None:
+            return False
+        try:
+            out = subprocess.run([self.settings.adb, "devices"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        attached = [line.split()[0] for line in out.splitlines()[1:] if line.strip().endswith("device")]
+        return (self.settings.serial in attached) if self.settings.serial else bool(attached)
 
     def adb(self, *args: str) -> list[str]:
         prefix = [self.settings.adb] + (["-s", self.settings.serial] if self.settings.serial else [])
@@ -163,41 +167,33 @@ def latency_from(prefill: dict, decode: dict, *, label: str, settings: AdbSettin
         "warmup": settings.warmup,
         "ttft_ms": figure(round(ttft_ms, 3), "ms", measured=True, device=label, stats_us=prefill["runs"], tool="benchmark_model"),
         "decode_tokens_per_s": figure(round(decode_tps, 2), "tokens/s", measured=True, device=label, stats_us=decode["runs"], tool="benchmark_model"),
-        "peak_rss_mb": figure(max(peaks) if peaks else None, "MB", measured=True, device=label, tool="benchmark_model",
+        "peak_rss_mb": figure(max(peaks) if peaks else None, UNIT, measured=True, device=label, tool="benchmark_model",
                               note="benchmark_model's own footprint figure (approximate, includes the tool)"),
-        "model_size_mb": figure(round(model_bytes / 2**20, 2), "MB", measured=True),
+        "model_size_mb": figure(mib(model_bytes), UNIT, measured=True),
         "benchmark_model": {"prefill": prefill, "decode": decode},
     }
 
 
 def find_tflite(artifact: Path) -> Path:
-    if artifact.is_file() and artifact.suffix == ".tflite":
-        return artifact
-    models = sorted(artifact.glob("*.tflite")) if artifact.is_dir() else []
-    named = [m for m in models if m.name == "model.tflite"]
-    if named or len(models) == 1:
-        return (named or models)[0]
-    if not models:
-        raise InputError(f"{artifact} holds no .tflite model; the adb device runs TFLite artifacts (export with a tflite profile)")
-    raise InputError(f"{artifact} holds several .tflite files ({', '.join(m.name for m in models)}); pass the one to benchmark")
+    """The .tflite the artifact's manifest lists (or the .tflite file given)."""
+    models = [p for p in model_files(artifact) if p.suffix == ".tflite"]
+    if len(models) != 1:
+        raise InputError(f"{artifact} lists no .tflite model; the adb device runs TFLite artifacts (a folder from `vcompress export tflite`, or a .tflite file)")
+    return models[0]
 
 
 def signature_names(artifact: Path) -> dict:
     """The prefill and decode signature names from the artifact's manifest, else `prefill` / `decode`."""
     names = {"prefill": "prefill", "decode": "decode"}
-    manifest = artifact / MANIFEST if artifact.is_dir() else None
-    if manifest is not None and manifest.is_file():
-        signatures = json.loads(manifest.read_text()).get("signatures", {})
-        names.update({k: v["name"] for k, v in signatures.items() if k in names and isinstance(v, dict) and v.get("name")})
+    signatures = read_manifest(artifact).get("signatures", {})
+    names.update({k: v["name"] for k, v in signatures.items() if k in names and isinstance(v, dict) and v.get("name")})
     return names
 
 
 def prefill_tokens(artifact: Path, default: int) -> int:
     """The prompt length the prefill signature was exported for (the manifest says), else the profile's."""
-    manifest = artifact / MANIFEST if artifact.is_dir() else None
-    if manifest is not None and manifest.is_file():
-        data = json.loads(manifest.read_text())
-        for key in ("prefill_tokens", "prefill_length", "prompt_tokens"):
-            if isinstance(data.get(key), int):
-                return data[key]
+    manifest = read_manifest(artifact)
+    for key in ("prefill_tokens", "prefill_length", "prompt_tokens"):
+        if isinstance(manifest.get(key), int):
+            return manifest[key]
     return default

@@ -1,7 +1,7 @@
 """What every device shares: its settings (validated before work starts) and how a result is labelled.
 
-A device is where latency comes from: `host` and `ssh` run `vcompress.devices.bench` (the one
-Runner code path), `adb` runs LiteRT's `benchmark_model` on a phone, `roofline` estimates. Each is
+A device is where latency comes from: `host` and `ssh` run devices/bench.py (the sessions the
+Runners wrap, in a process that imports only the runtime), `adb` runs LiteRT's `benchmark_model` on a phone, `roofline` estimates. Each is
 registered by name in `vcompress.core.registry.DEVICES`; its settings start from the profile
 (prompt length, threads, connection) and take command-line overrides on top.
 """
@@ -40,8 +40,16 @@ class LatencyDevice(abc.ABC):
 
     @classmethod
     def defaults(cls, profile: Profile) -> dict:
-        """Settings taken from the profile before overrides."""
-        return {"prompt_tokens": profile.budgets.prompt_tokens, "threads": profile.device.threads}
+        """Settings taken from the profile before overrides: the budgets' prompt length, the device's threads,
+        and the connection's own keys when the profile's connection names this device."""
+        values = {"prompt_tokens": profile.budgets.prompt_tokens, "threads": profile.device.threads}
+        if profile.device.connection.kind == cls.kind:
+            values.update(profile.device.connection.settings)
+        return values
+
+    def attached(self) -> bool:
+        """Whether the device can be reached from here now (a phone plugged in, a board named)."""
+        return True
 
     @classmethod
     def configure(cls, profile: Profile, overrides: dict) -> "LatencyDevice":
@@ -53,7 +61,7 @@ class LatencyDevice(abc.ABC):
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
                 known = ", ".join(sorted(cls.Settings.model_fields))
-                raise InputError(f"device {cls.kind!r} has no setting {key!r}; known: {known}") from None
+                raise InputError(f"device {cls.kind!r} has no setting {key!r} (device.connection or a command-line override); known: {known}") from None
             raise InputError(f"device {cls.kind!r} setting {key}: {err['msg']}") from None
         return cls(profile, settings)
 
@@ -73,11 +81,17 @@ def host_label(profile: Profile) -> str:
     return f"{platform.machine()} host"
 
 
-def bench_args(settings: Settings, label: str, kind: str) -> list[str]:
-    """Command-line arguments of `python -m vcompress.devices.bench` after the artifact path."""
-    args = ["--prompt-tokens", settings.prompt_tokens, "--decode-tokens", settings.decode_tokens,
-            "--runs", settings.runs, "--warmup", settings.warmup, "--seed", settings.seed,
-            "--device-label", label, "--device-kind", kind]
+# Runs devices/bench.py by path wherever vcompress is installed, so that the measuring process does not
+# import the vcompress.devices package (whose modules import torch): find_spec imports `vcompress` only.
+BENCH_BOOT = ("import importlib.util, runpy; runpy.run_path(importlib.util.find_spec('vcompress.devices')"
+              ".submodule_search_locations[0] + '/bench.py', run_name='__main__')")
+
+
+def bench_command(python: list[str], artifact: str, settings: Settings, label: str, kind: str) -> list[str]:
+    """The command line that measures `artifact` with devices/bench.py (-P: nothing from the working folder)."""
+    args = [*python, "-P", "-c", BENCH_BOOT, artifact, "--prompt-tokens", settings.prompt_tokens,
+            "--decode-tokens", settings.decode_tokens, "--runs", settings.runs, "--warmup", settings.warmup,
+            "--seed", settings.seed, "--device-label", label, "--device-kind", kind]
     if settings.threads:
         args += ["--threads", settings.threads]
     if settings.backend:

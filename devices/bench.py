@@ -1,17 +1,31 @@
-"""Measure an artifact's latency through its Runner, in this process, and print latency.json.
+"""Measure an artifact's latency the way an app runs it, in this process, and print latency.json.
 
     python -m vcompress.devices.bench ARTIFACT [--prompt-tokens 256] [--decode-tokens 64]
-        [--runs 5] [--warmup 1] [--threads 2] [--backend B]
+        [--runs 5] [--warmup 1] [--threads 2] [--backend B] [--seed 0]
 
 One run = prefill of a fixed prompt, pick the first token (time to first token), then greedy
-decode of --decode-tokens more (decode tokens/s). The prompt is token ids drawn from a fixed seed
-over the model's vocabulary, so every backend gets the same ids. Figures are medians of --runs
-runs after --warmup runs, with the samples. Peak RSS is this process's high-water mark, which is
-why `host` runs this module in a subprocess of its own. Boards run it the same way over ssh.
+decode of --decode-tokens more (decode tokens/s). The prompt is token ids drawn by numpy's seeded
+generator (`default_rng(seed)`; they came from torch's generator before, so the ids changed) over the
+model's vocabulary, so every backend gets the same ids. Figures are medians of --runs runs after
+--warmup runs, with the samples.
+
+An exported artifact (manifest.json format onnx or tflite) runs through its numpy-level session,
+`exporters/_<format>_session.py`, loaded by path: this process then holds numpy and the runtime
+(onnxruntime, ai_edge_litert) and nothing that imports torch, as a deployed app would; the result
+lists the third-party modules it saw. An HF folder runs through the torch Runner (backend torch).
+Peak RSS (VmHWM) is reported beside the runtime's baseline, the RSS after importing the runtime and
+before loading the model; the difference is the model's share. Sizes are MiB.
+
+Devices run this file by path (see `base.bench_command`), not as part of the vcompress.devices
+package, whose other modules import torch; `python -m vcompress.devices.bench` re-executes it so.
+Only the stdlib, numpy and vcompress's pure modules (core.errors, core.manifest, core.units) are
+imported here.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -20,42 +34,102 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
-MB = 2**20
+import numpy as np
+
+from vcompress.core.errors import InputError, VcompressError
+from vcompress.core.manifest import artifact_format, model_size_bytes
+from vcompress.core.units import UNIT, figure, mib
+
+SESSIONS = Path(__file__).resolve().parents[1] / "exporters"  # beside devices/ in a checkout and an install
 
 
-def prompt_ids(vocab_size: int, prompt_tokens: int, seed: int = 0):
-    """The benchmark prompt: [1, prompt_tokens] ids, the same for every backend given the seed."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (1, prompt_tokens), generator=generator, dtype=torch.long)
+def prompt_ids(vocab_size: int, prompt_tokens: int, seed: int = 0) -> np.ndarray:
+    """The benchmark prompt: [1, prompt_tokens] int64 ids, the same for every backend given the seed."""
+    return np.random.default_rng(seed).integers(0, vocab_size, size=(1, prompt_tokens), dtype=np.int64)
 
 
-def peak_rss() -> dict:
-    """This process's peak resident memory, from getrusage and /proc/self/status (both KiB)."""
-    maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"maxrss_mb": round(maxrss_kb / 1024, 1), "vmhwm_mb": None, "vmrss_mb": None}
+def rss_mib(field: str) -> float:
+    """This process's resident memory: VmRSS (now) or VmHWM (its peak) from /proc/self/status."""
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
             key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[f"{key.lower()}_mb"] = round(int(rest.split()[0]) / 1024, 1)
-    return out
+            if key == field:
+                return mib(int(rest.split()[0]) * 1024, 1)
+    return mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 1)  # no /proc: the high-water mark (KiB)
 
 
-def model_size_bytes(artifact: Path) -> int:
-    from vcompress.devices.roofline import weight_files
+def third_party_modules() -> list[str]:
+    """Top-level modules this process imported from outside the standard library."""
+    tops = {name.partition(".")[0] for name in sys.modules}
+    return sorted(t for t in tops - set(sys.stdlib_module_names) if not t.startswith("_"))
 
-    files = weight_files(artifact)
-    return sum(p.stat().st_size for p in files)
+
+def load_session_module(backend: str):
+    """exporters/_<backend>_session.py, loaded by path without the exporters package (whose
+    __init__ imports every exporter, and torch with them); None when the backend has none."""
+    path = SESSIONS / f"_{backend}_session.py"
+    if not path.is_file():
+        return None
+    name = f"_bench_{backend}_session"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class Opened(NamedTuple):
+    runner: Any  # prefill(ids) and decode(token, state), both giving logits with argmax()
+    baseline_mib: float  # RSS with the runtime imported, before the model loads
+    load_s: float
+    runtime: dict
+    prompt: Callable  # numpy ids -> what runner.prefill takes
+
+
+def open_artifact(artifact: Path, backend: str, threads: int | None) -> Opened:
+    try:
+        session = load_session_module(backend)
+        runtime = importlib.import_module(session.RUNTIME) if session else None
+    except ImportError as e:
+        raise InputError(f"{backend} artifacts run on {e.name}, which is not installed here; install it") from None
+    if session is None:
+        return open_torch_runner(artifact, backend, threads)
+    baseline = rss_mib("VmRSS")
+    start = time.perf_counter()
+    try:
+        runner = session.Session(artifact, threads=threads)
+    except session.SessionError as e:
+        raise InputError(str(e)) from None
+    version = getattr(sys.modules[runtime.__name__.partition(".")[0]], "__version__", None)
+    return Opened(runner, baseline, time.perf_counter() - start, {"module": runtime.__name__, "version": version}, np.asarray)
+
+
+def open_torch_runner(artifact: Path, backend: str, threads: int | None) -> Opened:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from vcompress.exporters import open_runner
+
+    hf_logging.disable_progress_bar()  # stdout carries the JSON; keep stderr to real errors
+    if threads:
+        torch.set_num_threads(threads)
+    baseline = rss_mib("VmRSS")
+    start = time.perf_counter()
+    runner = open_runner(artifact, threads=threads, backend=backend)
+    return Opened(runner, baseline, time.perf_counter() - start, {"module": "torch", "version": torch.__version__}, torch.from_numpy)
 
 
 def vocab_size(artifact: Path, runner) -> int:
     config = artifact / "config.json" if artifact.is_dir() else None
     if config is not None and config.is_file():
         return int(json.loads(config.read_text())["vocab_size"])
+    if getattr(runner, "vocab", None):  # a session: the manifest's
+        return int(runner.vocab)
     model = getattr(runner, "model", None)
     if model is not None and hasattr(model, "config"):
         return int(model.config.vocab_size)
@@ -64,15 +138,13 @@ def vocab_size(artifact: Path, runner) -> int:
 
 def one_run(runner, ids, decode_tokens: int) -> tuple[float, float]:
     """(seconds to first token, seconds for decode_tokens greedy decode steps)."""
-    import torch
-
     start = time.perf_counter()
     logits, state = runner.prefill(ids)
-    token = int(torch.argmax(logits))
+    token = int(logits.argmax())
     first = time.perf_counter()
     for _ in range(decode_tokens):
         logits, state = runner.decode(token, state)
-        token = int(torch.argmax(logits))
+        token = int(logits.argmax())
     end = time.perf_counter()
     return first - start, end - first
 
@@ -80,46 +152,34 @@ def one_run(runner, ids, decode_tokens: int) -> tuple[float, float]:
 def run_benchmark(artifact: str | Path, *, prompt_tokens: int = 256, decode_tokens: int = 64, runs: int = 5,
                   warmup: int = 1, threads: int | None = 2, backend: str | None = None, seed: int = 0,
                   device_label: str | None = None, device_kind: str = "host") -> dict:
-    import torch
-
-    from vcompress.core.artifact import figure
-    from vcompress.core.errors import InputError
-    from vcompress.exporters import open_runner
-
     if prompt_tokens <= 0 or decode_tokens <= 0 or runs <= 0 or warmup < 0:
         raise InputError("--prompt-tokens, --decode-tokens and --runs must be positive and --warmup >= 0")
     artifact = Path(artifact)
     if not artifact.exists():
         raise InputError(f"artifact {artifact} does not exist; pass an exported artifact folder or an HF folder")
-    if threads:
-        torch.set_num_threads(threads)
-    rss_before = peak_rss()["vmrss_mb"]
-    start = time.perf_counter()
-    runner = open_runner(artifact, threads=threads, backend=backend)
-    load_s = time.perf_counter() - start
+    backend = backend or artifact_format(artifact)
+    opened = open_artifact(artifact, backend, threads)
+    runner = opened.runner
     limit = getattr(runner, "max_length", None)
     if limit and prompt_tokens + decode_tokens > limit:
         raise InputError(f"--prompt-tokens {prompt_tokens} + --decode-tokens {decode_tokens} exceeds the model's context of {limit}; lower them")
-    ids = prompt_ids(vocab_size(artifact, runner), prompt_tokens, seed)
+    ids = opened.prompt(prompt_ids(vocab_size(artifact, runner), prompt_tokens, seed))
 
     ttft_ms, decode_tps = [], []
-    with torch.no_grad():
-        for i in range(warmup + runs):
-            first_s, decode_s = one_run(runner, ids, decode_tokens)
-            if i >= warmup:
-                ttft_ms.append(round(first_s * 1e3, 3))
-                decode_tps.append(round(decode_tokens / decode_s, 2))
-    rss = peak_rss()
-    runner.close()
+    for i in range(warmup + runs):
+        first_s, decode_s = one_run(runner, ids, decode_tokens)
+        if i >= warmup:
+            ttft_ms.append(round(first_s * 1e3, 3))
+            decode_tps.append(round(decode_tokens / decode_s, 2))
+    peak, baseline = rss_mib("VmHWM"), opened.baseline_mib
 
     device = device_label or f"{platform.machine()} host"
-    peak_mb = rss["vmhwm_mb"] if rss["vmhwm_mb"] is not None else rss["maxrss_mb"]
     return {
         "device": device,
         "device_kind": device_kind,
-        "backend": runner.backend,
+        "backend": backend,
         "source": "measured",
-        "threads": threads,
+        "threads": getattr(runner, "threads", None) or threads,
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
         "runs": runs,
@@ -127,12 +187,14 @@ def run_benchmark(artifact: str | Path, *, prompt_tokens: int = 256, decode_toke
         "seed": seed,
         "ttft_ms": figure(statistics.median(ttft_ms), "ms", measured=True, device=device, samples=ttft_ms),
         "decode_tokens_per_s": figure(statistics.median(decode_tps), "tokens/s", measured=True, device=device, samples=decode_tps),
-        "peak_rss_mb": figure(peak_mb, "MB", measured=True, device=device, maxrss_mb=rss["maxrss_mb"], vmhwm_mb=rss["vmhwm_mb"],
-                              rss_before_load_mb=rss_before),
-        "model_size_mb": figure(round(model_size_bytes(artifact) / MB, 2), "MB", measured=True),
-        "load_s": round(load_s, 3),
+        "peak_rss_mb": figure(peak, UNIT, measured=True, device=device, runtime_baseline_mib=baseline,
+                              model_share_mib=round(peak - baseline, 1)),
+        "model_size_mb": figure(mib(model_size_bytes(artifact)), UNIT, measured=True),
+        "load_s": round(opened.load_s, 3),
+        "runtime": opened.runtime,
+        "modules_imported": third_party_modules(),
         "platform": {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-                     "cpus": os.cpu_count(), "torch": torch.__version__},
+                     "cpus": os.cpu_count()},
     }
 
 
@@ -149,17 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-label", default=None, help="name of this device in the result")
     parser.add_argument("--device-kind", default="host", help="host or ssh: how the result was obtained")
     args = parser.parse_args(argv)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:  # stdout carries the JSON; keep stderr to real errors
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:  # a board with only the ONNX runtime
-        pass
-    from vcompress.core.errors import VcompressError
-
     try:
         result = run_benchmark(args.artifact, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                                runs=args.runs, warmup=args.warmup, threads=args.threads, backend=args.backend,
@@ -167,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     except VcompressError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    from vcompress.core.artifact import _clean
-
-    print(json.dumps(_clean(result), indent=2))
+    print(json.dumps(result, indent=2))
     return 0
 
 
 if __name__ == "__main__":
+    if __package__:  # `python -m vcompress.devices.bench`: the package's import already pulled in torch
+        os.execv(sys.executable, [sys.executable, "-P", __file__, *sys.argv[1:]])
     sys.exit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 from vcompress.core.errors import InputError
 from vcompress.core.registry import DEVICES
 
-from .base import LatencyDevice, bench_args, host_label, last_line, parse_bench_json
+from .base import LatencyDevice, bench_command, host_label, last_line, parse_bench_json
 
 
 @DEVICES.register("host")
@@ -22,7 +22,7 @@ class HostDevice(LatencyDevice):
         return self.settings.label or host_label(self.profile)
 
     def command(self, artifact: Path) -> list[str]:
-        return [sys.executable, "-m", "vcompress.devices.bench", str(Path(artifact).resolve()), *bench_args(self.settings, self.label, self.kind)]
+        return bench_command([sys.executable], str(Path(artifact).resolve()), self.settings, self.label, self.kind)
 
     def measure(self, artifact: Path) -> dict:
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}

@@ -5,8 +5,6 @@ and the ratio measured / estimated, which is how the estimator is validated on t
 """
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 from vcompress.core.errors import InputError
@@ -20,26 +18,10 @@ HOST_PROFILE = "x86-cpu"  # the host's own bandwidth and compute figures
 
 
 def default_device(profile: Profile) -> str:
-    """The device a profile's connection names, or `roofline` when it cannot be reached from here."""
-    c = profile.device.connection
-    if c.kind == "host":
-        return "host"
-    if c.kind == "ssh" and c.host:
-        return "ssh"
-    if c.kind == "adb" and adb_attached(c.serial):
-        return "adb"
-    return "roofline"
-
-
-def adb_attached(serial: str | None = None) -> bool:
-    if shutil.which("adb") is None:
-        return False
-    try:
-        out = subprocess.run(["adb", "devices"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    attached = [line.split()[0] for line in out.splitlines()[1:] if line.strip().endswith("device")]
-    return (serial in attached) if serial else bool(attached)
+    """The device a profile's connection names, or the roofline estimate when it cannot be reached from here."""
+    kind = profile.device.connection.kind
+    device = DEVICES.get(kind).configure(profile, {})
+    return kind if device.attached() else roofline.RooflineDevice.kind
 
 
 def open_device(device_name: str | None, profile: Profile | str | Path | None = None, **overrides) -> LatencyDevice:
@@ -57,10 +39,14 @@ def measure(artifact: str | Path, device_name: str | None = None, profile: Profi
     identity_file, ssh_options; adb: serial, adb, workdir, benchmark_model, extra_args.
     Values of None are ignored, so a CLI can pass its unset options through.
     """
+    return measure_on(open_device(device_name, profile, **overrides), artifact, estimate=estimate)
+
+
+def measure_on(device: LatencyDevice, artifact: str | Path, *, estimate: bool = True) -> dict:
+    """latency.json for `artifact` on a configured device, with the roofline estimate beside a measurement."""
     artifact = Path(artifact)
     if not artifact.exists():
         raise InputError(f"artifact {artifact} does not exist; pass an exported artifact folder")
-    device = open_device(device_name, profile, **overrides)
     result = device.measure(artifact)
     if estimate and result.get("source") == "measured":
         result["estimate"] = _estimate_beside(artifact, device, result)

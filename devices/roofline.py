@@ -11,9 +11,10 @@ The profile's efficiency factor turns ceilings into expectations: decode * effic
 (published on-device decode runs at about 60-70% of the bandwidth ceiling).
 
 Weight bytes are the bytes the artifact actually stores (int4 / int8 / fp16 / fp32 as written), read
-from the weight files: safetensors headers, ONNX initializers, else the file sizes. Tables that are
-only gathered from (an untied input embedding, GPT-2's position table) are read one row per token
-and are left out of the per-token bytes.
+from its model files (those the manifest lists, or an HF folder's safetensors): safetensors headers,
+ONNX initializers, else the file sizes. Tables that are only gathered from (an untied input
+embedding, GPT-2's position table) are read one row per token and are left out of the per-token
+bytes. Sizes are reported in MiB.
 """
 from __future__ import annotations
 
@@ -22,13 +23,12 @@ import struct
 from pathlib import Path
 from types import SimpleNamespace
 
-from vcompress.core.artifact import MANIFEST, figure
 from vcompress.core.errors import InputError
+from vcompress.core.manifest import artifact_format, model_files, model_size_bytes, read_manifest
 from vcompress.core.models import attention_shape
 from vcompress.core.profiles import Device
+from vcompress.core.units import UNIT, figure, mib
 
-MB = 2**20  # "MB" in budgets, like benchmark_model and /proc, counts MiB
-WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".tflite", ".engine", ".plan", ".gguf")
 GATHER_OPS = {"Gather", "GatherBlockQuantized"}
 DEFAULT_DECODE_TOKENS = 64
 
@@ -67,26 +67,25 @@ def shapes(config: dict) -> dict:
     }
 
 
-def weight_files(artifact: Path | str) -> list[Path]:
-    path = Path(artifact)
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) and "checkpoints" not in p.parts)
-
-
-def weight_bytes(artifact: Path | str, tied: bool = True) -> dict:
-    """Bytes of weights stored, and of those read for every token (gather-only tables left out)."""
-    stored = gathered = 0
-    files = weight_files(artifact)
+def artifact_model_files(artifact: Path | str) -> list[Path]:
+    files = model_files(artifact)
     if not files:
-        raise InputError(f"{artifact} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); pass an HF folder or an exported artifact")
-    onnx_data = {p for p in files if p.suffix == ".data"}
+        raise InputError(f"{artifact} holds no model files (an exported folder lists them in manifest.json, an HF folder holds *.safetensors); pass an HF folder or an exported artifact")
+    return files
+
+
+def weight_bytes(files: list[Path], tied: bool = True) -> dict:
+    """Bytes of weights stored in `files` (an artifact's model files), and of those read for every
+    token (gather-only tables left out)."""
+    stored = gathered = 0
+    graphs = [f for f in files if f.suffix == ".onnx"]
+    external = [f for f in files if f not in graphs and any(f.name.startswith(g.name) for g in graphs)]
     for file in files:
         if file.suffix == ".safetensors":
             s, g = _safetensors_bytes(file, tied)
         elif file.suffix == ".onnx":
-            s, g = _onnx_bytes(file, onnx_data)
-        elif file in onnx_data and any(f.suffix == ".onnx" for f in files):
+            s, g = _onnx_bytes(file, external)
+        elif file in external:
             continue  # counted through the .onnx initializers that point into it
         else:
             s, g = file.stat().st_size, 0
@@ -112,7 +111,7 @@ def _safetensors_bytes(file: Path, tied: bool) -> tuple[int, int]:
     return stored, gathered
 
 
-def _onnx_bytes(file: Path, data_files: set[Path]) -> tuple[int, int]:
+def _onnx_bytes(file: Path, data_files: list[Path]) -> tuple[int, int]:
     try:
         import onnx
         from onnx import helper
@@ -147,24 +146,11 @@ def _initializer_bytes(init, onnx, helper) -> int:
 
 def kv_bytes_per_element(artifact: Path | str) -> int:
     """The KV cache's element size: the manifest's kv_dtype if given, fp16 for TensorRT, else fp32."""
-    folder = Path(artifact)
-    manifest = folder / MANIFEST if folder.is_dir() else None
-    if manifest is not None and manifest.is_file():
-        data = json.loads(manifest.read_text())
-        kv = str(data.get("kv_dtype", "")).lower()
-        if kv:
-            return {"float16": 2, "fp16": 2, "bfloat16": 2, "int8": 1, "float32": 4, "fp32": 4}.get(kv, 4)
-        if data.get("format") == "tensorrt":
-            return 2
-    return 4
-
-
-def format_of(artifact: Path | str) -> str:
-    folder = Path(artifact)
-    manifest = folder / MANIFEST
-    if folder.is_dir() and manifest.is_file():
-        return json.loads(manifest.read_text()).get("format", "unknown")
-    return "torch" if (folder / "config.json").is_file() else "unknown"
+    manifest = read_manifest(artifact)
+    kv = str(manifest.get("kv_dtype", "")).lower()
+    if kv:
+        return {"float16": 2, "fp16": 2, "bfloat16": 2, "int8": 1, "float32": 4, "fp32": 4}.get(kv, 4)
+    return 2 if manifest.get("format") == "tensorrt" else 4
 
 
 # --- the estimate ---------------------------------------------------------------------
@@ -226,23 +212,23 @@ def estimate(artifact: Path | str, device: Device, *, prompt_tokens: int, decode
         raise InputError(f"prompt_tokens ({prompt_tokens}) and decode_tokens ({decode_tokens}) must be positive")
     artifact = Path(artifact)
     shape = shapes(read_config(artifact))
-    weights = weight_bytes(artifact, tied=shape["tied"])
+    weights = weight_bytes(artifact_model_files(artifact), tied=shape["tied"])
     kv_bytes = kv_bytes_per_element(artifact)
     line = roofline(shape, weights, device, prompt_tokens, decode_tokens, kv_bytes)
     name = device.name
     return {
         "device": name,
         "device_kind": "roofline",
-        "backend": format_of(artifact),
+        "backend": artifact_format(artifact),
         "source": "estimated",
         "threads": device.threads,
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
         "ttft_ms": figure(round(line["ttft_ms"], 3), "ms", measured=False, device=name),
         "decode_tokens_per_s": figure(round(line["decode_tokens_per_s"], 2), "tokens/s", measured=False, device=name),
-        "peak_rss_mb": figure(round(peak_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_bytes) / MB, 1), "MB", measured=False, device=name,
+        "peak_rss_mb": figure(mib(peak_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_bytes), 1), UNIT, measured=False, device=name,
                               note="lower bound: weights + KV cache + prefill activations, without the runtime itself"),
-        "model_size_mb": figure(round(sum(p.stat().st_size for p in weight_files(artifact)) / MB, 2), "MB", measured=True),
+        "model_size_mb": figure(mib(model_size_bytes(artifact)), UNIT, measured=True),
         "roofline": {**line, "kv_bytes_per_element": kv_bytes, "weight_bytes_stored": weights["stored_bytes"],
                      "params": {k: shape[k] for k in ("body_params", "head_params", "layers", "query_heads", "kv_heads", "head_dim", "hidden_size", "vocab_size")}},
     }

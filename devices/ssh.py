@@ -1,10 +1,11 @@
 """`ssh`: a Linux board (Jetson, Raspberry Pi). Copy the artifact to the board's workdir, run
-`python -m vcompress.devices.bench` there with the board's Python, read the JSON it prints.
+devices/bench.py there with the board's Python (`base.bench_command`), read the JSON it prints.
 
 The board needs vcompress and the artifact's runtime installed for that Python
-(`pip install vcompress` in its environment). Connection settings come from the profile's
-`device.connection` (host, user, port, python, workdir) and command-line overrides; key-based
-login is assumed (BatchMode: ssh never waits for a password).
+(`pip install vcompress` in its environment); the measuring process imports only the runtime.
+Connection settings come from the profile's `device.connection` (host, user, port, python,
+workdir) and command-line overrides; key-based login is assumed (BatchMode: ssh never waits for a
+password).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydantic import Field
 from vcompress.core.errors import InputError
 from vcompress.core.registry import DEVICES
 
-from .base import LatencyDevice, Settings, bench_args, last_line, parse_bench_json
+from .base import LatencyDevice, Settings, bench_command, last_line, parse_bench_json
 
 
 class SshSettings(Settings):
@@ -36,10 +37,8 @@ class SshDevice(LatencyDevice):
     kind = "ssh"
     Settings = SshSettings
 
-    @classmethod
-    def defaults(cls, profile) -> dict:
-        c = profile.device.connection
-        return {**super().defaults(profile), "host": c.host, "user": c.user, "port": c.port, "python": c.python, "workdir": c.workdir}
+    def attached(self) -> bool:
+        return bool(self.settings.host)
 
     @property
     def target(self) -> str:
@@ -69,9 +68,8 @@ class SshDevice(LatencyDevice):
         return f"{self.settings.workdir.rstrip('/')}/{Path(artifact).name}"
 
     def bench_command(self, artifact: Path) -> str:
-        python = " ".join(shlex.quote(part) for part in shlex.split(self.settings.python))
-        args = " ".join(shlex.quote(a) for a in bench_args(self.settings, self.label, self.kind))
-        return f"{python} -m vcompress.devices.bench {shlex.quote(self.remote_path(artifact))} {args}"
+        command = bench_command(shlex.split(self.settings.python), self.remote_path(artifact), self.settings, self.label, self.kind)
+        return " ".join(shlex.quote(word) for word in command)
 
     def _run(self, command: list[str], what: str, timeout: float) -> subprocess.CompletedProcess:
         try:

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
 from pathlib import Path
 
-from vcompress.core.errors import InputError
-from vcompress.core.registry import EXPORTERS
+from vcompress.core.artifact import MANIFEST, read_json
+from vcompress.core.errors import InputError, Unsupported
+from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.runner import RUNNERS, Runner
+from vcompress.core.stage import Stage
+
+from .base import ExportStage
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
@@ -18,9 +21,12 @@ for _info in pkgutil.iter_modules(__path__):
 def detect_backend(path: str | Path) -> str:
     """The backend that runs an artifact folder: its manifest's `format`, else torch for an HF folder."""
     path = Path(path)
-    manifest = path / "manifest.json"
+    manifest = path / MANIFEST
     if manifest.is_file():
-        return json.loads(manifest.read_text())["format"]
+        data = read_json(manifest)
+        if not isinstance(data, dict) or not isinstance(data.get("format"), str):
+            raise InputError(f"{manifest} names no format; re-export the artifact with `vcompress export`")
+        return data["format"]
     if (path / "config.json").is_file() or path.suffix == ".gguf":
         return "torch"
     raise InputError(f"{path} is neither an HF checkpoint folder nor an exported artifact (no manifest.json); pass one of those")
@@ -34,20 +40,30 @@ def open_runner(path: str | Path | None, *, threads: int | None = None, backend:
     return RUNNERS.get(backend)(path, threads=threads, **kwargs)
 
 
-NOT_A_PIPELINE_FORMAT = {
-    "tensorrt": "TensorRT's ONNX parser does not take the ONNX Runtime fused operators our ONNX graph is built from "
-                "(GroupQueryAttention, MatMulNBits), so `run` cannot end in an engine; run an onnx profile, then "
-                "`vcompress export tensorrt --onnx RUN/05-export-onnx --out E` for the labelled engine build plan",
-}
-
-
-def export_stage(settings: dict, where: str | None = None):
-    """The export Stage for settings that name their `format` (onnx, tflite, tensorrt)."""
+def export_stage(settings: dict, where: str | None = None) -> ExportStage:
+    """The export Stage for settings that name their `format` (a registered exporter), its config validated."""
     settings = dict(settings)
-    fmt = settings.pop("format")
-    if fmt not in EXPORTERS:
-        known = ", ".join(EXPORTERS.names())
-        hint = NOT_A_PIPELINE_FORMAT.get(fmt, f"available: {known}")
-        raise InputError(f"{where + ': ' if where else ''}no pipeline exporter for format {fmt!r}; {hint}")
-    stage_cls = EXPORTERS.get(fmt)
+    stage_cls = EXPORTERS.get(settings.pop("format"))
     return stage_cls(stage_cls.parse_config(settings, where=where))
+
+
+@STAGES.register("export")
+class Export(Stage):
+    """A recipe's export step: the profile's target format picks the registered exporter, whose runtime
+    must be the one the target names."""
+
+    name = "export"
+    folder = "05-export"  # 05-export-<format> in a run (ExportStage.run_folder)
+
+    @classmethod
+    def from_profile(cls, settings: dict, profile, where: str | None = None) -> ExportStage:
+        target, prefix = profile.target, f"{where}: " if where else ""
+        if target.format not in EXPORTERS:
+            raise InputError(f"{prefix}target.format {target.format!r} has no exporter; known: {', '.join(EXPORTERS.names())}")
+        exporter = EXPORTERS.get(target.format)
+        if target.runtime and target.runtime != exporter.runtime:
+            raise InputError(f"{prefix}target.runtime {target.runtime!r}: the {target.format} exporter's artifacts run on "
+                             f"{exporter.runtime!r}; set runtime: {exporter.runtime} or leave it out")
+        if exporter.refuses_checkpoints:  # a run hands the exporter a model checkpoint
+            raise Unsupported(f"{prefix}{exporter.refuses_checkpoints}")
+        return export_stage({"format": target.format, "quant": target.quant, **settings}, where)

@@ -1,11 +1,8 @@
 """Carry the quantize stage's exact grid (GPTQ / RTN / INT8 codes, scales, zero points) into MatMulNBits.
 
 The hand-off is a file format, not an import (compress/ and exporters/ do not import each other):
-a quantized folder holds quant_manifest.json ("format": "vcompress.quant/1") describing, per linear,
-  qweight int32 [K*bits/32, N]  codes along K, low bits first
-  qzeros  int32 [G, N*bits/32]  integer zero points along N (stored as is), or zeros float32 [G, N]
-  scales  float16 [G, N]        g_idx int32 [K] == arange(K) // group_size
-  W[k, n] = float32(scales[g, n]) * (q[k, n] - zero[g, n]),  g = k // group_size;  y = x @ W + bias
+quant_manifest.json and the GPTQ tensors it names, read through vcompress.core.quant_format, give per
+linear the codes q [K, N], scales [G, N] and zero points [G, N] of W[k, n] = scale * (q - zero).
 MatMulNBits computes the same (q - zero) * scale with B [N, G, group_size*bits/8], so the codes are
 repacked, not re-quantized: the ONNX model holds exactly the quantized model's weights.
 
@@ -18,94 +15,35 @@ matrix: the fast kernel does the work, the correction is one tiny MatMul per qua
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
+
+from vcompress.core.errors import InputError
+from vcompress.core.quant_format import codes, grid_bits, linear_tensors
 
 from ._onnx_graph import MS
 
-FORMAT = "vcompress.quant/1"
-MANIFEST = "quant_manifest.json"
 
-
-def quant_manifest(source) -> dict | None:
-    """The quantize stage's manifest if `source` is one of its folders, else None."""
-    path = getattr(source, "path", source)
-    if path is None:
-        return None
-    file = Path(str(path)) / MANIFEST
-    if not file.is_file():
-        return None
-    manifest = json.loads(file.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{file} has format {manifest.get('format')!r}; this exporter reads {FORMAT!r}")
-    return manifest
-
-
-def grid_bits(manifest: dict) -> int:
-    bits = {spec["bits"] for spec in manifest["linears"].values()}
-    if len(bits) != 1:
-        raise ValueError(f"mixed bit widths {sorted(bits)} in one checkpoint are not exported")
-    return bits.pop()
-
-
-def load_dequantized(folder: str | Path, manifest: dict):
-    """(model, tokenizer): a float32 transformers model whose quantized linears hold W as the
-    quantized model computes it (the parity reference), built without gptqmodel."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    state = load_file(str(folder / "model.safetensors"))
-    packed = state if manifest["weights_file"] == "model.safetensors" else load_file(str(folder / manifest["weights_file"]))
-    for name, spec in manifest["linears"].items():
-        w = torch.from_numpy(dequantize(packed, spec))  # [in, out]
-        state[f"{name}.weight"] = w if spec.get("module") == "Conv1D" else w.t().contiguous()
-        for key in spec["tensors"].values():
-            state.pop(key, None)
-    config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{folder}: weights do not match the config (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def codes(packed: dict, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q [K, N] uint8, scales [G, N] float32, zero [G, N] uint8 or float32) of one linear."""
-    bits, k, n = spec["bits"], spec["in_features"], spec["out_features"]
-    t = {key: _numpy(packed[name]) for key, name in spec["tensors"].items()}
-    if "g_idx" in t and not np.array_equal(t["g_idx"], np.arange(k) // spec["group_size"]):
-        raise ValueError("g_idx is not arange(K) // group_size: a permuted (act-order) grid cannot be carried")
-    q = _unpack(t["qweight"], bits, axis=0)[:k]
-    if "zeros" in t:
-        zero = t["zeros"].astype(np.float32)
-    else:
-        zero = _unpack(t["qzeros"], bits, axis=1)[:, :n]
-    return q, t["scales"].astype(np.float32), zero
-
-
-def dequantize(packed: dict, spec: dict) -> np.ndarray:
-    """W [in, out] float32 by the manifest's math."""
-    q, scales, zero = codes(packed, spec)
-    g = np.arange(spec["in_features"]) // spec["group_size"]
-    return scales[g] * (q.astype(np.float32) - zero[g].astype(np.float32))
+def _codes(packed: dict, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q [K, N] uint8, scales [G, N] float32, zero [G, N] uint8, or float32 for float zero points) of one linear."""
+    tensors = linear_tensors(packed, spec)
+    if "g_idx" in tensors and not np.array_equal(tensors["g_idx"].numpy(), np.arange(spec["in_features"]) // spec["group_size"]):
+        raise InputError("g_idx is not arange(K) // group_size: a permuted (act-order) grid cannot be carried; re-quantize with `vcompress quantize` or export with --quant none")
+    q, scales, zero = codes(tensors, spec["bits"])
+    zero = zero.numpy() if zero.is_floating_point() else zero.numpy().astype(np.uint8)
+    return q.numpy().astype(np.uint8), scales.numpy(), zero
 
 
 def matmulnbits_inputs(packed: dict, specs: list[dict]) -> dict:
     """B, scales, zero points (and attributes) for one MatMulNBits of linears concatenated along N."""
     if len({(s["bits"], s["group_size"], s["in_features"], "zeros" in s["tensors"]) for s in specs}) != 1:
-        raise ValueError("linears packed into one MatMul must share bits, group size, input size and zero-point kind")
+        names = [s["tensors"]["scales"].rsplit(".", 1)[0] for s in specs]
+        raise InputError(f"{names} share one MatMul but not bits, group size and zero-point kind; re-quantize them alike or export with --quant none")
     bits, gs, k = specs[0]["bits"], specs[0]["group_size"], specs[0]["in_features"]
-    parts = [codes(packed, s) for s in specs]
+    parts = [_codes(packed, s) for s in specs]
     q = np.concatenate([p[0] for p in parts], axis=1)  # [K, N]
     scales = np.concatenate([p[1] for p in parts], axis=1)
     zero = np.concatenate([p[2] for p in parts], axis=1)
@@ -164,7 +102,7 @@ def carry(model: onnx.ModelProto, folder: str | Path, manifest: dict, arch: str,
             nodes.append(node)
             continue
         if len(quantized) != len(names):
-            raise ValueError(f"{node.name} packs {names} but only {quantized} are quantized: cannot carry a partial grid")
+            raise InputError(f"{node.name} packs {names} but only {quantized} are quantized; re-quantize keeping all or none of them in float, or export with --quant none")
         inputs = matmulnbits_inputs(packed, [linears[n] for n in names])
         stem = node.name.rsplit("/", 1)[0]
         init_names = [f"{stem}.weight_Q{inputs['bits']}", f"{stem}.weight_scales", f"{stem}.weight_zero_points"]
@@ -207,17 +145,3 @@ def _float_zero_correction(graph, stem: str, x: str, main: str, out: str, correc
         helper.make_node("Add", [main, fix], [out], name=f"{stem}/zero_correction/Add"),
     ]
 
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.float().numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.numpy()
-
-
-def _unpack(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """int32 words to codes along `axis` (low bits first): [R, C] -> [R*32/bits, C] or [R, C*32/bits]."""
-    per = 32 // bits
-    w = words.astype(np.int64) & 0xFFFFFFFF
-    shifts = np.arange(per, dtype=np.int64) * bits
-    mask = (1 << bits) - 1
-    if axis == 0:
-        return ((w[:, None, :] >> shifts[None, :, None]) & mask).reshape(-1, w.shape[1]).astype(np.uint8)
-    return ((w[:, :, None] >> shifts[None, None, :]) & mask).reshape(w.shape[0], -1).astype(np.uint8)

@@ -1,8 +1,10 @@
 """The ONNX Runtime decode loop, on numpy alone: what both the Runner and the latency bench run.
 
-No torch here on purpose: importing torch costs ~200 MB of resident memory, which a deployed ONNX
-Runtime app does not pay, so bench/onnx_latency.py loads this file by path and measures the same
-code that `OnnxRunner` (exporters/onnx.py) wraps for evaluation.
+No torch here on purpose: importing torch costs ~280 MiB of resident memory, which a deployed ONNX
+Runtime app does not pay, so the latency bench (devices/bench.py) loads this file by path, without
+the exporters package, and measures the same code that `OnnxRunner` (exporters/onnx.py) wraps for
+evaluation. Like every `_<format>_session.py`, it names its class `Session` and the module an app
+imports to run the format `RUNTIME`.
 
 The KV cache is one [1, kv_heads, capacity, head_dim] float32 buffer per layer and side, bound by
 pointer both as past_key_values.* and present.*: GroupQueryAttention appends in place, so a decode
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+RUNTIME = "onnxruntime"
 OPTIMIZATION = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -122,6 +125,11 @@ class DecoderSession:
         state.length += 1
         return state.logits[0, -1], state
 
+    @property
+    def max_length(self) -> int:
+        """The most tokens one sequence may hold."""
+        return self.max_positions
+
     def check_length(self, seq: int) -> None:
         if seq > self.max_positions:
             raise SessionError(f"{seq} tokens exceed the model's {self.max_positions} positions; shorten the input")
@@ -172,6 +180,8 @@ class DecoderSession:
         state.cache, state.capacity = bigger, capacity
         self._decode_binding(state)
 
+
+Session = DecoderSession  # the name the latency bench looks for
 
 _ELEMENT = {np.dtype(np.float32): np.float32, np.dtype(np.int64): np.int64, np.dtype(np.int32): np.int32}
 

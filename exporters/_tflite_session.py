@@ -1,6 +1,7 @@
 """The LiteRT decode loop on numpy alone: what both the Runner and the latency bench run.
 
-No torch here, for the same reason as _onnx_session.py: a deployed LiteRT app does not pay for it.
+No torch here, for the same reason as _onnx_session.py: a deployed LiteRT app does not pay for it
+(the latency bench loads this file by path; `Session` and `RUNTIME` are the names it looks for).
 
 The .tflite holds two signatures with static shapes (litert-torch's generative export):
   prefill_<P>  tokens int32 [1, P], input_pos int32 [P], mask float32 [1, 1, P, C], kv_cache_* -> kv_cache_*
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "tflite"
+RUNTIME = "ai_edge_litert.interpreter"
 
 
 class SessionError(ValueError):
@@ -134,9 +136,17 @@ class LiteRTSession:
         visible = slots <= positions[:, None]
         return np.where(visible, 0.0, -np.inf).astype(np.float32)[None, None]
 
+    @property
+    def max_length(self) -> int:
+        """The most tokens one sequence may hold."""
+        return self.cache_length
+
     def check_length(self, tokens: int) -> None:
         if tokens > self.cache_length:
             raise SessionError(f"{tokens} tokens exceed the export's cache of {self.cache_length}; shorten the input or re-export with a larger --cache-length")
+
+
+Session = LiteRTSession  # the name the latency bench looks for
 
 
 def signature_io(model_file: str | Path) -> dict[str, dict]:

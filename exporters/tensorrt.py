@@ -1,7 +1,8 @@
 """TensorRT from our ONNX export: a serialized engine where TensorRT and a CUDA GPU exist, else the
 engine build plan (the exact `trtexec` command), clearly labelled as a plan.
 
-`build(onnx_dir, out, precision=...)` reads the ONNX artifact's manifest.json (its inputs, with the
+The exporter's source is an ONNX artifact folder, not a model checkpoint (see CHECKPOINT_REFUSED).
+`export(onnx_dir, out, precision=...)` reads the ONNX artifact's manifest.json (its inputs, with the
 symbolic dims batch / seq / past_seq) and makes one optimization profile:
   batch     1 / 1 / 1
   seq       1 / 1 / max_tokens            (decode at opt; a prompt up to the context at max)
@@ -22,13 +23,95 @@ from importlib import util
 from pathlib import Path
 from typing import Literal
 
-from vcompress.core.artifact import MANIFEST, stage_folder, write_json
-from vcompress.core.errors import InputError, Unsupported
+from pydantic import AliasChoices, Field
 
+from vcompress.core.artifact import MANIFEST, read_json, write_json
+from vcompress.core.errors import InputError, Unsupported
+from vcompress.core.models import ModelSource
+from vcompress.core.registry import EXPORTERS
+from vcompress.core.stage import StageConfig, StageContext, execute
+
+from .base import ExportStage
+
+FORMAT = "tensorrt"
 PLAN_FORMAT = "tensorrt-plan"
-ENGINE_FORMAT = "tensorrt"
 ENGINE_FILE = "model.engine"
-Precision = Literal["fp16", "int8"]
+SIDECARS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+CHECKPOINT_REFUSED = (
+    f"exporter {FORMAT!r} builds from an ONNX export, not from a model checkpoint, and TensorRT's ONNX parser does not take "
+    "the ONNX Runtime fused operators our ONNX graph is built from (GroupQueryAttention, MatMulNBits); run an onnx profile, "
+    "then `vcompress export tensorrt --onnx RUN/05-export-onnx --out E` for the labelled engine build plan")
+
+
+class TensorRTExportConfig(StageConfig):
+    # a profile's target.quant (fp16) names the builder precision
+    precision: Literal["fp16", "int8"] = Field("fp16", validation_alias=AliasChoices("precision", "quant"),
+                                               description="TensorRT builder precision flags (int8 where it can, fp16 elsewhere)")
+    prefill_tokens: int = Field(256, ge=1, description="past length the optimization profile is tuned for")
+    max_tokens: int | None = Field(None, ge=2, description="longest sequence the engine accepts (default: the model's positions)")
+
+
+@EXPORTERS.register(FORMAT)
+class TensorRTExport(ExportStage):
+    format = FORMAT
+    runtime = "tensorrt"
+    runtime_package = "tensorrt"
+    refuses_checkpoints = CHECKPOINT_REFUSED
+    Config = TensorRTExportConfig
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg: TensorRTExportConfig = self.config
+        if _is_checkpoint(ctx.source):
+            raise Unsupported(CHECKPOINT_REFUSED)
+        onnx_dir = Path(ctx.source)
+        onnx = read_onnx_manifest(onnx_dir)
+        shapes = profile_shapes(onnx, prefill_tokens=cfg.prefill_tokens, max_tokens=cfg.max_tokens)
+        onnx_file = onnx_dir / onnx["files"]["model"]
+        blocking = contrib_ops(onnx_file)
+        usable, why = tensorrt_available()
+        for name in SIDECARS:
+            if (onnx_dir / name).is_file():
+                shutil.copyfile(onnx_dir / name, ctx.out / name)
+        record = {
+            "source_onnx": str(onnx_dir.resolve()),
+            "onnx_quant": onnx.get("quant", {}).get("scheme"),
+            "precision": cfg.precision,
+            "profile": {"prefill_tokens": cfg.prefill_tokens, "max_tokens": cfg.max_tokens or onnx["max_positions"], "shapes": shapes},
+            "contrib_ops": blocking,
+            "trtexec": trtexec_command(str(onnx_file.resolve()), ENGINE_FILE, shapes, cfg.precision),
+            "notes": _notes(blocking, cfg.precision),
+        }
+        if usable:
+            ctx.log(f"building a TensorRT engine ({cfg.precision}) from {onnx_file}")
+            (ctx.out / ENGINE_FILE).write_bytes(_build_engine(onnx_file, shapes, cfg.precision))
+            manifest = self.manifest({"engine": ENGINE_FILE}, engine_built=True, **record, parity=None, latency=None,
+                                     not_run="this version builds the engine only; parity and latency through TensorRT are not implemented")
+        else:
+            _write_script(ctx.out / "build_engine.sh", record, why)
+            manifest = self.manifest({"plan": "build_plan.json", "script": "build_engine.sh"}, format=PLAN_FORMAT,
+                                     engine_built=False, reason=why, **record)
+            write_json(ctx.out / "build_plan.json", manifest)
+            ctx.log(f"no TensorRT engine was built: {why}. Writing the build plan (build_plan.json) and build_engine.sh (trtexec) instead")
+            if blocking:
+                ctx.log(f"warning: the ONNX graph uses {', '.join(blocking)} (ONNX Runtime contrib ops); TensorRT's ONNX parser has none of them, so the build needs plugins for them")
+        write_json(ctx.out / MANIFEST, manifest)
+        return {"format": manifest["format"], "engine_built": usable, "precision": cfg.precision, "contrib_ops": blocking}
+
+
+def export(onnx_dir: str | Path, out: str | Path, *, force: bool = False, log=print, **settings) -> dict:
+    """Build the engine (TensorRT + CUDA here) or write the build plan from an ONNX export; returns the written manifest."""
+    execute(TensorRTExport(settings), out, source=onnx_dir, force=force, log=log)
+    return read_json(Path(out) / MANIFEST)
+
+
+def _is_checkpoint(source) -> bool:
+    """A model (checkpoint folder, GGUF, LoRA adapter, hub id, the embedded default) rather than an artifact folder."""
+    if source is None or isinstance(source, ModelSource) or str(source).startswith("hf:"):
+        return True
+    path = Path(source)
+    if (path / MANIFEST).is_file():
+        return False
+    return path.suffix == ".gguf" or (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 def read_onnx_manifest(onnx_dir: str | Path) -> dict:
@@ -97,51 +180,13 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, ""
 
 
-def build(onnx_dir: str | Path, out: str | Path, *, precision: Precision = "fp16", prefill_tokens: int = 256,
-          max_tokens: int | None = None, force: bool = False, log=print) -> dict:
-    """Build the engine (TensorRT + CUDA here) or write the build plan; returns the written manifest."""
-    onnx_dir = Path(onnx_dir)
-    manifest = read_onnx_manifest(onnx_dir)
-    shapes = profile_shapes(manifest, prefill_tokens=prefill_tokens, max_tokens=max_tokens)
-    onnx_file = onnx_dir / manifest["files"]["model"]
-    blocking = contrib_ops(onnx_file)
-    usable, why = tensorrt_available()
-    with stage_folder(out, force=force) as tmp:
-        for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            if (onnx_dir / name).is_file():
-                shutil.copyfile(onnx_dir / name, tmp / name)
-        record = {
-            "source_onnx": str(onnx_dir.resolve()),
-            "onnx_quant": manifest.get("quant", {}).get("scheme"),
-            "precision": precision,
-            "profile": {"prefill_tokens": prefill_tokens, "max_tokens": max_tokens or manifest["max_positions"], "shapes": shapes},
-            "contrib_ops": blocking,
-            "trtexec": trtexec_command(str(onnx_file.resolve()), ENGINE_FILE, shapes, precision),
-            "notes": _notes(blocking, precision),
-        }
-        if usable:
-            log(f"building a TensorRT engine ({precision}) from {onnx_file}")
-            engine = _build_engine(onnx_file, shapes, precision)
-            (tmp / ENGINE_FILE).write_bytes(engine)
-            result = {"format": ENGINE_FORMAT, "engine_built": True, "files": {"engine": ENGINE_FILE}, **record,
-                      "parity": None, "latency": None,
-                      "not_run": "this version builds the engine only; parity and latency through TensorRT are not implemented"}
-        else:
-            command = record["trtexec"]
-            (tmp / "build_engine.sh").write_text(
-                "#!/bin/sh\n# vcompress TensorRT build plan: run on the target (TensorRT and its GPU), next to a copy of the ONNX folder.\n"
-                f"# No engine was built where this was written: {why}.\n"
-                + "".join(f"# note: {n}\n" for n in record["notes"]) + "set -e\n" + " \\\n  ".join(shlex.quote(w) for w in command) + "\n")
-            (tmp / "build_engine.sh").chmod(0o755)
-            result = {"format": PLAN_FORMAT, "engine_built": False, "reason": why,
-                      "files": {"plan": "build_plan.json", "script": "build_engine.sh"}, **record}
-            write_json(tmp / "build_plan.json", result)
-        write_json(tmp / MANIFEST, result)
-    if not usable:
-        log(f"no TensorRT engine was built: {why}. Wrote the build plan {Path(out) / 'build_plan.json'} and {Path(out) / 'build_engine.sh'} (trtexec) instead")
-        if blocking:
-            log(f"warning: the ONNX graph uses {', '.join(blocking)} (ONNX Runtime contrib ops); TensorRT's ONNX parser has none of them, so the build needs plugins for them")
-    return result
+def _write_script(file: Path, record: dict, why: str) -> None:
+    """build_engine.sh: the trtexec command, to run on the target, with why it was not run here."""
+    file.write_text(
+        "#!/bin/sh\n# vcompress TensorRT build plan: run on the target (TensorRT and its GPU), next to a copy of the ONNX folder.\n"
+        f"# No engine was built where this was written: {why}.\n"
+        + "".join(f"# note: {n}\n" for n in record["notes"]) + "set -e\n" + " \\\n  ".join(shlex.quote(w) for w in record["trtexec"]) + "\n")
+    file.chmod(0o755)
 
 
 def _notes(blocking: list[str], precision: str) -> list[str]:

@@ -8,30 +8,28 @@ and its LiteRT Runner.
                                  and shapes, prefill and cache lengths, quantization, parity results
   recipe.yaml, metrics.json      written by vcompress.core.stage.execute
 The conversion is litert-torch's (_tflite_convert.py, the optional [tflite] extra). Every export checks
-itself against PyTorch with the ONNX exporter's parity check; a failed check raises CheckFailed and
-leaves no artifact behind.
+itself against PyTorch with the exporters' shared parity check (base.parity); a failed check raises
+CheckFailed and leaves no artifact behind.
 """
 from __future__ import annotations
 
 import shutil
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from vcompress.core.artifact import MANIFEST, write_json
-from vcompress.core.errors import InputError, Unsupported
-from vcompress.core.models import ModelSource, attention_shape, bytes_on_disk, resolve, save_model
+from vcompress.core.errors import Unsupported
+from vcompress.core.models import Intake, ModelSource, attention_shape, bytes_on_disk, save_model
 from vcompress.core.registry import EXPORTERS
-from vcompress.core.runner import RUNNERS, Runner
-from vcompress.core.stage import Stage, StageContext, execute
+from vcompress.core.runner import RUNNERS
+from vcompress.core.stage import StageContext, execute
 
 from . import _tflite_convert
-from ._tflite_session import FORMAT, KVState, LiteRTSession, SessionError, signature_io
-from .onnx import ParityConfig, gate, load_source, save_sidecars
+from ._tflite_session import FORMAT, LiteRTSession, SessionError, signature_io
+from .base import ExportStage, ParityConfig, SessionRunner, gate, load_source, package_version, save_sidecars
 
 MODEL_FILE = "model.tflite"
 
@@ -50,14 +48,16 @@ class TFLiteExportConfig(ParityConfig):
 
 
 @EXPORTERS.register(FORMAT)
-class TFLiteExport(Stage):
-    name = "export"
+class TFLiteExport(ExportStage):
+    format = FORMAT
+    runtime = "litert"
+    runtime_package = "ai-edge-litert"
     Config = TFLiteExportConfig
 
     def run(self, ctx: StageContext) -> dict:
         cfg: TFLiteExportConfig = self.config
-        source = ctx.source if isinstance(ctx.source, ModelSource) else resolve(ctx.source)
-        model, tokenizer, grid = load_source(source)  # a quantize folder: its dequantized weights
+        source = ctx.source if isinstance(ctx.source, ModelSource) else ctx.intake.resolve(ctx.source)
+        model, tokenizer, grid = load_source(ctx)  # a quantize folder: its dequantized weights
         model_type = model.config.model_type
         if not _tflite_convert.available():
             raise Unsupported("the tflite exporter needs litert-torch, tensorflow-cpu and ai-edge-litert; install them with `pip install -e '.[tflite]'`")
@@ -68,7 +68,8 @@ class TFLiteExport(Stage):
         fp32_bytes = (converted.parent / "model.tflite").stat().st_size
         shutil.copyfile(converted, ctx.out / MODEL_FILE)
         save_sidecars(model, tokenizer, ctx.out)
-        manifest = _manifest(model.config, cfg, ctx.out / MODEL_FILE)
+        manifest = self.manifest({"model": MODEL_FILE, "config": "config.json", "tokenizer": "tokenizer.json"},
+                                 **_model_fields(model.config, cfg, ctx.out / MODEL_FILE))
         write_json(ctx.out / MANIFEST, manifest)
         result = gate(ctx, TFLiteRunner, model, tokenizer, cfg, manifest, "TFLite", dequantized=bool(grid))
         size = bytes_on_disk(ctx.out / MODEL_FILE)
@@ -86,20 +87,18 @@ class TFLiteExport(Stage):
 
 
 def export(model_path: str | Path | None, out: str | Path, quant: str = "none", *, force: bool = False, seed: int = 0,
-           log=print, **settings) -> dict:
+           log=print, intake: Intake | None = None, **settings) -> dict:
     """Export a checkpoint (None: the embedded default) to a TFLite artifact folder; returns metrics."""
     stage = TFLiteExport({"quant": quant, **settings})
-    return execute(stage, out, source=model_path, force=force, seed=seed, log=log)
+    return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
 
 
-def _manifest(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:
+def _model_fields(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:
+    """The manifest's description of the model: shape, signatures with their tensors, quantization."""
     shape = attention_shape(config)
     signatures = signature_io(model_file)
     prefill = next(name for name in signatures if name.startswith("prefill"))
     return {
-        "format": FORMAT,
-        "runtime": "litert",
-        "files": {"model": model_file.name, "config": "config.json", "tokenizer": "tokenizer.json"},
         "architecture": config.model_type,
         "layers": shape["layers"],
         "heads": shape["query_heads"],
@@ -111,9 +110,9 @@ def _manifest(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:
         "cache_length": cfg.cache_length,
         "signatures": {"prefill": {"name": prefill, **signatures[prefill]}, "decode": {"name": "decode", **signatures["decode"]}},
         "quant": {"scheme": cfg.quant, **({} if cfg.quant == "none" else {
-            "recipe": _tflite_convert.RECIPES[cfg.quant], "tool": f"ai-edge-quantizer {_version('ai-edge-quantizer')}",
+            "recipe": _tflite_convert.RECIPES[cfg.quant], "tool": f"ai-edge-quantizer {package_version('ai-edge-quantizer')}",
             "weights": f"{cfg.quant} per output channel", "activations": "float32, quantized on the fly (dynamic range)"})},
-        "converter": {"litert-torch": _version("litert-torch"), "ai-edge-litert": _version("ai-edge-litert")},
+        "converter": {"litert-torch": package_version("litert-torch")},
         "notes": {
             "kv_cache": "kv_cache_k_<layer> [1, kv_heads, cache, head_dim] and kv_cache_v_<layer> [1, kv_heads, head_dim, cache]: "
                         "passed in and returned by every call, new entries written at input_pos",
@@ -121,23 +120,14 @@ def _manifest(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:
             "prompt": "all but the last token through prefill (chunks of prefill_tokens, zero-padded), the last through decode",
             "logits": "decode only; prefill returns the cache",
         },
-        "thresholds": {"max_abs_diff": cfg.max_abs_diff, "min_top1": cfg.min_top1, "min_top1_quantized": cfg.min_top1_quantized,
-                       "greedy_tokens": cfg.new_tokens},
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 # --- the runner -----------------------------------------------------------------------
 
 
 @RUNNERS.register(FORMAT)
-class TFLiteRunner(Runner):
+class TFLiteRunner(SessionRunner):
     """The ai-edge-litert interpreter on CPU: prefill + decode through the two signatures, int32 ids.
 
     A torch-facing adapter over `_tflite_session.LiteRTSession`. `forward` takes `positions` so that
@@ -145,39 +135,17 @@ class TFLiteRunner(Runner):
     """
 
     backend = FORMAT
+    session_error = SessionError
 
     def __init__(self, path: str | Path, *, threads: int | None = None, **_):
-        from transformers import AutoTokenizer
-
         super().__init__(path, threads=threads)
-        try:
-            self.session = LiteRTSession(self.path, threads=threads)
-        except SessionError as e:
-            raise InputError(str(e)) from None
-        self.manifest = self.session.manifest
         self.max_length = self.session.cache_length
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+
+    def open_session(self) -> LiteRTSession:
+        return LiteRTSession(self.path, threads=self.threads)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         lengths = None if attention_mask is None else attention_mask.sum(-1).tolist()
         wanted = None if positions is None else positions.cpu().numpy()
         return torch.from_numpy(self._call(self.session.logits, input_ids.cpu().numpy(), lengths, wanted))
-
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, KVState]:
-        logits, state = self._call(self.session.prefill, input_ids.cpu().numpy())
-        return torch.from_numpy(np.array(logits)), state
-
-    def decode(self, token_id: int, state: KVState) -> tuple[torch.Tensor, KVState]:
-        logits, state = self._call(self.session.decode, token_id, state)
-        return torch.from_numpy(np.array(logits)), state
-
-    def close(self) -> None:
-        self.session = None
-
-    @staticmethod
-    def _call(fn, *args):
-        try:
-            return fn(*args)
-        except SessionError as e:
-            raise InputError(str(e)) from None

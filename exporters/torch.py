@@ -21,20 +21,9 @@ class TorchRunner(Runner):
         if threads:
             torch.set_num_threads(threads)
         model, tokenizer = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype)
-        self._attach(model, tokenizer, source.label or str(source.path))
-
-    @classmethod
-    def from_model(cls, model, tokenizer, label: str = "in-memory") -> "TorchRunner":
-        """Wrap a model already loaded (a stage scoring itself) without reading it again."""
-        runner = cls.__new__(cls)
-        Runner.__init__(runner, Path(label))
-        runner._attach(model, tokenizer, label)
-        return runner
-
-    def _attach(self, model, tokenizer, label: str) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.label = label
+        self.label = source.label or str(source.path)
         config = model.config
         self.max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 

@@ -6,10 +6,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_MMLU = ROOT.parent / "shared" / "data" / "mmlu"
-if SHARED_MMLU.is_dir():
-    os.environ.setdefault("VCOMPRESS_MMLU", str(SHARED_MMLU))
+os.environ.pop("VCOMPRESS_MMLU", None)  # every test reads the MMLU copy shipped in the package, whatever the shell sets
 
 from tests.tiny import build_model, build_tokenizer  # noqa: E402
 
@@ -39,10 +36,11 @@ def tiny_model(request, tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mmlu_root() -> Path:
-    if not SHARED_MMLU.is_dir():
-        pytest.skip(f"needs the MMLU copy at {SHARED_MMLU}")
-    return SHARED_MMLU
+def mmlu_root():
+    """The MMLU copy shipped in the package (a Hendrycks folder inside its archive): what --mmlu defaults to."""
+    from vcompress.core.data import packaged_mmlu
+
+    return packaged_mmlu()
 
 
 @pytest.fixture

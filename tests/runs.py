@@ -56,7 +56,7 @@ def make_run(root: Path, *, started: datetime, ttft_samples: list[float], decode
     rise = round(100 * (perplexity - teacher_ppl) / teacher_ppl, 2)
     drop = round(100 * (teacher_accuracy - accuracy), 2)
     text = (importlib.resources.files("vcompress.profiles") / f"{profile}.yaml").read_text() if profile == "x86-cpu" else f"name: {profile}\n"
-    stages = [("analyze", "01-analyze"), ("quantize", "04-quantize"), (f"export-{fmt}", f"05-export-{fmt}"), ("validate", "06-validate")]
+    stages = [("analyze", "01-analyze"), ("quantize", "04-quantize"), ("export", f"05-export-{fmt}"), ("validate", "06-validate")]
     _write(root / "run.json", {
         "vcompress": "0.1.0",
         "profile": {"name": profile, "path": None, "sha256": hashlib.sha256(text.encode()).hexdigest()},

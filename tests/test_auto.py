@@ -69,7 +69,7 @@ def _profile(path, **budgets):
     return path
 
 
-def test_auto_runs_the_smallest_candidate_that_passes(cli, tmp_path, tiny_src, mmlu_root):
+def test_auto_runs_the_smallest_candidate_that_passes(cli, tmp_path, tiny_src):
     profile = _profile(tmp_path / "p.yaml", max_mmlu_drop_points=100, max_perplexity_rise_pct=1e9, min_answer_agreement=0,
                        max_ttft_ms=1e6, min_decode_tokens_per_s=0.001)
     code, out, err = cli("run", "--profile", profile, "--model", tiny_src, "--out", tmp_path / "R", "--auto")
@@ -84,7 +84,7 @@ def test_auto_runs_the_smallest_candidate_that_passes(cli, tmp_path, tiny_src, m
     assert pruned["num_key_value_heads"] == 1
 
 
-def test_auto_skips_what_the_estimates_rule_out_and_exits_1(cli, tmp_path, tiny_src, mmlu_root):
+def test_auto_skips_what_the_estimates_rule_out_and_exits_1(cli, tmp_path, tiny_src):
     profile = _profile(tmp_path / "p.yaml", max_model_size_mb=0.001, max_peak_ram_mb=2048)
     code, out, _ = cli("run", "--profile", profile, "--model", tiny_src, "--out", tmp_path / "R", "--auto")
     summary = json.loads((tmp_path / "R" / "auto.json").read_text())

@@ -1,13 +1,20 @@
-"""MMLU loading: Hendrycks CSV folders, JSONL, subjects and groups, seeded sampling."""
+"""MMLU loading: the packaged copy, Hendrycks CSV folders, JSONL, subjects and groups, seeded sampling;
+users' domain files."""
 from __future__ import annotations
 
+import hashlib
 import json
+import zipfile
+from pathlib import Path
 
 import pytest
 
-from vcompress.core.data import (ALL_SUBJECTS, GROUPS, Question, default_texts, load_mmlu, resolve_subjects,
-                                 sample_questions)
+from vcompress.core.data import (ALL_SUBJECTS, GROUPS, PACKAGED_MMLU, Question, default_texts, find_mmlu, load_mmlu,
+                                 read_domain_file, resolve_subjects, sample_questions)
 from vcompress.core.errors import InputError
+
+# The copy the tests read before MMLU was packaged, where it sits beside the checkout.
+SHARED_MMLU = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu"
 
 
 def write_csv(folder, subject, split, rows: list[str]):
@@ -90,7 +97,7 @@ def test_sampling_is_seeded_and_per_subject():
     assert len(sample_questions(questions, None)) == 60 and len(sample_questions(questions, 100)) == 60
 
 
-def test_shared_copy_has_the_released_test_set(mmlu_root):
+def test_packaged_copy_has_the_released_test_set(mmlu_root):
     test = load_mmlu(mmlu_root, "test")
     assert len(test) == 14042 and {q.subject for q in test} == set(ALL_SUBJECTS)
     dev = load_mmlu(mmlu_root, "dev", ["anatomy"])
@@ -103,3 +110,65 @@ def test_heldout_text_avoids_the_evaluated_subset(mmlu_root):
     calib = set(default_texts("calib", "medical", mmlu_root))
     assert heldout and not calib.intersection(heldout)
     assert not any(text.split("\nA. ")[0] in medical for text in heldout[:500])
+
+
+def test_packaged_copy_is_byte_for_byte_the_copy_the_tests_always_used():
+    listed = {name: digest for digest, name in (line.split("  ", 1) for line in (PACKAGED_MMLU / "SHA256SUMS").read_text().splitlines())}
+    with zipfile.ZipFile(PACKAGED_MMLU / "mmlu.zip") as archive:
+        packaged = {name: hashlib.sha256(archive.read(name)).hexdigest() for name in archive.namelist()}
+    assert len(packaged) == 2 * 57 and packaged == listed
+    if SHARED_MMLU.is_dir():
+        shared = {p.relative_to(SHARED_MMLU).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in SHARED_MMLU.glob("*/*.csv")}
+        assert shared == packaged
+
+
+def test_mmlu_is_found_in_the_package_not_beside_the_working_folder(tmp_path, monkeypatch):
+    write_csv(tmp_path / "shared" / "data" / "mmlu", "anatomy", "test", ["Q,a,b,c,d,A"])
+    monkeypatch.chdir(tmp_path)
+    assert len(load_mmlu(None, "test", ["anatomy"])) == 135  # the packaged anatomy test, not the one-row copy here
+    mine = tmp_path / "mine"
+    write_csv(mine, "anatomy", "test", ["Q,a,b,c,d,A", "Q2,a,b,c,d,B"])
+    monkeypatch.setenv("VCOMPRESS_MMLU", str(mine))
+    assert find_mmlu() == mine and len(load_mmlu(None, "test")) == 2
+    assert find_mmlu(tmp_path / "shared" / "data" / "mmlu") == tmp_path / "shared" / "data" / "mmlu"  # --mmlu wins
+
+
+def test_empty_subset_is_refused_with_the_valid_names(cli, tiny_llama):
+    with pytest.raises(InputError, match="subset is empty"):
+        resolve_subjects(" , ")
+    code, _, err = cli("eval", "--model", tiny_llama, "--subset", "")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: the MMLU subset is empty") and "medical" in err and "virology" in err
+
+
+def test_mmlu_csv_that_is_not_utf8_names_file_and_line(cli, tiny_llama, tmp_path):
+    path = write_csv(tmp_path, "anatomy", "test", ["Q,a,b,c,d,A"])
+    path.write_bytes(b"Q,a,b,c,d,A\n\"Caf\xe9?\",a,b,c,d,B\n")  # Latin-1, as a spreadsheet may save it
+    code, _, err = cli("eval", "--model", tiny_llama, "--mmlu", tmp_path, "--subset", "anatomy", "--per-subject", "1")
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"error: {path}:2: byte 0xe9 is not UTF-8; save the file as UTF-8"
+
+
+def test_mmlu_jsonl_line_that_is_not_an_object_names_the_line(tmp_path):
+    path = tmp_path / "mmlu.jsonl"
+    for line in ("[1, 2]", '"x"'):
+        path.write_text(json.dumps({"question": "Q", "choices": ["a", "b", "c", "d"], "answer": 1}) + "\n" + line + "\n")
+        with pytest.raises(InputError, match=rf"{path}:2: each line must be a JSON object"):
+            load_mmlu(path)
+
+
+@pytest.mark.parametrize("name, data", [("d.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),
+                                        ("d.csv", b"prompt,completion\nhi,caf\xe9\n")])
+def test_data_file_that_is_not_utf8_names_file_and_line(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(InputError, match=rf"^{path}:2: byte 0xe9 is not UTF-8; save the file as UTF-8$"):
+        read_domain_file(path)
+
+
+def test_data_files_read_with_a_bom_and_windows_newlines(tmp_path):
+    csv_path, txt_path = tmp_path / "d.csv", tmp_path / "d.txt"
+    csv_path.write_bytes("\ufeffprompt,completion\r\nhi,\"two\r\nlines\"\r\n".encode())
+    txt_path.write_bytes(b"first\r\n\r\nsecond\r\n")
+    assert read_domain_file(csv_path) == [{"prompt": "hi", "completion": "two\r\nlines"}]
+    assert read_domain_file(txt_path) == [{"text": "first"}, {"text": "second\n"}]

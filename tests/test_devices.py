@@ -1,4 +1,5 @@
-"""Devices: roofline arithmetic, the host benchmark, ssh against a real local sshd, adb against a transcript."""
+"""Devices: roofline arithmetic, the host benchmark (runtime-only for exports), ssh against a real local sshd,
+adb against a transcript, model files from the manifest, sizes in MiB."""
 from __future__ import annotations
 
 import getpass
@@ -11,12 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from vcompress.core.errors import InputError
+from vcompress.core.manifest import model_files
 from vcompress.core.profiles import Device, load_profile
+from vcompress.core.units import MIB
 from vcompress.devices import default_device, measure, open_device
 from vcompress.devices import adb, roofline
 from vcompress.devices.bench import prompt_ids, run_benchmark
@@ -70,12 +74,14 @@ def test_roofline_matches_hand_computed_figures(tmp_path):
     assert est["source"] == "estimated" and est["device_kind"] == "roofline"
     # peak RAM lower bound: weights 50408 + KV at 40 tokens 20480 + activations 4*(4*32*32 + 2*32*128 + 384) = 50688
     shape = roofline.shapes(CONFIG)
-    assert roofline.peak_ram_bytes(shape, roofline.weight_bytes(art), 32, 8) == 121576
+    assert roofline.peak_ram_bytes(shape, roofline.weight_bytes(model_files(art)), 32, 8) == 121576
+    assert est["peak_rss_mb"] == {**est["peak_rss_mb"], "value": round(121576 / 2**20, 1), "unit": "MiB"}
+    assert est["model_size_mb"] == {"value": round((art / "model.safetensors").stat().st_size / 2**20, 2), "unit": "MiB", "source": "measured"}
 
 
 def test_untied_input_embedding_is_not_read_per_token(tmp_path):
     art = write_artifact(tmp_path / "art", tied=False)
-    weights = roofline.weight_bytes(art, tied=False)
+    weights = roofline.weight_bytes(model_files(art), tied=False)
     assert weights["stored_bytes"] == 50408 and weights["per_token_bytes"] == 1256
     est = roofline.estimate(art, DEVICE, prompt_tokens=32, decode_tokens=8)
     # 19432 bytes/token would allow 514615 tokens/s; the compute roof (214784 FLOP/token) binds first
@@ -98,8 +104,31 @@ def test_onnx_weight_bytes_leave_out_gather_only_tables(tmp_path):
     folder = tmp_path / "onnx"
     folder.mkdir()
     onnx.save_model(helper.make_model(graph), folder / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
-    weights = roofline.weight_bytes(folder)
+    (folder / "manifest.json").write_text(json.dumps({"format": "onnx", "files": {"model": "model.onnx", "weights": "model.onnx.data"}}))
+    weights = roofline.weight_bytes(model_files(folder))
     assert weights == {"stored_bytes": 224, "gather_only_bytes": 160, "per_token_bytes": 64, "files": ["model.onnx", "model.onnx.data"]}
+
+
+def test_model_files_come_from_the_manifest_not_suffixes(tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    for name, size in (("graph.onnx", 10), ("graph.onnx.data", 100), ("config.json", 7), ("tokenizer.json", 1000), ("stray.onnx", 5000)):
+        (art / name).write_bytes(b"x" * size)
+    (art / "manifest.json").write_text(json.dumps({"format": "onnx", "files": {
+        "model": "graph.onnx", "weights": "graph.onnx.data", "config": "config.json", "tokenizer": "tokenizer.json"}}))
+    assert model_files(art) == [art / "graph.onnx", art / "graph.onnx.data"]  # not the sidecars, not a stray .onnx
+    (art / "graph.onnx.data").unlink()
+    with pytest.raises(InputError, match="lacks graph.onnx.data, which its manifest.json lists"):
+        model_files(art)
+    hf = write_artifact(tmp_path / "hf")  # no manifest: an HF folder's safetensors
+    (hf / "extra.onnx").write_bytes(b"x")
+    assert model_files(hf) == [hf / "model.safetensors"]
+    assert model_files(hf / "model.safetensors") == [hf / "model.safetensors"]
+    empty = tmp_path / "empty"  # config.json but no weights
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps(CONFIG))
+    with pytest.raises(InputError, match="holds no model files"):
+        roofline.estimate(empty, DEVICE, prompt_tokens=8)
 
 
 def test_compare_gives_measured_over_estimated():
@@ -114,7 +143,7 @@ def test_roofline_device_through_measure(tmp_path):
     assert result["source"] == "estimated" and "estimate" not in result
     assert result["ttft_ms"] == {**result["ttft_ms"], "source": "estimated", "device": "Snapdragon 8 Gen 2"}
     assert result["roofline"]["memory_bandwidth_gbs"] == 67.2 and result["roofline"]["efficiency"] == 0.65
-    assert result["model_size_mb"]["source"] == "measured"
+    assert result["model_size_mb"]["source"] == "measured" and result["model_size_mb"]["unit"] == "MiB"
 
 
 def test_default_device_follows_the_profile_connection():
@@ -136,8 +165,9 @@ def test_unknown_setting_is_bad_input(tiny_llama):
 
 def test_prompt_ids_are_fixed_by_the_seed():
     a, b = prompt_ids(384, 16, seed=0), prompt_ids(384, 16, seed=0)
-    assert a.shape == (1, 16) and torch.equal(a, b) and int(a.max()) < 384
-    assert not torch.equal(a, prompt_ids(384, 16, seed=1))
+    assert a.shape == (1, 16) and a.dtype == np.int64 and np.array_equal(a, b) and int(a.max()) < 384
+    assert not np.array_equal(a, prompt_ids(384, 16, seed=1))
+    assert np.array_equal(a, np.random.default_rng(0).integers(0, 384, size=(1, 16)))  # numpy's generator, not torch's
 
 
 def test_host_device_measures_through_the_runner(tiny_llama):
@@ -149,13 +179,44 @@ def test_host_device_measures_through_the_runner(tiny_llama):
         assert fig["unit"] == unit and fig["source"] == "measured" and fig["device"] == "x86-64 host"
         assert len(fig["samples"]) == 3 and fig["value"] == sorted(fig["samples"])[1] and fig["value"] > 0
     rss = result["peak_rss_mb"]
-    assert rss["source"] == "measured" and rss["value"] >= rss["rss_before_load_mb"] > 0
-    assert result["model_size_mb"]["value"] == round((tiny_llama / "model.safetensors").stat().st_size / 2**20, 2)
+    assert rss["source"] == "measured" and rss["unit"] == "MiB" and rss["value"] >= rss["runtime_baseline_mib"] > 0
+    assert result["runtime"]["module"] == "torch" and "torch" in result["modules_imported"]  # an HF folder runs on torch, and says so
+    assert result["model_size_mb"] == {"value": round((tiny_llama / "model.safetensors").stat().st_size / 2**20, 2), "unit": "MiB", "source": "measured"}
     est = result["estimate"]
     assert est["source"] == "estimated" and est["ttft_ms"]["source"] == "estimated"
     assert est["roofline"]["memory_bandwidth_gbs"] == 36  # the host's own figures (x86-cpu)
     ratio = est["ratio_measured_to_estimated"]
     assert ratio["decode_tokens_per_s"] == pytest.approx(result["decode_tokens_per_s"]["value"] / est["decode_tokens_per_s"]["value"], rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_models, tmp_path_factory) -> Path:
+    from vcompress.cli import main
+
+    out = tmp_path_factory.mktemp("onnx") / "llama"
+    assert main(["export", "onnx", "--model", str(tiny_models["llama"]), "--out", str(out), "--quant", "none"]) == 0
+    return out
+
+
+def test_host_measures_an_onnx_export_with_the_runtime_alone(tiny_onnx):
+    result = measure(tiny_onnx, "host", "x86-cpu", prompt_tokens=16, decode_tokens=4, runs=2, warmup=1, threads=1)
+    assert (result["backend"], result["source"], result["runtime"]["module"]) == ("onnx", "measured", "onnxruntime")
+    imported = set(result["modules_imported"])  # what the measuring process imported, as an app would
+    assert {"numpy", "onnxruntime"} <= imported and not imported & {"torch", "transformers", "yaml", "pydantic"}, imported
+    rss = result["peak_rss_mb"]
+    assert rss["unit"] == "MiB" and rss["value"] >= rss["runtime_baseline_mib"] > 0
+    assert rss["model_share_mib"] == pytest.approx(rss["value"] - rss["runtime_baseline_mib"], abs=0.11)
+    files = json.loads((tiny_onnx / "manifest.json").read_text())["files"]
+    model_bytes = sum((tiny_onnx / files[k]).stat().st_size for k in ("model", "weights"))  # not config or tokenizer
+    assert result["model_size_mb"] == {"value": round(model_bytes / MIB, 2), "unit": "MiB", "source": "measured"}
+
+
+def test_python_m_bench_measures_without_torch_too(tiny_onnx):
+    done = subprocess.run([sys.executable, "-m", "vcompress.devices.bench", str(tiny_onnx), "--prompt-tokens", "8",
+                           "--decode-tokens", "2", "--runs", "1", "--warmup", "0", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
+    result = json.loads(done.stdout)
+    assert result["backend"] == "onnx" and "torch" not in result["modules_imported"]
 
 
 def test_bench_refuses_a_prompt_past_the_context(tiny_models):
@@ -217,13 +278,14 @@ def sshd(tmp_path):
     proc.wait(timeout=10)
 
 
-def test_ssh_device_copies_runs_and_reads_back(sshd, tiny_llama, tmp_path):
+def test_ssh_device_copies_runs_and_reads_back(sshd, tiny_onnx, tmp_path):
     board = tmp_path / "board"  # the board's workdir; the board's python is this venv's
-    result = measure(tiny_llama, "ssh", "raspberry-pi5", python=sys.executable, workdir=str(board),
+    result = measure(tiny_onnx, "ssh", "raspberry-pi5", python=sys.executable, workdir=str(board),
                      prompt_tokens=16, decode_tokens=4, runs=2, warmup=0, threads=1, **sshd)
-    copied = board / tiny_llama.name / "model.safetensors"
-    assert copied.read_bytes() == (tiny_llama / "model.safetensors").read_bytes()
+    copied = board / tiny_onnx.name / "model.onnx.data"
+    assert copied.read_bytes() == (tiny_onnx / "model.onnx.data").read_bytes()
     assert (result["device"], result["device_kind"], result["source"]) == ("Raspberry Pi 5", "ssh", "measured")
+    assert result["backend"] == "onnx" and "torch" not in result["modules_imported"]  # the board runs the runtime alone
     for key in ("ttft_ms", "decode_tokens_per_s", "peak_rss_mb"):
         assert result[key]["source"] == "measured" and result[key]["device"] == "Raspberry Pi 5"
     assert len(result["ttft_ms"]["samples"]) == 2 and len(result["decode_tokens_per_s"]["samples"]) == 2
@@ -294,6 +356,7 @@ def test_adb_signature_names_come_from_the_manifest(tmp_path):
 def test_adb_device_end_to_end_with_a_fake_adb(tmp_path):
     art = write_artifact(tmp_path / "art")
     (art / "model.safetensors").rename(art / "model.tflite")  # any bytes: the fake phone does not read them
+    (art / "manifest.json").write_text(json.dumps({"format": "tflite", "files": {"model": "model.tflite", "config": "config.json"}}))
     log = tmp_path / "adb.log"
     fake = tmp_path / "adb"
     fake.write_text("#!/bin/sh\n"
@@ -308,7 +371,8 @@ def test_adb_device_end_to_end_with_a_fake_adb(tmp_path):
     assert (result["device"], result["device_kind"], result["backend"], result["source"]) == ("Snapdragon 8 Gen 2", "adb", "litert", "measured")
     assert result["ttft_ms"]["value"] == 286.981 and result["ttft_ms"]["device"] == "Snapdragon 8 Gen 2"
     assert result["decode_tokens_per_s"]["value"] == pytest.approx(1e6 / 8641, abs=0.01)
-    assert result["peak_rss_mb"]["value"] == 184.918
+    assert result["peak_rss_mb"]["value"] == 184.918 and result["peak_rss_mb"]["unit"] == "MiB"
+    assert result["model_size_mb"]["value"] == round((art / "model.tflite").stat().st_size / 2**20, 2)
     assert result["estimate"]["source"] == "estimated" and result["estimate"]["roofline"]["memory_bandwidth_gbs"] == 67.2
     calls = log.read_text().splitlines()
     assert calls[0] == "-s R5CT1234 shell mkdir -p /data/local/tmp/vcompress"

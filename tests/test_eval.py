@@ -56,7 +56,7 @@ def test_eval_prints_accuracy_interval_and_subject_rows(cli, tiny_llama, tiny_mo
 
 def test_two_loads_of_one_model_agree_fully(tiny_model, mini_mmlu):
     """Determinism: separately opened runners of one checkpoint give identical scores."""
-    evaluator = Evaluator(subset="medical", per_subject=5, mmlu=mini_mmlu, show_progress=False, batch_size=3)
+    evaluator = Evaluator(subset="medical", per_subject=5, mmlu=mini_mmlu, batch_size=3)
     report = evaluator.evaluate(TorchRunner(tiny_model), TorchRunner(tiny_model))
     assert report["agreement"]["agreement"] == 1.0 and report["agreement"]["kl_mean"] == 0.0
     assert report["text"]["top1_agreement"] == 1.0 and report["text"]["kl_mean"] == 0.0
@@ -66,10 +66,14 @@ def test_reference_logprobs_are_computed_once(tiny_llama, tiny_models, mini_mmlu
     calls = []
     real = scoring.mmlu_logprobs
     monkeypatch.setattr(scoring, "mmlu_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
-    evaluator = Evaluator(subset="anatomy", per_subject=3, mmlu=mini_mmlu, show_progress=False)
+    reported = []
+    evaluator = Evaluator(subset="anatomy", per_subject=3, mmlu=mini_mmlu, progress=lambda *call: reported.append(call))
     evaluator.evaluate(tiny_models["qwen2"], tiny_llama)
     evaluator.evaluate(tiny_models["gpt2"], tiny_llama)
     assert len(calls) == 3  # two models + one reference
+    ends = {label: (done, total) for label, done, total in reported}  # each label's last report
+    assert set(ends) == {"MMLU qwen2", "MMLU gpt2", "MMLU llama", "held-out text"}  # labels name the runner
+    assert all(done == total > 0 for done, total in ends.values())
 
 
 class FullLogitsRunner(Runner):
@@ -94,7 +98,7 @@ class FullLogitsRunner(Runner):
 
 
 def test_any_runner_gives_the_same_predictions(tiny_llama, mini_mmlu):
-    evaluator = Evaluator(subset="medical", per_subject=8, mmlu=mini_mmlu, shots=1, show_progress=False)
+    evaluator = Evaluator(subset="medical", per_subject=8, mmlu=mini_mmlu, shots=1)
     report = evaluator.evaluate(FullLogitsRunner(tiny_llama), tiny_llama)
     assert report["backend"] == "fake" and report["reference"]["backend"] == "torch"
     assert report["agreement"]["agreement"] == 1.0 and report["agreement"]["kl_mean"] < 1e-9

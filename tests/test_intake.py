@@ -112,3 +112,30 @@ def test_embedded_default_matches_the_gguf():
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_export_takes_the_adapter_base_from_the_command(cli, tiny_llama, tmp_path):
+    """`vcompress export onnx --base` reaches the exporter's loading: an adapter whose named base is not local exports with it."""
+    from peft import LoraConfig, get_peft_model
+
+    from vcompress.exporters.onnx import OnnxRunner
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "org/some-model"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = cli("export", "onnx", "--model", adapter, "--out", tmp_path / "no-base", "--threads", "1")
+    last = err.strip().splitlines()[-1]  # (above it: the progress bars of building the adapter here)
+    assert code == 2 and last.startswith("error: ") and "--base PATH" in last and "Traceback" not in err
+    assert not (tmp_path / "no-base").exists()
+    out = tmp_path / "onnx"
+    code, stdout, err = cli("export", "onnx", "--model", adapter, "--base", tiny_llama, "--out", out, "--threads", "1", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["parity"]["passed"] is True
+    ids = torch.tensor([[3, 9, 27, 81]])
+    with torch.no_grad():
+        merged = peft_model(input_ids=ids).logits
+    assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), merged, atol=1e-4)  # the adapter's weights, not the bare base's

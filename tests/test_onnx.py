@@ -8,12 +8,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from vcompress.core import quant_format
 from vcompress.core.errors import CheckFailed
 from vcompress.exporters import open_runner
-from vcompress.exporters._onnx_quant import dequantize, dequantize_blocks
 from vcompress.exporters.onnx import OnnxRunner, export
 
 QUIET = dict(log=lambda _: None, threads=1)
@@ -77,7 +78,7 @@ def test_manifest_describes_the_files_and_graph(exported, arch):
 def test_kv_cache_decode_equals_full_recompute(exported, arch):
     out, _ = exported(arch)
     runner = OnnxRunner(out, threads=1)
-    runner.headroom = 3  # force the cache to grow (and be re-bound) twice during the loop
+    runner.session.headroom = 3  # force the cache to grow (and be re-bound) twice during the loop
     ids = torch.randint(5, 300, (1, 9), generator=torch.Generator().manual_seed(1))
     logits, state = runner.prefill(ids)
     seq = ids[0].tolist()
@@ -215,7 +216,7 @@ def test_cli_export_onnx(cli, tiny_llama, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def quantized_llama(cli_module, tiny_models, tmp_path_factory, mmlu_root):
+def quantized_llama(cli_module, tiny_models, tmp_path_factory):
     """A tiny Llama through the quantize stage (its hand-off folder with quant_manifest.json)."""
     out = tmp_path_factory.mktemp("quant") / "llama-rtn"
     code = cli_module("quantize", "--model", tiny_models["llama"], "--out", out, "--method", "rtn", "--group-size", "32")
@@ -231,37 +232,32 @@ def cli_module():
 
 
 def test_carried_grid_is_exact(quantized_llama, tmp_path):
-    from vcompress.compress._gptq_pack import dequantize as reference_dequantize
-    from safetensors.torch import load_file
-
-    from vcompress.exporters import _onnx_gptq
-
-    manifest = _onnx_gptq.quant_manifest(quantized_llama)
-    tensors = load_file(str(quantized_llama / manifest["weights_file"]))
-    for name, spec in list(manifest["linears"].items())[:3]:  # our reading of the format is the quantize stage's
-        ours = _onnx_gptq.dequantize(tensors, spec)
-        theirs = reference_dequantize({k: tensors[v] for k, v in spec["tensors"].items()}, spec["bits"]).numpy()
-        assert np.array_equal(ours, theirs), name
+    manifest = quant_format.read_manifest(quantized_llama)
     # fp32 activations and an fp32 table: the export computes exactly the quantized checkpoint.
     out = tmp_path / "carried"
     metrics = export(quantized_llama, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
     assert metrics["grid"]["linears"] == len(manifest["linears"]) and metrics["parity"]["greedy_identical"] == 5
     model = onnx.load(str(out / "model.onnx"))
     assert {n.op_type for n in model.graph.node} >= {"MatMulNBits"} and "MatMul" not in {n.op_type for n in model.graph.node}
-    reference, _ = _onnx_gptq.load_dequantized(quantized_llama, manifest)
+    # The MatMulNBits blocks are the checkpoint's codes repacked, not re-quantized: bit for bit its W.
+    packed, inits = load_file(str(quantized_llama / manifest["weights_file"])), _initializers(out)
+    for layer in range(2):
+        spec, stem = manifest["linears"][f"model.layers.{layer}.self_attn.o_proj"], f"layers.{layer}.attn.o_proj"
+        got = dequantize_blocks(inits[f"{stem}.weight_Q4"], inits[f"{stem}.weight_scales"], inits[f"{stem}.weight_zero_points"],
+                                rows=spec["out_features"], cols=spec["in_features"], bits=4, block_size=spec["group_size"])
+        assert np.array_equal(got.T, quant_format.dequantize(quant_format.linear_tensors(packed, spec), 4).numpy()), stem
+    reference, _ = quant_format.load_dequantized(quantized_llama, manifest)
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
     assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), reference(input_ids=ids).logits, atol=1e-4)
     assert json.loads((out / "manifest.json").read_text())["quant"]["method"] == "carried"
 
 
-def test_carried_float_zero_points_stay_exact_on_the_fast_kernel(cli_module, tiny_models, tmp_path, mmlu_root):
+def test_carried_float_zero_points_stay_exact_on_the_fast_kernel(cli_module, tiny_models, tmp_path):
     """Float zero points (Q4_1-style) are split into integer zero points for MatMulNBits plus an exact
     float correction, so ONNX Runtime keeps its fast kernels and the export still computes the checkpoint."""
-    from vcompress.exporters import _onnx_gptq
-
     folder = tmp_path / "float-zero"
     assert cli_module("quantize", "--model", tiny_models["llama"], "--out", folder, "--method", "rtn", "--group-size", "32", "--zero-point", "float") == 0
-    manifest = _onnx_gptq.quant_manifest(folder)
+    manifest = quant_format.read_manifest(folder)
     out = tmp_path / "carried"
     export(folder, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
     model = onnx.load(str(out / "model.onnx"))
@@ -269,7 +265,7 @@ def test_carried_float_zero_points_stay_exact_on_the_fast_kernel(cli_module, tin
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert nbits and all(inits[n.input[3]].data_type == onnx.TensorProto.UINT8 for n in nbits)
     assert sum(n.name.endswith("zero_correction/MatMul") for n in model.graph.node) == len(nbits)
-    reference, _ = _onnx_gptq.load_dequantized(folder, manifest)
+    reference, _ = quant_format.load_dequantized(folder, manifest)
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
     assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), reference(input_ids=ids).logits, atol=1e-4)
 
@@ -279,3 +275,74 @@ def test_carried_grid_refuses_other_bits(quantized_llama, tmp_path):
 
     with pytest.raises(InputError, match="--quant int4"):
         export(quantized_llama, tmp_path / "x", "int8", **QUIET)
+
+
+# --- reading quantized weights back: the oracle the int4/int8 graphs are checked against ----------
+
+
+def unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Packed uint8 rows to integer codes, `count` per row, low bits first (ORT's order)."""
+    rows = data.reshape(data.shape[0], -1)
+    if bits == 8:
+        return rows[:, :count].astype(np.float32)
+    codes = np.stack([rows & 0xF, rows >> 4], axis=-1).reshape(rows.shape[0], -1)
+    return codes[:, :count].astype(np.float32)
+
+
+def dequantize_blocks(data, scales, zero_points, *, rows: int, cols: int, bits: int, block_size: int) -> np.ndarray:
+    """[rows, cols] floats from blocks along cols (MatMulNBits: rows=N, cols=K; GatherBlockQuantized: rows=vocab)."""
+    k_blocks = -(-cols // block_size)
+    codes = unpack(data, bits, k_blocks * block_size).reshape(rows, k_blocks, block_size)
+    scales = np.asarray(scales, np.float32).reshape(rows, k_blocks)
+    if zero_points is None:
+        zp = np.full((rows, k_blocks), 2 ** (bits - 1), np.float32)
+    elif zero_points.dtype == np.uint8:
+        zp = unpack(zero_points, bits, k_blocks).reshape(rows, k_blocks)
+    else:
+        zp = np.asarray(zero_points, np.float32).reshape(rows, k_blocks)
+    return ((codes - zp[..., None]) * scales[..., None]).reshape(rows, -1)[:, :cols]
+
+
+def dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with MatMulNBits / GatherBlockQuantized turned back into fp32 MatMul / Gather.
+
+    The int4 graph must compute what this one computes (tests check it), and its weights must lie
+    within half a step of the originals.
+    """
+    graph = model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:  # a Reshape of the shared table feeds the tied head's B
+        if node.op_type == "Reshape" and node.input[0] in inits and node.input[1] in inits:
+            inits[node.output[0]] = inits[node.input[0]].reshape(inits[node.input[1]])
+    nodes, extra = [], []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits":
+            zp = inits.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            w = dequantize_blocks(inits[node.input[1]], inits[node.input[2]], zp, rows=attrs["N"], cols=attrs["K"],
+                                  bits=attrs.get("bits", 4), block_size=attrs["block_size"])
+            name = f"{node.name}/dequantized"
+            extra.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+            nodes.append(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))
+            if len(node.input) > 5 and node.input[5]:
+                raise ValueError("MatMulNBits bias is not expected in our graphs")
+        elif node.op_type == "GatherBlockQuantized":
+            data = inits[node.input[0]]
+            zp = inits.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            bits = attrs.get("bits", 4)
+            rows, cols = data.shape[0], data.shape[1] * 8 // bits
+            w = dequantize_blocks(data, inits[node.input[2]], zp, rows=rows, cols=cols, bits=bits, block_size=attrs["block_size"])
+            name = f"{node.name}/dequantized"
+            extra.append(numpy_helper.from_array(w, name))
+            nodes.append(helper.make_node("Gather", [name, node.input[1]], list(node.output), name=node.name))
+        else:
+            nodes.append(node)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept + extra)
+    return out

@@ -150,7 +150,7 @@ def test_failed_verdict_needs_allow_failed(tmp_path, cli):
 
 def test_wrong_format_and_tokenizer_from_an_earlier_stage(run, tmp_path, cli):
     code, _, err = cli("package", run, "--format", "tflite", "--out", tmp_path / "x.zip")
-    assert code == 2 and "05-export-tflite" in err and "onnx" in err
+    assert code == 2 and "no tflite export" in err and "--format onnx" in err
     (run / "05-export-onnx" / "tokenizer.json").rename(run / "04-quantize" / "tokenizer.json")
     out = tmp_path / "b.zip"
     assert cli("package", run, "--format", "onnx", "--out", out)[0] == 0
@@ -181,3 +181,33 @@ def test_profile_is_the_one_the_run_used(run, tmp_path, cli):
     (run / "run.json").write_text(json.dumps(state))
     assert cli("package", run, "--format", "onnx", "--out", tmp_path / "c.zip")[0] == 0
     assert "as run" in zipfile.ZipFile(tmp_path / "c.zip").read("profile.yaml").decode()
+
+
+def test_an_encrypted_entry_is_bad_input_not_a_crash(bundle, tmp_path, cli):
+    raw = bytearray(bundle.read_bytes())
+    with zipfile.ZipFile(bundle) as zf:
+        info = zf.getinfo("model/model.onnx")
+    name = info.filename.encode()
+    raw[info.header_offset + 6] |= 0x1  # the local header's "encrypted" flag ...
+    central = raw.index(b"PK\x01\x02")
+    while raw[central + 46: central + 46 + len(name)] != name:  # ... and the central directory's
+        central = raw.index(b"PK\x01\x02", central + 4)
+    raw[central + 8] |= 0x1
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(bytes(raw))
+    assert zipfile.ZipFile(bad).getinfo("model/model.onnx").flag_bits & 0x1
+    code, _, err = cli("verify", bad)
+    assert code == 2 and "model/model.onnx" in err and "encrypted" in err and err.count("\n") == 1
+
+
+def test_a_verdict_that_is_not_an_object_is_bad_input(bundle, tmp_path, cli):
+    body = b"[true]\n"
+    with zipfile.ZipFile(bundle) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    for f in manifest["files"]:
+        if f["path"] == "verdict.json":
+            f.update(sha256=hashlib.sha256(body).hexdigest(), bytes=len(body))
+    bad = rewrite(bundle, tmp_path / "bad.zip", change=("verdict.json", lambda _: body))
+    rewrite(bad, tmp_path / "bad2.zip", change=("manifest.json", lambda _: json.dumps(manifest).encode()))
+    code, _, err = cli("verify", tmp_path / "bad2.zip")
+    assert code == 2 and "verdict.json" in err and "JSON object" in err and err.count("\n") == 1

@@ -41,7 +41,7 @@ def student_src(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, student_src, mmlu_root):
+def full_run(tmp_path_factory, student_src):
     root = tmp_path_factory.mktemp("run")
     profile = write_profile(root / "tiny.yaml", FULL)
     from vcompress.cli import main
@@ -119,7 +119,7 @@ def _digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.suffix in (".safetensors", ".onnx", ".data")}
 
 
-def test_kill_9_during_distillation_then_resume_gives_the_same_artifacts(tmp_path, student_src, mmlu_root):
+def test_kill_9_during_distillation_then_resume_gives_the_same_artifacts(tmp_path, student_src):
     recipe = [{"stage": "prune", "heads": 0.5, "heldout_blocks": 1, "heldout_seq_len": 32},
               {"stage": "distill", "max_steps": 60, "seq_len": 32, "batch_size": 2, "save_every": 5, "eval_per_subject": 0,
                "eval_blocks": 1, "val_blocks": 1, "lr": 1e-3, "warmup": 1, "patience": 100},
@@ -146,3 +146,47 @@ def test_kill_9_during_distillation_then_resume_gives_the_same_artifacts(tmp_pat
     for folder in ("02-prune", "03-distill", "05-export-onnx"):
         assert _digest(tmp_path / "A" / folder) == _digest(run / folder), folder
         assert _digest(run / folder)
+
+
+@pytest.mark.parametrize("case, step, named", [
+    ("validate setting", {"stage": "validate", "runz": 3}, "'runz'"),
+    ("device", {"stage": "validate", "device": "toaster"}, "'toaster'"),
+    ("stage", {"stage": "compile"}, "'compile'"),
+])
+def test_a_typo_anywhere_in_the_recipe_fails_validate_and_dry_run(cli, tmp_path, case, step, named):
+    profile = write_profile(tmp_path / "p.yaml", [{"stage": "export", "quant": "int4"}, step])
+    for args in (("profiles", "validate", profile), ("run", "--profile", profile, "--out", tmp_path / "R", "--dry-run")):
+        code, _, err = cli(*args)
+        assert code == 2 and named in err and len(err.strip().splitlines()) == 1, (case, err)
+    assert not (tmp_path / "R").exists()
+
+
+def test_device_connection_keys_are_checked_by_that_device(cli, tmp_path):
+    profile = write_profile(tmp_path / "p.yaml", [{"stage": "export"}, {"stage": "validate"}])
+    data = yaml.safe_load(profile.read_text())
+    data["device"]["connection"] = {"kind": "ssh", "hots": "board.local"}
+    profile.write_text(yaml.safe_dump(data))
+    code, _, err = cli("profiles", "validate", profile)
+    assert code == 2 and "'hots'" in err and "ssh" in err
+    data["device"]["connection"] = {"kind": "ssh", "host": "board.local", "port": 22}
+    profile.write_text(yaml.safe_dump(data))
+    assert cli("profiles", "validate", profile)[0] == 0
+
+
+def test_target_format_and_runtime_are_checked_against_the_exporters(cli, tmp_path):
+    profile = write_profile(tmp_path / "p.yaml", [{"stage": "export"}])
+    data = yaml.safe_load(profile.read_text())
+    data["target"] = {"format": "coreml", "quant": "int4"}
+    profile.write_text(yaml.safe_dump(data))
+    code, _, err = cli("profiles", "validate", profile)
+    assert code == 2 and "'coreml'" in err and "onnx" in err
+    data["target"] = {"format": "onnx", "runtime": "litert", "quant": "int4"}
+    profile.write_text(yaml.safe_dump(data))
+    code, _, err = cli("profiles", "validate", profile)
+    assert code == 2 and "'litert'" in err and "onnxruntime" in err
+
+
+def test_out_of_order_recipe_names_the_order(cli, tmp_path):
+    profile = write_profile(tmp_path / "p.yaml", [{"stage": "export"}, {"stage": "quantize"}])
+    code, _, err = cli("profiles", "validate", profile)
+    assert code == 2 and "out of order" in err and "['quantize', 'export']" in err

@@ -3,6 +3,7 @@ import yaml
 
 from vcompress.core.errors import InputError
 from vcompress.core.profiles import builtin_names, load_profile, parse_profile
+from vcompress.pipeline import plan
 
 SIX = {"snapdragon8g2", "snapdragon8g3", "pixel8", "jetson-orin-nano", "raspberry-pi5", "x86-cpu"}
 
@@ -39,17 +40,17 @@ def test_profile_by_path(tmp_path):
         (lambda d: d["budgets"].update(max_ttft_ms=-5), "budgets.max_ttft_ms"),
         (lambda d: d["budgets"].pop("min_decode_tokens_per_s"), "missing field 'budgets.min_decode_tokens_per_s'"),
         (lambda d: d["budgets"].update(max_peak_ram_mb=100, max_model_size_mb=500), "must fit in RAM"),
-        (lambda d: d["target"].update(runtime="litert"), "cannot run target.format 'onnx'"),
+        (lambda d: d["target"].update(runtime="litert"), "target.runtime 'litert'"),
         (lambda d: d.update(recipe=[{"stage": "export"}, {"stage": "quantize"}]), "out of order"),
-        (lambda d: d["recipe"].insert(1, {"stage": "distill"}), "distills without pruning"),
+        (lambda d: d["recipe"].insert(1, {"stage": "distill"}), "distillation needs a pruned student"),
         (lambda d: d["device"].update(efficiency=1.5), "device.efficiency"),
     ],
 )
 def test_bad_profiles_name_the_key_and_file(change, words):
     data = good()
     change(data)
-    with pytest.raises(InputError) as e:
-        parse_profile(yaml.safe_dump(data), "my.yaml")
+    with pytest.raises(InputError) as e:  # the schema, or the registered stages when the plan is made
+        plan(parse_profile(yaml.safe_dump(data), "my.yaml"), "my.yaml")
     message = str(e.value)
     assert message.startswith("my.yaml: ") and words in message and "\n" not in message
 

@@ -15,7 +15,7 @@ from vcompress.compress.prune import Prune, drop_layers, make_plan, prune_mlp_ch
 from vcompress.core.errors import InputError
 from vcompress.core.stage import execute
 
-FAST = {"samples": 2, "seq_len": 32, "heldout_blocks": 2, "heldout_seq_len": 32}
+FAST = {"samples": 2, "seq_len": 32, "heldout_blocks": 2, "heldout_seq_len": 32, "eval_per_subject": 0}
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +134,13 @@ def fake_scores(info: dict, *, weak_group: int, weak_layer: int) -> dict:
     }
 
 
-def test_prune_stage_removes_the_ranked_groups_and_layer(gqa_llama, tmp_path, tokenizer):
+def test_prune_stage_removes_the_ranked_groups_and_layer(gqa_llama, tmp_path, tokenizer, mmlu_root):
     original = load(gqa_llama)
     info = shape(original)
     scores = tmp_path / "sensitivity.json"
     scores.write_text(json.dumps(fake_scores(info, weak_group=1, weak_layer=2)))
-    metrics = execute(Prune({"heads": 0.33, "layers": 1, "scores": str(scores), **FAST}), tmp_path / "p", source=str(gqa_llama), log=lambda _: None)
+    metrics = execute(Prune({"heads": 0.33, "layers": 1, "scores": str(scores), **FAST, "eval_per_subject": 1}), tmp_path / "p",
+                      source=str(gqa_llama), mmlu=mmlu_root, log=lambda _: None)
 
     pruned = load(tmp_path / "p")
     config = pruned.config
@@ -151,7 +152,9 @@ def test_prune_stage_removes_the_ranked_groups_and_layer(gqa_llama, tmp_path, to
     assert [row["source_layer"] for row in metrics["heads"]["kept_per_layer"]] == [0, 1, 3]
     assert metrics["parameters_after"] < metrics["parameters_before"]
     assert metrics["weights_bytes_after"] < metrics["weights_bytes_before"]
-    assert metrics["perplexity_before"] > 0 and metrics["perplexity_after"] > 0
+    assert metrics["perplexity"]["reference"] > 0 and metrics["perplexity"]["student"] > 0 and metrics["tokens"] == 2 * 31
+    assert 0 < metrics["top1_agreement"] < 1 and metrics["kl_mean"] > 0
+    assert metrics["questions"] == 8 and 0 <= metrics["answer_agreement"] <= 1  # one per medical subject
     assert metrics["reload_max_abs_logit_diff"] < 1e-4
 
     # the proof end to end: the original with group 1 zeroed everywhere and layer 2's outputs zeroed

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 from tests.tiny import CORPUS
 from vcompress.compress._gptq_core import Grid, Hessians, gptq, reconstruction_error, rtn
-from vcompress.compress._gptq_pack import dequantize, from_tensors, pack_rows, to_tensors, unpack_rows
-from vcompress.compress.quantize import MANIFEST, SIDECAR, Quantize, choose_group_size
+from vcompress.compress._gptq_pack import from_tensors, to_tensors
+from vcompress.compress.quantize import SIDECAR, Quantize, choose_group_size
 from vcompress.core.errors import InputError
 from vcompress.core.models import load_model, weights_hash
+from vcompress.core.quant_format import MANIFEST, dequantize, pack_rows, unpack_cols, unpack_rows
 from vcompress.core.stage import execute
 
 FAST = {"calib_samples": 8, "seq_len": 32, "batch_size": 4, "heldout_blocks": 2, "heldout_seq_len": 32, "eval_per_subject": 0}
@@ -108,7 +109,7 @@ def test_group_size_falls_back_to_the_largest_that_divides_every_layer():
 def test_gptq_reconstructs_a_real_layer_better_than_rtn(tiny_llama, calib, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from vcompress.compress.sensitivity import calibration_blocks
+    from vcompress.compress._calib import calibration_blocks
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     blocks = calibration_blocks(tokenizer, data=calib, samples=8, seq_len=32, log=lambda _: None)
@@ -170,11 +171,15 @@ def test_gptq_checkpoint_layout_reload_and_generate(tiny_llama, calib, tmp_path)
 def test_metrics_report_fidelity_and_gptq_beats_rtn(tiny_llama, calib, tmp_path, mmlu_root):
     metrics = execute(Quantize({**FAST, "eval_per_subject": 1, "compare_rtn": True}), tmp_path / "q", source=tiny_llama,
                       data=calib, mmlu=mmlu_root, seed=0, log=lambda _: None)
-    held, rtn_held = metrics["heldout"], metrics["rtn"]["heldout"]
-    assert held["tokens"] == 2 * 31 and 0 < held["top1_agreement_fraction"] <= 1 and held["kl_nats_per_token"] >= 0
-    assert held["kl_nats_per_token"] < rtn_held["kl_nats_per_token"]
+    rtn_scored = metrics["rtn"]
+    assert metrics["tokens"] == 2 * 31 and 0 < metrics["top1_agreement"] <= 1 and metrics["kl_mean"] >= 0
+    assert metrics["kl_mean"] < rtn_scored["kl_mean"]
+    ppl = metrics["perplexity"]
+    assert ppl["rise_pct"] == pytest.approx(100 * (ppl["student"] / ppl["reference"] - 1))
+    assert rtn_scored["perplexity"]["reference"] == ppl["reference"]  # the input model, scored once before quantizing
+    assert metrics["beats_rtn"] == (ppl["student"] < rtn_scored["perplexity"]["student"])
     assert metrics["layer_error"]["gptq_better_than_rtn_fraction"] == 1.0
-    assert metrics["answer_agreement"]["n"] == 8 and metrics["rtn"]["answer_agreement"]["n"] == 8
+    assert metrics["questions"] == 8 and rtn_scored["questions"] == 8 and 0 <= metrics["answer_agreement"] <= 1
     assert metrics["bits_per_weight"]["unit"] == "bits" and 4 < metrics["bits_per_weight"]["value"] < 6
 
 
@@ -259,8 +264,6 @@ def matmulnbits_session(tensors: dict, in_features: int, out_features: int, bits
     """One com.microsoft.MatMulNBits node built from saved GPTQ tensors as docs/quant_format.md says."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-
-    from vcompress.compress._gptq_pack import unpack_cols
 
     K, N, G = in_features, out_features, in_features // group_size
     codes = unpack_rows(tensors["qweight"], bits).numpy().astype(np.uint8).T.reshape(N, G, group_size)

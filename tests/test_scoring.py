@@ -182,3 +182,41 @@ def test_text_fidelity_against_itself_and_another(tiny_models, tokenizer):
     other = scoring.text_fidelity(qwen.forward, blocks, llama.forward)
     assert other["kl_mean"] > 0.01 and other["top1_agreement"] < 1.0
     assert scoring.perplexity(llama.forward, blocks) == pytest.approx(same["perplexity"], rel=1e-5)
+
+
+def test_judge_gives_the_scoring_figures_under_one_set_of_names(tiny_models, tokenizer):
+    blocks = torch.randint(5, len(tokenizer), (3, 32), generator=torch.Generator().manual_seed(2))
+    questions = synthetic_questions(6)
+    llama = TorchRunner(tiny_models["llama"])
+    qwen = TorchRunner(tiny_models["qwen2"])
+    reported = []
+    judge = scoring.Judge(llama.forward, blocks, tokenizer=llama.tokenizer, questions=questions,
+                          progress=lambda *call: reported.append(call))
+    got = judge.score(qwen.forward)
+    text = scoring.text_fidelity(qwen.forward, blocks, llama.forward)
+    answers = scoring.answer_agreement(scoring.mmlu_logprobs(qwen.forward, llama.tokenizer, questions),
+                                       scoring.mmlu_logprobs(llama.forward, llama.tokenizer, questions))
+    assert got == {
+        "perplexity": {"reference": text["reference_perplexity"], "student": text["perplexity"],
+                       "rise_pct": 100 * (text["perplexity"] / text["reference_perplexity"] - 1)},
+        "top1_agreement": text["top1_agreement"], "kl_mean": text["kl_mean"], "tokens": 3 * 31,
+        "answer_agreement": answers["agreement"], "answer_ci95": answers["ci95"], "answer_kl_mean": answers["kl_mean"],
+        "questions": 6,
+    }
+    # the reference's logits are taken once (quantize changes its reference in place), unless told not to keep them
+    scale = [1.0]
+
+    def changing(ids):
+        return llama.forward(ids) * scale[0]
+
+    kept, rerun = scoring.Judge(changing, blocks), scoring.Judge(changing, blocks, keep_logits=False)
+    scale[0] = 3.0
+    assert kept.score(qwen.forward)["kl_mean"] == got["kl_mean"]
+    assert rerun.score(qwen.forward)["kl_mean"] != pytest.approx(got["kl_mean"])
+    with pytest.raises(KeyError):
+        kept.reference_logits(blocks[:1] + 1)
+    # progress: each label starts at 0 and ends at its total
+    for label in ("reference logits", "MMLU reference", "held-out text", "MMLU"):
+        calls = [(done, total) for name, done, total in reported if name == label]
+        assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0, label
+    assert scoring.Judge(llama.forward).score(qwen.forward)["perplexity"] is None

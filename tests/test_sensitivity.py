@@ -8,10 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.test_quantize import fake_quantized
 from vcompress.compress._arch import attention_out, decoder_layers, head_rows, shape
+from vcompress.compress._calib import calibration_blocks
+from vcompress.compress._gptq_core import Grid
 from vcompress.compress._heads import masked_heads
-from vcompress.compress.sensitivity import (SENSITIVITY, Analyze, Probe, analyze, calibration_blocks, group_size_for,
-                                            mean_loss, rtn, taylor_scores)
+from vcompress.compress.sensitivity import SENSITIVITY, Analyze, Probe, analyze, mean_loss, model_grid, quantized, taylor_scores
+from vcompress.core.profiles import load_profile
 from vcompress.core.stage import execute
 
 FAST = {"samples": 2, "seq_len": 32}
@@ -94,15 +97,30 @@ def test_taylor_of_a_head_without_weights_is_zero(tiny_llama, blocks):
     assert all(p.grad is None for p in model.parameters())  # no gradients left behind
 
 
-def test_rtn_rounds_to_16_levels_per_group():
-    torch.manual_seed(0)
-    weight = torch.randn(8, 256)
-    q = rtn(weight, bits=4, group_size=128)
-    for group in q.view(8, 2, 128).reshape(16, 128):
-        assert len(torch.unique(group)) <= 16
-    step = (weight.view(8, 2, 128).amax(-1) - weight.view(8, 2, 128).amin(-1)) / 15
-    assert ((q - weight).abs().view(8, 2, 128) <= step.unsqueeze(-1) * 0.5 + 1e-5).all()
-    assert [group_size_for(n) for n in (576, 1536, 96, 50)] == [64, 128, 32, 50]
+@pytest.mark.parametrize("zero_point", ["int", "float"])
+def test_the_rounded_weight_analyze_measures_is_what_quantize_rtn_writes(cli, tiny_llama, tmp_path, zero_point):
+    out = tmp_path / "q"
+    code, _, err = cli("quantize", "--model", tiny_llama, "--method", "rtn", "--group-size", "32", "--zero-point", zero_point,
+                       "--out", out, "--json")
+    assert code == 0, err
+    written = fake_quantized(tiny_llama, out)
+    model = load(tiny_llama)
+    grid = model_grid(model, Analyze({"group_size": 32, "zero_point": zero_point}).config.grid)
+    for name in ("model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"):
+        module = model.get_submodule(name)
+        original = module.weight.data.clone()
+        with quantized(module, grid):
+            measured = module.weight.data.clone()
+        assert torch.equal(measured, written.get_submodule(name).weight.data), name
+        assert not torch.equal(measured, original) and torch.equal(module.weight.data, original)
+
+
+def test_the_grid_follows_the_profile_and_quantize_group_fallback(tiny_llama, blocks):
+    profile = load_profile("x86-cpu")  # quantization group 32; its quantize step: zero_point float
+    assert Analyze.from_profile({}, profile).config.grid == Grid(4, 32, float_zero=True)
+    assert Analyze.from_profile({"group_size": 64}, profile).config.grid.group_size == 64  # the step's own settings win
+    quant = analyze(load(tiny_llama), blocks, parts=["quant"], log=lambda _: None)["quant"]
+    assert (quant["group_size"], quant["zero_point"]) == (64, "int")  # hidden size 64: 128 falls back, as quantize does
 
 
 def test_same_seed_same_json_other_seed_other_blocks(tiny_llama, tmp_path):

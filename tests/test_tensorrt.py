@@ -7,15 +7,16 @@ import shlex
 import onnxruntime as ort
 import pytest
 
-from vcompress.exporters.tensorrt import build, tensorrt_available
+from vcompress.core.errors import Unsupported
+from vcompress.exporters.tensorrt import export, tensorrt_available
 
 
 @pytest.fixture(scope="module")
 def onnx_export(tiny_models, tmp_path_factory):
-    from vcompress.exporters.onnx import export
+    from vcompress.exporters import onnx
 
     out = tmp_path_factory.mktemp("trt") / "onnx"
-    export(tiny_models["llama"], out, "none", log=lambda _: None, threads=1)
+    onnx.export(tiny_models["llama"], out, "none", log=lambda _: None, threads=1)
     return out
 
 
@@ -29,8 +30,9 @@ def _flag(command: list[str], name: str) -> dict[str, list[int]]:
 def test_build_plan_matches_the_onnx_inputs(onnx_export, tmp_path, precision):
     out = tmp_path / "plan"
     messages = []
-    result = build(onnx_export, out, precision=precision, prefill_tokens=16, max_tokens=64, log=messages.append)
+    result = export(onnx_export, out, precision=precision, prefill_tokens=16, max_tokens=64, log=messages.append)
     assert result["format"] == "tensorrt-plan" and result["engine_built"] is False and "tensorrt" in result["reason"]
+    assert result["runtime"] == "tensorrt" and result["runtime_version"] is None
     assert not any(out.glob("*.engine")) and not any(out.glob("*.plan"))
     assert any("no TensorRT engine was built" in m for m in messages)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -76,13 +78,25 @@ def test_engine_is_built_where_tensorrt_and_cuda_exist(onnx_export, tmp_path):
     usable, why = tensorrt_available()
     if not usable:
         pytest.skip(f"needs `tensorrt` and a CUDA GPU: {why}")
-    from vcompress.core.errors import Unsupported
     from vcompress.exporters.tensorrt import contrib_ops
 
     if contrib_ops(onnx_export / "model.onnx"):  # ONNX Runtime's GroupQueryAttention & co.: no parser support, no plugins here
         with pytest.raises(Unsupported, match="ONNX parser"):
-            build(onnx_export, tmp_path / "engine", precision="fp16", prefill_tokens=16, max_tokens=64)
+            export(onnx_export, tmp_path / "engine", precision="fp16", prefill_tokens=16, max_tokens=64)
         assert not (tmp_path / "engine").exists()
         return
-    result = build(onnx_export, tmp_path / "engine", precision="fp16", prefill_tokens=16, max_tokens=64)
+    result = export(onnx_export, tmp_path / "engine", precision="fp16", prefill_tokens=16, max_tokens=64)
     assert result["engine_built"] is True and (tmp_path / "engine" / "model.engine").stat().st_size > 0
+
+
+def test_registered_exporter_takes_an_onnx_export_not_a_checkpoint(tiny_llama, tmp_path):
+    from vcompress.core.registry import EXPORTERS
+    from vcompress.exporters import export_stage
+
+    stage = export_stage({"format": "tensorrt", "quant": "int8", "prefill_tokens": 16})  # a profile's target.quant is the precision
+    assert type(stage) is EXPORTERS.get("tensorrt") and stage.config.precision == "int8"
+    assert stage.runtime == "tensorrt" and stage.run_folder == "05-export-tensorrt"
+    for checkpoint in (tiny_llama, None):  # what `run` hands an exporter: a model folder, or the default
+        with pytest.raises(Unsupported, match="GroupQueryAttention.*vcompress export tensorrt --onnx"):
+            export(checkpoint, tmp_path / "e")
+        assert not (tmp_path / "e").exists()

@@ -137,7 +137,7 @@ def test_runner_through_the_evaluation_interface(exported, tiny_models, mmlu_roo
     assert torch.allclose(picked, want[:, [3, 6]], atol=1e-4)
     # MMLU through the evaluator: the export's context (its cache, 100) truncates prompts on the left,
     # so PyTorch is scored with the same limit.
-    evaluator = Evaluator(mmlu=mmlu_root, subset="medical", per_subject=1, show_progress=False, threads=1)
+    evaluator = Evaluator(mmlu=mmlu_root, subset="medical", per_subject=1, threads=1)
     got = evaluator.mmlu_logprobs(out)
     reference = evaluator.runner(tiny_models["llama"])
     want = scoring.mmlu_logprobs(reference.forward, reference.tokenizer, evaluator.questions, max_length=100)

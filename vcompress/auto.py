@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from vcompress.core.artifact import write_json
+from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError, VcompressError
 from vcompress.core.profiles import Profile
+from vcompress.core.units import MIB
 
 # How far over budget a prediction may be and still be tried: distillation wins some of the
 # pruning loss back, and summed single-unit deltas are only a first-order guess.
@@ -73,7 +74,7 @@ def estimated_mb(shape: dict, vocab: int, heads: float, bits: int, group_size: i
     mlp = 3 * hidden * shape["intermediate_size"]
     weights = shape["layers"] * (attention + mlp) + vocab * hidden
     per_weight = bits / 8 + 5 / group_size
-    return weights * per_weight / 2**20
+    return weights * per_weight / MIB
 
 
 def predicted_rise_pct(scores: dict, heads: float, bits: int) -> float | None:
@@ -107,8 +108,11 @@ def candidate_profile(profile: Profile, c: Candidate) -> Profile:
     else:
         data["quantization"].update(method=profile.quantization.method if profile.quantization.method in ("gptq", "rtn") else "gptq", bits=4)
     data["target"]["quant"] = f"int{c.bits}"
-    order = ["analyze", "prune", "distill", "quantize", "export", "validate"]
-    data["recipe"] = [steps[s] for s in order if s in steps]
+    from vcompress.core.registry import STAGES
+    from vcompress.pipeline import load_stages
+
+    load_stages()  # the registered stages' folders give the road's order
+    data["recipe"] = sorted(steps.values(), key=lambda step: STAGES.get(step["stage"]).folder)
     return Profile.model_validate(data)
 
 
@@ -122,7 +126,7 @@ def search(profile: Profile, options, *, where: str = "profile", log: Callable[[
     out = Path(options.out)
     analysis_profile = Profile.model_validate({**profile.model_dump(mode="json"), "recipe": [profile.step("analyze").model_dump(mode="json")]})
     pipeline.run(analysis_profile, _with(options, out=out), where=where, log=log, on_stage=on_stage)
-    analysis = out / pipeline.FOLDERS["analyze"]
+    analysis = RunLayout(out).folder("analyze")
     scores = json.loads((analysis / "sensitivity.json").read_text())
     found = candidates(scores, profile)
     budget = profile.budgets
@@ -132,26 +136,26 @@ def search(profile: Profile, options, *, where: str = "profile", log: Callable[[
             c.status = "not needed"
             continue
         if c.estimated_mb > PREDICTION_SLACK * budget.max_model_size_mb:
-            c.status, c.reason = "skipped", f"estimated {c.estimated_mb:.0f} MB, budget {budget.max_model_size_mb:g} MB"
+            c.status, c.reason = "skipped", f"estimated {c.estimated_mb:.0f} MiB, budget {budget.max_model_size_mb:g} MiB"
         elif c.predicted_ppl_rise_pct is not None and c.predicted_ppl_rise_pct > PREDICTION_SLACK * budget.max_perplexity_rise_pct:
             c.status, c.reason = "skipped", f"predicted perplexity +{c.predicted_ppl_rise_pct:.1f}%, budget +{budget.max_perplexity_rise_pct:g}%"
         else:
             winner = _try(c, profile, analysis, out, options, where, log, on_stage)
         log(f"auto: {c.name}: {c.status}{' (' + c.reason + ')' if c.reason else ''}")
-        write_json(out / "auto.json", _summary(found, winner))
+        write_json(RunLayout(out).auto_json, _summary(found, winner))
     summary = _summary(found, winner)
-    write_json(out / "auto.json", summary)
+    write_json(RunLayout(out).auto_json, summary)
     return summary
 
 
 def _try(c: Candidate, profile: Profile, analysis: Path, out: Path, options, where, log, on_stage) -> Candidate | None:
     from vcompress import pipeline
 
-    folder = out / "candidates" / c.name
-    if not (folder / pipeline.FOLDERS["analyze"]).is_dir():
+    folder = RunLayout(out).candidates / c.name
+    if not (folder / analysis.name).is_dir():
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(analysis, folder / pipeline.FOLDERS["analyze"])
-    log(f"auto: trying {c.name} (estimated {c.estimated_mb:.0f} MB, predicted perplexity "
+        shutil.copytree(analysis, folder / analysis.name)
+    log(f"auto: trying {c.name} (estimated {c.estimated_mb:.0f} MiB, predicted perplexity "
         f"{'+%.1f%%' % c.predicted_ppl_rise_pct if c.predicted_ppl_rise_pct is not None else 'n/a'})")
     try:
         verdict = pipeline.run(candidate_profile(profile, c), _with(options, out=folder, resume=True, from_stage=None, force=False, record=False),

@@ -2,14 +2,19 @@
 
 Each module in vcompress/commands/ exposes `command` (a Click command or group) and is added
 here, so a new stage adds its own file instead of editing this one. Errors become one line and
-an exit code: 0 ok, 1 a check or budget failed, 2 bad input.
+an exit code: 0 ok, 1 a check or budget failed, 2 bad input, 3 an internal error (a bug of ours or of a
+library: its traceback goes to a log file that the line names, so it is never mistaken for a failed budget).
 """
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import importlib
 import os
 import pkgutil
 import sys
+import traceback
+from pathlib import Path
 
 import click
 
@@ -68,11 +73,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("error: interrupted; finished stage folders are kept (use --resume)", err=True)
         code = 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            code = _internal_error(e)
+        else:
+            where = e.filename or "the output folder"
+            what = {errno.EACCES: "permission denied on", errno.EROFS: "read-only file system at"}.get(e.errno)
+            problem = f"{what} {where}; choose a writable --out" if what else f"no space left on {where}; free space or choose another --out"
+            click.echo(f"error: {problem}", err=True)
+            code = 2
+    except Exception as e:  # noqa: BLE001  (anything not ours is an internal error, exit 3)
+        code = _internal_error(e)
     else:
         code = result if isinstance(result, int) else 0
     if argv is None:
         sys.exit(code)
     return code
+
+
+def _internal_error(e: BaseException) -> int:
+    """One line naming the error and the log that holds its traceback; exit code 3."""
+    root = Path(os.environ.get("VCOMPRESS_CACHE") or Path.home() / ".cache" / "vcompress") / "logs"
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    log = root / f"error-{stamp}-{os.getpid()}.log"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"vcompress {__version__}: {' '.join(sys.argv)}\n\n{traceback.format_exc()}", encoding="utf-8")
+    except OSError:
+        log = Path("(unwritable log; run with VCOMPRESS_CACHE set to a writable folder)")
+    message = str(e).splitlines()[0] if str(e) else ""
+    click.echo(f"internal error: {type(e).__name__}: {message}; details in {log}", err=True)
+    return 3
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@ several models against one reference and the reference's MMLU log-probs are comp
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -18,6 +17,7 @@ from vcompress.core import scoring
 from vcompress.core.data import load_mmlu, pack, resolve_subjects, sample_questions, texts_for
 from vcompress.core.errors import InputError
 from vcompress.core.runner import Runner
+from vcompress.core.stage import Progress, no_progress
 
 UNITS = {"accuracy": "fraction", "agreement": "fraction", "top1_agreement": "fraction", "kl_mean": "nats",
          "kl_max": "nats", "perplexity": "unitless", "reference_perplexity": "unitless", "tokens": "tokens", "seconds": "s"}
@@ -26,14 +26,14 @@ UNITS = {"accuracy": "fraction", "agreement": "fraction", "top1_agreement": "fra
 class Evaluator:
     def __init__(self, *, subset: str = "medical", shots: int = 0, per_subject: int | None = 10, mmlu=None,
                  data: str | Path | None = None, seed: int = 0, batch_size: int = 8, seq_len: int = 512,
-                 max_blocks: int = 4, threads: int | None = None, show_progress: bool = True,
+                 max_blocks: int = 4, threads: int | None = None, progress: Progress = no_progress,
                  log: Callable[[str], None] | None = None, open_kwargs: dict | None = None):
         if not 0 <= shots <= 5:
             raise InputError(f"--shots {shots} is out of range; MMLU has 5 dev questions per subject, use 0 to 5")
         self.subset, self.shots, self.per_subject, self.seed = subset, shots, per_subject, seed
         self.mmlu, self.data = mmlu, data
         self.batch_size, self.seq_len, self.max_blocks, self.threads = batch_size, seq_len, max_blocks, threads
-        self.show_progress = show_progress
+        self.progress = progress  # vcompress.progress.progress_bars draws it
         self.log = log or (lambda message: None)
         self.open_kwargs = open_kwargs or {}
         self.subjects = resolve_subjects(subset)
@@ -83,10 +83,9 @@ class Evaluator:
             runner = self.runner(spec)
             questions, dev = self.questions, self.dev  # load before timing
             started = time.perf_counter()
-            with _progress(self.show_progress, f"MMLU {_label(runner)}") as progress:
-                self._logprobs[key] = scoring.mmlu_logprobs(
-                    runner.forward, runner.tokenizer, questions, shots=self.shots, dev=dev,
-                    batch_size=self.batch_size, progress=progress, max_length=getattr(runner, "max_length", None))
+            self._logprobs[key] = scoring.mmlu_logprobs(
+                runner.forward, runner.tokenizer, questions, shots=self.shots, dev=dev, batch_size=self.batch_size,
+                max_length=getattr(runner, "max_length", None), progress=self.progress, label=f"MMLU {_label(runner)}")
             self._seconds[key] = time.perf_counter() - started
         return self._logprobs[key]
 
@@ -120,9 +119,8 @@ class Evaluator:
             limits = [r.max_length for r in (runner, ref_runner) if getattr(r, "max_length", None)]
             blocks, source = self.text_blocks((ref_runner or runner).tokenizer, min([self.seq_len, *limits]))
             started = time.perf_counter()
-            with _progress(self.show_progress, "held-out text") as progress:
-                text = scoring.text_fidelity(runner.forward, blocks, ref_runner.forward if ref_runner else None,
-                                             batch_size=1, progress=progress)
+            text = scoring.text_fidelity(runner.forward, blocks, ref_runner.forward if ref_runner else None,
+                                         batch_size=1, progress=self.progress)
             report["text"] = {**text, "source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
             report["seconds"]["text"] = time.perf_counter() - started
         return report
@@ -166,22 +164,3 @@ def _check_same_vocab(runner: Runner, reference: Runner) -> None:
     if runner.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
         raise InputError(f"{_label(runner)} and the reference {_label(reference)} have different tokenizers; "
                          "agreement and KL need the same vocabulary: pass the checkpoint this model was compressed from")
-
-
-@contextmanager
-def _progress(show: bool, description: str) -> Iterator[scoring.Progress | None]:
-    if not show:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if not console.is_terminal:  # a log file gets no bar
-        yield None
-        return
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=console, transient=True)
-    task = bar.add_task(description, total=None)
-    with bar:
-        yield lambda done, total: bar.update(task, completed=done, total=total)

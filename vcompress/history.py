@@ -1,6 +1,6 @@
 """The history store: one row per recorded run, its metrics (unit, measured/estimated) and samples.
 
-`record(run_dir, db)` reads a finished run folder (run.json and 06-validate/{verdict,latency,eval}.json)
+`record(run_dir, db)` reads a finished run folder (run.json and its validate folder's verdict, latency and eval JSON)
 and writes it into a SQL database through SQLAlchemy Core: SQLite under the cache by default, or any
 SQLAlchemy URL (postgresql://...) so a team can share one. Recording the same run again replaces
 its rows, so it is idempotent per run id. `load(db)` reads the runs back for reports.
@@ -15,10 +15,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from vcompress.core.artifact import read_json
+from vcompress.core.artifact import RunLayout, read_json
 from vcompress.core.errors import InputError
-
-VALIDATE = "06-validate"
 
 metadata = sa.MetaData()
 runs_table = sa.Table(
@@ -235,15 +233,14 @@ def eval_metrics(ev: dict) -> list[Metric]:
 def read_run(run_dir: str | Path) -> RunRecord:
     """A finished run folder as a RunRecord (what `record` writes)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise InputError(f"{run_dir} has no run.json; pass a folder written by `vcompress run`")
-    validate = run_dir / VALIDATE
-    if not (validate / "verdict.json").is_file():
-        raise InputError(f"{run_dir} has no {VALIDATE}/verdict.json: the run did not finish validating; finish it with `vcompress run --resume` first")
-    run = read_json(run_dir / "run.json")
-    verdict = read_json(validate / "verdict.json")
-    latency = read_json(validate / "latency.json") if (validate / "latency.json").is_file() else {}
-    ev = read_json(validate / "eval.json") if (validate / "eval.json").is_file() else {}
+    layout = RunLayout(run_dir)
+    run = layout.read_run()
+    verdict_file = layout.validate_file(RunLayout.VERDICT)
+    validate, verdict = verdict_file.parent, read_json(verdict_file)
+    if not isinstance(verdict, dict):
+        raise InputError(f"{verdict_file} is not a verdict (a JSON object); re-run the validate stage")
+    latency = read_json(validate / RunLayout.LATENCY) if (validate / RunLayout.LATENCY).is_file() else {}
+    ev = read_json(validate / RunLayout.EVAL) if (validate / RunLayout.EVAL).is_file() else {}
     model, profile = run.get("model") or {}, run.get("profile") or {}
     device = latency.get("device") or verdict.get("device") or "unknown device"
     backend = latency.get("backend") or verdict.get("backend")

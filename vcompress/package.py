@@ -26,10 +26,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vcompress import __version__
-from vcompress.core.artifact import read_json
+from vcompress.core.artifact import RunLayout, read_json
 from vcompress.core.errors import CheckFailed, InputError
 from vcompress.core.profiles import parse_profile
-from vcompress.history import VALIDATE, run_id_of
+from vcompress.history import run_id_of
 
 BUNDLE_SCHEMA = "vcompress-bundle/1"
 MANIFEST = "manifest.json"
@@ -111,7 +111,17 @@ class BundleManifest(Strict):
 
 
 def _stage_folders(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.iterdir() if p.is_dir() and re.match(r"\d\d-", p.name))
+    return [run_dir / s["folder"] for s in RunLayout(run_dir).read_run()["stages"] if (run_dir / s["folder"]).is_dir()]
+
+
+def _export_format(export: Path | None) -> str | None:
+    """The format an export folder's manifest names (None: no finished export)."""
+    if export is None or not (export / MANIFEST).is_file():
+        return None
+    manifest = read_json(export / MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), str):
+        raise InputError(f"{export / MANIFEST} names no format; re-run the export stage")
+    return manifest["format"]
 
 
 def _profile_text(run_dir: Path, profile: dict) -> str:
@@ -153,16 +163,18 @@ def _signature(export: Path) -> dict:
 def collect(run_dir: str | Path, fmt: str, *, allow_failed: bool = False) -> tuple[dict[str, Path | bytes], BundleManifest]:
     """The bundle's entries (name -> file or bytes) and its manifest, after every refusal check."""
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise InputError(f"{run_dir} has no run.json; pass a folder written by `vcompress run`")
-    validate = run_dir / VALIDATE
-    if not (validate / "verdict.json").is_file():
-        raise InputError(f"{run_dir} has no {VALIDATE}/verdict.json: the run did not finish; finish it with `vcompress run --resume`")
-    run, verdict = read_json(run_dir / "run.json"), read_json(validate / "verdict.json")
-    export = run_dir / f"05-export-{fmt}"
-    if not export.is_dir():
-        have = ", ".join(p.name.removeprefix("05-export-") for p in run_dir.glob("05-export-*")) or "none"
-        raise InputError(f"{run_dir} has no 05-export-{fmt}/ (exports in this run: {have}); pass --format with one of those")
+    layout = RunLayout(run_dir)
+    run = layout.read_run()
+    verdict_file = layout.validate_file(RunLayout.VERDICT)
+    validate, verdict = verdict_file.parent, read_json(verdict_file)
+    if not isinstance(verdict, dict):
+        raise InputError(f"{verdict_file} is not a verdict (a JSON object); re-run the validate stage (`vcompress run --resume --from validate`)")
+    export = layout.folder("export")
+    exported = _export_format(export)
+    if exported != fmt:
+        have = f"its export is {exported}" if exported else "it has no finished export"
+        raise InputError(f"run {run_dir} has no {fmt} export ({have}); pass --format {exported}" if exported
+                         else f"run {run_dir} has no {fmt} export ({have}); finish it with `vcompress run --resume`")
     if verdict.get("format") and verdict["format"] != fmt:
         raise InputError(f"run {run_dir} validated its {verdict['format']} export, not {fmt}; package --format {verdict['format']}")
     failed = [c.get("budget", "?") for c in verdict.get("checks") or [] if not c.get("passed")]
@@ -190,12 +202,12 @@ def collect(run_dir: str | Path, fmt: str, *, allow_failed: bool = False) -> tup
         if "chat_template" in json.loads(_read(entries["model/tokenizer_config.json"])):
             chat_template = "model/tokenizer_config.json"
     entries["profile.yaml"] = _profile_text(run_dir, run.get("profile") or {}).encode()
-    entries["verdict.json"] = validate / "verdict.json"
+    entries["verdict.json"] = verdict_file
     for folder in _stage_folders(run_dir):
         if (folder / "recipe.yaml").is_file():
             entries[f"recipes/{folder.name}.yaml"] = folder / "recipe.yaml"
 
-    latency = read_json(validate / "latency.json") if (validate / "latency.json").is_file() else {}
+    latency = read_json(validate / RunLayout.LATENCY) if (validate / RunLayout.LATENCY).is_file() else {}
     device, backend = latency.get("device") or verdict.get("device"), latency.get("backend") or verdict.get("backend")
     model, profile = run.get("model") or {}, run.get("profile") or {}
     manifest = BundleManifest(
@@ -314,6 +326,8 @@ def verify(bundle: str | Path) -> BundleManifest:
                 raise bad(name, "not a regular file entry")
             if name in seen:
                 raise bad(name, "appears twice in the zip")
+            if info.flag_bits & 0x1:  # vcompress never encrypts; such an entry cannot be checked
+                raise InputError(f"{bundle}: {name} is an encrypted zip entry, which `vcompress package` never writes; pass an unencrypted bundle written by it")
             seen.add(name)
         if MANIFEST not in seen:
             raise bad(MANIFEST, "missing")
@@ -355,6 +369,8 @@ def verify(bundle: str | Path) -> BundleManifest:
             verdict = json.loads(zf.read(manifest.verdict.file))
         except ValueError:
             raise bad(manifest.verdict.file, "not valid JSON") from None
+        if not isinstance(verdict, dict):
+            raise InputError(f"{bundle}: {manifest.verdict.file} is not a verdict (a JSON object); pass a bundle written by `vcompress package`")
         if bool(verdict.get("passed")) != manifest.verdict.passed:
             raise bad(manifest.verdict.file, "verdict disagrees with manifest.json")
         if not manifest.verdict.passed and not manifest.verdict.allow_failed:

@@ -44,7 +44,7 @@ RULES = {
     "perplexity": Rule("perplexity", +1, rel_floor=0.02),
 }
 BUDGET_OF = {"ttft_ms": "max_ttft_ms", "decode_tokens_per_s": "min_decode_tokens_per_s", "model_size_mb": "max_model_size_mb"}
-PLOTS = (("ttft_ms", "TTFT (ms)"), ("decode_tokens_per_s", "decode (tokens/s)"), ("model_size_mb", "model size (MB)"), ("accuracy", "MMLU accuracy"))
+PLOTS = (("ttft_ms", "TTFT (ms)"), ("decode_tokens_per_s", "decode (tokens/s)"), ("model_size_mb", "model size (MiB)"), ("accuracy", "MMLU accuracy"))
 
 
 @dataclass

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
 from vcompress import __version__
-from vcompress.core.artifact import write_json
+from vcompress.core.artifact import RunLayout, write_json
+from vcompress.core.errors import InputError
 from vcompress.core.models import source_hash, weights_hash
 from vcompress.core.profiles import Budgets, Profile
+from vcompress.core.registry import STAGES
 from vcompress.core.stage import Stage, StageConfig
+from vcompress.core.units import UNIT
 
 
 class ValidateConfig(StageConfig):
@@ -24,30 +28,56 @@ class ValidateConfig(StageConfig):
     decode_tokens: int = Field(64, gt=0, description="tokens decoded per timed run")
     threads: int | None = Field(None, gt=0, description="runtime threads (default: the profile's device.threads)")
     batch_size: int = Field(8, gt=0, description="MMLU prompts scored per forward pass")
+    device: str | None = Field(None, description="registered device that gives latency (default: the profile's connection, "
+                                                 "or the roofline estimate when that device is not attached)")
+    connection: dict[str, Any] = Field(default_factory=dict, description="device settings over the profile's connection (host, serial...)")
 
 
+@STAGES.register("validate")
 class ValidateStage(Stage):
     name = "validate"
+    folder = "06-validate"
+    produces = ""
     Config = ValidateConfig
 
+    @classmethod
+    def from_profile(cls, settings: dict, profile: Profile, where: str | None = None) -> "ValidateStage":
+        stage = cls(cls.parse_config(settings, where))
+        try:  # the device and its settings are checked now, not after every compression stage has run
+            stage.device(profile, probe=False)
+        except InputError as e:
+            raise InputError(f"{where}: {e}" if where else str(e)) from None
+        return stage
+
+    def device(self, profile: Profile, *, probe: bool = True):
+        """The latency device: the configured one, else the profile's connection (probed for a phone or board
+        when `probe`, falling back to the roofline estimate when it is not attached)."""
+        from vcompress.devices import open_device
+
+        cfg: ValidateConfig = self.config
+        name = cfg.device or (None if probe else profile.device.connection.kind)
+        overrides = {"runs": cfg.runs, "warmup": cfg.warmup, "decode_tokens": cfg.decode_tokens,
+                     "threads": cfg.threads or profile.device.threads, **cfg.connection}
+        return open_device(name, profile, **overrides)
+
     def run(self, ctx) -> dict:
-        from vcompress.devices import measure
+        from vcompress.devices import measure_on
         from vcompress.evaluate import Evaluator
 
-        profile: Profile = ctx.extra["profile"]
+        profile: Profile = ctx.profile
+        if profile is None:
+            raise InputError("validate needs a profile (its budgets and device); pass --profile")
         cfg: ValidateConfig = self.config
         ev = profile.evaluation
         threads = cfg.threads or profile.device.threads
         evaluator = Evaluator(subset=ev.subset, shots=ev.shots, per_subject=ev.per_subject, mmlu=ctx.mmlu, data=ctx.data,
-                              seed=ev.seed, batch_size=cfg.batch_size, threads=threads, log=ctx.log)
+                              seed=ev.seed, batch_size=cfg.batch_size, threads=threads, log=ctx.log, progress=ctx.progress)
         try:
             report = evaluator.evaluate(model=str(ctx.source), reference=ctx.reference)
         finally:
             evaluator.close()
         ctx.log("measuring latency")
-        overrides = {k: v for k, v in ctx.extra.get("device_overrides", {}).items() if v is not None}
-        latency = measure(ctx.source, ctx.extra.get("device"), profile, prompt_tokens=profile.budgets.prompt_tokens,
-                          decode_tokens=cfg.decode_tokens, runs=cfg.runs, warmup=cfg.warmup, threads=threads, **overrides)
+        latency = measure_on(self.device(profile), ctx.source)
         evaluation = eval_summary(report)
         checks = budget_checks(profile.budgets, evaluation, latency)
         verdict = {
@@ -62,9 +92,9 @@ class ValidateStage(Stage):
             "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "vcompress": __version__,
         }
-        write_json(ctx.out / "eval.json", {**evaluation, "report": report})
-        write_json(ctx.out / "latency.json", latency)
-        write_json(ctx.out / "verdict.json", verdict)
+        write_json(ctx.out / RunLayout.EVAL, {**evaluation, "report": report})
+        write_json(ctx.out / RunLayout.LATENCY, latency)
+        write_json(ctx.out / RunLayout.VERDICT, verdict)
         metrics = {"passed": verdict["passed"], "failed": [c["budget"] for c in checks if not c["passed"]],
                    "latency_source": latency.get("source"), "device": latency.get("device")}
         if "estimate" in latency:
@@ -108,8 +138,8 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dic
     rise = evaluation["perplexity"]["rise_pct"]
     agreement = evaluation["answer_agreement"]
     return [
-        check("max_model_size_mb", budgets.max_model_size_mb, size, "MB", size_src, size is not None and size <= budgets.max_model_size_mb, **size_extra),
-        check("max_peak_ram_mb", budgets.max_peak_ram_mb, ram, "MB", ram_src, ram is not None and ram <= budgets.max_peak_ram_mb, **ram_extra),
+        check("max_model_size_mb", budgets.max_model_size_mb, size, UNIT, size_src, size is not None and size <= budgets.max_model_size_mb, **size_extra),
+        check("max_peak_ram_mb", budgets.max_peak_ram_mb, ram, UNIT, ram_src, ram is not None and ram <= budgets.max_peak_ram_mb, **ram_extra),
         check("max_ttft_ms", budgets.max_ttft_ms, ttft, "ms", ttft_src, ttft is not None and ttft <= budgets.max_ttft_ms,
               prompt_tokens=budgets.prompt_tokens, **ttft_extra),
         check("min_decode_tokens_per_s", budgets.min_decode_tokens_per_s, tps, "tokens/s", tps_src,

@@ -16,10 +16,10 @@ from vcompress.commands._options import force_option, json_option, out_option, p
 @json_option
 def command(onnx_dir, out, precision, prefill_tokens, max_tokens, force, as_json):
     """Build a TensorRT engine where TensorRT and a CUDA GPU exist; elsewhere write the trtexec build plan (no engine)."""
-    from vcompress.exporters.tensorrt import build
+    from vcompress.exporters.tensorrt import export
 
     log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
-    result = build(onnx_dir, out, precision=precision, prefill_tokens=prefill_tokens, max_tokens=max_tokens, force=force, log=log)
+    result = export(onnx_dir, out, precision=precision, prefill_tokens=prefill_tokens, max_tokens=max_tokens, force=force, log=log)
     if as_json:
         print_json(result)
     elif result["engine_built"]:

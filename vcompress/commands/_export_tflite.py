@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from vcompress.commands._options import echo_export, force_option, json_option, model_options, out_option, print_json, seed_option
-from vcompress.core.models import resolve
+from vcompress.commands._options import echo_export, execute_stage, force_option, json_option, model_options, out_option, print_json, seed_option
 
 
 @click.command("tflite")
@@ -21,12 +20,12 @@ from vcompress.core.models import resolve
 @json_option
 def command(model, base, allow_pickle, trust_remote_code, out, quant, prefill_tokens, cache_length, min_agreement, threads, force, seed, as_json):
     """TFLite (LiteRT) for Android: fp32 must match PyTorch, INT8/INT4 must agree with it."""
-    from vcompress.exporters.tflite import export
+    from vcompress.exporters.tflite import TFLiteExport
 
-    resolve(model, allow_pickle=allow_pickle, base=base)  # bad paths fail before any work
-    log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
-    metrics = export(model, out, quant, force=force, seed=seed, log=log, prefill_tokens=prefill_tokens, cache_length=cache_length,
-                     threads=threads, min_top1_quantized=min_agreement)
+    stage = TFLiteExport({"quant": quant, "prefill_tokens": prefill_tokens, "cache_length": cache_length, "threads": threads,
+                          "min_top1_quantized": min_agreement})
+    metrics = execute_stage(stage, out, model=model, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                            as_json=as_json, force=force, seed=seed)
     if as_json:
         print_json(metrics)
         return

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from vcompress.core.units import MIB, UNIT
+
 
 def model_options(f):
     """--model and the intake flags every command that reads a checkpoint takes."""
@@ -23,13 +25,40 @@ def out_option(required: bool = True):
 force_option = click.option("--force", is_flag=True, help="Replace an existing output folder (only after the new one is complete).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
-mmlu_option = click.option("--mmlu", type=str, default=None, help="MMLU copy: Hendrycks CSV folder, JSONL file or hf:cais/mmlu (default: $VCOMPRESS_MMLU or shared/data/mmlu).")
+mmlu_option = click.option("--mmlu", type=str, default=None, help="MMLU copy: Hendrycks CSV folder, JSONL file or hf:cais/mmlu (default: $VCOMPRESS_MMLU, else the copy shipped with vcompress).")
+
+
+class RegistryChoice(click.ParamType):
+    """A choice among the names of a registry (stages, exporters, devices), read when the option is used,
+    so the registry stays the only place a name is written and `--help` does not import torch."""
+
+    def __init__(self, registry: str):
+        self.registry = registry  # "STAGES", "EXPORTERS" or "DEVICES" in vcompress.core.registry
+        self.name = registry.lower()
+
+    def names(self) -> list[str]:
+        from vcompress import pipeline
+        from vcompress.core import registry
+
+        pipeline.load_stages()
+        if self.registry == "DEVICES":
+            import vcompress.devices  # noqa: F401  (registers the devices)
+        return getattr(registry, self.registry).names()
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return f"[{self.name.upper()}]"
+
+    def convert(self, value, param, ctx):
+        names = self.names()
+        if value not in names:
+            self.fail(f"{value!r} is not one of {', '.join(names)}", param, ctx)
+        return value
 
 
 def print_json(data) -> None:
-    from vcompress.core.artifact import _clean
+    from vcompress.core.artifact import clean
 
-    click.echo(json.dumps(_clean(data), indent=2))
+    click.echo(json.dumps(clean(data), indent=2))
 
 
 def make_console(stderr: bool = False):
@@ -47,16 +76,21 @@ def make_console(stderr: bool = False):
 
 def execute_stage(stage, out, *, model, base, allow_pickle, trust_remote_code, as_json, **kwargs) -> dict:
     """Run one stage for a command: its log on stderr (silent under --json), the intake flags passed on."""
+    from vcompress.core.models import Intake
     from vcompress.core.stage import execute
 
+    from vcompress.progress import progress_bars
+
     log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
-    return execute(stage, out, source=model, log=log,
-                   extra={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base}, **kwargs)
+    intake = Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, base=base)
+    intake.resolve(model)  # a bad --model fails before any work
+    with progress_bars(quiet=as_json) as progress:
+        return execute(stage, out, source=model, log=log, intake=intake, progress=progress, **kwargs)
 
 
 def echo_export(out, quant: str, metrics: dict, fp32_what: str) -> None:
     """The two lines every export command prints: size against fp32, and the parity check."""
     p = metrics["parity"]
-    click.echo(f"wrote {out} ({quant}): {metrics['model_bytes'] / 1e6:.1f} MB, {metrics['size_ratio_to_fp32']:.1%} of {fp32_what}")
+    click.echo(f"wrote {out} ({quant}): {metrics['model_bytes'] / MIB:.1f} {UNIT}, {metrics['size_ratio_to_fp32']:.1%} of {fp32_what}")
     click.echo(f"parity on {p['prompts']} prompts: max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
                f"greedy {p['greedy_tokens']} tokens identical on {p['greedy_identical']}/{p['prompts']}")

@@ -45,26 +45,28 @@ def command(teacher, student, data, out, temperature, kl_weight, ce_weight, hidd
     after, tokens/s, steps, and MMLU answer agreement with the teacher.
     """
     from vcompress.compress.distill import distill
+    from vcompress.progress import progress_bars
 
     config = dict(temperature=temperature, kl_weight=kl_weight, ce_weight=ce_weight, hidden_weight=hidden_weight, lr=lr,
                   warmup=warmup, grad_accum=grad_accum, clip=clip, seq_len=seq_len, batch_size=batch_size, max_steps=max_steps,
                   max_minutes=max_minutes, save_every=save_every, eval_every=eval_every, patience=patience,
                   eval_per_subject=eval_per_subject)
     console = Console(stderr=True)
-    metrics = distill(student, out, teacher=teacher, data=data, config=config, seed=seed, force=force, resume=resume,
-                      mmlu=mmlu, subset=subset, log=lambda m: console.print(m, highlight=False, markup=False),
-                      allow_pickle=allow_pickle or None, trust_remote_code=trust_remote_code or None)
+    with progress_bars(quiet=as_json, console=console) as progress:
+        metrics = distill(student, out, teacher=teacher, data=data, config=config, seed=seed, force=force, resume=resume,
+                          mmlu=mmlu, subset=subset, log=lambda m: console.print(m, highlight=False, markup=False), progress=progress,
+                          allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if as_json:
         print_json(metrics)
         return
-    val, held = metrics["validation"], metrics["heldout"]
+    before, after = metrics["before"], metrics
+    val, val_before = after["validation"], before["validation"]
     lines = [f"wrote {out}: {metrics['steps']} steps, {metrics['tokens_per_s']:,.0f} tokens/s on {metrics['device']} ({metrics['stopped_by']})",
-             f"validation KL {val['before']['kl_nats_per_token']:.4f} -> {val['after']['kl_nats_per_token']:.4f} nats/token; "
-             f"perplexity {val['before']['perplexity']:.2f} -> {val['after']['perplexity']:.2f} (teacher {val['after']['teacher_perplexity']:.2f})"]
-    if held:
-        lines.append(f"held-out KL {held['before']['kl_nats_per_token']:.4f} -> {held['after']['kl_nats_per_token']:.4f}; "
-                     f"perplexity {held['before']['perplexity']:.2f} -> {held['after']['perplexity']:.2f} (teacher {held['after']['teacher_perplexity']:.2f})")
-    agree = metrics["answer_agreement"]
-    if agree["after"]:
-        lines.append(f"MMLU answer agreement with the teacher {agree['before']['fraction']:.3f} -> {agree['after']['fraction']:.3f} (n={agree['after']['n']})")
+             f"validation KL {val_before['kl_mean']:.4f} -> {val['kl_mean']:.4f} nats/token; perplexity "
+             f"{val_before['perplexity']['student']:.2f} -> {val['perplexity']['student']:.2f} (teacher {val['perplexity']['reference']:.2f})"]
+    if after["perplexity"]:
+        lines.append(f"held-out KL {before['kl_mean']:.4f} -> {after['kl_mean']:.4f}; perplexity {before['perplexity']['student']:.2f} "
+                     f"-> {after['perplexity']['student']:.2f} (teacher {after['perplexity']['reference']:.2f})")
+    if after["answer_agreement"] is not None:
+        lines.append(f"MMLU answer agreement with the teacher {before['answer_agreement']:.3f} -> {after['answer_agreement']:.3f} (n={after['questions']})")
     click.echo("\n".join(lines))

@@ -22,14 +22,16 @@ from vcompress.commands._options import make_console, json_option, mmlu_option, 
 def command(model, base, allow_pickle, trust_remote_code, reference, subset, shots, per_subject, data, batch_size, threads, mmlu, seed, as_json):
     """Score a model (HF folder, GGUF, exported artifact) on an MMLU subset as lm-eval's mmlu task does."""
     from vcompress.evaluate import evaluate
+    from vcompress.progress import progress_bars
 
     console = make_console(stderr=True)
-    report = evaluate(
-        model, reference, subset=subset, shots=shots, per_subject=per_subject, mmlu=mmlu, data=data, seed=seed,
-        batch_size=batch_size, threads=threads, show_progress=not as_json,
-        log=None if as_json else (lambda message: console.print(f"[dim]{message}[/dim]")),
-        open_kwargs={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base},
-    )
+    with progress_bars(quiet=as_json, console=console) as progress:
+        report = evaluate(
+            model, reference, subset=subset, shots=shots, per_subject=per_subject, mmlu=mmlu, data=data, seed=seed,
+            batch_size=batch_size, threads=threads, progress=progress,
+            log=None if as_json else (lambda message: console.print(f"[dim]{message}[/dim]")),
+            open_kwargs={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base},
+        )
     if as_json:
         print_json(report)
     else:

@@ -1,4 +1,4 @@
-"""vcompress export FORMAT: write a deployable artifact (ONNX today) and check it against PyTorch.
+"""vcompress export FORMAT: write a deployable artifact and check it against PyTorch.
 
 The group holds one subcommand per format. `onnx` is defined here; another format adds a module
 `vcompress/commands/_export_<format>.py` exposing `command` (a Click command), which the group
@@ -11,8 +11,7 @@ import pkgutil
 
 import click
 
-from vcompress.commands._options import echo_export, force_option, json_option, model_options, out_option, print_json, seed_option
-from vcompress.core.models import resolve
+from vcompress.commands._options import echo_export, execute_stage, force_option, json_option, model_options, out_option, print_json, seed_option
 
 
 @click.group("export")
@@ -39,13 +38,12 @@ def command():
 @json_option
 def onnx(model, base, allow_pickle, trust_remote_code, out, quant, method, int8_method, block_size, table_bits, min_agreement, threads, force, seed, as_json):
     """Decoder with KV cache for ONNX Runtime; fp32 must match PyTorch, INT8/INT4 must agree with it."""
-    from vcompress.exporters.onnx import export
+    from vcompress.exporters.onnx import OnnxExport
 
-    resolve(model, allow_pickle=allow_pickle, base=base)  # bad paths fail before any work
-    log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
-    metrics = export(model, out, quant, force=force, seed=seed, log=log, method=method, int8_method=int8_method, block_size=block_size,
-                     table_bits=int(table_bits), threads=threads,
-                     min_top1_quantized=min_agreement)
+    stage = OnnxExport({"quant": quant, "method": method, "int8_method": int8_method, "block_size": block_size,
+                        "table_bits": int(table_bits), "threads": threads, "min_top1_quantized": min_agreement})
+    metrics = execute_stage(stage, out, model=model, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                            as_json=as_json, force=force, seed=seed)
     if as_json:
         print_json(metrics)
         return

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import click
 
-from vcompress.commands._options import force_option
+from vcompress.commands._options import RegistryChoice, force_option
+from vcompress.core.units import MIB
 from vcompress.package import package
 
 
 @click.command("package")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), required=True, help="Which export of the run to bundle.")
+@click.option("--format", "fmt", type=RegistryChoice("EXPORTERS"), required=True, help="Which export of the run to bundle.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The bundle file to write, e.g. bundle.zip.")
 @click.option("--allow-failed", is_flag=True, help="Package a run whose verdict failed (the manifest says so).")
 @force_option
@@ -20,4 +21,4 @@ def command(run_dir, fmt, out, allow_failed, force):
     manifest = package(run_dir, fmt, out, allow_failed=allow_failed, force=force)
     total = sum(f.bytes for f in manifest.files)
     state = "passed" if manifest.verdict.passed else "FAILED (packaged with --allow-failed)"
-    click.echo(f"wrote {out}: {len(manifest.files)} files, {total / 1e6:.1f} MB, {fmt}, verdict {state}")
+    click.echo(f"wrote {out}: {len(manifest.files)} files, {total / MIB:.1f} MiB, {fmt}, verdict {state}")

@@ -25,7 +25,7 @@ def list_profiles(as_json):
         print_json([p.model_dump(mode="json") for p in profiles])
         return
     table = Table(title="vcompress profiles")
-    for col in ("name", "device", "format", "quant", "GB/s", "GFLOP/s", "size MB", "RAM MB", "TTFT ms", "tok/s", "stages"):
+    for col in ("name", "device", "format", "quant", "GB/s", "GFLOP/s", "size MiB", "RAM MiB", "TTFT ms", "tok/s", "stages"):
         table.add_column(col, no_wrap=col in ("name", "stages"))
     for p in profiles:
         b = p.budgets
@@ -54,8 +54,8 @@ def show(name, as_json):
 @click.argument("file")
 def validate(file):
     """Check a profile file (schema, contradictions, stage settings); exit 2 naming the key if bad."""
-    from vcompress.pipeline import validate_recipe
+    from vcompress.pipeline import plan
 
     profile = load_profile(file)
-    validate_recipe(profile, where=file)
+    plan(profile, where=file)
     click.echo(f"ok: {file} is a valid profile ({profile.name}: {profile.target.format}, {len(profile.recipe)} stages)")

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from vcompress.commands._options import execute_stage, force_option, json_option, mmlu_option, model_options, out_option, print_json, seed_option
+from vcompress.core.units import MIB
 
 
 @click.command("prune")
@@ -39,7 +40,8 @@ def command(model, base, allow_pickle, trust_remote_code, heads, mlp, layers, sc
                f"MLP channels {m['intermediate_size'][0]} -> {m['intermediate_size'][1]}, layers {l['count'][0]} -> {l['count'][1]}"
                + (f" (dropped {l['dropped']})" if l["dropped"] else ""))
     click.echo(f"parameters {metrics['parameters_before']:,} -> {metrics['parameters_after']:,}, "
-               f"weights {metrics['weights_bytes_before'] / 1e6:.1f} MB -> {metrics['weights_bytes_after'] / 1e6:.1f} MB "
+               f"weights {metrics['weights_bytes_before'] / MIB:.1f} MiB -> {metrics['weights_bytes_after'] / MIB:.1f} MiB "
                f"({metrics['size_reduction']['value']}% smaller)")
-    click.echo(f"held-out perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f} "
-               f"(top-1 agreement {metrics['top1_agreement']:.1%}, {metrics['heldout_tokens']} tokens)")
+    if metrics["perplexity"]:
+        click.echo(f"held-out perplexity {metrics['perplexity']['reference']:.2f} -> {metrics['perplexity']['student']:.2f} "
+                   f"(top-1 agreement {metrics['top1_agreement']:.1%}, {metrics['tokens']} tokens)")

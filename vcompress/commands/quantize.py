@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from vcompress.commands._options import execute_stage, force_option, json_option, mmlu_option, model_options, out_option, print_json, seed_option
+from vcompress.core.units import MIB
 
 
 @click.command("quantize")
@@ -45,17 +46,16 @@ def command(model, base, allow_pickle, trust_remote_code, method, bits, group_si
     click.echo(f"wrote {out}")
     click.echo(f"{metrics['method']}: {metrics['quantized_linears']} linears at {metrics['bits']} bits, group size {metrics['group_size']}, "
                f"zero point {metrics['zero_point']}, {metrics['bits_per_weight']['value']} bits per weight; "
-               f"weights {metrics['weights_bytes_before'] / 1e6:.1f} MB -> {metrics['weights_bytes_after'] / 1e6:.1f} MB "
+               f"weights {metrics['weights_bytes_before'] / MIB:.1f} MiB -> {metrics['weights_bytes_after'] / MIB:.1f} MiB "
                f"({metrics['weights_fraction_of_before']:.1%}) in {metrics['quantize_seconds']:.0f} s")
     for label, scored in (("", metrics), ("rtn: ", metrics.get("rtn") or {})):
-        held = scored.get("heldout")
-        if held:
-            click.echo(f"{label}held-out perplexity {held['reference_perplexity']:.2f} -> {held['perplexity']:.2f} "
-                       f"(x{held['perplexity_ratio']:.3f}), top-1 agreement {held['top1_agreement_fraction']:.1%}, "
-                       f"KL {held['kl_nats_per_token']:.4f} nats/token")
-        agreement = scored.get("answer_agreement")
-        if agreement:
-            click.echo(f"{label}MMLU answer agreement {agreement['fraction']:.1%} of {agreement['n']}")
+        ppl = scored.get("perplexity")
+        if ppl:
+            click.echo(f"{label}held-out perplexity {ppl['reference']:.2f} -> {ppl['student']:.2f} "
+                       f"({ppl['rise_pct']:+.2f}%), top-1 agreement {scored['top1_agreement']:.1%}, "
+                       f"KL {scored['kl_mean']:.4f} nats/token")
+        if scored.get("answer_agreement") is not None:
+            click.echo(f"{label}MMLU answer agreement {scored['answer_agreement']:.1%} of {scored['questions']}")
     if metrics["kept_linears"]:
         click.echo(f"kept unquantized: {', '.join(metrics['kept_linears'])}")
     for note in metrics["notes"]:

@@ -6,21 +6,21 @@ from pathlib import Path
 
 import click
 
-from vcompress.commands._options import make_console, json_option, mmlu_option, print_json, seed_option
+from vcompress.commands._options import RegistryChoice, json_option, make_console, mmlu_option, model_options, print_json, seed_option
 from vcompress.core.profiles import load_profile
 
 
 @click.command("run")
 @click.option("--profile", "profile_name", required=True, help="Profile name (see `vcompress profiles list`) or a YAML file.")
-@click.option("--model", type=str, default=None, help="Checkpoint to compress (HF folder, .gguf, LoRA adapter); default: the embedded SmolLM2-135M-Instruct.")
+@model_options
 @click.option("--data", type=click.Path(), default=None, help="Domain data (JSONL/CSV) for calibration and distillation; default: MMLU text outside the evaluated subset.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (one numbered subfolder per stage).")
 @click.option("--resume", is_flag=True, help="Skip finished stages and continue an interrupted one.")
-@click.option("--from", "from_stage", type=click.Choice(["analyze", "prune", "distill", "quantize", "export", "validate"]), default=None, help="Re-run from this stage on.")
+@click.option("--from", "from_stage", type=RegistryChoice("STAGES"), default=None, help="Re-run from this stage on.")
 @click.option("--force", is_flag=True, help="Start over in an existing run folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (stages, settings, folders) and stop.")
 @click.option("--auto", is_flag=True, help="Search the prune ratio and bit width for the smallest artifact that passes the profile (RUN/auto.json lists every candidate).")
-@click.option("--device", type=click.Choice(["host", "ssh", "adb", "roofline"]), default=None, help="Where latency comes from (default: the profile's connection; roofline estimate when the device is not attached).")
+@click.option("--device", type=RegistryChoice("DEVICES"), default=None, help="Where latency comes from (default: the profile's connection; roofline estimate when the device is not attached).")
 @click.option("--host", "ssh_host", default=None, help="ssh: the board's address (overrides the profile).")
 @click.option("--serial", default=None, help="adb: the phone's serial (overrides the profile).")
 @click.option("--record", is_flag=True, help="Record the result in the history database (see `vcompress report`).")
@@ -28,31 +28,34 @@ from vcompress.core.profiles import load_profile
 @mmlu_option
 @seed_option
 @json_option
-def command(profile_name, model, data, out, resume, from_stage, force, dry_run, auto, device, ssh_host, serial, record, db, mmlu, seed, as_json):
+def command(profile_name, model, base, allow_pickle, trust_remote_code, data, out, resume, from_stage, force, dry_run, auto, device, ssh_host, serial, record, db, mmlu, seed, as_json):
     """Run a profile's recipe: analyze > prune > distill > quantize > export > validate, then print the verdict.
 
-    Exit code 0 when every budget passes, 1 when one fails, 2 on bad input.
+    Exit code 0 when every budget passes, 1 when one fails, 2 on bad input, 3 on an internal error.
     """
     from vcompress import pipeline
+    from vcompress.core.models import Intake
 
     profile = load_profile(profile_name)
-    steps = pipeline.plan(profile, where=profile_name)
+    connection = {k: v for k, v in (("host", ssh_host), ("serial", serial)) if v}
+    validate = {k: v for k, v in (("device", device), ("connection", connection)) if v}
+    overrides = {"validate": validate} if validate else {}
+    steps = pipeline.plan(profile, where=profile_name, overrides=overrides)
     console = make_console(stderr=as_json)
     if dry_run:
         if as_json:
             print_json({"profile": profile.name, "out": str(out), "steps": [
-                {"stage": s.stage, "folder": s.folder, "config": s.config if isinstance(s.config, dict) else s.config.model_dump(mode="json"),
-                 "done": (out / s.folder).is_dir()} for s in steps]})
+                {"stage": s.name, "folder": s.folder, "config": s.config.model_dump(mode="json"), "done": (out / s.folder).is_dir()}
+                for s in steps]})
             return 0
         console.print(f"[bold]plan[/bold] for profile {profile.name} -> {out}")
         for s in steps:
-            config = s.config if isinstance(s.config, dict) else s.config.model_dump(mode="json")
             done = " (done, kept by --resume)" if (out / s.folder).is_dir() else ""
-            console.print(f"  {s.folder:<18} {s.stage:<9} {config}{done}")
+            console.print(f"  {s.folder:<18} {s.name:<9} {s.config.model_dump(mode='json')}{done}")
         return 0
-    overrides = {k: v for k, v in (("host", ssh_host), ("serial", serial)) if v}
     options = pipeline.RunOptions(out=out, model=model, data=data, mmlu=mmlu, seed=seed, resume=resume, from_stage=from_stage,
-                                  force=force, device=device, device_overrides=overrides, record=record, db=db)
+                                  force=force, intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, base=base),
+                                  overrides=overrides, record=record, db=db)
     started = time.time()
 
     def log(message: str) -> None:
@@ -66,7 +69,10 @@ def command(profile_name, model, data, out, resume, from_stage, force, dry_run, 
 
     if auto:
         return _auto(profile, options, profile_name, log, on_stage, console, as_json)
-    verdict = pipeline.run(profile, options, where=profile_name, log=log, on_stage=on_stage)
+    from vcompress.progress import progress_bars
+
+    with progress_bars(quiet=as_json) as progress:
+        verdict = pipeline.run(profile, options, where=profile_name, log=log, on_stage=on_stage, progress=progress)
     if as_json:
         print_json(verdict)
     else:
@@ -78,8 +84,6 @@ def command(profile_name, model, data, out, resume, from_stage, force, dry_run, 
 
 
 def _auto(profile, options, where, log, on_stage, console, as_json) -> int:
-    import json
-
     from rich.table import Table
 
     from vcompress.auto import search
@@ -87,12 +91,14 @@ def _auto(profile, options, where, log, on_stage, console, as_json) -> int:
     summary = search(profile, options, where=where, log=log, on_stage=on_stage)
     verdict = None
     if summary["winner"]:
-        verdict = json.loads((options.out / summary["winner_folder"] / "06-validate" / "verdict.json").read_text())
+        from vcompress.core.artifact import RunLayout, read_json
+
+        verdict = read_json(RunLayout(options.out / summary["winner_folder"]).validate_file(RunLayout.VERDICT))
     if as_json:
         print_json({**summary, "verdict": verdict})
         return 0 if verdict else 1
     table = Table(title=f"--auto candidates for {profile.name}, smallest estimated artifact first")
-    for col in ("candidate", "est. MB", "predicted ppl", "status", "MB", "why"):
+    for col in ("candidate", "est. MiB", "predicted ppl", "status", "MiB", "why"):
         table.add_column(col)
     for c in summary["candidates"]:
         rise = c["predicted_ppl_rise_pct"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vcompress.commands._options import make_console, force_option, json_option, mmlu_option, print_json, seed_option
+from vcompress.commands._options import RegistryChoice, force_option, json_option, make_console, mmlu_option, print_json, seed_option
 
 
 @click.command("validate")
@@ -13,7 +13,7 @@ from vcompress.commands._options import make_console, force_option, json_option,
 @click.option("--artifact", required=True, type=click.Path(path_type=Path), help="Exported artifact folder (or an HF folder, run by PyTorch).")
 @click.option("--reference", default=None, help="The uncompressed model the artifact came from; default: the embedded default model.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for eval.json, latency.json and verdict.json.")
-@click.option("--device", type=click.Choice(["host", "ssh", "adb", "roofline"]), default=None, help="Where latency comes from (default: the profile's connection).")
+@click.option("--device", type=RegistryChoice("DEVICES"), default=None, help="Where latency comes from (default: the profile's connection).")
 @click.option("--data", type=click.Path(), default=None, help="Held-out domain text for perplexity (default: MMLU text outside the subset).")
 @click.option("--record", is_flag=True, help="Record the verdict in the history database.")
 @click.option("--db", default=None, help="History database (SQLAlchemy URL or SQLite path).")
@@ -23,22 +23,29 @@ from vcompress.commands._options import make_console, force_option, json_option,
 @json_option
 def command(profile_name, artifact, reference, out, device, data, record, db, mmlu, seed, force, as_json):
     """Score the artifact and its reference on the profile's MMLU subset, measure or estimate latency,
-    and check every budget. Exit 0 all pass, 1 a budget failed, 2 bad input."""
+    and check every budget. Exit 0 all pass, 1 a budget failed, 2 bad input, 3 an internal error."""
+    from vcompress import pipeline
+    from vcompress.core.artifact import RunLayout, read_json
     from vcompress.core.models import resolve
     from vcompress.core.profiles import load_profile
+    from vcompress.core.registry import STAGES
     from vcompress.core.stage import execute
-    from vcompress.validate import ValidateStage, print_verdict
-    from vcompress.core.artifact import read_json
+    from vcompress.progress import progress_bars
+    from vcompress.validate import print_verdict
 
     profile = load_profile(profile_name)
     if not artifact.exists():
         raise click.UsageError(f"--artifact {artifact} does not exist")
+    # the validate step of the profile's plan: the same stage, configured the same way, as in `vcompress run`
+    overrides = {"device": device} if device else {}
+    steps = {s.name: s.stage for s in pipeline.plan(profile, where=profile_name, overrides={"validate": overrides})}
+    stage = steps.get("validate") or STAGES.get("validate").from_profile(overrides, profile, where=profile_name)
     reference = reference or str(resolve(None).path)
     console = make_console(stderr=as_json)
-    execute(ValidateStage(profile.step("validate").settings if profile.step("validate") else {}), out, source=str(artifact),
-            force=force, seed=seed, reference=reference, data=data, mmlu=mmlu, subset=profile.evaluation.subset,
-            log=lambda m: console.print(m, highlight=False), extra={"profile": profile, "device": device, "device_overrides": {}})
-    verdict = read_json(out / "verdict.json")
+    with progress_bars(quiet=as_json) as progress:
+        execute(stage, out, source=str(artifact), force=force, seed=seed, reference=reference, data=data, mmlu=mmlu,
+                subset=profile.evaluation.subset, profile=profile, log=lambda m: console.print(m, highlight=False), progress=progress)
+    verdict = read_json(out / RunLayout.VERDICT)
     if record:
         from vcompress.history import record as record_history
 

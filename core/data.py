@@ -1,21 +1,26 @@
 """Corpora: MMLU questions, users' domain files, and the calibration / held-out text built from them.
 
 MMLU comes from a Hendrycks-layout folder (dev/ and test/, `<subject>_<split>.csv`, no header),
-a JSONL file, or the hub (`hf:cais/mmlu`). It is never bundled with the project.
+a JSONL file, or the hub (`hf:cais/mmlu`); by default from the copy shipped inside vcompress
+(core/mmlu/mmlu.zip: that layout in one archive, read in place; see core/mmlu/SOURCE.md).
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import random
+import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from .errors import InputError
 
 LETTERS = ("A", "B", "C", "D")
+PACKAGED_MMLU = resources.files(__package__) / "mmlu"  # mmlu.zip (dev/, test/), SHA256SUMS, SOURCE.md, LICENSE
 
 # The four MMLU categories as lm-eval-harness groups the 57 subjects.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -66,9 +71,16 @@ class Question:
 # --- where MMLU lives -----------------------------------------------------------------
 
 
-def find_mmlu(path: str | Path | None = None) -> Path | str:
-    """--mmlu, else $VCOMPRESS_MMLU, else a shared/data/mmlu beside or above the working folder."""
+def packaged_mmlu() -> zipfile.Path:
+    """The MMLU dev and test splits shipped inside vcompress, as a Hendrycks folder inside its archive."""
+    return zipfile.Path(PACKAGED_MMLU / "mmlu.zip")
+
+
+def find_mmlu(path: str | Path | zipfile.Path | None = None) -> Path | str | zipfile.Path:
+    """--mmlu, else $VCOMPRESS_MMLU, else the packaged copy."""
     if path:
+        if isinstance(path, zipfile.Path):  # the packaged copy, passed on
+            return path
         if str(path).startswith("hf:"):
             return str(path)
         p = Path(path).expanduser()
@@ -78,25 +90,23 @@ def find_mmlu(path: str | Path | None = None) -> Path | str:
     env = os.environ.get("VCOMPRESS_MMLU")
     if env:
         return find_mmlu(env)
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        for candidate in (folder / "shared" / "data" / "mmlu", folder.parent / "shared" / "data" / "mmlu"):
-            if (candidate / "test").is_dir():
-                return candidate
-    raise InputError("no MMLU copy found; pass --mmlu PATH (Hendrycks CSV folder or JSONL), set VCOMPRESS_MMLU, or use --mmlu hf:cais/mmlu")
+    return packaged_mmlu()
 
 
 def resolve_subjects(subset: str | list[str] | tuple[str, ...]) -> list[str]:
     """A group name, a subject, or a comma list / list of either, to sorted unique subjects."""
-    names = subset.split(",") if isinstance(subset, str) else list(subset)
+    names = [n.strip() for n in (subset.split(",") if isinstance(subset, str) else subset) if n.strip()]
+    valid = f"groups: {', '.join(sorted(GROUPS))}; subjects: {', '.join(ALL_SUBJECTS)}"
+    if not names:
+        raise InputError(f"the MMLU subset is empty; name a group or subjects ({valid})")
     out: list[str] = []
-    for name in (n.strip() for n in names if n.strip()):
+    for name in names:
         if name in GROUPS:
             out.extend(GROUPS[name])
         elif name in ALL_SUBJECTS:
             out.append(name)
         else:
-            raise InputError(f"unknown MMLU subject or group {name!r}; groups: {', '.join(sorted(GROUPS))}; subjects: {', '.join(ALL_SUBJECTS)}")
+            raise InputError(f"unknown MMLU subject or group {name!r}; {valid}")
     return sorted(set(out))
 
 
@@ -131,24 +141,23 @@ def sample_questions(questions: list[Question], per_subject: int | None, seed: i
     return out
 
 
-def _load_csv_folder(root: Path, split: str, wanted: set[str] | None) -> list[Question]:
+def _load_csv_folder(root: Path | zipfile.Path, split: str, wanted: set[str] | None) -> list[Question]:
     folder = root / split
     if not folder.is_dir():
         raise InputError(f"{root} has no {split}/ folder; an MMLU folder holds dev/ and test/ with <subject>_{split}.csv files")
     questions: list[Question] = []
-    for file in sorted(folder.glob(f"*_{split}.csv")):
+    for file in sorted((f for f in folder.iterdir() if f.name.endswith(f"_{split}.csv")), key=lambda f: f.name):
         subject = file.name[: -len(f"_{split}.csv")]
         if wanted is not None and subject not in wanted:
             continue
-        with open(file, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            first_line = 1  # a quoted field may span lines: name the line the row starts on
-            try:
-                for row in reader:
-                    questions.append(_row(row, subject, f"{file}:{first_line}"))
-                    first_line = reader.line_num + 1
-            except csv.Error as e:
-                raise InputError(f"{file}:{reader.line_num}: not valid CSV ({e}); fix that row") from None
+        reader = csv.reader(_read_text(file, newline=""))
+        first_line = 1  # a quoted field may span lines: name the line the row starts on
+        try:
+            for row in reader:
+                questions.append(_row(row, subject, f"{file}:{first_line}"))
+                first_line = reader.line_num + 1
+        except csv.Error as e:
+            raise InputError(f"{file}:{reader.line_num}: not valid CSV ({e}); fix that row") from None
     if not questions and wanted is None:
         raise InputError(f"{folder} holds no <subject>_{split}.csv files; point --mmlu at the folder that holds dev/ and test/")
     return questions
@@ -165,25 +174,26 @@ def _row(row: list[str], subject: str, where: str) -> Question:
 
 def _load_jsonl(path: Path, split: str) -> list[Question]:
     questions = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg}); fix that line") from None
-            if item.get("split", "test") != split:  # lines without a split are test questions
-                continue
-            choices, answer = item.get("choices"), item.get("answer")
-            if not isinstance(item.get("question"), str) or not isinstance(choices, list) or len(choices) != 4:
-                raise InputError(f"{where}: needs question (text) and choices (4 items); fix that line")
-            if isinstance(answer, str) and answer.strip().upper() in LETTERS:
-                answer = LETTERS.index(answer.strip().upper())
-            if answer not in (0, 1, 2, 3):
-                raise InputError(f"{where}: answer {answer!r} is not 0-3 or A-D; fix that line")
-            questions.append(Question(item.get("subject", "unknown"), item["question"], tuple(map(str, choices)), int(answer)))
+    for lineno, line in enumerate(_read_text(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg}); fix that line") from None
+        if not isinstance(item, dict):
+            raise InputError(f"{where}: each line must be a JSON object with question, choices and answer; fix that line")
+        if item.get("split", "test") != split:  # lines without a split are test questions
+            continue
+        choices, answer = item.get("choices"), item.get("answer")
+        if not isinstance(item.get("question"), str) or not isinstance(choices, list) or len(choices) != 4:
+            raise InputError(f"{where}: needs question (text) and choices (4 items); fix that line")
+        if isinstance(answer, str) and answer.strip().upper() in LETTERS:
+            answer = LETTERS.index(answer.strip().upper())
+        if answer not in (0, 1, 2, 3):
+            raise InputError(f"{where}: answer {answer!r} is not 0-3 or A-D; fix that line")
+        questions.append(Question(item.get("subject", "unknown"), item["question"], tuple(map(str, choices)), int(answer)))
     return questions
 
 
@@ -197,6 +207,17 @@ def _load_hub(name: str, split: str) -> list[Question]:
     except Exception as e:  # network, auth or a missing dataset all end here
         raise InputError(f"cannot load {name} from the hub ({str(e).splitlines()[0] if str(e) else type(e).__name__}); pass --mmlu PATH to a local copy") from None
     return [Question(r["subject"], r["question"], tuple(r["choices"]), int(r["answer"])) for r in data]
+
+
+def _read_text(file: Path | zipfile.Path, newline: str | None = None) -> io.StringIO:
+    """A file's UTF-8 text (a leading BOM dropped) as a stream; `newline` as open() takes it."""
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{file}:{line}: byte 0x{raw[e.start]:02x} is not UTF-8; save the file as UTF-8") from None
+    return io.StringIO(text.removeprefix("\ufeff"), newline=newline)
 
 
 # --- users' domain data ---------------------------------------------------------------
@@ -216,17 +237,16 @@ def read_domain_file(path: str | Path) -> list[dict]:
     if path.suffix not in (".jsonl", ".json", ".txt"):
         raise InputError(f"{path}: unknown data format {path.suffix!r}; use .jsonl (instruction/input/output, prompt/completion or text) or .csv (prompt,completion or text)")
     if path.suffix == ".txt":
-        return [{"text": t} for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        return [{"text": t} for t in _read_text(path).read().split("\n\n") if t.strip()]
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix that line") from None
-            records.append(_domain_record(item, f"{path}:{lineno}"))
+    for lineno, line in enumerate(_read_text(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix that line") from None
+        records.append(_domain_record(item, f"{path}:{lineno}"))
     if not records:
         raise InputError(f"{path} holds no records; add JSON lines")
     return records
@@ -246,16 +266,15 @@ def _domain_record(item, where: str) -> dict:
 
 
 def _read_domain_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or [])
-        if not ({"prompt", "completion"} <= fields or "text" in fields):
-            raise InputError(f"{path}:1: the header needs prompt,completion or text columns, found {sorted(fields)}; fix the header")
-        records = []
-        for lineno, row in enumerate(reader, start=2):
-            if None in row or any(v is None for v in row.values()):
-                raise InputError(f"{path}:{lineno}: wrong number of columns; fix that row")
-            records.append(_domain_record(row, f"{path}:{lineno}"))
+    reader = csv.DictReader(_read_text(path, newline=""))
+    fields = set(reader.fieldnames or [])
+    if not ({"prompt", "completion"} <= fields or "text" in fields):
+        raise InputError(f"{path}:1: the header needs prompt,completion or text columns, found {sorted(fields)}; fix the header")
+    records = []
+    for lineno, row in enumerate(reader, start=2):
+        if None in row or any(v is None for v in row.values()):
+            raise InputError(f"{path}:{lineno}: wrong number of columns; fix that row")
+        records.append(_domain_record(row, f"{path}:{lineno}"))
     return records
 
 

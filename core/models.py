@@ -40,6 +40,23 @@ class ModelSource:
         return self.path if self.kind == "hf" else None
 
 
+@dataclass(frozen=True)
+class Intake:
+    """The intake flags a command takes (--allow-pickle, --trust-remote-code, --base), carried to every
+    stage that loads a checkpoint, so no stage can drop them."""
+
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    base: str | None = None
+
+    def resolve(self, spec: str | Path | None) -> "ModelSource":
+        return resolve(spec, allow_pickle=self.allow_pickle, base=self.base)
+
+    def load(self, spec, **kwargs):
+        """(model, tokenizer), as load_model with these flags."""
+        return load_model(spec, allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code, base=self.base, **kwargs)
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get("VCOMPRESS_CACHE", Path.home() / ".cache" / "vcompress"))
     root.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import LETTERS, Question
+from .stage import Progress, no_progress, track
 
 LogitsFn = Callable[..., torch.Tensor]
-Progress = Callable[[int, int], None]  # (done, total) in scoring requests
 
 DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 CONTINUATIONS = tuple(f" {letter}" for letter in LETTERS)
@@ -72,7 +72,7 @@ def call_logits(fn: LogitsFn, ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 @torch.no_grad()
 def text_fidelity(logits_fn: LogitsFn, blocks: torch.Tensor, reference_fn: LogitsFn | None = None, batch_size: int = 1,
-                  *, progress: Progress | None = None) -> dict:
+                  *, progress: Progress = no_progress, label: str = "held-out text") -> dict:
     """Perplexity on [N, T] blocks; with a reference, also top-1 next-token agreement and mean KL(ref || model).
 
     Every position but the last of each block predicts the next token.
@@ -80,8 +80,7 @@ def text_fidelity(logits_fn: LogitsFn, blocks: torch.Tensor, reference_fn: Logit
     nll_sum, count, agree, kl_sum = 0.0, 0, 0, 0.0
     ref_nll_sum = 0.0
     with_reference = reference_fn is not None
-    for start in range(0, blocks.shape[0], batch_size):
-        ids = blocks[start : start + batch_size]
+    for ids in track(blocks.split(batch_size), label, progress):
         logits = call_logits(logits_fn, ids)[:, :-1]
         targets = ids[:, 1:]
         logp = F.log_softmax(logits, dim=-1)
@@ -92,8 +91,6 @@ def text_fidelity(logits_fn: LogitsFn, blocks: torch.Tensor, reference_fn: Logit
             ref_nll_sum += -ref_logp.gather(-1, targets.unsqueeze(-1)).sum().item()
             agree += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0.0).sum().item()  # >= 0 but for rounding
-        if progress is not None:
-            progress(min(start + batch_size, blocks.shape[0]), blocks.shape[0])
     out = {"perplexity": math.exp(nll_sum / count), "tokens": count}
     if with_reference:
         out.update(
@@ -106,6 +103,49 @@ def text_fidelity(logits_fn: LogitsFn, blocks: torch.Tensor, reference_fn: Logit
 
 def perplexity(logits_fn: LogitsFn, blocks: torch.Tensor, batch_size: int = 1) -> float:
     return text_fidelity(logits_fn, blocks, batch_size=batch_size)["perplexity"]
+
+
+class Judge:
+    """A student measured against its reference, with the same figures under the same names in every stage.
+
+    The reference's side is taken once, when the judge is made: its MMLU answer log-probs and (with
+    `keep_logits`, for a reference that changes afterwards, as quantize's does in place) its logits
+    on the held-out blocks. Either part is left out when there are no blocks or no questions.
+    """
+
+    def __init__(self, reference_fn: LogitsFn, blocks: torch.Tensor | None = None, *, tokenizer=None,
+                 questions: Sequence[Question] | None = None, keep_logits: bool = True, progress: Progress = no_progress):
+        self.reference_fn, self.blocks, self.tokenizer, self.progress = reference_fn, blocks, tokenizer, progress
+        self.questions = list(questions or [])
+        self.logits = None
+        if keep_logits and blocks is not None:
+            self.logits = [call_logits(reference_fn, ids) for ids in track(blocks.split(1), "reference logits", progress)]
+        self.answers = mmlu_logprobs(reference_fn, tokenizer, self.questions, progress=progress, label="MMLU reference") if self.questions else None
+
+    def reference_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.logits is None:
+            return call_logits(self.reference_fn, ids)
+        for block, logits in zip(self.blocks.split(1), self.logits):
+            if torch.equal(block, ids):
+                return logits
+        raise KeyError("not one of this judge's held-out blocks")
+
+    @torch.no_grad()
+    def score(self, logits_fn: LogitsFn) -> dict:
+        """perplexity {reference, student, rise_pct}, top-1 next-token agreement, mean KL(reference || student)
+        and tokens on the held-out blocks; answer agreement, its 95% interval, answer KL and questions on MMLU."""
+        out = {"perplexity": None, "top1_agreement": None, "kl_mean": None, "tokens": 0,
+               "answer_agreement": None, "answer_ci95": None, "answer_kl_mean": None, "questions": 0}
+        if self.blocks is not None:
+            text = text_fidelity(logits_fn, self.blocks, self.reference_logits, progress=self.progress)
+            reference, student = text["reference_perplexity"], text["perplexity"]
+            out.update(perplexity={"reference": reference, "student": student, "rise_pct": 100 * (student / reference - 1)},
+                       top1_agreement=text["top1_agreement"], kl_mean=text["kl_mean"], tokens=text["tokens"])
+        if self.answers is not None:
+            answers = answer_agreement(mmlu_logprobs(logits_fn, self.tokenizer, self.questions, progress=self.progress), self.answers)
+            out.update(answer_agreement=answers["agreement"], answer_ci95=answers["ci95"], answer_kl_mean=answers["kl_mean"],
+                       questions=answers["n"])
+        return out
 
 
 # --- MMLU prompts -----------------------------------------------------------------------
@@ -197,8 +237,8 @@ def _batches(requests: list[_Request], batch_size: int, max_tokens: int):
 
 @torch.no_grad()
 def mmlu_logprobs(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], *, shots: int = 0,
-                  dev: Sequence[Question] | None = None, batch_size: int = 8, progress: Progress | None = None,
-                  max_length: int | None = None, max_batch_tokens: int = 2048) -> torch.Tensor:
+                  dev: Sequence[Question] | None = None, batch_size: int = 8, max_length: int | None = None,
+                  max_batch_tokens: int = 2048, progress: Progress = no_progress, label: str = "MMLU") -> torch.Tensor:
     """[N, 4] log-probabilities of " A".." D" after each question's lm-eval mmlu prompt.
 
     When the tokenizer makes each continuation one token, one forward per question reads all
@@ -214,6 +254,7 @@ def mmlu_logprobs(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question],
     out = torch.full((len(questions), 4), float("nan"))
     pad = _pad_id(tokenizer)
     done = 0
+    progress(label, done, len(requests))
     for batch in _batches([requests[i] for i in order], batch_size, max_batch_tokens):
         width = len(batch[0].ids)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -235,8 +276,7 @@ def mmlu_logprobs(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question],
                 out[request.row, request.column] = sum(
                     logp[b, where[first + j], token].item() for j, token in enumerate(request.targets))
         done += len(batch)
-        if progress is not None:
-            progress(done, len(requests))
+        progress(label, done, len(requests))
     return out
 
 

@@ -1,0 +1,21 @@
+"""Calibration text for the stages that measure a model on it (analyze, prune, quantize)."""
+from __future__ import annotations
+
+import torch
+
+from vcompress.core.data import pack, texts_for
+
+
+def calibration_blocks(tokenizer, *, data=None, subset="medical", mmlu=None, samples: int = 8, seq_len: int = 128,
+                       seed: int = 0, log=print) -> torch.Tensor:
+    """[samples, seq_len] token ids: the user's file, else MMLU text outside the evaluated subset.
+
+    The seed picks which blocks (out of up to 4x as many packed) are used.
+    """
+    texts = texts_for(data, tokenizer, part="calib", exclude=subset, mmlu=mmlu, log=log)
+    pool = pack(texts, tokenizer, seq_len, max_blocks=samples * 4)
+    if pool.shape[0] < samples:
+        log(f"calibration text gives {pool.shape[0]} blocks of {seq_len} tokens, fewer than the {samples} asked for; using them all")
+        return pool
+    pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
+    return pool[pick.sort().values]

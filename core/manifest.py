@@ -1,0 +1,51 @@
+"""What an artifact folder says about itself: an exported folder's manifest.json (its format and the
+files an exporter listed), or, without one, an HF folder whose weights are its safetensors.
+
+Pure Python on purpose: the latency bench reads artifacts in a process that must hold only the runtime.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import InputError
+
+MANIFEST = "manifest.json"
+MODEL_FILE_KEYS = ("model", "weights", "engine")  # the manifest's `files` that hold the model (not config, tokenizer, scripts)
+
+
+def read_manifest(artifact: Path | str) -> dict:
+    """An exported folder's manifest.json; {} for an HF folder or a single file."""
+    path = Path(artifact) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON (line {e.lineno}); re-export the artifact") from None
+
+
+def artifact_format(artifact: Path | str) -> str:
+    """The manifest's format (onnx, tflite, tensorrt); torch for an HF folder or a .gguf."""
+    return read_manifest(artifact).get("format", "torch")
+
+
+def model_files(artifact: Path | str) -> list[Path]:
+    """The files that hold the model: a file as given, the model files an exporter listed in its
+    manifest, or an HF folder's safetensors."""
+    path = Path(artifact)
+    if path.is_file():
+        return [path]
+    manifest = read_manifest(path)
+    if not manifest:
+        return sorted(path.glob("*.safetensors"))
+    files = manifest.get("files") or {}
+    listed = [path / files[key] for key in MODEL_FILE_KEYS if files.get(key)]
+    missing = [p.name for p in listed if not p.is_file()]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}, which its manifest.json lists; re-export the artifact")
+    return listed
+
+
+def model_size_bytes(artifact: Path | str) -> int:
+    return sum(p.stat().st_size for p in model_files(artifact))

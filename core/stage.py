@@ -1,0 +1,130 @@
+"""One lifecycle for every stage: validate the config, run into a temp folder, save recipe and metrics.
+
+A stage is registered by name (`@STAGES.register("prune")`), has a pydantic `Config` that
+rejects unknown keys, and implements `run(ctx) -> metrics`. `execute` owns the folder contract.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .artifact import stage_folder, write_metrics, write_recipe
+from .errors import InputError
+from .models import Intake
+from .profiles import Profile
+from .seeding import seeded
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# progress(label, done, total): a stage reports how far a long loop is; the CLI draws it (once, in
+# one place). `done == total` ends that label's bar.
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(label: str, done: int, total: int) -> None:
+    pass
+
+
+def track(items, label: str, progress: Progress, total: int | None = None):
+    """Iterate `items`, reporting each one done to `progress`."""
+    items = list(items) if total is None else items
+    total = len(items) if total is None else total
+    progress(label, 0, total)
+    for done, item in enumerate(items, 1):
+        yield item
+        progress(label, done, total)
+
+
+@dataclass
+class StageContext:
+    source: str | Path | None  # the input model / artifact folder (None: the embedded default)
+    out: Path  # the temp folder the stage writes into; renamed into place when run() returns
+    work: Path  # scratch that survives a crash (checkpoints for --resume); removed on success
+    seed: int = 0
+    reference: str | Path | None = None  # the uncompressed model, for agreement and drop figures
+    data: str | Path | None = None  # the user's domain file
+    mmlu: str | Path | None = None
+    subset: str | list[str] = "medical"  # the evaluated MMLU subset (calibration text avoids it)
+    resume: bool = False
+    log: Callable[[str], None] = print
+    progress: Progress = no_progress
+    intake: Intake = field(default_factory=Intake)  # how source and reference are loaded
+    profile: Profile | None = None  # the run's profile (validate reads budgets and device from it)
+
+    def load(self, spec="source", **kwargs):
+        """(model, tokenizer) of the source (or of `spec`), with the command's intake flags."""
+        return self.intake.load(self.source if spec == "source" else spec, **kwargs)
+
+
+class Stage:
+    name: ClassVar[str]
+    # The stage's folder in a run; its number is the stage's place on the full road (so `04-quantize` means
+    # the same in every run) and fixes the order in which a recipe may list stages.
+    folder: ClassVar[str]
+    # What the stage's folder is for the next stages: "model" (their input model), "analysis" (the scores
+    # later stages rank by) or "" (nothing they read).
+    produces: ClassVar[str] = "model"
+    Config: ClassVar[type[StageConfig]] = StageConfig
+
+    def __init__(self, config: StageConfig | dict | None = None):
+        self.config = self.parse_config(config or {})
+
+    @classmethod
+    def from_profile(cls, settings: dict, profile: Profile, where: str | None = None) -> "Stage":
+        """The stage for a profile's recipe step: its settings parsed (and checked against the profile) before
+        any work starts. A stage whose defaults come from the profile (the quantization scheme, the target
+        format, the device) overrides this."""
+        return cls(cls.parse_config(settings, where))
+
+    @property
+    def run_folder(self) -> str:
+        return self.folder
+
+    @classmethod
+    def parse_config(cls, config: StageConfig | dict, where: str | None = None) -> StageConfig:
+        if isinstance(config, cls.Config):
+            return config
+        try:
+            return cls.Config.model_validate(config)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            prefix = f"{where}: " if where else ""
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(cls.Config.model_fields)
+                raise InputError(f"{prefix}unknown {cls.name} setting {key!r}; known: {known}") from None
+            raise InputError(f"{prefix}{cls.name} setting {key!r}: {err['msg']}") from None
+
+    def run(self, ctx: StageContext) -> dict:
+        raise NotImplementedError
+
+
+def execute(stage: Stage, out: Path | str, *, source=None, force: bool = False, **context) -> dict:
+    """Run a stage into `out` atomically and write recipe.yaml and metrics.json beside its artifact."""
+    out = Path(out)
+    work = out.parent / f".{out.name}.work"
+    started = time.time()
+    try:
+        with stage_folder(out, force=force) as tmp:
+            work.mkdir(parents=True, exist_ok=True)
+            ctx = StageContext(source=source, out=tmp, work=work, **context)
+            with seeded(ctx.seed):
+                metrics = stage.run(ctx)
+            metrics = {"stage": stage.name, **metrics, "seconds": round(time.time() - started, 2)}
+            write_recipe(tmp, stage.name, stage.config.model_dump(mode="json"), source=str(source) if source else "default",
+                         seed=ctx.seed, data=ctx.data, reference=ctx.reference)
+            write_metrics(tmp, metrics)
+    except BaseException:
+        if work.is_dir() and not any(work.iterdir()):
+            work.rmdir()  # nothing to resume from: leave no trace
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return metrics

@@ -1,0 +1,214 @@
+"""What every exporter shares: its Stage base (format, runtime, the manifest head), loading the
+source, the sidecar files, the parity check against PyTorch and its gate, and the Runner base over
+a numpy session (_onnx_session.py, _tflite_session.py).
+
+An exporter module registers its Stage once, `@EXPORTERS.register(FORMAT)`, and declares on it
+`format = FORMAT`, the `runtime` that runs the artifact (what a profile's `target.runtime` names) and
+`runtime_package`, the runtime's PyPI distribution whose installed version the manifest records.
+"""
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from vcompress.core.artifact import MANIFEST, write_json
+from vcompress.core.errors import CheckFailed, InputError
+from vcompress.core.quant_format import load_dequantized, read_manifest
+from vcompress.core.runner import Runner
+from vcompress.core.stage import Stage, StageConfig, StageContext
+
+PARITY_PROMPTS = (
+    "The heart pumps blood through",
+    "A patient presents with fever and cough. The most likely diagnosis is",
+    "The contract is void if either party",
+    "Interest rates rose by two percent, and bond prices",
+    "Question: which organ filters the blood?\nAnswer:",
+)
+
+
+class ParityConfig(StageConfig):
+    """The parity check's thresholds, shared by every exporter (written into each manifest)."""
+    new_tokens: int = Field(32, ge=1, description="greedy tokens compared with PyTorch per prompt")
+    # fp32 sums in another order than PyTorch (MLAS vs ATen kernels): over 30 layers that moves
+    # logits of magnitude ~10 by ~1e-4; a real bug moves them by far more than the threshold.
+    max_abs_diff: float = Field(5e-3, gt=0, description="fp32: largest |logit difference| allowed")
+    min_top1: float = Field(0.98, ge=0, le=1, description="fp32: top-1 agreement over prompt positions")
+    # A gate against broken exports (a wrong layout agrees ~0%), not a quality budget: those are the
+    # profile's, checked by validate. Measured on SmolLM2 ONNX: int4 RTN 0.52, HQQ 0.83.
+    min_top1_quantized: float = Field(0.5, ge=0, le=1, description="int8/int4: top-1 agreement with PyTorch fp32")
+
+
+class ExportStage(Stage):
+    name = "export"
+    format: ClassVar[str]  # its name in EXPORTERS, and the manifest's "format"
+    runtime: ClassVar[str]  # what runs the artifact: a profile's target.runtime
+    runtime_package: ClassVar[str]  # the runtime's PyPI distribution (its version goes into the manifest)
+    # Why this exporter cannot take a model checkpoint as its source (None: it can), so that a
+    # pipeline can refuse such a recipe before any work.
+    refuses_checkpoints: ClassVar[str | None] = None
+
+    @property
+    def run_folder(self) -> str:
+        return f"05-export-{self.format}"
+
+    def manifest(self, files: dict[str, str], **fields) -> dict:
+        """manifest.json: format, runtime and its version, files, the exporter's own fields (which may
+        relabel the format), and the parity thresholds of a checked export."""
+        manifest = {"format": self.format, "runtime": self.runtime, "runtime_version": package_version(self.runtime_package),
+                    "files": files} | fields
+        cfg = self.config
+        if isinstance(cfg, ParityConfig):
+            manifest["thresholds"] = {"max_abs_diff": cfg.max_abs_diff, "min_top1": cfg.min_top1,
+                                      "min_top1_quantized": cfg.min_top1_quantized, "greedy_tokens": cfg.new_tokens}
+        return manifest
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --- the source -----------------------------------------------------------------------
+
+
+def source_folder(source) -> Path | None:
+    """The path of a stage's source (a ModelSource's too); None for the embedded default."""
+    path = getattr(source, "path", source)
+    return Path(str(path)) if path is not None else None
+
+
+def load_source(ctx: StageContext) -> tuple[Any, Any, dict | None]:
+    """Model, tokenizer and quantize-stage manifest (None if the source is not a quantize folder) to export.
+
+    A quantize folder loads as its exact dequantized weights, what the exported graph must compute;
+    any other source through the intake, with the command's flags (--base, --allow-pickle, ...)."""
+    folder = source_folder(ctx.source)
+    grid = read_manifest(folder)
+    if grid is not None:
+        return (*load_dequantized(folder, grid), grid)
+    return (*ctx.load(), None)
+
+
+def save_sidecars(model, tokenizer, out: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files beside an exported model."""
+    model.config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# --- parity ---------------------------------------------------------------------------
+
+
+def gate(ctx: StageContext, runner_class, model, tokenizer, cfg, manifest: dict, label: str, dequantized: bool) -> dict:
+    """Check the written artifact against PyTorch, record the result in its manifest, refuse a failed one."""
+    ctx.log("checking the export against PyTorch" + (" (the dequantized checkpoint)" if dequantized else ""))
+    runner = runner_class(ctx.out, threads=cfg.threads)
+    try:
+        result = parity(model, tokenizer, runner, cfg)
+    finally:
+        runner.close()
+    manifest["parity"] = result
+    write_json(ctx.out / MANIFEST, manifest)
+    if not result["passed"]:
+        raise CheckFailed(f"{label} parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)")
+    return result
+
+
+@torch.no_grad()
+def parity(model, tokenizer, runner: Runner, cfg) -> dict:
+    """Logits and greedy continuations of the export against the PyTorch model on fixed prompts.
+
+    fp32 must match: max |diff| of logits, top-1 agreement over prompt positions, and identical
+    greedy tokens. int8/int4 are judged by top-1 agreement only; their greedy match is reported.
+    """
+    prompts = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in PARITY_PROMPTS]
+    max_diff, agree, positions, identical, matched = 0.0, 0, 0, 0, []
+    for ids in prompts:
+        ref = model(input_ids=ids, use_cache=False).logits.float()
+        got = runner.forward(ids)
+        max_diff = max(max_diff, float((ref - got).abs().max()))
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        positions += ids.shape[1]
+        want = _torch_greedy(model, ids, cfg.new_tokens)
+        have = runner.generate(ids, cfg.new_tokens)
+        same = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), len(want))
+        matched.append(same)
+        identical += int(want == have)
+    top1 = agree / positions
+    result: dict[str, Any] = {
+        "prompts": len(prompts),
+        "max_abs_diff": max_diff,
+        "top1_agreement": round(top1, 4),
+        "greedy_identical": identical,
+        "greedy_tokens": cfg.new_tokens,
+        "greedy_prefix_matched": matched,
+    }
+    if cfg.quant == "none":
+        failures = []
+        if max_diff > cfg.max_abs_diff:
+            failures.append(f"max |logit diff| {max_diff:.2e} > {cfg.max_abs_diff:.0e}")
+        if top1 < cfg.min_top1:
+            failures.append(f"top-1 agreement {top1:.3f} < {cfg.min_top1}")
+        if identical < len(prompts):
+            failures.append(f"greedy continuations identical on {identical}/{len(prompts)} prompts")
+    else:
+        failures = [f"top-1 agreement {top1:.3f} < {cfg.min_top1_quantized}"] if top1 < cfg.min_top1_quantized else []
+    result["passed"] = not failures
+    result["failure"] = "; ".join(failures) or None
+    return result
+
+
+def _torch_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
+    out = model(input_ids=ids, use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+# --- the runner -----------------------------------------------------------------------
+
+
+class SessionRunner(Runner):
+    """A torch-facing Runner over a numpy session (the decode loop the latency bench also runs):
+    prefill and decode pass through, and the session's errors become one-line input errors."""
+
+    session_error: ClassVar[type[Exception]]  # what the session raises for a bad folder or a sequence too long
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, **_):
+        from transformers import AutoTokenizer
+
+        super().__init__(path, threads=threads)
+        self.session = self._call(self.open_session)
+        self.manifest = self.session.manifest
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+
+    def open_session(self):
+        """The numpy session over the artifact folder `self.path`."""
+        raise NotImplementedError
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        logits, state = self._call(self.session.prefill, input_ids.cpu().numpy())
+        return torch.from_numpy(np.array(logits)), state
+
+    def decode(self, token_id: int, state: Any) -> tuple[torch.Tensor, Any]:
+        logits, state = self._call(self.session.decode, token_id, state)
+        return torch.from_numpy(np.array(logits)), state
+
+    def close(self) -> None:
+        self.session = None
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except self.session_error as e:
+            raise InputError(str(e)) from None
