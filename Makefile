@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml Makefile
 .PHONY: install demo test
 install: $(STAMP)
 
-# exit 1 from `vcompress run` is a verdict (a budget failed; the table says which), not a broken demo: only errors fail make
+# exit 1 from `vcompress run` is a verdict (a budget failed; the table says which), not a broken demo:
+# only 2 (bad input) and 3 (internal error) fail make
 demo: $(STAMP)
 	$(BIN)/vcompress inspect
 	$(BIN)/vcompress run --profile x86-cpu --out runs/demo --resume || [ $$? -eq 1 ]
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

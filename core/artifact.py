@@ -91,12 +91,18 @@ class RunLayout:
                 return self.root / entry["folder"]
         return None
 
-    def validate_file(self, name: str) -> Path:
-        """verdict.json, latency.json or eval.json of the run's validate stage."""
+    def validation(self, name: str, *, required: bool = True) -> dict:
+        """verdict.json, latency.json or eval.json of the run's validate stage ({} when not `required` and absent)."""
         folder = self.folder("validate")
-        if folder is None or not (folder / name).is_file():
-            raise InputError(f"{self.root} has no validated verdict ({name}): the run did not finish validating; finish it with `vcompress run --resume` first")
-        return folder / name
+        path = folder / name if folder is not None else None
+        if path is None or not path.is_file():
+            if required:
+                raise InputError(f"{self.root} has no {name}: the run did not finish validating; finish it with `vcompress run --resume` first")
+            return {}
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise InputError(f"{path} is not a JSON object; re-run the validate stage (`vcompress run --resume --from validate`)")
+        return data
 
 
 def write_json(path: Path | str, data: Any) -> Path:

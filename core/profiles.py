@@ -22,11 +22,17 @@ class Strict(BaseModel):
 
 
 class Connection(BaseModel):
-    """How the device is reached: `kind` names a registered device (host, ssh, adb, roofline); the other keys
-    are that device's own settings, checked by its settings model when a plan is made."""
+    """How the device is reached: `kind` names a registered device (DEVICES); the other keys are that device's
+    own settings, checked by its settings model when a plan is made. No kind: nothing to reach, latency is estimated."""
 
     model_config = ConfigDict(extra="allow")
-    kind: str = "roofline"
+    kind: str | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> Connection:
+        if self.kind is None and self.model_extra:
+            raise ValueError(f"settings {sorted(self.model_extra)} name no device; add kind: <a registered device>")
+        return self
 
     @property
     def settings(self) -> dict:
@@ -49,7 +55,7 @@ class Target(Strict):
     # Both are checked against the registries when a plan is made (vcompress.pipeline.plan).
     format: str
     runtime: str | None = None
-    quant: Literal["none", "int8", "int4", "fp16"] = "none"
+    quant: str = "none"  # the exporter's precision (none, int8, int4, fp16...), checked by its config
 
 
 class Quantization(Strict):
@@ -72,9 +78,13 @@ class Budgets(Strict):
 
 class Evaluation(Strict):
     subset: str | list[str] = "medical"
-    per_subject: int | None = Field(10, gt=0)
+    # Enough paired questions that the accuracy-drop interval decides a 2-point budget (see README, "MMLU").
+    per_subject: int | None = Field(100, gt=0)
     shots: int = Field(0, ge=0, le=5)
     seed: int = 0
+    # letter: lm-eval's mmlu prompt, " A".." D" scored; cloze: lighteval's mmlu_cf, each answer's text scored
+    # (small models answer the letter prompt near chance, SmolLM2-135M with "A" 79 times in 80).
+    format: Literal["letter", "cloze"] = "letter"
 
 
 class RecipeStep(BaseModel):

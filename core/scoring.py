@@ -6,26 +6,47 @@ A `LogitsFn` takes a LongTensor [batch, seq] of (right-padded) token ids and ret
 Right padding never changes the logits of the real tokens of a causal model, so a function that
 takes neither keyword still scores padded batches exactly.
 
-MMLU is scored as lm-eval-harness's `mmlu` task does: same prompt, same tokenization of the
-context/continuation pair, same left truncation, prediction = argmax of the continuation log-probs.
+MMLU comes in two formats, tokenized and truncated the same way (lm-eval's context/continuation pairs):
+- letter: lm-eval-harness's `mmlu` task (the lettered choices in the prompt, " A".." D" scored);
+- cloze: lighteval's `mmlu_cf` (the question alone, each answer's own text scored, normalised by its length
+  in characters), which small models answer above chance where they answer the letter prompt with one letter.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .data import LETTERS, Question
+from .data import GROUPS, LETTERS, Question
 from .stage import Progress, no_progress, track
 
 LogitsFn = Callable[..., torch.Tensor]
 
 DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 CONTINUATIONS = tuple(f" {letter}" for letter in LETTERS)
+CLOZE_DESCRIPTION = "The following are questions about {subject}.\n"
+FORMATS = {  # what eval.json says about each format: the prompt, what is scored, how the answer is picked
+    "letter": {"as": "lm-eval-harness mmlu",
+               "prompt": "The following are multiple choice questions (with answers) about <subject>.\n\n"
+                         "<question>\nA. <choice A>\nB. <choice B>\nC. <choice C>\nD. <choice D>\nAnswer:",
+               "continuations": "\" A\", \" B\", \" C\", \" D\"",
+               "score": "log-probability of the continuation's tokens"},
+    "cloze": {"as": "lighteval mmlu_cf, the formulation SmolLM2's model card reports",
+              "prompt": "The following are questions about <subject>.\nQuestion: <question>\nAnswer:",
+              "continuations": "\" <answer text>\" for each of the four answers",
+              "score": "log-probability of the continuation's tokens divided by the answer text's length in characters "
+                       "(the leading space not counted: lighteval's acc_norm_nospace)"},
+}
+DOMAINS = ("medical", "legal", "finance")  # the vertical-domain groups eval.json reports on their own
+Z95 = 1.959964
 
 
 def torch_logits_fn(model) -> LogitsFn:
@@ -163,6 +184,26 @@ def mmlu_prompt(q: Question, exemplars: Sequence[Question] = ()) -> str:
     return DESCRIPTION.format(subject=q.subject.replace("_", " ")) + shots + format_question(q)
 
 
+def cloze_question(q: Question) -> str:
+    """lighteval's mmlu_cloze_prompt query: the question as given, no choices."""
+    return f"Question: {q.question}\nAnswer:"
+
+
+def cloze_prompt(q: Question, exemplars: Sequence[Question] = ()) -> str:
+    """The description once, k exemplars each with its answer's text and a blank line, then the question."""
+    shots = "".join(f"{cloze_question(e)} {e.choices[e.answer]}\n\n" for e in exemplars)
+    return CLOZE_DESCRIPTION.format(subject=q.subject.replace("_", " ")) + shots + cloze_question(q)
+
+
+def prompt_and_continuations(q: Question, exemplars: Sequence[Question] = (), format: str = "letter") -> tuple[str, tuple[str, ...]]:
+    """The prompt and the four continuations scored after it, in the given format."""
+    if format == "letter":
+        return mmlu_prompt(q, exemplars), CONTINUATIONS
+    if format == "cloze":
+        return cloze_prompt(q, exemplars), tuple(f" {choice}" for choice in q.choices)
+    raise ValueError(f"unknown MMLU format {format!r}; choose one of: {', '.join(FORMATS)}")
+
+
 def exemplars_for(dev: Sequence[Question] | None, subject: str, shots: int) -> list[Question]:
     """The first k dev questions of the subject (lm-eval's `first_n` sampler)."""
     if shots <= 0:
@@ -198,12 +239,12 @@ class _Request:
     targets: list[int]  # continuation ids (column set) or the four letter ids (column None)
 
 
-def _requests(tokenizer, prompts: list[str], max_length: int | None) -> list[_Request]:
+def _requests(tokenizer, items: list[tuple[str, Sequence[str]]], max_length: int | None) -> list[_Request]:
     requests = []
-    for row, prompt in enumerate(prompts):
-        pairs = [encode_pair(tokenizer, prompt, c) for c in CONTINUATIONS]
+    for row, (prompt, continuations) in enumerate(items):
+        pairs = [encode_pair(tokenizer, prompt, c) for c in continuations]
         if not all(cont for _, cont in pairs):
-            raise ValueError(f"the tokenizer merges an answer letter into the prompt of question {row}; it cannot be scored as lm-eval does")
+            raise ValueError(f"the tokenizer merges an answer into the prompt of question {row}; it cannot be scored as lm-eval does")
         if all(len(cont) == 1 for _, cont in pairs) and all(ctx == pairs[0][0] for ctx, _ in pairs):
             whole = pairs[0][0] + pairs[0][1]
             ids = whole[-(max_length + 1):][:-1] if max_length else whole[:-1]
@@ -238,8 +279,11 @@ def _batches(requests: list[_Request], batch_size: int, max_tokens: int):
 @torch.no_grad()
 def mmlu_logprobs(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], *, shots: int = 0,
                   dev: Sequence[Question] | None = None, batch_size: int = 8, max_length: int | None = None,
-                  max_batch_tokens: int = 2048, progress: Progress = no_progress, label: str = "MMLU") -> torch.Tensor:
-    """[N, 4] log-probabilities of " A".." D" after each question's lm-eval mmlu prompt.
+                  max_batch_tokens: int = 2048, format: str = "letter", progress: Progress = no_progress,
+                  label: str = "MMLU") -> torch.Tensor:
+    """[N, 4] answer scores, the prediction being their argmax: for `letter`, the log-probabilities of
+    " A".." D" after each question's lm-eval mmlu prompt; for `cloze`, each answer text's log-probability
+    after the lighteval mmlu_cf prompt divided by its length in characters.
 
     When the tokenizer makes each continuation one token, one forward per question reads all
     four from the last position; otherwise each continuation is scored in full (sum of its
@@ -248,8 +292,8 @@ def mmlu_logprobs(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question],
     full logits holds batch x length x vocab floats).
     `max_length` truncates on the left as lm-eval does (the model's context size).
     """
-    prompts = [mmlu_prompt(q, exemplars_for(dev, q.subject, shots)) for q in questions]
-    requests = _requests(tokenizer, prompts, max_length)
+    items = [prompt_and_continuations(q, exemplars_for(dev, q.subject, shots), format) for q in questions]
+    requests = _requests(tokenizer, items, max_length)
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
     out = torch.full((len(questions), 4), float("nan"))
     pad = _pad_id(tokenizer)
@@ -277,7 +321,46 @@ def mmlu_logprobs(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question],
                     logp[b, where[first + j], token].item() for j, token in enumerate(request.targets))
         done += len(batch)
         progress(label, done, len(requests))
+    if format == "cloze":
+        out /= torch.tensor([[max(1, len(choice)) for choice in q.choices] for q in questions], dtype=out.dtype)
     return out
+
+
+# --- the answer cache: one model's answers to one question set, kept across stages and runs ----
+
+
+def answers_cache_dir() -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "answers"
+
+
+def cached_mmlu_logprobs(model_hash: str | None, logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], *,
+                         backend: str = "", **options) -> torch.Tensor:
+    """`mmlu_logprobs`, kept under the cache dir when `model_hash` (the weights' sha256) is given.
+
+    The key is the model hash, the backend, the tokenizer's size and every prompt and continuation
+    scored (so the question set, the format, the shots and their exemplars), and the truncation.
+    """
+    if not model_hash:
+        return mmlu_logprobs(logits_fn, tokenizer, questions, **options)
+    fmt, shots = options.get("format", "letter"), options.get("shots", 0)
+    items = [prompt_and_continuations(q, exemplars_for(options.get("dev"), q.subject, shots), fmt) for q in questions]
+    digest = hashlib.sha256(json.dumps([model_hash, backend, len(tokenizer), options.get("max_length"), items]).encode())
+    path = answers_cache_dir() / f"{fmt}-{shots}shot-{len(questions)}q-{digest.hexdigest()[:24]}.json"
+    try:
+        saved = torch.tensor(json.loads(path.read_text())["logprobs"], dtype=torch.float32)
+        if saved.shape == (len(questions), 4):
+            return saved
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or unreadable: score again
+    logprobs = mmlu_logprobs(logits_fn, tokenizer, questions, **options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"model_hash": model_hash, "backend": backend, "format": fmt, "shots": shots,
+                               "questions": len(questions), "logprobs": logprobs.tolist()}))
+    tmp.replace(path)
+    return logprobs
 
 
 # --- MMLU summaries -------------------------------------------------------------------
@@ -304,19 +387,113 @@ def predictions(logprobs: torch.Tensor) -> list[int]:
     return logprobs.argmax(-1).tolist()
 
 
+def hits(logprobs: torch.Tensor, questions: Sequence[Question]) -> list[bool]:
+    """Per question: is the argmax the right answer."""
+    return [p == q.answer for p, q in zip(predictions(logprobs), questions)]
+
+
+def domains_of(questions: Sequence[Question]) -> dict[str, list[int]]:
+    """The indices of the questions in each vertical domain (medical, legal, finance) that has any."""
+    out = {d: [i for i, q in enumerate(questions) if q.subject in GROUPS[d]] for d in DOMAINS}
+    return {d: rows for d, rows in out.items() if rows}
+
+
 def mmlu_summary(logprobs: torch.Tensor, questions: Sequence[Question]) -> dict:
-    """Accuracy overall and per subject, each with a 95% Wilson interval and its n."""
+    """Accuracy overall, per subject and per domain, each with a 95% Wilson interval and its n."""
     predicted = predictions(logprobs)
-    hits: dict[str, list[int]] = {}
-    for q, p in zip(questions, predicted):
-        hits.setdefault(q.subject, []).append(int(p == q.answer))
-    total = sum(sum(h) for h in hits.values())
+    right = hits(logprobs, questions)
+    by_subject: dict[str, list[bool]] = {}
+    for q, hit in zip(questions, right):
+        by_subject.setdefault(q.subject, []).append(hit)
     letters = {letter: predicted.count(i) for i, letter in enumerate(LETTERS)}
     return {
-        **_accuracy(total, len(questions)),
+        **_accuracy(sum(right), len(questions)),
         "predicted_letters": letters,
-        "subjects": {s: _accuracy(sum(h), len(h)) for s, h in sorted(hits.items())},
+        "subjects": {s: _accuracy(sum(h), len(h)) for s, h in sorted(by_subject.items())},
+        "domains": {d: _accuracy(sum(right[i] for i in rows), len(rows)) for d, rows in domains_of(questions).items()},
     }
+
+
+# --- the accuracy drop, judged on paired outcomes ----------------------------------------
+
+DECIDED_HALF_WIDTH = 0.5  # of the budget: an interval this narrow decides the drop check either way
+
+
+def paired_interval(lost: int, gained: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% interval for (lost - gained) / n, the difference of two accuracies on the same n questions,
+    where `lost` questions only the first model and `gained` only the second answered right.
+
+    Tango's score interval: it depends only on the discordant pairs, keeps a width when they are
+    few or none (z^2 / (n + z^2) each side at none), and excludes 0 exactly when McNemar's test rejects.
+    """
+    if n == 0:
+        return (-1.0, 1.0)
+
+    def statistic(delta: float) -> float:  # falls as delta rises
+        a, b = 2 * n, -lost - gained + (2 * n - lost + gained) * delta
+        c = -gained * delta * (1 - delta)
+        gained_share = (math.sqrt(max(b * b - 4 * a * c, 0.0)) - b) / (2 * a)  # its ML estimate given delta
+        spread = n * (2 * gained_share + delta * (1 - delta))
+        return (lost - gained - n * delta) / math.sqrt(spread) if spread > 0 else 0.0
+
+    def solve(low: float, high: float, target: float) -> float:
+        for _ in range(100):
+            middle = (low + high) / 2
+            low, high = (middle, high) if statistic(middle) > target else (low, middle)
+        return (low + high) / 2
+
+    estimate, edge = (lost - gained) / n, 1e-12
+    return (-1.0 if estimate == -1 else solve(-1 + edge, estimate, z),
+            1.0 if estimate == 1 else solve(estimate, 1 - edge, -z))
+
+
+def questions_for(half_width_points: float, lost_share: float, gained_share: float, z: float = Z95) -> int:
+    """The fewest questions whose paired interval is at most +-half_width_points when those shares of the
+    questions are lost and gained (the interval narrows as questions are added at the same shares)."""
+
+    def precise(n: int) -> bool:
+        low, high = paired_interval(lost_share * n, gained_share * n, n, z)
+        return 100 * (high - low) / 2 <= half_width_points
+
+    low, high = 1, 1
+    while not precise(high):
+        low, high = high, 2 * high
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if precise(middle) else (middle + 1, high)
+    return high
+
+
+def paired_drop(reference_hits: Sequence[bool], model_hits: Sequence[bool]) -> dict:
+    """The accuracy drop from reference to model on the same questions, in points, with its paired 95% interval."""
+    if len(reference_hits) != len(model_hits):
+        raise ValueError(f"paired outcomes need the same questions: {len(reference_hits)} vs {len(model_hits)}")
+    n = len(model_hits)
+    lost = sum(r and not m for r, m in zip(reference_hits, model_hits))
+    gained = sum(m and not r for r, m in zip(reference_hits, model_hits))
+    low, high = paired_interval(lost, gained, n)
+    return {"points": 100 * (lost - gained) / n if n else None, "ci95": [100 * low, 100 * high], "unit": "points",
+            "lost": lost, "gained": gained, "n": n, "method": "Tango score interval on the paired outcomes"}
+
+
+def drop_outcome(drop: dict, limit: float) -> tuple[str, str]:
+    """("pass" | "fail" | "undecided", why) for a budget of `limit` points on a `paired_drop`.
+
+    Fail only when the drop is significantly above the limit (the interval's low end is above it);
+    pass when the interval's high end is within the limit, or the interval is narrow enough
+    (half-width at most DECIDED_HALF_WIDTH of the limit) that noise cannot be hiding a failure;
+    otherwise undecided, with the number of questions that would likely decide it.
+    """
+    low, high = drop["ci95"]
+    half, precise = (high - low) / 2, limit * DECIDED_HALF_WIDTH
+    figures = f"drop {drop['points']:.2f} points, 95% CI {low:.2f} to {high:.2f}, n={drop['n']}"
+    if low > limit:
+        return "fail", f"{figures}: significantly above the {limit:g}-point budget"
+    if high <= limit or half <= precise:
+        return "pass", f"{figures}: not significantly above the {limit:g}-point budget"
+    needed = questions_for(precise, drop["lost"] / drop["n"], drop["gained"] / drop["n"]) if precise > 0 and drop["n"] else None
+    more = f"; about {needed} would decide it" if needed else ""
+    return "undecided", f"undecided: evaluate more questions ({figures}, wider than +-{precise:g}{more})"
 
 
 def answer_agreement(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> dict:

@@ -57,7 +57,8 @@ class LatencyDevice(abc.ABC):
         try:
             settings = cls.Settings.model_validate(values)
         except ValidationError as e:
-            err = e.errors()[0]
+            # a misspelt required key also reads as a missing one: name what was written, beside the known keys
+            err = next((x for x in e.errors() if x["type"] == "extra_forbidden"), e.errors()[0])
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
                 known = ", ".join(sorted(cls.Settings.model_fields))
@@ -71,7 +72,7 @@ class LatencyDevice(abc.ABC):
 
     @abc.abstractmethod
     def measure(self, artifact: Path) -> dict:
-        """latency.json for the artifact (see notes/run_format.md)."""
+        """latency.json for the artifact (see docs/run_format.md)."""
 
 
 def host_label(profile: Profile) -> str:

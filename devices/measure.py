@@ -20,6 +20,8 @@ HOST_PROFILE = "x86-cpu"  # the host's own bandwidth and compute figures
 def default_device(profile: Profile) -> str:
     """The device a profile's connection names, or the roofline estimate when it cannot be reached from here."""
     kind = profile.device.connection.kind
+    if kind is None:
+        return roofline.RooflineDevice.kind
     device = DEVICES.get(kind).configure(profile, {})
     return kind if device.attached() else roofline.RooflineDevice.kind
 

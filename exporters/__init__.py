@@ -5,7 +5,7 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-from vcompress.core.artifact import MANIFEST, read_json
+from vcompress.core.manifest import MANIFEST, artifact_format
 from vcompress.core.errors import InputError, Unsupported
 from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.runner import RUNNERS, Runner
@@ -21,12 +21,8 @@ for _info in pkgutil.iter_modules(__path__):
 def detect_backend(path: str | Path) -> str:
     """The backend that runs an artifact folder: its manifest's `format`, else torch for an HF folder."""
     path = Path(path)
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        data = read_json(manifest)
-        if not isinstance(data, dict) or not isinstance(data.get("format"), str):
-            raise InputError(f"{manifest} names no format; re-export the artifact with `vcompress export`")
-        return data["format"]
+    if (path / MANIFEST).is_file():
+        return artifact_format(path)
     if (path / "config.json").is_file() or path.suffix == ".gguf":
         return "torch"
     raise InputError(f"{path} is neither an HF checkpoint folder nor an exported artifact (no manifest.json); pass one of those")

@@ -1,4 +1,4 @@
-"""Finished run folders written directly in the run format (docs: notes/run_format.md), for tests of
+"""Finished run folders written directly in the run format (docs: docs/run_format.md), for tests of
 history, report and package without running the pipeline."""
 from __future__ import annotations
 

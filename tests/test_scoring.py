@@ -140,6 +140,39 @@ def test_long_prompts_are_truncated_on_the_left_like_lm_eval(tiny_llama):
     torch.testing.assert_close(got, F.log_softmax(logits, -1)[letters], atol=1e-5, rtol=0)
 
 
+def test_cloze_prompt_is_lighteval_mmlu_cf_exactly():
+    prompt, continuations = scoring.prompt_and_continuations(ANATOMY, format="cloze")
+    assert prompt == ("The following are questions about anatomy.\n"
+                      "Question:   What is the embryological origin of the hyoid bone?\n\nAnswer:")  # the question as given
+    assert continuations == (" The first pharyngeal arch", " The first and second pharyngeal arches",
+                             " The second pharyngeal arch", " The second and third pharyngeal arches")
+    one_shot = scoring.cloze_prompt(Question("college_medicine", "Q?", ("a", "bb", "c", "d"), 1), [DEV])
+    assert one_shot == ("The following are questions about college medicine.\n"
+                        "Question: Which organ filters the blood?\nAnswer: kidney\n\nQuestion: Q?\nAnswer:")
+    with pytest.raises(ValueError, match="unknown MMLU format"):
+        scoring.prompt_and_continuations(ANATOMY, format="essay")
+
+
+def test_cloze_scores_each_answer_per_character(char_model):
+    """The definition, one unbatched forward per answer: its tokens' log-probs summed, divided by its length."""
+    runner = TorchRunner(char_model)
+    questions = synthetic_questions(5)  # answers of 5 to 9 characters, several tokens each
+    got = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, batch_size=3, format="cloze")
+    for i, q in enumerate(questions):
+        prompt = scoring.cloze_prompt(q)
+        context = runner.tokenizer.encode(prompt)
+        for column, choice in enumerate(q.choices):
+            whole = runner.tokenizer.encode(prompt + " " + choice)
+            target = whole[len(context):]
+            with torch.no_grad():
+                logp = F.log_softmax(runner.model(input_ids=torch.tensor([whole[:-1]])).logits[0].float(), -1)
+            total = sum(logp[len(whole) - 1 - len(target) + j, t].item() for j, t in enumerate(target))
+            assert got[i, column].item() == pytest.approx(total / len(choice), abs=2e-5)
+    # the letter format of the same questions is another set of numbers: the formats do not share a path by mistake
+    letter = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, batch_size=3)
+    assert not torch.allclose(letter, got)
+
+
 def test_wilson_interval_known_values():
     low, high = scoring.wilson_interval(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)

@@ -24,7 +24,8 @@ from vcompress.core.errors import VcompressError
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vcompress")
-def cli() -> None:
+@click.option("--verbose", is_flag=True, help="Let the libraries we use print their own logs and banners too.")
+def cli(verbose: bool) -> None:
     """Compress a fine-tuned causal LLM for an edge device, export it, and prove the result."""
 
 
@@ -43,18 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     # Offline first: nothing reaches the hub unless the user names a hub id (hf:org/name).
     if not any("hf:" in a for a in args):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import logging
-
-    # gptqmodel pulls in torchao, whose optional CUDA kernels fail to load on CPU and say so on
-    # every model load, and whose enum registrations make torch's pytree warn about a deprecation:
-    # noise here, not a problem.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress display, not a bar per weight file
+    if "--verbose" in args[: args.index("--") if "--" in args else len(args)]:
+        args.remove("--verbose")
+    else:
+        _quiet_libraries()
     _add_commands()
     try:
         result = cli.main(args=args, prog_name="vcompress", standalone_mode=False)
@@ -89,6 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         sys.exit(code)
     return code
+
+
+# Loggers of libraries we use that speak on import or on every model load: torchao's optional CUDA kernels
+# that fail to load on CPU, torch's pytree deprecation notes for torchao's enums, datasets announcing
+# TensorFlow/JAX, matplotlib building its font cache, gptqmodel's banner. Noise to a user; `--verbose` shows it.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "datasets", "matplotlib", "gptqmodel", "absl", "tensorflow", "jax")
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                        ("DATASETS_VERBOSITY", "error"), ("TF_CPP_MIN_LOG_LEVEL", "3"), ("GPTQMODEL_LOGLEVEL", "ERROR")):
+        os.environ.setdefault(name, value)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display, not a bar per weight file
 
 
 def _internal_error(e: BaseException) -> int:

@@ -2,8 +2,10 @@
 
 Every backend is reached only through `Runner.forward` and its tokenizer, so an HF folder, an ONNX
 export or any later runtime is scored by the same prompts, the same token ids and the same code.
-An `Evaluator` holds one question set and one held-out text, and scores each model once: score
-several models against one reference and the reference's MMLU log-probs are computed once.
+An `Evaluator` holds one question set, one MMLU format and one held-out text, and scores each model
+once: score several models against one reference and the reference's MMLU answers are computed once;
+with `cache`, a model's answers are also kept on disk, keyed by its weights' hash and the exact prompts,
+so a teacher is scored once across stages and runs.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from vcompress.core import scoring
 from vcompress.core.data import load_mmlu, pack, resolve_subjects, sample_questions, texts_for
 from vcompress.core.errors import InputError
+from vcompress.core.models import resolve, weights_hash
 from vcompress.core.runner import Runner
 from vcompress.core.stage import Progress, no_progress
 
@@ -26,11 +29,14 @@ UNITS = {"accuracy": "fraction", "agreement": "fraction", "top1_agreement": "fra
 class Evaluator:
     def __init__(self, *, subset: str = "medical", shots: int = 0, per_subject: int | None = 10, mmlu=None,
                  data: str | Path | None = None, seed: int = 0, batch_size: int = 8, seq_len: int = 512,
-                 max_blocks: int = 4, threads: int | None = None, progress: Progress = no_progress,
-                 log: Callable[[str], None] | None = None, open_kwargs: dict | None = None):
+                 max_blocks: int = 4, threads: int | None = None, format: str = "letter", cache: bool = False,
+                 progress: Progress = no_progress, log: Callable[[str], None] | None = None, open_kwargs: dict | None = None):
         if not 0 <= shots <= 5:
             raise InputError(f"--shots {shots} is out of range; MMLU has 5 dev questions per subject, use 0 to 5")
+        if format not in scoring.FORMATS:
+            raise InputError(f"unknown MMLU format {format!r}; use one of: {', '.join(scoring.FORMATS)}")
         self.subset, self.shots, self.per_subject, self.seed = subset, shots, per_subject, seed
+        self.format, self.cache = format, cache
         self.mmlu, self.data = mmlu, data
         self.batch_size, self.seq_len, self.max_blocks, self.threads = batch_size, seq_len, max_blocks, threads
         self.progress = progress  # vcompress.progress.progress_bars draws it
@@ -77,14 +83,16 @@ class Evaluator:
     # --- scores ---------------------------------------------------------------------------
 
     def mmlu_logprobs(self, spec) -> torch.Tensor:
-        """[N, 4] answer log-probs of one model, computed once per evaluator."""
+        """[N, 4] answer scores of one model in this evaluator's format, computed once per evaluator
+        (and once per machine with `cache`)."""
         key = _key(spec)
         if key not in self._logprobs:
             runner = self.runner(spec)
             questions, dev = self.questions, self.dev  # load before timing
             started = time.perf_counter()
-            self._logprobs[key] = scoring.mmlu_logprobs(
-                runner.forward, runner.tokenizer, questions, shots=self.shots, dev=dev, batch_size=self.batch_size,
+            self._logprobs[key] = scoring.cached_mmlu_logprobs(
+                _weights_hash(spec) if self.cache else None, runner.forward, runner.tokenizer, questions,
+                backend=runner.backend, shots=self.shots, dev=dev, batch_size=self.batch_size, format=self.format,
                 max_length=getattr(runner, "max_length", None), progress=self.progress, label=f"MMLU {_label(runner)}")
             self._seconds[key] = time.perf_counter() - started
         return self._logprobs[key]
@@ -101,6 +109,7 @@ class Evaluator:
         report = {
             "model": _label(runner), "backend": runner.backend, "subset": self.subset, "subjects": self.subjects,
             "shots": self.shots, "per_subject": self.per_subject, "seed": self.seed,
+            "format": {"name": self.format, **scoring.FORMATS[self.format]},
             "questions": len(self.questions),
             "mmlu": scoring.mmlu_summary(logprobs, self.questions),
             "seconds": {"mmlu": self._seconds.get(_key(model))},
@@ -113,6 +122,7 @@ class Evaluator:
             report["reference"] = {"model": _label(ref_runner), "backend": ref_runner.backend,
                                    "mmlu": scoring.mmlu_summary(ref_logprobs, self.questions)}
             report["agreement"] = scoring.answer_agreement(logprobs, ref_logprobs)
+            report["drop"] = _drops(ref_logprobs, logprobs, self.questions)
         if reference is not None or self.data:
             ref_runner = self.runner(reference) if reference is not None else None
             # The same token ids go into both models: the reference's tokenizer makes them.
@@ -152,6 +162,25 @@ def _key(spec) -> str:
         return "default"
     text = str(spec)
     return text if text.startswith("hf:") else str(Path(text).expanduser().resolve())
+
+
+def _weights_hash(spec) -> str | None:
+    """The sha256 of a model's weight files, the key of its cached answers; None where the weights are not
+    all in one local place (a hub id, a LoRA adapter over its base, a Runner handed in)."""
+    if isinstance(spec, Runner) or str(spec).startswith("hf:"):
+        return None
+    path = resolve(None).path if _is_default(spec) else Path(spec).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return None
+    return weights_hash(path)
+
+
+def _drops(reference: torch.Tensor, model: torch.Tensor, questions) -> dict:
+    """The paired accuracy drop from reference to model, overall and per vertical domain."""
+    ref_hits, hits = scoring.hits(reference, questions), scoring.hits(model, questions)
+    return {**scoring.paired_drop(ref_hits, hits),
+            "domains": {d: scoring.paired_drop([ref_hits[i] for i in rows], [hits[i] for i in rows])
+                        for d, rows in scoring.domains_of(questions).items()}}
 
 
 def _label(runner: Runner) -> str:

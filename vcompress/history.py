@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from vcompress.core.artifact import RunLayout, read_json
+from vcompress.core.artifact import RunLayout
 from vcompress.core.errors import InputError
 
 metadata = sa.MetaData()
@@ -235,12 +235,9 @@ def read_run(run_dir: str | Path) -> RunRecord:
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     run = layout.read_run()
-    verdict_file = layout.validate_file(RunLayout.VERDICT)
-    validate, verdict = verdict_file.parent, read_json(verdict_file)
-    if not isinstance(verdict, dict):
-        raise InputError(f"{verdict_file} is not a verdict (a JSON object); re-run the validate stage")
-    latency = read_json(validate / RunLayout.LATENCY) if (validate / RunLayout.LATENCY).is_file() else {}
-    ev = read_json(validate / RunLayout.EVAL) if (validate / RunLayout.EVAL).is_file() else {}
+    verdict = layout.validation(RunLayout.VERDICT)
+    latency = layout.validation(RunLayout.LATENCY, required=False)
+    ev = layout.validation(RunLayout.EVAL, required=False)
     model, profile = run.get("model") or {}, run.get("profile") or {}
     device = latency.get("device") or verdict.get("device") or "unknown device"
     backend = latency.get("backend") or verdict.get("backend")

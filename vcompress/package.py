@@ -94,7 +94,7 @@ class VerdictInfo(Strict):
 class BundleManifest(Strict):
     bundle: Literal["vcompress-bundle/1"]
     vcompress: str  # the version that packaged it
-    format: Literal["onnx", "tflite", "tensorrt"]
+    format: str = Field(min_length=1)  # a registered exporter's name, as the export's manifest.json says
     run: RunInfo
     model: ModelInfo
     profile: ProfileInfo
@@ -165,10 +165,7 @@ def collect(run_dir: str | Path, fmt: str, *, allow_failed: bool = False) -> tup
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     run = layout.read_run()
-    verdict_file = layout.validate_file(RunLayout.VERDICT)
-    validate, verdict = verdict_file.parent, read_json(verdict_file)
-    if not isinstance(verdict, dict):
-        raise InputError(f"{verdict_file} is not a verdict (a JSON object); re-run the validate stage (`vcompress run --resume --from validate`)")
+    verdict = layout.validation(RunLayout.VERDICT)
     export = layout.folder("export")
     exported = _export_format(export)
     if exported != fmt:
@@ -202,12 +199,12 @@ def collect(run_dir: str | Path, fmt: str, *, allow_failed: bool = False) -> tup
         if "chat_template" in json.loads(_read(entries["model/tokenizer_config.json"])):
             chat_template = "model/tokenizer_config.json"
     entries["profile.yaml"] = _profile_text(run_dir, run.get("profile") or {}).encode()
-    entries["verdict.json"] = verdict_file
+    entries["verdict.json"] = layout.folder("validate") / RunLayout.VERDICT
     for folder in _stage_folders(run_dir):
         if (folder / "recipe.yaml").is_file():
             entries[f"recipes/{folder.name}.yaml"] = folder / "recipe.yaml"
 
-    latency = read_json(validate / RunLayout.LATENCY) if (validate / RunLayout.LATENCY).is_file() else {}
+    latency = layout.validation(RunLayout.LATENCY, required=False)
     device, backend = latency.get("device") or verdict.get("device"), latency.get("backend") or verdict.get("backend")
     model, profile = run.get("model") or {}, run.get("profile") or {}
     manifest = BundleManifest(

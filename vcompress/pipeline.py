@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Callable
 
 from vcompress import __version__
-from vcompress.core.artifact import RunLayout, read_json, write_json
+from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError
 from vcompress.core.models import Intake, source_hash
 from vcompress.core.profiles import Profile
-from vcompress.core.registry import STAGES
+from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.stage import Progress, Stage, execute, no_progress
 
 # Modules whose import registers every stage (compress/, exporters/ and validate).
@@ -131,7 +131,7 @@ def run(profile: Profile, options: RunOptions, *, where: str = "profile", log: C
         write_json(layout.run_json, state)
     state["finished"] = _now()
     write_json(layout.run_json, state)
-    verdict = read_json(layout.validate_file(RunLayout.VERDICT)) if layout.folder("validate") else {}
+    verdict = layout.validation(RunLayout.VERDICT) if layout.folder("validate") else {}
     if options.record and verdict:
         from vcompress.history import record as record_history
 
@@ -200,11 +200,17 @@ def _run_record(profile: Profile, options: RunOptions, steps: list[Step], where:
 
 
 def versions() -> dict:
+    """Versions of Python, vcompress, torch/transformers and every registered exporter's runtime, read from
+    the installed distributions (importing them would print banners and cost seconds)."""
+    from importlib import metadata
+
+    load_stages()
+    packages = ["torch", "transformers", "gptqmodel", *sorted({e.runtime_package for e in map(EXPORTERS.get, EXPORTERS.names())})]
     out = {"python": platform.python_version(), "vcompress": __version__}
-    for name in ("torch", "transformers", "onnx", "onnxruntime", "gptqmodel", "ai_edge_litert", "tensorrt"):
+    for name in packages:
         try:
-            out[name] = importlib.import_module(name).__version__
-        except Exception:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             continue
     return out
 

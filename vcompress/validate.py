@@ -17,6 +17,7 @@ from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError
 from vcompress.core.models import source_hash, weights_hash
 from vcompress.core.profiles import Budgets, Profile
+from vcompress.core.scoring import drop_outcome
 from vcompress.core.registry import STAGES
 from vcompress.core.stage import Stage, StageConfig
 from vcompress.core.units import UNIT
@@ -71,7 +72,8 @@ class ValidateStage(Stage):
         ev = profile.evaluation
         threads = cfg.threads or profile.device.threads
         evaluator = Evaluator(subset=ev.subset, shots=ev.shots, per_subject=ev.per_subject, mmlu=ctx.mmlu, data=ctx.data,
-                              seed=ev.seed, batch_size=cfg.batch_size, threads=threads, log=ctx.log, progress=ctx.progress)
+                              seed=ev.seed, batch_size=cfg.batch_size, threads=threads, format=ev.format, cache=True,
+                              log=ctx.log, progress=ctx.progress)
         try:
             report = evaluator.evaluate(model=str(ctx.source), reference=ctx.reference)
         finally:
@@ -103,14 +105,18 @@ class ValidateStage(Stage):
 
 
 def eval_summary(report: dict) -> dict:
-    """The figures the budgets need, from an Evaluator report with a reference."""
+    """The figures the budgets need, from an Evaluator report with a reference: accuracies with their intervals
+    per subject and per vertical domain, and the drop judged on the paired outcomes (teacher and student answer
+    the same questions), in the format the profile chose (its prompt and normalisation written out)."""
     student, teacher = report["mmlu"], report["reference"]["mmlu"]
     text = report.get("text", {})
     ppl, ref_ppl = text.get("perplexity"), text.get("reference_perplexity")
     return {
         "subset": report["subset"], "shots": report["shots"], "per_subject": report["per_subject"], "n": report["questions"],
-        "teacher": {k: teacher[k] for k in ("accuracy", "ci95", "n", "subjects")},
-        "student": {k: student[k] for k in ("accuracy", "ci95", "n", "subjects")},
+        "format": report["format"],
+        "teacher": {k: teacher[k] for k in ("accuracy", "ci95", "n", "subjects", "domains")},
+        "student": {k: student[k] for k in ("accuracy", "ci95", "n", "subjects", "domains")},
+        "drop": report["drop"],
         "answer_agreement": report["agreement"]["agreement"], "answer_kl_mean": report["agreement"]["kl_mean"],
         "perplexity": {"teacher": ref_ppl, "student": ppl,
                        "rise_pct": (ppl / ref_ppl - 1) * 100 if ppl and ref_ppl else None},
@@ -134,7 +140,8 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dic
     ram, ram_src, ram_extra = lat("peak_rss_mb")
     ttft, ttft_src, ttft_extra = lat("ttft_ms")
     tps, tps_src, tps_extra = lat("decode_tokens_per_s")
-    drop = (evaluation["teacher"]["accuracy"] - evaluation["student"]["accuracy"]) * 100
+    drop = evaluation["drop"]
+    drop_result, drop_why = drop_outcome(drop, budgets.max_mmlu_drop_points)
     rise = evaluation["perplexity"]["rise_pct"]
     agreement = evaluation["answer_agreement"]
     return [
@@ -144,8 +151,9 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dic
               prompt_tokens=budgets.prompt_tokens, **ttft_extra),
         check("min_decode_tokens_per_s", budgets.min_decode_tokens_per_s, tps, "tokens/s", tps_src,
               tps is not None and tps >= budgets.min_decode_tokens_per_s, **tps_extra),
-        check("max_mmlu_drop_points", budgets.max_mmlu_drop_points, drop, "points", "measured", drop <= budgets.max_mmlu_drop_points,
-              n=evaluation["n"]),
+        check("max_mmlu_drop_points", budgets.max_mmlu_drop_points, drop["points"], "points", "measured", drop_result == "pass",
+              n=evaluation["n"], ci95=[_round(x) for x in drop["ci95"]], result=drop_result, why=drop_why,
+              format=evaluation["format"]["name"]),
         check("max_perplexity_rise_pct", budgets.max_perplexity_rise_pct, rise, "%", "measured",
               rise is not None and rise <= budgets.max_perplexity_rise_pct),
         check("min_answer_agreement", budgets.min_answer_agreement, agreement, "fraction", "measured",

@@ -91,9 +91,9 @@ def _auto(profile, options, where, log, on_stage, console, as_json) -> int:
     summary = search(profile, options, where=where, log=log, on_stage=on_stage)
     verdict = None
     if summary["winner"]:
-        from vcompress.core.artifact import RunLayout, read_json
+        from vcompress.core.artifact import RunLayout
 
-        verdict = read_json(RunLayout(options.out / summary["winner_folder"]).validate_file(RunLayout.VERDICT))
+        verdict = RunLayout(options.out / summary["winner_folder"]).validation(RunLayout.VERDICT)
     if as_json:
         print_json({**summary, "verdict": verdict})
         return 0 if verdict else 1

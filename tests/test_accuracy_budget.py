@@ -1,0 +1,151 @@
+"""The accuracy budget: the drop judged on paired outcomes (pass / fail / undecided), its interval,
+the evaluation's size, the per-domain view and the teacher-answer cache."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_scoring import synthetic_questions
+from vcompress.core import scoring
+from vcompress.core.data import Question, load_mmlu, resolve_subjects, sample_questions
+from vcompress.core.profiles import load_profile
+from vcompress.evaluate import Evaluator
+from vcompress.validate import budget_checks
+
+Z2 = scoring.Z95 ** 2
+
+
+def test_no_discordant_pairs_give_the_closed_form_interval():
+    """With nothing lost or gained the score interval is +-z^2 / (n + z^2): a width even when all agree."""
+    for n in (10, 100, 800):
+        low, high = scoring.paired_interval(0, 0, n)
+        assert low == pytest.approx(-Z2 / (n + Z2), abs=1e-9) and high == pytest.approx(Z2 / (n + Z2), abs=1e-9)
+
+
+def test_the_interval_excludes_zero_exactly_when_mcnemar_rejects():
+    # McNemar's statistic (lost - gained)^2 / (lost + gained) against z^2 = 3.84
+    assert (14 - 4) ** 2 / (14 + 4) > Z2 and scoring.paired_interval(14, 4, 100)[0] > 0
+    assert (12 - 5) ** 2 / (12 + 5) < Z2 and scoring.paired_interval(12, 5, 100)[0] < 0 < scoring.paired_interval(12, 5, 100)[1]
+    # at the boundary the statistic is z itself: McNemar's test and the interval agree to the edge
+    low, high = scoring.paired_interval(3, 27, 500)
+    mirrored = scoring.paired_interval(27, 3, 500)
+    assert mirrored == (pytest.approx(-high, abs=1e-9), pytest.approx(-low, abs=1e-9))
+    assert low < (3 - 27) / 500 < high < 0
+
+
+def test_paired_drop_counts_the_discordant_questions():
+    teacher = [True] * 6 + [False] * 4
+    student = [True, True, True, False, False, True, True, False, False, False]
+    drop = scoring.paired_drop(teacher, student)
+    assert (drop["lost"], drop["gained"], drop["n"]) == (2, 1, 10)
+    assert drop["points"] == pytest.approx(10.0) and drop["unit"] == "points"
+    assert drop["ci95"] == [100 * x for x in scoring.paired_interval(2, 1, 10)]
+    with pytest.raises(ValueError):
+        scoring.paired_drop(teacher, student[:-1])
+
+
+def test_the_default_evaluation_decides_a_two_point_budget():
+    """A student agreeing with its teacher on 98% of answers (every differing answer flipping correctness,
+    split evenly: the widest case) needs an interval of at most +-1 point: 921 questions by the score
+    interval the verdict uses (769 by the normal approximation); x86-cpu evaluates at least that many."""
+    assert scoring.questions_for(1.0, 0.01, 0.01) == 921
+    for n, decided in ((921, True), (920, False)):
+        low, high = scoring.paired_interval(n / 100, n / 100, n)
+        assert (100 * (high - low) / 2 <= 1.0) is decided
+    profile = load_profile("x86-cpu")
+    ev = profile.evaluation
+    questions = sample_questions(load_mmlu(None, "test", resolve_subjects(ev.subset)), ev.per_subject, ev.seed)
+    assert ev.format == "cloze" and len(questions) >= 921
+    assert profile.budgets.max_mmlu_drop_points * scoring.DECIDED_HALF_WIDTH == 1.0
+
+
+def _drop(lost: int, gained: int, n: int) -> dict:
+    return scoring.paired_drop([True] * lost + [False] * gained + [True] * (n - lost - gained),
+                               [False] * lost + [True] * gained + [True] * (n - lost - gained))
+
+
+@pytest.mark.parametrize("lost, gained, n, outcome", [
+    (6, 4, 940, "pass"),  # 0.2 points, CI about +-0.9: decided, within budget
+    (18, 2, 940, "pass"),  # 1.7 points, CI reaches past 2 but is narrow: not significantly above
+    (80, 10, 800, "fail"),  # 8.75 points, CI low end above 2
+    (3, 1, 80, "undecided"),  # 2.5 points on 80 questions: CI far wider than +-1
+    (0, 0, 20, "undecided"),  # full agreement on 20 questions decides nothing either
+])
+def test_the_drop_check_passes_fails_or_stays_undecided(lost, gained, n, outcome):
+    drop = _drop(lost, gained, n)
+    result, why = scoring.drop_outcome(drop, 2.0)
+    assert result == outcome
+    low, high = drop["ci95"]
+    assert f"95% CI {low:.2f} to {high:.2f}" in why
+    if outcome == "undecided":
+        assert why.startswith("undecided: evaluate more questions") and "would decide it" in why
+        needed = int(why.split("about ")[1].split(" ")[0])
+        # that many questions at the same rates give an interval of +-1 point, and one fewer does not
+        for size, decided in ((needed, True), (needed - 1, False)):
+            low, high = scoring.paired_interval(lost * size / n, gained * size / n, size)
+            assert (100 * (high - low) / 2 <= 1.0) is decided
+    if outcome == "fail":
+        assert low > 2.0 and "significantly above" in why
+
+
+def test_a_wide_interval_inside_the_budget_passes():
+    drop = _drop(1, 0, 10)  # 10 points, CI within [-26, 40]: a 50-point budget is met whatever the noise
+    assert scoring.drop_outcome(drop, 50.0)[0] == "pass"
+    assert scoring.drop_outcome(drop, 5.0)[0] == "undecided"
+
+
+def _evaluation(drop: dict) -> dict:
+    acc = {"accuracy": 0.3, "ci95": [0.27, 0.33], "n": drop["n"], "subjects": {}, "domains": {}}
+    return {"n": drop["n"], "format": {"name": "cloze"}, "teacher": acc, "student": acc, "drop": drop,
+            "answer_agreement": 0.98, "perplexity": {"rise_pct": 0.5}}
+
+
+def test_the_verdict_check_carries_the_interval_and_the_outcome(tiny_budgets):
+    checks = {c["budget"]: c for c in budget_checks(tiny_budgets, _evaluation(_drop(3, 1, 80)), {})}
+    drop = checks["max_mmlu_drop_points"]
+    assert drop["result"] == "undecided" and drop["passed"] is False and drop["value"] == 2.5
+    assert drop["ci95"][0] < 0 < 2 < drop["ci95"][1] and drop["n"] == 80 and drop["format"] == "cloze"
+    assert drop["why"].startswith("undecided: evaluate more questions")
+    passed = {c["budget"]: c for c in budget_checks(tiny_budgets, _evaluation(_drop(6, 4, 940)), {})}["max_mmlu_drop_points"]
+    assert passed["result"] == "pass" and passed["passed"] is True
+
+
+@pytest.fixture
+def tiny_budgets():
+    return load_profile("x86-cpu").budgets
+
+
+def test_domains_are_reported_where_the_subset_has_them():
+    questions = [Question("anatomy", "a?", ("w", "x", "y", "z"), 0), Question("jurisprudence", "j?", ("w", "x", "y", "z"), 1),
+                 Question("professional_law", "p?", ("w", "x", "y", "z"), 1), Question("sociology", "s?", ("w", "x", "y", "z"), 2)]
+    scores = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [1.0, 0, 0, 0]])  # right, right, wrong, wrong
+    summary = scoring.mmlu_summary(scores, questions)
+    assert set(summary["domains"]) == {"medical", "legal"}
+    assert (summary["domains"]["legal"]["correct"], summary["domains"]["legal"]["n"]) == (1, 2)
+    assert summary["domains"]["medical"]["ci95"] == list(scoring.wilson_interval(1, 1))
+
+
+def test_teacher_answers_are_cached_by_weights_and_prompts(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = scoring.mmlu_logprobs
+    monkeypatch.setattr(scoring, "mmlu_logprobs", lambda *a, **k: calls.append(k["format"]) or real(*a, **k))
+
+    def scored(fmt, cache=True, per_subject=3):
+        evaluator = Evaluator(subset="anatomy", per_subject=per_subject, format=fmt, cache=cache)
+        try:
+            return evaluator.mmlu_logprobs(tiny_llama)
+        finally:
+            evaluator.close()
+
+    first = scored("cloze")
+    again = scored("cloze")  # a new evaluator, as in a later stage or run: read from disk
+    assert calls == ["cloze"] and torch.equal(first, again)
+    saved = list((tmp_path / "cache" / "answers").glob("cloze-0shot-3q-*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["backend"] == "torch"
+    scored("letter")  # another format is another key
+    scored("cloze", cache=False)  # and without the cache nothing is read
+    scored("cloze", per_subject=2)  # another question set is another key
+    assert calls == ["cloze", "letter", "cloze", "cloze"]
