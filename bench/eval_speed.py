@@ -6,6 +6,7 @@ Target (issue 3): 570 questions (10 per subject) with the embedded SmolLM2-135M 
 Prints a table: batch size, questions, wall seconds, CPU seconds (all threads), questions/s, and the
 accuracy found (a sanity check).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,16 +35,17 @@ def main() -> None:
     load_s = time.perf_counter() - started
     rows = []
     for batch_size in args.batch_size:
-        evaluator = Evaluator(subset=args.subset, shots=args.shots, per_subject=args.per_subject, mmlu=args.mmlu,
-                              batch_size=batch_size)
+        evaluator = Evaluator(subset=args.subset, shots=args.shots, per_subject=args.per_subject, mmlu=args.mmlu, batch_size=batch_size)
         questions = evaluator.questions  # loading MMLU is not part of the timing
         started, cpu_started = time.perf_counter(), time.process_time()
         report = evaluator.evaluate(runner)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         rows.append((batch_size, len(questions), seconds, cpu, len(questions) / seconds, report["mmlu"]["accuracy"]))
 
-    print(f"model {getattr(runner, 'label', args.model)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.shots}-shot, subset {args.subset}, {args.per_subject} per subject; model load {load_s:.1f} s")
+    print(
+        f"model {getattr(runner, 'label', args.model)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.shots}-shot, subset {args.subset}, {args.per_subject} per subject; model load {load_s:.1f} s"
+    )
     # CPU seconds over all threads: on a busy machine, wall time overstates what 2 free cores need.
     print(f"{'batch':>5} {'questions':>9} {'seconds':>8} {'cpu_s':>8} {'questions/s':>11} {'accuracy':>8}")
     for batch_size, n, seconds, cpu, rate, accuracy in rows:

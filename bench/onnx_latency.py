@@ -13,6 +13,7 @@ median of --runs runs after one warm-up; threads are fixed (--threads) and print
 Targets (issue 7, INT4 on this 2-core host): decode >= 133 tok/s (llama.cpp Q4_1), TTFT <= 100 ms
 at 256 prompt tokens, peak RSS <= 300 MiB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ def measure(folder: Path, threads: int, prompt_tokens: int, decode_tokens: int, 
     """One variant's row, from the latency.json the host device writes."""
     from vcompress.devices import measure as measure_latency
 
-    latency = measure_latency(folder, "host", prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, runs=runs, warmup=1,
-                              threads=threads, estimate=False)
+    latency = measure_latency(
+        folder, "host", prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, runs=runs, warmup=1, threads=threads, estimate=False
+    )
     rss = latency["peak_rss_mb"]
     return {
         "threads": latency["threads"],
@@ -75,10 +77,23 @@ def export_variants(model: str | None, work: Path, variants: list[str], reexport
             continue
         quant, settings = variant_settings(name)
         print(f"exporting {name} -> {out}", file=sys.stderr, flush=True)
-        metrics = export(model, out, quant, force=True, block_size=block_size, threads=2, min_top1_quantized=min_top1, **settings, log=lambda m: print(m, file=sys.stderr))
+        metrics = export(
+            model,
+            out,
+            quant,
+            force=True,
+            block_size=block_size,
+            threads=2,
+            min_top1_quantized=min_top1,
+            **settings,
+            log=lambda m: print(m, file=sys.stderr),
+        )
         p = parity[name] = metrics["parity"]
-        print(f"  parity: max|diff| {p['max_abs_diff']:.2e}, top-1 {p['top1_agreement']:.3f}, greedy identical {p['greedy_identical']}/{p['prompts']}",
-              file=sys.stderr, flush=True)
+        print(
+            f"  parity: max|diff| {p['max_abs_diff']:.2e}, top-1 {p['top1_agreement']:.3f}, greedy identical {p['greedy_identical']}/{p['prompts']}",
+            file=sys.stderr,
+            flush=True,
+        )
     return parity
 
 
@@ -86,48 +101,79 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint to export (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vcompress-bench-onnx"))
-    parser.add_argument("--variants", default="none,int8,int4",
-                        help="comma list: none, int8, int4, with flags -a0 (fp32 activations), -t8/-t0 (table bits), -hqq/-rtnfloat, -dyn")
+    parser.add_argument(
+        "--variants",
+        default="none,int8,int4",
+        help="comma list: none, int8, int4, with flags -a0 (fp32 activations), -t8/-t0 (table bits), -hqq/-rtnfloat, -dyn",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--reexport", action="store_true")
-    parser.add_argument("--min-top1-quantized", type=float, default=0.0,
-                        help="gate the int8/int4 exports on this top-1 agreement (default: report it only)")
+    parser.add_argument(
+        "--min-top1-quantized", type=float, default=0.0, help="gate the int8/int4 exports on this top-1 agreement (default: report it only)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--json-out", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
 
     variants = args.variants.split(",")
     parity = export_variants(args.model, args.work, variants, args.reexport, args.block_size, args.min_top1_quantized)
-    rows = {quant: {**measure(args.work / quant, args.threads, args.prompt_tokens, args.decode_tokens, args.runs),
-                    "top1_agreement": parity[quant].get("top1_agreement"), "greedy_identical": parity[quant].get("greedy_identical")}
-            for quant in variants}
+    rows = {
+        quant: {
+            **measure(args.work / quant, args.threads, args.prompt_tokens, args.decode_tokens, args.runs),
+            "top1_agreement": parity[quant].get("top1_agreement"),
+            "greedy_identical": parity[quant].get("greedy_identical"),
+        }
+        for quant in variants
+    }
     if args.json_out:
-        args.json_out.write_text(json.dumps({"threads": args.threads, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
-                                             "runs": args.runs, "unit": "MiB", "variants": rows}, indent=2))
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "threads": args.threads,
+                    "prompt_tokens": args.prompt_tokens,
+                    "decode_tokens": args.decode_tokens,
+                    "runs": args.runs,
+                    "unit": "MiB",
+                    "variants": rows,
+                },
+                indent=2,
+            )
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     fp32_mib = rows.get("none", {}).get("file_mib")
-    print(f"ONNX Runtime, CPU, {args.threads} threads, prompt {args.prompt_tokens} tokens, {args.decode_tokens} decoded, "
-          f"median of {args.runs} runs after 1 warm-up; sizes in MiB")
-    print(f"{'variant':9} {'file':>8} {'of fp32':>8} {'TTFT ms':>8} {'decode tok/s':>13} {'peak RSS':>9} {'runtime':>8} {'model':>8} {'top-1 vs torch':>15} {'greedy =':>9}")
+    print(
+        f"ONNX Runtime, CPU, {args.threads} threads, prompt {args.prompt_tokens} tokens, {args.decode_tokens} decoded, "
+        f"median of {args.runs} runs after 1 warm-up; sizes in MiB"
+    )
+    print(
+        f"{'variant':9} {'file':>8} {'of fp32':>8} {'TTFT ms':>8} {'decode tok/s':>13} {'peak RSS':>9} {'runtime':>8} {'model':>8} {'top-1 vs torch':>15} {'greedy =':>9}"
+    )
     for quant, r in rows.items():
         share = f"{r['file_mib'] / fp32_mib:.1%}" if fp32_mib else "-"
-        print(f"{quant:9} {r['file_mib']:8.1f} {share:>8} {r['ttft_ms']:8.1f} {r['decode_tok_s']:13.1f} {r['peak_rss_mib']:9.1f} "
-              f"{r['runtime_baseline_mib']:8.1f} {r['model_share_mib']:8.1f}"
-              f" {r['top1_agreement'] if r['top1_agreement'] is not None else '-':>15} {str(r['greedy_identical']) + '/5':>9}")
+        print(
+            f"{quant:9} {r['file_mib']:8.1f} {share:>8} {r['ttft_ms']:8.1f} {r['decode_tok_s']:13.1f} {r['peak_rss_mib']:9.1f} "
+            f"{r['runtime_baseline_mib']:8.1f} {r['model_share_mib']:8.1f}"
+            f" {r['top1_agreement'] if r['top1_agreement'] is not None else '-':>15} {str(r['greedy_identical']) + '/5':>9}"
+        )
     if "int4" in rows:
         r = rows["int4"]
         print("INT4 against the targets:")
-        for key, target, better in (("decode_tok_s", TARGETS["decode_tok_s"], "higher"), ("ttft_ms", TARGETS["ttft_ms"], "lower"),
-                                    ("peak_rss_mib", TARGETS["peak_rss_mib"], "lower")):
+        for key, target, better in (
+            ("decode_tok_s", TARGETS["decode_tok_s"], "higher"),
+            ("ttft_ms", TARGETS["ttft_ms"], "lower"),
+            ("peak_rss_mib", TARGETS["peak_rss_mib"], "lower"),
+        ):
             ok = r[key] >= target if better == "higher" else r[key] <= target
-            print(f"  {key:13} {r[key]:8.1f}  target {'>=' if better == 'higher' else '<='} {target:g}  "
-                  f"{'met' if ok else 'missed'} (gap {r[key] - target:+.1f})")
+            print(
+                f"  {key:13} {r[key]:8.1f}  target {'>=' if better == 'higher' else '<='} {target:g}  "
+                f"{'met' if ok else 'missed'} (gap {r[key] - target:+.1f})"
+            )
     return 0
 
 

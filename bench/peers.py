@@ -27,6 +27,7 @@ venv from a wheel built once with GGML_NATIVE under ~/.cache/vcompress/peers (~7
 This file is also the per-row worker (`--worker JOB.json`), run by each row's own Python: keep
 module-level imports to the standard library.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -162,8 +163,12 @@ class OptimumEngine:
         import torch
 
         self.length += 1
-        out = self.model(input_ids=torch.tensor([[token]]), attention_mask=torch.ones(1, self.length, dtype=torch.long),
-                         past_key_values=self.past, use_cache=True)
+        out = self.model(
+            input_ids=torch.tensor([[token]]),
+            attention_mask=torch.ones(1, self.length, dtype=torch.long),
+            past_key_values=self.past,
+            use_cache=True,
+        )
         self.past = out.past_key_values
         return out.logits[0, -1].numpy()
 
@@ -182,8 +187,16 @@ class LlamaEngine:
         import llama_cpp
 
         self.llama_cpp = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=str(target), n_ctx=context, n_batch=512, n_ubatch=512, n_threads=threads,
-                                   n_threads_batch=threads, logits_all=False, verbose=False)
+        self.llm = llama_cpp.Llama(
+            model_path=str(target),
+            n_ctx=context,
+            n_batch=512,
+            n_ubatch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            verbose=False,
+        )
         self.vocab = self.llm.n_vocab()
 
     def _last_logits(self):
@@ -228,8 +241,13 @@ def time_generation(engine, prompt: list[int], decode_tokens: int, runs: int, wa
             ttft_ms.append(round((first - start) * 1e3, 2))
             decode_tps.append(round(decode_tokens / (end - first), 2))
             tokens = generated[:8]
-    return {"ttft_ms": statistics.median(ttft_ms), "ttft_ms_samples": ttft_ms, "decode_tokens_per_s": statistics.median(decode_tps),
-            "decode_tokens_per_s_samples": decode_tps, "first_tokens": tokens}
+    return {
+        "ttft_ms": statistics.median(ttft_ms),
+        "ttft_ms_samples": ttft_ms,
+        "decode_tokens_per_s": statistics.median(decode_tps),
+        "decode_tokens_per_s_samples": decode_tps,
+        "first_tokens": tokens,
+    }
 
 
 def profile_steps(engine, prompt: list[int], decode_tokens: int, top: int = 8) -> dict:
@@ -249,9 +267,15 @@ def profile_steps(engine, prompt: list[int], decode_tokens: int, top: int = 8) -
     prefill = _ops_between(events, runs[0]["ts"], runs[0]["ts"] + runs[0]["dur"], 1, top)
     decode = _ops_between(events, runs[1]["ts"], float("inf"), decode_tokens, top)
     run_ms = sum(e["dur"] for e in runs[1:]) / 1e3 / decode_tokens
-    return {"prefill": {"run_ms": round(runs[0]["dur"] / 1e3, 3), **prefill},
-            "decode": {"wall_ms_per_token": round(wall_ms, 3), "run_ms_per_token": round(run_ms, 3),
-                       "outside_nodes_share": round(1 - decode["node_ms"] / wall_ms, 3), **decode}}
+    return {
+        "prefill": {"run_ms": round(runs[0]["dur"] / 1e3, 3), **prefill},
+        "decode": {
+            "wall_ms_per_token": round(wall_ms, 3),
+            "run_ms_per_token": round(run_ms, 3),
+            "outside_nodes_share": round(1 - decode["node_ms"] / wall_ms, 3),
+            **decode,
+        },
+    }
 
 
 def _ops_between(events, begin: float, end: float, steps: int, top: int) -> dict:
@@ -318,8 +342,14 @@ def memory_bandwidth(threads: int = 2, gib: float = 1.0, repeats: int = 5) -> di
             list(pool.map(lambda s: np.copyto(dst[s], src[s]), slices))
             seconds.append(time.perf_counter() - start)
     best = min(seconds)
-    return {"copy_gbs": round(2 * src.nbytes / best / 1e9, 2), "buffer_gib": gib, "threads": threads, "repeats": repeats,
-            "samples_gbs": [round(2 * src.nbytes / s / 1e9, 2) for s in seconds], "method": "numpy copyto, best of repeats, (read + write) bytes / s"}
+    return {
+        "copy_gbs": round(2 * src.nbytes / best / 1e9, 2),
+        "buffer_gib": gib,
+        "threads": threads,
+        "repeats": repeats,
+        "samples_gbs": [round(2 * src.nbytes / s / 1e9, 2) for s in seconds],
+        "method": "numpy copyto, best of repeats, (read + write) bytes / s",
+    }
 
 
 class Recorder:
@@ -375,8 +405,7 @@ def run_worker(python: Path, job: dict, work: Path, timeout: int = 1800) -> dict
     """Run this file as a worker under `python`; its last stdout line is the result JSON."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=work, delete=False) as f:
         json.dump(job, f)
-    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONPATH": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": ""}
     try:
         done = subprocess.run([str(python), __file__, "--worker", f.name], capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -399,14 +428,26 @@ class Skip(Exception):
 
 
 def row_pytorch(ctx) -> dict:
-    return {"runtime": f"PyTorch {ctx['versions'].get('torch')} (vcompress torch Runner, KV cache)", "engine": "torch",
-            "target": ctx["model_arg"], "python": sys.executable, "kv_bytes": 4, "weights_path": ctx["hf_dir"]}
+    return {
+        "runtime": f"PyTorch {ctx['versions'].get('torch')} (vcompress torch Runner, KV cache)",
+        "engine": "torch",
+        "target": ctx["model_arg"],
+        "python": sys.executable,
+        "kv_bytes": 4,
+        "weights_path": ctx["hf_dir"],
+    }
 
 
 def row_optimum(ctx) -> dict:
     folder = optimum_export(ctx)
-    return {"runtime": "optimum-onnx 0.1.0 export, ORTModelForCausalLM (onnxruntime 1.31)", "engine": "optimum",
-            "target": folder, "python": ctx["optimum_python"], "kv_bytes": 4, "weights_path": folder}
+    return {
+        "runtime": "optimum-onnx 0.1.0 export, ORTModelForCausalLM (onnxruntime 1.31)",
+        "engine": "optimum",
+        "target": folder,
+        "python": ctx["optimum_python"],
+        "kv_bytes": 4,
+        "weights_path": folder,
+    }
 
 
 def row_ort_int8(ctx) -> dict:
@@ -421,8 +462,14 @@ def row_ort_int8(ctx) -> dict:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data"))
         quantize_dynamic(source / "model.onnx", tmp / "model.onnx", weight_type=QuantType.QInt8)
         tmp.rename(folder)
-    return {"runtime": "onnxruntime quantize_dynamic (QInt8, defaults), ORTModelForCausalLM", "engine": "optimum",
-            "target": folder, "python": ctx["optimum_python"], "kv_bytes": 4, "weights_path": folder}
+    return {
+        "runtime": "onnxruntime quantize_dynamic (QInt8, defaults), ORTModelForCausalLM",
+        "engine": "optimum",
+        "target": folder,
+        "python": ctx["optimum_python"],
+        "kv_bytes": 4,
+        "weights_path": folder,
+    }
 
 
 def row_llama(ctx) -> dict:
@@ -432,33 +479,66 @@ def row_llama(ctx) -> dict:
     python = ctx["llama_python"]
     if not Path(python).is_file():
         raise Skip(f"no llama-cpp-python venv at {python}; run with --setup (builds llama-cpp-python {LLAMA_CPP_VERSION} once, ~7 min)")
-    version = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True).stdout.strip()
-    return {"runtime": f"llama.cpp via llama-cpp-python {version} (GGML_NATIVE), {gguf.name}", "engine": "llama",
-            "target": gguf, "python": python, "kv_bytes": 2, "weights_path": gguf}  # llama.cpp's KV cache is f16
+    version = subprocess.run(
+        [str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "runtime": f"llama.cpp via llama-cpp-python {version} (GGML_NATIVE), {gguf.name}",
+        "engine": "llama",
+        "target": gguf,
+        "python": python,
+        "kv_bytes": 2,
+        "weights_path": gguf,
+    }  # llama.cpp's KV cache is f16
 
 
 def row_ours_int4(ctx) -> dict:
     folder = ctx["ours"] or ours_artifact(ctx)
-    return {"runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}", "engine": "onnx",
-            "target": folder, "python": sys.executable, "kv_bytes": _kv_bytes(folder), "weights_path": folder}
+    return {
+        "runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}",
+        "engine": "onnx",
+        "target": folder,
+        "python": sys.executable,
+        "kv_bytes": _kv_bytes(folder),
+        "weights_path": folder,
+    }
 
 
 def row_ours_int8(ctx) -> dict:
     folder = vcompress_export(ctx, "int8")
-    return {"runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}", "engine": "onnx",
-            "target": folder, "python": sys.executable, "kv_bytes": _kv_bytes(folder), "weights_path": folder}
+    return {
+        "runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}",
+        "engine": "onnx",
+        "target": folder,
+        "python": sys.executable,
+        "kv_bytes": _kv_bytes(folder),
+        "weights_path": folder,
+    }
 
 
 def row_tflite(ctx) -> dict:
     folder = ctx["tflite"]
     if not (Path(folder) / "manifest.json").is_file():
         raise Skip(f"{folder} has no manifest.json; pass a folder written by `vcompress export tflite`")
-    return {"runtime": "LiteRT, vcompress TFLite int8", "engine": "runner", "target": folder, "python": sys.executable,
-            "kv_bytes": _kv_bytes(folder), "weights_path": folder}
+    return {
+        "runtime": "LiteRT, vcompress TFLite int8",
+        "engine": "runner",
+        "target": folder,
+        "python": sys.executable,
+        "kv_bytes": _kv_bytes(folder),
+        "weights_path": folder,
+    }
 
 
-ROWS = {"pytorch-fp32": row_pytorch, "optimum-onnx": row_optimum, "ort-int8-dynamic": row_ort_int8, "llama.cpp": row_llama,
-        OURS: row_ours_int4, "vcompress-int8": row_ours_int8, "vcompress-tflite": row_tflite}
+ROWS = {
+    "pytorch-fp32": row_pytorch,
+    "optimum-onnx": row_optimum,
+    "ort-int8-dynamic": row_ort_int8,
+    "llama.cpp": row_llama,
+    OURS: row_ours_int4,
+    "vcompress-int8": row_ours_int8,
+    "vcompress-tflite": row_tflite,
+}
 
 
 def optimum_export(ctx) -> Path:
@@ -476,8 +556,12 @@ def optimum_export(ctx) -> Path:
     tmp = folder.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     source = legacy_config_copy(Path(ctx["hf_dir"]), ctx["work"] / "hf-transformers4")
-    done = subprocess.run([str(cli), "export", "onnx", "--model", str(source), "--task", "text-generation-with-past", str(tmp)],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [str(cli), "export", "onnx", "--model", str(source), "--task", "text-generation-with-past", str(tmp)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if done.returncode or not (tmp / "model.onnx").is_file():
         raise Skip(f"optimum-cli export failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
     want, got = (json.loads((f / "config.json").read_text()).get("rope_theta") for f in (source, tmp))
@@ -518,8 +602,14 @@ def vcompress_export(ctx, quant: str) -> Path:
         from vcompress.exporters.onnx import export
 
         log(f"vcompress export onnx --quant {quant} -> {folder}")
-        export(ctx["model_arg"] if ctx["model_arg"] != "default" else None, folder, quant, force=True, threads=ctx["threads"],
-               log=lambda m: log(f"  {m}"))
+        export(
+            ctx["model_arg"] if ctx["model_arg"] != "default" else None,
+            folder,
+            quant,
+            force=True,
+            threads=ctx["threads"],
+            log=lambda m: log(f"  {m}"),
+        )
     return folder
 
 
@@ -559,9 +649,15 @@ def measure_row(name: str, ctx) -> dict:
     base = {"engine": row["engine"], "target": row["target"], "threads": ctx["threads"], "options": row.get("options", {})}
     log(f"{name}: speed")
     try:
-        speed = run_worker(row["python"], {**base, "context": ctx["prompt_tokens"] + ctx["decode_tokens"] + 16,
-                                           "speed": {"prompt": ctx["prompt"], "decode_tokens": ctx["decode_tokens"], "runs": ctx["runs"],
-                                                     "warmup": ctx["warmup"]}}, ctx["work"])
+        speed = run_worker(
+            row["python"],
+            {
+                **base,
+                "context": ctx["prompt_tokens"] + ctx["decode_tokens"] + 16,
+                "speed": {"prompt": ctx["prompt"], "decode_tokens": ctx["decode_tokens"], "runs": ctx["runs"], "warmup": ctx["warmup"]},
+            },
+            ctx["work"],
+        )
     except RuntimeError as e:
         return {**row, "error": f"speed run failed: {e}"}
     row.update(speed)
@@ -570,7 +666,9 @@ def measure_row(name: str, ctx) -> dict:
         log(f"{name}: MMLU ({len(ctx['questions'])} questions)")
         out = ctx["work"] / f"logits-{name}.npy"
         try:
-            run_worker(row["python"], {**base, "context": ctx["mmlu_context"], "mmlu": {"calls": ctx["calls"], "out": str(out)}}, ctx["work"])
+            run_worker(
+                row["python"], {**base, "context": ctx["mmlu_context"], "mmlu": {"calls": ctx["calls"], "out": str(out)}}, ctx["work"]
+            )
             row["mmlu_logprobs"] = mmlu_logprobs_from(_load(out), ctx["tokenizer"], ctx["questions"], ctx["vocab"])
         except (RuntimeError, ValueError) as e:
             row["mmlu_error"] = str(e)
@@ -595,7 +693,12 @@ def add_mmlu_scores(rows: list[dict], questions) -> None:
         if logprobs is None:
             continue
         summary = scoring.mmlu_summary(logprobs, questions)
-        row["mmlu"] = {"accuracy": summary["accuracy"], "ci95": summary["ci95"], "n": summary["n"], "predicted_letters": summary["predicted_letters"]}
+        row["mmlu"] = {
+            "accuracy": summary["accuracy"],
+            "ci95": summary["ci95"],
+            "n": summary["n"],
+            "predicted_letters": summary["predicted_letters"],
+        }
         if reference is not None:
             agreement = scoring.answer_agreement(logprobs, reference)
             row["mmlu"].update(agreement=agreement["agreement"], agreement_ci95=agreement["ci95"], answer_kl_mean=agreement["kl_mean"])
@@ -615,9 +718,14 @@ def profile_ours(rows: list[dict], ctx, force: bool = False) -> dict | None:
     if not losses and not force:
         return None
     log(f"{OURS}: ONNX Runtime profile ({'; '.join(losses) or 'asked for'})")
-    job = {"engine": "onnx", "target": base["target"], "threads": ctx["threads"], "context": ctx["prompt_tokens"] + ctx["decode_tokens"] + 16,
-           "options": {"profile_prefix": str(ctx["work"] / "ort-profile")},
-           "profile": {"prompt": ctx["prompt"], "decode_tokens": ctx["decode_tokens"]}}
+    job = {
+        "engine": "onnx",
+        "target": base["target"],
+        "threads": ctx["threads"],
+        "context": ctx["prompt_tokens"] + ctx["decode_tokens"] + 16,
+        "options": {"profile_prefix": str(ctx["work"] / "ort-profile")},
+        "profile": {"prompt": ctx["prompt"], "decode_tokens": ctx["decode_tokens"]},
+    }
     try:
         found = run_worker(Path(sys.executable), job, ctx["work"])["profile"]
     except RuntimeError as e:
@@ -639,15 +747,17 @@ def ratios(rows: list[dict], ours: str = OURS) -> list[dict]:
     for row in rows:
         if row["name"] == ours or "error" in row:
             continue
-        out.append({
-            "peer": row["name"],
-            "decode_speedup": _ratio(base["decode_tokens_per_s"], row["decode_tokens_per_s"]),
-            "ttft_speedup": _ratio(row["ttft_ms"], base["ttft_ms"]),
-            "size_ratio": _ratio(row["size_mb"], base["size_mb"]),
-            "rss_ratio": _ratio(row["peak_rss_mb"], base["peak_rss_mb"]),
-            "agreement_points": _points((base.get("mmlu") or {}).get("agreement"), (row.get("mmlu") or {}).get("agreement")),
-            "accuracy_points": _points((base.get("mmlu") or {}).get("accuracy"), (row.get("mmlu") or {}).get("accuracy")),
-        })
+        out.append(
+            {
+                "peer": row["name"],
+                "decode_speedup": _ratio(base["decode_tokens_per_s"], row["decode_tokens_per_s"]),
+                "ttft_speedup": _ratio(row["ttft_ms"], base["ttft_ms"]),
+                "size_ratio": _ratio(row["size_mb"], base["size_mb"]),
+                "rss_ratio": _ratio(row["peak_rss_mb"], base["peak_rss_mb"]),
+                "agreement_points": _points((base.get("mmlu") or {}).get("agreement"), (row.get("mmlu") or {}).get("agreement")),
+                "accuracy_points": _points((base.get("mmlu") or {}).get("accuracy"), (row.get("mmlu") or {}).get("accuracy")),
+            }
+        )
     return out
 
 
@@ -661,7 +771,10 @@ def gaps(rows: list[dict], ours: str = OURS) -> dict:
     if peers:
         fastest = max(peers, key=lambda r: r["decode_tokens_per_s"])
         quickest = min(peers, key=lambda r: r["ttft_ms"])
-        out["best_decode_peer"] = {"peer": fastest["name"], "peer_over_ours": _ratio(fastest["decode_tokens_per_s"], base["decode_tokens_per_s"])}
+        out["best_decode_peer"] = {
+            "peer": fastest["name"],
+            "peer_over_ours": _ratio(fastest["decode_tokens_per_s"], base["decode_tokens_per_s"]),
+        }
         out["best_ttft_peer"] = {"peer": quickest["name"], "ours_over_peer": _ratio(base["ttft_ms"], quickest["ttft_ms"])}
     return out
 
@@ -686,10 +799,19 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
             out.append([r["name"], "-", "-", "-", "-", "-", "-", "-", f"not run: {r['error']}"])
             continue
         mmlu = r.get("mmlu") or {}
-        out.append([r["name"], f"{r['size_mb']:.1f}", f"{r['ttft_ms']:.1f}", f"{r['decode_tokens_per_s']:.1f}",
-                    f"{100 * r['roofline_fraction']:.1f}%", f"{r['peak_rss_mb']:.0f}", _fraction(mmlu.get("accuracy")),
-                    _agreement(mmlu, r.get("mmlu_error")),
-                    r["runtime"]])
+        out.append(
+            [
+                r["name"],
+                f"{r['size_mb']:.1f}",
+                f"{r['ttft_ms']:.1f}",
+                f"{r['decode_tokens_per_s']:.1f}",
+                f"{100 * r['roofline_fraction']:.1f}%",
+                f"{r['peak_rss_mb']:.0f}",
+                _fraction(mmlu.get("accuracy")),
+                _agreement(mmlu, r.get("mmlu_error")),
+                r["runtime"],
+            ]
+        )
     return out
 
 
@@ -697,8 +819,18 @@ RATIO_COLUMNS = ("vcompress vs", "decode x", "TTFT x", "size x", "peak RSS x", "
 
 
 def ratio_rows(ratio_list: list[dict]) -> list[list[str]]:
-    return [[r["peer"], _times(r["decode_speedup"]), _times(r["ttft_speedup"]), _times(r["size_ratio"]), _times(r["rss_ratio"]),
-             _signed(r["agreement_points"]), _signed(r["accuracy_points"])] for r in ratio_list]
+    return [
+        [
+            r["peer"],
+            _times(r["decode_speedup"]),
+            _times(r["ttft_speedup"]),
+            _times(r["size_ratio"]),
+            _times(r["rss_ratio"]),
+            _signed(r["agreement_points"]),
+            _signed(r["accuracy_points"]),
+        ]
+        for r in ratio_list
+    ]
 
 
 def _agreement(mmlu: dict, error: str | None) -> str:
@@ -731,19 +863,32 @@ def markdown(header, rows: list[list[str]]) -> str:
 def report_markdown(result: dict) -> str:
     s = result["settings"]
     bw = result["bandwidth"]
-    head = (f"# vcompress vs peers: {result['model']}\n\n"
-            f"Host {result['host']}, {s['threads']} threads, prompt {s['prompt_tokens']} tokens, {s['decode_tokens']} decoded greedily, "
-            f"median of {s['runs']} runs after {s['warmup']} warm-up; MMLU {s['questions']} questions ({s['per_subject']} per subject, seed {s['seed']}, 0-shot, lm-eval prompts).\n"
-            f"Memory bandwidth (copy, {bw['threads']} threads, {bw['buffer_gib']} GiB): {bw['copy_gbs']} GB/s; "
-            f"% roofline = decode tok/s / (bandwidth / bytes read per token: weights + KV cache at the mean context).\n\n")
+    head = (
+        f"# vcompress vs peers: {result['model']}\n\n"
+        f"Host {result['host']}, {s['threads']} threads, prompt {s['prompt_tokens']} tokens, {s['decode_tokens']} decoded greedily, "
+        f"median of {s['runs']} runs after {s['warmup']} warm-up; MMLU {s['questions']} questions ({s['per_subject']} per subject, seed {s['seed']}, 0-shot, lm-eval prompts).\n"
+        f"Memory bandwidth (copy, {bw['threads']} threads, {bw['buffer_gib']} GiB): {bw['copy_gbs']} GB/s; "
+        f"% roofline = decode tok/s / (bandwidth / bytes read per token: weights + KV cache at the mean context).\n\n"
+    )
     body = markdown(COLUMNS, table_rows(result["rows"]))
     ratio = markdown(RATIO_COLUMNS, ratio_rows(result["ratios"])) if result["ratios"] else f"(no ratios: {OURS} or every peer did not run)"
     g = result["gaps"]
     lines = [f"- vcompress reaches {100 * g['roofline_fraction']:.1f}% of the roofline"] if g else []
     if g.get("best_decode_peer"):
         lines.append(f"- fastest peer decode: {g['best_decode_peer']['peer']}, {g['best_decode_peer']['peer_over_ours']:.2f}x ours")
-        lines.append(f"- quickest peer TTFT: {g['best_ttft_peer']['peer']}; ours takes {g['best_ttft_peer']['ours_over_peer']:.2f}x its time")
-    return head + body + profile_markdown(result.get("profile")) + f"\n\nRatios, {OURS} against each peer (x > 1: vcompress is faster / smaller / leaner):\n\n" + ratio + "\n\n" + "\n".join(lines) + "\n"
+        lines.append(
+            f"- quickest peer TTFT: {g['best_ttft_peer']['peer']}; ours takes {g['best_ttft_peer']['ours_over_peer']:.2f}x its time"
+        )
+    return (
+        head
+        + body
+        + profile_markdown(result.get("profile"))
+        + f"\n\nRatios, {OURS} against each peer (x > 1: vcompress is faster / smaller / leaner):\n\n"
+        + ratio
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def profile_markdown(profile: dict | None) -> str:
@@ -752,12 +897,14 @@ def profile_markdown(profile: dict | None) -> str:
     if "error" in profile:
         return f"\n\nProfile of {profile['row']}: failed ({profile['error']})"
     d, p = profile["decode"], profile["prefill"]
-    lines = [f"\n\nProfile of {profile['row']} (ONNX Runtime profiler; {'; '.join(profile['losses']) or 'asked for'}):",
-             f"- decode: {d['wall_ms_per_token']:.2f} ms/token wall, {d['run_ms_per_token']:.2f} ms in session runs, "
-             f"{d['node_ms']:.2f} ms in nodes ({100 * d['outside_nodes_share']:.0f}% outside nodes: ORT dispatch, Python, argmax); top ops: "
-             + ", ".join(f"{o['op']} {o['ms']:.2f} ms ({100 * o['share']:.0f}%)" for o in d["ops"]),
-             f"- prefill: {p['run_ms']:.1f} ms run, {p['node_ms']:.1f} ms in nodes; top ops: "
-             + ", ".join(f"{o['op']} {o['ms']:.1f} ms ({100 * o['share']:.0f}%)" for o in p["ops"])]
+    lines = [
+        f"\n\nProfile of {profile['row']} (ONNX Runtime profiler; {'; '.join(profile['losses']) or 'asked for'}):",
+        f"- decode: {d['wall_ms_per_token']:.2f} ms/token wall, {d['run_ms_per_token']:.2f} ms in session runs, "
+        f"{d['node_ms']:.2f} ms in nodes ({100 * d['outside_nodes_share']:.0f}% outside nodes: ORT dispatch, Python, argmax); top ops: "
+        + ", ".join(f"{o['op']} {o['ms']:.2f} ms ({100 * o['share']:.0f}%)" for o in d["ops"]),
+        f"- prefill: {p['run_ms']:.1f} ms run, {p['node_ms']:.1f} ms in nodes; top ops: "
+        + ", ".join(f"{o['op']} {o['ms']:.1f} ms ({100 * o['share']:.0f}%)" for o in p["ops"]),
+    ]
     return "\n".join(lines)
 
 
@@ -769,7 +916,13 @@ def print_tables(result: dict) -> None:
         print(report_markdown(result))
         return
     console = Console(width=200)
-    tables = [(f"{result['model']}: {result['settings']['threads']} threads, copy bandwidth {result['bandwidth']['copy_gbs']} GB/s", COLUMNS, table_rows(result["rows"]))]
+    tables = [
+        (
+            f"{result['model']}: {result['settings']['threads']} threads, copy bandwidth {result['bandwidth']['copy_gbs']} GB/s",
+            COLUMNS,
+            table_rows(result["rows"]),
+        )
+    ]
     if result["ratios"]:
         tables.append((f"{OURS} against each peer (x > 1: vcompress better)", RATIO_COLUMNS, ratio_rows(result["ratios"])))
     for title, header, rows in tables:
@@ -783,9 +936,15 @@ def print_tables(result: dict) -> None:
         console.print(profile_markdown(result["profile"]).strip())
     g = result["gaps"]
     if g:
-        console.print(f"vcompress at {100 * g['roofline_fraction']:.1f}% of the roofline" + (
-            f"; fastest peer decode {g['best_decode_peer']['peer']} at {g['best_decode_peer']['peer_over_ours']:.2f}x ours; "
-            f"ours TTFT {g['best_ttft_peer']['ours_over_peer']:.2f}x {g['best_ttft_peer']['peer']}'s" if "best_decode_peer" in g else ""))
+        console.print(
+            f"vcompress at {100 * g['roofline_fraction']:.1f}% of the roofline"
+            + (
+                f"; fastest peer decode {g['best_decode_peer']['peer']} at {g['best_decode_peer']['peer_over_ours']:.2f}x ours; "
+                f"ours TTFT {g['best_ttft_peer']['ours_over_peer']:.2f}x {g['best_ttft_peer']['peer']}'s"
+                if "best_decode_peer" in g
+                else ""
+            )
+        )
 
 
 def chart(result: dict, path: Path) -> Path | None:
@@ -801,9 +960,14 @@ def chart(result: dict, path: Path) -> Path | None:
 
     names = [r["name"] for r in rows]
     colors = ["tab:orange" if r["name"].startswith("vcompress") else "tab:gray" for r in rows]
-    panels = (("decode tok/s relative to vcompress-int4 (higher is faster)", [r["decode_tokens_per_s"] / base["decode_tokens_per_s"] for r in rows]),
-              ("TTFT at 256 tokens relative to vcompress-int4 (lower is faster)", [r["ttft_ms"] / base["ttft_ms"] for r in rows]),
-              ("decode as a share of the bandwidth roofline", [r["roofline_fraction"] for r in rows]))
+    panels = (
+        (
+            "decode tok/s relative to vcompress-int4 (higher is faster)",
+            [r["decode_tokens_per_s"] / base["decode_tokens_per_s"] for r in rows],
+        ),
+        ("TTFT at 256 tokens relative to vcompress-int4 (lower is faster)", [r["ttft_ms"] / base["ttft_ms"] for r in rows]),
+        ("decode as a share of the bandwidth roofline", [r["roofline_fraction"] for r in rows]),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(rows) + 2))
     for ax, (title, values) in zip(axes, panels):
         ax.barh(names, values, color=colors)
@@ -840,8 +1004,24 @@ def setup(optimum_python: Path, llama_python: Path) -> None:
         wheels = CACHE / "wheels"
         if not list(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl")):
             log(f"building llama-cpp-python {LLAMA_CPP_VERSION} with GGML_NATIVE (about 7 minutes on 2 cores)")
-            subprocess.run(["nice", "-n", "15", sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(wheels),
-                            f"llama-cpp-python=={LLAMA_CPP_VERSION}"], check=True, env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"})
+            subprocess.run(
+                [
+                    "nice",
+                    "-n",
+                    "15",
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "wheel",
+                    "--no-deps",
+                    "--no-cache-dir",
+                    "-w",
+                    str(wheels),
+                    f"llama-cpp-python=={LLAMA_CPP_VERSION}",
+                ],
+                check=True,
+                env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"},
+            )
         venv = llama_python.parents[1]
         log(f"creating {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -878,16 +1058,42 @@ def context(args) -> dict:
     vocab = shape["vocab_size"]
     log(f"measuring memory bandwidth ({args.threads} threads)")
     bandwidth = memory_bandwidth(args.threads)
-    host = load_profile("x86-cpu").device.model_copy(update={"memory_bandwidth_gbs": bandwidth["copy_gbs"], "efficiency": 1.0,
-                                                             "threads": args.threads, "name": f"{platform.machine()} host"})
+    host = load_profile("x86-cpu").device.model_copy(
+        update={
+            "memory_bandwidth_gbs": bandwidth["copy_gbs"],
+            "efficiency": 1.0,
+            "threads": args.threads,
+            "name": f"{platform.machine()} host",
+        }
+    )
     ctx = {
-        "model_arg": str(args.model) if args.model else "default", "hf_dir": hf_dir, "gguf": gguf, "shape": shape, "tokenizer": tokenizer,
-        "vocab": vocab, "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "prompt_tokens": args.prompt_tokens,
-        "decode_tokens": args.decode_tokens, "prompt": prompt_ids(vocab, args.prompt_tokens, args.seed)[0].tolist(),
-        "per_subject": args.per_subject, "work": args.work, "ours": args.ours, "tflite": args.tflite, "host": host, "bandwidth": bandwidth,
-        "optimum_python": args.optimum_python, "llama_python": args.llama_python,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
-                     "numpy": np.__version__, "python": platform.python_version()},
+        "model_arg": str(args.model) if args.model else "default",
+        "hf_dir": hf_dir,
+        "gguf": gguf,
+        "shape": shape,
+        "tokenizer": tokenizer,
+        "vocab": vocab,
+        "threads": args.threads,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens,
+        "prompt": prompt_ids(vocab, args.prompt_tokens, args.seed)[0].tolist(),
+        "per_subject": args.per_subject,
+        "work": args.work,
+        "ours": args.ours,
+        "tflite": args.tflite,
+        "host": host,
+        "bandwidth": bandwidth,
+        "optimum_python": args.optimum_python,
+        "llama_python": args.llama_python,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
     }
     if args.per_subject:
         ctx["questions"] = mmlu_questions(args.per_subject, args.seed, args.mmlu)
@@ -920,7 +1126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the MMLU sample and of the prompt ids")
     parser.add_argument("--mmlu", default=None, help="MMLU copy (default: $VCOMPRESS_MMLU or shared/data/mmlu)")
     parser.add_argument("--rows", default=",".join(n for n in ROWS if n != "vcompress-tflite"), help=f"comma list of {', '.join(ROWS)}")
-    parser.add_argument("--ours", type=Path, default=None, help="vcompress's x86-cpu artifact or run folder (default: runs/demo's export, else an INT4 export)")
+    parser.add_argument(
+        "--ours",
+        type=Path,
+        default=None,
+        help="vcompress's x86-cpu artifact or run folder (default: runs/demo's export, else an INT4 export)",
+    )
     parser.add_argument("--tflite", type=Path, default=None, help="a vcompress TFLite artifact folder (adds the vcompress-tflite row)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers")
     parser.add_argument("--work", type=Path, default=CACHE / "work", help="exports kept between runs")
@@ -954,14 +1165,35 @@ def main(argv: list[str] | None = None) -> int:
     import platform
 
     result = {
-        "model": resolve_label(args.model), "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": {"threads": args.threads, "runs": args.runs, "warmup": args.warmup, "prompt_tokens": args.prompt_tokens,
-                     "decode_tokens": args.decode_tokens, "per_subject": args.per_subject, "seed": args.seed,
-                     "questions": len(ctx.get("questions", []))},
-        "bandwidth": ctx["bandwidth"], "versions": ctx["versions"], "rows": rows,
-        "ratios": ratios(rows), "gaps": gaps(rows), "profile": profile_ours(rows, ctx, force=args.profile),
-        "units": {"size_mb": "MiB", "ttft_ms": "ms", "decode_tokens_per_s": "tokens/s", "peak_rss_mb": "MiB", "copy_gbs": "GB/s",
-                  "roofline_fraction": "fraction", "accuracy": "fraction", "agreement": "fraction"},
+        "model": resolve_label(args.model),
+        "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {
+            "threads": args.threads,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "prompt_tokens": args.prompt_tokens,
+            "decode_tokens": args.decode_tokens,
+            "per_subject": args.per_subject,
+            "seed": args.seed,
+            "questions": len(ctx.get("questions", [])),
+        },
+        "bandwidth": ctx["bandwidth"],
+        "versions": ctx["versions"],
+        "rows": rows,
+        "ratios": ratios(rows),
+        "gaps": gaps(rows),
+        "profile": profile_ours(rows, ctx, force=args.profile),
+        "units": {
+            "size_mb": "MiB",
+            "ttft_ms": "ms",
+            "decode_tokens_per_s": "tokens/s",
+            "peak_rss_mb": "MiB",
+            "copy_gbs": "GB/s",
+            "roofline_fraction": "fraction",
+            "accuracy": "fraction",
+            "agreement": "fraction",
+        },
     }
     (args.out / "peers.json").write_text(json.dumps(result, indent=2))
     (args.out / "peers.md").write_text(report_markdown(result))

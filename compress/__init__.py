@@ -1,4 +1,5 @@
 """Compression stages (torch in, standard HF checkpoint out). Importing this registers them all."""
+
 import importlib
 import pkgutil
 

@@ -4,6 +4,7 @@ address attention heads, MLP channels and layers the same way for every architec
 GPT-2 uses `Conv1D` (weights stored [in, out]) where the others use `nn.Linear` ([out, in]);
 `out_dim`/`in_dim` hide that difference.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Calibration text for the stages that measure a model on it (analyze, prune, quantize)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,9 @@ import torch
 from vcompress.core.data import pack, texts_for
 
 
-def calibration_blocks(tokenizer, *, data=None, subset="medical", mmlu=None, samples: int = 8, seq_len: int = 128,
-                       seed: int = 0, log=print) -> torch.Tensor:
+def calibration_blocks(
+    tokenizer, *, data=None, subset="medical", mmlu=None, samples: int = 8, seq_len: int = 128, seed: int = 0, log=print
+) -> torch.Tensor:
     """[samples, seq_len] token ids: the user's file, else MMLU text outside the evaluated subset.
 
     The seed picks which blocks (out of up to 4x as many packed) are used.

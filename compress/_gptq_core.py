@@ -6,6 +6,7 @@ a scale and a zero point; the dequantized weight is always `scale * (q - zero)` 
 spreads each column's rounding error over the columns not yet quantized, weighted by the inverse
 Hessian of the layer's reconstruction loss, H = 2 X^T X over the calibration inputs X.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,8 +88,7 @@ def rtn(w: torch.Tensor, grid: Grid) -> Quantized:
     return Quantized(codes.reshape(rows, cols).to(torch.uint8).cpu(), scales.cpu(), zeros.cpu(), g_idx, grid)
 
 
-def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, act_order: bool = False,
-         damp: float = 0.01, block: int = 32) -> Quantized:
+def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, act_order: bool = False, damp: float = 0.01, block: int = 32) -> Quantized:
     """GPTQ with lazy batched updates (blocks of columns) and a Cholesky factor of H^-1.
 
     Groups are the natural contiguous column groups (g_idx[k] == k // group_size) in every mode:
@@ -163,7 +163,7 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
 
 def reconstruction_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
     """Mean over output rows of (w - w_hat) H (w - w_hat)^T: the layer's output error on the calibration inputs."""
-    delta = (w.float() - w_hat.float())
+    delta = w.float() - w_hat.float()
     return float(((delta @ hessian.float()) * delta).sum() / w.shape[0])
 
 
@@ -181,7 +181,7 @@ class Hessians:
         self._last: tuple[torch.Tensor | None, str] = (None, "")
         self._handles = []
 
-    def watch(self, modules: dict[str, torch.nn.Module]) -> "Hessians":
+    def watch(self, modules: dict[str, torch.nn.Module]) -> Hessians:
         for name, module in modules.items():
             self._handles.append(module.register_forward_hook(self._hook(name)))
         return self

@@ -3,6 +3,7 @@
 The tensor layout, its packing and its math are the quantized-weight format's
 (vcompress.core.quant_format, docs/quant_format.md), which the exporters read too.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ A KV group is one KV head and the query heads that share it (transformers' repea
 head h on KV head h // (query_heads // kv_heads)). Removing whole groups keeps that ratio, so the
 sliced attention runs unchanged and the config stays a standard one.
 """
+
 from __future__ import annotations
 
 import contextlib

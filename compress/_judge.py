@@ -1,5 +1,6 @@
 """The judge every compress stage measures its result with: held-out text outside the evaluated
 subset and MMLU answer agreement, against the stage's reference model (core.scoring.Judge)."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ def judge_of(reference, tokenizer, ctx, *, blocks: int, seq_len: int, per_subjec
     MMLU questions per subject of the run's subset (0: that part is skipped)."""
     heldout = heldout_blocks(tokenizer, ctx, blocks, seq_len)
     questions = agreement_questions(ctx.mmlu, ctx.subset, per_subject, ctx.seed, ctx.log)
-    return Judge(torch_logits_fn(reference), heldout, tokenizer=tokenizer, questions=questions, keep_logits=keep_logits,
-                 progress=ctx.progress)
+    return Judge(
+        torch_logits_fn(reference), heldout, tokenizer=tokenizer, questions=questions, keep_logits=keep_logits, progress=ctx.progress
+    )
 
 
 def heldout_blocks(tokenizer, ctx, count: int, seq_len: int) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ The loop is resumable bit for bit: a checkpoint (every `save_every` steps, in th
 folder) holds the student, optimizer, schedule, RNG states and the step; batches are a pure
 function of (seed, step), so a resumed run sees the same data in the same order.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,7 +71,7 @@ class Distill(Stage):
     Config = DistillConfig
 
     @classmethod
-    def from_profile(cls, settings: dict, profile, where=None) -> "Distill":
+    def from_profile(cls, settings: dict, profile, where=None) -> Distill:
         if profile.step("prune") is None:
             raise InputError(f"{where}: distillation needs a pruned student; add a prune step before it")
         return super().from_profile(settings, profile, where)
@@ -91,15 +92,28 @@ class Distill(Stage):
 
         # The teacher stays loaded: the held-out judge reruns it rather than hold its logits; the
         # validation judge keeps them, since every validation during training reads them.
-        judge = judge_of(teacher, tokenizer, ctx, blocks=cfg.eval_blocks, seq_len=cfg.seq_len, per_subject=cfg.eval_per_subject,
-                         keep_logits=False)
+        judge = judge_of(
+            teacher, tokenizer, ctx, blocks=cfg.eval_blocks, seq_len=cfg.seq_len, per_subject=cfg.eval_per_subject, keep_logits=False
+        )
         validation = Judge(torch_logits_fn(teacher), val, progress=ctx.progress)
         before = _stored_before(ctx.work, ctx.resume)
         if before is None:
             before = evaluate(student, judge, validation)
             write_json(ctx.work / BEFORE, before)
-        trainer = Trainer(student, teacher, train, val, cfg, device=device, seed=ctx.seed, work=ctx.work,
-                          teacher_val_logits=validation.logits, layer_map=layer_map, log=ctx.log, progress=ctx.progress)
+        trainer = Trainer(
+            student,
+            teacher,
+            train,
+            val,
+            cfg,
+            device=device,
+            seed=ctx.seed,
+            work=ctx.work,
+            teacher_val_logits=validation.logits,
+            layer_map=layer_map,
+            log=ctx.log,
+            progress=ctx.progress,
+        )
         summary = trainer.fit(resume=ctx.resume)
         after = evaluate(student, judge, validation)
         student.to("cpu", dtype=torch.float32)
@@ -114,9 +128,23 @@ class Distill(Stage):
         }
 
 
-def distill(student, out, *, teacher=None, data=None, config: DistillConfig | dict | None = None, seed: int = 0,
-            force: bool = False, resume: bool = False, mmlu=None, subset="medical", log=print, progress: Progress = no_progress,
-            allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+def distill(
+    student,
+    out,
+    *,
+    teacher=None,
+    data=None,
+    config: DistillConfig | dict | None = None,
+    seed: int = 0,
+    force: bool = False,
+    resume: bool = False,
+    mmlu=None,
+    subset="medical",
+    log=print,
+    progress: Progress = no_progress,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
     """Distill `teacher` (None: the embedded default) into `student`; write an HF folder to `out`.
 
     `progress("distill", step, total)` is called after every optimizer step (and its checkpoint, if any).
@@ -125,9 +153,21 @@ def distill(student, out, *, teacher=None, data=None, config: DistillConfig | di
     if resume and (out / METRICS).is_file() and not force:
         log(f"{out} is already complete; nothing to resume")
         return read_metrics(out)
-    return execute(Distill(config), out, source=student, reference=teacher, data=data, seed=seed, force=force,
-                   resume=resume, mmlu=mmlu, subset=subset, log=log, progress=progress,
-                   intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+    return execute(
+        Distill(config),
+        out,
+        source=student,
+        reference=teacher,
+        data=data,
+        seed=seed,
+        force=force,
+        resume=resume,
+        mmlu=mmlu,
+        subset=subset,
+        log=log,
+        progress=progress,
+        intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code),
+    )
 
 
 # --- checks --------------------------------------------------------------------------------
@@ -136,22 +176,28 @@ def distill(student, out, *, teacher=None, data=None, config: DistillConfig | di
 def check_same_vocab(teacher, teacher_tokenizer, student, student_tokenizer) -> None:
     t_size, s_size = teacher.config.vocab_size, student.config.vocab_size
     if t_size != s_size or teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
-        raise InputError(f"teacher and student do not share a tokenizer vocabulary (vocab sizes {t_size} and {s_size}); "
-                         "distill into a student pruned from the teacher, or pass the teacher it came from")
+        raise InputError(
+            f"teacher and student do not share a tokenizer vocabulary (vocab sizes {t_size} and {s_size}); "
+            "distill into a student pruned from the teacher, or pass the teacher it came from"
+        )
 
 
 def student_layer_map(student_source, teacher, student) -> list[int]:
     """Teacher layer index for each student layer: the prune stage's record, else spread evenly."""
     t_shape, s_shape = attention_shape(teacher.config), attention_shape(student.config)
     if t_shape["hidden_size"] != s_shape["hidden_size"]:
-        raise InputError(f"hidden-state loss needs equal hidden sizes (teacher {t_shape['hidden_size']}, student {s_shape['hidden_size']}); "
-                         "set --hidden-weight 0")
+        raise InputError(
+            f"hidden-state loss needs equal hidden sizes (teacher {t_shape['hidden_size']}, student {s_shape['hidden_size']}); "
+            "set --hidden-weight 0"
+        )
     t_layers, s_layers = t_shape["layers"], s_shape["layers"]
     recorded = _recorded_layer_map(student_source)
     if recorded is not None:
         if len(recorded) != s_layers or not all(isinstance(i, int) and 0 <= i < t_layers for i in recorded):
-            raise InputError(f"the layer map recorded with the student ({recorded}) does not fit {s_layers} student and "
-                             f"{t_layers} teacher layers; re-run the prune stage, or set --hidden-weight 0")
+            raise InputError(
+                f"the layer map recorded with the student ({recorded}) does not fit {s_layers} student and "
+                f"{t_layers} teacher layers; re-run the prune stage, or set --hidden-weight 0"
+            )
         return list(recorded)
     return [round((i + 1) * t_layers / s_layers) - 1 for i in range(s_layers)]
 
@@ -220,7 +266,9 @@ def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 # --- loss ----------------------------------------------------------------------------------
 
 
-def distill_loss(student_out, teacher_out, ids: torch.Tensor, cfg: DistillConfig, layer_map: list[int] | None = None) -> tuple[torch.Tensor, dict]:
+def distill_loss(
+    student_out, teacher_out, ids: torch.Tensor, cfg: DistillConfig, layer_map: list[int] | None = None
+) -> tuple[torch.Tensor, dict]:
     """The weighted loss and its parts (floats) for one batch of student and teacher outputs."""
     t = cfg.temperature
     s_logits, t_logits = student_out.logits.float(), teacher_out.logits.float()
@@ -261,9 +309,22 @@ class Schedule:
 
 
 class Trainer:
-    def __init__(self, student, teacher, train: torch.Tensor, val: torch.Tensor, cfg: DistillConfig, *, device,
-                 seed: int, work: Path, teacher_val_logits: list[torch.Tensor], layer_map=None, log=print,
-                 progress: Progress = no_progress):
+    def __init__(
+        self,
+        student,
+        teacher,
+        train: torch.Tensor,
+        val: torch.Tensor,
+        cfg: DistillConfig,
+        *,
+        device,
+        seed: int,
+        work: Path,
+        teacher_val_logits: list[torch.Tensor],
+        layer_map=None,
+        log=print,
+        progress: Progress = no_progress,
+    ):
         self.student, self.teacher, self.train, self.val, self.cfg = student, teacher, train, val, cfg
         self.device, self.seed, self.work, self.layer_map, self.log, self.progress = device, seed, Path(work), layer_map, log, progress
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -397,8 +458,12 @@ class Trainer:
             "student": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "best": {"kl": self.best_kl, "step": self.best_step, "bad_evals": self.bad_evals,
-                     "state": self.best_state if self.best_step != self.step else None},
+            "best": {
+                "kl": self.best_kl,
+                "step": self.best_step,
+                "bad_evals": self.bad_evals,
+                "state": self.best_state if self.best_step != self.step else None,
+            },
             "history": self.history,
             "rng": _rng_state(),
             "identity": self._identity(),
@@ -413,7 +478,9 @@ class Trainer:
         except Exception as e:
             raise InputError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it and start over without --resume") from None
         if state["identity"] != self._identity():
-            raise InputError(f"checkpoint {path} was made with other settings or data; rerun with the same ones, or drop --resume to start over")
+            raise InputError(
+                f"checkpoint {path} was made with other settings or data; rerun with the same ones, or drop --resume to start over"
+            )
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

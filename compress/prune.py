@@ -13,6 +13,7 @@ stage's scores (sensitivity.json), or by the same scores computed here on a smal
   GPT-2's c_fc / c_proj are sliced here.
 - layers: the N with the smallest loss change when skipped are dropped and the rest renumbered.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,8 +56,7 @@ def whole_count(ratio: float, total: int, what: str, notes: list[str]) -> int:
     return count
 
 
-def make_plan(scores: dict, info: dict, *, heads: float = 0.0, mlp: float = 0.0, layers: int = 0,
-              head_score: str = "mask") -> Plan:
+def make_plan(scores: dict, info: dict, *, heads: float = 0.0, mlp: float = 0.0, layers: int = 0, head_score: str = "mask") -> Plan:
     notes: list[str] = []
     n_layers, kv = info["layers"], info["kv_heads"]
     if layers >= n_layers:
@@ -145,7 +145,9 @@ def config_changes(model, plan: Plan) -> dict:
         if getattr(config, "layer_types", None):
             changes["layer_types"] = [config.layer_types[i] for i in plan.keep_layers]
         if is_gpt2(model) and getattr(config, "scale_attn_by_inverse_layer_idx", False):
-            raise InputError("this GPT-2 scales attention by 1/layer index, which renumbering layers would change; prune it without --layers")
+            raise InputError(
+                "this GPT-2 scales attention by 1/layer index, which renumbering layers would change; prune it without --layers"
+            )
     check_config(config, changes)
     return changes
 
@@ -159,8 +161,10 @@ def check_config(config, changes: dict) -> None:
         type(config).from_dict(candidate.to_dict())
     except Exception as e:  # transformers' strict configs raise their own error class, caused by a ValueError
         reason = str(getattr(e, "__cause__", None) or e).strip().splitlines()[-1]
-        raise InputError(f"the pruned {type(config).__name__} would not reload ({reason}); choose other ratios "
-                         f"(e.g. a --heads that leaves a head count dividing hidden_size {config.hidden_size})") from None
+        raise InputError(
+            f"the pruned {type(config).__name__} would not reload ({reason}); choose other ratios "
+            f"(e.g. a --heads that leaves a head count dividing hidden_size {config.hidden_size})"
+        ) from None
 
 
 def apply_plan(model, plan: Plan) -> dict:
@@ -169,8 +173,13 @@ def apply_plan(model, plan: Plan) -> dict:
     changes = config_changes(model, plan)  # validated before anything is cut
     if "num_key_value_heads" in changes:
         for i in plan.keep_layers:
-            keep_kv_groups(attention(decoder_layers(model)[i]), plan.keep_groups[i], query_heads=info["query_heads"],
-                           kv_heads=info["kv_heads"], head_dim=info["head_dim"])
+            keep_kv_groups(
+                attention(decoder_layers(model)[i]),
+                plan.keep_groups[i],
+                query_heads=info["query_heads"],
+                kv_heads=info["kv_heads"],
+                head_dim=info["head_dim"],
+            )
     method = prune_mlp_channels(model, plan.drop_channels) if plan.drop_channels else None
     if len(plan.keep_layers) < info["layers"]:
         drop_layers(model, plan.keep_layers)
@@ -190,7 +199,9 @@ def read_scores(path: str | Path, info: dict) -> dict:
     theirs = scores.get("shape", {})
     for key in ("layers", "query_heads", "kv_heads", "intermediate_size"):
         if theirs.get(key) != info[key]:
-            raise InputError(f"{path} was computed for a model with {key}={theirs.get(key)}, this one has {info[key]}; run `vcompress analyze` on this model or drop --scores")
+            raise InputError(
+                f"{path} was computed for a model with {key}={theirs.get(key)}, this one has {info[key]}; run `vcompress analyze` on this model or drop --scores"
+            )
     return scores
 
 
@@ -216,7 +227,9 @@ class Prune(Stage):
         seq_len: int = Field(128, ge=8)
         heldout_blocks: int = Field(16, ge=0, description="held-out blocks for perplexity before/after (0: skip)")
         heldout_seq_len: int = Field(256, ge=8)
-        eval_per_subject: int = Field(10, ge=0, description="MMLU questions per subject of the evaluated subset for answer agreement (0: skip)")
+        eval_per_subject: int = Field(
+            10, ge=0, description="MMLU questions per subject of the evaluated subset for answer agreement (0: skip)"
+        )
 
     def run(self, ctx) -> dict:
         cfg = self.config
@@ -225,22 +238,39 @@ class Prune(Stage):
         model, tokenizer = ctx.load()
         info = shape(model)
         if cfg.heads and is_gpt2(model):
-            raise InputError("GPT-2 cannot lose attention heads and stay a standard checkpoint (GPT2Config has no head_dim: "
-                             "head width is n_embd / n_head); prune GPT-2 with --mlp and --layers only")
+            raise InputError(
+                "GPT-2 cannot lose attention heads and stay a standard checkpoint (GPT2Config has no head_dim: "
+                "head width is n_embd / n_head); prune GPT-2 with --mlp and --layers only"
+            )
         scores = read_scores(cfg.scores, info) if cfg.scores else {}
         missing = [p for p in needed_parts(cfg.heads, cfg.mlp, cfg.layers) if p not in scores]
         if missing:
             ctx.log(f"computing {', '.join(missing)} scores on {cfg.samples} calibration blocks (pass --scores to reuse an analysis)")
-            blocks = calibration_blocks(tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=cfg.samples,
-                                        seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log)
+            blocks = calibration_blocks(
+                tokenizer,
+                data=ctx.data,
+                subset=ctx.subset,
+                mmlu=ctx.mmlu,
+                samples=cfg.samples,
+                seq_len=cfg.seq_len,
+                seed=ctx.seed,
+                log=ctx.log,
+            )
             scores = {**scores, **analyze(model, blocks, parts=missing, log=ctx.log)}
         plan = make_plan(scores, info, heads=cfg.heads, mlp=cfg.mlp, layers=cfg.layers, head_score=cfg.head_score)
         for note in plan.notes:
             ctx.log(f"note: {note}")
 
         reference = copy.deepcopy(model)
-        judge = judge_of(reference, tokenizer, ctx, blocks=cfg.heldout_blocks, seq_len=cfg.heldout_seq_len,
-                         per_subject=cfg.eval_per_subject, keep_logits=False)  # the reference stays: no need to hold its logits
+        judge = judge_of(
+            reference,
+            tokenizer,
+            ctx,
+            blocks=cfg.heldout_blocks,
+            seq_len=cfg.heldout_seq_len,
+            per_subject=cfg.eval_per_subject,
+            keep_logits=False,
+        )  # the reference stays: no need to hold its logits
         after = apply_plan(model, plan)
         save_model(model, tokenizer, ctx.out)
         reload_diff = check_reload(model, ctx.out, torch.arange(32).unsqueeze(0) % model.config.vocab_size)
@@ -250,9 +280,19 @@ class Prune(Stage):
         cfg = self.config
         params = (parameter_count(reference), parameter_count(model))
         size = (weight_bytes(reference), weight_bytes(model))
-        kept = [{"layer": new, "source_layer": old, "kv_groups": plan.keep_groups[old],
-                 "query_heads": [g * (info["query_heads"] // info["kv_heads"]) + j for g in plan.keep_groups[old] for j in range(info["query_heads"] // info["kv_heads"])]}
-                for new, old in enumerate(plan.keep_layers)]
+        kept = [
+            {
+                "layer": new,
+                "source_layer": old,
+                "kv_groups": plan.keep_groups[old],
+                "query_heads": [
+                    g * (info["query_heads"] // info["kv_heads"]) + j
+                    for g in plan.keep_groups[old]
+                    for j in range(info["query_heads"] // info["kv_heads"])
+                ],
+            }
+            for new, old in enumerate(plan.keep_layers)
+        ]
         return {
             "parameters_before": params[0],
             "parameters_after": params[1],
@@ -262,13 +302,26 @@ class Prune(Stage):
             "folder_bytes_after": bytes_on_disk(ctx.out),
             **fidelity,  # the pruned model against the model before pruning
             "reload_max_abs_logit_diff": reload_diff,
-            "heads": {"requested_ratio": cfg.heads, "query_heads": [info["query_heads"], after["query_heads"]],
-                      "kv_heads": [info["kv_heads"], after["kv_heads"]], "removed_ratio": round(1 - after["kv_heads"] / info["kv_heads"], 4),
-                      "ranked_by": cfg.head_score, "kept_per_layer": kept},
-            "mlp": {"requested_ratio": cfg.mlp, "intermediate_size": [info["intermediate_size"], after["intermediate_size"]],
-                    "removed_ratio": round(1 - after["intermediate_size"] / info["intermediate_size"], 4), "method": after["mlp_method"]},
-            "layers": {"requested": cfg.layers, "count": [info["layers"], after["layers"]],
-                       "dropped": [i for i in range(info["layers"]) if i not in plan.keep_layers], "ranked_by": "skip_loss_delta_nats"},
+            "heads": {
+                "requested_ratio": cfg.heads,
+                "query_heads": [info["query_heads"], after["query_heads"]],
+                "kv_heads": [info["kv_heads"], after["kv_heads"]],
+                "removed_ratio": round(1 - after["kv_heads"] / info["kv_heads"], 4),
+                "ranked_by": cfg.head_score,
+                "kept_per_layer": kept,
+            },
+            "mlp": {
+                "requested_ratio": cfg.mlp,
+                "intermediate_size": [info["intermediate_size"], after["intermediate_size"]],
+                "removed_ratio": round(1 - after["intermediate_size"] / info["intermediate_size"], 4),
+                "method": after["mlp_method"],
+            },
+            "layers": {
+                "requested": cfg.layers,
+                "count": [info["layers"], after["layers"]],
+                "dropped": [i for i in range(info["layers"]) if i not in plan.keep_layers],
+                "ranked_by": "skip_loss_delta_nats",
+            },
             "scores": cfg.scores or "computed here",
             "notes": plan.notes,  # ratios rounded to whole groups / channels
         }

@@ -16,6 +16,7 @@ Float zero points cannot be carried by the GPTQ layout; with `zero_point: float`
 holds the dequantized float32 weights (which reload anywhere and compute exactly what the
 quantized model computes) and the packed codes go to quant.safetensors for the exporters.
 """
+
 from __future__ import annotations
 
 import copy
@@ -85,7 +86,7 @@ class Quantize(Stage):
     Config = QuantizeConfig
 
     @classmethod
-    def from_profile(cls, settings: dict, profile, where=None) -> "Quantize":
+    def from_profile(cls, settings: dict, profile, where=None) -> Quantize:
         """The profile's quantization scheme fills in what the recipe step does not say itself."""
         q = profile.quantization
         if q.method == "none":
@@ -115,13 +116,26 @@ class Quantize(Stage):
 
         started = time.time()
         if cfg.method == "gptq":
-            blocks = calibration_blocks(tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=cfg.calib_samples,
-                                        seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log)
+            blocks = calibration_blocks(
+                tokenizer,
+                data=ctx.data,
+                subset=ctx.subset,
+                mmlu=ctx.mmlu,
+                samples=cfg.calib_samples,
+                seq_len=cfg.seq_len,
+                seed=ctx.seed,
+                log=ctx.log,
+            )
             ctx.log(f"GPTQ on {device.type}: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
-            results, errors = quantize_gptq(model, targets, blocks, grid, act_order=cfg.act_order, damp=cfg.damp,
-                                            batch_size=cfg.batch_size, progress=ctx.progress)
-            metrics["calibration"] = {"data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
-                                      "blocks": blocks.shape[0], "seq_len": blocks.shape[1], "tokens": blocks.numel()}
+            results, errors = quantize_gptq(
+                model, targets, blocks, grid, act_order=cfg.act_order, damp=cfg.damp, batch_size=cfg.batch_size, progress=ctx.progress
+            )
+            metrics["calibration"] = {
+                "data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
+                "blocks": blocks.shape[0],
+                "seq_len": blocks.shape[1],
+                "tokens": blocks.numel(),
+            }
             metrics["layer_error"] = summarize_errors(errors)
         else:
             results = {}
@@ -159,11 +173,15 @@ def choose_group_size(preferred: int, targets: dict, bits: int) -> int:
     outputs = {weight_of(m).shape[0] for m in targets.values()}
     per_word = 32 // bits
     if any(n % per_word for n in outputs):
-        raise InputError(f"output features {sorted(outputs)} are not all multiples of {per_word}, which {bits}-bit GPTQ packing needs; this model cannot be stored in the GPTQ layout")
+        raise InputError(
+            f"output features {sorted(outputs)} are not all multiples of {per_word}, which {bits}-bit GPTQ packing needs; this model cannot be stored in the GPTQ layout"
+        )
     for size in (preferred, *(s for s in GROUP_SIZES if s < preferred)):
         if all(k % size == 0 for k in features):
             return size
-    raise InputError(f"no group size among {preferred}/64/32 divides every layer's input features {sorted(features)}; pass --group-size with a divisor of them")
+    raise InputError(
+        f"no group size among {preferred}/64/32 divides every layer's input features {sorted(features)}; pass --group-size with a divisor of them"
+    )
 
 
 def sensitive_linears(scores: str | Path | None, count: int, model, targets: dict) -> list[str]:
@@ -177,13 +195,24 @@ def sensitive_linears(scores: str | Path | None, count: int, model, targets: dic
     modules = quant.get("modules") if isinstance(quant, dict) else None
     rows = (quant.get("loss_delta_nats") or quant.get("scores")) if isinstance(quant, dict) else None
     if not isinstance(modules, list) or not isinstance(rows, list):
-        raise InputError(f"{path} has no per-linear quantization sensitivity (quant.modules and quant.loss_delta_nats); run `vcompress analyze` with the quant part")
+        raise InputError(
+            f"{path} has no per-linear quantization sensitivity (quant.modules and quant.loss_delta_nats); run `vcompress analyze` with the quant part"
+        )
     layers = len(decoder_layers(model))
     if len(rows) != layers or any(not isinstance(r, list) or len(r) != len(modules) for r in rows):
-        raise InputError(f"{path} scores {len(rows)} layers x {len(modules)} linears, but the model has {layers} layers; analyze this model again")
+        raise InputError(
+            f"{path} scores {len(rows)} layers x {len(modules)} linears, but the model has {layers} layers; analyze this model again"
+        )
     prefix = "transformer.h" if is_gpt2(model) else "model.layers"
-    ranked = sorted(((float(d), f"{prefix}.{i}.{m}") for i, row in enumerate(rows) for m, d in zip(modules, row)
-                     if d is not None and not (isinstance(d, float) and math.isnan(d))), reverse=True)
+    ranked = sorted(
+        (
+            (float(d), f"{prefix}.{i}.{m}")
+            for i, row in enumerate(rows)
+            for m, d in zip(modules, row)
+            if d is not None and not (isinstance(d, float) and math.isnan(d))
+        ),
+        reverse=True,
+    )
     unknown = [name for _, name in ranked if name not in targets]
     if unknown:
         raise InputError(f"{path} names linears the model does not have (e.g. {unknown[0]}); analyze this model again")
@@ -241,8 +270,17 @@ def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int) -> list[tup
 
 
 @torch.no_grad()
-def quantize_gptq(model, targets: dict, blocks: torch.Tensor, grid: Grid, *, act_order: bool = False, damp: float = 0.01,
-                  batch_size: int = 8, progress=no_progress) -> tuple[dict[str, Quantized], dict[str, dict]]:
+def quantize_gptq(
+    model,
+    targets: dict,
+    blocks: torch.Tensor,
+    grid: Grid,
+    *,
+    act_order: bool = False,
+    damp: float = 0.01,
+    batch_size: int = 8,
+    progress=no_progress,
+) -> tuple[dict[str, Quantized], dict[str, dict]]:
     """Quantize `targets` in place (dequantized weights), layer by layer; return the codes and, per
     linear, the reconstruction error of GPTQ and of RTN on the same Hessian."""
     layers = decoder_layers(model)
@@ -264,9 +302,11 @@ def quantize_gptq(model, targets: dict, blocks: torch.Tensor, grid: Grid, *, act
             stacked = gptq(torch.cat(weights), H, grid, act_order=act_order, damp=damp)
             for name, w, result in zip(names, weights, split_rows(stacked, [w.shape[0] for w in weights])):
                 w_hat = result.dequantize().to(w.device)
-                errors[name] = {"gptq": reconstruction_error(w, w_hat, H),
-                                "rtn": reconstruction_error(w, rtn(w, grid).dequantize().to(w.device), H),
-                                "signal": reconstruction_error(w, torch.zeros_like(w), H)}
+                errors[name] = {
+                    "gptq": reconstruction_error(w, w_hat, H),
+                    "rtn": reconstruction_error(w, rtn(w, grid).dequantize().to(w.device), H),
+                    "signal": reconstruction_error(w, torch.zeros_like(w), H),
+                }
                 set_weight(mine[name], w_hat)
                 results[name] = result
         del hessians
@@ -313,7 +353,7 @@ def summarize_errors(errors: dict[str, dict]) -> dict:
 def compare_rtn(model, targets: dict, grid: Grid, judge: Judge, ctx) -> dict:
     originals = {name: module.weight.data.clone() for name, module in targets.items()}
     try:
-        for name, module in targets.items():
+        for module in targets.values():
             set_weight(module, rtn(weight_of(module), grid).dequantize())
         ctx.log("scoring round-to-nearest at the same settings")
         return judge.score(torch_logits_fn(model))
@@ -325,8 +365,9 @@ def compare_rtn(model, targets: dict, grid: Grid, judge: Judge, ctx) -> dict:
 # --- writing the checkpoint -----------------------------------------------------------
 
 
-def save_quantized(model, tokenizer, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig,
-                   out: Path) -> dict[str, int]:
+def save_quantized(
+    model, tokenizer, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig, out: Path
+) -> dict[str, int]:
     """Write the checkpoint, quant_manifest.json and (float zero points) quant.safetensors.
 
     Returns bytes per file of the weights that make up the quantized model.
@@ -369,13 +410,24 @@ def gptq_config(grid: Grid, cfg: QuantizeConfig, quantized: list[str], kept: lis
     from vcompress import __version__
 
     config = {
-        "quant_method": "gptq", "bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym,
+        "quant_method": "gptq",
+        "bits": grid.bits,
+        "group_size": grid.group_size,
+        "sym": grid.sym,
         "desc_act": False,  # act-order here uses static groups: g_idx stays k // group_size
-        "format": "gptq_v2", "checkpoint_format": "gptq_v2", "pack_dtype": "int32",
+        "format": "gptq_v2",
+        "checkpoint_format": "gptq_v2",
+        "pack_dtype": "int32",
         "backend": "torch",  # gptqmodel's float kernel; its CPU aten kernel would run activations in bfloat16
-        "true_sequential": False, "lm_head": False,
-        "meta": {"quantizer": [f"vcompress:{__version__}"], "method": cfg.method, "act_order": cfg.act_order,
-                 "static_groups": True, "damp_percent": cfg.damp},
+        "true_sequential": False,
+        "lm_head": False,
+        "meta": {
+            "quantizer": [f"vcompress:{__version__}"],
+            "method": cfg.method,
+            "act_order": cfg.act_order,
+            "static_groups": True,
+            "damp_percent": cfg.damp,
+        },
     }
     if kept:
         config["modules_in_block_to_quantize"] = [quantized]
@@ -389,12 +441,23 @@ def manifest(model, results: dict[str, Quantized], kept: list[str], grid: Grid, 
         module = modules[name]
         tensors = {key: f"{name}.{key}" for key in to_tensors_keys(grid)}
         linears[name] = {
-            "bits": grid.bits, "group_size": grid.group_size, "sym": grid.sym, "zero_point": "float" if grid.float_zero else "int",
-            "in_features": q.codes.shape[1], "out_features": q.codes.shape[0], "bias": getattr(module, "bias", None) is not None,
-            "module": type(module).__name__, "act_order": cfg.act_order, "tensors": tensors,
+            "bits": grid.bits,
+            "group_size": grid.group_size,
+            "sym": grid.sym,
+            "zero_point": "float" if grid.float_zero else "int",
+            "in_features": q.codes.shape[1],
+            "out_features": q.codes.shape[0],
+            "bias": getattr(module, "bias", None) is not None,
+            "module": type(module).__name__,
+            "act_order": cfg.act_order,
+            "tensors": tensors,
         }
-    return make_manifest(method=cfg.method, weights_file="model.safetensors" if gptq_reloadable(model, grid) else SIDECAR, linears=linears,
-                         kept={name: "float (among the most quantization-sensitive)" for name in kept})
+    return make_manifest(
+        method=cfg.method,
+        weights_file="model.safetensors" if gptq_reloadable(model, grid) else SIDECAR,
+        linears=linears,
+        kept={name: "float (among the most quantization-sensitive)" for name in kept},
+    )
 
 
 def to_tensors_keys(grid: Grid) -> tuple[str, ...]:
@@ -424,8 +487,9 @@ def _nbytes(tensors: dict) -> int:
 # --- metrics --------------------------------------------------------------------------
 
 
-def describe(results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig, bytes_before: int,
-             written: dict[str, int]) -> dict:
+def describe(
+    results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig, bytes_before: int, written: dict[str, int]
+) -> dict:
     weights = sum(q.codes.numel() for q in results.values())
     quant_bytes = sum(_nbytes(to_tensors(q)) for q in results.values())
     after = written["quantized model"]
@@ -439,8 +503,11 @@ def describe(results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: Qu
         "act_order": cfg.act_order if cfg.method == "gptq" else False,
         "quantized_linears": len(results),
         "kept_linears": kept,
-        "bits_per_weight": figure(round(quant_bytes * 8 / weights, 4) if weights else None, "bits",
-                                  note="quantized linears, counting codes, scales, zero points and g_idx"),
+        "bits_per_weight": figure(
+            round(quant_bytes * 8 / weights, 4) if weights else None,
+            "bits",
+            note="quantized linears, counting codes, scales, zero points and g_idx",
+        ),
         "weights_bytes_before": bytes_before,
         "weights_bytes_after": after,
         "weights_fraction_of_before": round(after / bytes_before, 4),
@@ -451,8 +518,10 @@ def describe(results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: Qu
 def notes(cfg: QuantizeConfig, grid: Grid, reloadable: bool) -> list[str]:
     out = []
     if grid.group_size != cfg.group_size:
-        out.append(f"group size {cfg.group_size} does not divide every layer's input features: {grid.group_size} is used for all layers "
-                   "(transformers' GPTQ loader takes one group size per model)")
+        out.append(
+            f"group size {cfg.group_size} does not divide every layer's input features: {grid.group_size} is used for all layers "
+            "(transformers' GPTQ loader takes one group size per model)"
+        )
     if not reloadable:
         why = "float zero points do not fit the GPTQ layout" if grid.float_zero else "transformers cannot reload GPT-2 GPTQ checkpoints"
         out.append(f"{why}: model.safetensors holds the dequantized float32 weights (exact), {SIDECAR} the codes")

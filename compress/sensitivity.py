@@ -12,6 +12,7 @@ Scores (all on the same calibration blocks, losses in nats per token):
 
 Writes sensitivity.json and heatmaps/*.png; `vcompress prune --scores` ranks by it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,19 +77,19 @@ class Probe:
             calls: list = [None] * len(self.layers)
             outputs: list = [None] * len(self.layers)
 
-            def keep(index):
+            def keep(index):  # the hooks run inside this iteration's forward, so its lists are the ones they fill
                 def pre(module, args, kwargs):
-                    calls[index] = (args, kwargs)
+                    calls[index] = (args, kwargs)  # noqa: B023
 
                 def post(module, args, kwargs, output):
-                    outputs[index] = _hidden(output)
+                    outputs[index] = _hidden(output)  # noqa: B023
 
                 return pre, post
 
             handles = []
             for i, layer in enumerate(self.layers):
-                pre, post = keep(i)
-                handles += [layer.register_forward_pre_hook(pre, with_kwargs=True), layer.register_forward_hook(post, with_kwargs=True)]
+                before, after = keep(i)
+                handles += [layer.register_forward_pre_hook(before, with_kwargs=True), layer.register_forward_hook(after, with_kwargs=True)]
             try:
                 with torch.no_grad():
                     self.model(input_ids=ids, use_cache=False)
@@ -111,7 +112,9 @@ class Probe:
             for j in range(start, len(self.layers)):
                 if j != skip:
                     args, kwargs = calls[j]
-                    hidden = _hidden(self.layers[j](hidden, *args[1:], **kwargs) if args else self.layers[j](**{**kwargs, "hidden_states": hidden}))
+                    hidden = _hidden(
+                        self.layers[j](hidden, *args[1:], **kwargs) if args else self.layers[j](**{**kwargs, "hidden_states": hidden})
+                    )
             logits = self.model.lm_head(final_norm(self.model)(hidden)).float()
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
             count += ids[:, 1:].numel()
@@ -238,9 +241,15 @@ def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, gr
                     row.append(probe.loss(start=i) - loss)
             rows.append(row)
         zero = "symmetric" if grid.sym else ("float zero point" if grid.float_zero else "integer zero point")
-        result["quant"] = {"scheme": f"quantize's rtn, int{grid.bits}, group {grid.group_size}, {zero}", "bits": grid.bits,
-                           "group_size": grid.group_size, "sym": grid.sym, "zero_point": "float" if grid.float_zero else "int",
-                           "modules": names, "loss_delta_nats": rows}
+        result["quant"] = {
+            "scheme": f"quantize's rtn, int{grid.bits}, group {grid.group_size}, {zero}",
+            "bits": grid.bits,
+            "group_size": grid.group_size,
+            "sym": grid.sym,
+            "zero_point": "float" if grid.float_zero else "int",
+            "modules": names,
+            "loss_delta_nats": rows,
+        }
         log(f"{grid.bits}-bit rounding per linear layer ({time.time() - started:.0f}s)")
     return _rounded(result)
 
@@ -258,7 +267,9 @@ def _rounded(data):
 def least_important_layers(scores: dict) -> list[int]:
     """Layers ordered by the loss change when skipped, smallest first (ties: lower angular distance)."""
     layers = scores["layers"]
-    return sorted(range(len(layers["skip_loss_delta_nats"])), key=lambda i: (layers["skip_loss_delta_nats"][i], layers["angular_distance"][i], i))
+    return sorted(
+        range(len(layers["skip_loss_delta_nats"])), key=lambda i: (layers["skip_loss_delta_nats"][i], layers["angular_distance"][i], i)
+    )
 
 
 # --- figures --------------------------------------------------------------------------
@@ -281,13 +292,19 @@ def write_heatmaps(result: dict, folder: Path) -> list[Path]:
         heads = result["heads"]
         share = torch.tensor(heads["taylor_query"])
         share = share / share.sum(1, keepdim=True).clamp(min=1e-30)
-        fig, (a, b) = plt.subplots(1, 2, figsize=(11, tall), gridspec_kw={"width_ratios": [max(3, share.shape[1]), max(2, len(heads["mask_loss_delta_nats"][0]))]})
+        fig, (a, b) = plt.subplots(
+            1, 2, figsize=(11, tall), gridspec_kw={"width_ratios": [max(3, share.shape[1]), max(2, len(heads["mask_loss_delta_nats"][0]))]}
+        )
         _heatmap(a, share.tolist(), "query head", "{:.0%}", "Taylor importance per query head\n(share of its layer's total)", fig)
         per = result["shape"]["query_heads"] // result["shape"]["kv_heads"]
         for edge in range(per, result["shape"]["query_heads"], per):
             a.axvline(edge - 0.5, color="white", lw=2)
-        _heatmap(b, heads["mask_loss_delta_nats"], "KV group", "{:.3f}", "loss change when the KV group\nis masked (nats/token)", fig, delta=True)
-        fig.suptitle(f"Attention heads: {result['shape']['query_heads']} query / {result['shape']['kv_heads']} KV heads per layer (white lines: KV groups)")
+        _heatmap(
+            b, heads["mask_loss_delta_nats"], "KV group", "{:.3f}", "loss change when the KV group\nis masked (nats/token)", fig, delta=True
+        )
+        fig.suptitle(
+            f"Attention heads: {result['shape']['query_heads']} query / {result['shape']['kv_heads']} KV heads per layer (white lines: KV groups)"
+        )
         written.append(_save(fig, folder / "heads.png", plt))
 
     if "layers" in result:
@@ -313,7 +330,15 @@ def write_heatmaps(result: dict, folder: Path) -> list[Path]:
     if "quant" in result:
         quant = result["quant"]
         fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(quant["modules"]) + 2), tall))
-        _heatmap(ax, quant["loss_delta_nats"], None, "{:.4f}", f"Loss change (nats/token) when only this layer is rounded to {quant['bits']}-bit RTN, group {quant['group_size']}\n(red: the loss rises; blue: it falls, which is measurement noise)", fig, delta=True)
+        _heatmap(
+            ax,
+            quant["loss_delta_nats"],
+            None,
+            "{:.4f}",
+            f"Loss change (nats/token) when only this layer is rounded to {quant['bits']}-bit RTN, group {quant['group_size']}\n(red: the loss rises; blue: it falls, which is measurement noise)",
+            fig,
+            delta=True,
+        )
         ax.set_xticks(range(len(quant["modules"])), quant["modules"], rotation=30, ha="right", fontsize=8)
         written.append(_save(fig, folder / "quant.png", plt))
     return written
@@ -399,20 +424,33 @@ class Analyze(Stage):
     def run(self, ctx) -> dict:
         cfg = self.config
         model, tokenizer = ctx.load()
-        blocks = calibration_blocks(tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=cfg.samples,
-                                    seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log)
+        blocks = calibration_blocks(
+            tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=cfg.samples, seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log
+        )
         result = {"model": str(ctx.source) if ctx.source else DEFAULT_NAME}
         result.update(analyze(model, blocks, parts=cfg.parts, batch_size=cfg.batch_size, grid=cfg.grid, log=ctx.log))
-        result["calibration"] = {"data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
-                                 "blocks": blocks.shape[0], "seq_len": blocks.shape[1], "tokens": blocks.numel(), "seed": ctx.seed}
+        result["calibration"] = {
+            "data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
+            "blocks": blocks.shape[0],
+            "seq_len": blocks.shape[1],
+            "tokens": blocks.numel(),
+            "seed": ctx.seed,
+        }
         write_json(ctx.out / SENSITIVITY, result)
         figures = write_heatmaps(result, ctx.out / "heatmaps")
-        metrics = {"baseline_loss_nats": result["baseline_loss_nats"], "calibration_tokens": blocks.numel(),
-                   "heatmaps": [str(p.relative_to(ctx.out)) for p in figures]}
+        metrics = {
+            "baseline_loss_nats": result["baseline_loss_nats"],
+            "calibration_tokens": blocks.numel(),
+            "heatmaps": [str(p.relative_to(ctx.out)) for p in figures],
+        }
         if "layers" in result:
             metrics["least_important_layers"] = least_important_layers(result)[:5]
         if "quant" in result:
-            flat = [(delta, i, name) for i, row in enumerate(result["quant"]["loss_delta_nats"]) for name, delta in zip(result["quant"]["modules"], row)]
+            flat = [
+                (delta, i, name)
+                for i, row in enumerate(result["quant"]["loss_delta_nats"])
+                for name, delta in zip(result["quant"]["modules"], row)
+            ]
             delta, i, name = max(flat)
             metrics["most_quant_sensitive"] = {"layer": i, "module": name, "loss_delta_nats": delta}
         return metrics

@@ -4,6 +4,7 @@ A stage writes into a temp sibling and renames it into place when complete, so a
 exists is a finished one (`--resume` trusts it) and a crash never leaves half an artifact. Beside
 the artifact lie `recipe.yaml` (the exact config that produced it) and `metrics.json`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -48,7 +50,9 @@ def stage_folder(out: Path | str, *, force: bool = False) -> Iterator[Path]:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InputError(f"no space left on {out.parent} while writing {out.name}; free space or choose another --out (earlier artifacts are intact)") from None
+            raise InputError(
+                f"no space left on {out.parent} while writing {out.name}; free space or choose another --out (earlier artifacts are intact)"
+            ) from None
         raise
     old = None
     if out.exists():
@@ -97,7 +101,9 @@ class RunLayout:
         path = folder / name if folder is not None else None
         if path is None or not path.is_file():
             if required:
-                raise InputError(f"{self.root} has no {name}: the run did not finish validating; finish it with `vcompress run --resume` first")
+                raise InputError(
+                    f"{self.root} has no {name}: the run did not finish validating; finish it with `vcompress run --resume` first"
+                )
             return {}
         data = read_json(path)
         if not isinstance(data, dict):

@@ -4,6 +4,7 @@ MMLU comes from a Hendrycks-layout folder (dev/ and test/, `<subject>_<split>.cs
 a JSONL file, or the hub (`hf:cais/mmlu`); by default from the copy shipped inside vcompress
 (core/mmlu/mmlu.zip: that layout in one archive, read in place; see core/mmlu/SOURCE.md).
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,32 +26,80 @@ PACKAGED_MMLU = resources.files(__package__) / "mmlu"  # mmlu.zip (dev/, test/),
 # The four MMLU categories as lm-eval-harness groups the 57 subjects.
 GROUPS: dict[str, tuple[str, ...]] = {
     "stem": (
-        "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
-        "college_computer_science", "college_mathematics", "college_physics", "computer_security",
-        "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
-        "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
-        "high_school_physics", "high_school_statistics", "machine_learning",
+        "abstract_algebra",
+        "anatomy",
+        "astronomy",
+        "college_biology",
+        "college_chemistry",
+        "college_computer_science",
+        "college_mathematics",
+        "college_physics",
+        "computer_security",
+        "conceptual_physics",
+        "electrical_engineering",
+        "elementary_mathematics",
+        "high_school_biology",
+        "high_school_chemistry",
+        "high_school_computer_science",
+        "high_school_mathematics",
+        "high_school_physics",
+        "high_school_statistics",
+        "machine_learning",
     ),
     "humanities": (
-        "formal_logic", "high_school_european_history", "high_school_us_history",
-        "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
-        "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law", "world_religions",
+        "formal_logic",
+        "high_school_european_history",
+        "high_school_us_history",
+        "high_school_world_history",
+        "international_law",
+        "jurisprudence",
+        "logical_fallacies",
+        "moral_disputes",
+        "moral_scenarios",
+        "philosophy",
+        "prehistory",
+        "professional_law",
+        "world_religions",
     ),
     "social_sciences": (
-        "econometrics", "high_school_geography", "high_school_government_and_politics",
-        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
-        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
-        "sociology", "us_foreign_policy",
+        "econometrics",
+        "high_school_geography",
+        "high_school_government_and_politics",
+        "high_school_macroeconomics",
+        "high_school_microeconomics",
+        "high_school_psychology",
+        "human_sexuality",
+        "professional_psychology",
+        "public_relations",
+        "security_studies",
+        "sociology",
+        "us_foreign_policy",
     ),
     "other": (
-        "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
-        "management", "marketing", "medical_genetics", "miscellaneous", "nutrition",
-        "professional_accounting", "professional_medicine", "virology",
+        "business_ethics",
+        "clinical_knowledge",
+        "college_medicine",
+        "global_facts",
+        "human_aging",
+        "management",
+        "marketing",
+        "medical_genetics",
+        "miscellaneous",
+        "nutrition",
+        "professional_accounting",
+        "professional_medicine",
+        "virology",
     ),
 }
 GROUPS["medical"] = (
-    "anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
-    "nutrition", "professional_medicine", "virology",
+    "anatomy",
+    "clinical_knowledge",
+    "college_biology",
+    "college_medicine",
+    "medical_genetics",
+    "nutrition",
+    "professional_medicine",
+    "virology",
 )
 GROUPS["legal"] = ("international_law", "jurisprudence", "professional_law")
 GROUPS["finance"] = ("econometrics", "high_school_macroeconomics", "high_school_microeconomics", "professional_accounting")
@@ -207,7 +256,9 @@ def _load_hub(name: str, split: str) -> list[Question]:
     try:
         data = datasets.load_dataset(name, "all", split=split)
     except Exception as e:  # network, auth or a missing dataset all end here
-        raise InputError(f"cannot load {name} from the hub ({str(e).splitlines()[0] if str(e) else type(e).__name__}); pass --mmlu PATH to a local copy") from None
+        raise InputError(
+            f"cannot load {name} from the hub ({str(e).splitlines()[0] if str(e) else type(e).__name__}); pass --mmlu PATH to a local copy"
+        ) from None
     return [Question(r["subject"], r["question"], tuple(r["choices"]), int(r["answer"])) for r in data]
 
 
@@ -237,7 +288,9 @@ def read_domain_file(path: str | Path) -> list[dict]:
     if path.suffix == ".csv":
         return _read_domain_csv(path)
     if path.suffix not in (".jsonl", ".json", ".txt"):
-        raise InputError(f"{path}: unknown data format {path.suffix!r}; use .jsonl (instruction/input/output, prompt/completion or text) or .csv (prompt,completion or text)")
+        raise InputError(
+            f"{path}: unknown data format {path.suffix!r}; use .jsonl (instruction/input/output, prompt/completion or text) or .csv (prompt,completion or text)"
+        )
     if path.suffix == ".txt":
         return [{"text": t} for t in _read_text(path).read().split("\n\n") if t.strip()]
     records = []

@@ -3,6 +3,7 @@ files an exporter listed), or, without one, an HF folder whose weights are its s
 
 Pure Python on purpose: the latency bench reads artifacts in a process that must hold only the runtime.
 """
+
 from __future__ import annotations
 
 import json

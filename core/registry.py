@@ -1,4 +1,5 @@
 """Name -> class registries for stages, exporters and devices (Olive's passes, in small)."""
+
 from __future__ import annotations
 
 from typing import Generic, TypeVar

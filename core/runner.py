@@ -5,6 +5,7 @@ the numbers in a verdict come from the same code path for every format, and the 
 go into every backend. Runners are registered by backend name in `RUNNERS`; the exporters
 package registers its own (see `vcompress.exporters.open_runner`).
 """
+
 from __future__ import annotations
 
 import abc
@@ -39,8 +40,16 @@ class Runner(abc.ABC):
         """Feed one token after the state; return its logits [vocab] and the new state."""
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, eos_token_id: int | None = None) -> list[int]:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_token_id: int | None = None,
+    ) -> list[int]:
         """Greedy (temperature 0) or nucleus sampling through prefill + decode."""
         generator = torch.Generator().manual_seed(seed)
         logits, state = self.prefill(input_ids)
@@ -55,7 +64,7 @@ class Runner(abc.ABC):
             logits, state = self.decode(token, state)
         return out
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: runners without resources keep this no-op)
         pass
 
 

@@ -1,4 +1,5 @@
 """One seed threaded everywhere, without leaving the global RNGs changed behind the caller."""
+
 from __future__ import annotations
 
 import contextlib

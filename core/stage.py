@@ -3,13 +3,15 @@
 A stage is registered by name (`@STAGES.register("prune")`), has a pydantic `Config` that
 rejects unknown keys, and implements `run(ctx) -> metrics`. `execute` owns the folder contract.
 """
+
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -78,7 +80,7 @@ class Stage:
         self.config = self.parse_config(config or {})
 
     @classmethod
-    def from_profile(cls, settings: dict, profile: Profile, where: str | None = None) -> "Stage":
+    def from_profile(cls, settings: dict, profile: Profile, where: str | None = None) -> Stage:
         """The stage for a profile's recipe step: its settings parsed (and checked against the profile) before
         any work starts. A stage whose defaults come from the profile (the quantization scheme, the target
         format, the device) overrides this."""
@@ -119,8 +121,15 @@ def execute(stage: Stage, out: Path | str, *, source=None, force: bool = False, 
             with seeded(ctx.seed):
                 metrics = stage.run(ctx)
             metrics = {"stage": stage.name, **metrics, "seconds": round(time.time() - started, 2)}
-            write_recipe(tmp, stage.name, stage.config.model_dump(mode="json"), source=str(source) if source else "default",
-                         seed=ctx.seed, data=ctx.data, reference=ctx.reference)
+            write_recipe(
+                tmp,
+                stage.name,
+                stage.config.model_dump(mode="json"),
+                source=str(source) if source else "default",
+                seed=ctx.seed,
+                data=ctx.data,
+                reference=ctx.reference,
+            )
             write_metrics(tmp, metrics)
     except BaseException:
         if work.is_dir() and not any(work.iterdir()):

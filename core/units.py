@@ -4,6 +4,7 @@ LiteRT's benchmark_model count memory; the budgets keep their historical key nam
 
 Pure Python on purpose: the latency bench imports this in a process that must hold only the runtime.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -4,6 +4,7 @@ Importing this registers every device module in `vcompress.core.registry.DEVICES
 one file. The pipeline calls `measure(artifact, device_name, profile, **overrides)`; host and ssh
 boards run devices/bench.py by path (see `base.bench_command`).
 """
+
 import importlib
 import pkgutil
 

@@ -8,6 +8,7 @@ benchmark_model prints aggregates, not per-run samples: each figure carries the 
 the median when printed, else the average. The binary must be on the phone already
 (default /data/local/tmp/benchmark_model; LiteRT publishes prebuilt ones per ABI).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,9 @@ from vcompress.core.units import UNIT, figure, mib
 from .base import LatencyDevice, Settings, last_line
 
 NUMBER = r"([-+]?\d[\d.]*(?:[eE][-+]?\d+)?)"
-TIMINGS = re.compile(rf"Inference timings in us: Init: {NUMBER}, First inference: {NUMBER}, Warmup \(avg\): {NUMBER}, Inference \(avg\): {NUMBER}")
+TIMINGS = re.compile(
+    rf"Inference timings in us: Init: {NUMBER}, First inference: {NUMBER}, Warmup \(avg\): {NUMBER}, Inference \(avg\): {NUMBER}"
+)
 COUNT = re.compile(r"\bcount=\d+(?:[ \t]+\w+=\S+)*")
 MODEL_SIZE = re.compile(rf"The input model file size \(MB\): {NUMBER}")
 SESSION = re.compile(rf"Initialized session in {NUMBER}\s*ms")
@@ -44,12 +47,20 @@ def parse_benchmark_model(text: str) -> dict:
     text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
     timings = TIMINGS.search(text)
     if timings is None:
-        raise InputError(f"benchmark_model printed no timings (last line: {last_line(text)}); check the model, the signature and the --benchmark-model path")
+        raise InputError(
+            f"benchmark_model printed no timings (last line: {last_line(text)}); check the model, the signature and the --benchmark-model path"
+        )
     init, first, warmup, avg = (float(x) for x in timings.groups())
     # The tool prints one count= line for the warm-up and one for the timed runs, in that order.
     stats = [_stats(m.group(0)) for m in COUNT.finditer(text)]
-    out = {"init_us": init, "first_inference_us": first, "warmup_avg_us": warmup, "inference_avg_us": avg,
-           "runs": stats[-1] if stats else {"avg": avg}, "warmup_runs": stats[0] if len(stats) > 1 else None}
+    out = {
+        "init_us": init,
+        "first_inference_us": first,
+        "warmup_avg_us": warmup,
+        "inference_avg_us": avg,
+        "runs": stats[-1] if stats else {"avg": avg},
+        "warmup_runs": stats[0] if len(stats) > 1 else None,
+    }
     for key, pattern in (("model_size_mb", MODEL_SIZE), ("session_init_ms", SESSION), ("peak_memory_mb", PEAK)):
         m = pattern.search(text)
         out[key] = float(m.group(1)) if m else None
@@ -115,9 +126,15 @@ class AdbDevice(LatencyDevice):
 
     def benchmark_command(self, model: Path, signature: str) -> list[str]:
         s = self.settings
-        flags = [f"--graph={self.remote_model(model)}", f"--signature_to_run_for={signature}",
-                 f"--num_runs={s.runs}", f"--warmup_runs={s.warmup}", "--min_secs=0", "--warmup_min_secs=0",
-                 "--report_peak_memory_footprint=true"]
+        flags = [
+            f"--graph={self.remote_model(model)}",
+            f"--signature_to_run_for={signature}",
+            f"--num_runs={s.runs}",
+            f"--warmup_runs={s.warmup}",
+            "--min_secs=0",
+            "--warmup_min_secs=0",
+            "--report_peak_memory_footprint=true",
+        ]
         if s.threads:
             flags.append(f"--num_threads={s.threads}")
         flags += s.extra_args
@@ -145,8 +162,14 @@ class AdbDevice(LatencyDevice):
         prefill_name, decode_name = s.prefill_signature or names["prefill"], s.decode_signature or names["decode"]
         prefill = parse_benchmark_model(self._run(self.benchmark_command(model, prefill_name), "benchmark_model (prefill)"))
         decode = parse_benchmark_model(self._run(self.benchmark_command(model, decode_name), "benchmark_model (decode)"))
-        return latency_from(prefill, decode, label=self.label, settings=s, prompt_tokens=prefill_tokens(artifact, s.prompt_tokens),
-                            model_bytes=model.stat().st_size)
+        return latency_from(
+            prefill,
+            decode,
+            label=self.label,
+            settings=s,
+            prompt_tokens=prefill_tokens(artifact, s.prompt_tokens),
+            model_bytes=model.stat().st_size,
+        )
 
 
 def latency_from(prefill: dict, decode: dict, *, label: str, settings: AdbSettings, prompt_tokens: int, model_bytes: int) -> dict:
@@ -166,9 +189,17 @@ def latency_from(prefill: dict, decode: dict, *, label: str, settings: AdbSettin
         "runs": settings.runs,
         "warmup": settings.warmup,
         "ttft_ms": figure(round(ttft_ms, 3), "ms", measured=True, device=label, stats_us=prefill["runs"], tool="benchmark_model"),
-        "decode_tokens_per_s": figure(round(decode_tps, 2), "tokens/s", measured=True, device=label, stats_us=decode["runs"], tool="benchmark_model"),
-        "peak_rss_mb": figure(max(peaks) if peaks else None, UNIT, measured=True, device=label, tool="benchmark_model",
-                              note="benchmark_model's own footprint figure (approximate, includes the tool)"),
+        "decode_tokens_per_s": figure(
+            round(decode_tps, 2), "tokens/s", measured=True, device=label, stats_us=decode["runs"], tool="benchmark_model"
+        ),
+        "peak_rss_mb": figure(
+            max(peaks) if peaks else None,
+            UNIT,
+            measured=True,
+            device=label,
+            tool="benchmark_model",
+            note="benchmark_model's own footprint figure (approximate, includes the tool)",
+        ),
         "model_size_mb": figure(mib(model_bytes), UNIT, measured=True),
         "benchmark_model": {"prefill": prefill, "decode": decode},
     }
@@ -178,7 +209,9 @@ def find_tflite(artifact: Path) -> Path:
     """The .tflite the artifact's manifest lists (or the .tflite file given)."""
     models = [p for p in model_files(artifact) if p.suffix == ".tflite"]
     if len(models) != 1:
-        raise InputError(f"{artifact} lists no .tflite model; the adb device runs TFLite artifacts (a folder from `vcompress export tflite`, or a .tflite file)")
+        raise InputError(
+            f"{artifact} lists no .tflite model; the adb device runs TFLite artifacts (a folder from `vcompress export tflite`, or a .tflite file)"
+        )
     return models[0]
 
 

@@ -5,6 +5,7 @@ Runners wrap, in a process that imports only the runtime), `adb` runs LiteRT's `
 registered by name in `vcompress.core.registry.DEVICES`; its settings start from the profile
 (prompt length, threads, connection) and take command-line overrides on top.
 """
+
 from __future__ import annotations
 
 import abc
@@ -52,7 +53,7 @@ class LatencyDevice(abc.ABC):
         return True
 
     @classmethod
-    def configure(cls, profile: Profile, overrides: dict) -> "LatencyDevice":
+    def configure(cls, profile: Profile, overrides: dict) -> LatencyDevice:
         values = {**cls.defaults(profile), **{k: v for k, v in overrides.items() if v is not None}}
         try:
             settings = cls.Settings.model_validate(values)
@@ -62,7 +63,9 @@ class LatencyDevice(abc.ABC):
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
                 known = ", ".join(sorted(cls.Settings.model_fields))
-                raise InputError(f"device {cls.kind!r} has no setting {key!r} (device.connection or a command-line override); known: {known}") from None
+                raise InputError(
+                    f"device {cls.kind!r} has no setting {key!r} (device.connection or a command-line override); known: {known}"
+                ) from None
             raise InputError(f"device {cls.kind!r} setting {key}: {err['msg']}") from None
         return cls(profile, settings)
 
@@ -84,15 +87,35 @@ def host_label(profile: Profile) -> str:
 
 # Runs devices/bench.py by path wherever vcompress is installed, so that the measuring process does not
 # import the vcompress.devices package (whose modules import torch): find_spec imports `vcompress` only.
-BENCH_BOOT = ("import importlib.util, runpy; runpy.run_path(importlib.util.find_spec('vcompress.devices')"
-              ".submodule_search_locations[0] + '/bench.py', run_name='__main__')")
+BENCH_BOOT = (
+    "import importlib.util, runpy; runpy.run_path(importlib.util.find_spec('vcompress.devices')"
+    ".submodule_search_locations[0] + '/bench.py', run_name='__main__')"
+)
 
 
 def bench_command(python: list[str], artifact: str, settings: Settings, label: str, kind: str) -> list[str]:
     """The command line that measures `artifact` with devices/bench.py (-P: nothing from the working folder)."""
-    args = [*python, "-P", "-c", BENCH_BOOT, artifact, "--prompt-tokens", settings.prompt_tokens,
-            "--decode-tokens", settings.decode_tokens, "--runs", settings.runs, "--warmup", settings.warmup,
-            "--seed", settings.seed, "--device-label", label, "--device-kind", kind]
+    args = [
+        *python,
+        "-P",
+        "-c",
+        BENCH_BOOT,
+        artifact,
+        "--prompt-tokens",
+        settings.prompt_tokens,
+        "--decode-tokens",
+        settings.decode_tokens,
+        "--runs",
+        settings.runs,
+        "--warmup",
+        settings.warmup,
+        "--seed",
+        settings.seed,
+        "--device-label",
+        label,
+        "--device-kind",
+        kind,
+    ]
     if settings.threads:
         args += ["--threads", settings.threads]
     if settings.backend:
@@ -114,4 +137,6 @@ def parse_bench_json(stdout: str, where: str) -> dict:
     try:
         return json.loads(stdout[start:])
     except (json.JSONDecodeError, ValueError):
-        raise InputError(f"the benchmark on {where} printed no result (last line: {last_line(stdout)}); run `python -m vcompress.devices.bench ARTIFACT` there to see why") from None
+        raise InputError(
+            f"the benchmark on {where} printed no result (last line: {last_line(stdout)}); run `python -m vcompress.devices.bench ARTIFACT` there to see why"
+        ) from None

@@ -21,6 +21,7 @@ package, whose other modules import torch; `python -m vcompress.devices.bench` r
 Only the stdlib, numpy and vcompress's pure modules (core.errors, core.manifest, core.units) are
 imported here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -149,9 +151,19 @@ def one_run(runner, ids, decode_tokens: int) -> tuple[float, float]:
     return first - start, end - first
 
 
-def run_benchmark(artifact: str | Path, *, prompt_tokens: int = 256, decode_tokens: int = 64, runs: int = 5,
-                  warmup: int = 1, threads: int | None = 2, backend: str | None = None, seed: int = 0,
-                  device_label: str | None = None, device_kind: str = "host") -> dict:
+def run_benchmark(
+    artifact: str | Path,
+    *,
+    prompt_tokens: int = 256,
+    decode_tokens: int = 64,
+    runs: int = 5,
+    warmup: int = 1,
+    threads: int | None = 2,
+    backend: str | None = None,
+    seed: int = 0,
+    device_label: str | None = None,
+    device_kind: str = "host",
+) -> dict:
     if prompt_tokens <= 0 or decode_tokens <= 0 or runs <= 0 or warmup < 0:
         raise InputError("--prompt-tokens, --decode-tokens and --runs must be positive and --warmup >= 0")
     artifact = Path(artifact)
@@ -162,7 +174,9 @@ def run_benchmark(artifact: str | Path, *, prompt_tokens: int = 256, decode_toke
     runner = opened.runner
     limit = getattr(runner, "max_length", None)
     if limit and prompt_tokens + decode_tokens > limit:
-        raise InputError(f"--prompt-tokens {prompt_tokens} + --decode-tokens {decode_tokens} exceeds the model's context of {limit}; lower them")
+        raise InputError(
+            f"--prompt-tokens {prompt_tokens} + --decode-tokens {decode_tokens} exceeds the model's context of {limit}; lower them"
+        )
     ids = opened.prompt(prompt_ids(vocab_size(artifact, runner), prompt_tokens, seed))
 
     ttft_ms, decode_tps = [], []
@@ -187,14 +201,19 @@ def run_benchmark(artifact: str | Path, *, prompt_tokens: int = 256, decode_toke
         "seed": seed,
         "ttft_ms": figure(statistics.median(ttft_ms), "ms", measured=True, device=device, samples=ttft_ms),
         "decode_tokens_per_s": figure(statistics.median(decode_tps), "tokens/s", measured=True, device=device, samples=decode_tps),
-        "peak_rss_mb": figure(peak, UNIT, measured=True, device=device, runtime_baseline_mib=baseline,
-                              model_share_mib=round(peak - baseline, 1)),
+        "peak_rss_mb": figure(
+            peak, UNIT, measured=True, device=device, runtime_baseline_mib=baseline, model_share_mib=round(peak - baseline, 1)
+        ),
         "model_size_mb": figure(mib(model_size_bytes(artifact)), UNIT, measured=True),
         "load_s": round(opened.load_s, 3),
         "runtime": opened.runtime,
         "modules_imported": third_party_modules(),
-        "platform": {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-                     "cpus": os.cpu_count()},
+        "platform": {
+            "machine": platform.machine(),
+            "system": platform.system(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
     }
 
 
@@ -212,9 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-kind", default="host", help="host or ssh: how the result was obtained")
     args = parser.parse_args(argv)
     try:
-        result = run_benchmark(args.artifact, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                               runs=args.runs, warmup=args.warmup, threads=args.threads, backend=args.backend,
-                               seed=args.seed, device_label=args.device_label, device_kind=args.device_kind)
+        result = run_benchmark(
+            args.artifact,
+            prompt_tokens=args.prompt_tokens,
+            decode_tokens=args.decode_tokens,
+            runs=args.runs,
+            warmup=args.warmup,
+            threads=args.threads,
+            backend=args.backend,
+            seed=args.seed,
+            device_label=args.device_label,
+            device_kind=args.device_kind,
+        )
     except VcompressError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -1,5 +1,6 @@
 """`host`: measure on this machine, in a subprocess with the same Python, so that the peak RSS
 belongs to the benchmark (runtime + model) alone and not to the pipeline that asked for it."""
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,9 @@ class HostDevice(LatencyDevice):
         try:
             done = subprocess.run(self.command(artifact), capture_output=True, text=True, env=env, timeout=self.settings.timeout_s)
         except subprocess.TimeoutExpired:
-            raise InputError(f"the host benchmark of {artifact} ran past {self.settings.timeout_s:.0f} s; lower --runs or --prompt-tokens, or raise the timeout") from None
+            raise InputError(
+                f"the host benchmark of {artifact} ran past {self.settings.timeout_s:.0f} s; lower --runs or --prompt-tokens, or raise the timeout"
+            ) from None
         if done.returncode != 0:
             raise InputError(f"the host benchmark of {artifact} failed: {last_line(done.stderr)}")
         return parse_bench_json(done.stdout, "this host")

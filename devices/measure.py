@@ -3,6 +3,7 @@
 A measured result also carries the roofline estimate for the same artifact on the same device
 and the ratio measured / estimated, which is how the estimator is validated on the host.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,9 @@ def open_device(device_name: str | None, profile: Profile | str | Path | None = 
     return DEVICES.get(name).configure(profile, overrides)
 
 
-def measure(artifact: str | Path, device_name: str | None = None, profile: Profile | str | Path | None = None, *,
-            estimate: bool = True, **overrides) -> dict:
+def measure(
+    artifact: str | Path, device_name: str | None = None, profile: Profile | str | Path | None = None, *, estimate: bool = True, **overrides
+) -> dict:
     """latency.json for `artifact` on a device (host, ssh, adb, roofline; default: the profile's).
 
     `overrides` are device settings that win over the profile's: prompt_tokens, decode_tokens,

@@ -16,6 +16,7 @@ ONNX initializers, else the file sizes. Tables that are only gathered from (an u
 embedding, GPT-2's position table) are read one row per token and are left out of the per-token
 bytes. Sizes are reported in MiB.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,9 @@ def read_config(artifact: Path | str) -> dict:
     folder = folder.parent if folder.is_file() else folder
     path = folder / "config.json"
     if not path.is_file():
-        raise InputError(f"{folder} has no config.json, so its shapes are unknown; export it with vcompress (which copies config.json) or copy the source model's config.json beside it")
+        raise InputError(
+            f"{folder} has no config.json, so its shapes are unknown; export it with vcompress (which copies config.json) or copy the source model's config.json beside it"
+        )
     return json.loads(path.read_text())
 
 
@@ -70,7 +73,9 @@ def shapes(config: dict) -> dict:
 def artifact_model_files(artifact: Path | str) -> list[Path]:
     files = model_files(artifact)
     if not files:
-        raise InputError(f"{artifact} holds no model files (an exported folder lists them in manifest.json, an HF folder holds *.safetensors); pass an HF folder or an exported artifact")
+        raise InputError(
+            f"{artifact} holds no model files (an exported folder lists them in manifest.json, an HF folder holds *.safetensors); pass an HF folder or an exported artifact"
+        )
     return files
 
 
@@ -226,11 +231,23 @@ def estimate(artifact: Path | str, device: Device, *, prompt_tokens: int, decode
         "decode_tokens": decode_tokens,
         "ttft_ms": figure(round(line["ttft_ms"], 3), "ms", measured=False, device=name),
         "decode_tokens_per_s": figure(round(line["decode_tokens_per_s"], 2), "tokens/s", measured=False, device=name),
-        "peak_rss_mb": figure(mib(peak_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_bytes), 1), UNIT, measured=False, device=name,
-                              note="lower bound: weights + KV cache + prefill activations, without the runtime itself"),
+        "peak_rss_mb": figure(
+            mib(peak_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_bytes), 1),
+            UNIT,
+            measured=False,
+            device=name,
+            note="lower bound: weights + KV cache + prefill activations, without the runtime itself",
+        ),
         "model_size_mb": figure(mib(model_size_bytes(artifact)), UNIT, measured=True),
-        "roofline": {**line, "kv_bytes_per_element": kv_bytes, "weight_bytes_stored": weights["stored_bytes"],
-                     "params": {k: shape[k] for k in ("body_params", "head_params", "layers", "query_heads", "kv_heads", "head_dim", "hidden_size", "vocab_size")}},
+        "roofline": {
+            **line,
+            "kv_bytes_per_element": kv_bytes,
+            "weight_bytes_stored": weights["stored_bytes"],
+            "params": {
+                k: shape[k]
+                for k in ("body_params", "head_params", "layers", "query_heads", "kv_heads", "head_dim", "hidden_size", "vocab_size")
+            },
+        },
     }
 
 

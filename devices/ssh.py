@@ -7,6 +7,7 @@ Connection settings come from the profile's `device.connection` (host, user, por
 workdir) and command-line overrides; key-based login is assumed (BatchMode: ssh never waits for a
 password).
 """
+
 from __future__ import annotations
 
 import shlex
@@ -44,7 +45,9 @@ class SshDevice(LatencyDevice):
     def target(self) -> str:
         s = self.settings
         if not s.host:
-            raise InputError(f"device ssh needs a host: set device.connection.host in the profile or pass --host (profile {self.profile.name})")
+            raise InputError(
+                f"device ssh needs a host: set device.connection.host in the profile or pass --host (profile {self.profile.name})"
+            )
         return f"{s.user}@{s.host}" if s.user else s.host
 
     def _options(self, port_flag: str) -> list[str]:
@@ -79,7 +82,9 @@ class SshDevice(LatencyDevice):
         except subprocess.TimeoutExpired:
             raise InputError(f"{what} on {self.target} ran past {timeout:.0f} s; check the board, or raise --timeout") from None
         if done.returncode == 255:  # ssh's own failure: connection, key or host key
-            raise InputError(f"cannot reach {self.target} to {what}: {last_line(done.stderr)}; check host, user, port and that your key is authorized")
+            raise InputError(
+                f"cannot reach {self.target} to {what}: {last_line(done.stderr)}; check host, user, port and that your key is authorized"
+            )
         if done.returncode != 0:
             hint = "; install vcompress for that Python on the board (pip install vcompress)" if "No module named" in done.stderr else ""
             raise InputError(f"{what} on {self.target} failed: {last_line(done.stderr)}{hint}")

@@ -1,12 +1,13 @@
 """Exporters (one module per format) and their Runners. Importing this registers them all."""
+
 from __future__ import annotations
 
 import importlib
 import pkgutil
 from pathlib import Path
 
-from vcompress.core.manifest import MANIFEST, artifact_format
 from vcompress.core.errors import InputError, Unsupported
+from vcompress.core.manifest import MANIFEST, artifact_format
 from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.runner import RUNNERS, Runner
 from vcompress.core.stage import Stage
@@ -58,8 +59,10 @@ class Export(Stage):
             raise InputError(f"{prefix}target.format {target.format!r} has no exporter; known: {', '.join(EXPORTERS.names())}")
         exporter = EXPORTERS.get(target.format)
         if target.runtime and target.runtime != exporter.runtime:
-            raise InputError(f"{prefix}target.runtime {target.runtime!r}: the {target.format} exporter's artifacts run on "
-                             f"{exporter.runtime!r}; set runtime: {exporter.runtime} or leave it out")
+            raise InputError(
+                f"{prefix}target.runtime {target.runtime!r}: the {target.format} exporter's artifacts run on "
+                f"{exporter.runtime!r}; set runtime: {exporter.runtime} or leave it out"
+            )
         if exporter.refuses_checkpoints:  # a run hands the exporter a model checkpoint
             raise Unsupported(f"{prefix}{exporter.refuses_checkpoints}")
         return export_stage({"format": target.format, "quant": target.quant, **settings}, where)

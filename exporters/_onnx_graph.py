@@ -28,6 +28,7 @@ outputs  logits float32 [batch, logits_to_keep, vocab]; present.{i}.key / .value
          [batch, kv_heads, max(total_seq, past_seq), head_dim]. A past buffer longer than the
          sequence so far is used in place: bind present to the same memory (see the runner).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -69,7 +70,9 @@ class GraphBuilder:
     def const(self, name: str, values, dtype=np.int64) -> str:
         return self.weight(name, np.array(values, dtype=dtype))
 
-    def op(self, op_type: str, inputs: list[str], outputs: list[str] | int = 1, name: str | None = None, domain: str = "", **attrs) -> list[str]:
+    def op(
+        self, op_type: str, inputs: list[str], outputs: list[str] | int = 1, name: str | None = None, domain: str = "", **attrs
+    ) -> list[str]:
         name = name or f"{op_type}_{len(self.nodes)}"
         if name in self._names:
             raise ValueError(f"node name {name} used twice")
@@ -86,13 +89,22 @@ class GraphBuilder:
 def dims_of(config) -> Dims:
     if config.model_type == "gpt2":
         heads = config.n_head
-        return Dims("gpt2", config.n_layer, heads, heads, config.n_embd // heads, config.n_embd, config.vocab_size,
-                    config.n_positions, True)
+        return Dims(
+            "gpt2", config.n_layer, heads, heads, config.n_embd // heads, config.n_embd, config.vocab_size, config.n_positions, True
+        )
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return Dims(config.model_type, config.num_hidden_layers, heads, config.num_key_value_heads or heads, head_dim,
-                config.hidden_size, config.vocab_size, config.max_position_embeddings,
-                bool(getattr(config, "tie_word_embeddings", False)))
+    return Dims(
+        config.model_type,
+        config.num_hidden_layers,
+        heads,
+        config.num_key_value_heads or heads,
+        head_dim,
+        config.hidden_size,
+        config.vocab_size,
+        config.max_position_embeddings,
+        bool(getattr(config, "tie_word_embeddings", False)),
+    )
 
 
 def io_names(d: Dims) -> tuple[list[str], list[str]]:
@@ -132,9 +144,18 @@ def _attention(g: GraphBuilder, d: Dims, i: int, qkv: str, rotary: bool) -> str:
     inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length"]
     if rotary:
         inputs += ["cos_cache", "sin_cache"]
-    out = g.op("GroupQueryAttention", inputs, [f"layers.{i}.attn/out", f"present.{i}.key", f"present.{i}.value"],
-               name=f"layers.{i}.attn/GroupQueryAttention", domain=MS, num_heads=d.heads, kv_num_heads=d.kv_heads,
-               do_rotary=int(rotary), rotary_interleaved=0, scale=float(d.head_dim ** -0.5))
+    out = g.op(
+        "GroupQueryAttention",
+        inputs,
+        [f"layers.{i}.attn/out", f"present.{i}.key", f"present.{i}.value"],
+        name=f"layers.{i}.attn/GroupQueryAttention",
+        domain=MS,
+        num_heads=d.heads,
+        kv_num_heads=d.kv_heads,
+        do_rotary=int(rotary),
+        rotary_interleaved=0,
+        scale=float(d.head_dim**-0.5),
+    )
     return out[0]
 
 
@@ -159,9 +180,13 @@ def _llama_body(g: GraphBuilder, model, sd: dict, d: Dims) -> tuple[str, str]:
         p = f"model.layers.{i}."
         gamma = g.weight(f"layers.{i}.input_layernorm.weight", sd[p + "input_layernorm.weight"])
         if branch is None:
-            h = g.one("SimplifiedLayerNormalization", [residual, gamma], name=f"layers.{i}.input_layernorm", axis=-1, epsilon=eps, stash_type=1)
+            h = g.one(
+                "SimplifiedLayerNormalization", [residual, gamma], name=f"layers.{i}.input_layernorm", axis=-1, epsilon=eps, stash_type=1
+            )
         else:
-            h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [branch, residual, gamma], 4, name=f"layers.{i}.input_layernorm", domain=MS, epsilon=eps)
+            h, _, _, residual = g.op(
+                "SkipSimplifiedLayerNormalization", [branch, residual, gamma], 4, name=f"layers.{i}.input_layernorm", domain=MS, epsilon=eps
+            )
         w_qkv = torch.cat([sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]])
         b_qkv = None
         if p + "self_attn.q_proj.bias" in sd:
@@ -170,7 +195,14 @@ def _llama_body(g: GraphBuilder, model, sd: dict, d: Dims) -> tuple[str, str]:
         attn = _attention(g, d, i, qkv, rotary=True)
         branch = _linear(g, attn, sd[p + "self_attn.o_proj.weight"], f"layers.{i}.attn.o_proj", sd.get(p + "self_attn.o_proj.bias"))
         gamma = g.weight(f"layers.{i}.post_attention_layernorm.weight", sd[p + "post_attention_layernorm.weight"])
-        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [branch, residual, gamma], 4, name=f"layers.{i}.post_attention_layernorm", domain=MS, epsilon=eps)
+        h, _, _, residual = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [branch, residual, gamma],
+            4,
+            name=f"layers.{i}.post_attention_layernorm",
+            domain=MS,
+            epsilon=eps,
+        )
         # gate and up share their input: one MatMul (one MatMulNBits under int4) and a Split.
         w_gu = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
         b_gu = torch.cat([sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"]]) if p + "mlp.gate_proj.bias" in sd else None
@@ -199,7 +231,9 @@ def _gpt2_body(g: GraphBuilder, model, sd: dict, d: Dims) -> str:
         if branch is None:
             h = g.one("LayerNormalization", [residual, gamma, beta], name=f"layers.{i}.ln_1", axis=-1, epsilon=eps)
         else:
-            h, _, _, residual = g.op("SkipLayerNormalization", [branch, residual, gamma, beta, branch_bias], 4, name=f"layers.{i}.ln_1", domain=MS, epsilon=eps)
+            h, _, _, residual = g.op(
+                "SkipLayerNormalization", [branch, residual, gamma, beta, branch_bias], 4, name=f"layers.{i}.ln_1", domain=MS, epsilon=eps
+            )
         # GPT-2's Conv1D keeps weights as [in, out] already.
         qkv = _linear(g, h, sd[p + "attn.c_attn.weight"], f"layers.{i}.attn.qkv_proj", sd[p + "attn.c_attn.bias"], transposed=True)
         attn = _attention(g, d, i, qkv, rotary=False)
@@ -207,9 +241,13 @@ def _gpt2_body(g: GraphBuilder, model, sd: dict, d: Dims) -> str:
         branch_bias = g.weight(f"layers.{i}.attn.o_proj.bias", sd[p + "attn.c_proj.bias"])
         gamma = g.weight(f"layers.{i}.ln_2.weight", sd[p + "ln_2.weight"])
         beta = g.weight(f"layers.{i}.ln_2.bias", sd[p + "ln_2.bias"])
-        h, _, _, residual = g.op("SkipLayerNormalization", [branch, residual, gamma, beta, branch_bias], 4, name=f"layers.{i}.ln_2", domain=MS, epsilon=eps)
+        h, _, _, residual = g.op(
+            "SkipLayerNormalization", [branch, residual, gamma, beta, branch_bias], 4, name=f"layers.{i}.ln_2", domain=MS, epsilon=eps
+        )
         fc = _linear(g, h, sd[p + "mlp.c_fc.weight"], f"layers.{i}.mlp.fc", transposed=True)
-        act = _activation(g, fc, cfg.activation_function, f"layers.{i}.mlp.act", bias=g.weight(f"layers.{i}.mlp.fc.bias", sd[p + "mlp.c_fc.bias"]))
+        act = _activation(
+            g, fc, cfg.activation_function, f"layers.{i}.mlp.act", bias=g.weight(f"layers.{i}.mlp.fc.bias", sd[p + "mlp.c_fc.bias"])
+        )
         branch = _linear(g, act, sd[p + "mlp.c_proj.weight"], f"layers.{i}.mlp.down_proj", transposed=True)
         branch_bias = g.weight(f"layers.{i}.mlp.down_proj.bias", sd[p + "mlp.c_proj.bias"])
     gamma = g.weight("norm.weight", sd["transformer.ln_f.weight"])
@@ -236,7 +274,9 @@ def _lm_head(g: GraphBuilder, model, sd: dict, d: Dims, hidden: str) -> None:
     # Only the last `logits_to_keep` positions reach the vocabulary projection: a 256-token
     # prompt needs one row of logits to start decoding, not 256.
     start = g.one("Neg", ["logits_to_keep"], name="logits_to_keep/Neg")
-    last = g.one("Slice", [hidden, start, g.const("int64_max", [np.iinfo(np.int64).max]), g.const("axis_1", [1])], name="logits_to_keep/Slice")
+    last = g.one(
+        "Slice", [hidden, start, g.const("int64_max", [np.iinfo(np.int64).max]), g.const("axis_1", [1])], name="logits_to_keep/Slice"
+    )
     if d.tied:
         # The tied embedding is stored once: the head reads the Gather's table through Gemm(transB).
         flat = g.one("Reshape", [last, g.const("shape_rows_hidden", [-1, d.hidden])], name="lm_head/Flatten")
@@ -263,9 +303,10 @@ def _assemble(g: GraphBuilder, d: Dims) -> onnx.ModelProto:
     for i in range(d.layers):
         for part in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", TensorProto.FLOAT, kv))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{part}", TensorProto.FLOAT, ["batch", d.kv_heads, "present_seq", d.head_dim]))
+            outputs.append(
+                helper.make_tensor_value_info(f"present.{i}.{part}", TensorProto.FLOAT, ["batch", d.kv_heads, "present_seq", d.head_dim])
+            )
     graph = helper.make_graph(g.nodes, f"{d.arch}-decoder", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="vcompress")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], producer_name="vcompress")
     model.ir_version = 10
     return model

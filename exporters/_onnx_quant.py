@@ -8,6 +8,7 @@ head is tied to it, a plain export stores it twice. Here the table is block-quan
 packed uint8 [vocab, hidden*bits/8] initializer that GatherBlockQuantized reads for the embedding
 and, through a Reshape that ONNX Runtime folds at load, MatMulNBits reads for the tied head.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,9 @@ from onnx import helper, numpy_helper
 from ._onnx_graph import MS, Dims
 
 
-def quantize_int4(model: onnx.ModelProto, d: Dims, *, block_size: int = 32, method: str = "rtn",
-                  accuracy_level: int = 4, table_bits: int = 4) -> onnx.ModelProto:
+def quantize_int4(
+    model: onnx.ModelProto, d: Dims, *, block_size: int = 32, method: str = "rtn", accuracy_level: int = 4, table_bits: int = 4
+) -> onnx.ModelProto:
     """Every MatMul to 4-bit MatMulNBits, the embedding (and tied head) to `table_bits`.
 
     method "rtn": ONNX Runtime's C++ block quantizer (min/max, integer zero point). "hqq": ONNX
@@ -53,8 +55,9 @@ def _ort_matmul_nbits(model: onnx.ModelProto, method: str, block_size: int, accu
     )
 
     if method == "rtn":
-        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
-                                              op_types_to_quantize=("MatMul",))
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",)
+        )
     elif method == "hqq":
         config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
     else:
@@ -68,8 +71,9 @@ def _ort_matmul_nbits(model: onnx.ModelProto, method: str, block_size: int, accu
     return model
 
 
-def quantize_int8(model: onnx.ModelProto, d: Dims, *, block_size: int = 32, accuracy_level: int = 4, table_bits: int = 8,
-                  method: str = "blockwise") -> onnx.ModelProto:
+def quantize_int8(
+    model: onnx.ModelProto, d: Dims, *, block_size: int = 32, accuracy_level: int = 4, table_bits: int = 8, method: str = "blockwise"
+) -> onnx.ModelProto:
     """method "blockwise": 8-bit MatMulNBits, a scale and zero point per block of 32 weights, and
     (accuracy_level 4) activations quantized per block at run time. "dynamic": ONNX Runtime's
     quantize_dynamic (int8 weights per channel, activations per tensor: a tensor with outlier
@@ -85,9 +89,15 @@ def quantize_int8(model: onnx.ModelProto, d: Dims, *, block_size: int = 32, accu
         onnx.save_model(model, src, save_as_external_data=True, location="in.onnx.data")
         # The head's MatMulNBits (already 8-bit) and GQA's inputs are not MatMul: only the body is touched.
         with quiet_logs():
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                             use_external_data_format=True,
-                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+            quantize_dynamic(
+                src,
+                dst,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul"],
+                use_external_data_format=True,
+                extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
         return onnx.load(dst)
 
 
@@ -97,7 +107,7 @@ def rtn_blocks(w: np.ndarray, *, bits: int, block_size: int, float_zero: bool) -
     [N, blocks], or uint8 packed [N, ceil(blocks*bits/8)])."""
     k, n = w.shape
     blocks = -(-k // block_size)
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     padded = np.zeros((blocks * block_size, n), np.float32)
     padded[:k] = w
     rows = padded.T.reshape(n, blocks, block_size)
@@ -138,8 +148,9 @@ def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, floa
         attrs = dict(K=w.shape[0], N=w.shape[1], bits=bits, block_size=block_size)
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{bits}",
-                                      domain=MS, **attrs))
+        nodes.append(
+            helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{bits}", domain=MS, **attrs)
+        )
         dropped.add(name)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -178,9 +189,19 @@ def _quantize_one_table(model: onnx.ModelProto, table_name: str, *, bits: int, b
     nodes = []
     for node in graph.node:
         if node.op_type == "Gather" and node.input[0] == table_name:
-            nodes.append(helper.make_node("GatherBlockQuantized", [names["data"], node.input[1], names["scales"], names["zp"]],
-                                          list(node.output), name=node.name, domain=MS, bits=bits, block_size=block,
-                                          gather_axis=0, quantize_axis=1))
+            nodes.append(
+                helper.make_node(
+                    "GatherBlockQuantized",
+                    [names["data"], node.input[1], names["scales"], names["zp"]],
+                    list(node.output),
+                    name=node.name,
+                    domain=MS,
+                    bits=bits,
+                    block_size=block,
+                    gather_axis=0,
+                    quantize_axis=1,
+                )
+            )
         elif node.op_type == "Gemm" and node.input[1] == table_name:
             # MatMulNBits wants B as [N, blocks, bytes per block]: a Reshape of the same bytes.
             shape = numpy_helper.from_array(np.array([rows, k_blocks, block * bits // 8], np.int64), f"{names['data']}_shape")
@@ -189,8 +210,16 @@ def _quantize_one_table(model: onnx.ModelProto, table_name: str, *, bits: int, b
             attrs = dict(K=hidden, N=rows, bits=bits, block_size=block)
             if accuracy_level:
                 attrs["accuracy_level"] = accuracy_level
-            nodes.append(helper.make_node("MatMulNBits", [node.input[0], "lm_head/B", names["scales"], names["zp"]],
-                                          list(node.output), name=node.name, domain=MS, **attrs))
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [node.input[0], "lm_head/B", names["scales"], names["zp"]],
+                    list(node.output),
+                    name=node.name,
+                    domain=MS,
+                    **attrs,
+                )
+            )
         else:
             nodes.append(node)
     del graph.node[:]
@@ -238,4 +267,3 @@ def save(model: onnx.ModelProto, out: Path, name: str = "model.onnx") -> list[st
         os.remove(out / data)
     onnx.save_model(model, out / name, save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
     return [name, data]
-

@@ -10,6 +10,7 @@ The KV cache is one [1, kv_heads, capacity, head_dim] float32 buffer per layer a
 pointer both as past_key_values.* and present.*: GroupQueryAttention appends in place, so a decode
 step copies nothing; inputs (token, lengths) are numpy scalars written in place before each run.
 """
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ own attention and static KV cache, converts one prefill signature (`prefill_<P>`
 signature into a single .tflite that shares the weights, then quantizes it with ai-edge-quantizer
 recipes. We ask for the plain .tflite (no .litertlm bundle) and no prefill logits (see _tflite_session.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,7 @@ def available() -> bool:
     return True
 
 
-def convert(hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill_tokens: int, cache_length: int,
-            log=print) -> Path:
+def convert(hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill_tokens: int, cache_length: int, log=print) -> Path:
     """The .tflite written under `work` (quantized when asked). Raises Unsupported when the converter cannot."""
     transcript = io.StringIO()
     try:
@@ -37,18 +37,29 @@ def convert(hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill
         with contextlib.redirect_stdout(transcript):
             from litert_torch.generative.export_hf import export as litert_export
     except ImportError as e:
-        raise Unsupported(f"the tflite exporter needs litert-torch and tensorflow-cpu ({e}); install them with `pip install -e '.[tflite]'`") from None
+        raise Unsupported(
+            f"the tflite exporter needs litert-torch and tensorflow-cpu ({e}); install them with `pip install -e '.[tflite]'`"
+        ) from None
     try:
         # The exporter prints a progress tree on stdout, which carries --json output here.
         with contextlib.redirect_stdout(transcript):
-            litert_export.export(model=str(hf_folder), output_dir=str(work), bundle_litert_lm=False, keep_temporary_files=True,
-                                 quantization_recipe=RECIPES[quant], prefill_lengths=[prefill_tokens], cache_length=cache_length,
-                                 prefill_logits=False)
+            litert_export.export(
+                model=str(hf_folder),
+                output_dir=str(work),
+                bundle_litert_lm=False,
+                keep_temporary_files=True,
+                quantization_recipe=RECIPES[quant],
+                prefill_lengths=[prefill_tokens],
+                cache_length=cache_length,
+                prefill_logits=False,
+            )
     except Exception as e:  # the converter's failures are of every kind (AttributeError, RuntimeError, ...)
         (work / "convert.log").write_text(transcript.getvalue())
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise Unsupported(f"litert-torch cannot convert architecture {model_type!r} to TFLite ({type(e).__name__}: {message}); "
-                          f"checked architectures: {', '.join(CHECKED)}. Export it with `vcompress export onnx` instead") from None
+        raise Unsupported(
+            f"litert-torch cannot convert architecture {model_type!r} to TFLite ({type(e).__name__}: {message}); "
+            f"checked architectures: {', '.join(CHECKED)}. Export it with `vcompress export onnx` instead"
+        ) from None
     (work / "convert.log").write_text(transcript.getvalue())
     name = "model.tflite" if quant == "none" else "model_quantized.tflite"
     model = work / name

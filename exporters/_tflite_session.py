@@ -12,6 +12,7 @@ row holds 0 where a position may be seen and -inf elsewhere. The prefill signatu
 logits (LiteRT-LM samples from decode too), so a prompt runs all but its last token through
 prefill and the last one through decode.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ class LiteRTSession:
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
-            raise SessionError("running a .tflite needs the ai-edge-litert interpreter; install it with `pip install -e '.[tflite]'`") from None
+            raise SessionError(
+                "running a .tflite needs the ai-edge-litert interpreter; install it with `pip install -e '.[tflite]'`"
+            ) from None
         self.threads = threads
         self.interpreter = Interpreter(model_path=str(model_file), num_threads=threads)
         signatures = self.manifest["signatures"]
@@ -143,7 +146,9 @@ class LiteRTSession:
 
     def check_length(self, tokens: int) -> None:
         if tokens > self.cache_length:
-            raise SessionError(f"{tokens} tokens exceed the export's cache of {self.cache_length}; shorten the input or re-export with a larger --cache-length")
+            raise SessionError(
+                f"{tokens} tokens exceed the export's cache of {self.cache_length}; shorten the input or re-export with a larger --cache-length"
+            )
 
 
 Session = LiteRTSession  # the name the latency bench looks for
@@ -159,7 +164,10 @@ def signature_io(model_file: str | Path) -> dict[str, dict]:
         runner = interpreter.get_signature_runner(name)
 
         def describe(details):
-            return [{"name": key, "dtype": np.dtype(d["dtype"]).name, "shape": [int(x) for x in d["shape"]]} for key, d in sorted(details.items())]
+            return [
+                {"name": key, "dtype": np.dtype(d["dtype"]).name, "shape": [int(x) for x in d["shape"]]}
+                for key, d in sorted(details.items())
+            ]
 
         out[name] = {"inputs": describe(runner.get_input_details()), "outputs": describe(runner.get_output_details())}
     return out

@@ -6,6 +6,7 @@ An exporter module registers its Stage once, `@EXPORTERS.register(FORMAT)`, and 
 `format = FORMAT`, the `runtime` that runs the artifact (what a profile's `target.runtime` names) and
 `runtime_package`, the runtime's PyPI distribution whose installed version the manifest records.
 """
+
 from __future__ import annotations
 
 from importlib import metadata
@@ -33,6 +34,7 @@ PARITY_PROMPTS = (
 
 class ParityConfig(StageConfig):
     """The parity check's thresholds, shared by every exporter (written into each manifest)."""
+
     new_tokens: int = Field(32, ge=1, description="greedy tokens compared with PyTorch per prompt")
     # fp32 sums in another order than PyTorch (MLAS vs ATen kernels): over 30 layers that moves
     # logits of magnitude ~10 by ~1e-4; a real bug moves them by far more than the threshold.
@@ -59,12 +61,20 @@ class ExportStage(Stage):
     def manifest(self, files: dict[str, str], **fields) -> dict:
         """manifest.json: format, runtime and its version, files, the exporter's own fields (which may
         relabel the format), and the parity thresholds of a checked export."""
-        manifest = {"format": self.format, "runtime": self.runtime, "runtime_version": package_version(self.runtime_package),
-                    "files": files} | fields
+        manifest = {
+            "format": self.format,
+            "runtime": self.runtime,
+            "runtime_version": package_version(self.runtime_package),
+            "files": files,
+        } | fields
         cfg = self.config
         if isinstance(cfg, ParityConfig):
-            manifest["thresholds"] = {"max_abs_diff": cfg.max_abs_diff, "min_top1": cfg.min_top1,
-                                      "min_top1_quantized": cfg.min_top1_quantized, "greedy_tokens": cfg.new_tokens}
+            manifest["thresholds"] = {
+                "max_abs_diff": cfg.max_abs_diff,
+                "min_top1": cfg.min_top1,
+                "min_top1_quantized": cfg.min_top1_quantized,
+                "greedy_tokens": cfg.new_tokens,
+            }
         return manifest
 
 
@@ -118,7 +128,9 @@ def gate(ctx: StageContext, runner_class, model, tokenizer, cfg, manifest: dict,
     manifest["parity"] = result
     write_json(ctx.out / MANIFEST, manifest)
     if not result["passed"]:
-        raise CheckFailed(f"{label} parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)")
+        raise CheckFailed(
+            f"{label} parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)"
+        )
     return result
 
 

@@ -10,6 +10,7 @@
 Every export checks itself against PyTorch (base.parity); a failed check raises CheckFailed and
 leaves no artifact behind.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,13 @@ FORMAT = "onnx"
 
 class OnnxExportConfig(ParityConfig):
     quant: Literal["none", "int8", "int4"] = "none"
-    method: Literal["rtn", "hqq", "rtn-float"] = Field("rtn", description="int4: ONNX Runtime's RTN (integer zero point), HQQ, or min/max with a float zero point (exact on Q4_1 grids, slow kernel)")
-    int8_method: Literal["blockwise", "dynamic"] = Field("blockwise", description="int8: 8-bit MatMulNBits blocks, or ONNX Runtime dynamic quantization")
+    method: Literal["rtn", "hqq", "rtn-float"] = Field(
+        "rtn",
+        description="int4: ONNX Runtime's RTN (integer zero point), HQQ, or min/max with a float zero point (exact on Q4_1 grids, slow kernel)",
+    )
+    int8_method: Literal["blockwise", "dynamic"] = Field(
+        "blockwise", description="int8: 8-bit MatMulNBits blocks, or ONNX Runtime dynamic quantization"
+    )
     block_size: int = Field(32, ge=16, description="int4/int8 block along the input dimension (power of two)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type; 4 = int8 activations")
     table_bits: Literal[0, 4, 8] = Field(4, description="bits of the embedding table (and tied head) under int4; 0 keeps it fp32")
@@ -67,8 +73,9 @@ class OnnxExport(ExportStage):
         files = _onnx_quant.save(proto, ctx.out)
         del proto
         save_sidecars(model, tokenizer, ctx.out)
-        manifest = self.manifest({"model": files[0], "weights": files[1], "config": "config.json", "tokenizer": "tokenizer.json"},
-                                 **_graph_fields(dims, cfg))
+        manifest = self.manifest(
+            {"model": files[0], "weights": files[1], "config": "config.json", "tokenizer": "tokenizer.json"}, **_graph_fields(dims, cfg)
+        )
         if carried:
             manifest["quant"].update(method="carried", grid=carried)
         write_json(ctx.out / MANIFEST, manifest)
@@ -86,8 +93,17 @@ class OnnxExport(ExportStage):
         return metrics
 
 
-def export(model_path: str | Path | None, out: str | Path, quant: str = "none", *, force: bool = False, seed: int = 0,
-           log=print, intake: Intake | None = None, **settings) -> dict:
+def export(
+    model_path: str | Path | None,
+    out: str | Path,
+    quant: str = "none",
+    *,
+    force: bool = False,
+    seed: int = 0,
+    log=print,
+    intake: Intake | None = None,
+    **settings,
+) -> dict:
     """Export a checkpoint (None: the embedded default) to an ONNX artifact folder; returns metrics."""
     stage = OnnxExport({"quant": quant, **settings})
     return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
@@ -99,7 +115,9 @@ def _quantize(proto, dims, cfg: OnnxExportConfig, source, grid: dict | None, log
         bits = grid_bits(grid)
         wanted = {4: "int4", 8: "int8"}.get(bits)
         if cfg.quant not in ("none", wanted):
-            raise InputError(f"the checkpoint is quantized to {bits} bits; export it with --quant {wanted} (its grid is carried as is) or --quant none")
+            raise InputError(
+                f"the checkpoint is quantized to {bits} bits; export it with --quant {wanted} (its grid is carried as is) or --quant none"
+            )
         if cfg.quant == "none":
             return proto, {}
         log(f"carrying the checkpoint's {grid.get('method')} grid ({bits}-bit) into MatMulNBits")
@@ -109,11 +127,18 @@ def _quantize(proto, dims, cfg: OnnxExportConfig, source, grid: dict | None, log
             proto = _onnx_quant.quantize_table(proto, dims, bits=table_bits, block_size=cfg.block_size, accuracy_level=cfg.accuracy_level)
         return proto, carried
     if cfg.quant == "int8":
-        return _onnx_quant.quantize_int8(proto, dims, block_size=cfg.block_size, accuracy_level=cfg.accuracy_level,
-                                         table_bits=8 if cfg.table_bits else 0, method=cfg.int8_method), {}
+        return _onnx_quant.quantize_int8(
+            proto,
+            dims,
+            block_size=cfg.block_size,
+            accuracy_level=cfg.accuracy_level,
+            table_bits=8 if cfg.table_bits else 0,
+            method=cfg.int8_method,
+        ), {}
     if cfg.quant == "int4":
-        return _onnx_quant.quantize_int4(proto, dims, block_size=cfg.block_size, method=cfg.method,
-                                         accuracy_level=cfg.accuracy_level, table_bits=cfg.table_bits), {}
+        return _onnx_quant.quantize_int4(
+            proto, dims, block_size=cfg.block_size, method=cfg.method, accuracy_level=cfg.accuracy_level, table_bits=cfg.table_bits
+        ), {}
     return proto, {}
 
 
@@ -144,10 +169,19 @@ def _graph_fields(dims, cfg: OnnxExportConfig) -> dict:
         "vocab_size": dims.vocab,
         "max_positions": dims.max_positions,
         "tied_embeddings": dims.tied,
-        "quant": {"scheme": cfg.quant, **({} if cfg.quant == "none" else {
-            "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
-            "method": cfg.method if cfg.quant == "int4" else cfg.int8_method,
-            "table_bits": cfg.table_bits if cfg.quant == "int4" or cfg.table_bits == 0 else 8})},
+        "quant": {
+            "scheme": cfg.quant,
+            **(
+                {}
+                if cfg.quant == "none"
+                else {
+                    "block_size": cfg.block_size,
+                    "accuracy_level": cfg.accuracy_level,
+                    "method": cfg.method if cfg.quant == "int4" else cfg.int8_method,
+                    "table_bits": cfg.table_bits if cfg.quant == "int4" or cfg.table_bits == 0 else 8,
+                }
+            ),
+        },
         "inputs": [describe(n, kv_in) for n in inputs],
         "outputs": [describe(n, kv_out) for n in outputs],
         "notes": {

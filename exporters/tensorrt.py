@@ -14,6 +14,7 @@ missing (these CPU machines: its libraries come from NVIDIA's own index) the fol
 and no engine. The plan also lists the graph's ONNX Runtime contrib ops (GroupQueryAttention,
 MatMulNBits, ...): TensorRT's ONNX parser has none of them, so a build needs plugins for them.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,13 +41,17 @@ SIDECARS = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 CHECKPOINT_REFUSED = (
     f"exporter {FORMAT!r} builds from an ONNX export, not from a model checkpoint, and TensorRT's ONNX parser does not take "
     "the ONNX Runtime fused operators our ONNX graph is built from (GroupQueryAttention, MatMulNBits); run an onnx profile, "
-    "then `vcompress export tensorrt --onnx RUN/05-export-onnx --out E` for the labelled engine build plan")
+    "then `vcompress export tensorrt --onnx RUN/05-export-onnx --out E` for the labelled engine build plan"
+)
 
 
 class TensorRTExportConfig(StageConfig):
     # a profile's target.quant (fp16) names the builder precision
-    precision: Literal["fp16", "int8"] = Field("fp16", validation_alias=AliasChoices("precision", "quant"),
-                                               description="TensorRT builder precision flags (int8 where it can, fp16 elsewhere)")
+    precision: Literal["fp16", "int8"] = Field(
+        "fp16",
+        validation_alias=AliasChoices("precision", "quant"),
+        description="TensorRT builder precision flags (int8 where it can, fp16 elsewhere)",
+    )
     prefill_tokens: int = Field(256, ge=1, description="past length the optimization profile is tuned for")
     max_tokens: int | None = Field(None, ge=2, description="longest sequence the engine accepts (default: the model's positions)")
 
@@ -84,16 +89,25 @@ class TensorRTExport(ExportStage):
         if usable:
             ctx.log(f"building a TensorRT engine ({cfg.precision}) from {onnx_file}")
             (ctx.out / ENGINE_FILE).write_bytes(_build_engine(onnx_file, shapes, cfg.precision))
-            manifest = self.manifest({"engine": ENGINE_FILE}, engine_built=True, **record, parity=None, latency=None,
-                                     not_run="this version builds the engine only; parity and latency through TensorRT are not implemented")
+            manifest = self.manifest(
+                {"engine": ENGINE_FILE},
+                engine_built=True,
+                **record,
+                parity=None,
+                latency=None,
+                not_run="this version builds the engine only; parity and latency through TensorRT are not implemented",
+            )
         else:
             _write_script(ctx.out / "build_engine.sh", record, why)
-            manifest = self.manifest({"plan": "build_plan.json", "script": "build_engine.sh"}, format=PLAN_FORMAT,
-                                     engine_built=False, reason=why, **record)
+            manifest = self.manifest(
+                {"plan": "build_plan.json", "script": "build_engine.sh"}, format=PLAN_FORMAT, engine_built=False, reason=why, **record
+            )
             write_json(ctx.out / "build_plan.json", manifest)
             ctx.log(f"no TensorRT engine was built: {why}. Writing the build plan (build_plan.json) and build_engine.sh (trtexec) instead")
             if blocking:
-                ctx.log(f"warning: the ONNX graph uses {', '.join(blocking)} (ONNX Runtime contrib ops); TensorRT's ONNX parser has none of them, so the build needs plugins for them")
+                ctx.log(
+                    f"warning: the ONNX graph uses {', '.join(blocking)} (ONNX Runtime contrib ops); TensorRT's ONNX parser has none of them, so the build needs plugins for them"
+                )
         write_json(ctx.out / MANIFEST, manifest)
         return {"format": manifest["format"], "engine_built": usable, "precision": cfg.precision, "contrib_ops": blocking}
 
@@ -121,7 +135,9 @@ def read_onnx_manifest(onnx_dir: str | Path) -> dict:
         raise InputError(f"{folder} has no manifest.json; pass a folder written by `vcompress export onnx`")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != "onnx":
-        raise InputError(f"{folder} is a {manifest.get('format')!r} artifact; `export tensorrt` takes the folder of `vcompress export onnx`")
+        raise InputError(
+            f"{folder} is a {manifest.get('format')!r} artifact; `export tensorrt` takes the folder of `vcompress export onnx`"
+        )
     if not (folder / manifest["files"]["model"]).is_file():
         raise InputError(f"{folder / manifest['files']['model']} is missing; re-run `vcompress export onnx`")
     return manifest
@@ -142,9 +158,12 @@ def profile_shapes(manifest: dict, *, prefill_tokens: int = 256, max_tokens: int
             continue
         unknown = [d for d in symbolic if d not in dims]
         if unknown:
-            raise InputError(f"input {tensor['name']} of the ONNX manifest has dims {unknown} this exporter has no range for; re-export with `vcompress export onnx`")
+            raise InputError(
+                f"input {tensor['name']} of the ONNX manifest has dims {unknown} this exporter has no range for; re-export with `vcompress export onnx`"
+            )
         shapes[tensor["name"]] = {
-            key: [dims[d][i] if isinstance(d, str) else int(d) for d in tensor["shape"]] for i, key in enumerate(("min", "opt", "max"))}
+            key: [dims[d][i] if isinstance(d, str) else int(d) for d in tensor["shape"]] for i, key in enumerate(("min", "opt", "max"))
+        }
     return shapes
 
 
@@ -160,8 +179,14 @@ def trtexec_command(onnx_file: str, engine_file: str, shapes: dict, precision: s
     def spec(which: str) -> str:
         return ",".join(f"{name}:{'x'.join(str(d) for d in s[which])}" for name, s in shapes.items())
 
-    command = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine_file}",
-               f"--minShapes={spec('min')}", f"--optShapes={spec('opt')}", f"--maxShapes={spec('max')}"]
+    command = [
+        "trtexec",
+        f"--onnx={onnx_file}",
+        f"--saveEngine={engine_file}",
+        f"--minShapes={spec('min')}",
+        f"--optShapes={spec('opt')}",
+        f"--maxShapes={spec('max')}",
+    ]
     command += ["--fp16"] if precision == "fp16" else ["--int8", "--fp16"]  # int8 where it can, fp16 elsewhere
     return command
 
@@ -185,18 +210,26 @@ def _write_script(file: Path, record: dict, why: str) -> None:
     file.write_text(
         "#!/bin/sh\n# vcompress TensorRT build plan: run on the target (TensorRT and its GPU), next to a copy of the ONNX folder.\n"
         f"# No engine was built where this was written: {why}.\n"
-        + "".join(f"# note: {n}\n" for n in record["notes"]) + "set -e\n" + " \\\n  ".join(shlex.quote(w) for w in record["trtexec"]) + "\n")
+        + "".join(f"# note: {n}\n" for n in record["notes"])
+        + "set -e\n"
+        + " \\\n  ".join(shlex.quote(w) for w in record["trtexec"])
+        + "\n"
+    )
     file.chmod(0o755)
 
 
 def _notes(blocking: list[str], precision: str) -> list[str]:
     notes = []
     if blocking:
-        notes.append(f"the graph uses ONNX Runtime contrib ops ({', '.join(blocking)}) that TensorRT's ONNX parser does not implement; "
-                     "the build fails unless TensorRT plugins provide them")
+        notes.append(
+            f"the graph uses ONNX Runtime contrib ops ({', '.join(blocking)}) that TensorRT's ONNX parser does not implement; "
+            "the build fails unless TensorRT plugins provide them"
+        )
     if precision == "int8":
-        notes.append("--int8 without a calibration cache: the graph carries no Q/DQ scales, so TensorRT uses placeholder ranges; "
-                     "check accuracy before using the engine")
+        notes.append(
+            "--int8 without a calibration cache: the graph carries no Q/DQ scales, so TensorRT uses placeholder ranges; "
+            "check accuracy before using the engine"
+        )
     return notes
 
 

@@ -11,6 +11,7 @@ The conversion is litert-torch's (_tflite_convert.py, the optional [tflite] extr
 itself against PyTorch with the exporters' shared parity check (base.parity); a failed check raises
 CheckFailed and leaves no artifact behind.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -43,7 +44,9 @@ class TFLiteExportConfig(ParityConfig):
     @model_validator(mode="after")
     def _cache_holds_a_chunk(self):
         if self.cache_length < self.prefill_tokens:
-            raise ValueError(f"cache_length {self.cache_length} is shorter than prefill_tokens {self.prefill_tokens}; raise it or lower prefill_tokens")
+            raise ValueError(
+                f"cache_length {self.cache_length} is shorter than prefill_tokens {self.prefill_tokens}; raise it or lower prefill_tokens"
+            )
         return self
 
 
@@ -60,16 +63,29 @@ class TFLiteExport(ExportStage):
         model, tokenizer, grid = load_source(ctx)  # a quantize folder: its dequantized weights
         model_type = model.config.model_type
         if not _tflite_convert.available():
-            raise Unsupported("the tflite exporter needs litert-torch, tensorflow-cpu and ai-edge-litert; install them with `pip install -e '.[tflite]'`")
+            raise Unsupported(
+                "the tflite exporter needs litert-torch, tensorflow-cpu and ai-edge-litert; install them with `pip install -e '.[tflite]'`"
+            )
         hf = Path(str(source.path)) if source.kind == "hf" and grid is None else save_model(model, tokenizer, ctx.work / "hf")
-        ctx.log(f"converting to TFLite with litert-torch ({model_type}, {cfg.quant}, prefill {cfg.prefill_tokens}, cache {cfg.cache_length})")
-        converted = _tflite_convert.convert(hf, ctx.work / "litert", model_type=model_type, quant=cfg.quant,
-                                            prefill_tokens=cfg.prefill_tokens, cache_length=cfg.cache_length, log=ctx.log)
+        ctx.log(
+            f"converting to TFLite with litert-torch ({model_type}, {cfg.quant}, prefill {cfg.prefill_tokens}, cache {cfg.cache_length})"
+        )
+        converted = _tflite_convert.convert(
+            hf,
+            ctx.work / "litert",
+            model_type=model_type,
+            quant=cfg.quant,
+            prefill_tokens=cfg.prefill_tokens,
+            cache_length=cfg.cache_length,
+            log=ctx.log,
+        )
         fp32_bytes = (converted.parent / "model.tflite").stat().st_size
         shutil.copyfile(converted, ctx.out / MODEL_FILE)
         save_sidecars(model, tokenizer, ctx.out)
-        manifest = self.manifest({"model": MODEL_FILE, "config": "config.json", "tokenizer": "tokenizer.json"},
-                                 **_model_fields(model.config, cfg, ctx.out / MODEL_FILE))
+        manifest = self.manifest(
+            {"model": MODEL_FILE, "config": "config.json", "tokenizer": "tokenizer.json"},
+            **_model_fields(model.config, cfg, ctx.out / MODEL_FILE),
+        )
         write_json(ctx.out / MANIFEST, manifest)
         result = gate(ctx, TFLiteRunner, model, tokenizer, cfg, manifest, "TFLite", dequantized=bool(grid))
         size = bytes_on_disk(ctx.out / MODEL_FILE)
@@ -86,8 +102,17 @@ class TFLiteExport(ExportStage):
         return metrics
 
 
-def export(model_path: str | Path | None, out: str | Path, quant: str = "none", *, force: bool = False, seed: int = 0,
-           log=print, intake: Intake | None = None, **settings) -> dict:
+def export(
+    model_path: str | Path | None,
+    out: str | Path,
+    quant: str = "none",
+    *,
+    force: bool = False,
+    seed: int = 0,
+    log=print,
+    intake: Intake | None = None,
+    **settings,
+) -> dict:
     """Export a checkpoint (None: the embedded default) to a TFLite artifact folder; returns metrics."""
     stage = TFLiteExport({"quant": quant, **settings})
     return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
@@ -109,13 +134,23 @@ def _model_fields(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:
         "prefill_tokens": cfg.prefill_tokens,
         "cache_length": cfg.cache_length,
         "signatures": {"prefill": {"name": prefill, **signatures[prefill]}, "decode": {"name": "decode", **signatures["decode"]}},
-        "quant": {"scheme": cfg.quant, **({} if cfg.quant == "none" else {
-            "recipe": _tflite_convert.RECIPES[cfg.quant], "tool": f"ai-edge-quantizer {package_version('ai-edge-quantizer')}",
-            "weights": f"{cfg.quant} per output channel", "activations": "float32, quantized on the fly (dynamic range)"})},
+        "quant": {
+            "scheme": cfg.quant,
+            **(
+                {}
+                if cfg.quant == "none"
+                else {
+                    "recipe": _tflite_convert.RECIPES[cfg.quant],
+                    "tool": f"ai-edge-quantizer {package_version('ai-edge-quantizer')}",
+                    "weights": f"{cfg.quant} per output channel",
+                    "activations": "float32, quantized on the fly (dynamic range)",
+                }
+            ),
+        },
         "converter": {"litert-torch": package_version("litert-torch")},
         "notes": {
             "kv_cache": "kv_cache_k_<layer> [1, kv_heads, cache, head_dim] and kv_cache_v_<layer> [1, kv_heads, head_dim, cache]: "
-                        "passed in and returned by every call, new entries written at input_pos",
+            "passed in and returned by every call, new entries written at input_pos",
             "mask": "float32 added to attention scores: 0 where the cache slot is at or before the row's position, -inf after",
             "prompt": "all but the last token through prefill (chunks of prefill_tokens, zero-padded), the last through decode",
             "logits": "decode only; prefill returns the cache",
@@ -144,8 +179,9 @@ class TFLiteRunner(SessionRunner):
     def open_session(self) -> LiteRTSession:
         return LiteRTSession(self.path, threads=self.threads)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         lengths = None if attention_mask is None else attention_mask.sum(-1).tolist()
         wanted = None if positions is None else positions.cpu().numpy()
         return torch.from_numpy(self._call(self.session.logits, input_ids.cpu().numpy(), lengths, wanted))

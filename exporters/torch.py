@@ -1,4 +1,5 @@
 """The PyTorch Runner: HF folders, GGUF files and the embedded default, through `load_model`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,16 @@ from vcompress.core.runner import RUNNERS, Runner
 class TorchRunner(Runner):
     backend = "torch"
 
-    def __init__(self, path: str | Path | None, *, threads: int | None = None, allow_pickle: bool = False,
-                 trust_remote_code: bool = False, base: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        path: str | Path | None,
+        *,
+        threads: int | None = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+        base: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         source = resolve(path, allow_pickle=allow_pickle, base=base)
         super().__init__(source.path, threads=threads)
         if threads:
@@ -32,8 +41,9 @@ class TorchRunner(Runner):
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Float32 logits [batch, seq, vocab]; with `positions`, only those sequence positions."""
         kwargs: dict[str, Any] = {"use_cache": False}
         if attention_mask is not None:

@@ -149,3 +149,39 @@ def test_teacher_answers_are_cached_by_weights_and_prompts(tiny_llama, tmp_path,
     scored("cloze", cache=False)  # and without the cache nothing is read
     scored("cloze", per_subject=2)  # another question set is another key
     assert calls == ["cloze", "letter", "cloze", "cloze"]
+
+
+def test_print_verdict_shows_the_interval_and_says_undecided(tiny_budgets):
+    from rich.console import Console
+
+    from vcompress.validate import print_verdict
+
+    checks = budget_checks(tiny_budgets, _evaluation(_drop(3, 1, 80)), {})
+    console = Console(record=True, width=200)
+    print_verdict({"profile": "x86-cpu", "checks": checks, "passed": False}, console)
+    out = console.export_text()
+    assert "2.5 (95% CI -3.49 to 9.41)" in out and "undecided" in out.split("max_perplexity")[0]
+    assert "max_mmlu_drop_points (cloze MMLU): undecided: evaluate more questions (drop 2.50 points" in out
+
+
+@pytest.mark.parametrize("budget, code, outcome", [(2, 1, "undecided"), (100, 0, "pass")])
+def test_validate_exits_1_when_the_drop_is_undecided(cli, tiny_llama, tmp_path, monkeypatch, budget, code, outcome):
+    """The model against itself on 3 questions: no drop, but 3 questions cannot show a 2-point budget is met."""
+    import yaml
+
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(tmp_path / "cache"))
+    profile = yaml.safe_load(load_profile("x86-cpu").model_dump_json())
+    profile["evaluation"].update(subset="anatomy", per_subject=3)
+    profile["budgets"]["max_mmlu_drop_points"] = budget
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(profile))
+    got, out, err = cli("validate", "--profile", tmp_path / "p.yaml", "--artifact", tiny_llama, "--reference", tiny_llama,
+                        "--device", "roofline", "--out", tmp_path / "v")
+    verdict = json.loads((tmp_path / "v" / "verdict.json").read_text())
+    drop = {c["budget"]: c for c in verdict["checks"]}["max_mmlu_drop_points"]
+    assert got == code, err[-2000:]
+    assert drop["result"] == outcome and drop["value"] == 0 and drop["format"] == "cloze" and drop["n"] == 3
+    assert drop["ci95"][0] == pytest.approx(-100 * Z2 / (3 + Z2), abs=1e-3)
+    evaluation = json.loads((tmp_path / "v" / "eval.json").read_text())
+    assert evaluation["format"]["name"] == "cloze" and "per character" not in evaluation["format"]["prompt"]
+    assert evaluation["drop"]["domains"]["medical"]["n"] == 3 and evaluation["teacher"]["domains"]["medical"]["n"] == 3
+    assert ("undecided: evaluate more questions" in out) is (outcome == "undecided")

@@ -1,4 +1,5 @@
 """`vcompress run --auto`: candidate estimates and order, the recipe each candidate runs, the search."""
+
 import json
 
 import pytest
@@ -13,9 +14,12 @@ SHAPE = {"layers": 4, "query_heads": 8, "kv_heads": 4, "head_dim": 16, "hidden_s
 
 
 def scores(mask=None, quant=None) -> dict:
-    return {"shape": SHAPE, "vocab_size": 1000,
-            "heads": {"mask_loss_delta_nats": mask or [[0.01, 0.02, 0.3, 0.4]] * 4},
-            "quant": {"loss_delta_nats": quant or [[0.001, -0.002]] * 4}}
+    return {
+        "shape": SHAPE,
+        "vocab_size": 1000,
+        "heads": {"mask_loss_delta_nats": mask or [[0.01, 0.02, 0.3, 0.4]] * 4},
+        "quant": {"loss_delta_nats": quant or [[0.001, -0.002]] * 4},
+    }
 
 
 def test_estimates_shrink_with_pruning_and_bits():
@@ -28,9 +32,9 @@ def test_estimates_shrink_with_pruning_and_bits():
 
 def test_prediction_sums_the_groups_the_pruner_would_remove():
     # removing one of four groups per layer takes the smallest delta (0.01) in each of 4 layers
-    assert predicted_rise_pct(scores(), 0.25, 8) == pytest.approx(100 * (2.718281828 ** 0.04 - 1), abs=0.01)
+    assert predicted_rise_pct(scores(), 0.25, 8) == pytest.approx(100 * (2.718281828**0.04 - 1), abs=0.01)
     # 4-bit adds the rounding losses (a negative one is noise and counts as zero)
-    assert predicted_rise_pct(scores(), 0, 4) == pytest.approx(100 * (2.718281828 ** 0.004 - 1), abs=0.01)
+    assert predicted_rise_pct(scores(), 0, 4) == pytest.approx(100 * (2.718281828**0.004 - 1), abs=0.01)
     assert predicted_rise_pct({"shape": SHAPE}, 0.25, 4) is None
 
 
@@ -70,8 +74,14 @@ def _profile(path, **budgets):
 
 
 def test_auto_runs_the_smallest_candidate_that_passes(cli, tmp_path, tiny_src):
-    profile = _profile(tmp_path / "p.yaml", max_mmlu_drop_points=100, max_perplexity_rise_pct=1e9, min_answer_agreement=0,
-                       max_ttft_ms=1e6, min_decode_tokens_per_s=0.001)
+    profile = _profile(
+        tmp_path / "p.yaml",
+        max_mmlu_drop_points=100,
+        max_perplexity_rise_pct=1e9,
+        min_answer_agreement=0,
+        max_ttft_ms=1e6,
+        min_decode_tokens_per_s=0.001,
+    )
     code, out, err = cli("run", "--profile", profile, "--model", tiny_src, "--out", tmp_path / "R", "--auto")
     summary = json.loads((tmp_path / "R" / "auto.json").read_text())
     assert code == 0, err[-2000:]

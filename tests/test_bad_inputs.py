@@ -1,5 +1,6 @@
 """Inputs that once gave a traceback: each now ends with exit 2 and one line that names the problem and the
 fix, and nothing already written is lost."""
+
 from __future__ import annotations
 
 import errno

@@ -5,14 +5,31 @@ import sys
 def test_help_lists_command_groups(cli):
     code, out, _ = cli("--help")
     assert code == 0
-    for name in ("inspect", "profiles", "run", "analyze", "prune", "distill", "quantize", "export", "eval", "validate", "record", "report", "package", "verify"):
+    for name in (
+        "inspect",
+        "profiles",
+        "run",
+        "analyze",
+        "prune",
+        "distill",
+        "quantize",
+        "export",
+        "eval",
+        "validate",
+        "record",
+        "report",
+        "package",
+        "verify",
+    ):
         assert name in out
 
 
 def test_profiles_list_and_show(cli):
     code, out, _ = cli("profiles", "list", "--json")
     assert code == 0
-    assert {"snapdragon8g2", "x86-cpu", "pixel8"} <= set(__import__("json").loads(out) and [p["name"] for p in __import__("json").loads(out)])
+    assert {"snapdragon8g2", "x86-cpu", "pixel8"} <= set(
+        __import__("json").loads(out) and [p["name"] for p in __import__("json").loads(out)]
+    )
     code, out, _ = cli("profiles", "show", "snapdragon8g2")
     assert code == 0 and "67.2" in out and "LPDDR5X" in out
 
@@ -33,7 +50,9 @@ def test_inspect_tiny_json(cli, tiny_llama):
 
 
 def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "vcompress", "inspect", "--model", str(tmp_path / "missing")], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "vcompress", "inspect", "--model", str(tmp_path / "missing")], capture_output=True, text=True
+    )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
     assert "does not exist" in run.stderr

@@ -1,5 +1,6 @@
 """MMLU loading: the packaged copy, Hendrycks CSV folders, JSONL, subjects and groups, seeded sampling;
 users' domain files."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from vcompress.core.data import (ALL_SUBJECTS, GROUPS, PACKAGED_MMLU, Question, default_texts, find_mmlu, load_mmlu,
-                                 read_domain_file, resolve_subjects, sample_questions)
+from vcompress.core.data import (
+    ALL_SUBJECTS,
+    GROUPS,
+    PACKAGED_MMLU,
+    Question,
+    default_texts,
+    find_mmlu,
+    load_mmlu,
+    read_domain_file,
+    resolve_subjects,
+    sample_questions,
+)
 from vcompress.core.errors import InputError
 
 # The copy the tests read before MMLU was packaged, where it sits beside the checkout.
@@ -57,8 +68,18 @@ def test_unknown_subject_lists_valid_groups_and_subjects():
 
 
 def test_groups_resolve_to_subjects():
-    assert resolve_subjects("medical") == sorted(["anatomy", "clinical_knowledge", "college_biology", "college_medicine",
-                                                  "medical_genetics", "nutrition", "professional_medicine", "virology"])
+    assert resolve_subjects("medical") == sorted(
+        [
+            "anatomy",
+            "clinical_knowledge",
+            "college_biology",
+            "college_medicine",
+            "medical_genetics",
+            "nutrition",
+            "professional_medicine",
+            "virology",
+        ]
+    )
     assert len(resolve_subjects("all")) == len(ALL_SUBJECTS) == 57
     assert sum(len(GROUPS[g]) for g in ("stem", "humanities", "social_sciences", "other")) == 57
     assert resolve_subjects(["virology", "anatomy", "virology"]) == ["anatomy", "virology"]
@@ -143,7 +164,7 @@ def test_empty_subset_is_refused_with_the_valid_names(cli, tiny_llama):
 
 def test_mmlu_csv_that_is_not_utf8_names_file_and_line(cli, tiny_llama, tmp_path):
     path = write_csv(tmp_path, "anatomy", "test", ["Q,a,b,c,d,A"])
-    path.write_bytes(b"Q,a,b,c,d,A\n\"Caf\xe9?\",a,b,c,d,B\n")  # Latin-1, as a spreadsheet may save it
+    path.write_bytes(b'Q,a,b,c,d,A\n"Caf\xe9?",a,b,c,d,B\n')  # Latin-1, as a spreadsheet may save it
     code, _, err = cli("eval", "--model", tiny_llama, "--mmlu", tmp_path, "--subset", "anatomy", "--per-subject", "1")
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == f"error: {path}:2: byte 0xe9 is not UTF-8; save the file as UTF-8"
@@ -157,8 +178,9 @@ def test_mmlu_jsonl_line_that_is_not_an_object_names_the_line(tmp_path):
             load_mmlu(path)
 
 
-@pytest.mark.parametrize("name, data", [("d.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),
-                                        ("d.csv", b"prompt,completion\nhi,caf\xe9\n")])
+@pytest.mark.parametrize(
+    "name, data", [("d.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), ("d.csv", b"prompt,completion\nhi,caf\xe9\n")]
+)
 def test_data_file_that_is_not_utf8_names_file_and_line(tmp_path, name, data):
     path = tmp_path / name
     path.write_bytes(data)
@@ -168,7 +190,7 @@ def test_data_file_that_is_not_utf8_names_file_and_line(tmp_path, name, data):
 
 def test_data_files_read_with_a_bom_and_windows_newlines(tmp_path):
     csv_path, txt_path = tmp_path / "d.csv", tmp_path / "d.txt"
-    csv_path.write_bytes("\ufeffprompt,completion\r\nhi,\"two\r\nlines\"\r\n".encode())
+    csv_path.write_bytes('\ufeffprompt,completion\r\nhi,"two\r\nlines"\r\n'.encode())
     txt_path.write_bytes(b"first\r\n\r\nsecond\r\n")
     assert read_domain_file(csv_path) == [{"prompt": "hi", "completion": "two\r\nlines"}]
     assert read_domain_file(txt_path) == [{"text": "first"}, {"text": "second\n"}]

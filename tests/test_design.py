@@ -4,6 +4,7 @@ tests/plugins/ holds a "torch-half" exporter and a "fake-board" device; importin
 change, and profiles, `run`, validation and packaging take them by name. The last test fails if a
 hard-coded list of exporter, device or stage names comes back into the ground or face floors.
 """
+
 import ast
 import contextlib
 import io
@@ -47,12 +48,15 @@ def test_the_plugin_profile_validates(cli):
     assert "plugin-board: torch-half, 2 stages" in out
 
 
-@pytest.mark.parametrize("connection, named", [
-    ({"kind": "fake-board", "board_idd": "board-0042"}, "'board_idd'"),  # a typo
-    ({"kind": "fake-board"}, "board_id"),  # its required setting left out
-    ({"kind": "fake-board", "board_id": "b", "tokens_per_s": 0}, "tokens_per_s"),
-    ({"board_id": "board-0042"}, "kind"),  # settings that name no device
-])
+@pytest.mark.parametrize(
+    "connection, named",
+    [
+        ({"kind": "fake-board", "board_idd": "board-0042"}, "'board_idd'"),  # a typo
+        ({"kind": "fake-board"}, "board_id"),  # its required setting left out
+        ({"kind": "fake-board", "board_id": "b", "tokens_per_s": 0}, "tokens_per_s"),
+        ({"board_id": "board-0042"}, "kind"),  # settings that name no device
+    ],
+)
 def test_a_bad_fake_board_connection_fails_at_plan_time_naming_the_key(cli, tmp_path, connection, named):
     profile = with_connection(tmp_path, connection)
     for args in (("profiles", "validate", profile), ("run", "--profile", profile, "--out", tmp_path / "R", "--dry-run")):
@@ -72,12 +76,21 @@ def test_run_exports_torch_half_and_validates_on_the_fake_board(plugin_run):
     assert {str(t.dtype) for t in load_file(export / "model.safetensors").values()} == {"torch.float16"}
 
     latency = json.loads((run / "06-validate" / "latency.json").read_text())
-    assert (latency["device_kind"], latency["board_id"], latency["backend"], latency["source"]) == \
-        ("fake-board", "board-0042", "torch-half", "estimated")
+    assert (latency["device_kind"], latency["board_id"], latency["backend"], latency["source"]) == (
+        "fake-board",
+        "board-0042",
+        "torch-half",
+        "estimated",
+    )
     assert latency["decode_tokens_per_s"] == {"value": 40, "unit": "tokens/s", "source": "estimated", "device": "plugin test board"}
     assert latency["ttft_ms"]["value"] == 800  # 32 prompt tokens at 40 tokens/s
     verdict = json.loads((run / "06-validate" / "verdict.json").read_text())
-    assert (verdict["format"], verdict["backend"], verdict["device"], verdict["passed"]) == ("torch-half", "torch-half", "plugin test board", True)
+    assert (verdict["format"], verdict["backend"], verdict["device"], verdict["passed"]) == (
+        "torch-half",
+        "torch-half",
+        "plugin test board",
+        True,
+    )
     sources = {c["budget"]: c["source"] for c in verdict["checks"]}
     assert sources["max_ttft_ms"] == sources["min_decode_tokens_per_s"] == sources["max_peak_ram_mb"] == "estimated"
     assert sources["max_model_size_mb"] == "measured"
@@ -118,8 +131,13 @@ def registered_names() -> set[str]:
 
 def registered_here(tree: ast.AST) -> set[str]:
     """The names a module registers itself (`@REGISTRY.register("name")`): its own to write."""
-    return {arg.value for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "register"
-            for arg in node.args if isinstance(arg, ast.Constant)}
+    return {
+        arg.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "register"
+        for arg in node.args
+        if isinstance(arg, ast.Constant)
+    }
 
 
 def hard_coded(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
@@ -159,16 +177,23 @@ def hard_coded(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
 
 def test_hard_coded_check_catches_the_patterns_it_is_for():
     names = {"onnx", "tflite", "ssh", "roofline"}
-    source = '''
+    source = """
 format: Literal["onnx", "tflite"]
 kind: str = "roofline"
 if device == "ssh": pass
 choice = click.Choice(["onnx"])
 FORMATS = ("onnx", "tflite")
 command("onnx")  # a command's own name: fine
-'''
-    assert hard_coded(ast.parse(source), names) == [(2, "onnx"), (2, "tflite"), (3, "roofline"), (4, "ssh"), (5, "onnx"),
-                                                           (6, "onnx"), (6, "tflite")]
+"""
+    assert hard_coded(ast.parse(source), names) == [
+        (2, "onnx"),
+        (2, "tflite"),
+        (3, "roofline"),
+        (4, "ssh"),
+        (5, "onnx"),
+        (6, "onnx"),
+        (6, "tflite"),
+    ]
 
 
 def test_no_hard_coded_exporter_device_or_stage_names():

@@ -1,5 +1,6 @@
 """Devices: roofline arithmetic, the host benchmark (runtime-only for exports), ssh against a real local sshd,
 adb against a transcript, model files from the manifest, sizes in MiB."""
+
 from __future__ import annotations
 
 import getpass
@@ -21,24 +22,36 @@ from vcompress.core.errors import InputError
 from vcompress.core.manifest import model_files
 from vcompress.core.profiles import Device, load_profile
 from vcompress.core.units import MIB
-from vcompress.devices import default_device, measure, open_device
-from vcompress.devices import adb, roofline
+from vcompress.devices import adb, default_device, measure, open_device, roofline
 from vcompress.devices.bench import prompt_ids, run_benchmark
 
 DATA = Path(__file__).parent / "data"
-CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, vocab_size=384, max_position_embeddings=256, tie_word_embeddings=True)
+CONFIG = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=384,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 
 
 def write_artifact(folder: Path, tied: bool = True) -> Path:
     """config.json + safetensors whose weight bytes are known by hand: 49152 + 1000 + 256 = 50408."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({**CONFIG, "tie_word_embeddings": tied}))
-    save_file({
-        "model.embed_tokens.weight": torch.zeros(384, 64, dtype=torch.float16),  # 49152 bytes
-        "model.layers.0.mlp.down_proj.qweight": torch.zeros(1000, dtype=torch.int8),  # 1000 bytes
-        "model.norm.weight": torch.zeros(64, dtype=torch.float32),  # 256 bytes
-    }, str(folder / "model.safetensors"))
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.zeros(384, 64, dtype=torch.float16),  # 49152 bytes
+            "model.layers.0.mlp.down_proj.qweight": torch.zeros(1000, dtype=torch.int8),  # 1000 bytes
+            "model.norm.weight": torch.zeros(64, dtype=torch.float32),  # 256 bytes
+        },
+        str(folder / "model.safetensors"),
+    )
     return folder
 
 
@@ -76,7 +89,11 @@ def test_roofline_matches_hand_computed_figures(tmp_path):
     shape = roofline.shapes(CONFIG)
     assert roofline.peak_ram_bytes(shape, roofline.weight_bytes(model_files(art)), 32, 8) == 121576
     assert est["peak_rss_mb"] == {**est["peak_rss_mb"], "value": round(121576 / 2**20, 1), "unit": "MiB"}
-    assert est["model_size_mb"] == {"value": round((art / "model.safetensors").stat().st_size / 2**20, 2), "unit": "MiB", "source": "measured"}
+    assert est["model_size_mb"] == {
+        "value": round((art / "model.safetensors").stat().st_size / 2**20, 2),
+        "unit": "MiB",
+        "source": "measured",
+    }
 
 
 def test_untied_input_embedding_is_not_read_per_token(tmp_path):
@@ -99,11 +116,16 @@ def test_onnx_weight_bytes_leave_out_gather_only_tables(tmp_path):
     weight = numpy_helper.from_array(np.zeros((4, 4), np.float32), "proj.weight")  # 64 bytes, read every token
     graph = helper.make_graph(
         [helper.make_node("Gather", ["embed_tokens.weight", "ids"], ["h"]), helper.make_node("MatMul", ["h", "proj.weight"], ["y"])],
-        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [table, weight])
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [table, weight],
+    )
     folder = tmp_path / "onnx"
     folder.mkdir()
-    onnx.save_model(helper.make_model(graph), folder / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        helper.make_model(graph), folder / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0
+    )
     (folder / "manifest.json").write_text(json.dumps({"format": "onnx", "files": {"model": "model.onnx", "weights": "model.onnx.data"}}))
     weights = roofline.weight_bytes(model_files(folder))
     assert weights == {"stored_bytes": 224, "gather_only_bytes": 160, "per_token_bytes": 64, "files": ["model.onnx", "model.onnx.data"]}
@@ -114,8 +136,14 @@ def test_model_files_come_from_the_manifest_not_suffixes(tmp_path):
     art.mkdir()
     for name, size in (("graph.onnx", 10), ("graph.onnx.data", 100), ("config.json", 7), ("tokenizer.json", 1000), ("stray.onnx", 5000)):
         (art / name).write_bytes(b"x" * size)
-    (art / "manifest.json").write_text(json.dumps({"format": "onnx", "files": {
-        "model": "graph.onnx", "weights": "graph.onnx.data", "config": "config.json", "tokenizer": "tokenizer.json"}}))
+    (art / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "onnx",
+                "files": {"model": "graph.onnx", "weights": "graph.onnx.data", "config": "config.json", "tokenizer": "tokenizer.json"},
+            }
+        )
+    )
     assert model_files(art) == [art / "graph.onnx", art / "graph.onnx.data"]  # not the sidecars, not a stray .onnx
     (art / "graph.onnx.data").unlink()
     with pytest.raises(InputError, match="lacks graph.onnx.data, which its manifest.json lists"):
@@ -181,12 +209,18 @@ def test_host_device_measures_through_the_runner(tiny_llama):
     rss = result["peak_rss_mb"]
     assert rss["source"] == "measured" and rss["unit"] == "MiB" and rss["value"] >= rss["runtime_baseline_mib"] > 0
     assert result["runtime"]["module"] == "torch" and "torch" in result["modules_imported"]  # an HF folder runs on torch, and says so
-    assert result["model_size_mb"] == {"value": round((tiny_llama / "model.safetensors").stat().st_size / 2**20, 2), "unit": "MiB", "source": "measured"}
+    assert result["model_size_mb"] == {
+        "value": round((tiny_llama / "model.safetensors").stat().st_size / 2**20, 2),
+        "unit": "MiB",
+        "source": "measured",
+    }
     est = result["estimate"]
     assert est["source"] == "estimated" and est["ttft_ms"]["source"] == "estimated"
     assert est["roofline"]["memory_bandwidth_gbs"] == 36  # the host's own figures (x86-cpu)
     ratio = est["ratio_measured_to_estimated"]
-    assert ratio["decode_tokens_per_s"] == pytest.approx(result["decode_tokens_per_s"]["value"] / est["decode_tokens_per_s"]["value"], rel=1e-3)
+    assert ratio["decode_tokens_per_s"] == pytest.approx(
+        result["decode_tokens_per_s"]["value"] / est["decode_tokens_per_s"]["value"], rel=1e-3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +246,27 @@ def test_host_measures_an_onnx_export_with_the_runtime_alone(tiny_onnx):
 
 
 def test_python_m_bench_measures_without_torch_too(tiny_onnx):
-    done = subprocess.run([sys.executable, "-m", "vcompress.devices.bench", str(tiny_onnx), "--prompt-tokens", "8",
-                           "--decode-tokens", "2", "--runs", "1", "--warmup", "0", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vcompress.devices.bench",
+            str(tiny_onnx),
+            "--prompt-tokens",
+            "8",
+            "--decode-tokens",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
     result = json.loads(done.stdout)
     assert result["backend"] == "onnx" and "torch" not in result["modules_imported"]
@@ -254,11 +307,26 @@ def sshd(tmp_path):
     shutil.copy(keys / "client_key.pub", keys / "authorized_keys")
     port = _free_port()
     config = keys / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {keys / 'host_key'}", f"PidFile {keys / 'sshd.pid'}",
-        f"AuthorizedKeysFile {keys / 'authorized_keys'}", "PermitRootLogin yes", "StrictModes no", "UsePAM no",
-        "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        "Subsystem sftp /usr/lib/openssh/sftp-server", "LogLevel ERROR", ""]))
+    config.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {keys / 'host_key'}",
+                f"PidFile {keys / 'sshd.pid'}",
+                f"AuthorizedKeysFile {keys / 'authorized_keys'}",
+                "PermitRootLogin yes",
+                "StrictModes no",
+                "UsePAM no",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "Subsystem sftp /usr/lib/openssh/sftp-server",
+                "LogLevel ERROR",
+                "",
+            ]
+        )
+    )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
@@ -271,8 +339,13 @@ def sshd(tmp_path):
             break
         except OSError:
             time.sleep(0.1)
-    settings = dict(host="127.0.0.1", port=port, user=getpass.getuser(), identity_file=str(keys / "client_key"),
-                    ssh_options=["StrictHostKeyChecking=accept-new", f"UserKnownHostsFile={keys / 'known_hosts'}"])
+    settings = dict(
+        host="127.0.0.1",
+        port=port,
+        user=getpass.getuser(),
+        identity_file=str(keys / "client_key"),
+        ssh_options=["StrictHostKeyChecking=accept-new", f"UserKnownHostsFile={keys / 'known_hosts'}"],
+    )
     yield settings
     proc.terminate()
     proc.wait(timeout=10)
@@ -280,8 +353,19 @@ def sshd(tmp_path):
 
 def test_ssh_device_copies_runs_and_reads_back(sshd, tiny_onnx, tmp_path):
     board = tmp_path / "board"  # the board's workdir; the board's python is this venv's
-    result = measure(tiny_onnx, "ssh", "raspberry-pi5", python=sys.executable, workdir=str(board),
-                     prompt_tokens=16, decode_tokens=4, runs=2, warmup=0, threads=1, **sshd)
+    result = measure(
+        tiny_onnx,
+        "ssh",
+        "raspberry-pi5",
+        python=sys.executable,
+        workdir=str(board),
+        prompt_tokens=16,
+        decode_tokens=4,
+        runs=2,
+        warmup=0,
+        threads=1,
+        **sshd,
+    )
     copied = board / tiny_onnx.name / "model.onnx.data"
     assert copied.read_bytes() == (tiny_onnx / "model.onnx.data").read_bytes()
     assert (result["device"], result["device_kind"], result["source"]) == ("Raspberry Pi 5", "ssh", "measured")
@@ -311,8 +395,18 @@ def test_ssh_device_needs_a_host(tiny_llama):
 def test_parse_benchmark_model_transcript():
     out = adb.parse_benchmark_model((DATA / "benchmark_model_prefill.txt").read_text())
     assert (out["init_us"], out["first_inference_us"], out["warmup_avg_us"], out["inference_avg_us"]) == (412318, 398214, 398214, 287637)
-    assert out["runs"] == {"count": 5, "first": 291877, "curr": 286540, "min": 284903, "max": 291877, "avg": 287637, "std": 2461,
-                           "p5": 284903, "median": 286981, "p95": 291877}
+    assert out["runs"] == {
+        "count": 5,
+        "first": 291877,
+        "curr": 286540,
+        "min": 284903,
+        "max": 291877,
+        "avg": 287637,
+        "std": 2461,
+        "p5": 284903,
+        "median": 286981,
+        "p95": 291877,
+    }
     assert out["warmup_runs"]["count"] == 1
     assert (out["model_size_mb"], out["session_init_ms"], out["peak_memory_mb"]) == (139.861, 412.318, 184.918)
     assert (out["memory_init_mb"], out["memory_overall_mb"]) == (146.227, 178.652)
@@ -322,9 +416,11 @@ def test_parse_benchmark_model_transcript():
 
 def test_parse_older_benchmark_model_output():
     # Builds without p5/median print avg in %g form and the older "Peak memory footprint" line.
-    text = ("count=50 first=3001122 curr=2950011 min=2900400 max=3100200 avg=2.95034e+06 std=41000\n"
-            "Inference timings in us: Init: 18000, First inference: 3100200, Warmup (avg): 3.1002e+06, Inference (avg): 2.95034e+06\n"
-            "Peak memory footprint (MB): init=4.5 overall=120.25\n")
+    text = (
+        "count=50 first=3001122 curr=2950011 min=2900400 max=3100200 avg=2.95034e+06 std=41000\n"
+        "Inference timings in us: Init: 18000, First inference: 3100200, Warmup (avg): 3.1002e+06, Inference (avg): 2.95034e+06\n"
+        "Peak memory footprint (MB): init=4.5 overall=120.25\n"
+    )
     out = adb.parse_benchmark_model(text)
     assert out["inference_avg_us"] == 2950340 and adb.typical_us(out) == 2950340
     assert out["memory_overall_mb"] == 120.25 and out["peak_memory_mb"] is None
@@ -338,18 +434,32 @@ def test_parse_rejects_output_without_timings():
 def test_adb_command_line():
     device = open_device("adb", "snapdragon8g2", serial="R5CT1234", threads=4, runs=5, warmup=1, extra_args=["--use_gpu=true"])
     cmd = device.benchmark_command(Path("art/model.tflite"), "prefill")
-    assert cmd == ["adb", "-s", "R5CT1234", "shell",
-                   "/data/local/tmp/benchmark_model --graph=/data/local/tmp/vcompress/model.tflite --signature_to_run_for=prefill "
-                   "--num_runs=5 --warmup_runs=1 --min_secs=0 --warmup_min_secs=0 --report_peak_memory_footprint=true "
-                   "--num_threads=4 --use_gpu=true"]
-    assert device.adb("push", "art/model.tflite", "/data/local/tmp/vcompress/") == ["adb", "-s", "R5CT1234", "push", "art/model.tflite", "/data/local/tmp/vcompress/"]
+    assert cmd == [
+        "adb",
+        "-s",
+        "R5CT1234",
+        "shell",
+        "/data/local/tmp/benchmark_model --graph=/data/local/tmp/vcompress/model.tflite --signature_to_run_for=prefill "
+        "--num_runs=5 --warmup_runs=1 --min_secs=0 --warmup_min_secs=0 --report_peak_memory_footprint=true "
+        "--num_threads=4 --use_gpu=true",
+    ]
+    assert device.adb("push", "art/model.tflite", "/data/local/tmp/vcompress/") == [
+        "adb",
+        "-s",
+        "R5CT1234",
+        "push",
+        "art/model.tflite",
+        "/data/local/tmp/vcompress/",
+    ]
 
 
 def test_adb_signature_names_come_from_the_manifest(tmp_path):
     art = tmp_path / "art"
     art.mkdir()
     assert adb.signature_names(art) == {"prefill": "prefill", "decode": "decode"}
-    (art / "manifest.json").write_text(json.dumps({"format": "tflite", "signatures": {"prefill": {"name": "prefill_256"}, "decode": {"name": "decode"}}}))
+    (art / "manifest.json").write_text(
+        json.dumps({"format": "tflite", "signatures": {"prefill": {"name": "prefill_256"}, "decode": {"name": "decode"}}})
+    )
     assert adb.signature_names(art) == {"prefill": "prefill_256", "decode": "decode"}
 
 
@@ -359,16 +469,23 @@ def test_adb_device_end_to_end_with_a_fake_adb(tmp_path):
     (art / "manifest.json").write_text(json.dumps({"format": "tflite", "files": {"model": "model.tflite", "config": "config.json"}}))
     log = tmp_path / "adb.log"
     fake = tmp_path / "adb"
-    fake.write_text("#!/bin/sh\n"
-                    f'echo "$@" >> {log}\n'
-                    'case "$*" in\n'
-                    f'  *signature_to_run_for=prefill*) cat {DATA / "benchmark_model_prefill.txt"} ;;\n'
-                    f'  *signature_to_run_for=decode*) cat {DATA / "benchmark_model_decode.txt"} ;;\n'
-                    '  *push*) echo "1 file pushed" ;;\n'
-                    'esac\n')
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {log}\n'
+        'case "$*" in\n'
+        f"  *signature_to_run_for=prefill*) cat {DATA / 'benchmark_model_prefill.txt'} ;;\n"
+        f"  *signature_to_run_for=decode*) cat {DATA / 'benchmark_model_decode.txt'} ;;\n"
+        '  *push*) echo "1 file pushed" ;;\n'
+        "esac\n"
+    )
     fake.chmod(0o755)
     result = measure(art, "adb", "snapdragon8g2", adb=str(fake), serial="R5CT1234", threads=4)
-    assert (result["device"], result["device_kind"], result["backend"], result["source"]) == ("Snapdragon 8 Gen 2", "adb", "litert", "measured")
+    assert (result["device"], result["device_kind"], result["backend"], result["source"]) == (
+        "Snapdragon 8 Gen 2",
+        "adb",
+        "litert",
+        "measured",
+    )
     assert result["ttft_ms"]["value"] == 286.981 and result["ttft_ms"]["device"] == "Snapdragon 8 Gen 2"
     assert result["decode_tokens_per_s"]["value"] == pytest.approx(1e6 / 8641, abs=0.01)
     assert result["peak_rss_mb"]["value"] == 184.918 and result["peak_rss_mb"]["unit"] == "MiB"

@@ -1,4 +1,5 @@
 """Distillation on tiny models: the loss falls, a killed run resumes to the same weights, data files parse."""
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def alpaca(tmp_path_factory) -> Path:
-    rows = [{"instruction": q, "input": "" if i % 2 else "context", "output": CORPUS[(i + 3) % len(CORPUS)]} for i, q in enumerate(CORPUS * 2)]
+    rows = [
+        {"instruction": q, "input": "" if i % 2 else "context", "output": CORPUS[(i + 3) % len(CORPUS)]} for i, q in enumerate(CORPUS * 2)
+    ]
     return write_jsonl(tmp_path_factory.mktemp("data") / "alpaca.jsonl", rows)
 
 
@@ -127,8 +130,15 @@ def test_layer_map_spreads_evenly_without_a_record(tiny_models, tokenizer, tmp_p
 def test_run_writes_checkpoint_and_metrics_and_lowers_validation_kl(pair, alpaca, tmp_path):
     teacher, student = pair
     out = tmp_path / "03-distill"
-    metrics = distill(student, out, teacher=teacher, data=alpaca, config={**FAST, "eval_per_subject": 1, "hidden_weight": 0.5},
-                      subset="anatomy", log=lambda _: None)
+    metrics = distill(
+        student,
+        out,
+        teacher=teacher,
+        data=alpaca,
+        config={**FAST, "eval_per_subject": 1, "hidden_weight": 0.5},
+        subset="anatomy",
+        log=lambda _: None,
+    )
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["steps"] == 12 and saved["stopped_by"] == "steps_done"
@@ -193,15 +203,44 @@ def test_resume_with_other_settings_is_refused(tiny_llama, tokenizer, alpaca, tm
 
 def test_kill_9_then_resume_from_the_cli(pair, alpaca, tmp_path, cli):
     teacher, student = pair
-    args = ["distill", "--teacher", teacher, "--student", student, "--data", alpaca, "--seq-len", 32, "--batch-size", 2,
-            "--lr", 3e-3, "--warmup", 2, "--max-steps", 400, "--save-every", 20, "--patience", 100, "--eval-per-subject", 0, "--seed", 3]
+    args = [
+        "distill",
+        "--teacher",
+        teacher,
+        "--student",
+        student,
+        "--data",
+        alpaca,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--lr",
+        3e-3,
+        "--warmup",
+        2,
+        "--max-steps",
+        400,
+        "--save-every",
+        20,
+        "--patience",
+        100,
+        "--eval-per-subject",
+        0,
+        "--seed",
+        3,
+    ]
     code, _, err = cli(*args, "--out", tmp_path / "straight")
     assert code == 0, err
     out = tmp_path / "killed"
     checkpoint = tmp_path / ".killed.work" / CHECKPOINT
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "vcompress", *map(str, args), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vcompress", *map(str, args), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.time() + 120
     while not checkpoint.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -244,11 +283,14 @@ def test_each_data_format_parses_into_train_and_validation(name, tokenizer, tmp_
     assert torch.equal(train, again) and not torch.equal(train, other)  # a seeded split
 
 
-@pytest.mark.parametrize("name,body,line", [
-    ("bad.jsonl", '{"text": "fine"}\n{"text": "fine too"}\n{"text": oops}\n', 3),
-    ("keys.jsonl", '{"text": "fine"}\n{"question": "no known keys"}\n', 2),
-    ("bad.csv", 'prompt,completion\n"a","b"\n"c","d"\n"e"\n', 4),
-])
+@pytest.mark.parametrize(
+    "name,body,line",
+    [
+        ("bad.jsonl", '{"text": "fine"}\n{"text": "fine too"}\n{"text": oops}\n', 3),
+        ("keys.jsonl", '{"text": "fine"}\n{"question": "no known keys"}\n', 2),
+        ("bad.csv", 'prompt,completion\n"a","b"\n"c","d"\n"e"\n', 4),
+    ],
+)
 def test_malformed_line_names_file_and_line(name, body, line, tiny_llama, tmp_path, cli):
     path = tmp_path / name
     path.write_text(body)
@@ -259,8 +301,9 @@ def test_malformed_line_names_file_and_line(name, body, line, tiny_llama, tmp_pa
 
 def test_default_data_is_mmlu_outside_the_subset_and_says_so(tokenizer, mmlu_root):
     logs = []
-    train, val = build_blocks(None, tokenizer, DistillConfig(seq_len=64, max_blocks=8, val_blocks=2), seed=0,
-                              subset="medical", mmlu=mmlu_root, log=logs.append)
+    train, val = build_blocks(
+        None, tokenizer, DistillConfig(seq_len=64, max_blocks=8, val_blocks=2), seed=0, subset="medical", mmlu=mmlu_root, log=logs.append
+    )
     assert train.shape == (8, 64) and val.shape == (2, 64)
     assert any("no --data given" in line and "medical" in line for line in logs)
 

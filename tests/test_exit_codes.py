@@ -1,5 +1,6 @@
 """The exit codes a script can rely on, from the real console script in its own process:
 0 ok, 1 a check failed, 2 bad input (one line), 3 an internal error (one line + a log with the traceback)."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,9 @@ SCRIPT = Path(sys.executable).with_name("vcompress")
 
 
 def vcompress(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    return subprocess.run(
+        [str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,9 +48,8 @@ def test_2_on_bad_input_one_line():
 def test_3_on_an_internal_error_with_the_traceback_in_a_log(tmp_path):
     # A bug of ours, planted: loading any profile raises an exception that is not one of vcompress's errors.
     (tmp_path / "sitecustomize.py").write_text(
-        "import vcompress.core.profiles as p\n"
-        "def broken(*a, **k):\n    raise ZeroDivisionError('planted bug')\n"
-        "p.load_profile = broken\n")
+        "import vcompress.core.profiles as p\ndef broken(*a, **k):\n    raise ZeroDivisionError('planted bug')\np.load_profile = broken\n"
+    )
     cache = tmp_path / "cache"
     done = vcompress("profiles", "show", "x86-cpu", env={"PYTHONPATH": str(tmp_path), "VCOMPRESS_CACHE": str(cache)})
     assert done.returncode == 3, done.stderr

@@ -1,6 +1,6 @@
 import json
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -9,13 +9,14 @@ from tests.runs import MODEL_HASH, VERSIONS, make_run
 from vcompress import history
 from vcompress.core.errors import InputError
 
-STARTED = datetime(2026, 11, 20, 2, 0, tzinfo=timezone.utc)
+STARTED = datetime(2026, 11, 20, 2, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def run(tmp_path) -> Path:
-    return make_run(tmp_path / "run", started=STARTED, ttft_samples=[86.0, 87.1, 88.2, 87.0, 90.1],
-                    decode_samples=[140.2, 139.0, 141.5, 138.8, 140.9])
+    return make_run(
+        tmp_path / "run", started=STARTED, ttft_samples=[86.0, 87.1, 88.2, 87.0, 90.1], decode_samples=[140.2, 139.0, 141.5, 138.8, 140.9]
+    )
 
 
 def rows(db: Path, sql: str) -> list[tuple]:
@@ -30,7 +31,9 @@ def test_record_writes_run_metrics_samples_and_checks(run, tmp_path):
     (row,) = rows(db, "select model_label, model_hash, profile, device, backend, git_commit, date, passed, versions from vcompress_runs")
     assert row[:6] == ("SmolLM2-135M-Instruct", MODEL_HASH, "x86-cpu", "x86-64 host", "onnx", "0123456789abcdef0123456789abcdef01234567")
     assert row[6].startswith("2026-11-20 02:30:00") and row[7] == 1 and json.loads(row[8]) == VERSIONS
-    metrics = {name: (value, unit, source) for name, value, unit, source in rows(db, "select name, value, unit, source from vcompress_metrics")}
+    metrics = {
+        name: (value, unit, source) for name, value, unit, source in rows(db, "select name, value, unit, source from vcompress_metrics")
+    }
     assert metrics["ttft_ms"] == (87.1, "ms", "measured")
     assert metrics["decode_tokens_per_s"] == (140.2, "tokens/s", "measured")
     assert metrics["estimated.ttft_ms"] == (61.0, "ms", "estimated")
@@ -47,10 +50,16 @@ def test_record_writes_run_metrics_samples_and_checks(run, tmp_path):
 def test_record_is_idempotent_per_run_id(run, tmp_path, cli):
     db = tmp_path / "h.db"
     first = history.record(run, db)
-    counts = [rows(db, f"select count(*) from {t}")[0][0] for t in ("vcompress_runs", "vcompress_metrics", "vcompress_samples", "vcompress_checks")]
+    counts = [
+        rows(db, f"select count(*) from {t}")[0][0]
+        for t in ("vcompress_runs", "vcompress_metrics", "vcompress_samples", "vcompress_checks")
+    ]
     code, out, _ = cli("record", run, "--db", f"sqlite:///{db}")
     assert code == 0 and first in out
-    assert [rows(db, f"select count(*) from {t}")[0][0] for t in ("vcompress_runs", "vcompress_metrics", "vcompress_samples", "vcompress_checks")] == counts
+    assert [
+        rows(db, f"select count(*) from {t}")[0][0]
+        for t in ("vcompress_runs", "vcompress_metrics", "vcompress_samples", "vcompress_checks")
+    ] == counts
     assert counts[0] == 1 and counts[2] == 10
 
 
@@ -64,8 +73,16 @@ def test_url_path_and_default_location(run, tmp_path, monkeypatch):
 
 def test_load_round_trips_and_filters(run, tmp_path):
     db = tmp_path / "h.db"
-    other = make_run(tmp_path / "other", started=STARTED, ttft_samples=[50.0, 51.0], decode_samples=[90.0, 91.0],
-                     profile="pixel8", device="Pixel 8", model_label="tiny", model_hash="ab" * 32)
+    other = make_run(
+        tmp_path / "other",
+        started=STARTED,
+        ttft_samples=[50.0, 51.0],
+        decode_samples=[90.0, 91.0],
+        profile="pixel8",
+        device="Pixel 8",
+        model_label="tiny",
+        model_hash="ab" * 32,
+    )
     history.record(run, db)
     history.record(other, db)
     assert len(history.load(db)) == 2

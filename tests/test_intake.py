@@ -109,9 +109,11 @@ def test_embedded_default_matches_the_gguf():
     assert (info["layers"], info["query_heads"], info["kv_heads"], info["head_dim"]) == (30, 9, 3, 64)
     assert rope_theta(model.config) == 100000.0
     assert (default_model_dir() / "model.safetensors").is_file()
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
 
 
 def test_export_takes_the_adapter_base_from_the_command(cli, tiny_llama, tmp_path):
@@ -120,8 +122,10 @@ def test_export_takes_the_adapter_base_from_the_command(cli, tiny_llama, tmp_pat
 
     from vcompress.exporters.onnx import OnnxRunner
 
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())

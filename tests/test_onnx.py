@@ -1,4 +1,5 @@
 """ONNX export and its ONNX Runtime runner, on tiny Llama (GQA) / Qwen2 / GPT-2 checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -109,7 +110,7 @@ def test_generation_greedy_and_sampling(exported, tiny_models):
     runner = OnnxRunner(out, threads=1)
     ids = torch.tensor([runner.tokenizer("The heart pumps blood")["input_ids"]])
     model = _torch(tiny_models["qwen2"])
-    want = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    want = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1] :].tolist()
     assert runner.generate(ids, 12) == want
     a = runner.generate(ids, 12, temperature=1.0, top_p=0.9, seed=3)
     assert a == runner.generate(ids, 12, temperature=1.0, top_p=0.9, seed=3) and len(a) == 12
@@ -127,24 +128,38 @@ def test_int4_is_the_dequantized_model_and_small(exported, arch):
     plain = ort.InferenceSession(dequantize(model).SerializeToString(), providers=["CPUExecutionProvider"])
     runner = OnnxRunner(out, threads=1)
     ids = torch.randint(5, 300, (1, 10), generator=torch.Generator().manual_seed(4))
-    feeds = {"input_ids": ids.numpy(), "seqlens_k": np.array([9], np.int32), "total_sequence_length": np.array(10, np.int32),
-             "logits_to_keep": np.array([10])}
+    feeds = {
+        "input_ids": ids.numpy(),
+        "seqlens_k": np.array([9], np.int32),
+        "total_sequence_length": np.array(10, np.int32),
+        "logits_to_keep": np.array([10]),
+    }
     if runner.session.uses_positions:
         feeds["position_ids"] = np.arange(10)[None]
-    feeds.update({past: np.zeros((1, runner.session.kv_heads, 0, runner.session.head_dim), np.float32) for past, _ in runner.session.kv_names})
+    feeds.update(
+        {past: np.zeros((1, runner.session.kv_heads, 0, runner.session.head_dim), np.float32) for past, _ in runner.session.kv_names}
+    )
     assert np.abs(plain.run(["logits"], feeds)[0] - runner.forward(ids).numpy()).max() < 1e-4
     # ...and those weights are the fp32 export's, each within half a quantization step.
     original, quant = _initializers(fp32_dir), _initializers(out)
     table = original["embed_tokens.weight"]
     scales = quant["embed_tokens.weight_scales"]
-    got = dequantize_blocks(quant["embed_tokens.weight_Q"], scales, quant["embed_tokens.weight_zero_points"],
-                            rows=table.shape[0], cols=table.shape[1], bits=4, block_size=32)
+    got = dequantize_blocks(
+        quant["embed_tokens.weight_Q"],
+        scales,
+        quant["embed_tokens.weight_zero_points"],
+        rows=table.shape[0],
+        cols=table.shape[1],
+        bits=4,
+        block_size=32,
+    )
     step = np.repeat(scales, 32, axis=1)
     assert np.all(np.abs(got - table) <= step / 2 + 1e-6)
     # Stored once, 4-bit: no fp32 copy of the table, no second copy for the tied head.
     assert not any(v.dtype == np.float32 and v.size >= table.size // 8 for k, v in quant.items() if k not in ("cos_cache", "sin_cache"))
     packed = quant["embed_tokens.weight_Q"]
     assert [k for k, v in quant.items() if v.shape == packed.shape] == ["embed_tokens.weight_Q"]
+
     # Weight bytes (files of tiny models are mostly onnx's 4 KB alignment of external data): 4-bit
     # codes plus a float scale and a 4-bit zero point per 32 weights is (0.5 + 4.5 / 32) / 4 = 16% of
     # fp32. The rotary tables (fp32, sized by max positions, not weights) are left out.
@@ -153,7 +168,6 @@ def test_int4_is_the_dequantized_model_and_small(exported, arch):
 
     ratio = weight_bytes(quant) / weight_bytes(original)
     assert 0.12 < ratio < 0.25, ratio
-
 
 
 def test_fp32_tied_table_is_stored_once(exported):
@@ -243,8 +257,15 @@ def test_carried_grid_is_exact(quantized_llama, tmp_path):
     packed, inits = load_file(str(quantized_llama / manifest["weights_file"])), _initializers(out)
     for layer in range(2):
         spec, stem = manifest["linears"][f"model.layers.{layer}.self_attn.o_proj"], f"layers.{layer}.attn.o_proj"
-        got = dequantize_blocks(inits[f"{stem}.weight_Q4"], inits[f"{stem}.weight_scales"], inits[f"{stem}.weight_zero_points"],
-                                rows=spec["out_features"], cols=spec["in_features"], bits=4, block_size=spec["group_size"])
+        got = dequantize_blocks(
+            inits[f"{stem}.weight_Q4"],
+            inits[f"{stem}.weight_scales"],
+            inits[f"{stem}.weight_zero_points"],
+            rows=spec["out_features"],
+            cols=spec["in_features"],
+            bits=4,
+            block_size=spec["group_size"],
+        )
         assert np.array_equal(got.T, quant_format.dequantize(quant_format.linear_tensors(packed, spec), 4).numpy()), stem
     reference, _ = quant_format.load_dequantized(quantized_llama, manifest)
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -256,7 +277,12 @@ def test_carried_float_zero_points_stay_exact_on_the_fast_kernel(cli_module, tin
     """Float zero points (Q4_1-style) are split into integer zero points for MatMulNBits plus an exact
     float correction, so ONNX Runtime keeps its fast kernels and the export still computes the checkpoint."""
     folder = tmp_path / "float-zero"
-    assert cli_module("quantize", "--model", tiny_models["llama"], "--out", folder, "--method", "rtn", "--group-size", "32", "--zero-point", "float") == 0
+    assert (
+        cli_module(
+            "quantize", "--model", tiny_models["llama"], "--out", folder, "--method", "rtn", "--group-size", "32", "--zero-point", "float"
+        )
+        == 0
+    )
     manifest = quant_format.read_manifest(folder)
     out = tmp_path / "carried"
     export(folder, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
@@ -319,8 +345,15 @@ def dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "MatMulNBits":
             zp = inits.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            w = dequantize_blocks(inits[node.input[1]], inits[node.input[2]], zp, rows=attrs["N"], cols=attrs["K"],
-                                  bits=attrs.get("bits", 4), block_size=attrs["block_size"])
+            w = dequantize_blocks(
+                inits[node.input[1]],
+                inits[node.input[2]],
+                zp,
+                rows=attrs["N"],
+                cols=attrs["K"],
+                bits=attrs.get("bits", 4),
+                block_size=attrs["block_size"],
+            )
             name = f"{node.name}/dequantized"
             extra.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
             nodes.append(helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name))

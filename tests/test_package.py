@@ -5,7 +5,7 @@ import os
 import stat
 import struct
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,13 +13,14 @@ import pytest
 from tests.runs import MODEL_HASH, SIGNATURE_INPUTS, VERSIONS, make_run
 from vcompress.package import FILE_MODE
 
-STARTED = datetime(2026, 11, 20, 2, 0, tzinfo=timezone.utc)
+STARTED = datetime(2026, 11, 20, 2, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def run(tmp_path) -> Path:
-    return make_run(tmp_path / "run", started=STARTED, ttft_samples=[86.0, 87.1, 88.2, 87.0, 90.1],
-                    decode_samples=[140.2, 139.0, 141.5, 138.8, 140.9])
+    return make_run(
+        tmp_path / "run", started=STARTED, ttft_samples=[86.0, 87.1, 88.2, 87.0, 90.1], decode_samples=[140.2, 139.0, 141.5, 138.8, 140.9]
+    )
 
 
 @pytest.fixture
@@ -65,9 +66,22 @@ def test_bundle_contents_and_manifest(bundle, run, cli):
         for f in manifest["files"]:  # each hash and size is that of the run's own file
             data = zf.read(f["path"])
             assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["bytes"]
-    assert {"model/model.onnx", "model/model.onnx.data", "model/manifest.json", "model/tokenizer.json", "model/tokenizer_config.json",
-            "model/generation_config.json", "model/chat_template.jinja", "profile.yaml", "verdict.json", "recipes/01-analyze.yaml",
-            "recipes/04-quantize.yaml", "recipes/05-export-onnx.yaml", "recipes/06-validate.yaml", "manifest.json"} == set(names)
+    assert {
+        "model/model.onnx",
+        "model/model.onnx.data",
+        "model/manifest.json",
+        "model/tokenizer.json",
+        "model/tokenizer_config.json",
+        "model/generation_config.json",
+        "model/chat_template.jinja",
+        "profile.yaml",
+        "verdict.json",
+        "recipes/01-analyze.yaml",
+        "recipes/04-quantize.yaml",
+        "recipes/05-export-onnx.yaml",
+        "recipes/06-validate.yaml",
+        "manifest.json",
+    } == set(names)
     assert zipfile.ZipFile(bundle).read("model/model.onnx") == (run / "05-export-onnx" / "model.onnx").read_bytes()
     assert manifest["bundle"] == "vcompress-bundle/1" and manifest["format"] == "onnx"
     assert manifest["model"]["hash"] == MODEL_HASH and manifest["signature"]["inputs"] == SIGNATURE_INPUTS
@@ -92,12 +106,23 @@ def _data_offset(zip_path: Path, name: str) -> int:
     with zipfile.ZipFile(zip_path) as zf:
         info = zf.getinfo(name)
     raw = zip_path.read_bytes()
-    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
     return info.header_offset + 30 + name_len + extra_len
 
 
-@pytest.mark.parametrize("case", ["changed byte in content", "flipped byte in the zip", "extra file", "dot-dot entry",
-                                  "absolute entry", "symlink entry", "missing file", "broken manifest"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "changed byte in content",
+        "flipped byte in the zip",
+        "extra file",
+        "dot-dot entry",
+        "absolute entry",
+        "symlink entry",
+        "missing file",
+        "broken manifest",
+    ],
+)
 def test_tampered_bundles_are_refused_naming_the_file(bundle, tmp_path, cli, case):
     bad = tmp_path / "bad.zip"
     if case == "changed byte in content":
@@ -143,7 +168,9 @@ def test_failed_verdict_needs_allow_failed(tmp_path, cli):
     code, msg, _ = cli("verify", out)
     assert code == 0 and "allow-failed" in msg
     # a failed bundle whose manifest claims nothing is wrong is refused
-    relabelled = rewrite(out, tmp_path / "relabelled.zip", change=("manifest.json", lambda d: d.replace(b'"allow_failed": true', b'"allow_failed": false')))
+    relabelled = rewrite(
+        out, tmp_path / "relabelled.zip", change=("manifest.json", lambda d: d.replace(b'"allow_failed": true', b'"allow_failed": false'))
+    )
     code, _, err = cli("verify", relabelled)
     assert code == 1 and "manifest.json" in err
 
@@ -190,7 +217,7 @@ def test_an_encrypted_entry_is_bad_input_not_a_crash(bundle, tmp_path, cli):
     name = info.filename.encode()
     raw[info.header_offset + 6] |= 0x1  # the local header's "encrypted" flag ...
     central = raw.index(b"PK\x01\x02")
-    while raw[central + 46: central + 46 + len(name)] != name:  # ... and the central directory's
+    while raw[central + 46 : central + 46 + len(name)] != name:  # ... and the central directory's
         central = raw.index(b"PK\x01\x02", central + 4)
     raw[central + 8] |= 0x1
     bad = tmp_path / "bad.zip"

@@ -1,5 +1,6 @@
 """bench/peers.py's helpers on fake inputs: ratios, gaps, tables, the chart, the bandwidth probe,
 MMLU record/replay through vcompress's scoring, and one worker run on a tiny model. No timings asserted."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,8 +27,16 @@ def peers():
 
 
 def fake_row(name, decode, ttft, size=100.0, rss=200.0, accuracy=0.3, agreement=0.9, roofline=0.5):
-    return {"name": name, "runtime": f"{name} runtime", "decode_tokens_per_s": decode, "ttft_ms": ttft, "size_mb": size,
-            "peak_rss_mb": rss, "roofline_fraction": roofline, "mmlu": {"accuracy": accuracy, "agreement": agreement}}
+    return {
+        "name": name,
+        "runtime": f"{name} runtime",
+        "decode_tokens_per_s": decode,
+        "ttft_ms": ttft,
+        "size_mb": size,
+        "peak_rss_mb": rss,
+        "roofline_fraction": roofline,
+        "mmlu": {"accuracy": accuracy, "agreement": agreement},
+    }
 
 
 ROWS = [
@@ -65,10 +74,26 @@ def test_tables_show_numbers_or_the_reason(peers):
     assert ours[1:8] == ["95.0", "80.0", "100.0", "40.0%", "250", "0.300", "0.900"]
     with_kl = peers.table_rows([{**ROWS[0], "mmlu": {"accuracy": 0.3, "agreement": 1.0, "answer_kl_mean": 0.0123}}])[0]
     assert with_kl[7] == "1.000 (KL 0.0123)"
-    text = peers.report_markdown({"model": "m", "host": "h", "rows": ROWS, "ratios": peers.ratios(ROWS), "gaps": peers.gaps(ROWS),
-                                  "bandwidth": {"copy_gbs": 20.0, "threads": 2, "buffer_gib": 1.0},
-                                  "settings": {"threads": 2, "prompt_tokens": 256, "decode_tokens": 64, "runs": 5, "warmup": 1,
-                                               "questions": 285, "per_subject": 5, "seed": 0}})
+    text = peers.report_markdown(
+        {
+            "model": "m",
+            "host": "h",
+            "rows": ROWS,
+            "ratios": peers.ratios(ROWS),
+            "gaps": peers.gaps(ROWS),
+            "bandwidth": {"copy_gbs": 20.0, "threads": 2, "buffer_gib": 1.0},
+            "settings": {
+                "threads": 2,
+                "prompt_tokens": 256,
+                "decode_tokens": 64,
+                "runs": 5,
+                "warmup": 1,
+                "questions": 285,
+                "per_subject": 5,
+                "seed": 0,
+            },
+        }
+    )
     assert "| llama.cpp | 0.67x | 7.50x |" in text
     assert "fastest peer decode: llama.cpp, 1.50x ours" in text and "40.0% of the roofline" in text
     assert len({line.count("|") for line in text.splitlines() if line.startswith("| row")}) == 1
@@ -88,8 +113,10 @@ def test_bandwidth_probe_reports_read_plus_write_bytes(peers):
 
 def _questions():
     words = "the heart pumps blood through the body"
-    return [Question(s, f"Question {i}: {words}?", (f"liver {i}", "kidney", "lung", "heart"), i % 4)
-            for i, s in enumerate(["anatomy", "virology", "anatomy"])]
+    return [
+        Question(s, f"Question {i}: {words}?", (f"liver {i}", "kidney", "lung", "heart"), i % 4)
+        for i, s in enumerate(["anatomy", "virology", "anatomy"])
+    ]
 
 
 def test_recorded_calls_replayed_give_scorings_own_logprobs(peers, tiny_llama):
@@ -109,9 +136,14 @@ def test_recorded_calls_replayed_give_scorings_own_logprobs(peers, tiny_llama):
 
 
 def test_worker_measures_speed_and_logits_in_its_own_process(peers, tiny_llama, tmp_path):
-    job = {"engine": "torch", "target": str(tiny_llama), "threads": 1, "context": 32,
-           "speed": {"prompt": [5, 6, 7, 8], "decode_tokens": 3, "runs": 2, "warmup": 1},
-           "mmlu": {"calls": [[[5, 6, 7], [2]], [[9, 10, 11, 12], [2, 3]]], "out": str(tmp_path / "logits.npy")}}
+    job = {
+        "engine": "torch",
+        "target": str(tiny_llama),
+        "threads": 1,
+        "context": 32,
+        "speed": {"prompt": [5, 6, 7, 8], "decode_tokens": 3, "runs": 2, "warmup": 1},
+        "mmlu": {"calls": [[[5, 6, 7], [2]], [[9, 10, 11, 12], [2, 3]]], "out": str(tmp_path / "logits.npy")},
+    }
     out = peers.run_worker(Path(sys.executable), job, tmp_path)
     assert len(out["ttft_ms_samples"]) == 2 and out["decode_tokens_per_s"] > 0 and out["peak_rss_mb"] > 0
     assert len(out["first_tokens"]) == 4 and out["mmlu_positions"] == 3
@@ -126,7 +158,9 @@ def test_worker_measures_speed_and_logits_in_its_own_process(peers, tiny_llama, 
 def test_optimum_gets_a_config_that_transformers_4_reads_with_the_right_rope_theta(peers, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}))
+    (hf / "config.json").write_text(
+        json.dumps({"model_type": "llama", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})
+    )
     (hf / "model.safetensors").write_bytes(b"weights")
     out = peers.legacy_config_copy(hf, tmp_path / "legacy")
     config = json.loads((out / "config.json").read_text())

@@ -1,4 +1,5 @@
 """`vcompress run` end to end on a tiny Llama: plan, stage folders, verdict, resume, --from, kill -9."""
+
 import hashlib
 import json
 import os
@@ -17,8 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 FULL = [
     {"stage": "analyze", "samples": 2, "seq_len": 32, "parts": ["heads", "layers"]},
     {"stage": "prune", "heads": 0.5, "heldout_blocks": 2, "heldout_seq_len": 32},
-    {"stage": "distill", "max_steps": 6, "seq_len": 32, "batch_size": 2, "save_every": 2, "eval_per_subject": 0,
-     "eval_blocks": 2, "val_blocks": 2, "lr": 1e-3, "warmup": 1},
+    {
+        "stage": "distill",
+        "max_steps": 6,
+        "seq_len": 32,
+        "batch_size": 2,
+        "save_every": 2,
+        "eval_per_subject": 0,
+        "eval_blocks": 2,
+        "val_blocks": 2,
+        "lr": 1e-3,
+        "warmup": 1,
+    },
     {"stage": "quantize", "method": "rtn", "group_size": 32, "heldout_blocks": 1, "heldout_seq_len": 64, "eval_per_subject": 0},
     {"stage": "export", "quant": "int4"},
     {"stage": "validate", "runs": 2, "warmup": 0, "decode_tokens": 4},
@@ -80,12 +91,24 @@ def test_full_run_writes_every_stage_and_a_verdict(full_run):
     verdict = json.loads((run / "06-validate" / "verdict.json").read_text())
     assert code == (0 if verdict["passed"] else 1)
     budgets = {c["budget"]: c for c in verdict["checks"]}
-    assert set(budgets) == {"max_model_size_mb", "max_peak_ram_mb", "max_ttft_ms", "min_decode_tokens_per_s",
-                            "max_mmlu_drop_points", "max_perplexity_rise_pct", "min_answer_agreement"}
+    assert set(budgets) == {
+        "max_model_size_mb",
+        "max_peak_ram_mb",
+        "max_ttft_ms",
+        "min_decode_tokens_per_s",
+        "max_mmlu_drop_points",
+        "max_perplexity_rise_pct",
+        "min_answer_agreement",
+    }
     assert budgets["max_ttft_ms"]["source"] == "measured" and budgets["max_ttft_ms"]["device"]
     assert len(budgets["min_decode_tokens_per_s"]["samples"]) == 2
     for c in verdict["checks"]:
-        assert c["passed"] == (c["value"] is not None and (c["value"] <= c["limit"] if c["budget"].startswith("max") else c["value"] >= c["limit"]))
+        if c["budget"] == "max_mmlu_drop_points":  # judged on its paired interval (tests/test_accuracy_budget.py)
+            assert c["passed"] == (c["result"] == "pass")
+            continue
+        assert c["passed"] == (
+            c["value"] is not None and (c["value"] <= c["limit"] if c["budget"].startswith("max") else c["value"] >= c["limit"])
+        )
     prune = json.loads((run / "02-prune" / "metrics.json").read_text())
     assert json.loads((run / "02-prune" / "config.json").read_text())["num_key_value_heads"] == 1
     assert yaml.safe_load((run / "02-prune" / "recipe.yaml").read_text())["config"]["scores"].endswith("01-analyze")
@@ -98,7 +121,9 @@ def test_finished_run_needs_resume_and_resume_skips(full_run, cli):
     code, _, err = cli("run", "--profile", profile, "--model", json.loads((run / "run.json").read_text())["model"]["spec"], "--out", run)
     assert code == 2 and "--resume" in err
     before = {p: p.stat().st_mtime_ns for p in run.glob("0*/metrics.json")}
-    code, out, _ = cli("run", "--profile", profile, "--model", json.loads((run / "run.json").read_text())["model"]["spec"], "--out", run, "--resume")
+    code, out, _ = cli(
+        "run", "--profile", profile, "--model", json.loads((run / "run.json").read_text())["model"]["spec"], "--out", run, "--resume"
+    )
     assert code in (0, 1) and "skipped (resume)" in out
     assert before == {p: p.stat().st_mtime_ns for p in run.glob("0*/metrics.json")}
 
@@ -115,15 +140,31 @@ def test_from_stage_redoes_that_stage_and_later_only(full_run, cli):
 
 
 def _digest(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.suffix in (".safetensors", ".onnx", ".data")}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.suffix in (".safetensors", ".onnx", ".data")
+    }
 
 
 def test_kill_9_during_distillation_then_resume_gives_the_same_artifacts(tmp_path, student_src):
-    recipe = [{"stage": "prune", "heads": 0.5, "heldout_blocks": 1, "heldout_seq_len": 32},
-              {"stage": "distill", "max_steps": 60, "seq_len": 32, "batch_size": 2, "save_every": 5, "eval_per_subject": 0,
-               "eval_blocks": 1, "val_blocks": 1, "lr": 1e-3, "warmup": 1, "patience": 100},
-              {"stage": "export", "quant": "none"}]
+    recipe = [
+        {"stage": "prune", "heads": 0.5, "heldout_blocks": 1, "heldout_seq_len": 32},
+        {
+            "stage": "distill",
+            "max_steps": 60,
+            "seq_len": 32,
+            "batch_size": 2,
+            "save_every": 5,
+            "eval_per_subject": 0,
+            "eval_blocks": 1,
+            "val_blocks": 1,
+            "lr": 1e-3,
+            "warmup": 1,
+            "patience": 100,
+        },
+        {"stage": "export", "quant": "none"},
+    ]
     profile = write_profile(tmp_path / "p.yaml", recipe)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "vcompress", "run", "--profile", str(profile), "--model", str(student_src)]
@@ -148,11 +189,14 @@ def test_kill_9_during_distillation_then_resume_gives_the_same_artifacts(tmp_pat
         assert _digest(run / folder)
 
 
-@pytest.mark.parametrize("case, step, named", [
-    ("validate setting", {"stage": "validate", "runz": 3}, "'runz'"),
-    ("device", {"stage": "validate", "device": "toaster"}, "'toaster'"),
-    ("stage", {"stage": "compile"}, "'compile'"),
-])
+@pytest.mark.parametrize(
+    "case, step, named",
+    [
+        ("validate setting", {"stage": "validate", "runz": 3}, "'runz'"),
+        ("device", {"stage": "validate", "device": "toaster"}, "'toaster'"),
+        ("stage", {"stage": "compile"}, "'compile'"),
+    ],
+)
 def test_a_typo_anywhere_in_the_recipe_fails_validate_and_dry_run(cli, tmp_path, case, step, named):
     profile = write_profile(tmp_path / "p.yaml", [{"stage": "export", "quant": "int4"}, step])
     for args in (("profiles", "validate", profile), ("run", "--profile", profile, "--out", tmp_path / "R", "--dry-run")):

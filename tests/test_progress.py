@@ -1,4 +1,5 @@
 """The one progress drawer: a bar per label on a terminal, gone when done; silent for --json and log files."""
+
 from __future__ import annotations
 
 import io

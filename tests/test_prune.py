@@ -1,4 +1,5 @@
 """Structured pruning: the intended KV groups / MLP channels / layers go, and the result is a standard checkpoint."""
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,9 @@ def test_removing_a_kv_group_equals_zeroing_its_contribution(arch, group, tiny_m
     zeroed, pruned = copy.deepcopy(original), copy.deepcopy(original)
     zero_group(zeroed, 1, group)
     keep = [g for g in range(info["kv_heads"]) if g != group]
-    queries = keep_kv_groups(attention(decoder_layers(pruned)[1]), keep, query_heads=info["query_heads"],
-                             kv_heads=info["kv_heads"], head_dim=info["head_dim"])
+    queries = keep_kv_groups(
+        attention(decoder_layers(pruned)[1]), keep, query_heads=info["query_heads"], kv_heads=info["kv_heads"], head_dim=info["head_dim"]
+    )
     per = info["query_heads"] // info["kv_heads"]
     assert queries == [g * per + j for g in keep for j in range(per)]
     attn = attention(decoder_layers(pruned)[1])
@@ -127,8 +129,10 @@ def fake_scores(info: dict, *, weak_group: int, weak_layer: int) -> dict:
     layers, kv, inner = info["layers"], info["kv_heads"], info["intermediate_size"]
     return {
         "shape": info,
-        "heads": {"mask_loss_delta_nats": [[0.0 if g == weak_group else 1.0 + g for g in range(kv)] for _ in range(layers)],
-                  "taylor_kv_group": [[1.0] * kv for _ in range(layers)]},
+        "heads": {
+            "mask_loss_delta_nats": [[0.0 if g == weak_group else 1.0 + g for g in range(kv)] for _ in range(layers)],
+            "taylor_kv_group": [[1.0] * kv for _ in range(layers)],
+        },
         "layers": {"skip_loss_delta_nats": [0.0 if i == weak_layer else 1.0 for i in range(layers)], "angular_distance": [0.5] * layers},
         "mlp": {"taylor_channel": [[float(c) for c in range(inner)] for _ in range(layers)]},
     }
@@ -139,8 +143,13 @@ def test_prune_stage_removes_the_ranked_groups_and_layer(gqa_llama, tmp_path, to
     info = shape(original)
     scores = tmp_path / "sensitivity.json"
     scores.write_text(json.dumps(fake_scores(info, weak_group=1, weak_layer=2)))
-    metrics = execute(Prune({"heads": 0.33, "layers": 1, "scores": str(scores), **FAST, "eval_per_subject": 1}), tmp_path / "p",
-                      source=str(gqa_llama), mmlu=mmlu_root, log=lambda _: None)
+    metrics = execute(
+        Prune({"heads": 0.33, "layers": 1, "scores": str(scores), **FAST, "eval_per_subject": 1}),
+        tmp_path / "p",
+        source=str(gqa_llama),
+        mmlu=mmlu_root,
+        log=lambda _: None,
+    )
 
     pruned = load(tmp_path / "p")
     config = pruned.config
@@ -203,7 +212,9 @@ def test_rounding_to_whole_groups_is_reported():
 
 
 def test_cli_prune_json_and_errors(cli, tiny_models, tmp_path):
-    code, out, _ = cli("prune", "--model", tiny_models["llama"], "--mlp", "0.5", "--samples", "2", "--seq-len", "32", "--out", tmp_path / "p", "--json")
+    code, out, _ = cli(
+        "prune", "--model", tiny_models["llama"], "--mlp", "0.5", "--samples", "2", "--seq-len", "32", "--out", tmp_path / "p", "--json"
+    )
     assert code == 0
     assert json.loads(out)["mlp"]["intermediate_size"] == [128, 64]
     code, _, err = cli("prune", "--model", tiny_models["gpt2"], "--heads", "0.5", "--out", tmp_path / "g")
@@ -226,8 +237,9 @@ def test_scores_for_another_model_are_refused(cli, tiny_models, tmp_path):
 def test_unsupported_architecture_is_refused(cli, tmp_path, tokenizer):
     from transformers import MistralConfig
 
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
     tokenizer.save_pretrained(tmp_path / "mistral")
     code, _, err = cli("prune", "--model", tmp_path / "mistral", "--heads", "0.5", "--out", tmp_path / "p")

@@ -1,4 +1,5 @@
 """Quantization: GPTQ / RTN / INT8 on tiny models, the saved GPTQ tensors, reload, and GPTQ against RTN."""
+
 from __future__ import annotations
 
 import json
@@ -169,8 +170,15 @@ def test_gptq_checkpoint_layout_reload_and_generate(tiny_llama, calib, tmp_path)
 
 
 def test_metrics_report_fidelity_and_gptq_beats_rtn(tiny_llama, calib, tmp_path, mmlu_root):
-    metrics = execute(Quantize({**FAST, "eval_per_subject": 1, "compare_rtn": True}), tmp_path / "q", source=tiny_llama,
-                      data=calib, mmlu=mmlu_root, seed=0, log=lambda _: None)
+    metrics = execute(
+        Quantize({**FAST, "eval_per_subject": 1, "compare_rtn": True}),
+        tmp_path / "q",
+        source=tiny_llama,
+        data=calib,
+        mmlu=mmlu_root,
+        seed=0,
+        log=lambda _: None,
+    )
     rtn_scored = metrics["rtn"]
     assert metrics["tokens"] == 2 * 31 and 0 < metrics["top1_agreement"] <= 1 and metrics["kl_mean"] >= 0
     assert metrics["kl_mean"] < rtn_scored["kl_mean"]
@@ -226,11 +234,21 @@ def test_float_zero_points_reload_as_exact_float_weights(tiny_llama, calib, tmp_
     packed = load_file(out / SIDECAR)
     assert packed["model.layers.0.mlp.up_proj.zeros"].dtype == torch.float32
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    assert torch.equal(model.model.layers[0].mlp.up_proj.weight.data, fake_quantized(tiny_llama, out).model.layers[0].mlp.up_proj.weight.data)
+    assert torch.equal(
+        model.model.layers[0].mlp.up_proj.weight.data, fake_quantized(tiny_llama, out).model.layers[0].mlp.up_proj.weight.data
+    )
 
 
 def test_keep_sensitive_linears_from_scores(tiny_llama, calib, tmp_path):
-    modules = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    modules = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     scores = tmp_path / "analyze"
     scores.mkdir()
     rows = [[0.01, 0.02, 0.5, 0.0, 0.01, 0.01, 0.03], [0.01, 0.02, 0.0, 0.0, 0.01, 0.01, 0.9]]
@@ -253,7 +271,9 @@ def test_cli_quantize_and_bad_input(cli, tiny_llama, calib, tmp_path):
     assert json.loads(out)["method"] == "rtn" and (tmp_path / "q" / MANIFEST).is_file()
     code, _, err = cli("quantize", "--model", tiny_llama, "--keep-sensitive", "2", "--out", tmp_path / "bad")
     assert code == 2 and "keep_sensitive needs scores" in err
-    code, _, err = cli("quantize", "--model", tiny_llama, "--scores", tmp_path / "nowhere", "--keep-sensitive", "1", "--out", tmp_path / "bad")
+    code, _, err = cli(
+        "quantize", "--model", tiny_llama, "--scores", tmp_path / "nowhere", "--keep-sensitive", "1", "--out", tmp_path / "bad"
+    )
     assert code == 2 and "missing" in err
 
 
@@ -281,18 +301,28 @@ def matmulnbits_session(tensors: dict, in_features: int, out_features: int, bits
             for g in range(G):
                 zp[:, g // 2] |= z[:, g] << (4 * (g % 2))
     inits.append(numpy_helper.from_array(np.ascontiguousarray(zp).reshape(-1), "zero_points"))
-    node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"], domain="com.microsoft",
-                            K=K, N=N, bits=bits, block_size=group_size)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, N])], inits)
+    node = helper.make_node(
+        "MatMulNBits", ["A", "B", "scales", "zero_points"], ["Y"], domain="com.microsoft", K=K, N=N, bits=bits, block_size=group_size
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, N])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def test_matmulnbits_computes_what_the_quantized_layer_computes(tiny_llama, calib, tmp_path):
     """The documented mapping of the saved tensors onto ONNX Runtime's MatMulNBits, on a real quantized layer."""
-    for config in ({"method": "gptq", "group_size": 32}, {"method": "rtn", "group_size": 64, "zero_point": "float"},
-                   {"method": "int8", "group_size": 32}, {"method": "rtn", "group_size": 32, "sym": True}):
+    for config in (
+        {"method": "gptq", "group_size": 32},
+        {"method": "rtn", "group_size": 64, "zero_point": "float"},
+        {"method": "int8", "group_size": 32},
+        {"method": "rtn", "group_size": 32, "sym": True},
+    ):
         out = tmp_path / "-".join(map(str, config.values()))
         quantize(tiny_llama, out, calib, **config)
         manifest = json.loads((out / MANIFEST).read_text())

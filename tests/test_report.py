@@ -4,7 +4,7 @@ import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,9 +29,10 @@ def slow_history(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow_report(slow_history, tmp_path_factory):
-    from vcompress.cli import main
     import contextlib
     import io
+
+    from vcompress.cli import main
 
     out = tmp_path_factory.mktemp("report")
     stdout = io.StringIO()
@@ -67,12 +68,22 @@ def test_noise_alone_exits_0(tmp_path, cli):
 def test_threshold_follows_the_spread_of_samples():
     from vcompress.history import Metric
 
-    quiet = report.compare("decode_tokens_per_s", Metric("d", 100, "tokens/s", samples=[100, 100.5, 99.5, 100.2, 99.8]),
-                           Metric("d", 93, "tokens/s", samples=[93, 93.4, 92.6, 93.1, 92.9]))
-    noisy = report.compare("decode_tokens_per_s", Metric("d", 100, "tokens/s", samples=[100, 110, 90, 105, 95]),
-                           Metric("d", 93, "tokens/s", samples=[93, 103, 83, 98, 88]))
+    quiet = report.compare(
+        "decode_tokens_per_s",
+        Metric("d", 100, "tokens/s", samples=[100, 100.5, 99.5, 100.2, 99.8]),
+        Metric("d", 93, "tokens/s", samples=[93, 93.4, 92.6, 93.1, 92.9]),
+    )
+    noisy = report.compare(
+        "decode_tokens_per_s",
+        Metric("d", 100, "tokens/s", samples=[100, 110, 90, 105, 95]),
+        Metric("d", 93, "tokens/s", samples=[93, 103, 83, 98, 88]),
+    )
     assert quiet.regressed and not noisy.regressed and noisy.threshold > 3 * quiet.threshold
-    faster = report.compare("decode_tokens_per_s", Metric("d", 100, "tokens/s", samples=[100, 100.5, 99.5]), Metric("d", 130, "tokens/s", samples=[130, 130.5, 129.5]))
+    faster = report.compare(
+        "decode_tokens_per_s",
+        Metric("d", 100, "tokens/s", samples=[100, 100.5, 99.5]),
+        Metric("d", 130, "tokens/s", samples=[130, 130.5, 129.5]),
+    )
     assert not faster.regressed  # the good direction is never a regression
     bigger = report.compare("model_size_mb", Metric("s", 95.0, "MB"), Metric("s", 97.0, "MB"))
     assert bigger.regressed and bigger.threshold == pytest.approx(0.95)  # no samples: the floor
@@ -99,14 +110,14 @@ def test_markdown_and_self_contained_html(slow_report):
     plot = re.search(r"\]\((plots/[^)]+\.png)\)", md).group(1)
     assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
-    assert "src=\"plots/" not in page and "http" not in page.replace("http-equiv", "")
+    assert 'src="plots/' not in page and "http" not in page.replace("http-equiv", "")
     (image,) = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     png = base64.b64decode(image)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") >= 600  # width from the IHDR chunk
 
 
 def test_baselines_last_good_date_and_run_id(tmp_path, cli):
-    end = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=2)
+    end = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
     root = tmp_path / "runs"
     runs = nightly(root, nights=5, end=end)
     from tests.runs import make_run
@@ -132,8 +143,13 @@ def test_failing_budget_in_newest_counts(tmp_path, cli):
 
     root = tmp_path / "runs"
     runs = nightly(root, nights=3)
-    make_run(runs[2], started=datetime.now(timezone.utc) - timedelta(hours=1), ttft_samples=[510.0, 512.0, 515.0],
-             decode_samples=[140.0, 141.0, 139.0], seed=2)
+    make_run(
+        runs[2],
+        started=datetime.now(UTC) - timedelta(hours=1),
+        ttft_samples=[510.0, 512.0, 515.0],
+        decode_samples=[140.0, 141.0, 139.0],
+        seed=2,
+    )
     db = tmp_path / "h.db"
     for r in runs:
         history.record(r, db)
@@ -165,10 +181,25 @@ def test_html_plots_render_in_headless_chromium(slow_report, tmp_path):
     probe = tmp_path / "probe.html"
     probe.write_text(page.replace("</body>", PROBE + "</body>"))
     run = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     found = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout)
     assert found, f"chromium printed no probe (rc {run.returncode}): {run.stderr[-500:]}"
     images = json.loads(found.group(1).replace("&quot;", '"'))
@@ -178,8 +209,9 @@ def test_html_plots_render_in_headless_chromium(slow_report, tmp_path):
 
 def test_groups_are_compared_separately_and_filtered(tmp_path, cli):
     db = tmp_path / "h.db"
-    for run in nightly(tmp_path / "host", nights=4, seed=1) + nightly(tmp_path / "phone", nights=4, seed=2, slow_night=3,
-                                                                          profile="pixel8", device="Pixel 8"):
+    for run in nightly(tmp_path / "host", nights=4, seed=1) + nightly(
+        tmp_path / "phone", nights=4, seed=2, slow_night=3, profile="pixel8", device="Pixel 8"
+    ):
         history.record(run, db)
     code, out, _ = cli("report", "--db", db, "--out", tmp_path / "all")
     assert code == 1 and out.count("\n") == 1 and "/ pixel8 / Pixel 8: decode_tokens_per_s" in out

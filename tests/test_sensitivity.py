@@ -1,4 +1,5 @@
 """Sensitivity analysis: each score measures what it says, the output is deterministic, the figures are written."""
+
 from __future__ import annotations
 
 import copy
@@ -100,8 +101,9 @@ def test_taylor_of_a_head_without_weights_is_zero(tiny_llama, blocks):
 @pytest.mark.parametrize("zero_point", ["int", "float"])
 def test_the_rounded_weight_analyze_measures_is_what_quantize_rtn_writes(cli, tiny_llama, tmp_path, zero_point):
     out = tmp_path / "q"
-    code, _, err = cli("quantize", "--model", tiny_llama, "--method", "rtn", "--group-size", "32", "--zero-point", zero_point,
-                       "--out", out, "--json")
+    code, _, err = cli(
+        "quantize", "--model", tiny_llama, "--method", "rtn", "--group-size", "32", "--zero-point", zero_point, "--out", out, "--json"
+    )
     assert code == 0, err
     written = fake_quantized(tiny_llama, out)
     model = load(tiny_llama)

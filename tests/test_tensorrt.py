@@ -1,4 +1,5 @@
 """TensorRT from an ONNX export: the build plan (everywhere) and the engine (where TensorRT and CUDA exist)."""
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,9 @@ def test_build_plan_matches_the_onnx_inputs(onnx_export, tmp_path, precision):
 def test_cli_says_no_engine_was_built(cli, onnx_export, tmp_path):
     if tensorrt_available()[0]:
         pytest.skip("TensorRT and CUDA are here: the CLI builds an engine")
-    code, stdout, stderr = cli("export", "tensorrt", "--onnx", onnx_export, "--out", tmp_path / "e", "--max-tokens", "64", "--prefill-tokens", "16")
+    code, stdout, stderr = cli(
+        "export", "tensorrt", "--onnx", onnx_export, "--out", tmp_path / "e", "--max-tokens", "64", "--prefill-tokens", "16"
+    )
     assert code == 0, stderr
     assert "NO ENGINE BUILT" in stdout and "build_engine.sh" in stdout
     code, _, stderr = cli("export", "tensorrt", "--onnx", tmp_path / "e", "--out", tmp_path / "f")

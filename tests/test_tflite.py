@@ -1,4 +1,5 @@
 """TFLite (LiteRT) export and its runner, on tiny Llama (GQA) / Qwen2 checkpoints; GPT-2 is refused."""
+
 from __future__ import annotations
 
 import json
@@ -84,12 +85,15 @@ def test_manifest_describes_the_signatures(exported):
     interpreter = Interpreter(model_path=str(out / manifest["files"]["model"]))
     assert sorted(interpreter.get_signature_list()) == sorted(s["name"] for s in manifest["signatures"].values())
     assert manifest["signatures"]["prefill"]["name"] == "prefill_8" and manifest["prefill_tokens"] == 8 and manifest["cache_length"] == 100
-    for role, signature in manifest["signatures"].items():
+    for signature in manifest["signatures"].values():
         runner = interpreter.get_signature_runner(signature["name"])
         inputs = runner.get_input_details()
         assert {i["name"] for i in signature["inputs"]} == set(inputs)
         for tensor in signature["inputs"]:
-            assert tensor["shape"] == list(inputs[tensor["name"]]["shape"]) and tensor["dtype"] == np.dtype(inputs[tensor["name"]]["dtype"]).name
+            assert (
+                tensor["shape"] == list(inputs[tensor["name"]]["shape"])
+                and tensor["dtype"] == np.dtype(inputs[tensor["name"]]["dtype"]).name
+            )
         assert inputs["tokens"]["dtype"] == np.int32 and inputs["input_pos"]["dtype"] == np.int32
         kv = [i for i in signature["inputs"] if i["name"].startswith("kv_cache_")]
         assert len(kv) == 2 * manifest["layers"] and all(100 in i["shape"] for i in kv)
@@ -182,11 +186,30 @@ def test_gpt2_is_refused_naming_it(tiny_models, tmp_path):
 def test_cli_export_tflite_int4(cli, tiny_models, tmp_path):
     _needs_litert()
     out = tmp_path / "int4"
-    code, stdout, stderr = cli("export", "tflite", "--model", tiny_models["qwen2"], "--out", out, "--quant", "int4", "--prefill-tokens", "8",
-                               "--cache-length", "96", "--min-agreement", "0", "--threads", "1", "--json")
+    code, stdout, stderr = cli(
+        "export",
+        "tflite",
+        "--model",
+        tiny_models["qwen2"],
+        "--out",
+        out,
+        "--quant",
+        "int4",
+        "--prefill-tokens",
+        "8",
+        "--cache-length",
+        "96",
+        "--min-agreement",
+        "0",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert code == 0, stderr
     metrics = json.loads(stdout)  # the converter's progress output stays off stdout
     assert metrics["format"] == "tflite" and metrics["quant"] == "int4" and metrics["size_ratio_to_fp32"] < 0.6
     assert json.loads((out / "manifest.json").read_text())["quant"]["recipe"] == "dynamic_wi4_afp32"
-    code, _, stderr = cli("export", "tflite", "--model", tiny_models["qwen2"], "--out", tmp_path / "x", "--prefill-tokens", "64", "--cache-length", "32")
+    code, _, stderr = cli(
+        "export", "tflite", "--model", tiny_models["qwen2"], "--out", tmp_path / "x", "--prefill-tokens", "64", "--cache-length", "32"
+    )
     assert code == 2 and "cache_length" in stderr

@@ -1,4 +1,5 @@
 """Tiny random models (Llama with GQA, Qwen2, GPT-2) and a tokenizer trained here: no hub, seconds to build."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,16 +46,37 @@ def build_config(arch: str, vocab_size: int, layers: int = 2):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if arch == "llama":  # GQA like SmolLM2: 4 query heads share 2 KV heads, tied embeddings
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                           rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=1024,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
     if arch == "qwen2":
-        return Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=layers, n_head=4, n_positions=1024,
-                          bos_token_id=1, eos_token_id=2)
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=layers, n_head=4, n_positions=1024, bos_token_id=1, eos_token_id=2)
     raise ValueError(arch)
 
 

@@ -14,14 +14,15 @@ RUN/01-analyze        the shared analysis
 RUN/candidates/NAME/  one run folder per candidate tried (resumable like any run)
 RUN/auto.json         every candidate with its estimates, status and failed budgets, and the winner
 """
+
 from __future__ import annotations
 
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError, VcompressError
@@ -106,7 +107,9 @@ def candidate_profile(profile: Profile, c: Candidate) -> Profile:
         data["quantization"].update(method="int8", bits=8)
         steps["quantize"] = {"stage": "quantize"}  # 4-bit grid settings (zero_point...) do not apply
     else:
-        data["quantization"].update(method=profile.quantization.method if profile.quantization.method in ("gptq", "rtn") else "gptq", bits=4)
+        data["quantization"].update(
+            method=profile.quantization.method if profile.quantization.method in ("gptq", "rtn") else "gptq", bits=4
+        )
     data["target"]["quant"] = f"int{c.bits}"
     from vcompress.core.registry import STAGES
     from vcompress.pipeline import load_stages
@@ -116,15 +119,18 @@ def candidate_profile(profile: Profile, c: Candidate) -> Profile:
     return Profile.model_validate(data)
 
 
-def search(profile: Profile, options, *, where: str = "profile", log: Callable[[str], None] = print,
-           on_stage=None) -> dict:
+def search(profile: Profile, options, *, where: str = "profile", log: Callable[[str], None] = print, on_stage=None) -> dict:
     """Run the search into options.out; returns auto.json's content (winner's verdict included)."""
     from vcompress import pipeline
 
     if profile.step("analyze") is None or profile.step("validate") is None:
-        raise InputError(f"{where}: --auto needs analyze and validate in the profile's recipe (the scores rank the candidates, the verdict decides)")
+        raise InputError(
+            f"{where}: --auto needs analyze and validate in the profile's recipe (the scores rank the candidates, the verdict decides)"
+        )
     out = Path(options.out)
-    analysis_profile = Profile.model_validate({**profile.model_dump(mode="json"), "recipe": [profile.step("analyze").model_dump(mode="json")]})
+    analysis_profile = Profile.model_validate(
+        {**profile.model_dump(mode="json"), "recipe": [profile.step("analyze").model_dump(mode="json")]}
+    )
     pipeline.run(analysis_profile, _with(options, out=out), where=where, log=log, on_stage=on_stage)
     analysis = RunLayout(out).folder("analyze")
     scores = json.loads((analysis / "sensitivity.json").read_text())
@@ -138,7 +144,10 @@ def search(profile: Profile, options, *, where: str = "profile", log: Callable[[
         if c.estimated_mb > PREDICTION_SLACK * budget.max_model_size_mb:
             c.status, c.reason = "skipped", f"estimated {c.estimated_mb:.0f} MiB, budget {budget.max_model_size_mb:g} MiB"
         elif c.predicted_ppl_rise_pct is not None and c.predicted_ppl_rise_pct > PREDICTION_SLACK * budget.max_perplexity_rise_pct:
-            c.status, c.reason = "skipped", f"predicted perplexity +{c.predicted_ppl_rise_pct:.1f}%, budget +{budget.max_perplexity_rise_pct:g}%"
+            c.status, c.reason = (
+                "skipped",
+                f"predicted perplexity +{c.predicted_ppl_rise_pct:.1f}%, budget +{budget.max_perplexity_rise_pct:g}%",
+            )
         else:
             winner = _try(c, profile, analysis, out, options, where, log, on_stage)
         log(f"auto: {c.name}: {c.status}{' (' + c.reason + ')' if c.reason else ''}")
@@ -155,11 +164,18 @@ def _try(c: Candidate, profile: Profile, analysis: Path, out: Path, options, whe
     if not (folder / analysis.name).is_dir():
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copytree(analysis, folder / analysis.name)
-    log(f"auto: trying {c.name} (estimated {c.estimated_mb:.0f} MiB, predicted perplexity "
-        f"{'+%.1f%%' % c.predicted_ppl_rise_pct if c.predicted_ppl_rise_pct is not None else 'n/a'})")
+    log(
+        f"auto: trying {c.name} (estimated {c.estimated_mb:.0f} MiB, predicted perplexity "
+        f"{f'+{c.predicted_ppl_rise_pct:.1f}%' if c.predicted_ppl_rise_pct is not None else 'n/a'})"
+    )
     try:
-        verdict = pipeline.run(candidate_profile(profile, c), _with(options, out=folder, resume=True, from_stage=None, force=False, record=False),
-                               where=f"{where} [{c.name}]", log=log, on_stage=on_stage)
+        verdict = pipeline.run(
+            candidate_profile(profile, c),
+            _with(options, out=folder, resume=True, from_stage=None, force=False, record=False),
+            where=f"{where} [{c.name}]",
+            log=log,
+            on_stage=on_stage,
+        )
     except VcompressError as e:  # one candidate the toolchain cannot build does not end the search
         c.status, c.reason = "error", str(e)
         return None
@@ -172,9 +188,11 @@ def _try(c: Candidate, profile: Profile, analysis: Path, out: Path, options, whe
 
 
 def _summary(found: list[Candidate], winner: Candidate | None) -> dict:
-    return {"winner": winner.name if winner else None,
-            "winner_folder": f"candidates/{winner.name}" if winner else None,
-            "candidates": [{"name": c.name, **asdict(c)} for c in found]}
+    return {
+        "winner": winner.name if winner else None,
+        "winner_folder": f"candidates/{winner.name}" if winner else None,
+        "candidates": [{"name": c.name, **asdict(c)} for c in found],
+    }
 
 
 def _with(options, **changes):

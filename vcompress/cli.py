@@ -5,6 +5,7 @@ here, so a new stage adds its own file instead of editing this one. Errors becom
 an exit code: 0 ok, 1 a check or budget failed, 2 bad input, 3 an internal error (a bug of ours or of a
 library: its traceback goes to a log file that the line names, so it is never mistaken for a failed budget).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             where = e.filename or "the output folder"
             what = {errno.EACCES: "permission denied on", errno.EROFS: "read-only file system at"}.get(e.errno)
-            problem = f"{what} {where}; choose a writable --out" if what else f"no space left on {where}; free space or choose another --out"
+            problem = (
+                f"{what} {where}; choose a writable --out" if what else f"no space left on {where}; free space or choose another --out"
+            )
             click.echo(f"error: {problem}", err=True)
             code = 2
     except Exception as e:  # noqa: BLE001  (anything not ours is an internal error, exit 3)
@@ -93,8 +96,13 @@ NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "datasets", "matplotlib", "gp
 def _quiet_libraries() -> None:
     import logging
 
-    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-                        ("DATASETS_VERBOSITY", "error"), ("TF_CPP_MIN_LOG_LEVEL", "3"), ("GPTQMODEL_LOGLEVEL", "ERROR")):
+    for name, value in (
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ("DATASETS_VERBOSITY", "error"),
+        ("TF_CPP_MIN_LOG_LEVEL", "3"),
+        ("GPTQMODEL_LOGLEVEL", "ERROR"),
+    ):
         os.environ.setdefault(name, value)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -120,7 +120,8 @@ class Evaluator:
             _check_same_vocab(runner, ref_runner)
             ref_logprobs = self.mmlu_logprobs(reference)
             report["reference"] = {"model": _label(ref_runner), "backend": ref_runner.backend,
-                                   "mmlu": scoring.mmlu_summary(ref_logprobs, self.questions)}
+                                   "mmlu": scoring.mmlu_summary(ref_logprobs, self.questions),
+                                   "seconds": {"mmlu": self._seconds.get(_key(reference))}}
             report["agreement"] = scoring.answer_agreement(logprobs, ref_logprobs)
             report["drop"] = _drops(ref_logprobs, logprobs, self.questions)
         if reference is not None or self.data:

@@ -5,12 +5,13 @@ and writes it into a SQL database through SQLAlchemy Core: SQLite under the cach
 SQLAlchemy URL (postgresql://...) so a team can share one. Recording the same run again replaces
 its rows, so it is idempotent per run id. `load(db)` reads the runs back for reports.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -20,7 +21,8 @@ from vcompress.core.errors import InputError
 
 metadata = sa.MetaData()
 runs_table = sa.Table(
-    "vcompress_runs", metadata,
+    "vcompress_runs",
+    metadata,
     sa.Column("run_id", sa.String(200), primary_key=True),
     sa.Column("date", sa.DateTime, nullable=False, index=True),  # UTC, naive
     sa.Column("model_label", sa.String(300), nullable=False),
@@ -40,7 +42,8 @@ runs_table = sa.Table(
     sa.Column("recorded", sa.DateTime, nullable=False),
 )
 metrics_table = sa.Table(
-    "vcompress_metrics", metadata,
+    "vcompress_metrics",
+    metadata,
     sa.Column("run_id", sa.String(200), sa.ForeignKey("vcompress_runs.run_id"), primary_key=True),
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("value", sa.Float),
@@ -49,14 +52,16 @@ metrics_table = sa.Table(
     sa.Column("device", sa.String(200)),
 )
 samples_table = sa.Table(
-    "vcompress_samples", metadata,
+    "vcompress_samples",
+    metadata,
     sa.Column("run_id", sa.String(200), sa.ForeignKey("vcompress_runs.run_id"), primary_key=True),
     sa.Column("metric", sa.String(200), primary_key=True),
     sa.Column("idx", sa.Integer, primary_key=True),
     sa.Column("value", sa.Float, nullable=False),
 )
 checks_table = sa.Table(
-    "vcompress_checks", metadata,
+    "vcompress_checks",
+    metadata,
     sa.Column("run_id", sa.String(200), sa.ForeignKey("vcompress_runs.run_id"), primary_key=True),
     sa.Column("budget", sa.String(200), primary_key=True),
     sa.Column("limit", sa.Float),
@@ -149,11 +154,17 @@ def connect(db: str | Path | None = None) -> sa.Engine:
         engine = sa.create_engine(url)
         metadata.create_all(engine)
     except sa.exc.ArgumentError as e:
-        raise InputError(f"--db {shown(url)} is not a valid database URL ({e}); pass a file path or a URL such as sqlite:///history.db or postgresql://user@host/db") from None
+        raise InputError(
+            f"--db {shown(url)} is not a valid database URL ({e}); pass a file path or a URL such as sqlite:///history.db or postgresql://user@host/db"
+        ) from None
     except (sa.exc.NoSuchModuleError, ModuleNotFoundError) as e:
-        raise InputError(f"--db {shown(url)}: no driver for this database ({e}); install its driver (PostgreSQL: `pip install psycopg2-binary`, or `pip install psycopg[binary]` with a postgresql+psycopg:// URL)") from None
+        raise InputError(
+            f"--db {shown(url)}: no driver for this database ({e}); install its driver (PostgreSQL: `pip install psycopg2-binary`, or `pip install psycopg[binary]` with a postgresql+psycopg:// URL)"
+        ) from None
     except sa.exc.OperationalError as e:
-        raise InputError(f"cannot open database {shown(url)}: {str(e.orig).splitlines()[0]}; check the path or URL and its permissions") from None
+        raise InputError(
+            f"cannot open database {shown(url)}: {str(e.orig).splitlines()[0]}; check the path or URL and its permissions"
+        ) from None
     return engine
 
 
@@ -165,7 +176,7 @@ def parse_date(text: str | None) -> datetime | None:
         return None
     value = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
     if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        value = value.astimezone(UTC).replace(tzinfo=None)
     return value
 
 
@@ -183,8 +194,14 @@ def run_id_of(run: dict, device: str, backend: str | None) -> str:
 
 
 def _figure(name: str, data: dict, default_source: str, device: str | None) -> Metric:
-    return Metric(name, _float(data.get("value")), str(data.get("unit", "")), data.get("source", default_source),
-                  data.get("device", device), [float(s) for s in data.get("samples") or [] if s is not None])
+    return Metric(
+        name,
+        _float(data.get("value")),
+        str(data.get("unit", "")),
+        data.get("source", default_source),
+        data.get("device", device),
+        [float(s) for s in data.get("samples") or [] if s is not None],
+    )
 
 
 def _float(value) -> float | None:
@@ -243,16 +260,29 @@ def read_run(run_dir: str | Path) -> RunRecord:
     backend = latency.get("backend") or verdict.get("backend")
     date = parse_date(verdict.get("created")) or parse_date(run.get("finished")) or parse_date(run.get("started"))
     metrics = {m.name: m for m in latency_metrics(latency) + eval_metrics(ev)}
-    checks = [Check(c["budget"], _float(c.get("limit")), _float(c.get("value")), c.get("unit"), c.get("source"), bool(c.get("passed")))
-              for c in verdict.get("checks") or []]
+    checks = [
+        Check(c["budget"], _float(c.get("limit")), _float(c.get("value")), c.get("unit"), c.get("source"), bool(c.get("passed")))
+        for c in verdict.get("checks") or []
+    ]
     return RunRecord(
-        run_id=run_id_of(run, device, backend), date=date,
+        run_id=run_id_of(run, device, backend),
+        date=date,
         model_label=model.get("label") or (verdict.get("model") or {}).get("label") or str(model.get("spec") or "model"),
-        model_hash=model.get("hash") or (verdict.get("model") or {}).get("hash"), model_spec=model.get("spec"),
-        profile=profile.get("name") or verdict.get("profile") or "profile", profile_sha256=profile.get("sha256"),
-        device=device, device_kind=latency.get("device_kind"), backend=backend, format=verdict.get("format"),
-        git_commit=run.get("git_commit"), vcompress=run.get("vcompress"), passed=bool(verdict.get("passed")),
-        run_dir=str(run_dir.resolve()), versions=run.get("versions") or {}, metrics=metrics, checks=checks,
+        model_hash=model.get("hash") or (verdict.get("model") or {}).get("hash"),
+        model_spec=model.get("spec"),
+        profile=profile.get("name") or verdict.get("profile") or "profile",
+        profile_sha256=profile.get("sha256"),
+        device=device,
+        device_kind=latency.get("device_kind"),
+        backend=backend,
+        format=verdict.get("format"),
+        git_commit=run.get("git_commit"),
+        vcompress=run.get("vcompress"),
+        passed=bool(verdict.get("passed")),
+        run_dir=str(run_dir.resolve()),
+        versions=run.get("versions") or {},
+        metrics=metrics,
+        checks=checks,
     )
 
 
@@ -268,18 +298,38 @@ def record(run_dir: str | Path, db: str | Path | None = None) -> str:
             for table in CHILD_TABLES:
                 conn.execute(table.delete().where(table.c.run_id == rec.run_id))
             conn.execute(runs_table.delete().where(runs_table.c.run_id == rec.run_id))
-            conn.execute(runs_table.insert().values(
-                run_id=rec.run_id, date=rec.date, model_label=rec.model_label, model_hash=rec.model_hash,
-                model_spec=rec.model_spec, profile=rec.profile, profile_sha256=rec.profile_sha256, device=rec.device,
-                device_kind=rec.device_kind, backend=rec.backend, format=rec.format, git_commit=rec.git_commit,
-                vcompress=rec.vcompress, passed=rec.passed, run_dir=rec.run_dir,
-                versions=json.dumps(rec.versions, sort_keys=True), recorded=datetime.now(timezone.utc).replace(tzinfo=None)))
-            metric_rows = [dict(run_id=rec.run_id, name=m.name, value=m.value, unit=m.unit, source=m.source, device=m.device)
-                           for m in rec.metrics.values()]
-            sample_rows = [dict(run_id=rec.run_id, metric=m.name, idx=i, value=v)
-                           for m in rec.metrics.values() for i, v in enumerate(m.samples)]
-            check_rows = [dict(run_id=rec.run_id, budget=c.budget, limit=c.limit, value=c.value, unit=c.unit, source=c.source, passed=c.passed)
-                          for c in rec.checks]
+            conn.execute(
+                runs_table.insert().values(
+                    run_id=rec.run_id,
+                    date=rec.date,
+                    model_label=rec.model_label,
+                    model_hash=rec.model_hash,
+                    model_spec=rec.model_spec,
+                    profile=rec.profile,
+                    profile_sha256=rec.profile_sha256,
+                    device=rec.device,
+                    device_kind=rec.device_kind,
+                    backend=rec.backend,
+                    format=rec.format,
+                    git_commit=rec.git_commit,
+                    vcompress=rec.vcompress,
+                    passed=rec.passed,
+                    run_dir=rec.run_dir,
+                    versions=json.dumps(rec.versions, sort_keys=True),
+                    recorded=datetime.now(UTC).replace(tzinfo=None),
+                )
+            )
+            metric_rows = [
+                dict(run_id=rec.run_id, name=m.name, value=m.value, unit=m.unit, source=m.source, device=m.device)
+                for m in rec.metrics.values()
+            ]
+            sample_rows = [
+                dict(run_id=rec.run_id, metric=m.name, idx=i, value=v) for m in rec.metrics.values() for i, v in enumerate(m.samples)
+            ]
+            check_rows = [
+                dict(run_id=rec.run_id, budget=c.budget, limit=c.limit, value=c.value, unit=c.unit, source=c.source, passed=c.passed)
+                for c in rec.checks
+            ]
             for table, rows in ((metrics_table, metric_rows), (samples_table, sample_rows), (checks_table, check_rows)):
                 if rows:
                     conn.execute(table.insert(), rows)
@@ -294,8 +344,13 @@ def load(db: str | Path | None = None, *, profile: str | None = None, model: str
     if profile:
         where.append(runs_table.c.profile == profile)
     if model:
-        where.append(sa.or_(runs_table.c.model_label == model, runs_table.c.model_spec == model,
-                            runs_table.c.model_hash.startswith(model, autoescape=True)))
+        where.append(
+            sa.or_(
+                runs_table.c.model_label == model,
+                runs_table.c.model_spec == model,
+                runs_table.c.model_hash.startswith(model, autoescape=True),
+            )
+        )
     chosen = sa.select(runs_table.c.run_id).where(*where)
     engine = connect(db)
     try:
@@ -312,10 +367,13 @@ def load(db: str | Path | None = None, *, profile: str | None = None, model: str
                 samples.setdefault((row["run_id"], row["metric"]), []).append(row["value"])
             for row in conn.execute(sa.select(metrics_table).where(metrics_table.c.run_id.in_(chosen))).mappings():
                 runs[row["run_id"]].metrics[row["name"]] = Metric(
-                    row["name"], row["value"], row["unit"], row["source"], row["device"], samples.get((row["run_id"], row["name"]), []))
+                    row["name"], row["value"], row["unit"], row["source"], row["device"], samples.get((row["run_id"], row["name"]), [])
+                )
             query = sa.select(checks_table).where(checks_table.c.run_id.in_(chosen)).order_by(checks_table.c.budget)
             for row in conn.execute(query).mappings():
-                runs[row["run_id"]].checks.append(Check(row["budget"], row["limit"], row["value"], row["unit"], row["source"], row["passed"]))
+                runs[row["run_id"]].checks.append(
+                    Check(row["budget"], row["limit"], row["value"], row["unit"], row["source"], row["passed"])
+                )
     finally:
         engine.dispose()
     return list(runs.values())

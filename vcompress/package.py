@@ -9,6 +9,7 @@ Layout of bundle.zip (entries sorted, timestamps 1980-01-01, mode 0644, deflate)
 `verify` checks a bundle before anyone unpacks it: every hash, the manifest schema, and no entry
 outside the root, no symlink, nothing unlisted, nothing missing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,15 @@ MANIFEST = "manifest.json"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: no build time leaks into the bytes
 FILE_MODE = stat.S_IFREG | 0o644
 STAGE_FILES = ("recipe.yaml", "metrics.json")  # bookkeeping of the export stage, bundled under recipes/
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 CHUNK = 1 << 20
 
@@ -138,8 +146,10 @@ def _profile_text(run_dir: Path, profile: dict) -> str:
             return text
     if profile.get("data"):
         return yaml.safe_dump(profile["data"], sort_keys=False)
-    raise InputError(f"cannot find the profile {name or '?'} that run {run_dir} was validated with (no file matches run.json's sha256); "
-                     f"put the YAML the run used at {run_dir / 'profile.yaml'}")
+    raise InputError(
+        f"cannot find the profile {name or '?'} that run {run_dir} was validated with (no file matches run.json's sha256); "
+        f"put the YAML the run used at {run_dir / 'profile.yaml'}"
+    )
 
 
 def _profile_hashes(text: str) -> set[str]:
@@ -170,16 +180,27 @@ def collect(run_dir: str | Path, fmt: str, *, allow_failed: bool = False) -> tup
     exported = _export_format(export)
     if exported != fmt:
         have = f"its export is {exported}" if exported else "it has no finished export"
-        raise InputError(f"run {run_dir} has no {fmt} export ({have}); pass --format {exported}" if exported
-                         else f"run {run_dir} has no {fmt} export ({have}); finish it with `vcompress run --resume`")
+        raise InputError(
+            f"run {run_dir} has no {fmt} export ({have}); pass --format {exported}"
+            if exported
+            else f"run {run_dir} has no {fmt} export ({have}); finish it with `vcompress run --resume`"
+        )
     if verdict.get("format") and verdict["format"] != fmt:
         raise InputError(f"run {run_dir} validated its {verdict['format']} export, not {fmt}; package --format {verdict['format']}")
     failed = [c.get("budget", "?") for c in verdict.get("checks") or [] if not c.get("passed")]
     passed = bool(verdict.get("passed"))
     if not passed and not allow_failed:
-        details = "; ".join(f"{c['budget']} {c.get('value')} {c.get('unit', '')} vs limit {c.get('limit')}"
-                            for c in verdict.get("checks") or [] if not c.get("passed")) or "passed is false"
-        raise CheckFailed(f"run {run_dir} failed its verdict ({details}); a failed run is not packaged, pass --allow-failed to package it anyway")
+        details = (
+            "; ".join(
+                f"{c['budget']} {c.get('value')} {c.get('unit', '')} vs limit {c.get('limit')}"
+                for c in verdict.get("checks") or []
+                if not c.get("passed")
+            )
+            or "passed is false"
+        )
+        raise CheckFailed(
+            f"run {run_dir} failed its verdict ({details}); a failed run is not packaged, pass --allow-failed to package it anyway"
+        )
 
     entries: dict[str, Path | bytes] = {}
     for path in sorted(export.rglob("*")):
@@ -208,15 +229,27 @@ def collect(run_dir: str | Path, fmt: str, *, allow_failed: bool = False) -> tup
     device, backend = latency.get("device") or verdict.get("device"), latency.get("backend") or verdict.get("backend")
     model, profile = run.get("model") or {}, run.get("profile") or {}
     manifest = BundleManifest(
-        bundle=BUNDLE_SCHEMA, vcompress=__version__, format=fmt,
-        run=RunInfo(run_id=run_id_of(run, device, backend), vcompress=run.get("vcompress"), git_commit=run.get("git_commit"),
-                    started=run.get("started"), finished=run.get("finished"), seed=run.get("seed")),
-        model=ModelInfo(label=model.get("label") or (verdict.get("model") or {}).get("label"), spec=model.get("spec"),
-                        hash=model.get("hash") or (verdict.get("model") or {}).get("hash")),
+        bundle=BUNDLE_SCHEMA,
+        vcompress=__version__,
+        format=fmt,
+        run=RunInfo(
+            run_id=run_id_of(run, device, backend),
+            vcompress=run.get("vcompress"),
+            git_commit=run.get("git_commit"),
+            started=run.get("started"),
+            finished=run.get("finished"),
+            seed=run.get("seed"),
+        ),
+        model=ModelInfo(
+            label=model.get("label") or (verdict.get("model") or {}).get("label"),
+            spec=model.get("spec"),
+            hash=model.get("hash") or (verdict.get("model") or {}).get("hash"),
+        ),
         profile=ProfileInfo(name=profile.get("name") or verdict.get("profile") or "?", sha256=profile.get("sha256"), file="profile.yaml"),
         signature=Signature(**_signature(export)),
         validated_with=ValidatedWith(versions={k: str(v) for k, v in (run.get("versions") or {}).items()}, device=device, backend=backend),
-        tokenizer=tokenizer, chat_template=chat_template,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
         generation_config="model/generation_config.json" if "model/generation_config.json" in entries else None,
         verdict=VerdictInfo(passed=passed, allow_failed=not passed, failed_checks=failed, file="verdict.json"),
         files=[FileEntry(path=name, **_digest(entries[name])) for name in sorted(entries)],
@@ -324,7 +357,9 @@ def verify(bundle: str | Path) -> BundleManifest:
             if name in seen:
                 raise bad(name, "appears twice in the zip")
             if info.flag_bits & 0x1:  # vcompress never encrypts; such an entry cannot be checked
-                raise InputError(f"{bundle}: {name} is an encrypted zip entry, which `vcompress package` never writes; pass an unencrypted bundle written by it")
+                raise InputError(
+                    f"{bundle}: {name} is an encrypted zip entry, which `vcompress package` never writes; pass an unencrypted bundle written by it"
+                )
             seen.add(name)
         if MANIFEST not in seen:
             raise bad(MANIFEST, "missing")
@@ -367,7 +402,9 @@ def verify(bundle: str | Path) -> BundleManifest:
         except ValueError:
             raise bad(manifest.verdict.file, "not valid JSON") from None
         if not isinstance(verdict, dict):
-            raise InputError(f"{bundle}: {manifest.verdict.file} is not a verdict (a JSON object); pass a bundle written by `vcompress package`")
+            raise InputError(
+                f"{bundle}: {manifest.verdict.file} is not a verdict (a JSON object); pass a bundle written by `vcompress package`"
+            )
         if bool(verdict.get("passed")) != manifest.verdict.passed:
             raise bad(manifest.verdict.file, "verdict disagrees with manifest.json")
         if not manifest.verdict.passed and not manifest.verdict.allow_failed:

@@ -4,6 +4,7 @@ Each stage writes its numbered folder atomically (see core/stage.py), so a folde
 finished and `--resume` skips it; an interrupted stage continues from its work folder (distillation
 checkpoints). run.json records the plan, the state of every stage, versions and timings.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -14,9 +15,9 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from vcompress import __version__
 from vcompress.core.artifact import RunLayout, write_json
@@ -86,8 +87,15 @@ class RunOptions:
     db: str | None = None
 
 
-def run(profile: Profile, options: RunOptions, *, where: str = "profile", log: Callable[[str], None] = print,
-        on_stage: Callable[[str, str, dict], None] | None = None, progress: Progress = no_progress) -> dict:
+def run(
+    profile: Profile,
+    options: RunOptions,
+    *,
+    where: str = "profile",
+    log: Callable[[str], None] = print,
+    on_stage: Callable[[str, str, dict], None] | None = None,
+    progress: Progress = no_progress,
+) -> dict:
     """Run every stage of the profile's recipe; returns the verdict (dict, empty without a validate step)."""
     steps = plan(profile, where, options.overrides)
     layout = RunLayout(options.out)
@@ -119,10 +127,22 @@ def run(profile: Profile, options: RunOptions, *, where: str = "profile", log: C
             if on_stage:
                 on_stage(step.name, "start", {})
             started = time.time()
-            execute(_with_analysis(step.stage, inputs["analysis"]), folder, source=inputs["model"], force=True,
-                    reference=reference, seed=options.seed, data=options.data, mmlu=options.mmlu,
-                    subset=profile.evaluation.subset, resume=options.resume, intake=options.intake, profile=profile,
-                    log=lambda m, name=step.name: log(f"{name}: {m}"), progress=progress)
+            execute(
+                _with_analysis(step.stage, inputs["analysis"]),
+                folder,
+                source=inputs["model"],
+                force=True,
+                reference=reference,
+                seed=options.seed,
+                data=options.data,
+                mmlu=options.mmlu,
+                subset=profile.evaluation.subset,
+                resume=options.resume,
+                intake=options.intake,
+                profile=profile,
+                log=lambda m, name=step.name: log(f"{name}: {m}"),
+                progress=progress,
+            )
             record.update(state="done", seconds=round(time.time() - started, 2))
             if on_stage:
                 on_stage(step.name, "done", {"seconds": record["seconds"]})
@@ -154,7 +174,9 @@ def _check_out(out: Path, steps: list[Step], options: RunOptions) -> None:
         raise InputError(f"--from {options.from_stage}: the profile's recipe has no such stage; stages: {', '.join(s.name for s in steps)}")
     finished = [s.folder for s in steps if (out / s.folder).is_dir()]
     if finished and not (options.resume or options.force or options.from_stage):
-        raise InputError(f"{out} already holds finished stages ({', '.join(finished)}); pass --resume to continue, --from STAGE to redo from a stage, or --force to start over")
+        raise InputError(
+            f"{out} already holds finished stages ({', '.join(finished)}); pass --resume to continue, --from STAGE to redo from a stage, or --force to start over"
+        )
     if options.force and not options.resume and not options.from_stage:
         for s in steps:
             # replaced one by one as the new run reaches them would mix runs; start over cleanly
@@ -166,17 +188,23 @@ def _check_same_recipe(layout: RunLayout, state: dict, options: RunOptions) -> N
     if not (options.resume and layout.run_json.is_file()):
         return
     previous = layout.read_run()
-    before = {"profile": (previous.get("profile") or {}).get("sha256"), "model": (previous.get("model") or {}).get("spec"),
-              "seed": previous.get("seed"), "data": previous.get("data")}
+    before = {
+        "profile": (previous.get("profile") or {}).get("sha256"),
+        "model": (previous.get("model") or {}).get("spec"),
+        "seed": previous.get("seed"),
+        "data": previous.get("data"),
+    }
     now = {"profile": state["profile"]["sha256"], "model": state["model"]["spec"], "seed": state["seed"], "data": state["data"]}
     for key in now:
         if before[key] != now[key]:
-            raise InputError(f"{layout.root} was started with another {key} ({before[key]!r}, now {now[key]!r}); resume with the same arguments, or pass --force to start over")
+            raise InputError(
+                f"{layout.root} was started with another {key} ({before[key]!r}, now {now[key]!r}); resume with the same arguments, or pass --force to start over"
+            )
 
 
 def _clear_from(out: Path, steps: list[Step], stage: str, log) -> None:
     names = [s.name for s in steps]
-    for s in steps[names.index(stage):]:
+    for s in steps[names.index(stage) :]:
         if (out / s.folder).exists():
             log(f"--from {stage}: removing {s.folder}")
             shutil.rmtree(out / s.folder)
@@ -186,8 +214,12 @@ def _run_record(profile: Profile, options: RunOptions, steps: list[Step], where:
     text = json.dumps(profile.model_dump(mode="json"), sort_keys=True)
     return {
         "vcompress": __version__,
-        "profile": {"name": profile.name, "path": where if Path(where).is_file() else None,
-                    "sha256": hashlib.sha256(text.encode()).hexdigest(), "data": profile.model_dump(mode="json")},
+        "profile": {
+            "name": profile.name,
+            "path": where if Path(where).is_file() else None,
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "data": profile.model_dump(mode="json"),
+        },
         "model": {"spec": options.model, "label": Path(options.model).name if options.model else "SmolLM2-135M-Instruct"},
         "seed": options.seed,
         "data": options.data,
@@ -225,7 +257,7 @@ def _git_commit() -> str | None:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _tee(log: Callable[[str], None], path: Path) -> Callable[[str], None]:

@@ -5,6 +5,7 @@ threshold = max(NOISE_K * pooled spread of both runs' repeated samples, a small 
 measured once (size, accuracy) only have the floor. A budget failing in the newest run also counts.
 Writes report.md (+ plots/*.png), a self-contained report.html and junit.xml.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,7 +16,7 @@ import re
 import statistics
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from vcompress.core.errors import InputError
@@ -44,7 +45,12 @@ RULES = {
     "perplexity": Rule("perplexity", +1, rel_floor=0.02),
 }
 BUDGET_OF = {"ttft_ms": "max_ttft_ms", "decode_tokens_per_s": "min_decode_tokens_per_s", "model_size_mb": "max_model_size_mb"}
-PLOTS = (("ttft_ms", "TTFT (ms)"), ("decode_tokens_per_s", "decode (tokens/s)"), ("model_size_mb", "model size (MiB)"), ("accuracy", "MMLU accuracy"))
+PLOTS = (
+    ("ttft_ms", "TTFT (ms)"),
+    ("decode_tokens_per_s", "decode (tokens/s)"),
+    ("model_size_mb", "model size (MiB)"),
+    ("accuracy", "MMLU accuracy"),
+)
 
 
 @dataclass
@@ -84,11 +90,15 @@ class GroupReport:
         for c in self.comparisons:
             if c.regressed:
                 pct = f"{c.change_pct:+.1f}%, " if c.change_pct is not None else ""
-                lines.append(f"REGRESSION {self.label}: {c.metric} {_num(c.baseline)} -> {_num(c.newest)} {c.unit} "
-                             f"({pct}noise threshold {_num(c.threshold)}) in run {self.newest.run_id} vs baseline {self.baseline.run_id}")
+                lines.append(
+                    f"REGRESSION {self.label}: {c.metric} {_num(c.baseline)} -> {_num(c.newest)} {c.unit} "
+                    f"({pct}noise threshold {_num(c.threshold)}) in run {self.newest.run_id} vs baseline {self.baseline.run_id}"
+                )
         for check in self.failed_budgets:
-            lines.append(f"REGRESSION {self.label}: budget {check.budget} failed: {_num(check.value)} {check.unit or ''} "
-                         f"vs limit {_num(check.limit)} in run {self.newest.run_id}")
+            lines.append(
+                f"REGRESSION {self.label}: budget {check.budget} failed: {_num(check.value)} {check.unit or ''} "
+                f"vs limit {_num(check.limit)} in run {self.newest.run_id}"
+            )
         return lines
 
 
@@ -141,7 +151,7 @@ def parse_since(text: str | None, now: datetime) -> datetime | None:
 
 
 def _as_utc(value: datetime) -> datetime:
-    return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
 
 
 def choose_baseline(history: list[RunRecord], newest: RunRecord, spec: str) -> tuple[RunRecord | None, str]:
@@ -167,19 +177,30 @@ def choose_baseline(history: list[RunRecord], newest: RunRecord, spec: str) -> t
     return None, f"baseline run {spec} is for another model/profile/device"
 
 
-def build(db: str | Path | None = None, *, baseline: str = "last-good", since: str | None = "30d", profile: str | None = None,
-          model: str | None = None, now: datetime | None = None) -> Report:
-    now = _as_utc(now) if now else datetime.now(timezone.utc).replace(tzinfo=None)
+def build(
+    db: str | Path | None = None,
+    *,
+    baseline: str = "last-good",
+    since: str | None = "30d",
+    profile: str | None = None,
+    model: str | None = None,
+    now: datetime | None = None,
+) -> Report:
+    now = _as_utc(now) if now else datetime.now(UTC).replace(tzinfo=None)
     start = parse_since(since, now)
     records = load(db, profile=profile, model=model)
     where = shown(db_url(db))
     if not records:
         filters = " matching --profile/--model" if profile or model else ""
-        raise InputError(f"no runs{filters} recorded in {where}; record runs with `vcompress record RUN_DIR --db ...` (or `vcompress run --record`)")
+        raise InputError(
+            f"no runs{filters} recorded in {where}; record runs with `vcompress record RUN_DIR --db ...` (or `vcompress run --record`)"
+        )
     if baseline not in ("last-good",) and not re.match(r"\d{4}-\d{2}-\d{2}", baseline):
         ids = [r for r in records if r.run_id == baseline or r.run_id.startswith(baseline)]
         if not ids:
-            raise InputError(f"--baseline {baseline!r} is not last-good, a date or a recorded run id; see the run ids with `vcompress report` output or the database")
+            raise InputError(
+                f"--baseline {baseline!r} is not last-good, a date or a recorded run id; see the run ids with `vcompress report` output or the database"
+            )
         if len({r.run_id for r in ids}) > 1:
             raise InputError(f"--baseline {baseline!r} matches {len(ids)} runs; give more of the run id")
     groups: dict[tuple, list[RunRecord]] = {}
@@ -194,8 +215,12 @@ def build(db: str | Path | None = None, *, baseline: str = "last-good", since: s
         window = [r for r in history if start is None or r.date >= start]
         group = GroupReport(key, window, newest, base, note)
         if base is not None:
-            group.comparisons = [c for name in RULES if name in base.metrics and name in newest.metrics
-                                 if (c := compare(name, base.metrics[name], newest.metrics[name])) is not None]
+            group.comparisons = [
+                c
+                for name in RULES
+                if name in base.metrics and name in newest.metrics
+                if (c := compare(name, base.metrics[name], newest.metrics[name])) is not None
+            ]
         reports.append(group)
     if not reports:
         raise InputError(f"no run in {where} is newer than --since {since}; widen --since (e.g. --since 90d or all)")
@@ -228,7 +253,9 @@ def trend_png(group: GroupReport) -> bytes:
         ax = fig.add_subplot(2, 2, i + 1)
         runs = [r for r in group.runs if r.metrics.get(name) and r.metrics[name].value is not None]
         budget = next((c for c in group.newest.checks if c.budget == BUDGET_OF.get(name)), None)
-        ax.set_title(title + (f"  (budget {'≥' if budget.budget.startswith('min_') else '≤'} {_num(budget.limit)})" if budget else ""), fontsize=10)
+        ax.set_title(
+            title + (f"  (budget {'≥' if budget.budget.startswith('min_') else '≤'} {_num(budget.limit)})" if budget else ""), fontsize=10
+        )
         if not runs:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             continue
@@ -239,11 +266,27 @@ def trend_png(group: GroupReport) -> bytes:
         ax.plot([r.date for r in runs], [r.metrics[name].value for r in runs], "-o", color="tab:blue", ms=4, zorder=2)
         failed = [r for r in runs if not r.passed]
         if failed:
-            ax.plot([r.date for r in failed], [r.metrics[name].value for r in failed], "x", color="tab:red", ms=9, mew=2, zorder=3, label="verdict failed")
+            ax.plot(
+                [r.date for r in failed],
+                [r.metrics[name].value for r in failed],
+                "x",
+                color="tab:red",
+                ms=9,
+                mew=2,
+                zorder=3,
+                label="verdict failed",
+            )
         if group.baseline is not None and group.baseline in runs:
             ax.plot([group.baseline.date], [group.baseline.metrics[name].value], "s", color="tab:green", ms=9, zorder=3, label="baseline")
-        ax.plot([group.newest.date], [group.newest.metrics[name].value], "D", color="tab:red" if name in regressed else "tab:blue",
-                ms=9, zorder=3, label="newest (regressed)" if name in regressed else "newest")
+        ax.plot(
+            [group.newest.date],
+            [group.newest.metrics[name].value],
+            "D",
+            color="tab:red" if name in regressed else "tab:blue",
+            ms=9,
+            zorder=3,
+            label="newest (regressed)" if name in regressed else "newest",
+        )
         if runs[-1].metrics[name].unit == "fraction":  # one flipped answer should not fill the whole axis
             low, high = ax.get_ylim()
             middle = (low + high) / 2
@@ -264,12 +307,16 @@ def _rows(group: GroupReport) -> list[list[str]]:
     rows = []
     for c in group.comparisons:
         pct = f"{c.change_pct:+.1f}%" if c.change_pct is not None else "n/a"
-        rows.append([c.metric, c.unit, _num(c.baseline), _num(c.newest), pct, f"±{_num(c.threshold)}", "REGRESSED" if c.regressed else "ok"])
+        rows.append(
+            [c.metric, c.unit, _num(c.baseline), _num(c.newest), pct, f"±{_num(c.threshold)}", "REGRESSED" if c.regressed else "ok"]
+        )
     return rows
 
 
 def _budget_rows(group: GroupReport) -> list[list[str]]:
-    return [[c.budget, c.unit or "", _num(c.limit), _num(c.value), c.source or "", "ok" if c.passed else "FAILED"] for c in group.newest.checks]
+    return [
+        [c.budget, c.unit or "", _num(c.limit), _num(c.value), c.source or "", "ok" if c.passed else "FAILED"] for c in group.newest.checks
+    ]
 
 
 COMPARE_HEAD = ["metric", "unit", "baseline", "newest", "change", "noise threshold", "status"]
@@ -285,13 +332,24 @@ def _run_line(run: RunRecord | None, note: str = "") -> str:
 
 def write_markdown(report: Report, out: Path, images: dict[str, bytes]) -> Path:
     since = f"{report.since:%Y-%m-%d %H:%M} UTC" if report.since else "all"
-    lines = ["# vcompress regression report", "",
-             f"Created {report.created:%Y-%m-%d %H:%M} UTC from {report.db}; baseline: {report.baseline}; since: {since}.", ""]
+    lines = [
+        "# vcompress regression report",
+        "",
+        f"Created {report.created:%Y-%m-%d %H:%M} UTC from {report.db}; baseline: {report.baseline}; since: {since}.",
+        "",
+    ]
     regressions = report.regressions()
     lines += [f"**{len(regressions)} regression(s)**", ""] + [f"- {r}" for r in regressions] if regressions else ["**No regressions.**"]
     for group in report.groups:
-        lines += ["", f"## {group.label}", "", f"- newest: {_run_line(group.newest)}", f"- baseline: {_run_line(group.baseline, group.note)}",
-                  f"- runs in window: {len(group.runs)}", ""]
+        lines += [
+            "",
+            f"## {group.label}",
+            "",
+            f"- newest: {_run_line(group.newest)}",
+            f"- baseline: {_run_line(group.baseline, group.note)}",
+            f"- runs in window: {len(group.runs)}",
+            "",
+        ]
         for head, rows in ((COMPARE_HEAD, _rows(group)), (BUDGET_HEAD, _budget_rows(group))):
             if rows:
                 lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
@@ -318,18 +376,25 @@ def _cls(value: str) -> str:
 def write_html(report: Report, out: Path, images: dict[str, bytes]) -> Path:
     regressions = report.regressions()
     since = f"{report.since:%Y-%m-%d %H:%M} UTC" if report.since else "all"
-    parts = [f"<p>Created {report.created:%Y-%m-%d %H:%M} UTC from <code>{html.escape(report.db)}</code>; baseline: "
-             f"<b>{html.escape(report.baseline)}</b>; since: {since}.</p>"]
+    parts = [
+        f"<p>Created {report.created:%Y-%m-%d %H:%M} UTC from <code>{html.escape(report.db)}</code>; baseline: "
+        f"<b>{html.escape(report.baseline)}</b>; since: {since}.</p>"
+    ]
     if regressions:
-        parts.append(f'<div class="summary bad"><b>{len(regressions)} regression(s)</b><ul>'
-                     + "".join(f"<li>{html.escape(r)}</li>" for r in regressions) + "</ul></div>")
+        parts.append(
+            f'<div class="summary bad"><b>{len(regressions)} regression(s)</b><ul>'
+            + "".join(f"<li>{html.escape(r)}</li>" for r in regressions)
+            + "</ul></div>"
+        )
     else:
         parts.append('<div class="summary good"><b>No regressions.</b></div>')
     for group in report.groups:
         image = base64.b64encode(images[group.label]).decode()
-        parts += [f"<h2>{html.escape(group.label)}</h2>",
-                  f"<p>newest: {html.escape(_run_line(group.newest))}<br>baseline: {html.escape(_run_line(group.baseline, group.note))}"
-                  f"<br>runs in window: {len(group.runs)}</p>"]
+        parts += [
+            f"<h2>{html.escape(group.label)}</h2>",
+            f"<p>newest: {html.escape(_run_line(group.newest))}<br>baseline: {html.escape(_run_line(group.baseline, group.note))}"
+            f"<br>runs in window: {len(group.runs)}</p>",
+        ]
         if group.comparisons:
             parts.append(_table(COMPARE_HEAD, _rows(group)))
         if group.newest.checks:
@@ -372,16 +437,24 @@ def write_junit(report: Report, out: Path) -> Path:
             cases += 1
             if c.regressed:
                 fails += 1
-                failure = ET.SubElement(case, "failure", type="regression",
-                                        message=f"{c.metric} {_num(c.baseline)} -> {_num(c.newest)} {c.unit}, beyond noise threshold {_num(c.threshold)}")
+                failure = ET.SubElement(
+                    case,
+                    "failure",
+                    type="regression",
+                    message=f"{c.metric} {_num(c.baseline)} -> {_num(c.newest)} {c.unit}, beyond noise threshold {_num(c.threshold)}",
+                )
                 failure.text = f"newest {group.newest.run_id}; baseline {group.baseline.run_id}; noise (pooled robust sd) {_num(c.noise)}"
         for check in group.newest.checks:
             case = ET.SubElement(suite, "testcase", classname=classname, name=f"budget {check.budget}", time="0")
             cases += 1
             if not check.passed:
                 fails += 1
-                ET.SubElement(case, "failure", type="budget",
-                              message=f"{check.budget}: {_num(check.value)} {check.unit or ''} vs limit {_num(check.limit)} in run {group.newest.run_id}")
+                ET.SubElement(
+                    case,
+                    "failure",
+                    type="budget",
+                    message=f"{check.budget}: {_num(check.value)} {check.unit or ''} vs limit {_num(check.limit)} in run {group.newest.run_id}",
+                )
         suite.set("tests", str(cases))
         suite.set("failures", str(fails))
         suite.set("errors", "0")

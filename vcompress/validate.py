@@ -173,9 +173,15 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
         source = c.get("source") or "?"
         if c.get("device") and source == "measured":
             source = f"measured on {c['device']}"
-        result = "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]"
-        table.add_row(c["budget"], f"{c['limit']:g}", "n/a" if c["value"] is None else f"{c['value']:g}", c["unit"], source, result)
+        result = "[green]pass[/green]" if c["passed"] else "[yellow]undecided[/yellow]" if c.get("result") == "undecided" else "[red]FAIL[/red]"
+        figure = "n/a" if c["value"] is None else f"{c['value']:g}"
+        if c.get("ci95") and c["value"] is not None:  # the accuracy drop, judged on its paired interval
+            figure += f" (95% CI {c['ci95'][0]:.2f} to {c['ci95'][1]:.2f})"
+        table.add_row(c["budget"], f"{c['limit']:g}", figure, c["unit"], source, result)
     console.print(table)
+    for c in verdict["checks"]:
+        if c.get("why"):
+            console.print(f"{c['budget']} ({c.get('format', 'letter')} MMLU): {c['why']}", soft_wrap=True)
     acc = verdict.get("accuracy", {})
     if acc.get("teacher") is not None:
         console.print(f"MMLU accuracy: teacher {acc['teacher']:.3f}, student {acc['student']:.3f}")

@@ -1,5 +1,6 @@
 """A test-only device, "fake-board": its own settings (a required `board_id`, a `tokens_per_s`) and
 latency.json figures computed from them, labelled estimated, since nothing is measured."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,14 @@ class FakeBoard(LatencyDevice):
             return figure(value, unit, measured=False, device=self.label, **extra)
 
         return {
-            "device": self.label, "device_kind": self.kind, "board_id": s.board_id, "backend": artifact_format(artifact),
-            "source": "estimated", "threads": s.threads, "prompt_tokens": s.prompt_tokens, "decode_tokens": s.decode_tokens,
+            "device": self.label,
+            "device_kind": self.kind,
+            "board_id": s.board_id,
+            "backend": artifact_format(artifact),
+            "source": "estimated",
+            "threads": s.threads,
+            "prompt_tokens": s.prompt_tokens,
+            "decode_tokens": s.decode_tokens,
             "ttft_ms": estimated(round(s.prompt_tokens / s.tokens_per_s * 1e3, 3), "ms"),
             "decode_tokens_per_s": estimated(s.tokens_per_s, "tokens/s"),
             "peak_rss_mb": estimated(mib(size, 1), UNIT, note="lower bound: the weights alone"),

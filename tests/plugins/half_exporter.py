@@ -4,6 +4,7 @@ The whole of a new format: a Stage registered in EXPORTERS (config, manifest, th
 gate of exporters/base.py) and a Runner registered in RUNNERS under the same name, which is the
 manifest's `format`, so evaluation and latency find it through `open_runner`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,9 +41,12 @@ class HalfExport(ExportStage):
         copy.deepcopy(model).half().save_pretrained(ctx.out)  # the source model stays fp32 for the parity check
         save_sidecars(model, tokenizer, ctx.out)
         vocab = model.config.vocab_size
-        manifest = self.manifest({"model": WEIGHTS, "config": "config.json", "tokenizer": "tokenizer.json"}, weights_dtype="float16",
-                                 inputs=[{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}],
-                                 outputs=[{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", vocab]}])
+        manifest = self.manifest(
+            {"model": WEIGHTS, "config": "config.json", "tokenizer": "tokenizer.json"},
+            weights_dtype="float16",
+            inputs=[{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}],
+            outputs=[{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", vocab]}],
+        )
         result = gate(ctx, HalfRunner, model, tokenizer, cfg, manifest, "torch-half", dequantized=bool(grid))
         return {"format": FORMAT, "quant": cfg.quant, "model_bytes": (ctx.out / WEIGHTS).stat().st_size, "parity": result}
 

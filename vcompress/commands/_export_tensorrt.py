@@ -1,4 +1,5 @@
 """vcompress export tensorrt: a TensorRT engine from an ONNX export, or, without TensorRT, its build plan."""
+
 from __future__ import annotations
 
 import click
@@ -9,8 +10,16 @@ from vcompress.commands._options import force_option, json_option, out_option, p
 @click.command("tensorrt")
 @click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), required=True, help="Folder written by `vcompress export onnx`.")
 @out_option()
-@click.option("--precision", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True, help="TensorRT builder precision flags.")
-@click.option("--prefill-tokens", type=int, default=256, show_default=True, help="Past length the profile is tuned for (decode after a prompt of this size).")
+@click.option(
+    "--precision", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True, help="TensorRT builder precision flags."
+)
+@click.option(
+    "--prefill-tokens",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Past length the profile is tuned for (decode after a prompt of this size).",
+)
 @click.option("--max-tokens", type=int, default=None, help="Longest sequence the engine accepts (default: the model's positions).")
 @force_option
 @json_option

@@ -1,4 +1,5 @@
 """Options shared by commands, so every command spells them the same way."""
+
 from __future__ import annotations
 
 import json
@@ -14,18 +15,34 @@ def model_options(f):
     f = click.option("--trust-remote-code", is_flag=True, help="Run the checkpoint's own model code (off by default).")(f)
     f = click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (.bin/.pt), which can run code when loaded.")(f)
     f = click.option("--base", type=str, default=None, help="Base model of a LoRA adapter (else the adapter's base_model_name_or_path).")(f)
-    f = click.option("--model", "model", type=str, default=None, help="HF folder, .gguf file, LoRA adapter folder or hf:org/name; default: the embedded SmolLM2-135M-Instruct.")(f)
+    f = click.option(
+        "--model",
+        "model",
+        type=str,
+        default=None,
+        help="HF folder, .gguf file, LoRA adapter folder or hf:org/name; default: the embedded SmolLM2-135M-Instruct.",
+    )(f)
     return f
 
 
 def out_option(required: bool = True):
-    return click.option("--out", type=click.Path(path_type=Path), required=required, help="Folder to write (written atomically; an existing one needs --force).")
+    return click.option(
+        "--out",
+        type=click.Path(path_type=Path),
+        required=required,
+        help="Folder to write (written atomically; an existing one needs --force).",
+    )
 
 
 force_option = click.option("--force", is_flag=True, help="Replace an existing output folder (only after the new one is complete).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
-mmlu_option = click.option("--mmlu", type=str, default=None, help="MMLU copy: Hendrycks CSV folder, JSONL file or hf:cais/mmlu (default: $VCOMPRESS_MMLU, else the copy shipped with vcompress).")
+mmlu_option = click.option(
+    "--mmlu",
+    type=str,
+    default=None,
+    help="MMLU copy: Hendrycks CSV folder, JSONL file or hf:cais/mmlu (default: $VCOMPRESS_MMLU, else the copy shipped with vcompress).",
+)
 
 
 class RegistryChoice(click.ParamType):
@@ -78,7 +95,6 @@ def execute_stage(stage, out, *, model, base, allow_pickle, trust_remote_code, a
     """Run one stage for a command: its log on stderr (silent under --json), the intake flags passed on."""
     from vcompress.core.models import Intake
     from vcompress.core.stage import execute
-
     from vcompress.progress import progress_bars
 
     log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
@@ -92,5 +108,7 @@ def echo_export(out, quant: str, metrics: dict, fp32_what: str) -> None:
     """The two lines every export command prints: size against fp32, and the parity check."""
     p = metrics["parity"]
     click.echo(f"wrote {out} ({quant}): {metrics['model_bytes'] / MIB:.1f} {UNIT}, {metrics['size_ratio_to_fp32']:.1%} of {fp32_what}")
-    click.echo(f"parity on {p['prompts']} prompts: max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
-               f"greedy {p['greedy_tokens']} tokens identical on {p['greedy_identical']}/{p['prompts']}")
+    click.echo(
+        f"parity on {p['prompts']} prompts: max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
+        f"greedy {p['greedy_tokens']} tokens identical on {p['greedy_identical']}/{p['prompts']}"
+    )

@@ -1,15 +1,30 @@
 """vcompress analyze: which heads, layers and linear layers matter (sensitivity.json + heatmaps)."""
+
 from __future__ import annotations
 
 import click
 
-from vcompress.commands._options import execute_stage, force_option, json_option, mmlu_option, model_options, out_option, print_json, seed_option
+from vcompress.commands._options import (
+    execute_stage,
+    force_option,
+    json_option,
+    mmlu_option,
+    model_options,
+    out_option,
+    print_json,
+    seed_option,
+)
 
 
 @click.command("analyze")
 @model_options
 @out_option()
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Calibration text (JSONL/CSV/TXT); default: MMLU text outside the evaluated subset.")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Calibration text (JSONL/CSV/TXT); default: MMLU text outside the evaluated subset.",
+)
 @click.option("--samples", type=int, default=4, show_default=True, help="Calibration blocks (more: less noise, proportionally slower).")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration block.")
 @mmlu_option
@@ -22,8 +37,19 @@ def command(model, base, allow_pickle, trust_remote_code, out, data, samples, se
     from vcompress.compress.sensitivity import Analyze
 
     stage = Analyze({"samples": samples, "seq_len": seq_len})
-    metrics = execute_stage(stage, out, model=model, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                            as_json=as_json, force=force, seed=seed, data=data, mmlu=mmlu)
+    metrics = execute_stage(
+        stage,
+        out,
+        model=model,
+        base=base,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        as_json=as_json,
+        force=force,
+        seed=seed,
+        data=data,
+        mmlu=mmlu,
+    )
     if as_json:
         print_json(metrics)
         return

@@ -4,6 +4,7 @@ The group holds one subcommand per format. `onnx` is defined here; another forma
 `vcompress/commands/_export_<format>.py` exposing `command` (a Click command), which the group
 picks up by itself (the underscore keeps cli.py from also adding it at the top level).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,7 +12,16 @@ import pkgutil
 
 import click
 
-from vcompress.commands._options import echo_export, execute_stage, force_option, json_option, model_options, out_option, print_json, seed_option
+from vcompress.commands._options import (
+    echo_export,
+    execute_stage,
+    force_option,
+    json_option,
+    model_options,
+    out_option,
+    print_json,
+    seed_option,
+)
 
 
 @click.group("export")
@@ -22,28 +32,86 @@ def command():
 @command.command("onnx")
 @model_options
 @out_option()
-@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Weights: fp32, INT8 dynamic (ONNX Runtime) or INT4 weight-only (MatMulNBits).")
-@click.option("--method", type=click.Choice(["rtn", "hqq", "rtn-float"]), default="rtn", show_default=True,
-              help="INT4 quantizer: ONNX Runtime's RTN, its HQQ, or min/max with a float zero point (exact on GGUF Q4_1 grids; slow kernel).")
-@click.option("--int8-method", type=click.Choice(["blockwise", "dynamic"]), default="blockwise", show_default=True,
-              help="INT8: 8-bit MatMulNBits blocks, or ONNX Runtime dynamic quantization (per-tensor activations).")
-@click.option("--block-size", type=int, default=32, show_default=True, help="INT4/INT8 block size along the input dimension (power of two, >= 16).")
-@click.option("--table-bits", type=click.Choice(["0", "4", "8"]), default="4", show_default=True,
-              help="Bits of the embedding table (and tied head) under INT4 (INT8: 8); 0 keeps it fp32.")
-@click.option("--min-agreement", type=float, default=0.5, show_default=True, help="INT8/INT4: top-1 agreement with PyTorch fp32 the check requires.")
+@click.option(
+    "--quant",
+    type=click.Choice(["none", "int8", "int4"]),
+    default="none",
+    show_default=True,
+    help="Weights: fp32, INT8 dynamic (ONNX Runtime) or INT4 weight-only (MatMulNBits).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["rtn", "hqq", "rtn-float"]),
+    default="rtn",
+    show_default=True,
+    help="INT4 quantizer: ONNX Runtime's RTN, its HQQ, or min/max with a float zero point (exact on GGUF Q4_1 grids; slow kernel).",
+)
+@click.option(
+    "--int8-method",
+    type=click.Choice(["blockwise", "dynamic"]),
+    default="blockwise",
+    show_default=True,
+    help="INT8: 8-bit MatMulNBits blocks, or ONNX Runtime dynamic quantization (per-tensor activations).",
+)
+@click.option(
+    "--block-size", type=int, default=32, show_default=True, help="INT4/INT8 block size along the input dimension (power of two, >= 16)."
+)
+@click.option(
+    "--table-bits",
+    type=click.Choice(["0", "4", "8"]),
+    default="4",
+    show_default=True,
+    help="Bits of the embedding table (and tied head) under INT4 (INT8: 8); 0 keeps it fp32.",
+)
+@click.option(
+    "--min-agreement", type=float, default=0.5, show_default=True, help="INT8/INT4: top-1 agreement with PyTorch fp32 the check requires."
+)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads for the parity check (default: all cores).")
 @force_option
 @seed_option
 @json_option
-def onnx(model, base, allow_pickle, trust_remote_code, out, quant, method, int8_method, block_size, table_bits, min_agreement, threads, force, seed, as_json):
+def onnx(
+    model,
+    base,
+    allow_pickle,
+    trust_remote_code,
+    out,
+    quant,
+    method,
+    int8_method,
+    block_size,
+    table_bits,
+    min_agreement,
+    threads,
+    force,
+    seed,
+    as_json,
+):
     """Decoder with KV cache for ONNX Runtime; fp32 must match PyTorch, INT8/INT4 must agree with it."""
     from vcompress.exporters.onnx import OnnxExport
 
-    stage = OnnxExport({"quant": quant, "method": method, "int8_method": int8_method, "block_size": block_size,
-                        "table_bits": int(table_bits), "threads": threads, "min_top1_quantized": min_agreement})
-    metrics = execute_stage(stage, out, model=model, base=base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                            as_json=as_json, force=force, seed=seed)
+    stage = OnnxExport(
+        {
+            "quant": quant,
+            "method": method,
+            "int8_method": int8_method,
+            "block_size": block_size,
+            "table_bits": int(table_bits),
+            "threads": threads,
+            "min_top1_quantized": min_agreement,
+        }
+    )
+    metrics = execute_stage(
+        stage,
+        out,
+        model=model,
+        base=base,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        as_json=as_json,
+        force=force,
+        seed=seed,
+    )
     if as_json:
         print_json(metrics)
         return

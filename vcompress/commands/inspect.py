@@ -1,10 +1,11 @@
 """vcompress inspect: what a checkpoint is, before anything is done to it."""
+
 from __future__ import annotations
 
 import click
 from rich.table import Table
 
-from vcompress.commands._options import make_console, json_option, model_options, print_json
+from vcompress.commands._options import json_option, make_console, model_options, print_json
 from vcompress.core.models import load_model, resolve, summarize
 
 

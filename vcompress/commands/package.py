@@ -1,4 +1,5 @@
 """vcompress package: a validated run's export as a deterministic release bundle (zip)."""
+
 from __future__ import annotations
 
 from pathlib import Path

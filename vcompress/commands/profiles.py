@@ -1,4 +1,5 @@
 """vcompress profiles: the device budget profiles (list, show, validate)."""
+
 from __future__ import annotations
 
 import importlib.resources
@@ -7,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from vcompress.commands._options import make_console, json_option, print_json
+from vcompress.commands._options import json_option, make_console, print_json
 from vcompress.core.profiles import builtin_names, load_profile
 
 
@@ -29,10 +30,19 @@ def list_profiles(as_json):
         table.add_column(col, no_wrap=col in ("name", "stages"))
     for p in profiles:
         b = p.budgets
-        table.add_row(p.name, p.device.name, p.target.format, f"{p.quantization.method}/{p.target.quant}",
-                      f"{p.device.memory_bandwidth_gbs:g}", f"{p.device.peak_compute_gflops:g}",
-                      f"<= {b.max_model_size_mb:g}", f"<= {b.max_peak_ram_mb:g}", f"<= {b.max_ttft_ms:g} @{b.prompt_tokens}",
-                      f">= {b.min_decode_tokens_per_s:g}", ">".join(s.stage for s in p.recipe))
+        table.add_row(
+            p.name,
+            p.device.name,
+            p.target.format,
+            f"{p.quantization.method}/{p.target.quant}",
+            f"{p.device.memory_bandwidth_gbs:g}",
+            f"{p.device.peak_compute_gflops:g}",
+            f"<= {b.max_model_size_mb:g}",
+            f"<= {b.max_peak_ram_mb:g}",
+            f"<= {b.max_ttft_ms:g} @{b.prompt_tokens}",
+            f">= {b.min_decode_tokens_per_s:g}",
+            ">".join(s.stage for s in p.recipe),
+        )
     make_console().print(table)
 
 

@@ -1,4 +1,5 @@
 """vcompress record: put a finished run's results into the history store."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,13 @@ import click
 
 from vcompress import history
 
-db_option = click.option("--db", type=str, default=None, envvar="VCOMPRESS_HISTORY_DB",
-                         help="History database: a SQLAlchemy URL (sqlite:///f.db, postgresql://...) or a file path; default: history.db in the vcompress cache ($VCOMPRESS_HISTORY_DB).")
+db_option = click.option(
+    "--db",
+    type=str,
+    default=None,
+    envvar="VCOMPRESS_HISTORY_DB",
+    help="History database: a SQLAlchemy URL (sqlite:///f.db, postgresql://...) or a file path; default: history.db in the vcompress cache ($VCOMPRESS_HISTORY_DB).",
+)
 
 
 @click.command("record")

@@ -1,4 +1,5 @@
 """vcompress report: the newest results against a baseline; exit 1 when something regressed."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,12 @@ from vcompress.commands.record import db_option
 
 
 @click.command("report")
-@click.option("--baseline", default="last-good", show_default=True,
-              help="What to compare with: last-good (the newest earlier run whose verdict passed), a date (YYYY-MM-DD) or a run id.")
+@click.option(
+    "--baseline",
+    default="last-good",
+    show_default=True,
+    help="What to compare with: last-good (the newest earlier run whose verdict passed), a date (YYYY-MM-DD) or a run id.",
+)
 @click.option("--since", default="30d", show_default=True, help="Only runs this recent: 30d, 12h, 2w, a date, or all.")
 @db_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for report.md, report.html, junit.xml and plots/.")

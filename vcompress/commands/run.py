@@ -1,4 +1,5 @@
 """vcompress run: the whole road in one resumable command, ending in a budget verdict."""
+
 from __future__ import annotations
 
 import time
@@ -13,14 +14,28 @@ from vcompress.core.profiles import load_profile
 @click.command("run")
 @click.option("--profile", "profile_name", required=True, help="Profile name (see `vcompress profiles list`) or a YAML file.")
 @model_options
-@click.option("--data", type=click.Path(), default=None, help="Domain data (JSONL/CSV) for calibration and distillation; default: MMLU text outside the evaluated subset.")
+@click.option(
+    "--data",
+    type=click.Path(),
+    default=None,
+    help="Domain data (JSONL/CSV) for calibration and distillation; default: MMLU text outside the evaluated subset.",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder (one numbered subfolder per stage).")
 @click.option("--resume", is_flag=True, help="Skip finished stages and continue an interrupted one.")
 @click.option("--from", "from_stage", type=RegistryChoice("STAGES"), default=None, help="Re-run from this stage on.")
 @click.option("--force", is_flag=True, help="Start over in an existing run folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (stages, settings, folders) and stop.")
-@click.option("--auto", is_flag=True, help="Search the prune ratio and bit width for the smallest artifact that passes the profile (RUN/auto.json lists every candidate).")
-@click.option("--device", type=RegistryChoice("DEVICES"), default=None, help="Where latency comes from (default: the profile's connection; roofline estimate when the device is not attached).")
+@click.option(
+    "--auto",
+    is_flag=True,
+    help="Search the prune ratio and bit width for the smallest artifact that passes the profile (RUN/auto.json lists every candidate).",
+)
+@click.option(
+    "--device",
+    type=RegistryChoice("DEVICES"),
+    default=None,
+    help="Where latency comes from (default: the profile's connection; roofline estimate when the device is not attached).",
+)
 @click.option("--host", "ssh_host", default=None, help="ssh: the board's address (overrides the profile).")
 @click.option("--serial", default=None, help="adb: the phone's serial (overrides the profile).")
 @click.option("--record", is_flag=True, help="Record the result in the history database (see `vcompress report`).")
@@ -28,7 +43,28 @@ from vcompress.core.profiles import load_profile
 @mmlu_option
 @seed_option
 @json_option
-def command(profile_name, model, base, allow_pickle, trust_remote_code, data, out, resume, from_stage, force, dry_run, auto, device, ssh_host, serial, record, db, mmlu, seed, as_json):
+def command(
+    profile_name,
+    model,
+    base,
+    allow_pickle,
+    trust_remote_code,
+    data,
+    out,
+    resume,
+    from_stage,
+    force,
+    dry_run,
+    auto,
+    device,
+    ssh_host,
+    serial,
+    record,
+    db,
+    mmlu,
+    seed,
+    as_json,
+):
     """Run a profile's recipe: analyze > prune > distill > quantize > export > validate, then print the verdict.
 
     Exit code 0 when every budget passes, 1 when one fails, 2 on bad input, 3 on an internal error.
@@ -44,18 +80,36 @@ def command(profile_name, model, base, allow_pickle, trust_remote_code, data, ou
     console = make_console(stderr=as_json)
     if dry_run:
         if as_json:
-            print_json({"profile": profile.name, "out": str(out), "steps": [
-                {"stage": s.name, "folder": s.folder, "config": s.config.model_dump(mode="json"), "done": (out / s.folder).is_dir()}
-                for s in steps]})
+            print_json(
+                {
+                    "profile": profile.name,
+                    "out": str(out),
+                    "steps": [
+                        {"stage": s.name, "folder": s.folder, "config": s.config.model_dump(mode="json"), "done": (out / s.folder).is_dir()}
+                        for s in steps
+                    ],
+                }
+            )
             return 0
         console.print(f"[bold]plan[/bold] for profile {profile.name} -> {out}")
         for s in steps:
             done = " (done, kept by --resume)" if (out / s.folder).is_dir() else ""
             console.print(f"  {s.folder:<18} {s.name:<9} {s.config.model_dump(mode='json')}{done}")
         return 0
-    options = pipeline.RunOptions(out=out, model=model, data=data, mmlu=mmlu, seed=seed, resume=resume, from_stage=from_stage,
-                                  force=force, intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, base=base),
-                                  overrides=overrides, record=record, db=db)
+    options = pipeline.RunOptions(
+        out=out,
+        model=model,
+        data=data,
+        mmlu=mmlu,
+        seed=seed,
+        resume=resume,
+        from_stage=from_stage,
+        force=force,
+        intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, base=base),
+        overrides=overrides,
+        record=record,
+        db=db,
+    )
     started = time.time()
 
     def log(message: str) -> None:
@@ -102,8 +156,14 @@ def _auto(profile, options, where, log, on_stage, console, as_json) -> int:
         table.add_column(col)
     for c in summary["candidates"]:
         rise = c["predicted_ppl_rise_pct"]
-        table.add_row(c["name"], f"{c['estimated_mb']:.0f}", "n/a" if rise is None else f"+{rise:.1f}%", c["status"],
-                      "" if c["size_mb"] is None else f"{c['size_mb']:.0f}", c["reason"])
+        table.add_row(
+            c["name"],
+            f"{c['estimated_mb']:.0f}",
+            "n/a" if rise is None else f"+{rise:.1f}%",
+            c["status"],
+            "" if c["size_mb"] is None else f"{c['size_mb']:.0f}",
+            c["reason"],
+        )
     console.print(table)
     if verdict is None:
         console.print("[red]no candidate passed the profile[/red]; the table says why each failed or was skipped")

@@ -1,4 +1,5 @@
 """vcompress validate: an exported artifact against a profile's budgets, with a verdict."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +11,17 @@ from vcompress.commands._options import RegistryChoice, force_option, json_optio
 
 @click.command("validate")
 @click.option("--profile", "profile_name", required=True, help="Profile name or YAML file whose budgets apply.")
-@click.option("--artifact", required=True, type=click.Path(path_type=Path), help="Exported artifact folder (or an HF folder, run by PyTorch).")
+@click.option(
+    "--artifact", required=True, type=click.Path(path_type=Path), help="Exported artifact folder (or an HF folder, run by PyTorch)."
+)
 @click.option("--reference", default=None, help="The uncompressed model the artifact came from; default: the embedded default model.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for eval.json, latency.json and verdict.json.")
-@click.option("--device", type=RegistryChoice("DEVICES"), default=None, help="Where latency comes from (default: the profile's connection).")
-@click.option("--data", type=click.Path(), default=None, help="Held-out domain text for perplexity (default: MMLU text outside the subset).")
+@click.option(
+    "--device", type=RegistryChoice("DEVICES"), default=None, help="Where latency comes from (default: the profile's connection)."
+)
+@click.option(
+    "--data", type=click.Path(), default=None, help="Held-out domain text for perplexity (default: MMLU text outside the subset)."
+)
 @click.option("--record", is_flag=True, help="Record the verdict in the history database.")
 @click.option("--db", default=None, help="History database (SQLAlchemy URL or SQLite path).")
 @mmlu_option
@@ -43,8 +50,20 @@ def command(profile_name, artifact, reference, out, device, data, record, db, mm
     reference = reference or str(resolve(None).path)
     console = make_console(stderr=as_json)
     with progress_bars(quiet=as_json) as progress:
-        execute(stage, out, source=str(artifact), force=force, seed=seed, reference=reference, data=data, mmlu=mmlu,
-                subset=profile.evaluation.subset, profile=profile, log=lambda m: console.print(m, highlight=False), progress=progress)
+        execute(
+            stage,
+            out,
+            source=str(artifact),
+            force=force,
+            seed=seed,
+            reference=reference,
+            data=data,
+            mmlu=mmlu,
+            subset=profile.evaluation.subset,
+            profile=profile,
+            log=lambda m: console.print(m, highlight=False),
+            progress=progress,
+        )
     verdict = read_json(out / RunLayout.VERDICT)
     if record:
         from vcompress.history import record as record_history
