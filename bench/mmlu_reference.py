@@ -9,6 +9,7 @@ is scored (14,042 questions); with it, N per subject, and the run time is extrap
 Prints the accuracy over all questions and the mean of the 57 subject accuracies (lighteval's average),
 each with its 95% interval, the run time and the rate; --out writes them as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,16 @@ def main() -> None:
     from vcompress.progress import progress_bars
 
     with progress_bars() as progress:
-        evaluator = Evaluator(subset="all", per_subject=args.per_subject, format=args.format, mmlu=args.mmlu, seed=args.seed,
-                              batch_size=args.batch_size, threads=args.threads, progress=progress)
+        evaluator = Evaluator(
+            subset="all",
+            per_subject=args.per_subject,
+            format=args.format,
+            mmlu=args.mmlu,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            progress=progress,
+        )
         questions = evaluator.questions
         runner = evaluator.runner(args.model)  # loading is not part of the timing
         started = time.perf_counter()
@@ -61,19 +70,32 @@ def main() -> None:
     low, high = summary["ci95"]
     rate = len(questions) / seconds
     figures = {
-        "model": getattr(runner, "label", str(args.model)), "backend": runner.backend, "format": args.format,
-        "questions": len(questions), "subjects": len(summary["subjects"]), "seed": args.seed,
-        "accuracy": summary["accuracy"], "ci95": [low, high],
-        "subject_mean": macro, "subject_mean_ci95": [macro_low, macro_high],
-        "card": CARD, "seconds": seconds, "questions_per_s": rate, "full_split_seconds": FULL_SPLIT / rate,
+        "model": getattr(runner, "label", str(args.model)),
+        "backend": runner.backend,
+        "format": args.format,
+        "questions": len(questions),
+        "subjects": len(summary["subjects"]),
+        "seed": args.seed,
+        "accuracy": summary["accuracy"],
+        "ci95": [low, high],
+        "subject_mean": macro,
+        "subject_mean_ci95": [macro_low, macro_high],
+        "card": CARD,
+        "seconds": seconds,
+        "questions_per_s": rate,
+        "full_split_seconds": FULL_SPLIT / rate,
     }
-    print(f"{figures['model']} ({runner.backend}), MMLU {args.format} 0-shot, {len(questions)} questions "
-          f"over {len(summary['subjects'])} subjects")
+    print(
+        f"{figures['model']} ({runner.backend}), MMLU {args.format} 0-shot, {len(questions)} questions "
+        f"over {len(summary['subjects'])} subjects"
+    )
     print(f"  ours, over all questions:      {100 * summary['accuracy']:.1f}  (95% CI {100 * low:.1f} - {100 * high:.1f})")
     print(f"  ours, mean of subjects:        {100 * macro:.1f}  (95% CI {100 * macro_low:.1f} - {100 * macro_high:.1f})")
     print(f"  SmolLM2-135M model card:       {CARD:.1f}  (bf16 base model; ours: the Q4_1 GGUF of the Instruct model)")
-    print(f"  run time {seconds:.0f} s, {rate:.2f} questions/s"
-          + ("" if len(questions) == FULL_SPLIT else f"; the whole split ({FULL_SPLIT:,}) would take about {FULL_SPLIT / rate / 60:.0f} min"))
+    print(
+        f"  run time {seconds:.0f} s, {rate:.2f} questions/s"
+        + ("" if len(questions) == FULL_SPLIT else f"; the whole split ({FULL_SPLIT:,}) would take about {FULL_SPLIT / rate / 60:.0f} min")
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(figures, indent=2) + "\n")

@@ -18,14 +18,15 @@ import inspect
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .data import GROUPS, LETTERS, Question
+from .models import cache_dir
 from .stage import Progress, no_progress, track
 
 LogitsFn = Callable[..., torch.Tensor]
@@ -234,9 +235,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 @dataclass
 class _Request:
     row: int  # question index
-    column: int | None  # letter index; None = all four letters from one position
+    column: int | None  # answer index; None = all four answers (one token each) from one position
     ids: list[int]  # model input
-    targets: list[int]  # continuation ids (column set) or the four letter ids (column None)
+    targets: list[int]  # continuation ids (column set) or the four answers' ids (column None)
 
 
 def _requests(tokenizer, items: list[tuple[str, Sequence[str]]], max_length: int | None) -> list[_Request]:
@@ -330,8 +331,6 @@ def mmlu_logprobs(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question],
 
 
 def answers_cache_dir() -> Path:
-    from .models import cache_dir
-
     return cache_dir() / "answers"
 
 
@@ -447,6 +446,19 @@ def paired_interval(lost: int, gained: int, n: int, z: float = Z95) -> tuple[flo
             1.0 if estimate == 1 else solve(estimate, 1 - edge, -z))
 
 
+def _fewest(enough: Callable[[int], bool], most: int = 10**8) -> int | None:
+    """The smallest n >= 1 for which `enough(n)` holds (it must stay true for larger n); None past `most`."""
+    low, high = 1, 1
+    while not enough(high):
+        if high > most:
+            return None
+        low, high = high, 2 * high
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle + 1, high)
+    return high
+
+
 def questions_for(half_width_points: float, lost_share: float, gained_share: float, z: float = Z95) -> int:
     """The fewest questions whose paired interval is at most +-half_width_points when those shares of the
     questions are lost and gained (the interval narrows as questions are added at the same shares)."""
@@ -455,13 +467,7 @@ def questions_for(half_width_points: float, lost_share: float, gained_share: flo
         low, high = paired_interval(lost_share * n, gained_share * n, n, z)
         return 100 * (high - low) / 2 <= half_width_points
 
-    low, high = 1, 1
-    while not precise(high):
-        low, high = high, 2 * high
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if precise(middle) else (middle + 1, high)
-    return high
+    return _fewest(precise)
 
 
 def paired_drop(reference_hits: Sequence[bool], model_hits: Sequence[bool]) -> dict:
@@ -482,18 +488,32 @@ def drop_outcome(drop: dict, limit: float) -> tuple[str, str]:
     Fail only when the drop is significantly above the limit (the interval's low end is above it);
     pass when the interval's high end is within the limit, or the interval is narrow enough
     (half-width at most DECIDED_HALF_WIDTH of the limit) that noise cannot be hiding a failure;
-    otherwise undecided, with the number of questions that would likely decide it.
+    otherwise undecided, with about how many questions at the same rates would decide it.
     """
     low, high = drop["ci95"]
-    half, precise = (high - low) / 2, limit * DECIDED_HALF_WIDTH
     figures = f"drop {drop['points']:.2f} points, 95% CI {low:.2f} to {high:.2f}, n={drop['n']}"
+    outcome = _decide(low, high, limit)
+    if outcome == "fail":
+        return outcome, f"{figures}: significantly above the {limit:g}-point budget"
+    if outcome == "pass":
+        return outcome, f"{figures}: not significantly above the {limit:g}-point budget"
+    n, lost, gained = drop["n"], drop["lost"], drop["gained"]
+
+    def decided(size: int) -> bool:
+        interval = paired_interval(lost * size / n, gained * size / n, size)
+        return _decide(100 * interval[0], 100 * interval[1], limit) != "undecided"
+
+    needed = _fewest(decided) if n else None
+    more = f"; about {needed} at the same rates would decide it" if needed else ""
+    return outcome, f"undecided: evaluate more questions ({figures}, wider than +-{limit * DECIDED_HALF_WIDTH:g}{more})"
+
+
+def _decide(low: float, high: float, limit: float) -> str:
     if low > limit:
-        return "fail", f"{figures}: significantly above the {limit:g}-point budget"
-    if high <= limit or half <= precise:
-        return "pass", f"{figures}: not significantly above the {limit:g}-point budget"
-    needed = questions_for(precise, drop["lost"] / drop["n"], drop["gained"] / drop["n"]) if precise > 0 and drop["n"] else None
-    more = f"; about {needed} would decide it" if needed else ""
-    return "undecided", f"undecided: evaluate more questions ({figures}, wider than +-{precise:g}{more})"
+        return "fail"
+    if high <= limit or (high - low) / 2 <= limit * DECIDED_HALF_WIDTH:
+        return "pass"
+    return "undecided"
 
 
 def answer_agreement(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> dict:

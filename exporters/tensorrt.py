@@ -1,59 +1,68 @@
-"""TensorRT from our ONNX export: a serialized engine where TensorRT and a CUDA GPU exist, else the
-engine build plan (the exact `trtexec` command), clearly labelled as a plan.
+"""TensorRT: a decoder graph of standard ONNX operators that TensorRT 10's parser takes, checked here on ONNX Runtime
+CPU, and its engine built where TensorRT and a CUDA GPU exist, else the exact build plan for the device.
 
-The exporter's source is an ONNX artifact folder, not a model checkpoint (see CHECKPOINT_REFUSED).
-`export(onnx_dir, out, precision=...)` reads the ONNX artifact's manifest.json (its inputs, with the
-symbolic dims batch / seq / past_seq) and makes one optimization profile:
-  batch     1 / 1 / 1
-  seq       1 / 1 / max_tokens            (decode at opt; a prompt up to the context at max)
-  past_seq  0 / prefill_tokens / max_tokens - 1
-so the same engine serves prefill (seq = prompt, past 0) and decode (seq 1). Where TensorRT is
-missing (these CPU machines: its libraries come from NVIDIA's own index) the folder holds
-  build_plan.json   "format": "tensorrt-plan", "engine_built": false, shapes, flags, reasons
-  build_engine.sh   the trtexec command to run on the target (Jetson engines are built on the device)
-and no engine. The plan also lists the graph's ONNX Runtime contrib ops (GroupQueryAttention,
-MatMulNBits, ...): TensorRT's ONNX parser has none of them, so a build needs plugins for them.
+Why an exporter of its own, from the checkpoint, rather than `export onnx --target tensorrt`: the ONNX
+exporter's graph, its quantizers and its runner are ONNX Runtime's (GroupQueryAttention, MatMulNBits, the
+in-place cache); this graph shares none of them (see _trt_graph.py), and a registered format gives the
+profile, the Runner, the latency bench and the roofline their own name. The folder holds
+  model.onnx + model.onnx.data   one graph for prefill and decode (dynamic seq and past_seq), fp16 activations,
+                                 INT4 / INT8 weight-only through DequantizeLinear with symmetric block scales
+  manifest.json                  "format": "tensorrt", the graph's inputs and outputs, quantization, the
+                                 operator check (tensorrt_ready and any failing node), parity on ONNX Runtime
+                                 CPU ("checked_on"), perplexity and top-1 agreement on held-out text
+  build_plan.json, build_engine.sh   the trtexec command with the exact min/opt/max shapes (where no engine is built)
+  model.engine                   only where TensorRT and a CUDA GPU exist (never on these CPU machines)
+A quantize folder's grid cannot be carried as is: TensorRT takes zero points of zero only, so its dequantized
+weights are re-solved symmetric per block by round-to-nearest (recorded as such).
 """
 
 from __future__ import annotations
 
-import json
 import shlex
-import shutil
 from importlib import util
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+import torch
+from pydantic import Field, field_validator
 
-from vcompress.core.artifact import MANIFEST, read_json, write_json
-from vcompress.core.errors import InputError, Unsupported
-from vcompress.core.models import ModelSource
+from vcompress.core.artifact import MANIFEST, write_json
+from vcompress.core.data import pack, texts_for
+from vcompress.core.errors import CheckFailed, InputError, Unsupported
+from vcompress.core.models import Intake
+from vcompress.core.quant_format import grid_bits
 from vcompress.core.registry import EXPORTERS
-from vcompress.core.stage import StageConfig, StageContext, execute
+from vcompress.core.runner import RUNNERS
+from vcompress.core.scoring import text_fidelity, torch_logits_fn
+from vcompress.core.stage import StageContext, execute
 
-from .base import ExportStage
+from . import _onnx_quant, _trt_graph, _trt_ops
+from ._tensorrt_session import GraphSession, SessionError
+from .base import ExportStage, ParityConfig, SessionRunner, gate, load_source, save_sidecars
 
 FORMAT = "tensorrt"
-PLAN_FORMAT = "tensorrt-plan"
 ENGINE_FILE = "model.engine"
-SIDECARS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-CHECKPOINT_REFUSED = (
-    f"exporter {FORMAT!r} builds from an ONNX export, not from a model checkpoint, and TensorRT's ONNX parser does not take "
-    "the ONNX Runtime fused operators our ONNX graph is built from (GroupQueryAttention, MatMulNBits); run an onnx profile, "
-    "then `vcompress export tensorrt --onnx RUN/05-export-onnx --out E` for the labelled engine build plan"
-)
+NO_GPU = "engine not built here: TensorRT needs a CUDA GPU"
 
 
-class TensorRTExportConfig(StageConfig):
-    # a profile's target.quant (fp16) names the builder precision
-    precision: Literal["fp16", "int8"] = Field(
-        "fp16",
-        validation_alias=AliasChoices("precision", "quant"),
-        description="TensorRT builder precision flags (int8 where it can, fp16 elsewhere)",
-    )
+class TensorRTExportConfig(ParityConfig):
+    quant: Literal["int4", "int8", "none"] = Field("int4", description="weights: INT4 / INT8 weight-only (symmetric blocks) or float")
+    precision: Literal["fp16", "fp32"] = Field("fp16", description="the graph's float type: activations, float weights and the KV cache")
+    block_size: int = Field(128, ge=32, le=128, description="INT4/INT8 block along the input dimension (smaller where it does not divide)")
+    # fp16 against the fp32 PyTorch model: logits differ by ~1e-2 on real models; greedy tokens must still match.
+    max_abs_diff_fp16: float = Field(0.5, gt=0, description="fp16 float weights: largest |logit difference| allowed")
     prefill_tokens: int = Field(256, ge=1, description="past length the optimization profile is tuned for")
     max_tokens: int | None = Field(None, ge=2, description="longest sequence the engine accepts (default: the model's positions)")
+    heldout_blocks: int = Field(2, ge=0, description="held-out text blocks for perplexity and top-1 agreement (0: skip)")
+    heldout_seq_len: int = Field(256, ge=8)
+    threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the checks")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"{value} is not a power of two (32, 64, 128)")
+        return value
 
 
 @EXPORTERS.register(FORMAT)
@@ -61,185 +70,229 @@ class TensorRTExport(ExportStage):
     format = FORMAT
     runtime = "tensorrt"
     runtime_package = "tensorrt"
-    refuses_checkpoints = CHECKPOINT_REFUSED
     Config = TensorRTExportConfig
 
     def run(self, ctx: StageContext) -> dict:
         cfg: TensorRTExportConfig = self.config
-        if _is_checkpoint(ctx.source):
-            raise Unsupported(CHECKPOINT_REFUSED)
-        onnx_dir = Path(ctx.source)
-        onnx = read_onnx_manifest(onnx_dir)
-        shapes = profile_shapes(onnx, prefill_tokens=cfg.prefill_tokens, max_tokens=cfg.max_tokens)
-        onnx_file = onnx_dir / onnx["files"]["model"]
-        blocking = contrib_ops(onnx_file)
-        usable, why = tensorrt_available()
-        for name in SIDECARS:
-            if (onnx_dir / name).is_file():
-                shutil.copyfile(onnx_dir / name, ctx.out / name)
-        record = {
-            "source_onnx": str(onnx_dir.resolve()),
-            "onnx_quant": onnx.get("quant", {}).get("scheme"),
-            "precision": cfg.precision,
-            "profile": {"prefill_tokens": cfg.prefill_tokens, "max_tokens": cfg.max_tokens or onnx["max_positions"], "shapes": shapes},
-            "contrib_ops": blocking,
-            "trtexec": trtexec_command(str(onnx_file.resolve()), ENGINE_FILE, shapes, cfg.precision),
-            "notes": _notes(blocking, cfg.precision),
-        }
-        if usable:
-            ctx.log(f"building a TensorRT engine ({cfg.precision}) from {onnx_file}")
-            (ctx.out / ENGINE_FILE).write_bytes(_build_engine(onnx_file, shapes, cfg.precision))
-            manifest = self.manifest(
-                {"engine": ENGINE_FILE},
-                engine_built=True,
-                **record,
-                parity=None,
-                latency=None,
-                not_run="this version builds the engine only; parity and latency through TensorRT are not implemented",
-            )
-        else:
-            _write_script(ctx.out / "build_engine.sh", record, why)
-            manifest = self.manifest(
-                {"plan": "build_plan.json", "script": "build_engine.sh"}, format=PLAN_FORMAT, engine_built=False, reason=why, **record
-            )
-            write_json(ctx.out / "build_plan.json", manifest)
-            ctx.log(f"no TensorRT engine was built: {why}. Writing the build plan (build_plan.json) and build_engine.sh (trtexec) instead")
-            if blocking:
-                ctx.log(
-                    f"warning: the ONNX graph uses {', '.join(blocking)} (ONNX Runtime contrib ops); TensorRT's ONNX parser has none of them, so the build needs plugins for them"
-                )
-        write_json(ctx.out / MANIFEST, manifest)
-        return {"format": manifest["format"], "engine_built": usable, "precision": cfg.precision, "contrib_ops": blocking}
-
-
-def export(onnx_dir: str | Path, out: str | Path, *, force: bool = False, log=print, **settings) -> dict:
-    """Build the engine (TensorRT + CUDA here) or write the build plan from an ONNX export; returns the written manifest."""
-    execute(TensorRTExport(settings), out, source=onnx_dir, force=force, log=log)
-    return read_json(Path(out) / MANIFEST)
-
-
-def _is_checkpoint(source) -> bool:
-    """A model (checkpoint folder, GGUF, LoRA adapter, hub id, the embedded default) rather than an artifact folder."""
-    if source is None or isinstance(source, ModelSource) or str(source).startswith("hf:"):
-        return True
-    path = Path(source)
-    if (path / MANIFEST).is_file():
-        return False
-    return path.suffix == ".gguf" or (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-
-
-def read_onnx_manifest(onnx_dir: str | Path) -> dict:
-    folder = Path(onnx_dir)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise InputError(f"{folder} has no manifest.json; pass a folder written by `vcompress export onnx`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "onnx":
-        raise InputError(
-            f"{folder} is a {manifest.get('format')!r} artifact; `export tensorrt` takes the folder of `vcompress export onnx`"
+        model, tokenizer, grid = load_source(ctx)
+        if grid is not None:
+            bits = grid_bits(grid)
+            if cfg.quant not in ("none", f"int{bits}"):
+                raise InputError(f"the checkpoint is quantized to {bits} bits; export it with --quant int{bits} or --quant none")
+            ctx.log(f"re-solving the checkpoint's {grid.get('method')} grid symmetric per block (TensorRT takes zero points of zero only)")
+        token_range(cfg.prefill_tokens, cfg.max_tokens, _trt_graph.dims_of(model.config).max_positions)  # before any work
+        ctx.log(f"building the standard-op decoder graph ({model.config.model_type}, {cfg.precision}, weights {cfg.quant})")
+        proto, dims, blocks = _trt_graph.build(model, precision=cfg.precision, weights=cfg.quant, block_size=cfg.block_size)
+        check = _trt_ops.check(proto)
+        ctx.log(_trt_ops.summary(check))
+        files = _onnx_quant.save(proto, ctx.out)
+        del proto
+        save_sidecars(model, tokenizer, ctx.out)
+        fields = _graph_fields(dims, cfg, blocks, grid)
+        shapes = profile_shapes(fields, prefill_tokens=cfg.prefill_tokens, max_tokens=cfg.max_tokens)
+        manifest = self.manifest(
+            {"model": files[0], "weights": files[1], "config": "config.json", "tokenizer": "tokenizer.json"},
+            **fields,
+            checked_on="onnxruntime-cpu",
+            tensorrt_ready=check["tensorrt_ready"],
+            operator_check=check,
+            trtexec=trtexec_command(files[0], ENGINE_FILE, shapes),
+            shapes=shapes,
         )
-    if not (folder / manifest["files"]["model"]).is_file():
-        raise InputError(f"{folder / manifest['files']['model']} is missing; re-run `vcompress export onnx`")
-    return manifest
+        write_json(ctx.out / MANIFEST, manifest)
+        if not check["tensorrt_ready"]:
+            raise CheckFailed(f"the graph is not TensorRT-ready: {_trt_ops.summary(check)}")
+        parity_cfg = cfg.model_copy(update={"max_abs_diff": cfg.max_abs_diff_fp16}) if cfg.precision == "fp16" else cfg
+        result = gate(
+            ctx, TensorRTRunner, model, tokenizer, parity_cfg, manifest, "TensorRT graph (ONNX Runtime CPU)", dequantized=bool(grid)
+        )
+        manifest["fidelity"] = _fidelity(ctx, cfg, model, tokenizer)
+        manifest.update(_engine_or_plan(ctx, manifest, shapes))
+        write_json(ctx.out / MANIFEST, manifest)
+        return {
+            "format": FORMAT,
+            "quant": cfg.quant,
+            "precision": cfg.precision,
+            "tensorrt_ready": True,
+            "engine_built": manifest["engine_built"],
+            "parity": result,
+            "fidelity": manifest["fidelity"],
+        }
+
+
+def export(
+    model_path: str | Path | None,
+    out: str | Path,
+    quant: str = "int4",
+    *,
+    force: bool = False,
+    seed: int = 0,
+    log=print,
+    intake: Intake | None = None,
+    **settings,
+) -> dict:
+    """Export a checkpoint (None: the embedded default) or a quantize folder to a TensorRT artifact folder; returns metrics."""
+    stage = TensorRTExport({"quant": quant, **settings})
+    return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
+
+
+def _graph_fields(dims, cfg: TensorRTExportConfig, blocks: dict, grid: dict | None) -> dict:
+    kv_dtype = _trt_graph.FLOATS[cfg.precision][2]
+    kv = {"dtype": kv_dtype, "shape": ["batch", dims.kv_heads, "past_seq", dims.head_dim]}
+    present = {"dtype": kv_dtype, "shape": ["batch", dims.kv_heads, "total_seq", dims.head_dim]}
+    names = [f"{i}.{part}" for i in range(dims.layers) for part in ("key", "value")]
+    quant = {"scheme": cfg.quant, "precision": cfg.precision}
+    if cfg.quant != "none":
+        quant |= {"method": "rtn-symmetric", "zero_point": 0, "block_size": cfg.block_size, "blocks": sorted(set(blocks.values()))}
+        quant |= {"resolved_from": grid.get("method")} if grid else {}
+    return {
+        "architecture": dims.arch,
+        "layers": dims.layers,
+        "heads": dims.heads,
+        "kv_heads": dims.kv_heads,
+        "head_dim": dims.head_dim,
+        "vocab_size": dims.vocab,
+        "max_positions": dims.max_positions,
+        "tied_embeddings": dims.tied,
+        "kv_dtype": kv_dtype,
+        "opset": _trt_graph.OPSET,
+        "quant": quant,
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+        + [{"name": f"past_key_values.{n}", **kv} for n in names],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", dims.vocab]}]
+        + [{"name": f"present.{n}", **present} for n in names],
+        "notes": {
+            "graphs": "one graph serves prefill (past_seq 0) and decode (seq 1); present = Concat(past, new)",
+            "logits": "every position's logits (no shape-tensor input); an app reads the last row",
+            "positions": "past_seq + seq must not exceed max_positions (rotary rows are sliced from a table)",
+        },
+    }
+
+
+def _fidelity(ctx: StageContext, cfg: TensorRTExportConfig, model, tokenizer) -> dict | None:
+    """Perplexity and top-1 next-token agreement of the graph (ONNX Runtime CPU) against PyTorch on held-out text."""
+    if not cfg.heldout_blocks:
+        return None
+    try:
+        texts = texts_for(None, tokenizer, part="heldout", exclude=ctx.subset, mmlu=ctx.mmlu, log=lambda _: None)
+        blocks = pack(texts, tokenizer, cfg.heldout_seq_len, cfg.heldout_blocks)
+    except InputError as e:
+        ctx.log(f"no held-out perplexity: {e}")
+        return None
+    runner = TensorRTRunner(ctx.out, threads=cfg.threads)
+    try:
+        figures = text_fidelity(runner.forward, blocks, reference_fn=torch_logits_fn(model))
+    finally:
+        runner.close()
+    rise = 100 * (figures["perplexity"] / figures["reference_perplexity"] - 1)
+    return {**{k: round(v, 4) for k, v in figures.items()}, "perplexity_rise_pct": round(rise, 3), "checked_on": "onnxruntime-cpu"}
+
+
+def _engine_or_plan(ctx: StageContext, manifest: dict, shapes: dict) -> dict:
+    """The engine where TensorRT and a CUDA GPU exist; elsewhere build_plan.json and build_engine.sh."""
+    usable, why = tensorrt_available()
+    if usable:
+        ctx.log("building the TensorRT engine (strongly typed: the graph's own dtypes)")
+        (ctx.out / ENGINE_FILE).write_bytes(_build_engine(ctx.out / manifest["files"]["model"], shapes))
+        manifest["files"]["engine"] = ENGINE_FILE
+        return {"engine_built": True}
+    plan = {
+        "format": "tensorrt-plan",
+        "engine_built": False,
+        "engine_note": NO_GPU,
+        "reason": why,
+        "graph": manifest["files"]["model"],
+        "tensorrt_ready": manifest["tensorrt_ready"],
+        "matrix": manifest["operator_check"]["matrix"],
+        "shapes": shapes,
+        "trtexec": manifest["trtexec"],
+        "notes": PLAN_NOTES,
+    }
+    write_json(ctx.out / "build_plan.json", plan)
+    _write_script(ctx.out / "build_engine.sh", plan)
+    manifest["files"] |= {"plan": "build_plan.json", "script": "build_engine.sh"}
+    ctx.log(f"{NO_GPU} ({why}); wrote build_plan.json and build_engine.sh (trtexec, to run on the device)")
+    return {"engine_built": False, "engine_note": NO_GPU, "reason": why}
+
+
+PLAN_NOTES = [
+    "run build_engine.sh on the device (Jetson engines are built where they run), in a copy of this folder",
+    "--stronglyTyped: the graph fixes every dtype (fp16 activations, fp32 RMSNorm and softmax, INT4/INT8 weight-only DequantizeLinear)",
+    "one profile: decode (seq 1) at opt; prefill runs inside the same profile (seq up to max_tokens, past 0)",
+]
 
 
 def profile_shapes(manifest: dict, *, prefill_tokens: int = 256, max_tokens: int | None = None) -> dict[str, dict[str, list[int]]]:
     """{input: {"min": [...], "opt": [...], "max": [...]}} for every input with a symbolic dim."""
-    max_tokens = max_tokens or manifest["max_positions"]
-    if not 1 <= prefill_tokens < max_tokens:
-        raise InputError(f"--prefill-tokens {prefill_tokens} must be at least 1 and below --max-tokens {max_tokens}")
-    if max_tokens > manifest["max_positions"]:
-        raise InputError(f"--max-tokens {max_tokens} exceeds the model's {manifest['max_positions']} positions")
+    max_tokens = token_range(prefill_tokens, max_tokens, manifest["max_positions"])
     dims = {"batch": (1, 1, 1), "seq": (1, 1, max_tokens), "past_seq": (0, prefill_tokens, max_tokens - 1)}
     shapes = {}
     for tensor in manifest["inputs"]:
-        symbolic = [d for d in tensor["shape"] if isinstance(d, str)]
-        if not symbolic:
-            continue
-        unknown = [d for d in symbolic if d not in dims]
-        if unknown:
-            raise InputError(
-                f"input {tensor['name']} of the ONNX manifest has dims {unknown} this exporter has no range for; re-export with `vcompress export onnx`"
-            )
-        shapes[tensor["name"]] = {
-            key: [dims[d][i] if isinstance(d, str) else int(d) for d in tensor["shape"]] for i, key in enumerate(("min", "opt", "max"))
-        }
+        if any(isinstance(d, str) for d in tensor["shape"]):
+            shapes[tensor["name"]] = {
+                key: [dims[d][i] if isinstance(d, str) else int(d) for d in tensor["shape"]] for i, key in enumerate(("min", "opt", "max"))
+            }
     return shapes
 
 
-def contrib_ops(onnx_file: Path) -> list[str]:
-    """Ops outside the standard ONNX domain (com.microsoft): TensorRT's ONNX parser implements none of them."""
-    import onnx
+def token_range(prefill_tokens: int, max_tokens: int | None, max_positions: int) -> int:
+    """The engine's longest sequence, checked against the prefill length and the model's positions."""
+    max_tokens = max_tokens or max_positions
+    if not 1 <= prefill_tokens < max_tokens:
+        raise InputError(
+            f"--prefill-tokens {prefill_tokens} must be at least 1 and below --max-tokens {max_tokens}; pass a smaller --prefill-tokens"
+        )
+    if max_tokens > max_positions:
+        raise InputError(
+            f"--max-tokens {max_tokens} exceeds the model's {max_positions} positions; pass --max-tokens {max_positions} or less"
+        )
+    return max_tokens
 
-    model = onnx.load(str(onnx_file), load_external_data=False)
-    return sorted({node.op_type for node in model.graph.node if node.domain not in ("", "ai.onnx")})
 
-
-def trtexec_command(onnx_file: str, engine_file: str, shapes: dict, precision: str) -> list[str]:
+def trtexec_command(onnx_file: str, engine_file: str, shapes: dict) -> list[str]:
     def spec(which: str) -> str:
         return ",".join(f"{name}:{'x'.join(str(d) for d in s[which])}" for name, s in shapes.items())
 
-    command = [
+    return [
         "trtexec",
         f"--onnx={onnx_file}",
         f"--saveEngine={engine_file}",
         f"--minShapes={spec('min')}",
         f"--optShapes={spec('opt')}",
         f"--maxShapes={spec('max')}",
+        "--stronglyTyped",
     ]
-    command += ["--fp16"] if precision == "fp16" else ["--int8", "--fp16"]  # int8 where it can, fp16 elsewhere
-    return command
 
 
 def tensorrt_available() -> tuple[bool, str]:
     """(usable, why not): the tensorrt module and a CUDA GPU."""
     if util.find_spec("tensorrt") is None:
         return False, "the `tensorrt` Python package is not installed (it comes from NVIDIA's index, e.g. JetPack on a Jetson)"
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False, "`tensorrt` imports but there is no CUDA GPU"
-    except ImportError:
-        return False, "no torch to query CUDA"
+    if not torch.cuda.is_available():
+        return False, "`tensorrt` imports but there is no CUDA GPU"
     return True, ""
 
 
-def _write_script(file: Path, record: dict, why: str) -> None:
-    """build_engine.sh: the trtexec command, to run on the target, with why it was not run here."""
+def _write_script(file: Path, plan: dict) -> None:
+    """build_engine.sh: the trtexec command, run from the folder it sits in."""
     file.write_text(
-        "#!/bin/sh\n# vcompress TensorRT build plan: run on the target (TensorRT and its GPU), next to a copy of the ONNX folder.\n"
-        f"# No engine was built where this was written: {why}.\n"
-        + "".join(f"# note: {n}\n" for n in record["notes"])
-        + "set -e\n"
-        + " \\\n  ".join(shlex.quote(w) for w in record["trtexec"])
+        "#!/bin/sh\n# vcompress TensorRT build plan: run on the target (TensorRT and its GPU), in a copy of this folder.\n"
+        f"# {plan['engine_note']} (where this was written: {plan['reason']}).\n"
+        + "".join(f"# note: {n}\n" for n in plan["notes"])
+        + 'set -e\ncd "$(dirname "$0")"\n'
+        + " \\\n  ".join(shlex.quote(w) for w in plan["trtexec"])
         + "\n"
     )
     file.chmod(0o755)
 
 
-def _notes(blocking: list[str], precision: str) -> list[str]:
-    notes = []
-    if blocking:
-        notes.append(
-            f"the graph uses ONNX Runtime contrib ops ({', '.join(blocking)}) that TensorRT's ONNX parser does not implement; "
-            "the build fails unless TensorRT plugins provide them"
-        )
-    if precision == "int8":
-        notes.append(
-            "--int8 without a calibration cache: the graph carries no Q/DQ scales, so TensorRT uses placeholder ranges; "
-            "check accuracy before using the engine"
-        )
-    return notes
-
-
-def _build_engine(onnx_file: Path, shapes: dict, precision: str) -> bytes:
-    """The serialized engine, through the TensorRT Python API (ONNX parser, one profile, precision flags)."""
+def _build_engine(onnx_file: Path, shapes: dict) -> bytes:
+    """The serialized engine through the TensorRT Python API: ONNX parser, strongly typed network, one profile."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_file)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -249,10 +302,24 @@ def _build_engine(onnx_file: Path, shapes: dict, precision: str) -> bytes:
     for name, s in shapes.items():
         profile.set_shape(name, s["min"], s["opt"], s["max"])
     config.add_optimization_profile(profile)
-    config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise Unsupported(f"TensorRT could not build an engine from {onnx_file} (see its log above)")
     return bytes(engine)
+
+
+# --- the runner -----------------------------------------------------------------------
+
+
+@RUNNERS.register(FORMAT)
+class TensorRTRunner(SessionRunner):
+    """The TensorRT graph on ONNX Runtime CPU (no engine runs here): evaluation's figures say so in `backend`."""
+
+    backend = "onnxruntime-cpu (tensorrt graph)"
+    session_error = SessionError
+
+    def open_session(self) -> GraphSession:
+        return GraphSession(self.path, threads=self.threads)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.from_numpy(self._call(self.session.logits, input_ids.cpu().numpy()))

@@ -54,6 +54,39 @@ def test_eval_prints_accuracy_interval_and_subject_rows(cli, tiny_llama, tiny_mo
     assert "answer agreement" in out and "held-out perplexity" in out and "top-1 next-token agreement" in out
 
 
+def test_eval_cloze_reports_the_format_the_domains_and_the_paired_drop(cli, tiny_llama, tiny_models, mini_mmlu):
+    code, out, err = cli("eval", "--model", tiny_models["qwen2"], "--reference", tiny_llama, "--mmlu", mini_mmlu,
+                         "--per-subject", "4", "--format", "cloze", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["format"]["name"] == "cloze" and report["format"]["prompt"].startswith("The following are questions about <subject>.")
+    assert "length in characters" in report["format"]["score"]
+    student, teacher = report["mmlu"], report["reference"]["mmlu"]
+    assert student["domains"]["medical"]["n"] == 8 and set(student["domains"]) == {"medical"}  # anatomy + virology
+    drop = report["drop"]
+    assert drop["n"] == 8 and drop["points"] == pytest.approx(100 * (teacher["accuracy"] - student["accuracy"]))
+    assert drop["lost"] - drop["gained"] == teacher["correct"] - student["correct"]
+    assert drop["ci95"][0] <= drop["points"] <= drop["ci95"][1] and drop["domains"]["medical"]["n"] == 8
+    code, out, err = cli("eval", "--model", tiny_models["qwen2"], "--reference", tiny_llama, "--mmlu", mini_mmlu,
+                         "--per-subject", "4", "--format", "cloze")
+    assert code == 0, err
+    assert "cloze format" in out and "medical (domain)" in out and "accuracy drop" in out and "paired 95% CI" in out
+
+
+def test_eval_says_when_the_letter_prompt_is_answered_near_chance(capsys):
+    from vcompress.commands.eval import show
+
+    row = {"accuracy": 0.3125, "ci95": [0.22, 0.42], "correct": 25, "n": 80}
+    report = {"model": "m", "backend": "torch", "subset": "medical", "format": {"name": "letter"}, "shots": 0,
+              "per_subject": 10, "seed": 0,
+              "mmlu": {**row, "predicted_letters": {"A": 79, "B": 0, "C": 0, "D": 1}, "subjects": {"anatomy": row}, "domains": {"medical": row}}}
+    show(report)
+    assert "79 of 80 answers are A" in capsys.readouterr().out
+    report["mmlu"]["predicted_letters"] = {"A": 21, "B": 20, "C": 19, "D": 20}
+    show(report)
+    assert "near chance" not in capsys.readouterr().out
+
+
 def test_two_loads_of_one_model_agree_fully(tiny_model, mini_mmlu):
     """Determinism: separately opened runners of one checkpoint give identical scores."""
     evaluator = Evaluator(subset="medical", per_subject=5, mmlu=mini_mmlu, batch_size=3)

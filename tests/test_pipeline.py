@@ -77,11 +77,6 @@ def test_bad_recipe_setting_is_refused_before_any_work(cli, tmp_path, student_sr
     assert not (tmp_path / "R").exists()
 
 
-def test_a_profile_whose_format_has_no_pipeline_exporter_is_refused_with_the_reason(cli, tmp_path):
-    code, _, err = cli("run", "--profile", "jetson-orin-nano", "--out", tmp_path / "R", "--dry-run")
-    assert code == 2 and "'tensorrt'" in err and "vcompress export tensorrt" in err and len(err.strip().splitlines()) == 1
-
-
 def test_full_run_writes_every_stage_and_a_verdict(full_run):
     code, run, _ = full_run
     state = json.loads((run / "run.json").read_text())

@@ -10,8 +10,8 @@ so a teacher is scored once across stages and runs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -103,7 +103,8 @@ class Evaluator:
         return pack(texts, tokenizer, seq_len, self.max_blocks), source
 
     def evaluate(self, model=None, reference=None) -> dict:
-        """Accuracy with its interval, per subject; with a reference also agreement, KL and text fidelity."""
+        """Accuracy with its interval, per subject and per domain; with a reference also the paired accuracy drop,
+        answer agreement, KL and text fidelity."""
         runner = self.runner(model)
         logprobs = self.mmlu_logprobs(model)
         report = {

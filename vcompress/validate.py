@@ -15,10 +15,11 @@ from rich.table import Table
 from vcompress import __version__
 from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError
+from vcompress.core.manifest import read_manifest
 from vcompress.core.models import source_hash, weights_hash
 from vcompress.core.profiles import Budgets, Profile
-from vcompress.core.scoring import drop_outcome
 from vcompress.core.registry import STAGES
+from vcompress.core.scoring import drop_outcome
 from vcompress.core.stage import Stage, StageConfig
 from vcompress.core.units import UNIT
 
@@ -88,6 +89,7 @@ class ValidateStage(Stage):
             "model": {"label": report.get("reference", {}).get("model") or str(ctx.reference or "default"),
                       "hash": source_hash(ctx.reference)},
             "artifact_hash": weights_hash(ctx.source),
+            "export_check": {k: v for k, v in read_manifest(ctx.source).items() if k in EXPORT_CHECK},  # parity, where it ran
             "passed": all(c["passed"] for c in checks),
             "checks": checks,
             "accuracy": {"teacher": evaluation["teacher"]["accuracy"], "student": evaluation["student"]["accuracy"], "unit": "fraction"},
@@ -102,6 +104,9 @@ class ValidateStage(Stage):
         if "estimate" in latency:
             metrics["roofline_check"] = latency["estimate"]
         return metrics
+
+
+EXPORT_CHECK = ("parity", "fidelity", "checked_on", "tensorrt_ready", "engine_note")  # what an export says of itself
 
 
 def eval_summary(report: dict) -> dict:

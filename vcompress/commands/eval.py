@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from vcompress.commands._options import make_console, json_option, mmlu_option, model_options, print_json, seed_option
+from vcompress.commands._options import json_option, make_console, mmlu_option, model_options, print_json, seed_option
 
 
 @click.command("eval")

@@ -1,0 +1,92 @@
+"""The TensorRT graph's decode loop on ONNX Runtime CPU, with numpy alone: what both the Runner and the latency bench run.
+
+The graph (exporters/_trt_graph.py) is made for TensorRT, which needs a CUDA GPU; here ONNX Runtime runs the
+very same model.onnx so that its parity, accuracy and host latency are checked where no GPU exists. No torch
+here, for the same reason as _onnx_session.py: the bench loads this file by path. The cache is the graph's own
+(present = Concat(past, new)), so each decode step copies the past: fine for checking, not what an engine on the
+Jetson does (TensorRT keeps the tensors on the GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+RUNTIME = "onnxruntime"  # what runs the graph here; on the Jetson it is TensorRT (manifest "runtime")
+FORMAT = "tensorrt"
+FLOAT = {"float16": np.float16, "float32": np.float32}
+
+
+class SessionError(ValueError):
+    """A folder that is not a TensorRT-graph artifact, or a sequence past the model's positions."""
+
+
+@dataclass
+class CacheState:
+    length: int
+    cache: list[np.ndarray]
+
+
+class GraphSession:
+    def __init__(self, folder: str | Path, *, threads: int | None = None, **_):
+        self.folder = Path(folder)
+        manifest_file = self.folder / "manifest.json"
+        if not manifest_file.is_file():
+            raise SessionError(f"{self.folder} has no manifest.json; pass a folder written by `vcompress export tensorrt`")
+        self.manifest = m = json.loads(manifest_file.read_text())
+        if m.get("format") != FORMAT or "model" not in m.get("files", {}):
+            raise SessionError(
+                f"{self.folder} is a {m.get('format')!r} artifact without a graph; export one with `vcompress export tensorrt`"
+            )
+        graph = self.folder / m["files"]["model"]
+        if not graph.is_file():
+            raise SessionError(f"{graph} is missing; re-run `vcompress export tensorrt`")
+        self.threads = threads or os.cpu_count() or 1
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.layers, self.kv_heads, self.head_dim, self.max_positions = m["layers"], m["kv_heads"], m["head_dim"], m["max_positions"]
+        self.kv_dtype = FLOAT[m["kv_dtype"]]
+        self.past = [f"past_key_values.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
+        self.outputs = ["logits"] + [f"present.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
+
+    @property
+    def max_length(self) -> int:
+        return self.max_positions
+
+    def check_length(self, seq: int) -> None:
+        if seq > self.max_positions:
+            raise SessionError(f"{seq} tokens exceed the model's {self.max_positions} positions; shorten the input")
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Full logits [batch, seq, vocab] for right-padded ids (causal: padding after a token is never seen)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.check_length(ids.shape[1])
+        return self._run(ids, self._empty(ids.shape[0]))[0]
+
+    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, CacheState]:
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
+        self.check_length(ids.shape[1])
+        logits, *cache = self._run(ids, self._empty(1))
+        return logits[0, -1], CacheState(ids.shape[1], cache)
+
+    def decode(self, token_id: int, state: CacheState) -> tuple[np.ndarray, CacheState]:
+        self.check_length(state.length + 1)
+        logits, *cache = self._run(np.array([[token_id]], np.int64), state.cache)
+        return logits[0, -1], CacheState(state.length + 1, cache)
+
+    def _empty(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.past]
+
+    def _run(self, ids: np.ndarray, cache: list[np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.outputs, {"input_ids": ids, **dict(zip(self.past, cache))})
+
+
+Session = GraphSession  # the name the latency bench looks for
