@@ -4,6 +4,7 @@ A profile is the recipe: the target device (bandwidth and compute for the roofli
 how to reach it), the export format, the quantization scheme, the budgets the verdict checks,
 the MMLU subset to evaluate on, and which stages run with which settings.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -14,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError
-
 
 
 class Strict(BaseModel):
@@ -109,10 +109,12 @@ class Profile(Strict):
     recipe: list[RecipeStep]
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Profile":
+    def _consistent(self) -> Profile:
         b, d = self.budgets, self.device
         if b.max_peak_ram_mb < b.max_model_size_mb:
-            raise ValueError(f"budgets.max_peak_ram_mb ({b.max_peak_ram_mb}) is below budgets.max_model_size_mb ({b.max_model_size_mb}): the model must fit in RAM")
+            raise ValueError(
+                f"budgets.max_peak_ram_mb ({b.max_peak_ram_mb}) is below budgets.max_model_size_mb ({b.max_model_size_mb}): the model must fit in RAM"
+            )
         if b.max_peak_ram_mb > d.memory_gb * 1024:
             raise ValueError(f"budgets.max_peak_ram_mb ({b.max_peak_ram_mb}) exceeds device.memory_gb ({d.memory_gb} GB)")
         stages = [s.stage for s in self.recipe]
@@ -158,7 +160,9 @@ def parse_profile(text: str, where: str) -> Profile:
         line = f" line {mark.line + 1}" if mark else ""
         raise InputError(f"{where}:{line} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
     if not isinstance(data, dict):
-        raise InputError(f"{where}: a profile is a YAML mapping (name, device, target, budgets, recipe); see `vcompress profiles show x86-cpu`")
+        raise InputError(
+            f"{where}: a profile is a YAML mapping (name, device, target, budgets, recipe); see `vcompress profiles show x86-cpu`"
+        )
     try:
         return Profile.model_validate(data)
     except ValidationError as e:

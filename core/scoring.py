@@ -11,6 +11,7 @@ MMLU comes in two formats, tokenized and truncated the same way (lm-eval's conte
 - cloze: lighteval's `mmlu_cf` (the question alone, each answer's own text scored, normalised by its length
   in characters), which small models answer above chance where they answer the letter prompt with one letter.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,16 +36,20 @@ DESCRIPTION = "The following are multiple choice questions (with answers) about 
 CONTINUATIONS = tuple(f" {letter}" for letter in LETTERS)
 CLOZE_DESCRIPTION = "The following are questions about {subject}.\n"
 FORMATS = {  # what eval.json says about each format: the prompt, what is scored, how the answer is picked
-    "letter": {"as": "lm-eval-harness mmlu",
-               "prompt": "The following are multiple choice questions (with answers) about <subject>.\n\n"
-                         "<question>\nA. <choice A>\nB. <choice B>\nC. <choice C>\nD. <choice D>\nAnswer:",
-               "continuations": "\" A\", \" B\", \" C\", \" D\"",
-               "score": "log-probability of the continuation's tokens"},
-    "cloze": {"as": "lighteval mmlu_cf, the formulation SmolLM2's model card reports",
-              "prompt": "The following are questions about <subject>.\nQuestion: <question>\nAnswer:",
-              "continuations": "\" <answer text>\" for each of the four answers",
-              "score": "log-probability of the continuation's tokens divided by the answer text's length in characters "
-                       "(the leading space not counted: lighteval's acc_norm_nospace)"},
+    "letter": {
+        "as": "lm-eval-harness mmlu",
+        "prompt": "The following are multiple choice questions (with answers) about <subject>.\n\n"
+        "<question>\nA. <choice A>\nB. <choice B>\nC. <choice C>\nD. <choice D>\nAnswer:",
+        "continuations": '" A", " B", " C", " D"',
+        "score": "log-probability of the continuation's tokens",
+    },
+    "cloze": {
+        "as": "lighteval mmlu_cf, the formulation SmolLM2's model card reports",
+        "prompt": "The following are questions about <subject>.\nQuestion: <question>\nAnswer:",
+        "continuations": '" <answer text>" for each of the four answers',
+        "score": "log-probability of the continuation's tokens divided by the answer text's length in characters "
+        "(the leading space not counted: lighteval's acc_norm_nospace)",
+    },
 }
 DOMAINS = ("medical", "legal", "finance")  # the vertical-domain groups eval.json reports on their own
 Z95 = 1.959964
@@ -74,8 +79,9 @@ def _keywords(fn: LogitsFn) -> set[str]:
     return {p.name for p in params}
 
 
-def call_logits(fn: LogitsFn, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+def call_logits(
+    fn: LogitsFn, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits [batch, len(positions) or seq, vocab], passing only the keywords `fn` takes."""
     accepted = _keywords(fn)
     kwargs = {}
@@ -93,8 +99,15 @@ def call_logits(fn: LogitsFn, ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 
 @torch.no_grad()
-def text_fidelity(logits_fn: LogitsFn, blocks: torch.Tensor, reference_fn: LogitsFn | None = None, batch_size: int = 1,
-                  *, progress: Progress = no_progress, label: str = "held-out text") -> dict:
+def text_fidelity(
+    logits_fn: LogitsFn,
+    blocks: torch.Tensor,
+    reference_fn: LogitsFn | None = None,
+    batch_size: int = 1,
+    *,
+    progress: Progress = no_progress,
+    label: str = "held-out text",
+) -> dict:
     """Perplexity on [N, T] blocks; with a reference, also top-1 next-token agreement and mean KL(ref || model).
 
     Every position but the last of each block predicts the next token.
@@ -135,14 +148,24 @@ class Judge:
     on the held-out blocks. Either part is left out when there are no blocks or no questions.
     """
 
-    def __init__(self, reference_fn: LogitsFn, blocks: torch.Tensor | None = None, *, tokenizer=None,
-                 questions: Sequence[Question] | None = None, keep_logits: bool = True, progress: Progress = no_progress):
+    def __init__(
+        self,
+        reference_fn: LogitsFn,
+        blocks: torch.Tensor | None = None,
+        *,
+        tokenizer=None,
+        questions: Sequence[Question] | None = None,
+        keep_logits: bool = True,
+        progress: Progress = no_progress,
+    ):
         self.reference_fn, self.blocks, self.tokenizer, self.progress = reference_fn, blocks, tokenizer, progress
         self.questions = list(questions or [])
         self.logits = None
         if keep_logits and blocks is not None:
             self.logits = [call_logits(reference_fn, ids) for ids in track(blocks.split(1), "reference logits", progress)]
-        self.answers = mmlu_logprobs(reference_fn, tokenizer, self.questions, progress=progress, label="MMLU reference") if self.questions else None
+        self.answers = (
+            mmlu_logprobs(reference_fn, tokenizer, self.questions, progress=progress, label="MMLU reference") if self.questions else None
+        )
 
     def reference_logits(self, ids: torch.Tensor) -> torch.Tensor:
         if self.logits is None:
@@ -156,17 +179,33 @@ class Judge:
     def score(self, logits_fn: LogitsFn) -> dict:
         """perplexity {reference, student, rise_pct}, top-1 next-token agreement, mean KL(reference || student)
         and tokens on the held-out blocks; answer agreement, its 95% interval, answer KL and questions on MMLU."""
-        out = {"perplexity": None, "top1_agreement": None, "kl_mean": None, "tokens": 0,
-               "answer_agreement": None, "answer_ci95": None, "answer_kl_mean": None, "questions": 0}
+        out = {
+            "perplexity": None,
+            "top1_agreement": None,
+            "kl_mean": None,
+            "tokens": 0,
+            "answer_agreement": None,
+            "answer_ci95": None,
+            "answer_kl_mean": None,
+            "questions": 0,
+        }
         if self.blocks is not None:
             text = text_fidelity(logits_fn, self.blocks, self.reference_logits, progress=self.progress)
             reference, student = text["reference_perplexity"], text["perplexity"]
-            out.update(perplexity={"reference": reference, "student": student, "rise_pct": 100 * (student / reference - 1)},
-                       top1_agreement=text["top1_agreement"], kl_mean=text["kl_mean"], tokens=text["tokens"])
+            out.update(
+                perplexity={"reference": reference, "student": student, "rise_pct": 100 * (student / reference - 1)},
+                top1_agreement=text["top1_agreement"],
+                kl_mean=text["kl_mean"],
+                tokens=text["tokens"],
+            )
         if self.answers is not None:
             answers = answer_agreement(mmlu_logprobs(logits_fn, self.tokenizer, self.questions, progress=self.progress), self.answers)
-            out.update(answer_agreement=answers["agreement"], answer_ci95=answers["ci95"], answer_kl_mean=answers["kl_mean"],
-                       questions=answers["n"])
+            out.update(
+                answer_agreement=answers["agreement"],
+                answer_ci95=answers["ci95"],
+                answer_kl_mean=answers["kl_mean"],
+                questions=answers["n"],
+            )
         return out
 
 
@@ -215,7 +254,9 @@ def exemplars_for(dev: Sequence[Question] | None, subject: str, shots: int) -> l
     if len(pool) < shots:
         from .errors import InputError
 
-        raise InputError(f"{shots}-shot needs {shots} dev questions for {subject}, found {len(pool)}; use fewer --shots or an MMLU copy with dev/")
+        raise InputError(
+            f"{shots}-shot needs {shots} dev questions for {subject}, found {len(pool)}; use fewer --shots or an MMLU copy with dev/"
+        )
     return pool[:shots]
 
 
@@ -229,7 +270,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
 @dataclass
@@ -248,12 +289,12 @@ def _requests(tokenizer, items: list[tuple[str, Sequence[str]]], max_length: int
             raise ValueError(f"the tokenizer merges an answer into the prompt of question {row}; it cannot be scored as lm-eval does")
         if all(len(cont) == 1 for _, cont in pairs) and all(ctx == pairs[0][0] for ctx, _ in pairs):
             whole = pairs[0][0] + pairs[0][1]
-            ids = whole[-(max_length + 1):][:-1] if max_length else whole[:-1]
+            ids = whole[-(max_length + 1) :][:-1] if max_length else whole[:-1]
             requests.append(_Request(row, None, ids, [cont[0] for _, cont in pairs]))
             continue
         for column, (ctx, cont) in enumerate(pairs):
             whole = ctx + cont
-            ids = whole[-(max_length + 1):][:-1] if max_length else whole[:-1]
+            ids = whole[-(max_length + 1) :][:-1] if max_length else whole[:-1]
             requests.append(_Request(row, column, ids, cont))
     return requests
 
@@ -278,10 +319,20 @@ def _batches(requests: list[_Request], batch_size: int, max_tokens: int):
 
 
 @torch.no_grad()
-def mmlu_logprobs(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], *, shots: int = 0,
-                  dev: Sequence[Question] | None = None, batch_size: int = 8, max_length: int | None = None,
-                  max_batch_tokens: int = 2048, format: str = "letter", progress: Progress = no_progress,
-                  label: str = "MMLU") -> torch.Tensor:
+def mmlu_logprobs(
+    logits_fn: LogitsFn,
+    tokenizer,
+    questions: Sequence[Question],
+    *,
+    shots: int = 0,
+    dev: Sequence[Question] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    max_batch_tokens: int = 2048,
+    format: str = "letter",
+    progress: Progress = no_progress,
+    label: str = "MMLU",
+) -> torch.Tensor:
     """[N, 4] answer scores, the prediction being their argmax: for `letter`, the log-probabilities of
     " A".." D" after each question's lm-eval mmlu prompt; for `cloze`, each answer text's log-probability
     after the lighteval mmlu_cf prompt divided by its length in characters.
@@ -318,8 +369,7 @@ def mmlu_logprobs(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question],
                 out[request.row] = logp[b, where[n - 1], request.targets]
             else:
                 first = n - len(request.targets)
-                out[request.row, request.column] = sum(
-                    logp[b, where[first + j], token].item() for j, token in enumerate(request.targets))
+                out[request.row, request.column] = sum(logp[b, where[first + j], token].item() for j, token in enumerate(request.targets))
         done += len(batch)
         progress(label, done, len(requests))
     if format == "cloze":
@@ -334,8 +384,9 @@ def answers_cache_dir() -> Path:
     return cache_dir() / "answers"
 
 
-def cached_mmlu_logprobs(model_hash: str | None, logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], *,
-                         backend: str = "", **options) -> torch.Tensor:
+def cached_mmlu_logprobs(
+    model_hash: str | None, logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], *, backend: str = "", **options
+) -> torch.Tensor:
     """`mmlu_logprobs`, kept under the cache dir when `model_hash` (the weights' sha256) is given.
 
     The key is the model hash, the backend, the tokenizer's size and every prompt and continuation
@@ -356,8 +407,18 @@ def cached_mmlu_logprobs(model_hash: str | None, logits_fn: LogitsFn, tokenizer,
     logprobs = mmlu_logprobs(logits_fn, tokenizer, questions, **options)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"model_hash": model_hash, "backend": backend, "format": fmt, "shots": shots,
-                               "questions": len(questions), "logprobs": logprobs.tolist()}))
+    tmp.write_text(
+        json.dumps(
+            {
+                "model_hash": model_hash,
+                "backend": backend,
+                "format": fmt,
+                "shots": shots,
+                "questions": len(questions),
+                "logprobs": logprobs.tolist(),
+            }
+        )
+    )
     tmp.replace(path)
     return logprobs
 
@@ -442,8 +503,7 @@ def paired_interval(lost: int, gained: int, n: int, z: float = Z95) -> tuple[flo
         return (low + high) / 2
 
     estimate, edge = (lost - gained) / n, 1e-12
-    return (-1.0 if estimate == -1 else solve(-1 + edge, estimate, z),
-            1.0 if estimate == 1 else solve(estimate, 1 - edge, -z))
+    return (-1.0 if estimate == -1 else solve(-1 + edge, estimate, z), 1.0 if estimate == 1 else solve(estimate, 1 - edge, -z))
 
 
 def _fewest(enough: Callable[[int], bool], most: int = 10**8) -> int | None:
@@ -478,8 +538,15 @@ def paired_drop(reference_hits: Sequence[bool], model_hits: Sequence[bool]) -> d
     lost = sum(r and not m for r, m in zip(reference_hits, model_hits))
     gained = sum(m and not r for r, m in zip(reference_hits, model_hits))
     low, high = paired_interval(lost, gained, n)
-    return {"points": 100 * (lost - gained) / n if n else None, "ci95": [100 * low, 100 * high], "unit": "points",
-            "lost": lost, "gained": gained, "n": n, "method": "Tango score interval on the paired outcomes"}
+    return {
+        "points": 100 * (lost - gained) / n if n else None,
+        "ci95": [100 * low, 100 * high],
+        "unit": "points",
+        "lost": lost,
+        "gained": gained,
+        "n": n,
+        "method": "Tango score interval on the paired outcomes",
+    }
 
 
 def drop_outcome(drop: dict, limit: float) -> tuple[str, str]:
@@ -527,5 +594,11 @@ def answer_agreement(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -
     agree = int((model.argmax(-1) == ref.argmax(-1)).sum())
     kl = (ref.exp() * (ref - model)).sum(-1).clamp_min(0.0)
     low, high = wilson_interval(agree, n)
-    return {"agreement": agree / n if n else None, "ci95": [low, high], "agree": agree, "n": n,
-            "kl_mean": float(kl.mean()) if n else None, "kl_max": float(kl.max()) if n else None}
+    return {
+        "agreement": agree / n if n else None,
+        "ci95": [low, high],
+        "agree": agree,
+        "n": n,
+        "kl_mean": float(kl.mean()) if n else None,
+        "kl_max": float(kl.max()) if n else None,
+    }

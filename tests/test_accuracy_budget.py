@@ -92,8 +92,13 @@ def test_the_drop_check_passes_fails_or_stays_undecided(lost, gained, n, outcome
         # that many questions at the same rates would decide it, and one fewer would not
         for size, decided in ((needed, True), (needed - 1, False)):
             low, high = scoring.paired_interval(lost * size / n, gained * size / n, size)
-            scaled = {"points": 100 * (lost - gained) / n, "ci95": [100 * low, 100 * high], "n": size,
-                      "lost": lost * size / n, "gained": gained * size / n}
+            scaled = {
+                "points": 100 * (lost - gained) / n,
+                "ci95": [100 * low, 100 * high],
+                "n": size,
+                "lost": lost * size / n,
+                "gained": gained * size / n,
+            }
             assert (scoring.drop_outcome(scaled, 2.0)[0] != "undecided") is decided
     if outcome == "fail":
         assert low > 2.0 and "significantly above" in why

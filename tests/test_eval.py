@@ -1,5 +1,6 @@
 """`vcompress eval` and the Evaluator: accuracy with intervals, fidelity to a reference, any Runner,
 and a cross-check of per-item predictions against lm-eval-harness itself."""
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,17 @@ def mini_mmlu(tmp_path_factory) -> Path:
     for split, n in (("dev", 5), ("test", 40)):
         (root / split).mkdir()
         for s, subject in enumerate(SUBJECTS):
-            rows = [f'"Question {i} about {subject.replace("_", " ")}: which organ filters the blood, {"and why " * (i % 6)}?",'
-                    f'liver {i},kidney,lung,"heart, {s}",{"ABCD"[(i + s) % 4]}' for i in range(n)]
+            rows = [
+                f'"Question {i} about {subject.replace("_", " ")}: which organ filters the blood, {"and why " * (i % 6)}?",'
+                f'liver {i},kidney,lung,"heart, {s}",{"ABCD"[(i + s) % 4]}'
+                for i in range(n)
+            ]
             (root / split / f"{subject}_{split}.csv").write_text("\n".join(rows) + "\n")
     return root
 
 
 def test_eval_with_itself_as_reference(cli, tiny_llama, mini_mmlu):
-    code, out, err = cli("eval", "--model", tiny_llama, "--reference", tiny_llama, "--mmlu", mini_mmlu,
-                         "--per-subject", "6", "--json")
+    code, out, err = cli("eval", "--model", tiny_llama, "--reference", tiny_llama, "--mmlu", mini_mmlu, "--per-subject", "6", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["questions"] == 12 and report["mmlu"]["n"] == 12
@@ -45,8 +48,21 @@ def test_eval_with_itself_as_reference(cli, tiny_llama, mini_mmlu):
 
 
 def test_eval_prints_accuracy_interval_and_subject_rows(cli, tiny_llama, tiny_models, mini_mmlu):
-    code, out, err = cli("eval", "--model", tiny_models["qwen2"], "--reference", tiny_llama, "--mmlu", mini_mmlu,
-                         "--per-subject", "4", "--shots", "2", "--subset", "anatomy,virology")
+    code, out, err = cli(
+        "eval",
+        "--model",
+        tiny_models["qwen2"],
+        "--reference",
+        tiny_llama,
+        "--mmlu",
+        mini_mmlu,
+        "--per-subject",
+        "4",
+        "--shots",
+        "2",
+        "--subset",
+        "anatomy,virology",
+    )
     assert code == 0, err
     assert "8 questions (4 per subject, 2 subjects" in out and "2-shot" in out
     assert "accuracy" in out and "95% CI" in out
@@ -55,8 +71,20 @@ def test_eval_prints_accuracy_interval_and_subject_rows(cli, tiny_llama, tiny_mo
 
 
 def test_eval_cloze_reports_the_format_the_domains_and_the_paired_drop(cli, tiny_llama, tiny_models, mini_mmlu):
-    code, out, err = cli("eval", "--model", tiny_models["qwen2"], "--reference", tiny_llama, "--mmlu", mini_mmlu,
-                         "--per-subject", "4", "--format", "cloze", "--json")
+    code, out, err = cli(
+        "eval",
+        "--model",
+        tiny_models["qwen2"],
+        "--reference",
+        tiny_llama,
+        "--mmlu",
+        mini_mmlu,
+        "--per-subject",
+        "4",
+        "--format",
+        "cloze",
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["format"]["name"] == "cloze" and report["format"]["prompt"].startswith("The following are questions about <subject>.")
@@ -67,8 +95,9 @@ def test_eval_cloze_reports_the_format_the_domains_and_the_paired_drop(cli, tiny
     assert drop["n"] == 8 and drop["points"] == pytest.approx(100 * (teacher["accuracy"] - student["accuracy"]))
     assert drop["lost"] - drop["gained"] == teacher["correct"] - student["correct"]
     assert drop["ci95"][0] <= drop["points"] <= drop["ci95"][1] and drop["domains"]["medical"]["n"] == 8
-    code, out, err = cli("eval", "--model", tiny_models["qwen2"], "--reference", tiny_llama, "--mmlu", mini_mmlu,
-                         "--per-subject", "4", "--format", "cloze")
+    code, out, err = cli(
+        "eval", "--model", tiny_models["qwen2"], "--reference", tiny_llama, "--mmlu", mini_mmlu, "--per-subject", "4", "--format", "cloze"
+    )
     assert code == 0, err
     assert "cloze format" in out and "medical (domain)" in out and "accuracy drop" in out and "paired 95% CI" in out
 
@@ -77,9 +106,16 @@ def test_eval_says_when_the_letter_prompt_is_answered_near_chance(capsys):
     from vcompress.commands.eval import show
 
     row = {"accuracy": 0.3125, "ci95": [0.22, 0.42], "correct": 25, "n": 80}
-    report = {"model": "m", "backend": "torch", "subset": "medical", "format": {"name": "letter"}, "shots": 0,
-              "per_subject": 10, "seed": 0,
-              "mmlu": {**row, "predicted_letters": {"A": 79, "B": 0, "C": 0, "D": 1}, "subjects": {"anatomy": row}, "domains": {"medical": row}}}
+    report = {
+        "model": "m",
+        "backend": "torch",
+        "subset": "medical",
+        "format": {"name": "letter"},
+        "shots": 0,
+        "per_subject": 10,
+        "seed": 0,
+        "mmlu": {**row, "predicted_letters": {"A": 79, "B": 0, "C": 0, "D": 1}, "subjects": {"anatomy": row}, "domains": {"medical": row}},
+    }
     show(report)
     assert "79 of 80 answers are A" in capsys.readouterr().out
     report["mmlu"]["predicted_letters"] = {"A": 21, "B": 20, "C": 19, "D": 20}
@@ -166,7 +202,8 @@ def _lm_eval_task_files(lm_eval, questions, dev, subjects, folder: Path) -> Path
         (tasks / f"vc_{subject}.yaml").write_text(
             f"include: {mmlu_tasks / f'mmlu_{subject}.yaml'}\ntask: vc_{subject}\ntag: []\n"
             f"dataset_path: json\ndataset_name: null\ndataset_kwargs:\n  data_files:\n"
-            f"    test: {folder / f'{subject}_test.jsonl'}\n    dev: {folder / f'{subject}_dev.jsonl'}\n")
+            f"    test: {folder / f'{subject}_test.jsonl'}\n    dev: {folder / f'{subject}_dev.jsonl'}\n"
+        )
     return tasks
 
 
@@ -187,8 +224,12 @@ def test_per_item_predictions_agree_with_lm_eval(kind, tiny_models, mmlu_root, t
     tasks = _lm_eval_task_files(lm_eval, questions, dev, subjects, tmp_path / "lm_eval")
 
     results = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=str(model), batch_size=8, device="cpu"), tasks=[f"vc_{s}" for s in subjects],
-        num_fewshot=1, log_samples=True, task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+        model=HFLM(pretrained=str(model), batch_size=8, device="cpu"),
+        tasks=[f"vc_{s}" for s in subjects],
+        num_fewshot=1,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+    )
     theirs = []
     for subject in subjects:
         for sample in sorted(results["samples"][f"vc_{subject}"], key=lambda s: s["doc_id"]):

@@ -1,4 +1,5 @@
 """MMLU scoring as lm-eval does it: prompt, tokenization, batching, both continuation paths, summaries."""
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,17 @@ from vcompress.core import scoring
 from vcompress.core.data import Question
 from vcompress.exporters.torch import TorchRunner
 
-ANATOMY = Question("anatomy", "  What is the embryological origin of the hyoid bone?\n",
-                   ("The first pharyngeal arch", "The first and second pharyngeal arches",
-                    "The second pharyngeal arch", "The second and third pharyngeal arches"), 3)
+ANATOMY = Question(
+    "anatomy",
+    "  What is the embryological origin of the hyoid bone?\n",
+    (
+        "The first pharyngeal arch",
+        "The first and second pharyngeal arches",
+        "The second pharyngeal arch",
+        "The second and third pharyngeal arches",
+    ),
+    3,
+)
 DEV = Question("anatomy", "Which organ filters the blood?", ("liver", "kidney", "lung", "heart"), 1)
 
 
@@ -49,11 +58,15 @@ def test_one_shot_prompt_is_lm_eval_mmlu_exactly():
         "C. The second pharyngeal arch\nD. The second and third pharyngeal arches\nAnswer:"
     )
     zero = scoring.mmlu_prompt(Question("college_medicine", "Q?", ("a", "b", "c", "d"), 0))
-    assert zero == "The following are multiple choice questions (with answers) about college medicine.\n\nQ?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    assert (
+        zero == "The following are multiple choice questions (with answers) about college medicine.\n\nQ?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    )
 
 
 def test_exemplars_are_the_first_dev_questions_of_the_subject():
-    dev = [Question("virology", "v", ("a", "b", "c", "d"), 0)] + [Question("anatomy", f"a{i}", ("a", "b", "c", "d"), i % 4) for i in range(5)]
+    dev = [Question("virology", "v", ("a", "b", "c", "d"), 0)] + [
+        Question("anatomy", f"a{i}", ("a", "b", "c", "d"), i % 4) for i in range(5)
+    ]
     assert [q.question for q in scoring.exemplars_for(dev, "anatomy", 3)] == ["a0", "a1", "a2"]
     assert scoring.exemplars_for(dev, "anatomy", 0) == []
 
@@ -71,7 +84,7 @@ def _direct_logprobs(model, tokenizer, question: Question, exemplars=()) -> torc
     for continuation in scoring.CONTINUATIONS:
         context = tokenizer.encode(prompt)
         whole = tokenizer.encode(prompt + continuation)
-        target = whole[len(context):]
+        target = whole[len(context) :]
         with torch.no_grad():
             logp = F.log_softmax(model(input_ids=torch.tensor([whole[:-1]])).logits[0].float(), -1)
         out.append(sum(logp[len(whole) - 1 - len(target) + j, t].item() for j, t in enumerate(target)))
@@ -124,7 +137,10 @@ def test_a_plain_ids_to_logits_function_scores_the_same(tiny_model):
     plain = lambda ids: runner.model(input_ids=ids).logits  # noqa: E731
     torch.testing.assert_close(
         scoring.mmlu_logprobs(plain, runner.tokenizer, questions, batch_size=5),
-        scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, batch_size=5), atol=1e-5, rtol=0)
+        scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, batch_size=5),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_long_prompts_are_truncated_on_the_left_like_lm_eval(tiny_llama):
@@ -142,13 +158,20 @@ def test_long_prompts_are_truncated_on_the_left_like_lm_eval(tiny_llama):
 
 def test_cloze_prompt_is_lighteval_mmlu_cf_exactly():
     prompt, continuations = scoring.prompt_and_continuations(ANATOMY, format="cloze")
-    assert prompt == ("The following are questions about anatomy.\n"
-                      "Question:   What is the embryological origin of the hyoid bone?\n\nAnswer:")  # the question as given
-    assert continuations == (" The first pharyngeal arch", " The first and second pharyngeal arches",
-                             " The second pharyngeal arch", " The second and third pharyngeal arches")
+    assert prompt == (
+        "The following are questions about anatomy.\nQuestion:   What is the embryological origin of the hyoid bone?\n\nAnswer:"
+    )  # the question as given
+    assert continuations == (
+        " The first pharyngeal arch",
+        " The first and second pharyngeal arches",
+        " The second pharyngeal arch",
+        " The second and third pharyngeal arches",
+    )
     one_shot = scoring.cloze_prompt(Question("college_medicine", "Q?", ("a", "bb", "c", "d"), 1), [DEV])
-    assert one_shot == ("The following are questions about college medicine.\n"
-                        "Question: Which organ filters the blood?\nAnswer: kidney\n\nQuestion: Q?\nAnswer:")
+    assert one_shot == (
+        "The following are questions about college medicine.\n"
+        "Question: Which organ filters the blood?\nAnswer: kidney\n\nQuestion: Q?\nAnswer:"
+    )
     with pytest.raises(ValueError, match="unknown MMLU format"):
         scoring.prompt_and_continuations(ANATOMY, format="essay")
 
@@ -163,7 +186,7 @@ def test_cloze_scores_each_answer_per_character(char_model):
         context = runner.tokenizer.encode(prompt)
         for column, choice in enumerate(q.choices):
             whole = runner.tokenizer.encode(prompt + " " + choice)
-            target = whole[len(context):]
+            target = whole[len(context) :]
             with torch.no_grad():
                 logp = F.log_softmax(runner.model(input_ids=torch.tensor([whole[:-1]])).logits[0].float(), -1)
             total = sum(logp[len(whole) - 1 - len(target) + j, t].item() for j, t in enumerate(target))
@@ -223,17 +246,26 @@ def test_judge_gives_the_scoring_figures_under_one_set_of_names(tiny_models, tok
     llama = TorchRunner(tiny_models["llama"])
     qwen = TorchRunner(tiny_models["qwen2"])
     reported = []
-    judge = scoring.Judge(llama.forward, blocks, tokenizer=llama.tokenizer, questions=questions,
-                          progress=lambda *call: reported.append(call))
+    judge = scoring.Judge(
+        llama.forward, blocks, tokenizer=llama.tokenizer, questions=questions, progress=lambda *call: reported.append(call)
+    )
     got = judge.score(qwen.forward)
     text = scoring.text_fidelity(qwen.forward, blocks, llama.forward)
-    answers = scoring.answer_agreement(scoring.mmlu_logprobs(qwen.forward, llama.tokenizer, questions),
-                                       scoring.mmlu_logprobs(llama.forward, llama.tokenizer, questions))
+    answers = scoring.answer_agreement(
+        scoring.mmlu_logprobs(qwen.forward, llama.tokenizer, questions), scoring.mmlu_logprobs(llama.forward, llama.tokenizer, questions)
+    )
     assert got == {
-        "perplexity": {"reference": text["reference_perplexity"], "student": text["perplexity"],
-                       "rise_pct": 100 * (text["perplexity"] / text["reference_perplexity"] - 1)},
-        "top1_agreement": text["top1_agreement"], "kl_mean": text["kl_mean"], "tokens": 3 * 31,
-        "answer_agreement": answers["agreement"], "answer_ci95": answers["ci95"], "answer_kl_mean": answers["kl_mean"],
+        "perplexity": {
+            "reference": text["reference_perplexity"],
+            "student": text["perplexity"],
+            "rise_pct": 100 * (text["perplexity"] / text["reference_perplexity"] - 1),
+        },
+        "top1_agreement": text["top1_agreement"],
+        "kl_mean": text["kl_mean"],
+        "tokens": 3 * 31,
+        "answer_agreement": answers["agreement"],
+        "answer_ci95": answers["ci95"],
+        "answer_kl_mean": answers["kl_mean"],
         "questions": 6,
     }
     # the reference's logits are taken once (quantize changes its reference in place), unless told not to keep them

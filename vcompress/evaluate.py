@@ -7,6 +7,7 @@ once: score several models against one reference and the reference's MMLU answer
 with `cache`, a model's answers are also kept on disk, keyed by its weights' hash and the exact prompts,
 so a teacher is scored once across stages and runs.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,15 +23,39 @@ from vcompress.core.models import resolve, weights_hash
 from vcompress.core.runner import Runner
 from vcompress.core.stage import Progress, no_progress
 
-UNITS = {"accuracy": "fraction", "agreement": "fraction", "top1_agreement": "fraction", "kl_mean": "nats",
-         "kl_max": "nats", "perplexity": "unitless", "reference_perplexity": "unitless", "tokens": "tokens", "seconds": "s"}
+UNITS = {
+    "accuracy": "fraction",
+    "agreement": "fraction",
+    "top1_agreement": "fraction",
+    "kl_mean": "nats",
+    "kl_max": "nats",
+    "perplexity": "unitless",
+    "reference_perplexity": "unitless",
+    "tokens": "tokens",
+    "seconds": "s",
+}
 
 
 class Evaluator:
-    def __init__(self, *, subset: str = "medical", shots: int = 0, per_subject: int | None = 10, mmlu=None,
-                 data: str | Path | None = None, seed: int = 0, batch_size: int = 8, seq_len: int = 512,
-                 max_blocks: int = 4, threads: int | None = None, format: str = "letter", cache: bool = False,
-                 progress: Progress = no_progress, log: Callable[[str], None] | None = None, open_kwargs: dict | None = None):
+    def __init__(
+        self,
+        *,
+        subset: str = "medical",
+        shots: int = 0,
+        per_subject: int | None = 10,
+        mmlu=None,
+        data: str | Path | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        seq_len: int = 512,
+        max_blocks: int = 4,
+        threads: int | None = None,
+        format: str = "letter",
+        cache: bool = False,
+        progress: Progress = no_progress,
+        log: Callable[[str], None] | None = None,
+        open_kwargs: dict | None = None,
+    ):
         if not 0 <= shots <= 5:
             raise InputError(f"--shots {shots} is out of range; MMLU has 5 dev questions per subject, use 0 to 5")
         if format not in scoring.FORMATS:
@@ -56,7 +81,9 @@ class Evaluator:
         if self._questions is None:
             found = load_mmlu(self.mmlu, "test", self.subjects)
             if not found:
-                raise InputError(f"the MMLU source holds no test questions for {self.subset!r}; check --mmlu and --subset (JSONL lines need a subject)")
+                raise InputError(
+                    f"the MMLU source holds no test questions for {self.subset!r}; check --mmlu and --subset (JSONL lines need a subject)"
+                )
             self._questions = sample_questions(found, self.per_subject or None, self.seed)
         return self._questions
 
@@ -91,9 +118,19 @@ class Evaluator:
             questions, dev = self.questions, self.dev  # load before timing
             started = time.perf_counter()
             self._logprobs[key] = scoring.cached_mmlu_logprobs(
-                _weights_hash(spec) if self.cache else None, runner.forward, runner.tokenizer, questions,
-                backend=runner.backend, shots=self.shots, dev=dev, batch_size=self.batch_size, format=self.format,
-                max_length=getattr(runner, "max_length", None), progress=self.progress, label=f"MMLU {_label(runner)}")
+                _weights_hash(spec) if self.cache else None,
+                runner.forward,
+                runner.tokenizer,
+                questions,
+                backend=runner.backend,
+                shots=self.shots,
+                dev=dev,
+                batch_size=self.batch_size,
+                format=self.format,
+                max_length=getattr(runner, "max_length", None),
+                progress=self.progress,
+                label=f"MMLU {_label(runner)}",
+            )
             self._seconds[key] = time.perf_counter() - started
         return self._logprobs[key]
 
@@ -108,8 +145,13 @@ class Evaluator:
         runner = self.runner(model)
         logprobs = self.mmlu_logprobs(model)
         report = {
-            "model": _label(runner), "backend": runner.backend, "subset": self.subset, "subjects": self.subjects,
-            "shots": self.shots, "per_subject": self.per_subject, "seed": self.seed,
+            "model": _label(runner),
+            "backend": runner.backend,
+            "subset": self.subset,
+            "subjects": self.subjects,
+            "shots": self.shots,
+            "per_subject": self.per_subject,
+            "seed": self.seed,
             "format": {"name": self.format, **scoring.FORMATS[self.format]},
             "questions": len(self.questions),
             "mmlu": scoring.mmlu_summary(logprobs, self.questions),
@@ -120,9 +162,12 @@ class Evaluator:
             ref_runner = self.runner(reference)
             _check_same_vocab(runner, ref_runner)
             ref_logprobs = self.mmlu_logprobs(reference)
-            report["reference"] = {"model": _label(ref_runner), "backend": ref_runner.backend,
-                                   "mmlu": scoring.mmlu_summary(ref_logprobs, self.questions),
-                                   "seconds": {"mmlu": self._seconds.get(_key(reference))}}
+            report["reference"] = {
+                "model": _label(ref_runner),
+                "backend": ref_runner.backend,
+                "mmlu": scoring.mmlu_summary(ref_logprobs, self.questions),
+                "seconds": {"mmlu": self._seconds.get(_key(reference))},
+            }
             report["agreement"] = scoring.answer_agreement(logprobs, ref_logprobs)
             report["drop"] = _drops(ref_logprobs, logprobs, self.questions)
         if reference is not None or self.data:
@@ -131,8 +176,9 @@ class Evaluator:
             limits = [r.max_length for r in (runner, ref_runner) if getattr(r, "max_length", None)]
             blocks, source = self.text_blocks((ref_runner or runner).tokenizer, min([self.seq_len, *limits]))
             started = time.perf_counter()
-            text = scoring.text_fidelity(runner.forward, blocks, ref_runner.forward if ref_runner else None,
-                                         batch_size=1, progress=self.progress)
+            text = scoring.text_fidelity(
+                runner.forward, blocks, ref_runner.forward if ref_runner else None, batch_size=1, progress=self.progress
+            )
             report["text"] = {**text, "source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
             report["seconds"]["text"] = time.perf_counter() - started
         return report
@@ -180,9 +226,13 @@ def _weights_hash(spec) -> str | None:
 def _drops(reference: torch.Tensor, model: torch.Tensor, questions) -> dict:
     """The paired accuracy drop from reference to model, overall and per vertical domain."""
     ref_hits, hits = scoring.hits(reference, questions), scoring.hits(model, questions)
-    return {**scoring.paired_drop(ref_hits, hits),
-            "domains": {d: scoring.paired_drop([ref_hits[i] for i in rows], [hits[i] for i in rows])
-                        for d, rows in scoring.domains_of(questions).items()}}
+    return {
+        **scoring.paired_drop(ref_hits, hits),
+        "domains": {
+            d: scoring.paired_drop([ref_hits[i] for i in rows], [hits[i] for i in rows])
+            for d, rows in scoring.domains_of(questions).items()
+        },
+    }
 
 
 def _label(runner: Runner) -> str:
@@ -193,5 +243,7 @@ def _check_same_vocab(runner: Runner, reference: Runner) -> None:
     if runner.tokenizer is reference.tokenizer:
         return
     if runner.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
-        raise InputError(f"{_label(runner)} and the reference {_label(reference)} have different tokenizers; "
-                         "agreement and KL need the same vocabulary: pass the checkpoint this model was compressed from")
+        raise InputError(
+            f"{_label(runner)} and the reference {_label(reference)} have different tokenizers; "
+            "agreement and KL need the same vocabulary: pass the checkpoint this model was compressed from"
+        )

@@ -2,6 +2,7 @@
 the device (measured, or estimated by the roofline when the device is not attached), and a verdict
 with one check per budget. The teacher (input) and student (artifact) are scored by the same code.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -30,8 +31,11 @@ class ValidateConfig(StageConfig):
     decode_tokens: int = Field(64, gt=0, description="tokens decoded per timed run")
     threads: int | None = Field(None, gt=0, description="runtime threads (default: the profile's device.threads)")
     batch_size: int = Field(8, gt=0, description="MMLU prompts scored per forward pass")
-    device: str | None = Field(None, description="registered device that gives latency (default: the profile's connection, "
-                                                 "or the roofline estimate when that device is not attached)")
+    device: str | None = Field(
+        None,
+        description="registered device that gives latency (default: the profile's connection, "
+        "or the roofline estimate when that device is not attached)",
+    )
     connection: dict[str, Any] = Field(default_factory=dict, description="device settings over the profile's connection (host, serial...)")
 
 
@@ -43,7 +47,7 @@ class ValidateStage(Stage):
     Config = ValidateConfig
 
     @classmethod
-    def from_profile(cls, settings: dict, profile: Profile, where: str | None = None) -> "ValidateStage":
+    def from_profile(cls, settings: dict, profile: Profile, where: str | None = None) -> ValidateStage:
         stage = cls(cls.parse_config(settings, where))
         try:  # the device and its settings are checked now, not after every compression stage has run
             stage.device(profile, probe=False)
@@ -58,8 +62,13 @@ class ValidateStage(Stage):
 
         cfg: ValidateConfig = self.config
         name = cfg.device or (None if probe else profile.device.connection.kind)
-        overrides = {"runs": cfg.runs, "warmup": cfg.warmup, "decode_tokens": cfg.decode_tokens,
-                     "threads": cfg.threads or profile.device.threads, **cfg.connection}
+        overrides = {
+            "runs": cfg.runs,
+            "warmup": cfg.warmup,
+            "decode_tokens": cfg.decode_tokens,
+            "threads": cfg.threads or profile.device.threads,
+            **cfg.connection,
+        }
         return open_device(name, profile, **overrides)
 
     def run(self, ctx) -> dict:
@@ -72,9 +81,20 @@ class ValidateStage(Stage):
         cfg: ValidateConfig = self.config
         ev = profile.evaluation
         threads = cfg.threads or profile.device.threads
-        evaluator = Evaluator(subset=ev.subset, shots=ev.shots, per_subject=ev.per_subject, mmlu=ctx.mmlu, data=ctx.data,
-                              seed=ev.seed, batch_size=cfg.batch_size, threads=threads, format=ev.format, cache=True,
-                              log=ctx.log, progress=ctx.progress)
+        evaluator = Evaluator(
+            subset=ev.subset,
+            shots=ev.shots,
+            per_subject=ev.per_subject,
+            mmlu=ctx.mmlu,
+            data=ctx.data,
+            seed=ev.seed,
+            batch_size=cfg.batch_size,
+            threads=threads,
+            format=ev.format,
+            cache=True,
+            log=ctx.log,
+            progress=ctx.progress,
+        )
         try:
             report = evaluator.evaluate(model=str(ctx.source), reference=ctx.reference)
         finally:
@@ -84,23 +104,32 @@ class ValidateStage(Stage):
         evaluation = eval_summary(report)
         checks = budget_checks(profile.budgets, evaluation, latency)
         verdict = {
-            "profile": profile.name, "device": latency.get("device"), "backend": latency.get("backend"),
-            "format": profile.target.format, "artifact": Path(ctx.source).name,
-            "model": {"label": report.get("reference", {}).get("model") or str(ctx.reference or "default"),
-                      "hash": source_hash(ctx.reference)},
+            "profile": profile.name,
+            "device": latency.get("device"),
+            "backend": latency.get("backend"),
+            "format": profile.target.format,
+            "artifact": Path(ctx.source).name,
+            "model": {
+                "label": report.get("reference", {}).get("model") or str(ctx.reference or "default"),
+                "hash": source_hash(ctx.reference),
+            },
             "artifact_hash": weights_hash(ctx.source),
             "export_check": {k: v for k, v in read_manifest(ctx.source).items() if k in EXPORT_CHECK},  # parity, where it ran
             "passed": all(c["passed"] for c in checks),
             "checks": checks,
             "accuracy": {"teacher": evaluation["teacher"]["accuracy"], "student": evaluation["student"]["accuracy"], "unit": "fraction"},
-            "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "vcompress": __version__,
         }
         write_json(ctx.out / RunLayout.EVAL, {**evaluation, "report": report})
         write_json(ctx.out / RunLayout.LATENCY, latency)
         write_json(ctx.out / RunLayout.VERDICT, verdict)
-        metrics = {"passed": verdict["passed"], "failed": [c["budget"] for c in checks if not c["passed"]],
-                   "latency_source": latency.get("source"), "device": latency.get("device")}
+        metrics = {
+            "passed": verdict["passed"],
+            "failed": [c["budget"] for c in checks if not c["passed"]],
+            "latency_source": latency.get("source"),
+            "device": latency.get("device"),
+        }
         if "estimate" in latency:
             metrics["roofline_check"] = latency["estimate"]
         return metrics
@@ -117,15 +146,19 @@ def eval_summary(report: dict) -> dict:
     text = report.get("text", {})
     ppl, ref_ppl = text.get("perplexity"), text.get("reference_perplexity")
     return {
-        "subset": report["subset"], "shots": report["shots"], "per_subject": report["per_subject"], "n": report["questions"],
+        "subset": report["subset"],
+        "shots": report["shots"],
+        "per_subject": report["per_subject"],
+        "n": report["questions"],
         "format": report["format"],
         "teacher": {k: teacher[k] for k in ("accuracy", "ci95", "n", "subjects", "domains")},
         "student": {k: student[k] for k in ("accuracy", "ci95", "n", "subjects", "domains")},
         "drop": report["drop"],
-        "answer_agreement": report["agreement"]["agreement"], "answer_kl_mean": report["agreement"]["kl_mean"],
-        "perplexity": {"teacher": ref_ppl, "student": ppl,
-                       "rise_pct": (ppl / ref_ppl - 1) * 100 if ppl and ref_ppl else None},
-        "top1_agreement": text.get("top1_agreement"), "kl_mean": text.get("kl_mean"),
+        "answer_agreement": report["agreement"]["agreement"],
+        "answer_kl_mean": report["agreement"]["kl_mean"],
+        "perplexity": {"teacher": ref_ppl, "student": ppl, "rise_pct": (ppl / ref_ppl - 1) * 100 if ppl and ref_ppl else None},
+        "top1_agreement": text.get("top1_agreement"),
+        "kl_mean": text.get("kl_mean"),
     }
 
 
@@ -133,8 +166,15 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dic
     """One check per budget: the limit, the figure, its unit and where it came from."""
 
     def check(budget, limit, value, unit, source, ok, **extra):
-        return {"budget": budget, "limit": limit, "value": _round(value), "unit": unit, "source": source,
-                "passed": bool(value is not None and ok), **extra}
+        return {
+            "budget": budget,
+            "limit": limit,
+            "value": _round(value),
+            "unit": unit,
+            "source": source,
+            "passed": bool(value is not None and ok),
+            **extra,
+        }
 
     def lat(key):
         fig = latency.get(key) or {}
@@ -150,19 +190,67 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dic
     rise = evaluation["perplexity"]["rise_pct"]
     agreement = evaluation["answer_agreement"]
     return [
-        check("max_model_size_mb", budgets.max_model_size_mb, size, UNIT, size_src, size is not None and size <= budgets.max_model_size_mb, **size_extra),
-        check("max_peak_ram_mb", budgets.max_peak_ram_mb, ram, UNIT, ram_src, ram is not None and ram <= budgets.max_peak_ram_mb, **ram_extra),
-        check("max_ttft_ms", budgets.max_ttft_ms, ttft, "ms", ttft_src, ttft is not None and ttft <= budgets.max_ttft_ms,
-              prompt_tokens=budgets.prompt_tokens, **ttft_extra),
-        check("min_decode_tokens_per_s", budgets.min_decode_tokens_per_s, tps, "tokens/s", tps_src,
-              tps is not None and tps >= budgets.min_decode_tokens_per_s, **tps_extra),
-        check("max_mmlu_drop_points", budgets.max_mmlu_drop_points, drop["points"], "points", "measured", drop_result == "pass",
-              n=evaluation["n"], ci95=[_round(x) for x in drop["ci95"]], result=drop_result, why=drop_why,
-              format=evaluation["format"]["name"]),
-        check("max_perplexity_rise_pct", budgets.max_perplexity_rise_pct, rise, "%", "measured",
-              rise is not None and rise <= budgets.max_perplexity_rise_pct),
-        check("min_answer_agreement", budgets.min_answer_agreement, agreement, "fraction", "measured",
-              agreement is not None and agreement >= budgets.min_answer_agreement, n=evaluation["n"]),
+        check(
+            "max_model_size_mb",
+            budgets.max_model_size_mb,
+            size,
+            UNIT,
+            size_src,
+            size is not None and size <= budgets.max_model_size_mb,
+            **size_extra,
+        ),
+        check(
+            "max_peak_ram_mb", budgets.max_peak_ram_mb, ram, UNIT, ram_src, ram is not None and ram <= budgets.max_peak_ram_mb, **ram_extra
+        ),
+        check(
+            "max_ttft_ms",
+            budgets.max_ttft_ms,
+            ttft,
+            "ms",
+            ttft_src,
+            ttft is not None and ttft <= budgets.max_ttft_ms,
+            prompt_tokens=budgets.prompt_tokens,
+            **ttft_extra,
+        ),
+        check(
+            "min_decode_tokens_per_s",
+            budgets.min_decode_tokens_per_s,
+            tps,
+            "tokens/s",
+            tps_src,
+            tps is not None and tps >= budgets.min_decode_tokens_per_s,
+            **tps_extra,
+        ),
+        check(
+            "max_mmlu_drop_points",
+            budgets.max_mmlu_drop_points,
+            drop["points"],
+            "points",
+            "measured",
+            drop_result == "pass",
+            n=evaluation["n"],
+            ci95=[_round(x) for x in drop["ci95"]],
+            result=drop_result,
+            why=drop_why,
+            format=evaluation["format"]["name"],
+        ),
+        check(
+            "max_perplexity_rise_pct",
+            budgets.max_perplexity_rise_pct,
+            rise,
+            "%",
+            "measured",
+            rise is not None and rise <= budgets.max_perplexity_rise_pct,
+        ),
+        check(
+            "min_answer_agreement",
+            budgets.min_answer_agreement,
+            agreement,
+            "fraction",
+            "measured",
+            agreement is not None and agreement >= budgets.min_answer_agreement,
+            n=evaluation["n"],
+        ),
     ]
 
 
@@ -178,7 +266,9 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
         source = c.get("source") or "?"
         if c.get("device") and source == "measured":
             source = f"measured on {c['device']}"
-        result = "[green]pass[/green]" if c["passed"] else "[yellow]undecided[/yellow]" if c.get("result") == "undecided" else "[red]FAIL[/red]"
+        result = (
+            "[green]pass[/green]" if c["passed"] else "[yellow]undecided[/yellow]" if c.get("result") == "undecided" else "[red]FAIL[/red]"
+        )
         figure = "n/a" if c["value"] is None else f"{c['value']:g}"
         if c.get("ci95") and c["value"] is not None:  # the accuracy drop, judged on its paired interval
             figure += f" (95% CI {c['ci95'][0]:.2f} to {c['ci95'][1]:.2f})"
@@ -190,8 +280,11 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
     acc = verdict.get("accuracy", {})
     if acc.get("teacher") is not None:
         console.print(f"MMLU accuracy: teacher {acc['teacher']:.3f}, student {acc['student']:.3f}")
-    console.print("[bold green]PASS[/bold green]" if verdict["passed"] else "[bold red]FAIL[/bold red]: "
-                  + ", ".join(c["budget"] for c in verdict["checks"] if not c["passed"]))
+    console.print(
+        "[bold green]PASS[/bold green]"
+        if verdict["passed"]
+        else "[bold red]FAIL[/bold red]: " + ", ".join(c["budget"] for c in verdict["checks"] if not c["passed"])
+    )
 
 
 def _round(value):

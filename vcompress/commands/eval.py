@@ -1,5 +1,6 @@
 """vcompress eval: MMLU-subset accuracy with its interval, and fidelity to a reference model (with the accuracy
 drop judged on the paired answers)."""
+
 from __future__ import annotations
 
 import click
@@ -10,20 +11,47 @@ from vcompress.commands._options import json_option, make_console, mmlu_option, 
 
 @click.command("eval")
 @model_options
-@click.option("--reference", type=str, default=None, help="The uncompressed checkpoint to compare with (agreement, KL, perplexity); `default` = the embedded default.")
-@click.option("--subset", default="medical", show_default=True, help="MMLU group (medical, legal, finance, stem, humanities, social_sciences, other, all), subject, or comma list.")
-@click.option("--format", "fmt", type=click.Choice(["letter", "cloze"]), default="letter", show_default=True,
-              help="letter: lm-eval's mmlu prompt, \" A\"..\" D\" scored; cloze: lighteval's mmlu_cf, each answer's text scored per character "
-                   "(for models that answer the letter prompt near chance).")
-@click.option("--shots", type=click.IntRange(0, 5), default=0, show_default=True, help="Dev exemplars before each question (lm-eval mmlu prompt).")
-@click.option("--per-subject", type=click.IntRange(0), default=10, show_default=True, help="Questions per subject, drawn with --seed (0 = all).")
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Held-out text for perplexity (JSONL/CSV/TXT); default: MMLU text outside --subset.")
+@click.option(
+    "--reference",
+    type=str,
+    default=None,
+    help="The uncompressed checkpoint to compare with (agreement, KL, perplexity); `default` = the embedded default.",
+)
+@click.option(
+    "--subset",
+    default="medical",
+    show_default=True,
+    help="MMLU group (medical, legal, finance, stem, humanities, social_sciences, other, all), subject, or comma list.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["letter", "cloze"]),
+    default="letter",
+    show_default=True,
+    help='letter: lm-eval\'s mmlu prompt, " A".." D" scored; cloze: lighteval\'s mmlu_cf, each answer\'s text scored per character '
+    "(for models that answer the letter prompt near chance).",
+)
+@click.option(
+    "--shots", type=click.IntRange(0, 5), default=0, show_default=True, help="Dev exemplars before each question (lm-eval mmlu prompt)."
+)
+@click.option(
+    "--per-subject", type=click.IntRange(0), default=10, show_default=True, help="Questions per subject, drawn with --seed (0 = all)."
+)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Held-out text for perplexity (JSONL/CSV/TXT); default: MMLU text outside --subset.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Prompts per forward pass.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads for the backend (default: the library's choice).")
 @mmlu_option
 @seed_option
 @json_option
-def command(model, base, allow_pickle, trust_remote_code, reference, subset, fmt, shots, per_subject, data, batch_size, threads, mmlu, seed, as_json):
+def command(
+    model, base, allow_pickle, trust_remote_code, reference, subset, fmt, shots, per_subject, data, batch_size, threads, mmlu, seed, as_json
+):
     """Score a model (HF folder, GGUF, exported artifact) on an MMLU subset as lm-eval's mmlu task (letter) or
     lighteval's mmlu_cf (cloze) does."""
     from vcompress.evaluate import evaluate
@@ -32,8 +60,18 @@ def command(model, base, allow_pickle, trust_remote_code, reference, subset, fmt
     console = make_console(stderr=True)
     with progress_bars(quiet=as_json, console=console) as progress:
         report = evaluate(
-            model, reference, subset=subset, format=fmt, shots=shots, per_subject=per_subject, mmlu=mmlu, data=data, seed=seed,
-            batch_size=batch_size, threads=threads, progress=progress,
+            model,
+            reference,
+            subset=subset,
+            format=fmt,
+            shots=shots,
+            per_subject=per_subject,
+            mmlu=mmlu,
+            data=data,
+            seed=seed,
+            batch_size=batch_size,
+            threads=threads,
+            progress=progress,
             log=None if as_json else (lambda message: console.print(f"[dim]{message}[/dim]")),
             open_kwargs={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base},
         )
@@ -57,14 +95,23 @@ def show(report: dict) -> None:
     mmlu = report["mmlu"]
     n_subjects = len(mmlu["subjects"])
     per = f"{report['per_subject']} per subject, " if report["per_subject"] else "all questions, "
-    console.print(f"[bold]{report['model']}[/bold] ({report['backend']}) on MMLU {report['subset']}, {report['format']['name']} format, "
-                  f"{report['shots']}-shot: {mmlu['n']} questions ({per}{n_subjects} subjects, seed {report['seed']})", soft_wrap=True)
-    console.print(f"accuracy [bold]{_pct(mmlu['accuracy'])}[/bold]  (95% CI {_interval(mmlu)}, {mmlu['correct']}/{mmlu['n']})"
-                  f"   answers given: " + " ".join(f"{k} {v}" for k, v in mmlu["predicted_letters"].items()), soft_wrap=True)
+    console.print(
+        f"[bold]{report['model']}[/bold] ({report['backend']}) on MMLU {report['subset']}, {report['format']['name']} format, "
+        f"{report['shots']}-shot: {mmlu['n']} questions ({per}{n_subjects} subjects, seed {report['seed']})",
+        soft_wrap=True,
+    )
+    console.print(
+        f"accuracy [bold]{_pct(mmlu['accuracy'])}[/bold]  (95% CI {_interval(mmlu)}, {mmlu['correct']}/{mmlu['n']})"
+        f"   answers given: " + " ".join(f"{k} {v}" for k, v in mmlu["predicted_letters"].items()),
+        soft_wrap=True,
+    )
     letter, most = max(mmlu["predicted_letters"].items(), key=lambda item: item[1])
     if report["format"]["name"] == "letter" and mmlu["n"] >= 20 and most > 0.6 * mmlu["n"]:
-        console.print(f"[yellow]{most} of {mmlu['n']} answers are {letter}: this model answers the letter prompt near chance; "
-                      "--format cloze scores what it knows[/yellow]", soft_wrap=True)
+        console.print(
+            f"[yellow]{most} of {mmlu['n']} answers are {letter}: this model answers the letter prompt near chance; "
+            "--format cloze scores what it knows[/yellow]",
+            soft_wrap=True,
+        )
     ref = report.get("reference")
     table = Table(title="per subject")
     for column in ("subject", "n", "correct", "accuracy", "95% CI"):
@@ -86,7 +133,9 @@ def show(report: dict) -> None:
         fidelity.add_row("accuracy drop", _drop(drop))
         for domain, row in drop["domains"].items():
             fidelity.add_row(f"accuracy drop, {domain}", _drop(row))
-        fidelity.add_row("answer agreement", f"{_pct(agreement['agreement'])}  (95% CI {_interval(agreement)}, {agreement['agree']}/{agreement['n']})")
+        fidelity.add_row(
+            "answer agreement", f"{_pct(agreement['agreement'])}  (95% CI {_interval(agreement)}, {agreement['agree']}/{agreement['n']})"
+        )
         fidelity.add_row("answer KL, mean (max)", f"{agreement['kl_mean']:.4g} ({agreement['kl_max']:.4g}) nats")
         if text:
             fidelity.add_row("held-out perplexity", f"{text['perplexity']:.3f}  (reference {text['reference_perplexity']:.3f})")
@@ -101,5 +150,7 @@ def show(report: dict) -> None:
 
 def _drop(drop: dict) -> str:
     low, high = drop["ci95"]
-    return (f"{drop['points']:+.2f} points  (paired 95% CI {low:+.2f} to {high:+.2f}; reference alone right on {drop['lost']}, "
-            f"this model alone on {drop['gained']}, of {drop['n']})")
+    return (
+        f"{drop['points']:+.2f} points  (paired 95% CI {low:+.2f} to {high:+.2f}; reference alone right on {drop['lost']}, "
+        f"this model alone on {drop['gained']}, of {drop['n']})"
+    )
