@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mmlu", default=None)
+    parser.add_argument("--cache", action="store_true", help="read/keep the answers in the answer cache (a cached run's time is a read)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,6 +58,7 @@ def main() -> None:
             seed=args.seed,
             batch_size=args.batch_size,
             threads=args.threads,
+            cache=args.cache,
             progress=progress,
         )
         questions = evaluator.questions
@@ -84,6 +86,7 @@ def main() -> None:
         "seconds": seconds,
         "questions_per_s": rate,
         "full_split_seconds": FULL_SPLIT / rate,
+        "per_subject_accuracy": {subject: row["accuracy"] for subject, row in summary["subjects"].items()},
     }
     print(
         f"{figures['model']} ({runner.backend}), MMLU {args.format} 0-shot, {len(questions)} questions "
