@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import CheckFailed, InputError
@@ -30,6 +30,16 @@ PARITY_PROMPTS = (
     "Interest rates rose by two percent, and bond prices",
     "Question: which organ filters the blood?\nAnswer:",
 )
+
+
+def _power_of_two(value: int) -> int:
+    if value & (value - 1):
+        raise ValueError(f"{value} is not a power of two (16, 32, 64, 128)")
+    return value
+
+
+# A quantization block along the input dimension: the runtimes' block kernels take powers of two only.
+PowerOfTwo = Annotated[int, AfterValidator(_power_of_two)]
 
 
 class ParityConfig(StageConfig):

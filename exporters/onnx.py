@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import InputError
@@ -29,7 +29,7 @@ from vcompress.core.stage import StageContext, execute
 
 from . import _onnx_gptq, _onnx_graph, _onnx_quant
 from ._onnx_session import DecoderSession, SessionError
-from .base import ExportStage, ParityConfig, SessionRunner, gate, load_source, save_sidecars, source_folder
+from .base import ExportStage, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, save_sidecars, source_folder
 
 FORMAT = "onnx"
 
@@ -43,17 +43,10 @@ class OnnxExportConfig(ParityConfig):
     int8_method: Literal["blockwise", "dynamic"] = Field(
         "blockwise", description="int8: 8-bit MatMulNBits blocks, or ONNX Runtime dynamic quantization"
     )
-    block_size: int = Field(32, ge=16, description="int4/int8 block along the input dimension (power of two)")
+    block_size: PowerOfTwo = Field(32, ge=16, description="int4/int8 block along the input dimension (power of two)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type; 4 = int8 activations")
     table_bits: Literal[0, 4, 8] = Field(4, description="bits of the embedding table (and tied head) under int4; 0 keeps it fp32")
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the parity check")
-
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"{value} is not a power of two (16, 32, 64, 128)")
-        return value
 
 
 @EXPORTERS.register(FORMAT)

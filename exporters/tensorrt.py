@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.data import pack, texts_for
@@ -38,7 +38,7 @@ from vcompress.core.stage import StageContext, execute
 
 from . import _onnx_quant, _trt_graph, _trt_ops
 from ._tensorrt_session import GraphSession, SessionError
-from .base import ExportStage, ParityConfig, SessionRunner, gate, load_source, save_sidecars
+from .base import ExportStage, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, save_sidecars
 
 FORMAT = "tensorrt"
 ENGINE_FILE = "model.engine"
@@ -48,7 +48,9 @@ NO_GPU = "engine not built here: TensorRT needs a CUDA GPU"
 class TensorRTExportConfig(ParityConfig):
     quant: Literal["int4", "int8", "none"] = Field("int4", description="weights: INT4 / INT8 weight-only (symmetric blocks) or float")
     precision: Literal["fp16", "fp32"] = Field("fp16", description="the graph's float type: activations, float weights and the KV cache")
-    block_size: int = Field(128, ge=32, le=128, description="INT4/INT8 block along the input dimension (smaller where it does not divide)")
+    block_size: PowerOfTwo = Field(
+        128, ge=32, le=128, description="INT4/INT8 block along the input dimension (smaller where it does not divide)"
+    )
     # fp16 against the fp32 PyTorch model: logits differ by ~1e-2 on real models; greedy tokens must still match.
     max_abs_diff_fp16: float = Field(0.5, gt=0, description="fp16 float weights: largest |logit difference| allowed")
     prefill_tokens: int = Field(256, ge=1, description="past length the optimization profile is tuned for")
@@ -56,13 +58,6 @@ class TensorRTExportConfig(ParityConfig):
     heldout_blocks: int = Field(2, ge=0, description="held-out text blocks for perplexity and top-1 agreement (0: skip)")
     heldout_seq_len: int = Field(256, ge=8)
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the checks")
-
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"{value} is not a power of two (32, 64, 128)")
-        return value
 
 
 @EXPORTERS.register(FORMAT)
