@@ -155,8 +155,16 @@ def make_run(
             "shots": 0,
             "per_subject": 10,
             "n": 80,
-            "teacher": {"accuracy": teacher_accuracy, "ci95": [0.21, 0.41], "per_subject": {"anatomy": 0.3, "virology": 0.3}},
-            "student": {"accuracy": accuracy, "ci95": [0.2, 0.4], "per_subject": {"anatomy": 0.3, "virology": 0.28}},
+            "teacher": {
+                "accuracy": teacher_accuracy,
+                "ci95": [0.21, 0.41],
+                "subjects": {"anatomy": {"accuracy": 0.3, "n": 10}, "virology": {"accuracy": 0.3, "n": 10}},
+            },
+            "student": {
+                "accuracy": accuracy,
+                "ci95": [0.2, 0.4],
+                "subjects": {"anatomy": {"accuracy": 0.3, "n": 10}, "virology": {"accuracy": 0.28, "n": 10}},
+            },
             "answer_agreement": agreement,
             "answer_kl_mean": 0.01,
             "perplexity": {"teacher": teacher_ppl, "student": perplexity, "rise_pct": rise},

@@ -234,7 +234,7 @@ def eval_metrics(ev: dict) -> list[Metric]:
     add("teacher_accuracy", teacher.get("accuracy"), "fraction")
     if isinstance(student.get("accuracy"), (int, float)) and isinstance(teacher.get("accuracy"), (int, float)):
         add("mmlu_drop_points", 100 * (teacher["accuracy"] - student["accuracy"]), "points")
-    for subject, value in sorted((student.get("per_subject") or {}).items()):
+    for subject, value in sorted((student.get("subjects") or {}).items()):
         add(f"accuracy.{subject}", value.get("accuracy") if isinstance(value, dict) else value, "fraction")
     ppl = ev.get("perplexity") or {}
     add("perplexity", ppl.get("student"), "perplexity")
