@@ -1124,7 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--per-subject", type=int, default=5, help="MMLU questions per subject (57 subjects); 0 skips MMLU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MMLU sample and of the prompt ids")
-    parser.add_argument("--mmlu", default=None, help="MMLU copy (default: $VCOMPRESS_MMLU or shared/data/mmlu)")
+    parser.add_argument("--mmlu", default=None, help="MMLU copy (default: $VCOMPRESS_MMLU, else the copy packaged with vcompress)")
     parser.add_argument("--rows", default=",".join(n for n in ROWS if n != "vcompress-tflite"), help=f"comma list of {', '.join(ROWS)}")
     parser.add_argument(
         "--ours",
