@@ -39,6 +39,13 @@ class Runner(abc.ABC):
     def decode(self, token_id: int, state: Any) -> tuple[torch.Tensor, Any]:
         """Feed one token after the state; return its logits [vocab] and the new state."""
 
+    def continuation_logits(self, prefixes: list[torch.Tensor], continuations: list[list[torch.Tensor]]) -> list[list[torch.Tensor]] | None:
+        """For each prefix [P] and each of its continuations [C], logits [C, vocab] whose row j predicts
+        continuation[j] (row 0: the prefix's last logits). A prefix runs once for all its continuations,
+        which makes cloze scoring ~3x cheaper than one full sequence per answer. None where a backend
+        has no such path: the scorer then runs the sequences in full."""
+        return None
+
     @torch.no_grad()
     def generate(
         self,

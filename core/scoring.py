@@ -31,6 +31,7 @@ from .models import cache_dir
 from .stage import Progress, no_progress, track
 
 LogitsFn = Callable[..., torch.Tensor]
+ContinuationFn = Callable[[list, list], "list[list[torch.Tensor]] | None"]  # Runner.continuation_logits
 
 DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 CONTINUATIONS = tuple(f" {letter}" for letter in LETTERS)
@@ -279,6 +280,7 @@ class _Request:
     column: int | None  # answer index; None = all four answers (one token each) from one position
     ids: list[int]  # model input
     targets: list[int]  # continuation ids (column set) or the four answers' ids (column None)
+    prefix: int | None = None  # column set and not truncated: ids[:prefix] is the context, shared by the row's answers
 
 
 def _requests(tokenizer, items: list[tuple[str, Sequence[str]]], max_length: int | None) -> list[_Request]:
@@ -295,7 +297,7 @@ def _requests(tokenizer, items: list[tuple[str, Sequence[str]]], max_length: int
         for column, (ctx, cont) in enumerate(pairs):
             whole = ctx + cont
             ids = whole[-(max_length + 1) :][:-1] if max_length else whole[:-1]
-            requests.append(_Request(row, column, ids, cont))
+            requests.append(_Request(row, column, ids, cont, len(ctx) if len(ids) == len(whole) - 1 else None))
     return requests
 
 
@@ -332,6 +334,7 @@ def mmlu_logprobs(
     format: str = "letter",
     progress: Progress = no_progress,
     label: str = "MMLU",
+    continuation_fn: ContinuationFn | None = None,
 ) -> torch.Tensor:
     """[N, 4] answer scores, the prediction being their argmax: for `letter`, the log-probabilities of
     " A".." D" after each question's lm-eval mmlu prompt; for `cloze`, each answer text's log-probability
@@ -343,14 +346,34 @@ def mmlu_logprobs(
     at most `batch_size` prompts and `max_batch_tokens` padded tokens each (a backend that returns
     full logits holds batch x length x vocab floats).
     `max_length` truncates on the left as lm-eval does (the model's context size).
+    With a `continuation_fn` (a Runner's `continuation_logits`), the answers of one question that share
+    an untruncated context are scored after one run of it instead (the same figures, ~3x fewer tokens).
     """
     items = [prompt_and_continuations(q, exemplars_for(dev, q.subject, shots), format) for q in questions]
     requests = _requests(tokenizer, items, max_length)
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
     out = torch.full((len(questions), 4), float("nan"))
     pad = _pad_id(tokenizer)
     done = 0
     progress(label, done, len(requests))
+    if continuation_fn is not None:
+        rows: dict[int, list[_Request]] = {}
+        for request in requests:
+            rows.setdefault(request.row, []).append(request)
+        scored = set()
+        shared = sorted((r for r, group in rows.items() if _shares_prefix(group)), key=lambda r: -_packed_length(rows[r]))
+        for start in range(0, len(shared), batch_size):
+            batch = [rows[row] for row in shared[start : start + batch_size]]
+            scores = _score_after_prefix(continuation_fn, batch)
+            if scores is None:  # not on this backend: scored in full below
+                break
+            for group, row_scores in zip(batch, scores):
+                for request, score in zip(group, row_scores):
+                    out[request.row, request.column] = score
+                scored.add(group[0].row)
+                done += len(group)
+            progress(label, done, len(requests))
+        requests = [r for r in requests if r.row not in scored]
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
     for batch in _batches([requests[i] for i in order], batch_size, max_batch_tokens):
         width = len(batch[0].ids)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -375,6 +398,36 @@ def mmlu_logprobs(
     if format == "cloze":
         out /= torch.tensor([[max(1, len(choice)) for choice in q.choices] for q in questions], dtype=out.dtype)
     return out
+
+
+def _shares_prefix(group: list[_Request]) -> bool:
+    first = group[0]
+    return (
+        len(group) > 1
+        and all(r.prefix is not None and r.prefix == first.prefix for r in group)
+        and all(r.ids[: r.prefix] == first.ids[: first.prefix] for r in group)
+    )
+
+
+def _packed_length(group: list[_Request]) -> int:
+    """A question's context and its answers' tokens: what a shared-prefix run feeds (batches of similar ones pad least)."""
+    return group[0].prefix + sum(len(r.targets) - 1 for r in group)
+
+
+def _score_after_prefix(continuation_fn: ContinuationFn, groups: list[list[_Request]]) -> list[list[float]] | None:
+    """Each answer's summed log-probability, each question's context run once and shared (None: not supported)."""
+    prefixes = [torch.tensor(group[0].ids[: group[0].prefix]) for group in groups]
+    logits = continuation_fn(prefixes, [[torch.tensor(r.targets) for r in group] for group in groups])
+    if logits is None:
+        return None
+    scores = []
+    for group, answers in zip(groups, logits):
+        row = []
+        for request, answer in zip(group, answers):
+            logp = F.log_softmax(answer.float(), dim=-1)
+            row.append(logp[torch.arange(len(request.targets)), torch.tensor(request.targets)].sum().item())
+        scores.append(row)
+    return scores
 
 
 # --- the answer cache: one model's answers to one question set, kept across stages and runs ----

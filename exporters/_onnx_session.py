@@ -95,6 +95,35 @@ class DecoderSession:
         feeds.update({past: empty for past, _ in self.kv_names})
         return self.session.run(["logits"], feeds)[0]
 
+    def continuation_logits(self, prefix: np.ndarray, continuations: list[np.ndarray]) -> list[np.ndarray]:
+        """For each continuation [C] of one prefix [P], logits [C, vocab] whose row j predicts continuation[j].
+        The prefix runs once; each continuation then runs from its cache (GroupQueryAttention takes a
+        multi-token step after a cache only at batch 1, so one run per continuation)."""
+        prefix = np.ascontiguousarray(np.asarray(prefix, dtype=np.int64).reshape(1, -1))
+        seq = prefix.shape[1]
+        self.check_length(seq + max(len(c) for c in continuations) - 1)
+        feeds = self._feeds(prefix, 1, seq, keep=1)
+        feeds.update({past: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for past, _ in self.kv_names})
+        first, *cache = self.session.run(["logits"] + [present for _, present in self.kv_names], feeds)
+        feeds = {past: kv for (past, _), kv in zip(self.kv_names, cache)}
+        out = []
+        for continuation in continuations:
+            logits = np.empty((len(continuation), self.vocab), np.float32)
+            logits[0] = first[0, -1]
+            rest = len(continuation) - 1
+            if rest:
+                feeds.update(
+                    input_ids=np.ascontiguousarray(np.asarray(continuation[:rest], dtype=np.int64).reshape(1, rest)),
+                    seqlens_k=np.full(1, seq + rest - 1, np.int32),
+                    total_sequence_length=np.array(seq + rest, np.int32),
+                    logits_to_keep=np.array([rest], np.int64),
+                )
+                if self.uses_positions:
+                    feeds["position_ids"] = np.arange(seq, seq + rest, dtype=np.int64).reshape(1, rest)
+                logits[1:] = self.session.run(["logits"], feeds)[0][0]
+            out.append(logits)
+        return out
+
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, KVState]:
         """Run a prompt; the last position's logits [vocab] (a view, valid until the next call) and the state."""
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))

@@ -210,3 +210,10 @@ class OnnxRunner(SessionRunner):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return torch.from_numpy(self._call(self.session.logits, input_ids.cpu().numpy()))
+
+    def continuation_logits(self, prefixes: list[torch.Tensor], continuations: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        run = self.session.continuation_logits
+        return [
+            [torch.from_numpy(x) for x in self._call(run, prefix.cpu().numpy(), [c.cpu().numpy() for c in rows])]
+            for prefix, rows in zip(prefixes, continuations)
+        ]

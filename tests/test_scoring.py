@@ -285,3 +285,42 @@ def test_judge_gives_the_scoring_figures_under_one_set_of_names(tiny_models, tok
         calls = [(done, total) for name, done, total in reported if name == label]
         assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] > 0, label
     assert scoring.Judge(llama.forward).score(qwen.forward)["perplexity"] is None
+
+
+def _counted(fn):
+    calls = []
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    run.calls = calls
+    return run
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_cloze_after_one_shared_prefix_equals_the_full_sequences(tiny_models, arch):
+    """The four answers scored after one run of their question (KV cache shared) give the full sequences' figures."""
+    runner = TorchRunner(tiny_models[arch])
+    questions = synthetic_questions(6)
+    full = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, batch_size=3, format="cloze")
+    forward, shared_fn = _counted(runner.forward), _counted(runner.continuation_logits)
+    # batches of 4 questions whose prompts differ in length: the rows run padded, in one batch
+    shared = scoring.mmlu_logprobs(forward, runner.tokenizer, questions, batch_size=4, format="cloze", continuation_fn=shared_fn)
+    assert len(shared_fn.calls) == 2 and not forward.calls  # the shared path really ran, alone
+    torch.testing.assert_close(shared, full, atol=2e-5, rtol=1e-5)
+    # a context truncated on the left has no prefix to share: those questions go the full way
+    longest = max(
+        len(r.ids)
+        for r in scoring._requests(runner.tokenizer, [scoring.prompt_and_continuations(q, format="cloze") for q in questions], None)
+    )
+    cut = scoring.mmlu_logprobs(forward, runner.tokenizer, questions, format="cloze", continuation_fn=shared_fn, max_length=longest - 2)
+    assert forward.calls and torch.isfinite(cut).all()
+
+
+def test_backends_without_a_shared_prefix_path_are_scored_in_full(char_model):
+    runner = TorchRunner(char_model)
+    questions = synthetic_questions(4)
+    full = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, format="cloze")
+    none = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, format="cloze", continuation_fn=lambda prefix, conts: None)
+    torch.testing.assert_close(none, full, atol=0, rtol=0)

@@ -130,6 +130,7 @@ class Evaluator:
                 max_length=getattr(runner, "max_length", None),
                 progress=self.progress,
                 label=f"MMLU {_label(runner)}",
+                continuation_fn=runner.continuation_logits,
             )
             self._seconds[key] = time.perf_counter() - started
         return self._logprobs[key]
