@@ -82,6 +82,25 @@ class GraphSession:
         logits, *cache = self._run(np.array([[token_id]], np.int64), state.cache)
         return logits[0, -1], CacheState(state.length + 1, cache)
 
+    def continuation_logits(self, prefix: np.ndarray, continuations: list[np.ndarray]) -> list[np.ndarray]:
+        """For each continuation [C] of one prefix [P], logits [C, vocab] whose row j predicts continuation[j]:
+        the prefix runs once, then all continuations in one batch, right-padded, from copies of its cache."""
+        prefix = np.ascontiguousarray(np.asarray(prefix, dtype=np.int64).reshape(1, -1))
+        rest = max(len(c) for c in continuations) - 1
+        self.check_length(prefix.shape[1] + rest)
+        first, *cache = self._run(prefix, self._empty(1))
+        out = [np.empty((len(c), first.shape[-1]), np.float32) for c in continuations]
+        for logits in out:
+            logits[0] = first[0, -1]
+        if rest:
+            ids = np.zeros((len(continuations), rest), np.int64)
+            for row, c in enumerate(continuations):
+                ids[row, : len(c) - 1] = c[:-1]
+            following = self._run(ids, [np.repeat(kv, len(continuations), axis=0) for kv in cache])[0]
+            for row, logits in enumerate(out):
+                logits[1:] = following[row, : len(logits) - 1]
+        return out
+
     def _empty(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.past]
 

@@ -226,6 +226,15 @@ class SessionRunner(Runner):
         logits, state = self._call(self.session.decode, token_id, state)
         return torch.from_numpy(np.array(logits)), state
 
+    def continuation_logits(self, prefixes: list[torch.Tensor], continuations: list[list[torch.Tensor]]) -> list[list[torch.Tensor]] | None:
+        run = getattr(self.session, "continuation_logits", None)
+        if run is None:
+            return None
+        return [
+            [torch.from_numpy(x) for x in self._call(run, prefix.cpu().numpy(), [c.cpu().numpy() for c in rows])]
+            for prefix, rows in zip(prefixes, continuations)
+        ]
+
     def close(self) -> None:
         self.session = None
 
