@@ -19,12 +19,16 @@ graph is checked against PyTorch by every export (parity), and nothing depends o
 the file needs ONNX Runtime (com.microsoft ops), which is the runtime every profile with
 `format: onnx` names.
 
-Layout (also written into manifest.json by exporters/onnx.py):
-inputs   input_ids int64 [batch, seq]; seqlens_k int32 [batch] (tokens seen so far incl. these, -1);
-         total_sequence_length int32 [] ; logits_to_keep int64 [1] (last N positions get logits);
-         position_ids int64 [batch, seq] (GPT-2 only: learned position embeddings);
-         past_key_values.{i}.key / .value float32 [batch, kv_heads, past_seq, head_dim]
-outputs  logits float32 [batch, logits_to_keep, vocab]; present.{i}.key / .value float32
+Layout (also written into manifest.json by exporters/onnx.py), the inputs ONNX Runtime GenAI feeds
+(exporters/_onnx_genai.py writes its genai_config.json beside the graph):
+inputs   input_ids int64 [batch, seq]; attention_mask int64 [batch, total_seq] (ones: tokens in the
+         cache after this call; GroupQueryAttention's seqlens_k and total_sequence_length are
+         computed from it in the graph); position_ids int64 [batch, seq] (GPT-2 only: learned
+         position embeddings); past_key_values.{i}.key / .value float32 [batch, kv_heads, past_seq, head_dim]
+         logits_to_keep int64 [1] is an overridable initializer, 1 by default: the last N positions
+         get logits. A runtime that does not feed it (ORT GenAI) gets the last position only.
+outputs  logits float32 [batch, 1, vocab] (declared 1: ORT GenAI reads that as last-token logits;
+         [batch, logits_to_keep, vocab] when fed); present.{i}.key / .value float32
          [batch, kv_heads, max(total_seq, past_seq), head_dim]. A past buffer longer than the
          sequence so far is used in place: bind present to the same memory (see the runner).
 """
@@ -108,7 +112,8 @@ def dims_of(config) -> Dims:
 
 
 def io_names(d: Dims) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "seqlens_k", "total_sequence_length", "logits_to_keep"]
+    """The inputs a caller must feed (not logits_to_keep, which has a default) and the outputs."""
+    inputs = ["input_ids", "attention_mask"]
     if d.arch == "gpt2":
         inputs.append("position_ids")
     outputs = ["logits"]
@@ -123,12 +128,26 @@ def build(model) -> tuple[onnx.ModelProto, Dims]:
     d = dims_of(model.config)
     g = GraphBuilder()
     sd = {k: v for k, v in model.state_dict().items()}
+    _lengths_from_mask(g)
     if d.arch == "gpt2":
         hidden = _gpt2_body(g, model, sd, d)
     else:
         hidden = _llama_body(g, model, sd, d)
     _lm_head(g, model, sd, d, hidden)
     return _assemble(g, d), d
+
+
+def _lengths_from_mask(g: GraphBuilder) -> None:
+    """GroupQueryAttention's seqlens_k (per row: tokens in the cache after this call, minus one) and
+    total_sequence_length, both int32, from the attention mask ORT GenAI feeds. Rows are left-aligned
+    (no left padding), so the mask's sum is the row's length."""
+    one = g.const("one", [1])
+    tokens = g.one("ReduceSum", ["attention_mask", one], name="attention_mask/ReduceSum", keepdims=0)
+    last = g.one("Sub", [tokens, one], name="attention_mask/Sub")
+    g.op("Cast", [last], ["seqlens_k"], name="seqlens_k/Cast", to=TensorProto.INT32)
+    total = g.one("Shape", ["attention_mask"], name="attention_mask/Shape", start=1, end=2)
+    scalar = g.one("Squeeze", [total], name="attention_mask/Squeeze")
+    g.op("Cast", [scalar], ["total_sequence_length"], name="total_sequence_length/Cast", to=TensorProto.INT32)
 
 
 def _linear(g: GraphBuilder, x: str, weight: torch.Tensor, name: str, bias: torch.Tensor | None = None, transposed: bool = False) -> str:
@@ -272,7 +291,9 @@ def _activation(g: GraphBuilder, x: str, kind: str, name: str, bias: str | None 
 
 def _lm_head(g: GraphBuilder, model, sd: dict, d: Dims, hidden: str) -> None:
     # Only the last `logits_to_keep` positions reach the vocabulary projection: a 256-token
-    # prompt needs one row of logits to start decoding, not 256.
+    # prompt needs one row of logits to start decoding, not 256. It is an initializer listed as
+    # an input: 1 unless the caller feeds it (our scoring asks for every position).
+    g.const("logits_to_keep", [1])
     start = g.one("Neg", ["logits_to_keep"], name="logits_to_keep/Neg")
     last = g.one(
         "Slice", [hidden, start, g.const("int64_max", [np.iinfo(np.int64).max]), g.const("axis_1", [1])], name="logits_to_keep/Slice"
@@ -293,19 +314,20 @@ def _assemble(g: GraphBuilder, d: Dims) -> onnx.ModelProto:
     kv = ["batch", d.kv_heads, "past_seq", d.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_seq"]),
     ]
     if d.arch == "gpt2":
         inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", d.vocab])]
+    # Declared [batch, 1, vocab], what the default logits_to_keep gives: ORT GenAI then expects
+    # last-token logits at prefill instead of one row per prompt token.
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, d.vocab])]
     for i in range(d.layers):
         for part in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{part}", TensorProto.FLOAT, kv))
             outputs.append(
                 helper.make_tensor_value_info(f"present.{i}.{part}", TensorProto.FLOAT, ["batch", d.kv_heads, "present_seq", d.head_dim])
             )
+    inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
     graph = helper.make_graph(g.nodes, f"{d.arch}-decoder", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], producer_name="vcompress")
     model.ir_version = 10

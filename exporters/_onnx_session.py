@@ -8,7 +8,9 @@ imports to run the format `RUNTIME`.
 
 The KV cache is one [1, kv_heads, capacity, head_dim] float32 buffer per layer and side, bound by
 pointer both as past_key_values.* and present.*: GroupQueryAttention appends in place, so a decode
-step copies nothing; inputs (token, lengths) are numpy scalars written in place before each run.
+step copies nothing. The token is a numpy scalar written in place before each run; the attention
+mask is a view of a preallocated row of ones, re-bound one column longer each step (a pointer and
+a shape: nothing is copied). The same folder also runs under ONNX Runtime GenAI (genai_config.json).
 """
 
 from __future__ import annotations
@@ -46,8 +48,7 @@ class KVState:
     cache: list[np.ndarray]
     binding: Any = None
     token: np.ndarray | None = None
-    seqlens: np.ndarray | None = None
-    total: np.ndarray | None = None
+    ones: np.ndarray | None = None  # [1, capacity]: the attention mask is its first length+1 columns
     position: np.ndarray | None = None
     logits: np.ndarray | None = None
 
@@ -86,7 +87,7 @@ class DecoderSession:
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """Full logits [batch, seq, vocab] for right-padded ids (attention is causal: a real token
-        never sees the padding after it, so no mask is needed)."""
+        never sees the padding after it, so the mask is all ones)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         batch, seq = ids.shape
         self.check_length(seq)
@@ -114,8 +115,7 @@ class DecoderSession:
             if rest:
                 feeds.update(
                     input_ids=np.ascontiguousarray(np.asarray(continuation[:rest], dtype=np.int64).reshape(1, rest)),
-                    seqlens_k=np.full(1, seq + rest - 1, np.int32),
-                    total_sequence_length=np.array(seq + rest, np.int32),
+                    attention_mask=np.ones((1, seq + rest), np.int64),
                     logits_to_keep=np.array([rest], np.int64),
                 )
                 if self.uses_positions:
@@ -147,8 +147,7 @@ class DecoderSession:
         if state.length + 1 > state.capacity:
             self._grow(state)
         state.token[0, 0] = token_id
-        state.seqlens[0] = state.length
-        state.total[()] = state.length + 1
+        _bind_mask(state.binding, state.ones, state.length + 1)
         if state.position is not None:
             state.position[0, 0] = state.length
         self.session.run_with_iobinding(state.binding)
@@ -165,12 +164,7 @@ class DecoderSession:
             raise SessionError(f"{seq} tokens exceed the model's {self.max_positions} positions; shorten the input")
 
     def _feeds(self, ids: np.ndarray, batch: int, seq: int, keep: int) -> dict[str, np.ndarray]:
-        feeds = {
-            "input_ids": ids,
-            "seqlens_k": np.full(batch, seq - 1, np.int32),
-            "total_sequence_length": np.array(seq, np.int32),
-            "logits_to_keep": np.array([keep], np.int64),
-        }
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64), "logits_to_keep": np.array([keep], np.int64)}
         if self.uses_positions:
             feeds["position_ids"] = np.ascontiguousarray(np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)))
         return feeds
@@ -186,13 +180,10 @@ class DecoderSession:
     def _decode_binding(self, state: KVState) -> None:
         binding = self.session.io_binding()
         state.token = np.zeros((1, 1), np.int64)
-        state.seqlens = np.zeros(1, np.int32)
-        state.total = np.zeros((), np.int32)
+        state.ones = np.ones((1, state.capacity), np.int64)
         state.logits = np.empty((1, 1, self.vocab), np.float32)
         bind_input(binding, "input_ids", state.token)
-        bind_input(binding, "seqlens_k", state.seqlens)
-        bind_input(binding, "total_sequence_length", state.total)
-        bind_input(binding, "logits_to_keep", np.ones(1, np.int64))
+        _keep(binding, state.ones)
         if self.uses_positions:
             state.position = np.zeros((1, 1), np.int64)
             bind_input(binding, "position_ids", state.position)
@@ -221,6 +212,12 @@ def bind_input(binding, name: str, array: np.ndarray) -> None:
     # no reference to the memory, so the binding object does.
     binding.bind_input(name, "cpu", 0, _ELEMENT[array.dtype], list(array.shape), array.ctypes.data)
     _keep(binding, array)
+
+
+def _bind_mask(binding, ones: np.ndarray, length: int) -> None:
+    # The first `length` columns of a [1, capacity] row are contiguous: bound in place, and kept
+    # alive by the state (and the binding) that holds the row.
+    binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, length], ones.ctypes.data)
 
 
 def bind_output(binding, name: str, array: np.ndarray) -> None:

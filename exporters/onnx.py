@@ -4,6 +4,8 @@
   model.onnx + model.onnx.data   the decoder graph and its weights (see _onnx_graph.py for why the
                                  graph is built from the weights rather than traced)
   config.json, generation_config.json, tokenizer files   from the source checkpoint
+  genai_config.json              what ONNX Runtime GenAI reads: `onnxruntime_genai.Model(folder)`
+                                 generates from the folder as is (see _onnx_genai.py)
   manifest.json                  "format": "onnx", runtime and its version, files, inputs/outputs with
                                  dtypes and shapes, quantization, parity thresholds and results
   recipe.yaml, metrics.json      written by vcompress.core.stage.execute
@@ -27,7 +29,7 @@ from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext, execute
 
-from . import _onnx_gptq, _onnx_graph, _onnx_quant
+from . import _onnx_genai, _onnx_gptq, _onnx_graph, _onnx_quant
 from ._onnx_session import DecoderSession, SessionError
 from .base import ExportStage, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, save_sidecars, source_folder
 
@@ -66,8 +68,17 @@ class OnnxExport(ExportStage):
         files = _onnx_quant.save(proto, ctx.out)
         del proto
         save_sidecars(model, tokenizer, ctx.out)
+        write_json(ctx.out / _onnx_genai.FILE, _onnx_genai.genai_config(model, dims, files[0]))
         manifest = self.manifest(
-            {"model": files[0], "weights": files[1], "config": "config.json", "tokenizer": "tokenizer.json"}, **_graph_fields(dims, cfg)
+            {
+                "model": files[0],
+                "weights": files[1],
+                "config": "config.json",
+                "tokenizer": "tokenizer.json",
+                "tokenizer_config": "tokenizer_config.json",
+                "genai_config": _onnx_genai.FILE,
+            },
+            **_graph_fields(dims, cfg),
         )
         if carried:
             manifest["quant"].update(method="carried", grid=carried)
@@ -142,10 +153,9 @@ def _graph_fields(dims, cfg: OnnxExportConfig) -> dict:
     kv_out = ["batch", dims.kv_heads, "present_seq", dims.head_dim]
     shapes = {
         "input_ids": ("int64", ["batch", "seq"]),
-        "seqlens_k": ("int32", ["batch"]),
-        "total_sequence_length": ("int32", []),
-        "logits_to_keep": ("int64", [1]),
+        "attention_mask": ("int64", ["batch", "total_seq"]),
         "position_ids": ("int64", ["batch", "seq"]),
+        "logits_to_keep": ("int64", [1]),
         "logits": ("float32", ["batch", "logits_to_keep", dims.vocab]),
     }
 
@@ -176,11 +186,13 @@ def _graph_fields(dims, cfg: OnnxExportConfig) -> dict:
             ),
         },
         "inputs": [describe(n, kv_in) for n in inputs],
+        "optional_inputs": [{**describe("logits_to_keep", None), "default": [1]}],
         "outputs": [describe(n, kv_out) for n in outputs],
         "notes": {
-            "seqlens_k": "per row: tokens in the cache after this call, minus one",
-            "total_sequence_length": "tokens in the cache after this call",
+            "attention_mask": "ones, one per token in the cache after this call (rows are left-aligned: no left padding)",
+            "logits_to_keep": "the last N positions get logits; the graph declares 1, its default, which ORT GenAI reads as last-token logits",
             "past_key_values": "a buffer longer than the sequence is used in place when present.* is bound to the same memory",
+            "genai": "genai_config.json lets onnxruntime_genai.Model(folder) run the folder (search.past_present_share_buffer true)",
             "ops": "needs ONNX Runtime (com.microsoft GroupQueryAttention, Skip*LayerNormalization, MatMulNBits, GatherBlockQuantized)",
         },
     }
@@ -210,10 +222,3 @@ class OnnxRunner(SessionRunner):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return torch.from_numpy(self._call(self.session.logits, input_ids.cpu().numpy()))
-
-    def continuation_logits(self, prefixes: list[torch.Tensor], continuations: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-        run = self.session.continuation_logits
-        return [
-            [torch.from_numpy(x) for x in self._call(run, prefix.cpu().numpy(), [c.cpu().numpy() for c in rows])]
-            for prefix, rows in zip(prefixes, continuations)
-        ]

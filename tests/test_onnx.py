@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -64,7 +68,7 @@ def test_manifest_describes_the_files_and_graph(exported, arch):
     out, _ = exported(arch)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "onnx" and manifest["quant"]["scheme"] == "none"
-    for name in ("model", "weights", "config", "tokenizer"):
+    for name in ("model", "weights", "config", "tokenizer", "tokenizer_config", "genai_config"):
         assert (out / manifest["files"][name]).is_file()
     assert (out / "recipe.yaml").is_file() and (out / "generation_config.json").is_file()
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -72,6 +76,8 @@ def test_manifest_describes_the_files_and_graph(exported, arch):
     assert [o["name"] for o in manifest["outputs"]] == [o.name for o in session.get_outputs()]
     types = {"int64": "tensor(int64)", "int32": "tensor(int32)", "float32": "tensor(float)"}
     assert [types[i["dtype"]] for i in manifest["inputs"]] == [i.type for i in session.get_inputs()]
+    optional = [i.name for i in session.get_overridable_initializers()]
+    assert [i["name"] for i in manifest["optional_inputs"]] == optional == ["logits_to_keep"]
     assert manifest["parity"]["passed"] and manifest["thresholds"]["greedy_tokens"] == 32
 
 
@@ -128,12 +134,7 @@ def test_int4_is_the_dequantized_model_and_small(exported, arch):
     plain = ort.InferenceSession(dequantize(model).SerializeToString(), providers=["CPUExecutionProvider"])
     runner = OnnxRunner(out, threads=1)
     ids = torch.randint(5, 300, (1, 10), generator=torch.Generator().manual_seed(4))
-    feeds = {
-        "input_ids": ids.numpy(),
-        "seqlens_k": np.array([9], np.int32),
-        "total_sequence_length": np.array(10, np.int32),
-        "logits_to_keep": np.array([10]),
-    }
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 10), np.int64), "logits_to_keep": np.array([10])}
     if runner.session.uses_positions:
         feeds["position_ids"] = np.arange(10)[None]
     feeds.update(
@@ -399,3 +400,25 @@ def test_cloze_after_a_shared_prefix_matches_full_sequences(exported, arch):
         continuation_fn=runner.continuation_logits,
     )
     torch.testing.assert_close(shared, full, atol=5e-5, rtol=1e-5)
+
+
+GENAI_GREEDY = Path(__file__).with_name("genai_greedy.py")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai is not installed")
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_onnxruntime_genai_generates_what_our_loop_generates(exported, arch):
+    """The folder alone (genai_config.json, graph, tokenizer files) runs under ONNX Runtime GenAI, in a
+    process without torch or vcompress, and greedy decoding gives our loop's tokens."""
+    out, _ = exported(arch)
+    runner = OnnxRunner(out, threads=1)
+    texts = ["The heart pumps blood", "Water boils at", "A cat sat on the mat and", "Paris is the capital of", "one two three four"]
+    prompts = [runner.tokenizer(text)["input_ids"] for text in texts]
+    eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
+    want = [runner.generate(torch.tensor([prompt]), 24, eos_token_id=eos) for prompt in prompts]
+    request = {"folder": str(out), "prompts": prompts, "new_tokens": 24, "texts": texts}
+    done = subprocess.run([sys.executable, str(GENAI_GREEDY)], input=json.dumps(request), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["tokens"] == want and not got["torch_loaded"]
+    assert got["encoded"] == prompts  # genai's tokenizer reads the files we wrote as transformers does
