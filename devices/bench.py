@@ -12,7 +12,9 @@ model's vocabulary, so every backend gets the same ids. Figures are medians of -
 An exported artifact (manifest.json format onnx or tflite) runs through its numpy-level session,
 `exporters/_<format>_session.py`, loaded by path: this process then holds numpy and the runtime
 (onnxruntime, ai_edge_litert) and nothing that imports torch, as a deployed app would; the result
-lists the third-party modules it saw. An HF folder runs through the torch Runner (backend torch).
+lists the third-party modules it saw. An ONNX folder with genai_config.json runs through ONNX Runtime
+GenAI's generator (`_genai_session.py`), the runtime an app ships; `--backend onnxruntime` runs our
+loop. An HF folder runs through the torch Runner (backend torch).
 Peak RSS (VmHWM) is reported beside the runtime's baseline, the RSS after importing the runtime and
 before loading the model; the difference is the model's share. Sizes are MiB.
 
@@ -91,9 +93,17 @@ class Opened(NamedTuple):
     prompt: Callable  # numpy ids -> what runner.prefill takes
 
 
+def session_backend(artifact: Path, backend: str) -> str:
+    """The session module an artifact runs through: an ONNX folder that carries genai_config.json runs
+    through ONNX Runtime GenAI's generator, what an app ships (`--backend onnxruntime`: our own loop)."""
+    if backend == "onnx" and (artifact / "genai_config.json").is_file():
+        return "genai"
+    return {"onnxruntime": "onnx"}.get(backend, backend)
+
+
 def open_artifact(artifact: Path, backend: str, threads: int | None) -> Opened:
     try:
-        session = load_session_module(backend)
+        session = load_session_module(session_backend(artifact, backend))
         runtime = importlib.import_module(session.RUNTIME) if session else None
     except ImportError as e:
         raise InputError(f"{backend} artifacts run on {e.name}, which is not installed here; install it") from None

@@ -107,6 +107,7 @@ class ValidateStage(Stage):
             "profile": profile.name,
             "device": latency.get("device"),
             "backend": latency.get("backend"),
+            "runtime": latency.get("runtime"),  # what ran the latency figures: for ONNX folders, onnxruntime_genai
             "format": profile.target.format,
             "artifact": Path(ctx.source).name,
             "model": {
@@ -259,7 +260,9 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
     if not verdict:
         console.print("no verdict: the recipe has no validate stage")
         return
-    table = Table(title=f"verdict: {verdict['profile']} on {verdict.get('device')} ({verdict.get('backend')})")
+    runtime = verdict.get("runtime") or {}
+    through = f" through {runtime['module']} {runtime.get('version') or ''}".rstrip() if runtime.get("module") else ""
+    table = Table(title=f"verdict: {verdict['profile']} on {verdict.get('device')} ({verdict.get('backend')}{through})")
     for col in ("budget", "limit", "figure", "unit", "source", "result"):
         table.add_column(col)
     for c in verdict["checks"]:
