@@ -60,6 +60,7 @@ class ExportStage(Stage):
     format: ClassVar[str]  # its name in EXPORTERS, and the manifest's "format"
     runtime: ClassVar[str]  # what runs the artifact: a profile's target.runtime
     runtime_package: ClassVar[str]  # the runtime's PyPI distribution (its version goes into the manifest)
+    app_runtime_package: ClassVar[str | None] = None  # a runtime an app ships on top of it (ONNX: onnxruntime-genai)
     # Why this exporter cannot take a model checkpoint as its source (None: it can), so that a
     # pipeline can refuse such a recipe before any work.
     refuses_checkpoints: ClassVar[str | None] = None

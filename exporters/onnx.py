@@ -31,7 +31,7 @@ from vcompress.core.stage import StageContext, execute
 
 from . import _onnx_genai, _onnx_gptq, _onnx_graph, _onnx_quant
 from ._onnx_session import DecoderSession, SessionError
-from .base import ExportStage, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, save_sidecars, source_folder
+from .base import ExportStage, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, package_version, save_sidecars, source_folder
 
 FORMAT = "onnx"
 
@@ -56,6 +56,7 @@ class OnnxExport(ExportStage):
     format = FORMAT
     runtime = "onnxruntime"
     runtime_package = "onnxruntime"
+    app_runtime_package = "onnxruntime-genai"  # what an app ships to run the folder (genai_config.json)
     Config = OnnxExportConfig
 
     def run(self, ctx: StageContext) -> dict:
@@ -79,6 +80,11 @@ class OnnxExport(ExportStage):
                 "genai_config": _onnx_genai.FILE,
             },
             **_graph_fields(dims, cfg),
+            app_runtime={
+                "name": self.app_runtime_package,
+                "version": package_version(self.app_runtime_package),
+                "config": _onnx_genai.FILE,
+            },
         )
         if carried:
             manifest["quant"].update(method="carried", grid=carried)

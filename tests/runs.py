@@ -109,6 +109,7 @@ def make_run(
     (export / model_file).write_bytes(bytes(rng.getrandbits(8) for _ in range(4096)))
     if fmt == "onnx":
         (export / "model.onnx.data").write_bytes(bytes(rng.getrandbits(8) for _ in range(8192)))
+        _write(export / "genai_config.json", {"model": {"type": "llama", "decoder": {"filename": "model.onnx"}}})  # what ORT GenAI opens
     _write(
         export / "manifest.json",
         {

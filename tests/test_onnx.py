@@ -79,6 +79,9 @@ def test_manifest_describes_the_files_and_graph(exported, arch):
     optional = [i.name for i in session.get_overridable_initializers()]
     assert [i["name"] for i in manifest["optional_inputs"]] == optional == ["logits_to_keep"]
     assert manifest["parity"]["passed"] and manifest["thresholds"]["greedy_tokens"] == 32
+    from importlib.metadata import version
+
+    assert manifest["app_runtime"] == {"name": "onnxruntime-genai", "version": version("onnxruntime-genai"), "config": "genai_config.json"}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])

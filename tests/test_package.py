@@ -69,6 +69,7 @@ def test_bundle_contents_and_manifest(bundle, run, cli):
     assert {
         "model/model.onnx",
         "model/model.onnx.data",
+        "model/genai_config.json",  # the folder ONNX Runtime GenAI opens: the bundle is what the app loads
         "model/manifest.json",
         "model/tokenizer.json",
         "model/tokenizer_config.json",

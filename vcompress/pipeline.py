@@ -237,7 +237,9 @@ def versions() -> dict:
     from importlib import metadata
 
     load_stages()
-    packages = ["torch", "transformers", "gptqmodel", *sorted({e.runtime_package for e in map(EXPORTERS.get, EXPORTERS.names())})]
+    exporters = [EXPORTERS.get(name) for name in EXPORTERS.names()]
+    runtimes = {e.runtime_package for e in exporters} | {e.app_runtime_package for e in exporters if e.app_runtime_package}
+    packages = ["torch", "transformers", "gptqmodel", *sorted(runtimes)]
     out = {"python": platform.python_version(), "vcompress": __version__}
     for name in packages:
         try:
