@@ -387,22 +387,11 @@ def dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_cloze_after_a_shared_prefix_matches_full_sequences(exported, arch):
-    """GroupQueryAttention continuing K rows from one prompt's cache gives the figures of K full runs."""
-    from tests.test_scoring import synthetic_questions
-    from vcompress.core import scoring
+    """GroupQueryAttention continuing each answer from one prompt's cache gives the figures of full runs."""
+    from tests.test_scoring import assert_shared_prefix_scores_like_full_sequences
 
     out, _ = exported(arch)
-    runner = OnnxRunner(out, threads=1)
-    questions = synthetic_questions(6)
-    full = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, format="cloze")
-    shared = scoring.mmlu_logprobs(
-        lambda *a, **k: pytest.fail("the shared path should score every question"),
-        runner.tokenizer,
-        questions,
-        format="cloze",
-        continuation_fn=runner.continuation_logits,
-    )
-    torch.testing.assert_close(shared, full, atol=5e-5, rtol=1e-5)
+    assert_shared_prefix_scores_like_full_sequences(OnnxRunner(out, threads=1))
 
 
 GENAI_GREEDY = Path(__file__).with_name("genai_greedy.py")

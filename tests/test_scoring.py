@@ -324,3 +324,17 @@ def test_backends_without_a_shared_prefix_path_are_scored_in_full(char_model):
     full = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, format="cloze")
     none = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, format="cloze", continuation_fn=lambda prefix, conts: None)
     torch.testing.assert_close(none, full, atol=0, rtol=0)
+
+
+def assert_shared_prefix_scores_like_full_sequences(runner, questions: int = 6, atol: float = 5e-5) -> None:
+    """A Runner's continuation_logits gives the cloze figures of full sequences, and alone scores every question."""
+    items = synthetic_questions(questions)
+    full = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, items, format="cloze")
+    shared = scoring.mmlu_logprobs(
+        lambda *a, **k: pytest.fail("the shared path should score every question"),
+        runner.tokenizer,
+        items,
+        format="cloze",
+        continuation_fn=runner.continuation_logits,
+    )
+    torch.testing.assert_close(shared, full, atol=atol, rtol=1e-5)

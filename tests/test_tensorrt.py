@@ -59,21 +59,10 @@ def test_one_graph_serves_prefill_and_decode(fp32_export):
 
 def test_cloze_after_a_shared_prefix_matches_full_sequences(fp32_export):
     """The graph's Concat cache continues K padded rows from one prompt: the figures of K full runs."""
-    from tests.test_scoring import synthetic_questions
-    from vcompress.core import scoring
+    from tests.test_scoring import assert_shared_prefix_scores_like_full_sequences
     from vcompress.exporters.tensorrt import TensorRTRunner
 
-    runner = TensorRTRunner(fp32_export, threads=1)
-    questions = synthetic_questions(4)
-    full = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, format="cloze")
-    shared = scoring.mmlu_logprobs(
-        lambda *a, **k: pytest.fail("the shared path should score every question"),
-        runner.tokenizer,
-        questions,
-        format="cloze",
-        continuation_fn=runner.continuation_logits,
-    )
-    torch.testing.assert_close(shared, full, atol=5e-5, rtol=1e-5)
+    assert_shared_prefix_scores_like_full_sequences(TensorRTRunner(fp32_export, threads=1), questions=4)
 
 
 @pytest.mark.parametrize(("quant", "bits", "code_type"), [("int4", 4, TensorProto.INT4), ("int8", 8, TensorProto.INT8)])
