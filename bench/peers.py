@@ -11,6 +11,8 @@ One run, one host, one input model (default: the embedded SmolLM2-135M-Instruct)
   llama.cpp         the model's GGUF through llama-cpp-python (its own venv, --llama-python)
   vcompress-int4    vcompress's x86-cpu artifact (ONNX INT4; --ours, else runs/demo, else an export)
   vcompress-int8    `vcompress export onnx --quant int8`
+  ort-genai-int4    onnxruntime-genai's own model builder (`-p int4 -e cpu`, its defaults: RTN symmetric block 32,
+                    accuracy level 4 on CPU), run by genai's generator, as vcompress-int4 is
   vcompress-tflite  an int8 TFLite artifact, only with --tflite
 Each row is measured in subprocesses of its own (so peak RSS is its own): size on disk, time to
 first token for a fixed 256-token prompt, greedy decode tokens/s (median of --runs runs after a
@@ -220,7 +222,47 @@ class LlamaEngine:
         return np.stack([self.prefill(ids[: p + 1]) for p in positions])  # positions are all last ones for one-token letters
 
 
-ENGINES = {"torch": TorchEngine, "runner": RunnerEngine, "onnx": OnnxEngine, "optimum": OptimumEngine, "llama": LlamaEngine}
+class GenaiEngine:
+    """An onnxruntime-genai model folder (vcompress's ONNX export, or genai's own model builder's) through
+    genai's generator (exporters/_genai_session.py), numpy and onnxruntime_genai only: what an app ships."""
+
+    def __init__(self, target, threads, context, **_):
+        module = _load_by_path("genai_session", ROOT / "exporters" / "_genai_session.py")
+        self.session = module.Session(target, threads=threads)
+        self.session.headroom = context
+
+    def prefill(self, ids):
+        import numpy as np
+
+        logits, self.state = self.session.prefill(np.array(ids, np.int64))
+        return logits
+
+    def decode(self, token):
+        logits, self.state = self.session.decode(token, self.state)
+        return logits
+
+    def logits_at(self, ids, positions):
+        """The generator hands out the newest position's logits: the prompt up to the first wanted
+        position in one call, then one token at a time."""
+        import numpy as np
+
+        wanted = sorted(positions)
+        rows = {wanted[0]: self.prefill(ids[: wanted[0] + 1]).copy()}
+        for at in range(wanted[0] + 1, wanted[-1] + 1):
+            logits = self.decode(ids[at])
+            if at in positions:
+                rows[at] = logits.copy()
+        return np.stack([rows[p] for p in positions])
+
+
+ENGINES = {
+    "torch": TorchEngine,
+    "runner": RunnerEngine,
+    "onnx": OnnxEngine,
+    "genai": GenaiEngine,
+    "optimum": OptimumEngine,
+    "llama": LlamaEngine,
+}
 
 
 def time_generation(engine, prompt: list[int], decode_tokens: int, runs: int, warmup: int) -> dict:
@@ -494,9 +536,11 @@ def row_llama(ctx) -> dict:
 
 def row_ours_int4(ctx) -> dict:
     folder = ctx["ours"] or ours_artifact(ctx)
+    genai = (Path(folder) / "genai_config.json").is_file()  # what an app ships; an older export: our own loop
+    through = f"onnxruntime-genai {ctx['versions'].get('onnxruntime-genai')} generator" if genai else "vcompress's loop"
     return {
-        "runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}",
-        "engine": "onnx",
+        "runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}, {through}",
+        "engine": "genai" if genai else "onnx",
         "target": folder,
         "python": sys.executable,
         "kv_bytes": _kv_bytes(folder),
@@ -512,6 +556,31 @@ def row_ours_int8(ctx) -> dict:
         "target": folder,
         "python": sys.executable,
         "kv_bytes": _kv_bytes(folder),
+        "weights_path": folder,
+    }
+
+
+def row_genai_builder(ctx) -> dict:
+    """onnxruntime-genai's own model builder on the same fp32 checkpoint, its defaults on CPU (RTN,
+    symmetric, block 32, accuracy level 4, 4-bit tied embedding): the strongest ONNX peer."""
+    folder = ctx["work"] / "ort-genai-int4"
+    if not (folder / "genai_config.json").is_file():
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ctx["hf_dir"]), "-o", str(tmp)]
+        command += ["-p", "int4", "-e", "cpu", "-c", str(ctx["work"] / "genai-builder-cache")]
+        log(" ".join(command))
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode:
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            raise Skip(f"onnxruntime-genai's model builder failed: {lines[-1] if lines else done.returncode}")
+        tmp.rename(folder)
+    return {
+        "runtime": f"onnxruntime-genai {ctx['versions'].get('onnxruntime-genai')} model builder int4 (defaults), its generator",
+        "engine": "genai",
+        "target": folder,
+        "python": sys.executable,
+        "kv_bytes": 4,
         "weights_path": folder,
     }
 
@@ -537,6 +606,7 @@ ROWS = {
     "llama.cpp": row_llama,
     OURS: row_ours_int4,
     "vcompress-int8": row_ours_int8,
+    "ort-genai-int4": row_genai_builder,
     "vcompress-tflite": row_tflite,
 }
 
@@ -1091,6 +1161,7 @@ def context(args) -> dict:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "onnxruntime": onnxruntime.__version__,
+            "onnxruntime-genai": _version("onnxruntime-genai"),
             "numpy": np.__version__,
             "python": platform.python_version(),
         },
@@ -1100,6 +1171,15 @@ def context(args) -> dict:
         ctx["calls"] = mmlu_calls(tokenizer, ctx["questions"], vocab)
         ctx["mmlu_context"] = max(len(ids) for ids, _ in ctx["calls"]) + 8
     return ctx
+
+
+def _version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def resolve_ours(path: Path | None) -> Path | None:

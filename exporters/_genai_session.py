@@ -32,8 +32,8 @@ class Session:
         self.folder = Path(folder)
         if not (self.folder / CONFIG).is_file():
             raise SessionError(f"{self.folder} has no {CONFIG}; re-export it with `vcompress export onnx`")
-        manifest = json.loads((self.folder / "manifest.json").read_text())
-        self.vocab, self.max_positions = manifest["vocab_size"], manifest["max_positions"]
+        model = json.loads((self.folder / CONFIG).read_text())["model"]  # any genai folder: ours or genai's model builder's
+        self.vocab, self.max_positions = model["vocab_size"], model["context_length"]
         self.threads = threads or os.cpu_count() or 1
         config = og.Config(str(self.folder))
         options = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}

@@ -167,3 +167,15 @@ def test_optimum_gets_a_config_that_transformers_4_reads_with_the_right_rope_the
     assert config["rope_theta"] == 100000.0 and config["rope_parameters"]["rope_theta"] == 100000.0
     assert (out / "model.safetensors").read_bytes() == b"weights" and (out / "model.safetensors").is_symlink()
     assert json.loads((hf / "config.json").read_text()).get("rope_theta") is None  # the source is left alone
+
+
+def test_genai_engine_reads_the_positions_our_loop_reads(peers, tiny_llama, tmp_path):
+    """The generator gives only the newest logits: logits_at steps through the prompt and must match a full pass."""
+    from vcompress.exporters.onnx import export
+
+    folder = tmp_path / "onnx"
+    export(tiny_llama, folder, "none", log=lambda _: None, threads=1)
+    genai, ours = peers.GenaiEngine(folder, 1, 32), peers.OnnxEngine(folder, 1, 32)
+    ids, positions = [5, 17, 33, 90, 4, 200, 11], [2, 4, 6]
+    np.testing.assert_allclose(genai.logits_at(ids, positions), ours.logits_at(ids, positions), atol=1e-4)
+    np.testing.assert_allclose(genai.logits_at(ids, [6]), ours.logits_at(ids, [6]), atol=1e-4)
