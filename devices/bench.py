@@ -106,7 +106,8 @@ def open_artifact(artifact: Path, backend: str, threads: int | None) -> Opened:
         session = load_session_module(session_backend(artifact, backend))
         runtime = importlib.import_module(session.RUNTIME) if session else None
     except ImportError as e:
-        raise InputError(f"{backend} artifacts run on {e.name}, which is not installed here; install it") from None
+        fallback = " (or measure vcompress's own loop with --backend onnxruntime)" if e.name == "onnxruntime_genai" else ""
+        raise InputError(f"{backend} artifacts run on {e.name}, which is not installed here; install it{fallback}") from None
     if session is None:
         return open_torch_runner(artifact, backend, threads)
     baseline = rss_mib("VmRSS")
