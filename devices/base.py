@@ -1,9 +1,10 @@
 """What every device shares: its settings (validated before work starts) and how a result is labelled.
 
 A device is where latency comes from: `host` and `ssh` run devices/bench.py (the sessions the
-Runners wrap, in a process that imports only the runtime), `adb` runs LiteRT's `benchmark_model` on a phone, `roofline` estimates. Each is
-registered by name in `vcompress.core.registry.DEVICES`; its settings start from the profile
-(prompt length, threads, connection) and take command-line overrides on top.
+Runners wrap, in a process that imports only the runtime), `adb` runs LiteRT-LM's `litert_lm_main`
+(or LiteRT's `benchmark_model`) on a phone, `roofline` estimates. Each is registered by name in
+`vcompress.core.registry.DEVICES`; its settings start from the profile (prompt length, threads,
+connection) and take command-line overrides on top.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ An exported artifact (manifest.json format onnx or tflite) runs through its nump
 (onnxruntime, ai_edge_litert) and nothing that imports torch, as a deployed app would; the result
 lists the third-party modules it saw. An ONNX folder with genai_config.json runs through ONNX Runtime
 GenAI's generator (`_genai_session.py`), the runtime an app ships; `--backend onnxruntime` runs our
+loop. A TFLite folder with model.litertlm runs through LiteRT-LM (`_litertlm_session.py`), whose own
+benchmark times each run (its Python API takes no token ids); `--backend tflite` runs our interpreter
 loop. An HF folder runs through the torch Runner (backend torch).
 Peak RSS (VmHWM) is reported beside the runtime's baseline, the RSS after importing the runtime and
 before loading the model; the difference is the model's share. Sizes are MiB.
@@ -93,30 +95,40 @@ class Opened(NamedTuple):
     prompt: Callable  # numpy ids -> what runner.prefill takes
 
 
-def session_backend(artifact: Path, backend: str) -> str:
-    """The session module an artifact runs through: an ONNX folder that carries genai_config.json runs
-    through ONNX Runtime GenAI's generator, what an app ships (`--backend onnxruntime`: our own loop)."""
-    if backend == "onnx" and (artifact / "genai_config.json").is_file():
+# The runtime an app ships, per format, and the --backend that measures vcompress's own loop instead.
+OWN_LOOP = {"onnxruntime_genai": "onnxruntime", "litert_lm": "tflite"}
+
+
+def session_backend(artifact: Path, backend: str | None) -> str:
+    """The session module an artifact runs through: what an app ships where the folder carries its
+    files, an ONNX folder with genai_config.json through ONNX Runtime GenAI's generator
+    (`--backend onnxruntime`: our own loop), a TFLite folder with model.litertlm through LiteRT-LM
+    unless `--backend tflite` is asked for (our interpreter loop)."""
+    chosen = backend or artifact_format(artifact)
+    if chosen == "onnx" and (artifact / "genai_config.json").is_file():
         return "genai"
-    return {"onnxruntime": "onnx"}.get(backend, backend)
+    if backend is None and chosen == "tflite" and (artifact / "model.litertlm").is_file():
+        return "litertlm"
+    return {"onnxruntime": "onnx"}.get(chosen, chosen)
 
 
-def open_artifact(artifact: Path, backend: str, threads: int | None) -> Opened:
+def open_artifact(artifact: Path, backend: str | None, threads: int | None) -> Opened:
     try:
         session = load_session_module(session_backend(artifact, backend))
         runtime = importlib.import_module(session.RUNTIME) if session else None
     except ImportError as e:
-        fallback = " (or measure vcompress's own loop with --backend onnxruntime)" if e.name == "onnxruntime_genai" else ""
-        raise InputError(f"{backend} artifacts run on {e.name}, which is not installed here; install it{fallback}") from None
+        fallback = f" (or measure vcompress's own loop with --backend {OWN_LOOP[e.name]})" if e.name in OWN_LOOP else ""
+        fmt = backend or artifact_format(artifact)
+        raise InputError(f"{fmt} artifacts run on {e.name}, which is not installed here; install it{fallback}") from None
     if session is None:
-        return open_torch_runner(artifact, backend, threads)
+        return open_torch_runner(artifact, backend or artifact_format(artifact), threads)
     baseline = rss_mib("VmRSS")
     start = time.perf_counter()
     try:
         runner = session.Session(artifact, threads=threads)
     except session.SessionError as e:
         raise InputError(str(e)) from None
-    version = getattr(sys.modules[runtime.__name__.partition(".")[0]], "__version__", None)
+    version = getattr(session, "VERSION", None) or getattr(sys.modules[runtime.__name__.partition(".")[0]], "__version__", None)
     return Opened(runner, baseline, time.perf_counter() - start, {"module": runtime.__name__, "version": version}, np.asarray)
 
 
@@ -151,6 +163,8 @@ def vocab_size(artifact: Path, runner) -> int:
 
 def one_run(runner, ids, decode_tokens: int) -> tuple[float, float]:
     """(seconds to first token, seconds for decode_tokens greedy decode steps)."""
+    if hasattr(runner, "timed_run"):  # LiteRT-LM: its own benchmark times the run (see _litertlm_session.py)
+        return runner.timed_run(ids, decode_tokens)
     start = time.perf_counter()
     logits, state = runner.prefill(ids)
     token = int(logits.argmax())
@@ -180,8 +194,8 @@ def run_benchmark(
     artifact = Path(artifact)
     if not artifact.exists():
         raise InputError(f"artifact {artifact} does not exist; pass an exported artifact folder or an HF folder")
-    backend = backend or artifact_format(artifact)
     opened = open_artifact(artifact, backend, threads)
+    backend = backend or artifact_format(artifact)
     runner = opened.runner
     limit = getattr(runner, "max_length", None)
     if limit and prompt_tokens + decode_tokens > limit:

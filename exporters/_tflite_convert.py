@@ -3,7 +3,11 @@
 litert-torch 0.10 (`litert_torch.generative.export_hf.export`) loads the folder itself, swaps in its
 own attention and static KV cache, converts one prefill signature (`prefill_<P>`) and one `decode`
 signature into a single .tflite that shares the weights, then quantizes it with ai-edge-quantizer
-recipes. We ask for the plain .tflite (no .litertlm bundle) and no prefill logits (see _tflite_session.py).
+recipes. We ask for no prefill logits (see _tflite_session.py) and for the LiteRT-LM bundle, model.litertlm:
+litert-torch packs that .tflite (the same bytes: packaging runs after conversion and changes no
+signature) with the HF tokenizer.json and LLM metadata (stop tokens from generation_config.json, the
+chat template, the cache length as max tokens) through litert-lm-builder. That is LiteRT-LM's own
+format; the older MediaPipe `.task` bundle takes SentencePiece tokenizers only, not tokenizer.json.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ def available() -> bool:
     return True
 
 
-def convert(hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill_tokens: int, cache_length: int, log=print) -> Path:
-    """The .tflite written under `work` (quantized when asked). Raises Unsupported when the converter cannot."""
+def convert(
+    hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill_tokens: int, cache_length: int, log=print
+) -> tuple[Path, Path]:
+    """The .tflite written under `work` (quantized when asked) and the LiteRT-LM bundle holding it.
+    Raises Unsupported when the converter or the packaging cannot."""
     transcript = io.StringIO()
     try:
         # importing it imports transformers model classes whose docstring checks print on stdout
@@ -46,7 +53,7 @@ def convert(hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill
             litert_export.export(
                 model=str(hf_folder),
                 output_dir=str(work),
-                bundle_litert_lm=False,
+                bundle_litert_lm=True,
                 keep_temporary_files=True,
                 quantization_recipe=RECIPES[quant],
                 prefill_lengths=[prefill_tokens],
@@ -56,14 +63,25 @@ def convert(hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill
     except Exception as e:  # the converter's failures are of every kind (AttributeError, RuntimeError, ...)
         (work / "convert.log").write_text(transcript.getvalue())
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if (work / _model_name(quant)).is_file():  # packaging runs last: the model converted, the bundle did not
+            raise Unsupported(
+                f"litert-torch converted {model_type!r} but could not package the LiteRT-LM bundle ({type(e).__name__}: {message}); "
+                f"see {work / 'convert.log'}"
+            ) from None
         raise Unsupported(
             f"litert-torch cannot convert architecture {model_type!r} to TFLite ({type(e).__name__}: {message}); "
             f"checked architectures: {', '.join(CHECKED)}. Export it with `vcompress export onnx` instead"
         ) from None
     (work / "convert.log").write_text(transcript.getvalue())
-    name = "model.tflite" if quant == "none" else "model_quantized.tflite"
-    model = work / name
-    if not model.is_file():
-        raise Unsupported(f"litert-torch wrote no {name} under {work} (see convert.log there)")
-    log(f"converted with litert-torch: {model.stat().st_size / 1e6:.1f} MB ({quant})")
-    return model
+    model, bundle = work / _model_name(quant), work / "model.litertlm"
+    for path in (model, bundle):
+        if not path.is_file():
+            raise Unsupported(f"litert-torch wrote no {path.name} under {work} (see convert.log there)")
+    log(
+        f"converted with litert-torch: {model.stat().st_size / 1e6:.1f} MB ({quant}), LiteRT-LM bundle {bundle.stat().st_size / 1e6:.1f} MB"
+    )
+    return model, bundle
+
+
+def _model_name(quant: str) -> str:
+    return "model.tflite" if quant == "none" else "model_quantized.tflite"

@@ -3,13 +3,17 @@ and its LiteRT Runner.
 
 `export(model, out, quant=...)` writes an artifact folder:
   model.tflite                   both signatures over one set of weights (see _tflite_session.py)
+  model.litertlm                 the LiteRT-LM bundle an app loads: that .tflite, tokenizer.json and LLM
+                                 metadata (stop tokens, chat template), packed by litert-torch (_tflite_convert.py)
   config.json, generation_config.json, tokenizer files   from the source checkpoint
   manifest.json                  "format": "tflite", files, signatures with input/output names, dtypes
-                                 and shapes, prefill and cache lengths, quantization, parity results
+                                 and shapes, prefill and cache lengths, quantization, parity results,
+                                 app_runtime (LiteRT-LM: its version, the bundle)
   recipe.yaml, metrics.json      written by vcompress.core.stage.execute
 The conversion is litert-torch's (_tflite_convert.py, the optional [tflite] extra). Every export checks
 itself against PyTorch with the exporters' shared parity check (base.parity); a failed check raises
-CheckFailed and leaves no artifact behind.
+CheckFailed and leaves no artifact behind. Where litert-lm-api is installed the bundle is also loaded
+in LiteRT-LM, and one it refuses fails the export the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 
 from vcompress.core.artifact import MANIFEST, write_json
-from vcompress.core.errors import Unsupported
+from vcompress.core.errors import CheckFailed, Unsupported
 from vcompress.core.models import Intake, ModelSource, attention_shape, bytes_on_disk, save_model
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
@@ -33,6 +37,7 @@ from ._tflite_session import FORMAT, LiteRTSession, SessionError, signature_io
 from .base import ExportStage, ParityConfig, SessionRunner, gate, load_source, package_version, save_sidecars
 
 MODEL_FILE = "model.tflite"
+BUNDLE_FILE = "model.litertlm"  # what LiteRT-LM loads (the name _litertlm_session.py looks for)
 
 
 class TFLiteExportConfig(ParityConfig):
@@ -55,6 +60,7 @@ class TFLiteExport(ExportStage):
     format = FORMAT
     runtime = "litert"
     runtime_package = "ai-edge-litert"
+    app_runtime_package = "litert-lm-api"  # LiteRT-LM's Python API, to load and time model.litertlm here
     Config = TFLiteExportConfig
 
     def run(self, ctx: StageContext) -> dict:
@@ -70,7 +76,7 @@ class TFLiteExport(ExportStage):
         ctx.log(
             f"converting to TFLite with litert-torch ({model_type}, {cfg.quant}, prefill {cfg.prefill_tokens}, cache {cfg.cache_length})"
         )
-        converted = _tflite_convert.convert(
+        converted, bundle = _tflite_convert.convert(
             hf,
             ctx.work / "litert",
             model_type=model_type,
@@ -81,13 +87,21 @@ class TFLiteExport(ExportStage):
         )
         fp32_bytes = (converted.parent / "model.tflite").stat().st_size
         shutil.copyfile(converted, ctx.out / MODEL_FILE)
+        shutil.copyfile(bundle, ctx.out / BUNDLE_FILE)
         save_sidecars(model, tokenizer, ctx.out)
         manifest = self.manifest(
-            {"model": MODEL_FILE, "config": "config.json", "tokenizer": "tokenizer.json"},
+            {"model": MODEL_FILE, "litertlm": BUNDLE_FILE, "config": "config.json", "tokenizer": "tokenizer.json"},
             **_model_fields(model.config, cfg, ctx.out / MODEL_FILE),
+            app_runtime={
+                "name": "litert-lm",
+                "version": package_version(self.app_runtime_package),
+                "bundle": BUNDLE_FILE,
+                "builder": f"litert-lm-builder {package_version('litert-lm-builder')}",
+            },
         )
         write_json(ctx.out / MANIFEST, manifest)
         result = gate(ctx, TFLiteRunner, model, tokenizer, cfg, manifest, "TFLite", dequantized=bool(grid))
+        loaded = _bundle_loads(ctx)
         size = bytes_on_disk(ctx.out / MODEL_FILE)
         metrics = {
             "format": FORMAT,
@@ -95,6 +109,8 @@ class TFLiteExport(ExportStage):
             "model_bytes": size,
             "fp32_tflite_bytes": fp32_bytes,
             "size_ratio_to_fp32": round(size / fp32_bytes, 4),
+            "litertlm_bytes": bytes_on_disk(ctx.out / BUNDLE_FILE),
+            "litertlm_loaded": loaded,
             "prefill_tokens": cfg.prefill_tokens,
             "cache_length": cfg.cache_length,
             "parity": result,
@@ -116,6 +132,22 @@ def export(
     """Export a checkpoint (None: the embedded default) to a TFLite artifact folder; returns metrics."""
     stage = TFLiteExport({"quant": quant, **settings})
     return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
+
+
+def _bundle_loads(ctx: StageContext) -> str:
+    """Open model.litertlm in LiteRT-LM where it is installed; what happened, in one line."""
+    try:
+        from . import _litertlm_session
+    except ImportError as e:
+        said = f"not loaded: LiteRT-LM is not installed here ({e}); install it with `pip install -e '.[tflite]'`"
+    else:
+        try:
+            _litertlm_session.Session(ctx.out, threads=1).close()
+        except _litertlm_session.SessionError as e:
+            raise CheckFailed(f"{e}; the export was not written") from None
+        said = f"loaded by LiteRT-LM {_litertlm_session.VERSION}"
+    ctx.log(f"{BUNDLE_FILE}: {said}")
+    return said
 
 
 def _model_fields(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:

@@ -110,6 +110,10 @@ def make_run(
     if fmt == "onnx":
         (export / "model.onnx.data").write_bytes(bytes(rng.getrandbits(8) for _ in range(8192)))
         _write(export / "genai_config.json", {"model": {"type": "llama", "decoder": {"filename": "model.onnx"}}})  # what ORT GenAI opens
+    app_runtime = {}
+    if fmt == "tflite":
+        (export / "model.litertlm").write_bytes(b"LITERTLM" + bytes(rng.getrandbits(8) for _ in range(4096)))  # what LiteRT-LM opens
+        app_runtime = {"app_runtime": {"name": "litert-lm", "version": "0.18.1", "bundle": "model.litertlm"}}
     _write(
         export / "manifest.json",
         {
@@ -118,6 +122,7 @@ def make_run(
             "inputs": SIGNATURE_INPUTS,
             "outputs": SIGNATURE_OUTPUTS,
             "quant": "int4",
+            **app_runtime,
         },
     )
     _write(export / "tokenizer.json", {"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}})

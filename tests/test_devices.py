@@ -469,6 +469,66 @@ def test_adb_command_line():
     ]
 
 
+# --- adb: LiteRT-LM's litert_lm_main on a .litertlm bundle ------------------------------
+# tests/data/litert_lm_benchmark.txt is written by hand in litert_lm_main's print format (its header says
+# from which source lines), not captured from a phone.
+
+
+def test_parse_litert_lm_transcript():
+    out = adb.parse_litert_lm((DATA / "litert_lm_benchmark.txt").read_text())
+    # time to first token as the tool computes it: the prefill turn plus one of the 64 decode steps
+    assert out["ttft_s"] == pytest.approx(0.351204817 + 1.208443215 / 64, abs=1e-12)
+    assert (out["prefill_tokens"], out["decode_tokens"]) == (256, 64)
+    assert (out["prefill_tokens_per_s"], out["decode_tokens_per_s"], out["peak_memory_mb"]) == (728.92, 52.96, 243.81)
+    assert out["init_ms"]["Init Executor"] == 741.25 and len(out["init_ms"]) == 5
+    assert adb._seconds("2m3.5s") == 123.5 and adb._seconds("850us") == pytest.approx(8.5e-4)
+
+
+def test_parse_litert_lm_refuses_output_without_a_benchmark():
+    with pytest.raises(InputError, match="no benchmark.*Failed to create engine"):
+        adb.parse_litert_lm("I1203 litert_lm_lib.cc:588] Creating engine\nF1203 engine.cc:854] Failed to create engine\n")
+
+
+def test_adb_litert_lm_command_line():
+    device = open_device("adb", "snapdragon8g2", serial="R5CT1234", threads=4, decode_tokens=32, litert_lm_args=["--cache_dir=:nocache"])
+    assert device.litert_lm_command(Path("art/model.litertlm")) == [
+        "adb",
+        "-s",
+        "R5CT1234",
+        "shell",
+        "/data/local/tmp/litert_lm_main --backend=cpu --model_path=/data/local/tmp/vcompress/model.litertlm --benchmark "
+        "--benchmark_prefill_tokens=256 --benchmark_decode_tokens=32 --async=false --report_peak_memory_footprint=true "
+        "--num_cpu_threads=4 --cache_dir=:nocache",
+    ]
+
+
+def test_adb_runs_litert_lm_on_a_bundle_with_a_fake_adb(tmp_path):
+    art = write_artifact(tmp_path / "art")
+    (art / "model.safetensors").rename(art / "model.tflite")
+    (art / "model.litertlm").write_bytes(b"LITERTLM" + bytes(2048))  # any bytes: the fake phone does not read them
+    manifest = {"format": "tflite", "cache_length": 1024, "files": {"model": "model.tflite", "litertlm": "model.litertlm"}}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    log, fake = tmp_path / "adb.log", tmp_path / "adb"
+    fake.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\ncase "$*" in\n  *litert_lm_main*) cat {DATA / "litert_lm_benchmark.txt"} ;;\n'
+        '  *push*) echo "1 file pushed" ;;\nesac\n'
+    )
+    fake.chmod(0o755)
+    result = measure(art, "adb", "snapdragon8g2", adb=str(fake), serial="R5CT1234", threads=4, runs=3, warmup=1)
+    assert (result["device_kind"], result["backend"], result["runtime"]["module"]) == ("adb", "litert", "litert_lm_main")
+    assert result["ttft_ms"]["value"] == 370.087 and result["ttft_ms"]["samples"] == [370.087] * 3
+    assert result["decode_tokens_per_s"]["value"] == 52.96 and result["peak_rss_mb"]["value"] == 243.81
+    assert (result["prompt_tokens"], result["decode_tokens"]) == (256, 64)
+    assert result["model_size_mb"]["value"] == round(2056 / 2**20, 2)
+    calls = log.read_text().splitlines()
+    assert calls[1] == f"-s R5CT1234 push {art / 'model.litertlm'} /data/local/tmp/vcompress/"  # the bundle, not the .tflite
+    assert sum("litert_lm_main" in c for c in calls) == 4 and not any("benchmark_model" in c for c in calls)  # warmup + runs
+    manifest["cache_length"] = 200
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="exceed the bundle's context of 200"):
+        measure(art, "adb", "snapdragon8g2", adb=str(fake), serial="R5CT1234")
+
+
 def test_adb_signature_names_come_from_the_manifest(tmp_path):
     art = tmp_path / "art"
     art.mkdir()

@@ -92,6 +92,26 @@ def test_bundle_contents_and_manifest(bundle, run, cli):
     assert manifest["vcompress"] and manifest["run"]["run_id"].startswith("20261120T020000Z-x86-cpu-")
 
 
+def test_tflite_bundle_carries_the_litert_lm_bundle(tmp_path, cli):
+    run = make_run(tmp_path / "run", started=STARTED, ttft_samples=[86.0, 87.1, 88.2], decode_samples=[140.2, 139.0, 141.5], fmt="tflite")
+    out = tmp_path / "tflite.zip"
+    code, _, err = cli("package", run, "--format", "tflite", "--out", out)
+    assert code == 0, err
+    with zipfile.ZipFile(out) as zf:
+        names = set(zf.namelist())
+        assert {"model/model.tflite", "model/model.litertlm", "model/tokenizer.json", "model/manifest.json"} <= names
+        assert zf.read("model/model.litertlm") == (run / "05-export-tflite" / "model.litertlm").read_bytes()
+        # the export's manifest, bundled as is, names the runtime the app ships and its version
+        app_runtime = json.loads(zf.read("model/manifest.json"))["app_runtime"]
+        assert (app_runtime["name"], app_runtime["version"], app_runtime["bundle"]) == ("litert-lm", "0.18.1", "model.litertlm")
+        assert json.loads(zf.read("manifest.json"))["format"] == "tflite"
+    code, msg, _ = cli("verify", out)
+    assert code == 0 and msg.startswith("ok: ")
+    bad = rewrite(out, tmp_path / "bad.zip", change=("model/model.litertlm", lambda d: d[:-1] + bytes([d[-1] ^ 1])))
+    code, _, err = cli("verify", bad)
+    assert code == 1 and "model/model.litertlm" in err and "sha256 differs" in err
+
+
 def test_same_run_packaged_twice_is_byte_identical(bundle, run, tmp_path, cli):
     for path in run.rglob("*"):  # a later checkout: other mtimes, same content
         os.utime(path, (1_900_000_000, 1_900_000_000))

@@ -1,8 +1,13 @@
-"""TFLite (LiteRT) export and its runner, on tiny Llama (GQA) / Qwen2 checkpoints; GPT-2 is refused."""
+"""TFLite (LiteRT) export and its runner, on tiny Llama (GQA) / Qwen2 checkpoints; GPT-2 is refused.
+The export's LiteRT-LM bundle runs under LiteRT-LM where litert-lm-api installs."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,9 +160,45 @@ def test_latency_bench_runs_the_tflite_runner(exported):
     from vcompress.devices.bench import run_benchmark
 
     out, _ = exported("llama")
-    result = run_benchmark(out, prompt_tokens=20, decode_tokens=4, runs=1, warmup=0, threads=1)
+    result = run_benchmark(out, prompt_tokens=20, decode_tokens=4, runs=1, warmup=0, threads=1, backend="tflite")
     assert result["backend"] == "tflite" and result["ttft_ms"]["value"] > 0 and result["decode_tokens_per_s"]["value"] > 0
-    assert result["model_size_mb"]["value"] > 0
+    assert result["model_size_mb"]["value"] > 0 and result["runtime"]["module"] == "ai_edge_litert.compiled_model"
+
+
+def test_latency_bench_runs_litert_lm_on_the_bundle(exported):
+    pytest.importorskip("litert_lm")
+    from vcompress.devices.bench import run_benchmark
+
+    out, _ = exported("llama")
+    result = run_benchmark(out, prompt_tokens=20, decode_tokens=4, runs=2, warmup=1, threads=1)  # default: what an app ships
+    assert result["backend"] == "tflite" and result["runtime"] == {"module": "litert_lm", "version": version("litert-lm-api")}
+    assert result["ttft_ms"]["value"] > 0 and len(result["decode_tokens_per_s"]["samples"]) == 2
+    assert not list(out.glob("*xnnpack_cache"))  # LiteRT-LM's weight cache went to a temporary folder, not the artifact
+    with pytest.raises(Exception, match="exceeds the model's context of 100"):
+        run_benchmark(out, prompt_tokens=90, decode_tokens=20, runs=1, warmup=0, threads=1)
+
+
+def test_the_litert_lm_bundle_holds_the_exported_model(exported):
+    out, metrics = exported("llama")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["litertlm"] == "model.litertlm"
+    assert manifest["app_runtime"] == {
+        "name": "litert-lm",
+        "version": _installed("litert-lm-api"),
+        "bundle": "model.litertlm",
+        "builder": f"litert-lm-builder {version('litert-lm-builder')}",
+    }
+    # the .tflite inside is the very one checked against PyTorch (packaging changes no byte of it)
+    assert (out / "model.tflite").read_bytes() in (out / "model.litertlm").read_bytes()
+    loaded = metrics["litertlm_loaded"]
+    assert loaded == f"loaded by LiteRT-LM {version('litert-lm-api')}" if _installed("litert-lm-api") else loaded.startswith("not loaded")
+
+
+def _installed(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def test_int8_weights_are_a_quarter_of_fp32(exported):
@@ -209,7 +250,99 @@ def test_cli_export_tflite_int4(cli, tiny_models, tmp_path):
     metrics = json.loads(stdout)  # the converter's progress output stays off stdout
     assert metrics["format"] == "tflite" and metrics["quant"] == "int4" and metrics["size_ratio_to_fp32"] < 0.6
     assert json.loads((out / "manifest.json").read_text())["quant"]["recipe"] == "dynamic_wi4_afp32"
+    assert (out / "model.tflite").read_bytes() in (out / "model.litertlm").read_bytes()  # the bundle holds the int4 model
     code, _, stderr = cli(
         "export", "tflite", "--model", tiny_models["qwen2"], "--out", tmp_path / "x", "--prefill-tokens", "64", "--cache-length", "32"
     )
     assert code == 2 and "cache_length" in stderr
+
+
+def test_shared_prefix_scoring_matches_full_sequences(exported):
+    from tests.test_scoring import assert_shared_prefix_scores_like_full_sequences
+    from vcompress.exporters.tflite import TFLiteRunner
+
+    out, _ = exported("qwen2")  # its cache (128) holds the synthetic questions whole
+    assert_shared_prefix_scores_like_full_sequences(TFLiteRunner(out, threads=1), atol=1e-4)
+
+
+def test_interleaved_sequences_keep_their_own_cache(exported):
+    """The cache lives in the interpreter for one sequence at a time: a second sequence's calls
+    must not leak into the first, whose keys/values are rebuilt when it is fed again."""
+    from vcompress.exporters._tflite_session import LiteRTSession
+
+    out, _ = exported("llama")
+    session = LiteRTSession(out, threads=1)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(5, 300, 12), rng.integers(5, 300, 20)
+    alone = []
+    logits, state = session.prefill(a)
+    for token in (7, 8, 9):
+        logits, state = session.decode(token, state)
+        alone.append(logits)
+    logits_a, state_a = session.prefill(a)
+    logits_b, state_b = session.prefill(b)
+    interleaved = []
+    for token in (7, 8, 9):
+        logits_a, state_a = session.decode(token, state_a)
+        logits_b, state_b = session.decode(token, state_b)
+        interleaved.append(logits_a)
+    np.testing.assert_allclose(np.stack(interleaved), np.stack(alone), atol=1e-5)
+    assert state_a.length == 15 and state_b.length == 23
+
+
+# --- LiteRT-LM generates from the bundle alone ---------------------------------------------
+
+LITERTLM_GREEDY = Path(__file__).with_name("litertlm_greedy.py")
+TEXTS = ["The heart pumps blood", "Water boils at", "A cat sat on the mat and", "Paris is the capital of", "one two three four"]
+
+
+@pytest.fixture(scope="module")
+def readable(tmp_path_factory):
+    """Exports of tiny models whose tokenizer holds only the corpus's characters. LiteRT-LM's Python API
+    returns text, not token ids; with every token decoding to ASCII, equal text pins the tokens down
+    (the byte-level tokenizer's random tokens decode to runs of U+FFFD, which would not)."""
+    _needs_litert()
+    from tests.tiny import build_model, build_tokenizer
+    from vcompress.exporters.tflite import export
+
+    root = tmp_path_factory.mktemp("readable")
+    tokenizer = build_tokenizer(byte_alphabet=False)
+    cache = {}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = root / f"{arch}-tflite"
+            export(build_model(arch, root / arch, tokenizer), cache[arch], **QUIET, **SHAPES[arch])
+        return cache[arch]
+
+    return get
+
+
+def _held_back(tokens: list[int], stops: list[list[int]]) -> list[int]:
+    """The tokens whose text LiteRT-LM returns: it drops a stop sequence and, at the token limit, holds
+    back a tail that could still begin one (litert-torch writes stop strings such as "?<|im_end|>\n")."""
+    for n in range(min(len(tokens), max(map(len, stops))), 0, -1):
+        if any(stop[:n] == tokens[-n:] for stop in stops):
+            return tokens[:-n]
+    return tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_litert_lm_generates_what_our_loop_generates(readable, arch):
+    """model.litertlm alone runs under LiteRT-LM, in a process without torch or vcompress, and its greedy
+    continuations of 5 prompts are those of our LiteRT runner on model.tflite."""
+    pytest.importorskip("litert_lm")  # its reason names the import error
+    from vcompress.exporters.tflite import TFLiteRunner
+
+    out = readable(arch)
+    runner = TFLiteRunner(out, threads=1)
+    prompts = [runner.tokenizer(text)["input_ids"] for text in TEXTS]
+    want = [runner.generate(torch.tensor([prompt]), 24, eos_token_id=runner.tokenizer.eos_token_id) for prompt in prompts]
+    request = {"bundle": str(out / "model.litertlm"), "texts": TEXTS, "new_tokens": 24}
+    done = subprocess.run([sys.executable, str(LITERTLM_GREEDY)], input=json.dumps(request), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout)
+    assert got["encoded"] == prompts and not got["torch_loaded"]  # LiteRT-LM's tokenizer reads the bundle's as transformers does
+    assert got["decoded"] == [len(tokens) for tokens in want]
+    assert got["texts"] == [runner.tokenizer.decode(_held_back(tokens, got["stops"])) for tokens in want]
+    assert len(set(got["texts"])) == len(TEXTS)  # the prompts steer the continuations: the comparison is not vacuous

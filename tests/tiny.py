@@ -23,7 +23,9 @@ CORPUS = [
 ] * 4
 
 
-def build_tokenizer(vocab_size: int = 384):
+def build_tokenizer(vocab_size: int = 384, byte_alphabet: bool = True):
+    """A byte-level BPE tokenizer trained on CORPUS. byte_alphabet=False keeps only the corpus's own
+    characters: every token then decodes to ASCII text, never to part of a UTF-8 sequence."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,7 +35,7 @@ def build_tokenizer(vocab_size: int = 384):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_alphabet else [],
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
