@@ -107,7 +107,21 @@ class RunnerEngine(TorchEngine):
         return self.runner.forward(torch.tensor([ids]))[0, positions].numpy()
 
 
-class OnnxEngine:
+class SessionEngine:
+    """A numpy-level session (prefill(ids) -> logits, state; decode(token, state)) driven one sequence at a time."""
+
+    def prefill(self, ids):
+        import numpy as np
+
+        logits, self.state = self.session.prefill(np.array(ids, np.int64))
+        return logits
+
+    def decode(self, token):
+        logits, self.state = self.session.decode(token, self.state)
+        return logits
+
+
+class OnnxEngine(SessionEngine):
     """vcompress's ONNX artifact through exporters/_onnx_session.py, numpy only: no torch resident,
     as in an app built on ONNX Runtime (the same loop OnnxRunner wraps)."""
 
@@ -123,16 +137,6 @@ class OnnxEngine:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
             model_file = Path(target) / self.session.manifest["files"]["model"]
             self.session.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-
-    def prefill(self, ids):
-        import numpy as np
-
-        logits, self.state = self.session.prefill(np.array(ids, np.int64))
-        return logits
-
-    def decode(self, token):
-        logits, self.state = self.session.decode(token, self.state)
-        return logits
 
     def logits_at(self, ids, positions):
         import numpy as np
@@ -222,7 +226,7 @@ class LlamaEngine:
         return np.stack([self.prefill(ids[: p + 1]) for p in positions])  # positions are all last ones for one-token letters
 
 
-class GenaiEngine:
+class GenaiEngine(SessionEngine):
     """An onnxruntime-genai model folder (vcompress's ONNX export, or genai's own model builder's) through
     genai's generator (exporters/_genai_session.py), numpy and onnxruntime_genai only: what an app ships."""
 
@@ -230,16 +234,6 @@ class GenaiEngine:
         module = _load_by_path("genai_session", ROOT / "exporters" / "_genai_session.py")
         self.session = module.Session(target, threads=threads)
         self.session.headroom = context
-
-    def prefill(self, ids):
-        import numpy as np
-
-        logits, self.state = self.session.prefill(np.array(ids, np.int64))
-        return logits
-
-    def decode(self, token):
-        logits, self.state = self.session.decode(token, self.state)
-        return logits
 
     def logits_at(self, ids, positions):
         """The generator hands out the newest position's logits: the prompt up to the first wanted
