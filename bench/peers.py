@@ -16,8 +16,9 @@ One run, one host, one input model (default: the embedded SmolLM2-135M-Instruct)
   vcompress-tflite  an int8 TFLite artifact, only with --tflite
 Each row is measured in subprocesses of its own (so peak RSS is its own): size on disk, time to
 first token for a fixed 256-token prompt, greedy decode tokens/s (median of --runs runs after a
-warm-up, fixed --threads), peak RSS (VmHWM), and MMLU answer agreement with pytorch-fp32 and
-accuracy on a fixed subset (--per-subject questions of each of the 57 subjects, seed 0). MMLU uses
+warm-up, fixed --threads), peak RSS (VmHWM), held-out perplexity (--ppl-blocks blocks of
+--ppl-seq-len tokens of MMLU text outside the medical subjects, the text validate uses) and its rise over
+pytorch-fp32, and MMLU answer agreement with pytorch-fp32 and accuracy on a fixed subset (--per-subject questions of each of the 57 subjects, seed 0). MMLU uses
 vcompress.core.scoring's lm-eval prompts and token ids for every row: the parent tokenizes, each
 runtime returns logits on those ids, and scoring reads the A/B/C/D log-probs from them.
 The host's copy bandwidth is measured in the same run; each row's decode speed is printed as a
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import statistics
@@ -348,11 +350,27 @@ def worker(job_file: Path) -> dict:
         out["peak_rss_mb"] = peak_rss_mib()
     if job.get("profile"):
         out["profile"] = profile_steps(engine, job["profile"]["prompt"], job["profile"]["decode_tokens"])
+    if job.get("ppl"):
+        out["ppl"] = heldout_nll(engine, job["ppl"]["blocks"])
     if job.get("mmlu"):
         rows = [np.asarray(engine.logits_at(ids, positions), np.float32) for ids, positions in job["mmlu"]["calls"]]
         np.save(job["mmlu"]["out"], np.concatenate(rows))
         out["mmlu_positions"] = sum(len(r) for r in rows)
     return out
+
+
+def heldout_nll(engine, blocks: list[list[int]]) -> dict:
+    """Summed negative log-likelihood of each block's next tokens, and how many were scored."""
+    import numpy as np
+
+    nll, tokens = 0.0, 0
+    for ids in blocks:
+        logits = np.asarray(engine.logits_at(ids, list(range(len(ids) - 1))), np.float64)
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
+        tokens += len(ids) - 1
+    return {"nll": nll, "tokens": tokens}
 
 
 # =========================================================================================
@@ -738,7 +756,23 @@ def measure_row(name: str, ctx) -> dict:
             row["mmlu_error"] = str(e)
         finally:
             out.unlink(missing_ok=True)
+    if ctx["ppl_blocks"]:
+        log(f"{name}: held-out perplexity ({len(ctx['ppl_blocks'])} x {len(ctx['ppl_blocks'][0])} tokens)")
+        try:
+            job = {**base, "context": len(ctx["ppl_blocks"][0]) + 8, "ppl": {"blocks": ctx["ppl_blocks"]}}
+            ppl = run_worker(row["python"], job, ctx["work"])["ppl"]
+            row["perplexity"] = round(math.exp(ppl["nll"] / ppl["tokens"]), 4)
+        except RuntimeError as e:
+            row["ppl_error"] = str(e)
     return row
+
+
+def add_perplexity_rise(rows: list[dict]) -> None:
+    """Each row's held-out perplexity rise over the fp32 row, in percent."""
+    reference = next((r.get("perplexity") for r in rows if r["name"] == REFERENCE), None)
+    for row in rows:
+        if reference and row.get("perplexity"):
+            row["perplexity_rise_pct"] = round(100 * (row["perplexity"] / reference - 1), 2)
 
 
 def _load(path: Path):
@@ -820,6 +854,8 @@ def ratios(rows: list[dict], ours: str = OURS) -> list[dict]:
                 "rss_ratio": _ratio(row["peak_rss_mb"], base["peak_rss_mb"]),
                 "agreement_points": _points((base.get("mmlu") or {}).get("agreement"), (row.get("mmlu") or {}).get("agreement")),
                 "accuracy_points": _points((base.get("mmlu") or {}).get("accuracy"), (row.get("mmlu") or {}).get("accuracy")),
+                # the peer's perplexity rise minus ours: > 0 means vcompress lost less
+                "ppl_rise_points": _difference(row.get("perplexity_rise_pct"), base.get("perplexity_rise_pct")),
             }
         )
     return out
@@ -851,16 +887,31 @@ def _points(a, b):
     return round(100 * (a - b), 1) if a is not None and b is not None else None
 
 
+def _difference(a, b):
+    return round(a - b, 2) if a is not None and b is not None else None
+
+
 # --- printing ---------------------------------------------------------------------------------
 
-COLUMNS = ("row", "size MiB", "TTFT ms", "decode tok/s", "% roofline", "peak RSS MiB", "MMLU acc", "agree fp32 (answer KL)", "runtime")
+COLUMNS = (
+    "row",
+    "size MiB",
+    "TTFT ms",
+    "decode tok/s",
+    "% roofline",
+    "peak RSS MiB",
+    "held-out ppl (rise)",
+    "MMLU acc",
+    "agree fp32 (answer KL)",
+    "runtime",
+)
 
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["name"], "-", "-", "-", "-", "-", "-", "-", f"not run: {r['error']}"])
+            out.append([r["name"], "-", "-", "-", "-", "-", "-", "-", "-", f"not run: {r['error']}"])
             continue
         mmlu = r.get("mmlu") or {}
         out.append(
@@ -871,6 +922,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
                 f"{r['decode_tokens_per_s']:.1f}",
                 f"{100 * r['roofline_fraction']:.1f}%",
                 f"{r['peak_rss_mb']:.0f}",
+                _perplexity(r),
                 _fraction(mmlu.get("accuracy")),
                 _agreement(mmlu, r.get("mmlu_error")),
                 r["runtime"],
@@ -879,7 +931,16 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-RATIO_COLUMNS = ("vcompress vs", "decode x", "TTFT x", "size x", "peak RSS x", "agreement pts", "accuracy pts")
+RATIO_COLUMNS = (
+    "vcompress vs",
+    "decode x",
+    "TTFT x",
+    "size x",
+    "peak RSS x",
+    "agreement pts",
+    "accuracy pts",
+    "ppl rise, peer - ours (pts)",
+)
 
 
 def ratio_rows(ratio_list: list[dict]) -> list[list[str]]:
@@ -892,6 +953,7 @@ def ratio_rows(ratio_list: list[dict]) -> list[list[str]]:
             _times(r["rss_ratio"]),
             _signed(r["agreement_points"]),
             _signed(r["accuracy_points"]),
+            _signed(r.get("ppl_rise_points"), 2),
         ]
         for r in ratio_list
     ]
@@ -906,6 +968,15 @@ def _agreement(mmlu: dict, error: str | None) -> str:
     return f"{mmlu['agreement']:.3f}" + (f" (KL {kl:.4f})" if kl is not None else "")
 
 
+def _perplexity(row: dict) -> str:
+    if row.get("ppl_error"):
+        return f"failed: {row['ppl_error'][:60]}"
+    if row.get("perplexity") is None:
+        return "-"
+    rise = row.get("perplexity_rise_pct")
+    return f"{row['perplexity']:.3f}" + (f" ({rise:+.2f}%)" if rise is not None else "")
+
+
 def _fraction(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -914,8 +985,8 @@ def _times(value) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _signed(value) -> str:
-    return "-" if value is None else f"{value:+.1f}"
+def _signed(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:+.{digits}f}"
 
 
 def markdown(header, rows: list[list[str]]) -> str:
@@ -1164,7 +1235,16 @@ def context(args) -> dict:
         ctx["questions"] = mmlu_questions(args.per_subject, args.seed, args.mmlu)
         ctx["calls"] = mmlu_calls(tokenizer, ctx["questions"], vocab)
         ctx["mmlu_context"] = max(len(ids) for ids, _ in ctx["calls"]) + 8
+    ctx["ppl_blocks"] = heldout_blocks(tokenizer, args) if args.ppl_blocks else []
     return ctx
+
+
+def heldout_blocks(tokenizer, args) -> list[list[int]]:
+    """The held-out text validate measures perplexity on (MMLU text outside the medical subjects), as token blocks."""
+    from vcompress.core.data import pack, texts_for
+
+    texts = texts_for(None, tokenizer, part="heldout", exclude="medical", mmlu=args.mmlu, log=lambda _: None)
+    return pack(texts, tokenizer, args.ppl_seq_len, args.ppl_blocks).tolist()
 
 
 def _version(distribution: str) -> str | None:
@@ -1198,6 +1278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--per-subject", type=int, default=5, help="MMLU questions per subject (57 subjects); 0 skips MMLU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MMLU sample and of the prompt ids")
+    parser.add_argument("--ppl-blocks", type=int, default=8, help="held-out blocks for perplexity; 0 skips it")
+    parser.add_argument("--ppl-seq-len", type=int, default=256, help="tokens per held-out block")
     parser.add_argument("--mmlu", default=None, help="MMLU copy (default: $VCOMPRESS_MMLU, else the copy packaged with vcompress)")
     parser.add_argument("--rows", default=",".join(n for n in ROWS if n != "vcompress-tflite"), help=f"comma list of {', '.join(ROWS)}")
     parser.add_argument(
@@ -1236,6 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure_row(name, ctx) for name in names]
     if args.per_subject:
         add_mmlu_scores(rows, ctx["questions"])
+    add_perplexity_rise(rows)
     import platform
 
     result = {

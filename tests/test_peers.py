@@ -71,9 +71,12 @@ def test_tables_show_numbers_or_the_reason(peers):
     failed = next(r for r in rows if r[0] == "optimum-onnx")
     assert failed[-1] == "not run: no optimum-cli at /x; run with --setup" and failed[1] == "-"
     ours = next(r for r in rows if r[0] == "vcompress-int4")
-    assert ours[1:8] == ["95.0", "80.0", "100.0", "40.0%", "250", "0.300", "0.900"]
+    assert ours[1:9] == ["95.0", "80.0", "100.0", "40.0%", "250", "-", "0.300", "0.900"]
     with_kl = peers.table_rows([{**ROWS[0], "mmlu": {"accuracy": 0.3, "agreement": 1.0, "answer_kl_mean": 0.0123}}])[0]
-    assert with_kl[7] == "1.000 (KL 0.0123)"
+    assert with_kl[8] == "1.000 (KL 0.0123)"
+    with_ppl = [{**ROWS[0], "perplexity": 20.0}, {**ROWS[3], "perplexity": 20.5}]
+    peers.add_perplexity_rise(with_ppl)
+    assert with_ppl[1]["perplexity_rise_pct"] == 2.5 and peers.table_rows(with_ppl)[1][6] == "20.500 (+2.50%)"
     text = peers.report_markdown(
         {
             "model": "m",
@@ -153,6 +156,22 @@ def test_worker_measures_speed_and_logits_in_its_own_process(peers, tiny_llama, 
     with pytest.raises(RuntimeError):
         peers.run_worker(Path(sys.executable), bad, tmp_path)
     assert json.loads(json.dumps(out))  # the result is plain JSON
+
+
+def test_worker_perplexity_is_the_models_own_cross_entropy(peers, tiny_llama, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    blocks = [[5, 9, 17, 30, 41, 7, 8, 2], [11, 12, 13, 14, 15, 16, 17, 18]]
+    out = peers.run_worker(
+        Path(sys.executable),
+        {"engine": "torch", "target": str(tiny_llama), "threads": 1, "context": 16, "ppl": {"blocks": blocks}},
+        tmp_path,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor(blocks), labels=torch.tensor(blocks)).loss  # mean over the 2 x 7 next tokens
+    assert out["ppl"]["tokens"] == 14 and out["ppl"]["nll"] / 14 == pytest.approx(float(loss), rel=1e-4)
 
 
 def test_optimum_gets_a_config_that_transformers_4_reads_with_the_right_rope_theta(peers, tmp_path):
