@@ -33,6 +33,7 @@ from vcompress.core.scoring import Judge, torch_logits_fn
 from vcompress.core.stage import Progress, Stage, StageConfig, StageContext, execute, no_progress
 
 from ._judge import judge_of
+from .budget import pruned_nothing
 
 CHECKPOINT = "checkpoint.pt"
 BEFORE = "before.json"
@@ -78,6 +79,11 @@ class Distill(Stage):
 
     def run(self, ctx: StageContext) -> dict:
         cfg: DistillConfig = self.config
+        if pruned_nothing(ctx.source):  # the student is the teacher: nothing to win back
+            ctx.log("skipped: the prune step removed nothing (its prune_plan.json), so the student is the teacher unchanged")
+            student, tokenizer = ctx.load()
+            save_model(student, tokenizer, ctx.out)
+            return {"skipped": "the prune step removed nothing", "student": str(ctx.source), "teacher": str(ctx.reference or "default")}
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         teacher, tokenizer = ctx.load(ctx.reference)
         student, student_tokenizer = ctx.load()

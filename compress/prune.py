@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from vcompress.core.artifact import figure, read_json
+from vcompress.core.artifact import figure, read_json, write_json
 from vcompress.core.errors import CheckFailed, InputError
 from vcompress.core.models import bytes_on_disk, save_model
 from vcompress.core.registry import STAGES
@@ -36,6 +36,7 @@ from ._arch import attention, decoder_layers, is_gpt2, parameter_count, shape, w
 from ._calib import calibration_blocks
 from ._heads import keep_kv_groups, slice_features
 from ._judge import judge_of
+from .budget import PRUNE_PLAN, budget_plan
 from .sensitivity import SENSITIVITY, analyze, least_important_layers
 
 
@@ -218,6 +219,7 @@ class Prune(Stage):
     folder = "02-prune"
 
     class Config(StageConfig):
+        auto: bool = Field(False, description="remove just enough to meet the profile's budgets, by loss increase per byte saved")
         heads: float = Field(0.0, ge=0, lt=1, description="fraction of KV groups to remove in every layer")
         mlp: float = Field(0.0, ge=0, lt=1, description="fraction of MLP channels to remove in every layer")
         layers: int = Field(0, ge=0, description="how many of the least important layers to drop")
@@ -231,8 +233,16 @@ class Prune(Stage):
             10, ge=0, description="MMLU questions per subject of the evaluated subset for answer agreement (0: skip)"
         )
 
+        @model_validator(mode="after")
+        def _auto_alone(self):
+            if self.auto and (self.heads or self.mlp or self.layers):
+                raise ValueError("auto chooses what to remove; set either auto or heads/mlp/layers, not both")
+            return self
+
     def run(self, ctx) -> dict:
         cfg = self.config
+        if cfg.auto:
+            return self.run_auto(ctx)
         if not (cfg.heads or cfg.mlp or cfg.layers):
             raise InputError("nothing to prune; pass --heads, --mlp and/or --layers")
         model, tokenizer = ctx.load()
@@ -242,8 +252,49 @@ class Prune(Stage):
                 "GPT-2 cannot lose attention heads and stay a standard checkpoint (GPT2Config has no head_dim: "
                 "head width is n_embd / n_head); prune GPT-2 with --mlp and --layers only"
             )
+        scores = self.scores(ctx, model, tokenizer, info, needed_parts(cfg.heads, cfg.mlp, cfg.layers))
+        return self.prune(ctx, model, tokenizer, info, scores, cfg.heads, cfg.mlp, cfg.layers)
+
+    def run_auto(self, ctx) -> dict:
+        """Predict the exported artifact; prune nothing if it meets the budgets, else just enough (compress/budget.py)."""
+        if ctx.profile is None:
+            raise InputError(
+                "prune auto needs a profile's budgets; run it through `vcompress run --profile`, or pass --heads/--mlp/--layers"
+            )
+        model, tokenizer = ctx.load()
+        info = shape(model)
+        parts = ["mlp", "layers"] if is_gpt2(model) else ["heads", "mlp", "layers"]
+        held: dict = {}  # the scores, read or computed only when something must go
+
+        def scores() -> dict:
+            held.update(self.scores(ctx, model, tokenizer, info, parts))
+            return held
+
+        plan = budget_plan(model.config.to_dict(), ctx.profile, scores)
+        for line in plan.describe():
+            ctx.log(line)
+        if not plan.removes_anything:
+            save_model(model, tokenizer, ctx.out)
+            write_json(ctx.out / PRUNE_PLAN, plan.to_json())
+            return {"auto": True, "pruned": False, "plan": plan.to_json()}
+        metrics = self.prune(
+            ctx,
+            model,
+            tokenizer,
+            info,
+            held,
+            plan.kv_groups / info["kv_heads"],
+            plan.mlp_channels / info["intermediate_size"],
+            len(plan.layers),
+        )
+        write_json(ctx.out / PRUNE_PLAN, plan.to_json())
+        return {"auto": True, "pruned": True, "plan": plan.to_json(), **metrics}
+
+    def scores(self, ctx, model, tokenizer, info, parts: list[str]) -> dict:
+        """The analysis's scores (--scores), with the missing parts computed here."""
+        cfg = self.config
         scores = read_scores(cfg.scores, info) if cfg.scores else {}
-        missing = [p for p in needed_parts(cfg.heads, cfg.mlp, cfg.layers) if p not in scores]
+        missing = [p for p in parts if p not in scores]
         if missing:
             ctx.log(f"computing {', '.join(missing)} scores on {cfg.samples} calibration blocks (pass --scores to reuse an analysis)")
             blocks = calibration_blocks(
@@ -257,7 +308,11 @@ class Prune(Stage):
                 log=ctx.log,
             )
             scores = {**scores, **analyze(model, blocks, parts=missing, log=ctx.log)}
-        plan = make_plan(scores, info, heads=cfg.heads, mlp=cfg.mlp, layers=cfg.layers, head_score=cfg.head_score)
+        return scores
+
+    def prune(self, ctx, model, tokenizer, info, scores, heads: float, mlp: float, layers: int) -> dict:
+        cfg = self.config
+        plan = make_plan(scores, info, heads=heads, mlp=mlp, layers=layers, head_score=cfg.head_score)
         for note in plan.notes:
             ctx.log(f"note: {note}")
 
@@ -274,9 +329,10 @@ class Prune(Stage):
         after = apply_plan(model, plan)
         save_model(model, tokenizer, ctx.out)
         reload_diff = check_reload(model, ctx.out, torch.arange(32).unsqueeze(0) % model.config.vocab_size)
-        return self.metrics(reference, model, info, after, plan, judge.score(torch_logits_fn(model)), reload_diff, ctx)
+        fidelity = judge.score(torch_logits_fn(model))
+        return self.metrics(reference, model, info, after, plan, fidelity, reload_diff, ctx, (heads, mlp, layers))
 
-    def metrics(self, reference, model, info, after, plan, fidelity, reload_diff, ctx) -> dict:
+    def metrics(self, reference, model, info, after, plan, fidelity, reload_diff, ctx, requested) -> dict:
         cfg = self.config
         params = (parameter_count(reference), parameter_count(model))
         size = (weight_bytes(reference), weight_bytes(model))
@@ -303,7 +359,7 @@ class Prune(Stage):
             **fidelity,  # the pruned model against the model before pruning
             "reload_max_abs_logit_diff": reload_diff,
             "heads": {
-                "requested_ratio": cfg.heads,
+                "requested_ratio": requested[0],
                 "query_heads": [info["query_heads"], after["query_heads"]],
                 "kv_heads": [info["kv_heads"], after["kv_heads"]],
                 "removed_ratio": round(1 - after["kv_heads"] / info["kv_heads"], 4),
@@ -311,13 +367,13 @@ class Prune(Stage):
                 "kept_per_layer": kept,
             },
             "mlp": {
-                "requested_ratio": cfg.mlp,
+                "requested_ratio": requested[1],
                 "intermediate_size": [info["intermediate_size"], after["intermediate_size"]],
                 "removed_ratio": round(1 - after["intermediate_size"] / info["intermediate_size"], 4),
                 "method": after["mlp_method"],
             },
             "layers": {
-                "requested": cfg.layers,
+                "requested": requested[2],
                 "count": [info["layers"], after["layers"]],
                 "dropped": [i for i in range(info["layers"]) if i not in plan.keep_layers],
                 "ranked_by": "skip_loss_delta_nats",

@@ -103,6 +103,8 @@ class Stage:
             if err["type"] == "extra_forbidden":
                 known = ", ".join(cls.Config.model_fields)
                 raise InputError(f"{prefix}unknown {cls.name} setting {key!r}; known: {known}") from None
+            if not key:  # a check across settings (a model validator): its own message says which
+                raise InputError(f"{prefix}{cls.name}: {err['msg'].removeprefix('Value error, ')}") from None
             raise InputError(f"{prefix}{cls.name} setting {key!r}: {err['msg']}") from None
 
     def run(self, ctx: StageContext) -> dict:

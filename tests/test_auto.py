@@ -57,6 +57,7 @@ def test_candidate_profile_sets_prune_and_bits_and_stays_valid():
     assert pruned.step("prune").settings["heads"] == 0.5
     assert pruned.quantization.method == "int8" and pruned.target.quant == "int8"
     assert "zero_point" not in pruned.step("quantize").settings
+    assert candidate_profile(snapdragon, Candidate(0.5, 8)).step("prune").settings == {"heads": 0.5}  # the profile's auto gives way
 
 
 @pytest.fixture(scope="module")

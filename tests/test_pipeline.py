@@ -190,6 +190,7 @@ def test_kill_9_during_distillation_then_resume_gives_the_same_artifacts(tmp_pat
         ("validate setting", {"stage": "validate", "runz": 3}, "'runz'"),
         ("device", {"stage": "validate", "device": "toaster"}, "'toaster'"),
         ("stage", {"stage": "compile"}, "'compile'"),
+        ("prune auto with a fraction", {"stage": "prune", "auto": True, "heads": 0.5}, "either auto or heads/mlp/layers"),
     ],
 )
 def test_a_typo_anywhere_in_the_recipe_fails_validate_and_dry_run(cli, tmp_path, case, step, named):
@@ -229,3 +230,22 @@ def test_out_of_order_recipe_names_the_order(cli, tmp_path):
     profile = write_profile(tmp_path / "p.yaml", [{"stage": "export"}, {"stage": "quantize"}])
     code, _, err = cli("profiles", "validate", profile)
     assert code == 2 and "out of order" in err and "['quantize', 'export']" in err
+
+
+def test_prune_auto_in_a_run_prunes_nothing_when_the_budgets_are_met_and_refuses_an_impossible_one(cli, tmp_path, student_src):
+    recipe = [{"stage": "prune", "auto": True, "heldout_blocks": 1, "heldout_seq_len": 32}, dict(FULL[2], max_minutes=10)]
+    profile = write_profile(tmp_path / "p.yaml", recipe)
+    code, out, _ = cli("run", "--profile", profile, "--model", student_src, "--out", tmp_path / "R")
+    assert code == 1 and "no validate stage" in out  # no verdict without validate; the stages ran
+    plan = json.loads((tmp_path / "R" / "02-prune" / "prune_plan.json").read_text())
+    assert plan["prunes"] is False and plan["before"]["model_size_mb"] < 512
+    assert "removed nothing" in json.loads((tmp_path / "R" / "03-distill" / "metrics.json").read_text())["skipped"]
+    log = (tmp_path / "R" / "logs" / "run.log").read_text()
+    assert "prune: plan: the unpruned model meets every budget" in log and "distill: skipped" in log
+
+    data = yaml.safe_load(profile.read_text())
+    data["budgets"]["max_model_size_mb"] = 0.01
+    profile.write_text(yaml.safe_dump(data))
+    code, _, err = cli("run", "--profile", profile, "--model", student_src, "--out", tmp_path / "S")
+    assert code == 2 and "max_model_size_mb 0.01 MiB cannot be met by pruning" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "S" / "02-prune").exists()

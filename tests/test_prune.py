@@ -253,3 +253,133 @@ def test_a_config_that_would_not_reload_is_refused_before_cutting(tokenizer):
     check_config(config, {"num_attention_heads": 2, "num_key_value_heads": 1})
     with pytest.raises(InputError, match="would not reload"):
         check_config(config, {"num_attention_heads": 3, "num_key_value_heads": 1})
+
+
+# --- budget-driven pruning (auto) -------------------------------------------------------
+
+
+def with_budgets(name: str, **budgets):
+    from vcompress.core.profiles import load_profile
+
+    profile = load_profile(name)
+    return profile.model_copy(update={"budgets": profile.budgets.model_copy(update=budgets)})
+
+
+def mid_config(tokenizer) -> dict:
+    """A Llama big enough that layers, KV groups and MLP steps differ in bytes: 8 layers, 8/4 heads."""
+    config = build_config("llama", 4096, layers=8)
+    config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim = (
+        256,
+        1024,
+        8,
+        4,
+        32,
+    )
+    return config.to_dict()
+
+
+def mid_scores(info: dict) -> dict:
+    """Layer 5 nearly free to skip, the other layers and the KV groups costly, MLP channels cheap per byte."""
+    scores = fake_scores(info, weak_group=1, weak_layer=5)
+    scores["layers"]["skip_loss_delta_nats"] = [0.001 if i == 5 else 5.0 for i in range(info["layers"])]
+    scores["heads"]["mask_loss_delta_nats"] = [[0.2 + 0.1 * g for g in range(info["kv_heads"])] for _ in range(info["layers"])]
+    scores["mlp"]["taylor_channel"] = [[1e-5 * c for c in range(info["intermediate_size"])] for _ in range(info["layers"])]
+    return scores
+
+
+def test_budget_plan_prunes_nothing_when_the_budgets_are_met(tokenizer):
+    from vcompress.compress.budget import budget_plan
+    from vcompress.core.profiles import load_profile
+
+    def no_scores():
+        raise AssertionError("scores are not needed when nothing goes")
+
+    plan = budget_plan(mid_config(tokenizer), load_profile("snapdragon8g2"), no_scores)
+    assert not plan.removes_anything and plan.steps == [] and plan.after == plan.before
+    assert "meets every budget" in plan.reason and plan.to_json()["prunes"] is False
+
+
+def test_budget_plan_removes_the_cheapest_per_byte_until_the_size_fits(tokenizer):
+    from vcompress.compress.budget import budget_plan, predict, pruned_config
+
+    config = mid_config(tokenizer)
+    info = {**shape_of(config)}
+    before = predict(config, with_budgets("snapdragon8g2"))["model_size_mb"]
+    budget = round(before * 0.8, 2)
+    profile = with_budgets("snapdragon8g2", max_model_size_mb=budget)
+    plan = budget_plan(config, profile, mid_scores(info))
+    assert plan.steps[0]["unit"] == "layer 5"  # 0.001 nats for a whole layer: the cheapest per byte
+    assert plan.layers == [5] and plan.mlp_channels > 0 and plan.kv_groups == 0  # channels beat the costly layers and groups
+    assert plan.after["model_size_mb"] <= budget < plan.before["model_size_mb"]
+    assert plan.steps[-1]["then_missed"] == [] and all(s["then_missed"] for s in plan.steps[:-1])  # just enough
+    after = pruned_config(config, plan.kv_groups, plan.mlp_channels, len(plan.layers))
+    assert predict(after, profile)["model_size_mb"] == plan.after["model_size_mb"]
+    assert plan.perplexity_rise_pct > 0 and "max_model_size_mb" in plan.reason
+
+
+def test_budget_plan_refuses_a_budget_no_pruning_can_meet(tokenizer):
+    from vcompress.compress.budget import budget_plan
+
+    with pytest.raises(InputError, match=r"max_model_size_mb 0.5 MiB cannot be met by pruning.*raise max_model_size_mb") as e:
+        budget_plan(mid_config(tokenizer), with_budgets("snapdragon8g2", max_model_size_mb=0.5), {})
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="min_decode_tokens_per_s"):
+        budget_plan(mid_config(tokenizer), with_budgets("snapdragon8g2", min_decode_tokens_per_s=1e9), {})
+
+
+def shape_of(config: dict) -> dict:
+    from vcompress.core.roofline import shapes
+
+    s = shapes(config)
+    return {k: s[k] for k in ("layers", "query_heads", "kv_heads", "head_dim", "hidden_size", "intermediate_size")}
+
+
+def test_auto_and_fractions_together_are_refused():
+    with pytest.raises(InputError, match="either auto or heads/mlp/layers"):
+        Prune({"auto": True, "heads": 0.33})
+    assert Prune({"auto": True}).config.auto and Prune({"heads": 0.33}).config.heads == 0.33
+
+
+def test_prune_auto_stage_keeps_the_model_when_the_budgets_are_met_and_distill_skips(gqa_llama, tmp_path, tokenizer):
+    from vcompress.compress.distill import Distill
+    from vcompress.core.profiles import load_profile
+
+    lines = []
+    metrics = execute(
+        Prune({"auto": True, **FAST}), tmp_path / "p", source=str(gqa_llama), profile=load_profile("snapdragon8g2"), log=lines.append
+    )
+    assert metrics["pruned"] is False and "nothing pruned" in lines[0]
+    plan = json.loads((tmp_path / "p" / "prune_plan.json").read_text())
+    assert plan["prunes"] is False and plan["before"]["model_size_mb"] > 0
+    assert torch.equal(logits(load(gqa_llama), IDS), logits(load(tmp_path / "p"), IDS))
+
+    lines.clear()
+    distilled = execute(
+        Distill({"max_minutes": 10}), tmp_path / "d", source=str(tmp_path / "p"), reference=str(gqa_llama), log=lines.append
+    )
+    assert "removed nothing" in distilled["skipped"] and len(lines) == 1
+    assert torch.equal(logits(load(gqa_llama), IDS), logits(load(tmp_path / "d"), IDS))
+
+
+def test_prune_auto_stage_cuts_just_enough_for_a_size_budget(gqa_llama, tmp_path, tokenizer):
+    from vcompress.compress.budget import predict, pruned_config
+
+    original = load(gqa_llama)
+    info = shape(original)
+    config = original.config.to_dict()
+    budget = predict(pruned_config(config, layers=1), with_budgets("snapdragon8g2"))["model_size_mb"]  # one layer less fits
+    profile = with_budgets("snapdragon8g2", max_model_size_mb=budget)
+    scores = tmp_path / "sensitivity.json"
+    scores.write_text(json.dumps(fake_scores(info, weak_group=1, weak_layer=2)))
+    lines = []
+    metrics = execute(
+        Prune({"auto": True, "scores": str(scores), **FAST}), tmp_path / "p", source=str(gqa_llama), profile=profile, log=lines.append
+    )
+    assert metrics["pruned"] is True and metrics["layers"]["dropped"] == [2] and metrics["layers"]["requested"] == 1
+    assert metrics["heads"]["kv_heads"] == [3, 3] and metrics["mlp"]["intermediate_size"] == [128, 128]
+    assert lines[0].startswith("plan: the unpruned model misses max_model_size_mb") and any(
+        line.startswith("remove layer 2") for line in lines
+    )
+    plan = json.loads((tmp_path / "p" / "prune_plan.json").read_text())
+    assert plan["prunes"] is True and plan["layers"] == [2] and plan["after"]["model_size_mb"] <= budget
+    assert load(tmp_path / "p").config.num_hidden_layers == 3

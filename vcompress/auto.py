@@ -98,7 +98,8 @@ def candidate_profile(profile: Profile, c: Candidate) -> Profile:
     data = profile.model_dump(mode="json")
     steps = {s["stage"]: s for s in data["recipe"]}
     if c.heads:
-        steps["prune"] = {**steps.get("prune", {"stage": "prune"}), "heads": c.heads}
+        prune = {k: v for k, v in steps.get("prune", {"stage": "prune"}).items() if k != "auto"}  # the candidate fixes the fraction
+        steps["prune"] = {**prune, "heads": c.heads}
     else:
         steps.pop("prune", None)
         steps.pop("distill", None)

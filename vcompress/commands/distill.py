@@ -153,6 +153,9 @@ def command(
     if as_json:
         print_json(metrics)
         return
+    if metrics.get("skipped"):
+        click.echo(f"wrote {out}: distillation skipped ({metrics['skipped']})")
+        return
     before, after = metrics["before"], metrics
     val, val_before = after["validation"], before["validation"]
     lines = [
