@@ -233,10 +233,11 @@ Session = LiteRTSession  # the name the latency bench looks for
 
 
 def weight_cache_file(model_file: Path) -> Path:
-    """Where XNNPACK keeps this model's packed weights: one file per model file (path, size, mtime),
-    under ~/.cache/vcompress/xnnpack (or the temp folder where that is not writable)."""
+    """Where XNNPACK keeps this model's packed weights: one file per model file, under ~/.cache/vcompress/xnnpack
+    (or the temp folder where that is not writable). Keyed by the file's inode, size and mtime, not its path:
+    an export checks itself in a temp folder that is then renamed, and the renamed file must find the same cache."""
     stat = model_file.stat()
-    key = hashlib.sha1(f"{model_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    key = hashlib.sha1(f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
     for root in (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vcompress", Path(tempfile.gettempdir()) / "vcompress"):
         folder = root / "xnnpack"
         try:

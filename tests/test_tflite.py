@@ -346,3 +346,17 @@ def test_litert_lm_generates_what_our_loop_generates(readable, arch):
     assert got["decoded"] == [len(tokens) for tokens in want]
     assert got["texts"] == [runner.tokenizer.decode(_held_back(tokens, got["stops"])) for tokens in want]
     assert len(set(got["texts"])) == len(TEXTS)  # the prompts steer the continuations: the comparison is not vacuous
+
+
+def test_weight_cache_follows_a_renamed_export(tmp_path, monkeypatch):
+    """An export is checked in a temp folder, then renamed: the renamed model must reuse that weight cache, not pack a second one."""
+    from vcompress.exporters._tflite_session import weight_cache_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "tmp-export").mkdir()
+    (tmp_path / "tmp-export" / "model.tflite").write_bytes(b"weights")
+    before = weight_cache_file(tmp_path / "tmp-export" / "model.tflite")
+    (tmp_path / "tmp-export").rename(tmp_path / "export")
+    assert weight_cache_file(tmp_path / "export" / "model.tflite") == before
+    (tmp_path / "other.tflite").write_bytes(b"weights")  # same bytes, another file: its own cache
+    assert weight_cache_file(tmp_path / "other.tflite") != before and before.parent == tmp_path / "cache" / "vcompress" / "xnnpack"
