@@ -7,6 +7,10 @@ Loss = kl_weight * T^2 * KL(teacher_T || student_T) on next-token distributions 
 The loop is resumable bit for bit: a checkpoint (every `save_every` steps, in the stage's work
 folder) holds the student, optimizer, schedule, RNG states and the step; batches are a pure
 function of (seed, step), so a resumed run sees the same data in the same order.
+
+Under `torchrun` or `accelerate launch` (compress/_distributed.py) every rank trains on its slice of the
+same global batch (batch_size stays the global micro-batch); reported losses are global means, rank 0
+alone writes checkpoints, scores and writes the stage folder, and any world size resumes a checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,8 +35,11 @@ from vcompress.core.errors import InputError
 from vcompress.core.models import Intake, attention_shape, save_model
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import Judge, torch_logits_fn
+from vcompress.core.seeding import seeded
 from vcompress.core.stage import Progress, Stage, StageConfig, StageContext, execute, no_progress
 
+from . import _distributed
+from ._distributed import Ranks
 from ._judge import judge_of
 from .budget import pruned_nothing
 
@@ -61,6 +69,9 @@ class DistillConfig(StageConfig):
     max_blocks: int = Field(4096, ge=1, description="training blocks kept after packing")
     eval_blocks: int = Field(8, ge=1, description="held-out blocks for the before/after perplexity")
     eval_per_subject: int = Field(5, ge=0, description="MMLU questions per subject for answer agreement; 0 skips it")
+    distributed: Literal["auto", "ddp", "fsdp", "none"] = Field(
+        "auto", description="under torchrun/accelerate launch: auto is DDP (FSDP when accelerate asks for it)"
+    )
 
 
 @STAGES.register("distill")
@@ -79,12 +90,16 @@ class Distill(Stage):
 
     def run(self, ctx: StageContext) -> dict:
         cfg: DistillConfig = self.config
+        ranks = _distributed.setup(cfg.distributed)
+        if cfg.batch_size % ranks.world:
+            raise InputError(f"batch size {cfg.batch_size} does not split over {ranks.world} processes; use a multiple of {ranks.world}")
         if pruned_nothing(ctx.source):  # the student is the teacher: nothing to win back
             ctx.log("skipped: the prune step removed nothing (its prune_plan.json), so the student is the teacher unchanged")
             student, tokenizer = ctx.load()
-            save_model(student, tokenizer, ctx.out)
+            if ranks.main:
+                save_model(student, tokenizer, ctx.out)
             return {"skipped": "the prune step removed nothing", "student": str(ctx.source), "teacher": str(ctx.reference or "default")}
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = ranks.device
         teacher, tokenizer = ctx.load(ctx.reference)
         student, student_tokenizer = ctx.load()
         check_same_vocab(teacher, tokenizer, student, student_tokenizer)
@@ -94,16 +109,20 @@ class Distill(Stage):
         train, val = build_blocks(ctx.data, tokenizer, cfg, seed=ctx.seed, subset=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
         teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         student.to(device)
-        ctx.log(f"distilling on {device.type}: {train.shape[0]} training and {val.shape[0]} validation blocks of {cfg.seq_len} tokens")
+        where = device.type if ranks.world == 1 else f"{ranks.world} {device.type} processes ({ranks.mode.upper()})"
+        ctx.log(f"distilling on {where}: {train.shape[0]} training and {val.shape[0]} validation blocks of {cfg.seq_len} tokens")
 
         # The teacher stays loaded: the held-out judge reruns it rather than hold its logits; the
         # validation judge keeps them, since every validation during training reads them.
-        judge = judge_of(
-            teacher, tokenizer, ctx, blocks=cfg.eval_blocks, seq_len=cfg.seq_len, per_subject=cfg.eval_per_subject, keep_logits=False
-        )
+        # Rank 0 alone scores the student before and after; every rank validates during training.
+        judge = None
+        if ranks.main:
+            judge = judge_of(
+                teacher, tokenizer, ctx, blocks=cfg.eval_blocks, seq_len=cfg.seq_len, per_subject=cfg.eval_per_subject, keep_logits=False
+            )
         validation = Judge(torch_logits_fn(teacher), val, progress=ctx.progress)
         before = _stored_before(ctx.work, ctx.resume)
-        if before is None:
+        if before is None and ranks.main:
             before = evaluate(student, judge, validation)
             write_json(ctx.work / BEFORE, before)
         trainer = Trainer(
@@ -119,8 +138,17 @@ class Distill(Stage):
             layer_map=layer_map,
             log=ctx.log,
             progress=ctx.progress,
+            ranks=ranks,
         )
         summary = trainer.fit(resume=ctx.resume)
+        if ranks.mode == "fsdp":  # the trained weights are sharded: gather them into a fresh copy on rank 0
+            state = _distributed.model_state(student, ranks)
+            if ranks.main:
+                student, _ = ctx.load()
+                student.to(device)
+                student.load_state_dict(state)
+        if not ranks.main:
+            return summary
         after = evaluate(student, judge, validation)
         student.to("cpu", dtype=torch.float32)
         save_model(student, student_tokenizer, ctx.out)
@@ -128,6 +156,8 @@ class Distill(Stage):
             "teacher": str(ctx.reference) if ctx.reference else "default",
             "student": str(ctx.source) if ctx.source else "default",
             "device": device.type,
+            "processes": ranks.world,
+            "distributed": ranks.mode,
             **summary,
             **after,  # the distilled student against the teacher
             "before": before,  # the student as it came in
@@ -156,17 +186,17 @@ def distill(
     `progress("distill", step, total)` is called after every optimizer step (and its checkpoint, if any).
     """
     out = Path(out)
+    stage = Distill(config)
+    ranks = _distributed.setup(stage.config.distributed)
+    if not ranks.main:  # rank 0 speaks for the job
+        log, progress = (lambda _: None), no_progress
     if resume and (out / METRICS).is_file() and not force:
         log(f"{out} is already complete; nothing to resume")
         return read_metrics(out)
-    return execute(
-        Distill(config),
-        out,
-        source=student,
+    context = dict(
         reference=teacher,
         data=data,
         seed=seed,
-        force=force,
         resume=resume,
         mmlu=mmlu,
         subset=subset,
@@ -174,6 +204,15 @@ def distill(
         progress=progress,
         intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code),
     )
+    if ranks.main:
+        metrics = execute(stage, out, source=student, force=force, **context)
+    else:  # the same run, writing nothing: rank 0 owns the stage folder and the checkpoints
+        if out.exists() and not force:
+            raise InputError(f"{out} already exists; pass --force to replace it (or --resume in a run)")
+        with seeded(seed):
+            metrics = stage.run(StageContext(source=student, out=out, work=out.parent / f".{out.name}.work", **context))
+    ranks.barrier()  # the others wait until rank 0 has put the stage folder in place
+    return metrics
 
 
 # --- checks --------------------------------------------------------------------------------
@@ -330,9 +369,12 @@ class Trainer:
         layer_map=None,
         log=print,
         progress: Progress = no_progress,
+        ranks: Ranks | None = None,
     ):
         self.student, self.teacher, self.train, self.val, self.cfg = student, teacher, train, val, cfg
         self.device, self.seed, self.work, self.layer_map, self.log, self.progress = device, seed, Path(work), layer_map, log, progress
+        self.ranks = ranks or Ranks(device=torch.device(device))
+        self.model = _distributed.wrap(student, self.ranks)  # what trains: the student, or DDP/FSDP around it
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         epoch_steps = math.ceil(train.shape[0] / (cfg.batch_size * cfg.grad_accum))
         # With only a time budget, the cosine's length is fixed from the speed of the first steps.
@@ -343,6 +385,7 @@ class Trainer:
         self.step, self.tokens, self.train_seconds = 0, 0, 0.0
         self.best_kl, self.best_step, self.bad_evals, self.best_state = math.inf, 0, 0, None
         self.history: list[dict] = []
+        self.losses: list[float] = []  # training loss per optimizer step, the mean over every rank's slice
         self.data_hash = hashlib.sha256(train.numpy().tobytes() + val.numpy().tobytes()).hexdigest()[:16]
         self.teacher_val_logits = teacher_val_logits  # one [1, seq, vocab] per validation block
 
@@ -354,7 +397,7 @@ class Trainer:
         else:
             if resume:
                 self.log(f"no checkpoint in {self.work}: starting from step 0")
-            if checkpoint.is_file():
+            if checkpoint.is_file() and self.ranks.main:
                 self.log(f"starting over: ignoring the checkpoint in {self.work} (pass --resume to continue it)")
                 checkpoint.unlink()
             torch.manual_seed(self.seed)
@@ -362,7 +405,7 @@ class Trainer:
             np.random.seed(self.seed % 2**32)
         stopped = self._loop()
         if self.best_state is not None and self.best_step != self.step:
-            self.student.load_state_dict(self.best_state)
+            _distributed.load_model_state(self.student, self.best_state, self.ranks)
         return {
             "steps": self.step,
             "stopped_by": stopped,
@@ -372,6 +415,7 @@ class Trainer:
             "tokens_per_s": round(self.tokens / max(self.train_seconds, 1e-9), 1),
             "learning_rate_peak": self.cfg.lr,
             "validation_history": self.history,
+            "train_loss": self.losses,
         }
 
     def _loop(self) -> str:
@@ -381,8 +425,9 @@ class Trainer:
         stopped = "steps_done"
         while self.schedule.total is None or self.step < self.schedule.total:
             started = time.perf_counter()
-            self._optimizer_step()
-            self.train_seconds += time.perf_counter() - started
+            self.losses.append(self._optimizer_step())
+            # rank 0's clock decides for every rank, so they stop at the same step
+            self.train_seconds = self.ranks.broadcast(self.train_seconds + time.perf_counter() - started)
             if self.schedule.total is None and self.step >= 2:
                 per_step = self.train_seconds / self.step
                 self.schedule.total = max(self.step, int(0.9 * budget_s / per_step))
@@ -407,24 +452,28 @@ class Trainer:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        share = cfg.batch_size // self.ranks.world  # this rank's slice of the global micro-batch
         for micro in range(cfg.grad_accum):
             index = batch_indices(self.step * cfg.grad_accum + micro, cfg.batch_size, self.train.shape[0], self.seed)
-            ids = self.train[index].to(self.device)
+            ids = self.train[index[self.ranks.rank * share : (self.ranks.rank + 1) * share]].to(self.device)
             hidden = bool(cfg.hidden_weight and self.layer_map)
-            with self._autocast():
-                with torch.no_grad():
-                    t_out = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-                s_out = self.student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-                loss, _ = distill_loss(s_out, t_out, ids, cfg, self.layer_map)
-            (loss / cfg.grad_accum).backward()
+            # DDP averages gradients over the ranks (the gradient of the global mean loss), on the last micro-batch only
+            sync = self.model.no_sync() if self.ranks.mode == "ddp" and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    with torch.no_grad():
+                        t_out = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                    s_out = self.model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                    loss, _ = distill_loss(s_out, t_out, ids, cfg, self.layer_map)
+                (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
-            self.tokens += ids.numel()
+            self.tokens += ids.numel() * self.ranks.world
         if cfg.clip:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return total
+        return self.ranks.mean(total)
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -444,12 +493,12 @@ class Trainer:
             kl_sum += (t_logp.exp() * (t_logp - s_logp)).sum().item()
             count += t_logp.shape[1]
         self.student.train()
-        kl = kl_sum / count
+        kl = self.ranks.broadcast(kl_sum / count)  # every rank scores the same weights; rank 0's figure decides
         self.history.append({"step": self.step, "kl_mean": round(kl, 5)})
         self.log(f"step {self.step}: validation KL {kl:.4f} nats/token")
         if kl < self.best_kl:
             self.best_kl, self.best_step, self.bad_evals = kl, self.step, 0
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+            self.best_state = _distributed.model_state(self.student, self.ranks)
             return False
         self.bad_evals += 1
         return self.bad_evals >= self.cfg.patience
@@ -457,12 +506,17 @@ class Trainer:
     # --- checkpoints: everything that decides the next step, so a resume ends where one run would
 
     def _save(self, path: Path) -> None:
+        """Rank 0 writes the full state (under FSDP every rank takes part in gathering it)."""
+        student = self.student.state_dict() if self.ranks.mode != "fsdp" else _distributed.model_state(self.student, self.ranks)
+        optimizer = _distributed.optimizer_state(self.student, self.optimizer, self.ranks)
+        if not self.ranks.main:
+            return
         state = {
             "step": self.step,
             "tokens": self.tokens,
             "train_seconds": self.train_seconds,
-            "student": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": student,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "best": {
                 "kl": self.best_kl,
@@ -471,6 +525,7 @@ class Trainer:
                 "state": self.best_state if self.best_step != self.step else None,
             },
             "history": self.history,
+            "losses": self.losses,
             "rng": _rng_state(),
             "identity": self._identity(),
         }
@@ -487,20 +542,20 @@ class Trainer:
             raise InputError(
                 f"checkpoint {path} was made with other settings or data; rerun with the same ones, or drop --resume to start over"
             )
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        _distributed.load_model_state(self.student, state["student"], self.ranks)
+        _distributed.load_optimizer_state(self.student, self.optimizer, state["optimizer"], self.ranks)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
         best = state["best"]
         self.best_kl, self.best_step, self.bad_evals = best["kl"], best["step"], best["bad_evals"]
         self.best_state = best["state"]
         if self.best_step == self.step:  # saved without a copy: the best weights are the current ones
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
-        self.history = state["history"]
+            self.best_state = _distributed.model_state(self.student, self.ranks)
+        self.history, self.losses = state["history"], state.get("losses", [])
         _set_rng_state(state["rng"])
 
     def _identity(self) -> dict:
-        settings = self.cfg.model_dump(exclude={"max_steps", "max_minutes", "save_every", "eval_per_subject", "eval_blocks"})
+        settings = self.cfg.model_dump(exclude={"max_steps", "max_minutes", "save_every", "eval_per_subject", "eval_blocks", "distributed"})
         return {"seed": self.seed, "data": self.data_hash, **{k: str(v) for k, v in settings.items()}}
 
 

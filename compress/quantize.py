@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from vcompress.core.artifact import figure, read_json, write_json
 from vcompress.core.errors import InputError
+from vcompress.core.layer_stream import stream_source
 from vcompress.core.quant_format import MANIFEST, make_manifest
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import Judge, torch_logits_fn
@@ -41,6 +42,7 @@ from ._calib import calibration_blocks
 from ._gptq_core import Grid, Hessians, Quantized, gptq, reconstruction_error, rtn
 from ._gptq_pack import to_tensors
 from ._judge import judge_of
+from ._quantize_stream import quantize_streamed
 
 SIDECAR = "quant.safetensors"
 GROUP_SIZES = (128, 64, 32)
@@ -63,6 +65,9 @@ class QuantizeConfig(StageConfig):
     heldout_blocks: int = Field(4, ge=0, description="held-out blocks for perplexity and top-1 agreement (0: skip)")
     heldout_seq_len: int = Field(512, ge=8)
     eval_per_subject: int = Field(10, ge=0, description="MMLU questions per subject of the evaluated subset for answer agreement (0: skip)")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto", description="read and quantize one decoder layer at a time from disk (auto: when the model would not fit in memory)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -96,6 +101,9 @@ class Quantize(Stage):
 
     def run(self, ctx) -> dict:
         cfg: QuantizeConfig = self.config
+        folder = stream_source(cfg.stream, ctx)
+        if folder is not None:
+            return quantize_streamed(cfg, ctx, folder)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = ctx.load()
         model.to(device)
@@ -280,14 +288,24 @@ def quantize_gptq(
     damp: float = 0.01,
     batch_size: int = 8,
     progress=no_progress,
+    inputs: list | None = None,
+    enter=None,
+    leave=None,
+    results: dict | None = None,
 ) -> tuple[dict[str, Quantized], dict[str, dict]]:
     """Quantize `targets` in place (dequantized weights), layer by layer; return the codes and, per
-    linear, the reconstruction error of GPTQ and of RTN on the same Hessian."""
+    linear, the reconstruction error of GPTQ and of RTN on the same Hessian.
+
+    A streamed run (compress/_quantize_stream.py) passes the first layer's `inputs`, and `enter` /
+    `leave` (i, layer) to read each layer from disk before and write and drop it after."""
     layers = decoder_layers(model)
     prefix = "transformer.h" if is_gpt2(model) else "model.layers"
-    inputs = first_layer_inputs(model, blocks, batch_size)
-    results, errors = {}, {}
+    inputs = first_layer_inputs(model, blocks, batch_size) if inputs is None else inputs
+    results = {} if results is None else results
+    errors = {}
     for i, layer in track(enumerate(layers), "GPTQ layers", progress):
+        if enter:
+            enter(i, layer)
         mine = {name: m for name, m in targets.items() if name.startswith(f"{prefix}.{i}.")}
         hessians = Hessians().watch(mine)
         try:
@@ -311,6 +329,8 @@ def quantize_gptq(
                 results[name] = result
         del hessians
         inputs = [(_hidden_out(layer(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in inputs]
+        if leave:
+            leave(i, layer)
     return results, errors
 
 
@@ -488,10 +508,17 @@ def _nbytes(tensors: dict) -> int:
 
 
 def describe(
-    results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig, bytes_before: int, written: dict[str, int]
+    results: dict[str, Quantized],
+    kept: list[str],
+    grid: Grid,
+    cfg: QuantizeConfig,
+    bytes_before: int,
+    written: dict[str, int],
+    quant_bytes: int | None = None,
 ) -> dict:
     weights = sum(q.codes.numel() for q in results.values())
-    quant_bytes = sum(_nbytes(to_tensors(q)) for q in results.values())
+    if quant_bytes is None:
+        quant_bytes = sum(_nbytes(to_tensors(q)) for q in results.values())
     after = written["quantized model"]
     return {
         "bits": grid.bits,

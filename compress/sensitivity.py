@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from vcompress.core.artifact import write_json
-from vcompress.core.models import DEFAULT_NAME
+from vcompress.core.layer_stream import LayerStream, stream_source
+from vcompress.core.models import DEFAULT_NAME, attention_shape
 from vcompress.core.registry import STAGES
 from vcompress.core.stage import Stage, StageConfig
 
@@ -67,8 +68,8 @@ class Probe:
     because nothing before layer i changed. It also measures each layer's angular distance.
     """
 
-    def __init__(self, model, blocks: torch.Tensor, batch_size: int = 4):
-        self.model, self.layers = model, decoder_layers(model)
+    def __init__(self, model, blocks: torch.Tensor, batch_size: int = 4, resident=contextlib.nullcontext):
+        self.model, self.layers, self.resident = model, decoder_layers(model), resident
         device = next(model.parameters()).device
         self.batches: list[tuple[torch.Tensor, list]] = []
         angle_sums = [0.0] * len(self.layers)
@@ -103,22 +104,31 @@ class Probe:
         self.angular_distance = [s / blocks.numel() for s in angle_sums]
         self.baseline = self.loss()
 
+    def loss_input(self) -> list[torch.Tensor]:
+        """The last decoder layer's output per batch (what the final norm and LM head read)."""
+        with self.resident(self.layers[-1]):
+            return [call_layer(self.layers[-1], _hidden_in(*calls[-1]), *calls[-1]) for _, calls in self.batches]
+
     @torch.no_grad()
     def loss(self, start: int = 0, skip: int | None = None) -> float:
-        """Mean loss running layers start.. (without `skip`) from the cached inputs of layer `start`."""
+        """Mean loss running layers start.. (without `skip`) from the cached inputs of layer `start`.
+        Layer by layer over all batches, so a streamed model reads each layer once per call."""
+        hidden = [_hidden_in(*calls[start]) for _, calls in self.batches]
+        for j in range(start, len(self.layers)):
+            if j != skip:
+                with self.resident(self.layers[j]):
+                    hidden = [call_layer(self.layers[j], h, *calls[j]) for h, (_, calls) in zip(hidden, self.batches)]
         total, count = 0.0, 0
-        for ids, calls in self.batches:
-            hidden = _hidden_in(*calls[start])
-            for j in range(start, len(self.layers)):
-                if j != skip:
-                    args, kwargs = calls[j]
-                    hidden = _hidden(
-                        self.layers[j](hidden, *args[1:], **kwargs) if args else self.layers[j](**{**kwargs, "hidden_states": hidden})
-                    )
-            logits = self.model.lm_head(final_norm(self.model)(hidden)).float()
+        for h, (ids, _) in zip(hidden, self.batches):
+            logits = self.model.lm_head(final_norm(self.model)(h)).float()
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
             count += ids[:, 1:].numel()
         return total / count
+
+
+def call_layer(layer, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer on new hidden states, with the other arguments of a recorded call."""
+    return _hidden(layer(hidden, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": hidden}))
 
 
 def _hidden_in(args, kwargs) -> torch.Tensor:
@@ -141,8 +151,6 @@ def _saliency(module, dim_kept: int) -> torch.Tensor:
 
 def taylor_scores(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     """Per query head, per KV group and per MLP channel: sum|w * dL/dw| with L the mean calibration loss."""
-    info = shape(model)
-    heads, kv, d = info["query_heads"], info["kv_heads"], info["head_dim"]
     device = next(model.parameters()).device
     inside = {id(p) for p in decoder_layers(model).parameters()}
     frozen = [p for p in model.parameters() if id(p) not in inside and p.requires_grad]
@@ -158,27 +166,57 @@ def taylor_scores(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    query, groups, channels = [], [], []
-    with torch.no_grad():
-        for layer in decoder_layers(model):
-            attn = attention(layer)
-            if is_gpt2(model):
-                q, k, v = _saliency(attn.c_attn, out_dim(attn.c_attn)).split(heads * d)
-                o = _saliency(attn.c_proj, in_dim(attn.c_proj))
-                down = layer.mlp.c_proj
-                channel = _saliency(layer.mlp.c_fc, out_dim(layer.mlp.c_fc))
-            else:
-                q, k, v = (_saliency(m, 0) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
-                o = _saliency(attn.o_proj, 1)
-                down = layer.mlp.down_proj
-                channel = _saliency(layer.mlp.gate_proj, 0) + _saliency(layer.mlp.up_proj, 0)
-            per_query = (q + o).view(heads, d).sum(1)
-            per_group = (k + v).view(kv, d).sum(1) + per_query.view(kv, heads // kv).sum(1)
-            query.append(per_query.tolist())
-            groups.append(per_group.tolist())
-            channels.append((channel + _saliency(down, in_dim(down))).tolist())
+    rows = [layer_taylor(model, layer) for layer in decoder_layers(model)]
     model.zero_grad(set_to_none=True)
-    return {"query": query, "groups": groups, "channels": channels}
+    return {key: [row[key] for row in rows] for key in ("query", "groups", "channels")}
+
+
+def taylor_scores_streamed(model, probe: Probe, stream) -> dict:
+    """taylor_scores with one layer in memory at a time: the loss gradient at the last layer's output,
+    then back through the layers in reverse, each re-run from its cached input (the same chain rule
+    as one backward pass through the whole model)."""
+    layers, n = probe.layers, sum(ids.shape[0] for ids, _ in probe.batches)
+    with torch.no_grad():
+        last = probe.loss_input()
+    grads = []
+    for out, (ids, _) in zip(last, probe.batches):
+        out = out.detach().requires_grad_()
+        with torch.enable_grad():
+            logits = model.lm_head(final_norm(model)(out)).float()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()) * (ids.shape[0] / n)
+            grads.append(torch.autograd.grad(loss, out)[0])
+    rows = []
+    for j in reversed(range(len(layers))):
+        with stream.resident(layers[j]) as layer, torch.enable_grad():
+            layer.zero_grad(set_to_none=True)
+            for b, (_, calls) in enumerate(probe.batches):
+                x = _hidden_in(*calls[j]).detach().requires_grad_()
+                call_layer(layer, x, *calls[j]).backward(grads[b])
+                grads[b] = x.grad
+            rows.append(layer_taylor(model, layer))
+    rows.reverse()
+    return {key: [row[key] for row in rows] for key in ("query", "groups", "channels")}
+
+
+@torch.no_grad()
+def layer_taylor(model, layer) -> dict:
+    """One layer's Taylor scores from the gradients its weights hold."""
+    info = attention_shape(model.config)
+    heads, kv, d = info["query_heads"], info["kv_heads"], info["head_dim"]
+    attn = attention(layer)
+    if is_gpt2(model):
+        q, k, v = _saliency(attn.c_attn, out_dim(attn.c_attn)).split(heads * d)
+        o = _saliency(attn.c_proj, in_dim(attn.c_proj))
+        down = layer.mlp.c_proj
+        channel = _saliency(layer.mlp.c_fc, out_dim(layer.mlp.c_fc))
+    else:
+        q, k, v = (_saliency(m, 0) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        o = _saliency(attn.o_proj, 1)
+        down = layer.mlp.down_proj
+        channel = _saliency(layer.mlp.gate_proj, 0) + _saliency(layer.mlp.up_proj, 0)
+    per_query = (q + o).view(heads, d).sum(1)
+    per_group = (k + v).view(kv, d).sum(1) + per_query.view(kv, heads // kv).sum(1)
+    return {"query": per_query.tolist(), "groups": per_group.tolist(), "channels": (channel + _saliency(down, in_dim(down))).tolist()}
 
 
 @contextlib.contextmanager
@@ -200,27 +238,32 @@ def model_grid(model, grid: Grid) -> Grid:
 # --- the whole analysis ---------------------------------------------------------------
 
 
-def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, grid: Grid | None = None, log=print) -> dict:
-    """All requested scores for `model` on `blocks`, as plain lists (layer-major), rounded to 6 digits."""
+def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, grid: Grid | None = None, log=print, stream=None) -> dict:
+    """All requested scores for `model` on `blocks`, as plain lists (layer-major), rounded to 6 digits.
+
+    With a `stream` (core.layer_stream.LayerStream whose skeleton `model` is), layers are read from disk
+    when they run and dropped after; a layer whose weights a probe changes is held for that probe."""
+    resident = stream.resident if stream is not None else contextlib.nullcontext
     info = shape(model)
     layers = decoder_layers(model)
     result: dict = {"model_type": model.config.model_type, "shape": info, "vocab_size": model.config.vocab_size, "units": UNITS}
     started = time.time()
-    probe = Probe(model, blocks, batch_size)
+    probe = Probe(model, blocks, batch_size, resident)
     loss = probe.baseline
     result["baseline_loss_nats"] = loss
     log(f"baseline loss {loss:.4f} nats/token on {blocks.shape[0]} x {blocks.shape[1]} tokens")
 
     if "heads" in parts or "mlp" in parts:
-        taylor = taylor_scores(model, blocks, batch_size)
+        taylor = taylor_scores(model, blocks, batch_size) if stream is None else taylor_scores_streamed(model, probe, stream)
         log(f"taylor scores ({time.time() - started:.0f}s)")
     if "heads" in parts:
         deltas = []
         for i, layer in enumerate(layers):
             row = []
-            for group in range(info["kv_heads"]):
-                with masked_heads(layer, group_heads(group, info["query_heads"], info["kv_heads"]), info["head_dim"]):
-                    row.append(probe.loss(start=i) - loss)
+            with resident(layer):
+                for group in range(info["kv_heads"]):
+                    with masked_heads(layer, group_heads(group, info["query_heads"], info["kv_heads"]), info["head_dim"]):
+                        row.append(probe.loss(start=i) - loss)
             deltas.append(row)
         result["heads"] = {"taylor_query": taylor["query"], "taylor_kv_group": taylor["groups"], "mask_loss_delta_nats": deltas}
         log(f"KV group masking ({time.time() - started:.0f}s)")
@@ -236,9 +279,10 @@ def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, gr
         rows = []
         for i, layer in enumerate(layers):
             row = []
-            for _, module in linear_modules(layer):
-                with quantized(module, grid):
-                    row.append(probe.loss(start=i) - loss)
+            with resident(layer):
+                for _, module in linear_modules(layer):
+                    with quantized(module, grid):
+                        row.append(probe.loss(start=i) - loss)
             rows.append(row)
         zero = "symmetric" if grid.sym else ("float zero point" if grid.float_zero else "integer zero point")
         result["quant"] = {
@@ -400,6 +444,9 @@ class Analyze(Stage):
         group_size: int = Field(128, gt=0, description="preferred group size; falls back to 64 or 32 as quantize's does")
         sym: bool = False
         zero_point: Literal["int", "float"] = "int"
+        stream: Literal["auto", "on", "off"] = Field(
+            "auto", description="read one decoder layer at a time from disk (auto: when the model would not fit in memory)"
+        )
 
         @model_validator(mode="after")
         def _consistent(self):
@@ -423,12 +470,22 @@ class Analyze(Stage):
 
     def run(self, ctx) -> dict:
         cfg = self.config
-        model, tokenizer = ctx.load()
+        folder, stream = stream_source(cfg.stream, ctx), None
+        if folder is not None:
+            from transformers import AutoTokenizer
+
+            stream = LayerStream(folder)
+            model, tokenizer = stream.model, AutoTokenizer.from_pretrained(folder)
+            stream.load_outside(decoder_layers(model))
+            stream.on_demand(decoder_layers(model))
+            ctx.log(f"streaming {folder} layer by layer (the decoder layers are never all in memory)")
+        else:
+            model, tokenizer = ctx.load()
         blocks = calibration_blocks(
             tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=cfg.samples, seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log
         )
         result = {"model": str(ctx.source) if ctx.source else DEFAULT_NAME}
-        result.update(analyze(model, blocks, parts=cfg.parts, batch_size=cfg.batch_size, grid=cfg.grid, log=ctx.log))
+        result.update(analyze(model, blocks, parts=cfg.parts, batch_size=cfg.batch_size, grid=cfg.grid, log=ctx.log, stream=stream))
         result["calibration"] = {
             "data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
             "blocks": blocks.shape[0],
@@ -439,6 +496,7 @@ class Analyze(Stage):
         write_json(ctx.out / SENSITIVITY, result)
         figures = write_heatmaps(result, ctx.out / "heatmaps")
         metrics = {
+            "streamed": stream is not None,
             "baseline_loss_nats": result["baseline_loss_nats"],
             "calibration_tokens": blocks.numel(),
             "heatmaps": [str(p.relative_to(ctx.out)) for p in figures],

@@ -80,9 +80,23 @@ def default_gguf() -> Path:
 def default_model_dir() -> Path:
     """The embedded GGUF, converted once into a safetensors folder under the cache."""
     gguf_path = default_gguf()
-    target = cache_dir() / "models" / f"{DEFAULT_NAME}-{gguf_path.stat().st_size}"
+    return converted_gguf_dir(gguf_path, cache_dir() / "models" / f"{DEFAULT_NAME}-{gguf_path.stat().st_size}")
+
+
+def converted_gguf_dir(gguf_path: Path, target: Path | None = None, log=lambda _: None) -> Path:
+    """A GGUF converted once into a float32 safetensors folder under the cache (keyed by name, size and
+    the file's first and last MiB), for stages that read a checkpoint tensor by tensor."""
+    if target is None:
+        size = gguf_path.stat().st_size
+        digest = hashlib.sha256()
+        with open(gguf_path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read())
+        target = cache_dir() / "models" / f"{gguf_path.stem}-{size}-{digest.hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return target
+    log(f"converting {gguf_path.name} to safetensors once, into {target}")
     model, tokenizer = _load_gguf(gguf_path)
     save_model(model, tokenizer, target)
     return target

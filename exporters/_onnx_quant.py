@@ -7,6 +7,10 @@ to handle: ORT's int4 quantizer leaves it fp32 (113 MB of SmolLM2's 135M paramet
 head is tied to it, a plain export stores it twice. Here the table is block-quantized once into a
 packed uint8 [vocab, hidden*bits/8] initializer that GatherBlockQuantized reads for the embedding
 and, through a Reshape that ONNX Runtime folds at load, MatMulNBits reads for the tied head.
+An untied head (Qwen2.5 GGUFs, the tiny Qwen2 of the tests) is a second [vocab, hidden] table: it is
+left out of the body's quantizers and block-quantized by the same code at the same `table_bits`
+(MatMulNBits on its own packed rows), so `table_bits` decides both tables whether tied or not, and
+0 keeps both fp32.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ._onnx_graph import MS, Dims
 def quantize_int4(
     model: onnx.ModelProto, d: Dims, *, block_size: int = 32, method: str = "rtn", accuracy_level: int = 4, table_bits: int = 4
 ) -> onnx.ModelProto:
-    """Every MatMul to 4-bit MatMulNBits, the embedding (and tied head) to `table_bits`.
+    """Every MatMul of the body to 4-bit MatMulNBits, the embedding and the LM head (tied or not) to `table_bits`.
 
     method "rtn": ONNX Runtime's C++ block quantizer (min/max, integer zero point). "hqq": ONNX
     Runtime's HQQ (float zero point fitted by a proximal solver). "rtn-float": block min/max with a
@@ -38,16 +42,19 @@ def quantize_int4(
     the others are for accuracy studies. On SmolLM2 "rtn" keeps top-1 agreement 0.52 on the parity
     prompts and HQQ 0.83: carry a GPTQ grid from `vcompress quantize` for better int4.
     """
+    head = untied_head(model)  # the LM head follows table_bits, not the body's grid
     if method == "rtn-float":
-        model = quantize_matmuls(model, bits=4, block_size=block_size, float_zero=True, accuracy_level=accuracy_level)
+        model = quantize_matmuls(model, bits=4, block_size=block_size, float_zero=True, accuracy_level=accuracy_level, exclude=head)
     else:
-        model = _ort_matmul_nbits(model, method, block_size, accuracy_level)
+        model = _ort_matmul_nbits(model, method, block_size, accuracy_level, exclude=head)
     if not table_bits:
         return model
     return quantize_table(model, d, bits=table_bits, block_size=block_size, accuracy_level=accuracy_level)
 
 
-def _ort_matmul_nbits(model: onnx.ModelProto, method: str, block_size: int, accuracy_level: int) -> onnx.ModelProto:
+def _ort_matmul_nbits(
+    model: onnx.ModelProto, method: str, block_size: int, accuracy_level: int, exclude: list[str] = ()
+) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
@@ -62,7 +69,7 @@ def _ort_matmul_nbits(model: onnx.ModelProto, method: str, block_size: int, accu
         config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=("MatMul",))
     else:
         raise ValueError(method)
-    quantizer = MatMulNBitsQuantizer(model, accuracy_level=accuracy_level, algo_config=config)
+    quantizer = MatMulNBitsQuantizer(model, accuracy_level=accuracy_level, nodes_to_exclude=list(exclude), algo_config=config)
     with quiet_logs():
         quantizer.process()
     model = quantizer.model.model
@@ -77,17 +84,20 @@ def quantize_int8(
     """method "blockwise": 8-bit MatMulNBits, a scale and zero point per block of 32 weights, and
     (accuracy_level 4) activations quantized per block at run time. "dynamic": ONNX Runtime's
     quantize_dynamic (int8 weights per channel, activations per tensor: a tensor with outlier
-    channels loses its small ones, which SmolLM2's down-projection inputs have)."""
+    channels loses its small ones, which SmolLM2's down-projection inputs have). The embedding and
+    the LM head (tied or not) are 8-bit blocks when `table_bits`, else fp32."""
+    head = untied_head(model)
     if table_bits:
         model = quantize_table(model, d, bits=8, block_size=block_size, accuracy_level=accuracy_level)
     if method == "blockwise":
-        return quantize_matmuls(model, bits=8, block_size=block_size, float_zero=False, accuracy_level=accuracy_level)
+        return quantize_matmuls(model, bits=8, block_size=block_size, float_zero=False, accuracy_level=accuracy_level, exclude=head)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="vcompress-int8-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save_model(model, src, save_as_external_data=True, location="in.onnx.data")
-        # The head's MatMulNBits (already 8-bit) and GQA's inputs are not MatMul: only the body is touched.
+        # The head's MatMulNBits (already 8-bit) and GQA's inputs are not MatMul: only the body is touched
+        # (an untied head left fp32 by table_bits 0 is excluded by name).
         with quiet_logs():
             quantize_dynamic(
                 src,
@@ -95,6 +105,7 @@ def quantize_int8(
                 weight_type=QuantType.QInt8,
                 per_channel=True,
                 op_types_to_quantize=["MatMul"],
+                nodes_to_exclude=head,
                 use_external_data_format=True,
                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
             )
@@ -131,13 +142,15 @@ def rtn_blocks(w: np.ndarray, *, bits: int, block_size: int, float_zero: bool) -
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale), np.ascontiguousarray(zp)
 
 
-def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, float_zero: bool, accuracy_level: int) -> onnx.ModelProto:
-    """Every MatMul with a constant [K, N] weight to MatMulNBits by `rtn_blocks`."""
+def quantize_matmuls(
+    model: onnx.ModelProto, *, bits: int, block_size: int, float_zero: bool, accuracy_level: int, exclude: list[str] = ()
+) -> onnx.ModelProto:
+    """Every MatMul with a constant [K, N] weight (but the nodes named in `exclude`) to MatMulNBits by `rtn_blocks`."""
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     nodes, dropped, added = [], set(), []
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in weights:
+        if node.op_type != "MatMul" or node.input[1] not in weights or node.name in exclude:
             nodes.append(node)
             continue
         name = node.input[1]
@@ -160,29 +173,56 @@ def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, floa
     return model
 
 
+HEAD_NODE, HEAD_WEIGHT = "lm_head/MatMul", "lm_head.weight"  # the untied head as _onnx_graph._lm_head writes it
+
+
+def untied_head(model: onnx.ModelProto) -> list[str]:
+    """[the untied LM head's MatMul node name] while it is still a plain MatMul on its own weight, else []."""
+    weights = {t.name for t in model.graph.initializer}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.name == HEAD_NODE and n.input[1] == HEAD_WEIGHT and HEAD_WEIGHT in weights
+    ]
+
+
 def quantize_table(model: onnx.ModelProto, d: Dims, *, bits: int, block_size: int, accuracy_level: int) -> onnx.ModelProto:
-    """Replace the embedding Gathers (tokens; GPT-2's positions) and the tied head's Gemm by
-    4/8-bit blocks, each table stored once."""
+    """Replace the embedding Gathers (tokens; GPT-2's positions) by GatherBlockQuantized and the LM head
+    by MatMulNBits, at `bits`: the tied head reads the embedding's blocks (stored once), an untied head
+    (a plain MatMul still, see `untied_head`) gets its own table quantized the same way."""
     names = {t.name for t in model.graph.initializer}
     for table in ("embed_tokens.weight", "embed_positions.weight"):
         if table in names:
             _quantize_one_table(model, table, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+    if untied_head(model):
+        _quantize_one_table(model, HEAD_WEIGHT, bits=bits, block_size=block_size, accuracy_level=accuracy_level, transposed=True)
     return model
 
 
-def _quantize_one_table(model: onnx.ModelProto, table_name: str, *, bits: int, block_size: int, accuracy_level: int) -> None:
+def _quantize_one_table(
+    model: onnx.ModelProto, table_name: str, *, bits: int, block_size: int, accuracy_level: int, transposed: bool = False
+) -> None:
+    """Block-quantize one [rows, hidden] table along hidden (ORT's C++ block quantizer, integer zero
+    point) and rewire its readers: Gather -> GatherBlockQuantized, Gemm(transB) on the table (tied head)
+    or MatMul on it stored transposed ([hidden, rows], an untied head) -> MatMulNBits on the same blocks."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
     graph = model.graph
-    table = numpy_helper.to_array(next(t for t in graph.initializer if t.name == table_name))  # [rows, hidden]
+    weight = numpy_helper.to_array(next(t for t in graph.initializer if t.name == table_name))
+    table = weight.T if transposed else weight  # [rows, hidden]
     rows, hidden = table.shape
     block = _table_block(hidden, block_size)
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=bits)
     packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(table.T))
     k_blocks = hidden // block
     names = {"data": f"{table_name}_Q", "scales": f"{table_name}_scales", "zp": f"{table_name}_zero_points"}
+    gathered = any(n.op_type == "Gather" and n.input[0] == table_name for n in graph.node)
+    head_op = "MatMul" if transposed else "Gemm"  # the untied head's MatMul on [hidden, rows]; the tied head's Gemm(transB)
+    # GatherBlockQuantized reads rows [rows, hidden*bits/8]; MatMulNBits wants B as [N, blocks, bytes per
+    # block], the same bytes: a table only the head reads is stored that way, a shared one goes through a Reshape.
+    data_shape = (rows, hidden * bits // 8) if gathered else (rows, k_blocks, block * bits // 8)
     new_inits = [
-        numpy_helper.from_array(packed.reshape(rows, hidden * bits // 8), names["data"]),
+        numpy_helper.from_array(packed.reshape(data_shape), names["data"]),
         numpy_helper.from_array(scales.reshape(rows, k_blocks), names["scales"]),
         numpy_helper.from_array(zero_points.reshape(rows, -1), names["zp"]),
     ]
@@ -202,22 +242,19 @@ def _quantize_one_table(model: onnx.ModelProto, table_name: str, *, bits: int, b
                     quantize_axis=1,
                 )
             )
-        elif node.op_type == "Gemm" and node.input[1] == table_name:
-            # MatMulNBits wants B as [N, blocks, bytes per block]: a Reshape of the same bytes.
-            shape = numpy_helper.from_array(np.array([rows, k_blocks, block * bits // 8], np.int64), f"{names['data']}_shape")
-            new_inits.append(shape)
-            nodes.append(helper.make_node("Reshape", [names["data"], shape.name], ["lm_head/B"], name="lm_head/ReshapeB"))
+        elif node.op_type == head_op and node.input[1] == table_name:
+            b = names["data"]
+            if gathered:
+                shape = numpy_helper.from_array(np.array([rows, k_blocks, block * bits // 8], np.int64), f"{names['data']}_shape")
+                new_inits.append(shape)
+                b = "lm_head/B"
+                nodes.append(helper.make_node("Reshape", [names["data"], shape.name], [b], name="lm_head/ReshapeB"))
             attrs = dict(K=hidden, N=rows, bits=bits, block_size=block)
             if accuracy_level:
                 attrs["accuracy_level"] = accuracy_level
             nodes.append(
                 helper.make_node(
-                    "MatMulNBits",
-                    [node.input[0], "lm_head/B", names["scales"], names["zp"]],
-                    list(node.output),
-                    name=node.name,
-                    domain=MS,
-                    **attrs,
+                    "MatMulNBits", [node.input[0], b, names["scales"], names["zp"]], list(node.output), name=node.name, domain=MS, **attrs
                 )
             )
         else:

@@ -47,7 +47,9 @@ class OnnxExportConfig(ParityConfig):
     )
     block_size: PowerOfTwo = Field(32, ge=16, description="int4/int8 block along the input dimension (power of two)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type; 4 = int8 activations")
-    table_bits: Literal[0, 4, 8] = Field(4, description="bits of the embedding table (and tied head) under int4; 0 keeps it fp32")
+    table_bits: Literal[0, 4, 8] = Field(
+        4, description="bits of the embedding table and the LM head (tied or untied) under int4 (int8: 8); 0 keeps both fp32"
+    )
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the parity check")
 
 
@@ -134,6 +136,8 @@ def _quantize(proto, dims, cfg: OnnxExportConfig, source, grid: dict | None, log
         proto, carried = _onnx_gptq.carry(proto, source_folder(source), grid, dims.arch, dims.layers, cfg.accuracy_level)
         table_bits = cfg.table_bits if bits == 4 or cfg.table_bits == 0 else 8
         if table_bits:
+            # The quantize stage leaves the LM head float: an untied head is quantized here with the table.
+            carried["kept_float"] = [n for n in carried["kept_float"] if n not in _onnx_quant.untied_head(proto)]
             proto = _onnx_quant.quantize_table(proto, dims, bits=table_bits, block_size=cfg.block_size, accuracy_level=cfg.accuracy_level)
         return proto, carried
     if cfg.quant == "int8":

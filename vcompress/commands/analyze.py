@@ -13,6 +13,7 @@ from vcompress.commands._options import (
     out_option,
     print_json,
     seed_option,
+    stream_option,
 )
 
 
@@ -27,16 +28,17 @@ from vcompress.commands._options import (
 )
 @click.option("--samples", type=int, default=4, show_default=True, help="Calibration blocks (more: less noise, proportionally slower).")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration block.")
+@stream_option
 @mmlu_option
 @seed_option
 @force_option
 @json_option
-def command(model, base, allow_pickle, trust_remote_code, out, data, samples, seq_len, mmlu, seed, force, as_json):
+def command(model, base, allow_pickle, trust_remote_code, out, data, samples, seq_len, stream, mmlu, seed, force, as_json):
     """Score attention heads (Taylor, KV-group masking), layers (skip loss, angular distance) and each
     linear layer's 4-bit rounding sensitivity; write sensitivity.json and heatmaps/*.png into --out."""
     from vcompress.compress.sensitivity import Analyze
 
-    stage = Analyze({"samples": samples, "seq_len": seq_len})
+    stage = Analyze({"samples": samples, "seq_len": seq_len, "stream": stream})
     metrics = execute_stage(
         stage,
         out,

@@ -71,6 +71,14 @@ from vcompress.commands._options import force_option, json_option, mmlu_option, 
     is_flag=True,
     help="Continue from the last checkpoint of an interrupted run with the same settings; ends with the weights one run would give.",
 )
+@click.option(
+    "--distributed",
+    type=click.Choice(["auto", "ddp", "fsdp", "none"]),
+    default="auto",
+    show_default=True,
+    help="Under torchrun or accelerate launch: DDP or FSDP over the processes (auto: DDP, FSDP when accelerate's config asks). "
+    "--batch-size stays the global batch.",
+)
 @seed_option
 @force_option
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (.bin/.pt), which can run code when loaded.")
@@ -100,6 +108,7 @@ def command(
     subset,
     mmlu,
     resume,
+    distributed,
     seed,
     force,
     allow_pickle,
@@ -111,6 +120,7 @@ def command(
     Writes an HF checkpoint folder to --out with metrics.json: validation KL and perplexity before and
     after, tokens/s, steps, and MMLU answer agreement with the teacher.
     """
+    from vcompress.compress._distributed import launched_rank
     from vcompress.compress.distill import distill
     from vcompress.progress import progress_bars
 
@@ -131,9 +141,11 @@ def command(
         eval_every=eval_every,
         patience=patience,
         eval_per_subject=eval_per_subject,
+        distributed=distributed,
     )
     console = Console(stderr=True)
-    with progress_bars(quiet=as_json, console=console) as progress:
+    main_rank = launched_rank() == 0  # under torchrun/accelerate launch, rank 0 alone prints
+    with progress_bars(quiet=as_json or not main_rank, console=console) as progress:
         metrics = distill(
             student,
             out,
@@ -150,6 +162,8 @@ def command(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )
+    if not main_rank:
+        return
     if as_json:
         print_json(metrics)
         return

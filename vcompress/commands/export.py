@@ -61,7 +61,7 @@ def command():
     type=click.Choice(["0", "4", "8"]),
     default="4",
     show_default=True,
-    help="Bits of the embedding table (and tied head) under INT4 (INT8: 8); 0 keeps it fp32.",
+    help="Bits of the embedding table and the LM head (tied or untied) under INT4 (INT8: 8); 0 keeps both fp32.",
 )
 @click.option(
     "--min-agreement", type=float, default=0.5, show_default=True, help="INT8/INT4: top-1 agreement with PyTorch fp32 the check requires."

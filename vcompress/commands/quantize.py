@@ -15,6 +15,7 @@ from vcompress.commands._options import (
     out_option,
     print_json,
     seed_option,
+    stream_option,
 )
 from vcompress.core.units import MIB
 
@@ -65,6 +66,13 @@ from vcompress.core.units import MIB
     help="Keep this many of the most quantization-sensitive linears unquantized.",
 )
 @click.option("--compare-rtn", is_flag=True, help="Also score round-to-nearest at the same settings.")
+@stream_option
+@click.option(
+    "--heldout-blocks", type=int, default=4, show_default=True, help="Held-out blocks for perplexity and top-1 agreement (0: skip)."
+)
+@click.option(
+    "--eval-per-subject", type=int, default=10, show_default=True, help="MMLU questions per subject for answer agreement (0: skip)."
+)
 @click.option(
     "--subset", default="medical", show_default=True, help="MMLU subset scored for answer agreement (calibration text avoids it)."
 )
@@ -90,6 +98,9 @@ def command(
     scores,
     keep_sensitive,
     compare_rtn,
+    stream,
+    heldout_blocks,
+    eval_per_subject,
     subset,
     mmlu,
     out,
@@ -113,6 +124,9 @@ def command(
             "scores": str(scores) if scores else None,
             "keep_sensitive": keep_sensitive,
             "compare_rtn": compare_rtn,
+            "stream": stream,
+            "heldout_blocks": heldout_blocks,
+            "eval_per_subject": eval_per_subject,
         }
     )
     metrics = execute_stage(
