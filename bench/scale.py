@@ -91,7 +91,7 @@ def bench_model(model: str | None, args, work: Path) -> dict:
     params = parameters(folder)
     src = ["--model", str(folder)]
     quant = ["--method", "gptq", "--group-size", "32", "--zero-point", "float", "--calib-samples", str(args.calib_samples)]
-    quant += ["--seq-len", str(args.seq_len), "--heldout-blocks", "0", "--eval-per-subject", "0"]
+    quant += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--heldout-blocks", "0", "--eval-per-subject", "0"]
     steps = {
         "analyze (in memory)": [
             *VCOMPRESS,
@@ -177,13 +177,17 @@ def main() -> None:
     parser.add_argument("--no-default", action="store_true", help="leave the embedded default out")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8, help="quantize's calibration blocks per forward pass (activation memory)")
     parser.add_argument("--analyze-samples", type=int, default=4, help="analyze's calibration blocks (of 128 tokens; the profiles use 4)")
     parser.add_argument("--skip", action="append", default=[], help="skip steps whose label contains this (e.g. analyze)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale"))
     parser.add_argument("--keep", action="store_true", help="keep the artifacts (in a temp folder)")
+    parser.add_argument(
+        "--add", type=Path, action="append", default=[], help="scale.json of an earlier run: its models join the table and the fit"
+    )
     args = parser.parse_args()
     models = (args.model or []) + ([] if args.no_default else [None])
-    results = []
+    results = [r for path in args.add for r in json.loads(path.read_text())]
     for model in models:
         work = Path(tempfile.mkdtemp(prefix="vcompress-scale-"))
         try:
@@ -197,7 +201,7 @@ def main() -> None:
     (args.out / "scale.json").write_text(json.dumps(results, indent=1))
     (args.out / "scale.md").write_text(
         f"# Scale: peak RSS and wall time per stage\n\n`python bench/scale.py {' '.join(sys.argv[1:])}` on {os.cpu_count()} CPUs, "
-        f"GPTQ with {args.calib_samples} x {args.seq_len} calibration tokens.\n\n{text}\n"
+        f"GPTQ with {args.calib_samples} x {args.seq_len} calibration tokens, {args.batch_size} blocks per forward.\n\n{text}\n"
     )
 
 

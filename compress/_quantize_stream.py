@@ -22,7 +22,6 @@ from vcompress.core.layer_stream import LayerStream, TensorFileWriter
 from vcompress.core.quant_format import MANIFEST
 
 from ._arch import decoder_layers, is_gpt2
-from ._calib import calibration_blocks
 from ._gptq_core import Grid, Quantized, rtn
 from ._gptq_pack import to_tensors
 
@@ -67,8 +66,10 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
 
     from .quantize import (
         SIDECAR,
+        calibration_summary,
         choose_group_size,
         describe,
+        gptq_blocks,
         gptq_config,
         gptq_reloadable,
         manifest,
@@ -112,17 +113,8 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
     started = time.time()
     try:
         if cfg.method == "gptq":
-            blocks = calibration_blocks(
-                tokenizer,
-                data=ctx.data,
-                subset=ctx.subset,
-                mmlu=ctx.mmlu,
-                samples=cfg.calib_samples,
-                seq_len=cfg.seq_len,
-                seed=ctx.seed,
-                log=ctx.log,
-            )
-            outside = [m for m in _outside_layers(model)]
+            blocks = gptq_blocks(cfg, tokenizer, ctx)
+            outside = _outside_layers(model)
             for module in outside:
                 stream.load(module)
             inputs = capture(model, blocks, cfg.batch_size)
@@ -143,12 +135,7 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
                 leave=lambda i, layer: write_layer(i, layer),
                 results=results,
             )
-            metrics["calibration"] = {
-                "data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
-                "blocks": blocks.shape[0],
-                "seq_len": blocks.shape[1],
-                "tokens": blocks.numel(),
-            }
+            metrics["calibration"] = calibration_summary(blocks, ctx)
             metrics["layer_error"] = summarize_errors(errors)
         else:
             for i, layer in enumerate(decoder_layers(model)):

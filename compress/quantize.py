@@ -124,26 +124,12 @@ class Quantize(Stage):
 
         started = time.time()
         if cfg.method == "gptq":
-            blocks = calibration_blocks(
-                tokenizer,
-                data=ctx.data,
-                subset=ctx.subset,
-                mmlu=ctx.mmlu,
-                samples=cfg.calib_samples,
-                seq_len=cfg.seq_len,
-                seed=ctx.seed,
-                log=ctx.log,
-            )
+            blocks = gptq_blocks(cfg, tokenizer, ctx)
             ctx.log(f"GPTQ on {device.type}: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
             results, errors = quantize_gptq(
                 model, targets, blocks, grid, act_order=cfg.act_order, damp=cfg.damp, batch_size=cfg.batch_size, progress=ctx.progress
             )
-            metrics["calibration"] = {
-                "data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
-                "blocks": blocks.shape[0],
-                "seq_len": blocks.shape[1],
-                "tokens": blocks.numel(),
-            }
+            metrics["calibration"] = calibration_summary(blocks, ctx)
             metrics["layer_error"] = summarize_errors(errors)
         else:
             results = {}
@@ -162,6 +148,29 @@ class Quantize(Stage):
         if "rtn" in metrics and metrics["perplexity"] and metrics["rtn"]["perplexity"]:
             metrics["beats_rtn"] = metrics["perplexity"]["student"] < metrics["rtn"]["perplexity"]["student"]
         return metrics
+
+
+def gptq_blocks(cfg: QuantizeConfig, tokenizer, ctx) -> torch.Tensor:
+    """GPTQ's calibration blocks: the user's file, else MMLU text outside the evaluated subset."""
+    return calibration_blocks(
+        tokenizer,
+        data=ctx.data,
+        subset=ctx.subset,
+        mmlu=ctx.mmlu,
+        samples=cfg.calib_samples,
+        seq_len=cfg.seq_len,
+        seed=ctx.seed,
+        log=ctx.log,
+    )
+
+
+def calibration_summary(blocks: torch.Tensor, ctx) -> dict:
+    return {
+        "data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
+        "blocks": blocks.shape[0],
+        "seq_len": blocks.shape[1],
+        "tokens": blocks.numel(),
+    }
 
 
 # --- which layers, which group size ---------------------------------------------------

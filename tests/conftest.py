@@ -8,7 +8,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("VCOMPRESS_MMLU", None)  # every test reads the MMLU copy shipped in the package, whatever the shell sets
 
-from tests.tiny import build_model, build_tokenizer  # noqa: E402
+from tests.tiny import CORPUS, build_model, build_tokenizer  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "gpt2")
 
@@ -23,6 +23,14 @@ def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """One saved tiny random checkpoint per architecture (built once per session)."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: build_model(arch, root / arch, tokenizer) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory) -> Path:
+    """A calibration text file (the tiny corpus) for quantize runs."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(CORPUS))
+    return path
 
 
 @pytest.fixture(scope="session")

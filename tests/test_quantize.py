@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny import CORPUS
 from vcompress.compress._gptq_core import Grid, Hessians, gptq, reconstruction_error, rtn
 from vcompress.compress._gptq_pack import from_tensors, to_tensors
 from vcompress.compress.quantize import SIDECAR, Quantize, choose_group_size
@@ -21,13 +19,6 @@ from vcompress.core.quant_format import MANIFEST, dequantize, pack_rows, unpack_
 from vcompress.core.stage import execute
 
 FAST = {"calib_samples": 8, "seq_len": 32, "batch_size": 4, "heldout_blocks": 2, "heldout_seq_len": 32, "eval_per_subject": 0}
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n\n".join(CORPUS))
-    return path
 
 
 def quantize(src, out, calib, **config):

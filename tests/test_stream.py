@@ -11,7 +11,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.tiny import CORPUS
 from vcompress.compress.quantize import Quantize
 from vcompress.compress.sensitivity import SENSITIVITY, Analyze
 from vcompress.core.errors import InputError
@@ -20,13 +19,6 @@ from vcompress.core.quant_format import MANIFEST
 from vcompress.core.stage import execute
 
 FAST = {"calib_samples": 8, "seq_len": 32, "batch_size": 4, "heldout_blocks": 0, "eval_per_subject": 0}
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n\n".join(CORPUS))
-    return path
 
 
 def quantize(src, out, calib, **config):

@@ -68,6 +68,9 @@ from vcompress.core.units import MIB
 @click.option("--compare-rtn", is_flag=True, help="Also score round-to-nearest at the same settings.")
 @stream_option
 @click.option(
+    "--batch-size", type=int, default=8, show_default=True, help="Calibration blocks per forward pass (fewer: less memory, same algorithm)."
+)
+@click.option(
     "--heldout-blocks", type=int, default=4, show_default=True, help="Held-out blocks for perplexity and top-1 agreement (0: skip)."
 )
 @click.option(
@@ -99,6 +102,7 @@ def command(
     keep_sensitive,
     compare_rtn,
     stream,
+    batch_size,
     heldout_blocks,
     eval_per_subject,
     subset,
@@ -125,6 +129,7 @@ def command(
             "keep_sensitive": keep_sensitive,
             "compare_rtn": compare_rtn,
             "stream": stream,
+            "batch_size": batch_size,
             "heldout_blocks": heldout_blocks,
             "eval_per_subject": eval_per_subject,
         }
