@@ -59,17 +59,9 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 
 def parameters(folder: Path) -> int:
-    from safetensors import safe_open
+    from vcompress.core.layer_stream import checkpoint_bytes
 
-    total = 0
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                n = 1
-                for d in f.get_slice(key).get_shape():
-                    n *= d
-                total += n
-    return total
+    return checkpoint_bytes(folder) // 4  # fp32 bytes / 4
 
 
 def bench_model(model: str | None, args, work: Path) -> dict:

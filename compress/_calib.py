@@ -21,3 +21,20 @@ def calibration_blocks(
         return pool
     pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
     return pool[pick.sort().values]
+
+
+def stage_blocks(tokenizer, ctx, *, samples: int, seq_len: int) -> torch.Tensor:
+    """calibration_blocks with a stage context's data file, evaluated subset, MMLU copy, seed and log."""
+    return calibration_blocks(
+        tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=samples, seq_len=seq_len, seed=ctx.seed, log=ctx.log
+    )
+
+
+def calibration_summary(blocks: torch.Tensor, ctx) -> dict:
+    """What metrics.json says about the calibration set."""
+    return {
+        "data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
+        "blocks": blocks.shape[0],
+        "seq_len": blocks.shape[1],
+        "tokens": blocks.numel(),
+    }

@@ -22,6 +22,7 @@ from vcompress.core.layer_stream import LayerStream, TensorFileWriter
 from vcompress.core.quant_format import MANIFEST
 
 from ._arch import decoder_layers, is_gpt2
+from ._calib import calibration_summary, stage_blocks
 from ._gptq_core import Grid, Quantized, rtn
 from ._gptq_pack import to_tensors
 
@@ -66,10 +67,8 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
 
     from .quantize import (
         SIDECAR,
-        calibration_summary,
         choose_group_size,
         describe,
-        gptq_blocks,
         gptq_config,
         gptq_reloadable,
         manifest,
@@ -113,7 +112,7 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
     started = time.time()
     try:
         if cfg.method == "gptq":
-            blocks = gptq_blocks(cfg, tokenizer, ctx)
+            blocks = stage_blocks(tokenizer, ctx, samples=cfg.calib_samples, seq_len=cfg.seq_len)
             outside = _outside_layers(model)
             for module in outside:
                 stream.load(module)
@@ -121,7 +120,7 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
             for module in outside:
                 stream.release(module)
             ctx.log(f"GPTQ on {device}, streamed: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
-            found, errors = quantize_gptq(
+            _, errors = quantize_gptq(
                 model,
                 targets,
                 blocks,

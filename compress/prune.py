@@ -33,7 +33,7 @@ from vcompress.core.scoring import torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig
 
 from ._arch import attention, decoder_layers, is_gpt2, parameter_count, shape, weight_bytes
-from ._calib import calibration_blocks
+from ._calib import stage_blocks
 from ._heads import keep_kv_groups, slice_features
 from ._judge import judge_of
 from .budget import PRUNE_PLAN, budget_plan
@@ -297,16 +297,7 @@ class Prune(Stage):
         missing = [p for p in parts if p not in scores]
         if missing:
             ctx.log(f"computing {', '.join(missing)} scores on {cfg.samples} calibration blocks (pass --scores to reuse an analysis)")
-            blocks = calibration_blocks(
-                tokenizer,
-                data=ctx.data,
-                subset=ctx.subset,
-                mmlu=ctx.mmlu,
-                samples=cfg.samples,
-                seq_len=cfg.seq_len,
-                seed=ctx.seed,
-                log=ctx.log,
-            )
+            blocks = stage_blocks(tokenizer, ctx, samples=cfg.samples, seq_len=cfg.seq_len)
             scores = {**scores, **analyze(model, blocks, parts=missing, log=ctx.log)}
         return scores
 

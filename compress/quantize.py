@@ -38,7 +38,7 @@ from vcompress.core.scoring import Judge, torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig, no_progress, track
 
 from ._arch import decoder_layers, in_dim, is_gpt2, linear_modules, weight_bytes
-from ._calib import calibration_blocks
+from ._calib import calibration_summary, stage_blocks
 from ._gptq_core import Grid, Hessians, Quantized, gptq, reconstruction_error, rtn
 from ._gptq_pack import to_tensors
 from ._judge import judge_of
@@ -124,7 +124,7 @@ class Quantize(Stage):
 
         started = time.time()
         if cfg.method == "gptq":
-            blocks = gptq_blocks(cfg, tokenizer, ctx)
+            blocks = stage_blocks(tokenizer, ctx, samples=cfg.calib_samples, seq_len=cfg.seq_len)
             ctx.log(f"GPTQ on {device.type}: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
             results, errors = quantize_gptq(
                 model, targets, blocks, grid, act_order=cfg.act_order, damp=cfg.damp, batch_size=cfg.batch_size, progress=ctx.progress
@@ -148,29 +148,6 @@ class Quantize(Stage):
         if "rtn" in metrics and metrics["perplexity"] and metrics["rtn"]["perplexity"]:
             metrics["beats_rtn"] = metrics["perplexity"]["student"] < metrics["rtn"]["perplexity"]["student"]
         return metrics
-
-
-def gptq_blocks(cfg: QuantizeConfig, tokenizer, ctx) -> torch.Tensor:
-    """GPTQ's calibration blocks: the user's file, else MMLU text outside the evaluated subset."""
-    return calibration_blocks(
-        tokenizer,
-        data=ctx.data,
-        subset=ctx.subset,
-        mmlu=ctx.mmlu,
-        samples=cfg.calib_samples,
-        seq_len=cfg.seq_len,
-        seed=ctx.seed,
-        log=ctx.log,
-    )
-
-
-def calibration_summary(blocks: torch.Tensor, ctx) -> dict:
-    return {
-        "data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
-        "blocks": blocks.shape[0],
-        "seq_len": blocks.shape[1],
-        "tokens": blocks.numel(),
-    }
 
 
 # --- which layers, which group size ---------------------------------------------------

@@ -32,7 +32,7 @@ from vcompress.core.registry import STAGES
 from vcompress.core.stage import Stage, StageConfig
 
 from ._arch import attention, decoder_layers, final_norm, group_heads, in_dim, is_gpt2, linear_modules, out_dim, shape
-from ._calib import calibration_blocks
+from ._calib import calibration_summary, stage_blocks
 from ._gptq_core import Grid, rtn
 from ._heads import masked_heads
 from .quantize import Quantize, choose_group_size, quantizable, set_weight, weight_of
@@ -481,18 +481,10 @@ class Analyze(Stage):
             ctx.log(f"streaming {folder} layer by layer (the decoder layers are never all in memory)")
         else:
             model, tokenizer = ctx.load()
-        blocks = calibration_blocks(
-            tokenizer, data=ctx.data, subset=ctx.subset, mmlu=ctx.mmlu, samples=cfg.samples, seq_len=cfg.seq_len, seed=ctx.seed, log=ctx.log
-        )
+        blocks = stage_blocks(tokenizer, ctx, samples=cfg.samples, seq_len=cfg.seq_len)
         result = {"model": str(ctx.source) if ctx.source else DEFAULT_NAME}
         result.update(analyze(model, blocks, parts=cfg.parts, batch_size=cfg.batch_size, grid=cfg.grid, log=ctx.log, stream=stream))
-        result["calibration"] = {
-            "data": str(ctx.data) if ctx.data else f"MMLU outside {ctx.subset!r} (calib half)",
-            "blocks": blocks.shape[0],
-            "seq_len": blocks.shape[1],
-            "tokens": blocks.numel(),
-            "seed": ctx.seed,
-        }
+        result["calibration"] = {**calibration_summary(blocks, ctx), "seed": ctx.seed}
         write_json(ctx.out / SENSITIVITY, result)
         figures = write_heatmaps(result, ctx.out / "heatmaps")
         metrics = {

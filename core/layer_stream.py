@@ -117,16 +117,18 @@ class LayerStream:
                 self.release(module)
 
     def source_bytes(self) -> int:
-        """Bytes of the checkpoint's tensors at the stream's dtype (tied tensors are stored once)."""
-        from safetensors import safe_open
+        return checkpoint_bytes(self.folder, self.dtype)
 
-        total = 0
-        for file in sorted(set(self.files.values())):
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    shape = f.get_slice(key).get_shape()
-                    total += torch.Size(shape).numel() * torch.empty((), dtype=self.dtype).element_size()
-        return total
+
+def checkpoint_bytes(folder: Path, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a checkpoint's tensors at `dtype` (tied tensors are stored once), read from the file headers."""
+    from safetensors import safe_open
+
+    total, size = 0, torch.empty((), dtype=dtype).element_size()
+    for file in sorted(set(tensor_files(folder).values())):
+        with safe_open(str(file), framework="pt") as f:
+            total += sum(torch.Size(f.get_slice(key).get_shape()).numel() * size for key in f.keys())
+    return total
 
 
 def tensor_files(folder: Path) -> dict[str, Path]:
@@ -221,7 +223,7 @@ def stream_source(setting: str, ctx) -> Path | None:
         )
     else:
         return None
-    if setting == "auto" and not too_big_for_memory(LayerStream(folder).source_bytes()):
+    if setting == "auto" and not too_big_for_memory(checkpoint_bytes(folder)):
         return None
     return folder
 
