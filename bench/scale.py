@@ -4,6 +4,8 @@
     python bench/scale.py                                   # the embedded default only
     python bench/scale.py --model ~/.cache/vcompress/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
                                                             # (bench/second_model.py assembles it)
+    python bench/scale.py --skip analyze --skip quantize --export-from runs/q
+                                                            # the export steps only, from a quantize folder
 
 Every step is its own `vcompress` process (what a user runs), measured by the kernel: peak RSS is the
 child's ru_maxrss. A GGUF is converted to safetensors once first ("intake"), so the steps after it
@@ -15,6 +17,7 @@ their checkpoints hold the same tensors bit for bit. Growth is a straight line t
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -109,9 +112,12 @@ def bench_model(model: str | None, args, work: Path) -> dict:
         ],
         "quantize GPTQ (in memory)": [*VCOMPRESS, "quantize", *src, *quant, "--stream", "off", "--out", str(work / "q-mem")],
         "quantize GPTQ (streamed)": [*VCOMPRESS, "quantize", *src, *quant, "--stream", "on", "--out", str(work / "q-stream")],
-        "export onnx int4 (in memory)": [*VCOMPRESS, "export", "onnx", "--model", str(work / "q-stream"), "--quant", "int4"]
-        + ["--out", str(work / "onnx")],
     }
+    quantized = str(args.export_from or work / "q-stream")  # the quantize folder the export steps read
+    for mode in ("off", "on"):
+        label = f"export onnx int4 ({'streamed' if mode == 'on' else 'in memory'})"
+        steps[label] = [*VCOMPRESS, "export", "onnx", "--model", quantized, "--quant", "int4", "--stream", mode]
+        steps[label] += ["--threads", str(args.threads), "--out", str(work / f"onnx-{mode}")]
     for label, cmd in steps.items():
         if args.skip and any(s in label for s in args.skip):
             continue
@@ -123,7 +129,13 @@ def bench_model(model: str | None, args, work: Path) -> dict:
     identical = None
     if (work / "q-mem").is_dir() and (work / "q-stream").is_dir():
         identical = same_tensors(work / "q-mem", work / "q-stream")
-    return {"model": name, "parameters": params, "fp32_mib": round(params * 4 / 2**20, 1), "steps": rows, "streamed_identical": identical}
+    result = {"model": name, "parameters": params, "fp32_mib": round(params * 4 / 2**20, 1), "steps": rows, "streamed_identical": identical}
+    if (work / "onnx-off").is_dir() and (work / "onnx-on").is_dir():
+        result["onnx_identical"] = all(filecmp.cmp(work / "onnx-off" / f, work / "onnx-on" / f, shallow=False) for f in ONNX_FILES)
+    return result
+
+
+ONNX_FILES = ("model.onnx", "model.onnx.data")
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
@@ -150,6 +162,9 @@ def table(results: list[dict]) -> str:
             lines.append(
                 f"| {r['model']} | | | streamed checkpoint == in-memory checkpoint | {'yes, bit for bit' if r['streamed_identical'] else 'NO'} | | |"
             )
+        if r.get("onnx_identical") is not None:
+            same = "yes, byte for byte" if r["onnx_identical"] else "NO"
+            lines.append(f"| {r['model']} | | | streamed ONNX export == in-memory export | {same} | | |")
     labels = [label for label in results[0]["steps"] if not label.startswith("intake")] if results else []
     growth = ["", "Fitted growth (straight line through the models above) and what it predicts for 7B parameters:", ""]
     growth += ["| step | s per B params | MiB per B params | 7B wall (predicted) | 7B peak RSS (predicted) |", "|---|---|---|---|---|"]
@@ -163,6 +178,26 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + (growth if any_fit else []))
 
 
+def _earlier(result: dict, path: Path) -> dict:
+    """A model from an --add file, each row saying where it came from."""
+    for row in result["steps"].values():
+        row["note"] = "; ".join(filter(None, [row.get("note"), f"from {path.name}"]))
+    return result
+
+
+def merged(results: list[dict]) -> list[dict]:
+    """One entry per model (the same parameter count is the same model), its steps in the order first seen;
+    a row measured later replaces an earlier one of the same step."""
+    by_size: dict[int, dict] = {}
+    for r in results:
+        first = by_size.setdefault(r["parameters"], {**r, "steps": {}})
+        first["steps"].update(r["steps"])
+        for key in ("streamed_identical", "onnx_identical"):
+            if r.get(key) is not None:
+                first[key] = r[key]
+    return list(by_size.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=None, help="a model besides the default (repeatable)")
@@ -172,14 +207,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="quantize's calibration blocks per forward pass (activation memory)")
     parser.add_argument("--analyze-samples", type=int, default=4, help="analyze's calibration blocks (of 128 tokens; the profiles use 4)")
     parser.add_argument("--skip", action="append", default=[], help="skip steps whose label contains this (e.g. analyze)")
+    parser.add_argument(
+        "--export-from", type=Path, default=None, help="a quantize folder the export steps read (default: the streamed quantize step's)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads of the exports' parity checks")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale"))
     parser.add_argument("--keep", action="store_true", help="keep the artifacts (in a temp folder)")
     parser.add_argument(
-        "--add", type=Path, action="append", default=[], help="scale.json of an earlier run: its models join the table and the fit"
+        "--add",
+        type=Path,
+        action="append",
+        default=[],
+        help="scale.json of an earlier run: its models join the table and the fit; a step measured again in this run replaces its row",
     )
     args = parser.parse_args()
     models = (args.model or []) + ([] if args.no_default else [None])
-    results = [r for path in args.add for r in json.loads(path.read_text())]
+    results = [_earlier(r, path) for path in args.add for r in json.loads(path.read_text())]
     for model in models:
         work = Path(tempfile.mkdtemp(prefix="vcompress-scale-"))
         try:
@@ -187,13 +230,14 @@ def main() -> None:
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
-    text = table(results)
+    text = table(merged(results))
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(results, indent=1))
+    (args.out / "scale.json").write_text(json.dumps(merged(results), indent=1))
     (args.out / "scale.md").write_text(
         f"# Scale: peak RSS and wall time per stage\n\n`python bench/scale.py {' '.join(sys.argv[1:])}` on {os.cpu_count()} CPUs, "
-        f"GPTQ with {args.calib_samples} x {args.seq_len} calibration tokens, {args.batch_size} blocks per forward.\n\n{text}\n"
+        f"GPTQ with {args.calib_samples} x {args.seq_len} calibration tokens, {args.batch_size} blocks per forward"
+        f"{f'; the exports read {args.export_from}' if args.export_from else ''}.\n\n{text}\n"
     )
 
 

@@ -111,8 +111,15 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, act_order: bool 
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=H.device)
     W, H = W[:, order], H[order][:, order]
 
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
-    Hinv = _upper_cholesky_of_inverse(H)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    # Upper Cholesky factor of H^-1. The widest layer's H is ~100 MB per copy on a 0.5B model, so each
+    # step drops what the next does not need: at most two such matrices live here at once.
+    L = _cholesky(H)
+    del H
+    inverse = torch.cholesky_inverse(L)
+    del L
+    Hinv = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
 
     codes = torch.zeros_like(W)
     scales = torch.zeros(rows, cols // gs, device=W.device)
@@ -148,16 +155,20 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, act_order: bool 
     return Quantized(codes.to(torch.uint8).cpu(), scales.cpu(), zeros.cpu(), g_idx, grid)
 
 
-def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1, adding damping until H is positive definite."""
-    extra = 0.0
+def _cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of H, adding damping to the diagonal until H is positive definite."""
     mean = torch.mean(torch.diag(H))
+    extra = 0.0
     for _ in range(8):
-        try:
-            L = torch.linalg.cholesky(H + extra * mean * torch.eye(H.shape[0], device=H.device))
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-        except torch.linalg.LinAlgError:
-            extra = extra * 10 if extra else 0.01
+        damped = H
+        if extra:
+            damped = H.clone()
+            damped.diagonal().add_(extra * mean)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if not info:
+            return L
+        del L, damped
+        extra = extra * 10 if extra else 0.01
     raise RuntimeError("the Hessian stays singular even with heavy damping; give more calibration text")
 
 
@@ -206,6 +217,11 @@ class Hessians:
     def get(self, name: str) -> torch.Tensor:
         key = self.alias[name]
         return self.sums[key] * (2.0 / self.counts[key])
+
+    def take(self, name: str) -> torch.Tensor:
+        """`get` without a copy: the accumulator itself, scaled, and no longer kept here."""
+        key = self.alias[name]
+        return self.sums.pop(key).mul_(2.0 / self.counts[key])
 
     def close(self) -> None:
         for handle in self._handles:

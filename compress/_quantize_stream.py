@@ -18,7 +18,7 @@ import torch
 
 from vcompress.core.artifact import write_json
 from vcompress.core.errors import InputError
-from vcompress.core.layer_stream import LayerStream, TensorFileWriter
+from vcompress.core.layer_stream import LayerStream, TensorFileWriter, return_freed_memory
 from vcompress.core.quant_format import MANIFEST
 
 from ._arch import decoder_layers, is_gpt2
@@ -113,11 +113,14 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
     try:
         if cfg.method == "gptq":
             blocks = stage_blocks(tokenizer, ctx, samples=cfg.calib_samples, seq_len=cfg.seq_len)
-            outside = _outside_layers(model)
-            for module in outside:
+            del tokenizer  # ~140 MB for a 150k vocabulary; read again for saving once the layers are done
+            return_freed_memory()
+            positions = _position_embeddings(model)
+            for module in positions:
                 stream.load(module)
-            inputs = capture(model, blocks, cfg.batch_size)
-            for module in outside:
+            embeddings = f"{stream.name_of(model.get_input_embeddings())}.weight"
+            inputs = capture(model, blocks, cfg.batch_size, embed=lambda ids: stream.rows(embeddings, ids))
+            for module in positions:
                 stream.release(module)
             ctx.log(f"GPTQ on {device}, streamed: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
             _, errors = quantize_gptq(
@@ -146,9 +149,12 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
                 write_layer(i, layer)
         metrics["quantize_seconds"] = round(time.time() - started, 1)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-        for name, tensor in model.state_dict().items():  # what lies outside the layers: read and written one at a time
+        for name, tensor in model.state_dict().items():  # what lies outside the layers, copied in chunks
             if not name.startswith(f"{prefix}.") and name not in tied:
-                files.write(name, stream.read(name) if name in stream.files else tensor)
+                if name in stream.files:
+                    stream.copy_into(files.model, name)
+                else:
+                    files.write(name, tensor)
         files.close()
     except BaseException:
         files.abort()
@@ -159,7 +165,7 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
     config.save_pretrained(ctx.out)
     if (folder / "generation_config.json").is_file():
         shutil.copy(folder / "generation_config.json", ctx.out / "generation_config.json")
-    tokenizer.save_pretrained(ctx.out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(ctx.out)
     write_json(ctx.out / MANIFEST, manifest(model, results, kept, grid, cfg))
     other = files.model.nbytes - (0 if reloadable else sum(_float_bytes(q) for q in results.values()))
     written = (
@@ -174,12 +180,9 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
     return metrics
 
 
-def _outside_layers(model) -> list[torch.nn.Module]:
-    """The embeddings the first layer's inputs are computed from."""
-    modules = [model.get_input_embeddings()]
-    if is_gpt2(model):
-        modules.append(model.transformer.wpe)
-    return modules
+def _position_embeddings(model) -> list[torch.nn.Module]:
+    """Learned position embeddings, which the first layer's inputs add to the token embeddings."""
+    return [model.transformer.wpe] if is_gpt2(model) else []
 
 
 def _shape_only(q: Quantized) -> Quantized:

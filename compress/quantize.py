@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from vcompress.core.artifact import figure, read_json, write_json
 from vcompress.core.errors import InputError
-from vcompress.core.layer_stream import stream_source
+from vcompress.core.layer_stream import return_freed_memory, stream_source
 from vcompress.core.quant_format import MANIFEST, make_manifest
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import Judge, torch_logits_fn
@@ -234,13 +234,14 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, tuple, dict]]:
+def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int, embed=None) -> list[tuple[torch.Tensor, tuple, dict]]:
     """(hidden states, other positional arguments, keyword arguments) entering the first decoder layer, per batch.
 
     Every layer is then called with the same masks and position embeddings (models whose layers
-    differ in attention type, e.g. Qwen2 with sliding-window layers, are not handled).
+    differ in attention type, e.g. Qwen2 with sliding-window layers, are not handled). `embed`
+    (token ids -> embeddings) stands in for the model's own token embedding when it is not loaded.
     """
-    device = next(model.parameters()).device
+    device = "cpu" if embed else next(model.parameters()).device
     captured = []
 
     def grab(module, args, kwargs):
@@ -255,7 +256,10 @@ def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int) -> list[tup
     try:
         for batch in blocks.split(batch_size):
             try:
-                model(input_ids=batch.to(device), use_cache=False)
+                if embed:
+                    model(inputs_embeds=embed(batch).to(device), use_cache=False)
+                else:
+                    model(input_ids=batch.to(device), use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -299,9 +303,10 @@ def quantize_gptq(
                 layer(hidden, *args, **kwargs)
         finally:
             hessians.close()
+        return_freed_memory()  # the forward's activations, before the solves allocate their own
         for names in shared_inputs(hessians, mine):
             # Projections reading the same input share H: one GPTQ run over their stacked rows.
-            H = hessians.get(names[0])
+            H = hessians.take(names[0])
             weights = [weight_of(mine[name]).float() for name in names]
             stacked = gptq(torch.cat(weights), H, grid, act_order=act_order, damp=damp)
             for name, w, result in zip(names, weights, split_rows(stacked, [w.shape[0] for w in weights])):
@@ -313,6 +318,8 @@ def quantize_gptq(
                 }
                 set_weight(mine[name], w_hat)
                 results[name] = result
+            del H, weights, stacked
+            return_freed_memory()
         del hessians
         inputs = [(_hidden_out(layer(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in inputs]
         if leave:

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -37,19 +38,19 @@ class LayerStream:
     """`model` is the checkpoint's skeleton (parameters on the meta device, buffers real);
     `load(module)` reads that module's tensors from the folder, `release(module)` drops them."""
 
+    reads_quantized = False  # a folder whose config names a quantization_config (DequantizedStream reads one)
+
     def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.folder = Path(folder)
         self.dtype, self.device = dtype, device
         self.files = tensor_files(self.folder)
+        free_large_blocks_at_once()
         config = AutoConfig.from_pretrained(self.folder)
-        if hasattr(config, "quantization_config"):
+        if hasattr(config, "quantization_config") and not self.reads_quantized:
             raise InputError(f"{self.folder} is already quantized; stream its float source instead, or pass --stream off")
-        with init_empty_weights():
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        self.model.eval()
+        self.model = meta_model(config, dtype)
         self._names = {id(m): name for name, m in self.model.named_modules()}
         self._held: dict[int, int] = {}
 
@@ -61,6 +62,27 @@ class LayerStream:
         with safe_open(str(self.files[name]), framework="pt") as f:
             return f.get_tensor(name).to(self.dtype)
 
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """table[ids] for a stored [rows, dim] table (an embedding), reading only the rows asked for:
+        the first layer's inputs then need the calibration tokens' embeddings, not the whole table."""
+        from safetensors import safe_open
+
+        unique, where = torch.unique(ids, return_inverse=True)
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            table = f.get_slice(name)
+            picked = torch.cat([table[i : i + 1] for i in unique.tolist()]).to(self.dtype)
+        return picked[where]
+
+    def copy_into(self, writer: TensorFileWriter, name: str) -> None:
+        """Write a stored tensor to `writer` at this stream's dtype; a tensor already at it is copied byte
+        for byte in chunks, never whole in memory (a 0.5B model's embedding is 545 MB in fp32)."""
+        entry = _header(self.files[name])[name]
+        if entry["dtype"] != DTYPES[self.dtype]:
+            writer.add(name, self.read(name))
+            return
+        start, end = entry["data_offsets"]
+        writer.add_bytes(name, self.dtype, entry["shape"], self.files[name], _data_start(self.files[name]) + start, end - start)
+
     def load(self, module: torch.nn.Module) -> torch.nn.Module:
         from accelerate.utils import set_module_tensor_to_device
 
@@ -69,6 +91,9 @@ class LayerStream:
             full = f"{prefix}.{name}" if prefix else name
             set_module_tensor_to_device(self.model, full, self.device, value=self.read(full))
         return module
+
+    def name_of(self, module: torch.nn.Module) -> str:
+        return self._names[id(module)]
 
     def release(self, module: torch.nn.Module) -> None:
         module.to("meta")
@@ -167,6 +192,16 @@ class TensorFileWriter:
         self._scratch.write(memoryview(data))
         self._entries[name] = (t.dtype, list(t.shape), start, self._scratch.tell() - start)
 
+    def add_bytes(self, name: str, dtype: torch.dtype, shape: list[int], source: Path, offset: int, size: int) -> None:
+        """A tensor whose raw bytes lie in `source` at `offset`, copied through a small buffer."""
+        if name in self._entries:
+            raise ValueError(f"tensor {name} written twice")
+        start = self._scratch.tell()
+        with open(source, "rb") as f:
+            f.seek(offset)
+            _copy(f, self._scratch, size)
+        self._entries[name] = (dtype, list(shape), start, size)
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
@@ -192,10 +227,7 @@ class TensorFileWriter:
             for name in order:
                 _, _, start, size = self._entries[name]
                 self._scratch.seek(start)
-                while size:
-                    chunk = self._scratch.read(min(size, 64 << 20))
-                    out.write(chunk)
-                    size -= len(chunk)
+                _copy(self._scratch, out, size)
         self._scratch.close()
         self._scratch_path.unlink()
         os.replace(tmp, self.path)
@@ -203,6 +235,26 @@ class TensorFileWriter:
     def abort(self) -> None:
         self._scratch.close()
         self._scratch_path.unlink(missing_ok=True)
+
+
+def _copy(source, target, size: int, chunk: int = 64 << 20) -> None:
+    while size:
+        data = source.read(min(size, chunk))
+        if not data:
+            raise InputError(f"{source.name} ends early; the checkpoint is truncated, re-export it")
+        target.write(data)
+        size -= len(data)
+
+
+def _header(file: Path) -> dict:
+    """A .safetensors file's JSON header: name -> dtype, shape, data_offsets (from the data start)."""
+    with open(file, "rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
+
+
+def _data_start(file: Path) -> int:
+    with open(file, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
 
 
 def stream_source(setting: str, ctx) -> Path | None:
@@ -245,6 +297,16 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def free_large_blocks_at_once(threshold: int = 4 << 20) -> None:
+    """Large allocations get their own mapping, unmapped when freed. glibc otherwise raises its mmap threshold
+    up to 32 MB as tensors come and go, and a streamed stage's per-layer temporaries (tens of MB each) then
+    fragment the heap: the peak grew layer after layer on Qwen2.5-0.5B until this was set."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD; also stops its dynamic adjustment
+    except (OSError, AttributeError):
+        pass
+
+
 def return_freed_memory() -> None:
     """Hand the heap's freed memory back to the OS. glibc keeps it otherwise, and a streamed run then holds
     every layer's freed temporaries as if they were live (measured on Qwen2.5-0.5B: 1,372 MiB resident after
@@ -253,3 +315,86 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to ask
         pass
+
+
+# --- reading tensors one at a time: what a streamed export builds its graph from ------------------
+
+
+class LazyTensors(Mapping):
+    """Tensor name -> tensor, read from disk when asked and not kept: a state dict's interface over a
+    checkpoint that is never whole in memory (each `[name]` is one read)."""
+
+    def __init__(self, names, read):
+        self._names, self._read = dict.fromkeys(names), read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def file_tensors(file: str | Path) -> LazyTensors:
+    """The tensors of one .safetensors file, as stored (no dtype change), each read by safetensors' lazy reader."""
+    from safetensors import safe_open
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    with safe_open(str(file), framework="pt") as f:
+        return LazyTensors(list(f.keys()), read)
+
+
+def stream_tensors(stream: LayerStream) -> LazyTensors:
+    """Every tensor a stream's model holds, by name, at its dtype (a quantized linear's weight dequantized)."""
+    dequantized = stream.dequantized if isinstance(stream, DequantizedStream) else {}
+    return LazyTensors([*stream.files, *dequantized], stream.read)
+
+
+def meta_model(config, dtype: torch.dtype = torch.float32):
+    """The model a config describes, its parameters on the meta device (accelerate), with no quantization config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def model_bytes(folder: str | Path, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the model a folder's config describes at `dtype` (tied parameters once), whatever the files
+    hold (a quantize folder's codes are smaller than the model it loads as)."""
+    from transformers import AutoConfig
+
+    model = meta_model(AutoConfig.from_pretrained(folder), dtype)
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+class DequantizedStream(LayerStream):
+    """A quantize-stage folder (quant_manifest.json) streamed as the float model it computes: a quantized
+    linear's weight is dequantized from its codes (quant_format.dequantize, as load_dequantized does for
+    the whole model) when its layer is read, one linear's codes at a time. LayerStream refuses such a
+    folder (its config may name a quantization_config); this one builds the skeleton without it."""
+
+    reads_quantized = True
+
+    def __init__(self, folder: str | Path, manifest: dict, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        super().__init__(folder, dtype, device)
+        self.codes = file_tensors(self.folder / manifest["weights_file"])
+        self.dequantized = {f"{name}.weight": spec for name, spec in manifest["linears"].items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        from .quant_format import dequantize, linear_tensors
+
+        spec = self.dequantized.get(name)
+        if spec is None:
+            return super().read(name)
+        w = dequantize(linear_tensors(self.codes, spec), spec["bits"])  # [in, out]
+        return (w if spec.get("module") == "Conv1D" else w.t().contiguous()).to(self.dtype)

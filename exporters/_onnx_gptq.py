@@ -16,16 +16,14 @@ matrix: the fast kernel does the work, the correction is one tiny MatMul per qua
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from vcompress.core.errors import InputError
 from vcompress.core.quant_format import codes, grid_bits, linear_tensors
 
-from ._onnx_graph import MS
+from ._onnx_graph import MS, GraphBuilder
+from ._onnx_quant import TableWeights
 
 
 def _codes(packed: dict, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,102 +77,56 @@ def matmulnbits_inputs(packed: dict, specs: list[dict]) -> dict:
     }
 
 
-def graph_linears(arch: str, layers: int) -> dict[str, list[str]]:
-    """Graph MatMul node -> the checkpoint linears it computes (in concatenation order)."""
-    out = {}
-    for i in range(layers):
-        if arch == "gpt2":
-            p = f"transformer.h.{i}."
-            out.update(
-                {
-                    f"layers.{i}.attn.qkv_proj/MatMul": [p + "attn.c_attn"],
-                    f"layers.{i}.attn.o_proj/MatMul": [p + "attn.c_proj"],
-                    f"layers.{i}.mlp.fc/MatMul": [p + "mlp.c_fc"],
-                    f"layers.{i}.mlp.down_proj/MatMul": [p + "mlp.c_proj"],
-                }
-            )
-        else:
-            p = f"model.layers.{i}."
-            out[f"layers.{i}.attn.qkv_proj/MatMul"] = [p + f"self_attn.{x}_proj" for x in "qkv"]
-            out[f"layers.{i}.attn.o_proj/MatMul"] = [p + "self_attn.o_proj"]
-            out[f"layers.{i}.mlp.gate_up_proj/MatMul"] = [p + "mlp.gate_proj", p + "mlp.up_proj"]
-            out[f"layers.{i}.mlp.down_proj/MatMul"] = [p + "mlp.down_proj"]
-    out["lm_head/MatMul"] = ["lm_head"]
-    return out
+class CarriedWeights(TableWeights):
+    """The graph's weights with each linear the checkpoint quantized as MatMulNBits on its own grid,
+    made from that linear's codes when the graph reaches it (`codes` maps the weights file's tensor
+    names to tensors; a lazy reader reads one linear's at a time). Linears left float stay MatMul;
+    the tables follow TableWeights (`bits` 0: fp32). `carried` describes what was carried."""
 
+    def __init__(self, tensors, codes, manifest: dict, *, accuracy_level: int, table_bits: int, block_size: int):
+        super().__init__(tensors, bits=table_bits, block_size=block_size, accuracy_level=accuracy_level)
+        self.codes, self.linears = codes, manifest["linears"]
+        self.carried = {
+            "linears": 0,
+            "kept_float": [],
+            "method": manifest.get("method"),
+            "bits": grid_bits(manifest),
+            "group_size": sorted({s["group_size"] for s in self.linears.values()}),
+        }
 
-def carry(
-    model: onnx.ModelProto, folder: str | Path, manifest: dict, arch: str, layers: int, accuracy_level: int
-) -> tuple[onnx.ModelProto, dict]:
-    """Replace every MatMul whose linears the checkpoint quantized by MatMulNBits with their grid."""
-    from safetensors.torch import load_file
-
-    packed = load_file(str(Path(folder) / manifest["weights_file"]))
-    linears = manifest["linears"]
-    targets = graph_linears(arch, layers)
-    graph = model.graph
-    nodes, replaced, kept_float, dropped = [], [], [], set()
-    for node in graph.node:
-        names = targets.get(node.name) if node.op_type == "MatMul" else None
-        quantized = [n for n in names or [] if n in linears]
+    def matmul(self, g: GraphBuilder, x: str, modules: list[str], name: str, transposed: bool = False) -> str:
+        quantized = [m for m in modules if m in self.linears]
         if not quantized:
-            if names:
-                kept_float.append(node.name)
-            nodes.append(node)
-            continue
-        if len(quantized) != len(names):
+            self.carried["kept_float"].append(f"{name}/MatMul")
+            return super().matmul(g, x, modules, name, transposed)
+        if len(quantized) != len(modules):
             raise InputError(
-                f"{node.name} packs {names} but only {quantized} are quantized; re-quantize keeping all or none of them in float, or export with --quant none"
+                f"{name}/MatMul packs {modules} but only {quantized} are quantized; re-quantize keeping all or none of them in float, or export with --quant none"
             )
-        inputs = matmulnbits_inputs(packed, [linears[n] for n in names])
-        stem = node.name.rsplit("/", 1)[0]
-        init_names = [f"{stem}.weight_Q{inputs['bits']}", f"{stem}.weight_scales", f"{stem}.weight_zero_points"]
-        graph.initializer.extend(
-            numpy_helper.from_array(inputs[key], name) for key, name in zip(("B", "scales", "zero_points"), init_names)
-        )
-        attrs = {key: inputs[key] for key in ("K", "N", "bits", "block_size")}
-        if accuracy_level:
-            attrs["accuracy_level"] = accuracy_level
-        correction = inputs["correction"]
-        main_out = list(node.output) if correction is None else [f"{stem}/MatMulNBits_out"]
-        nodes.append(
-            helper.make_node(
-                "MatMulNBits", [node.input[0], *init_names], main_out, name=f"{node.name}_Q{inputs['bits']}", domain=MS, **attrs
-            )
-        )
-        if correction is not None:
-            nodes.extend(_float_zero_correction(graph, stem, node.input[0], main_out[0], node.output[0], correction, inputs["block_size"]))
-        dropped.add(node.input[1])
-        replaced.extend(names)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name not in dropped]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return model, {
-        "linears": len(replaced),
-        "kept_float": kept_float,
-        "method": manifest.get("method"),
-        "bits": grid_bits(manifest),
-        "group_size": sorted({s["group_size"] for s in linears.values()}),
-    }
-
-
-def _float_zero_correction(graph, stem: str, x: str, main: str, out: str, correction: np.ndarray, block: int) -> list:
-    """out = main + groupsum(x) @ correction: the float part of the zero points (see the module doc)."""
-    groups = correction.shape[0]
-    names = {key: f"{stem}.zero_correction.{key}" for key in ("shape", "axes", "matrix")}
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array([0, 0, groups, block], dtype=np.int64), names["shape"]),
-            numpy_helper.from_array(np.array([-1], dtype=np.int64), names["axes"]),
-            numpy_helper.from_array(correction, names["matrix"]),
+        inputs = matmulnbits_inputs(self.codes, [self.linears[m] for m in modules])
+        self.fp32_bytes += inputs["K"] * inputs["N"] * 4
+        self.carried["linears"] += len(modules)
+        bits = inputs["bits"]
+        weights = [
+            g.add(numpy_helper.from_array(inputs[key], f"{name}.weight_{suffix}"))
+            for key, suffix in (("B", f"Q{bits}"), ("scales", "scales"), ("zero_points", "zero_points"))
         ]
-    )
-    grouped, sums, fix = (f"{stem}/zero_correction/{t}" for t in ("grouped", "sums", "fix"))
-    return [
-        helper.make_node("Reshape", [x, names["shape"]], [grouped], name=f"{stem}/zero_correction/Reshape"),
-        helper.make_node("ReduceSum", [grouped, names["axes"]], [sums], name=f"{stem}/zero_correction/ReduceSum", keepdims=0),
-        helper.make_node("MatMul", [sums, names["matrix"]], [fix], name=f"{stem}/zero_correction/MatMul"),
-        helper.make_node("Add", [main, fix], [out], name=f"{stem}/zero_correction/Add"),
-    ]
+        attrs = {key: inputs[key] for key in ("K", "N", "bits", "block_size")}
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        y = g.one("MatMulNBits", [x, *weights], name=f"{name}/MatMul_Q{bits}", domain=MS, **attrs)
+        if inputs["correction"] is None:
+            return y
+        return _float_zero_correction(g, name, x, y, inputs["correction"], inputs["block_size"])
+
+
+def _float_zero_correction(g: GraphBuilder, stem: str, x: str, main: str, correction: np.ndarray, block: int) -> str:
+    """main + groupsum(x) @ correction: the float part of the zero points (see the module doc)."""
+    names = {key: f"{stem}.zero_correction.{key}" for key in ("shape", "axes", "matrix")}
+    shape = g.const(names["shape"], [0, 0, correction.shape[0], block])
+    axes = g.const(names["axes"], [-1])
+    matrix = g.weight(names["matrix"], correction)
+    grouped = g.one("Reshape", [x, shape], name=f"{stem}/zero_correction/Reshape")
+    sums = g.one("ReduceSum", [grouped, axes], name=f"{stem}/zero_correction/ReduceSum", keepdims=0)
+    fix = g.one("MatMul", [sums, matrix], name=f"{stem}/zero_correction/MatMul")
+    return g.one("Add", [main, fix], name=f"{stem}/zero_correction/Add")

@@ -35,7 +35,10 @@ outputs  logits float32 [batch, 1, vocab] (declared 1: ORT GenAI reads that as l
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -64,12 +67,20 @@ class GraphBuilder:
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
     _names: set = field(default_factory=set)
+    # Where each initializer's bytes go as it is made (an ExternalData file); None keeps them in the proto.
+    store: ExternalData | None = None
 
     def weight(self, name: str, array) -> str:
         if isinstance(array, torch.Tensor):
             array = array.detach().to(torch.float32).cpu().numpy()
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
+        return self.add(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def add(self, tensor: TensorProto) -> str:
+        """Add a made initializer (its bytes go to the store at once, if there is one); returns its name."""
+        if self.store is not None:
+            self.store.write(tensor)
+        self.initializers.append(tensor)
+        return tensor.name
 
     def const(self, name: str, values, dtype=np.int64) -> str:
         return self.weight(name, np.array(values, dtype=dtype))
@@ -88,6 +99,72 @@ class GraphBuilder:
 
     def one(self, *args, **kwargs) -> str:
         return self.op(*args, **kwargs)[0]
+
+
+# onnx.save_model's size_threshold: smaller tensors stay inside model.onnx
+EXTERNAL_THRESHOLD = 1024
+
+
+class ExternalData:
+    """model.onnx.data written while the graph is built: each initializer's bytes are appended as it is
+    made and the proto keeps only where they are (location, offset, length). onnx's own functions write
+    them, under onnx.save_model's rule (external from EXTERNAL_THRESHOLD on), so the file is the one
+    `_onnx_quant.save` writes for the same proto, and the proto in memory holds no weight data."""
+
+    def __init__(self, folder: Path, location: str):
+        self.folder, self.location = Path(folder), location
+        (self.folder / location).write_bytes(b"")
+
+    def write(self, tensor: TensorProto) -> None:
+        from onnx.external_data_helper import save_external_data, set_external_data
+
+        if not tensor.HasField("raw_data") or sys.getsizeof(tensor.raw_data) < EXTERNAL_THRESHOLD:
+            return
+        set_external_data(tensor, self.location)
+        save_external_data(tensor, str(self.folder))
+        tensor.ClearField("raw_data")
+
+
+TABLE = "embed_tokens.weight"  # the embedding table's initializer (its quantized forms: TABLE_Q, ...)
+
+
+class Weights:
+    """The checkpoint's tensors as the graph reads them, and the form each weight takes in it.
+
+    `tensors` maps checkpoint names to tensors: a state dict, or a reader that loads one tensor from
+    disk when asked (a streamed export). Here every weight is fp32: a MatMul per linear, a Gather on
+    the embedding table, a Gemm(transB) on it for a tied head. Subclasses store them quantized as the
+    graph is built (_onnx_quant.TableWeights: the tables; _onnx_gptq.CarriedWeights: a quantize folder's
+    grid). `fp32_bytes` counts what the weights read take at fp32 (the size an fp32 export compares to)."""
+
+    def __init__(self, tensors: Mapping):
+        self.tensors = tensors
+        self.fp32_bytes = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        tensor = self.tensors[name]
+        self.fp32_bytes += tensor.numel() * 4
+        return tensor
+
+    def matmul(self, g: GraphBuilder, x: str, modules: list[str], name: str, transposed: bool = False) -> str:
+        """x @ W for the checkpoint linears `modules` (sharing the input x) as one W [in, out], outputs concatenated."""
+        parts = [self.read(f"{m}.weight") for m in modules]
+        w = torch.cat(parts, dim=1) if transposed else torch.cat(parts).t()  # GPT-2's Conv1D keeps [in, out] already
+        return g.one("MatMul", [x, g.weight(f"{name}.weight", w)], name=f"{name}/MatMul")
+
+    def gather(self, g: GraphBuilder, table: str, key: str, indices: str, name: str) -> str:
+        """Rows `indices` of the table `key` (the graph's initializer `table`)."""
+        return g.one("Gather", [g.weight(table, self.read(key)), indices], name=name)
+
+    def tied_head(self, g: GraphBuilder, x: str) -> str:
+        """x [rows, hidden] @ the embedding table^T: the tied table is stored once."""
+        return g.one("Gemm", [x, TABLE], name="lm_head/Gemm", transB=1)
+
+    def untied_head(self, g: GraphBuilder, x: str) -> str:
+        return self.matmul(g, x, ["lm_head"], "lm_head")
 
 
 def dims_of(config) -> Dims:
@@ -123,17 +200,19 @@ def io_names(d: Dims) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def build(model) -> tuple[onnx.ModelProto, Dims]:
-    """The fp32 decoder graph of a transformers Llama / Qwen2 / GPT-2 causal LM."""
+def build(model, weights: Weights | None = None, store: ExternalData | None = None) -> tuple[onnx.ModelProto, Dims]:
+    """The decoder graph of a transformers Llama / Qwen2 / GPT-2 causal LM: `model` gives the config and
+    the rotary tables (a meta-device skeleton will do), `weights` the tensors and their form (default:
+    fp32 from the model's state dict); with a `store` the weight bytes go to its file as they are made."""
     d = dims_of(model.config)
-    g = GraphBuilder()
-    sd = {k: v for k, v in model.state_dict().items()}
+    w = weights or Weights(model.state_dict())
+    g = GraphBuilder(store=store)
     _lengths_from_mask(g)
     if d.arch == "gpt2":
-        hidden = _gpt2_body(g, model, sd, d)
+        hidden = _gpt2_body(g, model, w, d)
     else:
-        hidden = _llama_body(g, model, sd, d)
-    _lm_head(g, model, sd, d, hidden)
+        hidden = _llama_body(g, model, w, d)
+    _lm_head(g, w, d, hidden)
     return _assemble(g, d), d
 
 
@@ -150,13 +229,14 @@ def _lengths_from_mask(g: GraphBuilder) -> None:
     g.op("Cast", [scalar], ["total_sequence_length"], name="total_sequence_length/Cast", to=TensorProto.INT32)
 
 
-def _linear(g: GraphBuilder, x: str, weight: torch.Tensor, name: str, bias: torch.Tensor | None = None, transposed: bool = False) -> str:
-    """x @ W^T (+ b). Weights are stored as [in, out] so MatMulNBits can replace the MatMul."""
-    w = weight if transposed else weight.t()
-    y = g.one("MatMul", [x, g.weight(f"{name}.weight", w)], name=f"{name}/MatMul")
-    if bias is not None:
-        y = g.one("Add", [y, g.weight(f"{name}.bias", bias)], name=f"{name}/Add")
-    return y
+def _linear(g: GraphBuilder, w: Weights, x: str, modules: list[str], name: str, transposed: bool = False, bias: bool = True) -> str:
+    """x @ W (+ b when the checkpoint has the linears' biases and `bias`). Weights are stored as [in, out]
+    so MatMulNBits can replace the MatMul; linears sharing x (q/k/v, gate/up) are one MatMul."""
+    y = w.matmul(g, x, modules, name, transposed)
+    if not bias or f"{modules[0]}.bias" not in w:
+        return y
+    b = torch.cat([w.read(f"{m}.bias") for m in modules])
+    return g.one("Add", [y, g.weight(f"{name}.bias", b)], name=f"{name}/Add")
 
 
 def _attention(g: GraphBuilder, d: Dims, i: int, qkv: str, rotary: bool) -> str:
@@ -189,15 +269,15 @@ def _rotary_caches(g: GraphBuilder, model, d: Dims) -> None:
     g.weight("sin_cache", sin[0, :, :half])
 
 
-def _llama_body(g: GraphBuilder, model, sd: dict, d: Dims) -> tuple[str, str]:
+def _llama_body(g: GraphBuilder, model, w: Weights, d: Dims) -> str:
     cfg = model.config
     eps = float(cfg.rms_norm_eps)
     _rotary_caches(g, model, d)
-    x = g.one("Gather", [g.weight("embed_tokens.weight", sd["model.embed_tokens.weight"]), "input_ids"], name="embed_tokens/Gather")
+    x = w.gather(g, TABLE, "model.embed_tokens.weight", "input_ids", "embed_tokens/Gather")
     residual, branch = x, None
     for i in range(d.layers):
         p = f"model.layers.{i}."
-        gamma = g.weight(f"layers.{i}.input_layernorm.weight", sd[p + "input_layernorm.weight"])
+        gamma = g.weight(f"layers.{i}.input_layernorm.weight", w.read(p + "input_layernorm.weight"))
         if branch is None:
             h = g.one(
                 "SimplifiedLayerNormalization", [residual, gamma], name=f"layers.{i}.input_layernorm", axis=-1, epsilon=eps, stash_type=1
@@ -206,14 +286,10 @@ def _llama_body(g: GraphBuilder, model, sd: dict, d: Dims) -> tuple[str, str]:
             h, _, _, residual = g.op(
                 "SkipSimplifiedLayerNormalization", [branch, residual, gamma], 4, name=f"layers.{i}.input_layernorm", domain=MS, epsilon=eps
             )
-        w_qkv = torch.cat([sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]])
-        b_qkv = None
-        if p + "self_attn.q_proj.bias" in sd:
-            b_qkv = torch.cat([sd[p + "self_attn.q_proj.bias"], sd[p + "self_attn.k_proj.bias"], sd[p + "self_attn.v_proj.bias"]])
-        qkv = _linear(g, h, w_qkv, f"layers.{i}.attn.qkv_proj", b_qkv)
+        qkv = _linear(g, w, h, [p + f"self_attn.{x}_proj" for x in "qkv"], f"layers.{i}.attn.qkv_proj")
         attn = _attention(g, d, i, qkv, rotary=True)
-        branch = _linear(g, attn, sd[p + "self_attn.o_proj.weight"], f"layers.{i}.attn.o_proj", sd.get(p + "self_attn.o_proj.bias"))
-        gamma = g.weight(f"layers.{i}.post_attention_layernorm.weight", sd[p + "post_attention_layernorm.weight"])
+        branch = _linear(g, w, attn, [p + "self_attn.o_proj"], f"layers.{i}.attn.o_proj")
+        gamma = g.weight(f"layers.{i}.post_attention_layernorm.weight", w.read(p + "post_attention_layernorm.weight"))
         h, _, _, residual = g.op(
             "SkipSimplifiedLayerNormalization",
             [branch, residual, gamma],
@@ -223,54 +299,52 @@ def _llama_body(g: GraphBuilder, model, sd: dict, d: Dims) -> tuple[str, str]:
             epsilon=eps,
         )
         # gate and up share their input: one MatMul (one MatMulNBits under int4) and a Split.
-        w_gu = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-        b_gu = torch.cat([sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"]]) if p + "mlp.gate_proj.bias" in sd else None
-        gate_up = _linear(g, h, w_gu, f"layers.{i}.mlp.gate_up_proj", b_gu)
-        inner = sd[p + "mlp.gate_proj.weight"].shape[0]
+        gate_up = _linear(g, w, h, [p + "mlp.gate_proj", p + "mlp.up_proj"], f"layers.{i}.mlp.gate_up_proj")
+        inner = cfg.intermediate_size
         gate, up = g.op("Split", [gate_up, g.const(f"layers.{i}.mlp.split", [inner, inner])], 2, name=f"layers.{i}.mlp/Split", axis=-1)
         act = _activation(g, gate, cfg.hidden_act, f"layers.{i}.mlp.act")
         prod = g.one("Mul", [act, up], name=f"layers.{i}.mlp/Mul")
-        branch = _linear(g, prod, sd[p + "mlp.down_proj.weight"], f"layers.{i}.mlp.down_proj", sd.get(p + "mlp.down_proj.bias"))
-    gamma = g.weight("norm.weight", sd["model.norm.weight"])
+        branch = _linear(g, w, prod, [p + "mlp.down_proj"], f"layers.{i}.mlp.down_proj")
+    gamma = g.weight("norm.weight", w.read("model.norm.weight"))
     out, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [branch, residual, gamma], 4, name="norm", domain=MS, epsilon=eps)
     return out
 
 
-def _gpt2_body(g: GraphBuilder, model, sd: dict, d: Dims) -> str:
+def _gpt2_body(g: GraphBuilder, model, w: Weights, d: Dims) -> str:
     cfg = model.config
     eps = float(cfg.layer_norm_epsilon)
-    tok = g.one("Gather", [g.weight("embed_tokens.weight", sd["transformer.wte.weight"]), "input_ids"], name="embed_tokens/Gather")
-    pos = g.one("Gather", [g.weight("embed_positions.weight", sd["transformer.wpe.weight"]), "position_ids"], name="embed_positions/Gather")
+    tok = w.gather(g, TABLE, "transformer.wte.weight", "input_ids", "embed_tokens/Gather")
+    pos = w.gather(g, "embed_positions.weight", "transformer.wpe.weight", "position_ids", "embed_positions/Gather")
     residual = g.one("Add", [tok, pos], name="embeddings/Add")
     branch, branch_bias = None, None
     for i in range(d.layers):
         p = f"transformer.h.{i}."
-        gamma = g.weight(f"layers.{i}.ln_1.weight", sd[p + "ln_1.weight"])
-        beta = g.weight(f"layers.{i}.ln_1.bias", sd[p + "ln_1.bias"])
+        gamma = g.weight(f"layers.{i}.ln_1.weight", w.read(p + "ln_1.weight"))
+        beta = g.weight(f"layers.{i}.ln_1.bias", w.read(p + "ln_1.bias"))
         if branch is None:
             h = g.one("LayerNormalization", [residual, gamma, beta], name=f"layers.{i}.ln_1", axis=-1, epsilon=eps)
         else:
             h, _, _, residual = g.op(
                 "SkipLayerNormalization", [branch, residual, gamma, beta, branch_bias], 4, name=f"layers.{i}.ln_1", domain=MS, epsilon=eps
             )
-        # GPT-2's Conv1D keeps weights as [in, out] already.
-        qkv = _linear(g, h, sd[p + "attn.c_attn.weight"], f"layers.{i}.attn.qkv_proj", sd[p + "attn.c_attn.bias"], transposed=True)
+        # GPT-2's Conv1D keeps weights as [in, out] already; the projections' biases feed the next op.
+        qkv = _linear(g, w, h, [p + "attn.c_attn"], f"layers.{i}.attn.qkv_proj", transposed=True)
         attn = _attention(g, d, i, qkv, rotary=False)
-        branch = _linear(g, attn, sd[p + "attn.c_proj.weight"], f"layers.{i}.attn.o_proj", transposed=True)
-        branch_bias = g.weight(f"layers.{i}.attn.o_proj.bias", sd[p + "attn.c_proj.bias"])
-        gamma = g.weight(f"layers.{i}.ln_2.weight", sd[p + "ln_2.weight"])
-        beta = g.weight(f"layers.{i}.ln_2.bias", sd[p + "ln_2.bias"])
+        branch = _linear(g, w, attn, [p + "attn.c_proj"], f"layers.{i}.attn.o_proj", transposed=True, bias=False)
+        branch_bias = g.weight(f"layers.{i}.attn.o_proj.bias", w.read(p + "attn.c_proj.bias"))
+        gamma = g.weight(f"layers.{i}.ln_2.weight", w.read(p + "ln_2.weight"))
+        beta = g.weight(f"layers.{i}.ln_2.bias", w.read(p + "ln_2.bias"))
         h, _, _, residual = g.op(
             "SkipLayerNormalization", [branch, residual, gamma, beta, branch_bias], 4, name=f"layers.{i}.ln_2", domain=MS, epsilon=eps
         )
-        fc = _linear(g, h, sd[p + "mlp.c_fc.weight"], f"layers.{i}.mlp.fc", transposed=True)
+        fc = _linear(g, w, h, [p + "mlp.c_fc"], f"layers.{i}.mlp.fc", transposed=True, bias=False)
         act = _activation(
-            g, fc, cfg.activation_function, f"layers.{i}.mlp.act", bias=g.weight(f"layers.{i}.mlp.fc.bias", sd[p + "mlp.c_fc.bias"])
+            g, fc, cfg.activation_function, f"layers.{i}.mlp.act", bias=g.weight(f"layers.{i}.mlp.fc.bias", w.read(p + "mlp.c_fc.bias"))
         )
-        branch = _linear(g, act, sd[p + "mlp.c_proj.weight"], f"layers.{i}.mlp.down_proj", transposed=True)
-        branch_bias = g.weight(f"layers.{i}.mlp.down_proj.bias", sd[p + "mlp.c_proj.bias"])
-    gamma = g.weight("norm.weight", sd["transformer.ln_f.weight"])
-    beta = g.weight("norm.bias", sd["transformer.ln_f.bias"])
+        branch = _linear(g, w, act, [p + "mlp.c_proj"], f"layers.{i}.mlp.down_proj", transposed=True, bias=False)
+        branch_bias = g.weight(f"layers.{i}.mlp.down_proj.bias", w.read(p + "mlp.c_proj.bias"))
+    gamma = g.weight("norm.weight", w.read("transformer.ln_f.weight"))
+    beta = g.weight("norm.bias", w.read("transformer.ln_f.bias"))
     out, _, _, _ = g.op("SkipLayerNormalization", [branch, residual, gamma, beta, branch_bias], 4, name="norm", domain=MS, epsilon=eps)
     return out
 
@@ -289,7 +363,7 @@ def _activation(g: GraphBuilder, x: str, kind: str, name: str, bias: str | None 
     raise ValueError(f"activation {kind!r} is not exported yet")
 
 
-def _lm_head(g: GraphBuilder, model, sd: dict, d: Dims, hidden: str) -> None:
+def _lm_head(g: GraphBuilder, w: Weights, d: Dims, hidden: str) -> None:
     # Only the last `logits_to_keep` positions reach the vocabulary projection: a 256-token
     # prompt needs one row of logits to start decoding, not 256. It is an initializer listed as
     # an input: 1 unless the caller feeds it (our scoring asks for every position).
@@ -299,14 +373,16 @@ def _lm_head(g: GraphBuilder, model, sd: dict, d: Dims, hidden: str) -> None:
         "Slice", [hidden, start, g.const("int64_max", [np.iinfo(np.int64).max]), g.const("axis_1", [1])], name="logits_to_keep/Slice"
     )
     if d.tied:
-        # The tied embedding is stored once: the head reads the Gather's table through Gemm(transB).
+        # The tied embedding is stored once: the head reads the Gather's table.
         flat = g.one("Reshape", [last, g.const("shape_rows_hidden", [-1, d.hidden])], name="lm_head/Flatten")
-        logits = g.one("Gemm", [flat, "embed_tokens.weight"], name="lm_head/Gemm", transB=1)
+        logits = w.tied_head(g, flat)
         shape = g.one("Shape", [last], name="lm_head/Shape", end=2)
         full = g.one("Concat", [shape, g.const("vocab", [d.vocab])], name="lm_head/Concat", axis=0)
         g.op("Reshape", [logits, full], ["logits"], name="lm_head/Reshape")
     else:
-        y = _linear(g, last, sd["lm_head.weight"], "lm_head", sd.get("lm_head.bias"))
+        y = w.untied_head(g, last)
+        if "lm_head.bias" in w:
+            y = g.one("Add", [y, g.weight("lm_head.bias", w.read("lm_head.bias"))], name="lm_head/Add")
         g.op("Identity", [y], ["logits"], name="lm_head/Identity")
 
 

@@ -4,7 +4,8 @@ The body's MatMuls: int4 by ONNX Runtime's `MatMulNBitsQuantizer` (RTN through i
 quantizer, or HQQ); int8 as 8-bit MatMulNBits blocks (`rtn_blocks`) or by ORT's `quantize_dynamic`.
 A quantized checkpoint's own grid is carried instead (_onnx_gptq.py). The embedding table is ours
 to handle: ORT's int4 quantizer leaves it fp32 (113 MB of SmolLM2's 135M parameters) and, when the
-head is tied to it, a plain export stores it twice. Here the table is block-quantized once into a
+head is tied to it, a plain export stores it twice. Here (`TableWeights`, while the graph is built,
+so a streamed export never holds an fp32 graph) the table is block-quantized once into a
 packed uint8 [vocab, hidden*bits/8] initializer that GatherBlockQuantized reads for the embedding
 and, through a Reshape that ONNX Runtime folds at load, MatMulNBits reads for the tied head.
 An untied head (Qwen2.5 GGUFs, the tiny Qwen2 of the tests) is a second [vocab, hidden] table: it is
@@ -19,19 +20,19 @@ import contextlib
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._onnx_graph import MS, Dims
+from ._onnx_graph import EXTERNAL_THRESHOLD, MS, TABLE, GraphBuilder, Weights
 
 
-def quantize_int4(
-    model: onnx.ModelProto, d: Dims, *, block_size: int = 32, method: str = "rtn", accuracy_level: int = 4, table_bits: int = 4
-) -> onnx.ModelProto:
-    """Every MatMul of the body to 4-bit MatMulNBits, the embedding and the LM head (tied or not) to `table_bits`.
+def quantize_int4(model: onnx.ModelProto, *, block_size: int = 32, method: str = "rtn", accuracy_level: int = 4) -> onnx.ModelProto:
+    """Every MatMul of the body to 4-bit MatMulNBits (the tables were quantized as the graph was built,
+    `TableWeights`; an untied head they left fp32 stays fp32).
 
     method "rtn": ONNX Runtime's C++ block quantizer (min/max, integer zero point). "hqq": ONNX
     Runtime's HQQ (float zero point fitted by a proximal solver). "rtn-float": block min/max with a
@@ -42,14 +43,10 @@ def quantize_int4(
     the others are for accuracy studies. On SmolLM2 "rtn" keeps top-1 agreement 0.52 on the parity
     prompts and HQQ 0.83: carry a GPTQ grid from `vcompress quantize` for better int4.
     """
-    head = untied_head(model)  # the LM head follows table_bits, not the body's grid
+    head = untied_head(model)  # an fp32 LM head (table_bits 0) stays fp32
     if method == "rtn-float":
-        model = quantize_matmuls(model, bits=4, block_size=block_size, float_zero=True, accuracy_level=accuracy_level, exclude=head)
-    else:
-        model = _ort_matmul_nbits(model, method, block_size, accuracy_level, exclude=head)
-    if not table_bits:
-        return model
-    return quantize_table(model, d, bits=table_bits, block_size=block_size, accuracy_level=accuracy_level)
+        return quantize_matmuls(model, bits=4, block_size=block_size, float_zero=True, accuracy_level=accuracy_level, exclude=head)
+    return _ort_matmul_nbits(model, method, block_size, accuracy_level, exclude=head)
 
 
 def _ort_matmul_nbits(
@@ -78,17 +75,13 @@ def _ort_matmul_nbits(
     return model
 
 
-def quantize_int8(
-    model: onnx.ModelProto, d: Dims, *, block_size: int = 32, accuracy_level: int = 4, table_bits: int = 8, method: str = "blockwise"
-) -> onnx.ModelProto:
+def quantize_int8(model: onnx.ModelProto, *, block_size: int = 32, accuracy_level: int = 4, method: str = "blockwise") -> onnx.ModelProto:
     """method "blockwise": 8-bit MatMulNBits, a scale and zero point per block of 32 weights, and
     (accuracy_level 4) activations quantized per block at run time. "dynamic": ONNX Runtime's
     quantize_dynamic (int8 weights per channel, activations per tensor: a tensor with outlier
     channels loses its small ones, which SmolLM2's down-projection inputs have). The embedding and
-    the LM head (tied or not) are 8-bit blocks when `table_bits`, else fp32."""
+    the LM head (tied or not) were quantized (8-bit blocks) or kept fp32 as the graph was built."""
     head = untied_head(model)
-    if table_bits:
-        model = quantize_table(model, d, bits=8, block_size=block_size, accuracy_level=accuracy_level)
     if method == "blockwise":
         return quantize_matmuls(model, bits=8, block_size=block_size, float_zero=False, accuracy_level=accuracy_level, exclude=head)
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -104,6 +97,10 @@ def quantize_int8(
                 dst,
                 weight_type=QuantType.QInt8,
                 per_channel=True,
+                # 7-bit weights: ONNX Runtime's u8 x s8 kernel saturates its 16-bit pair sums on x86 without VNNI
+                # (AVX2; ORT's quantization docs), which cost the tiny test model a quarter of its top-1 agreement
+                # on such a host; with reduce_range the artifact computes the same on every x86 CPU.
+                reduce_range=True,
                 op_types_to_quantize=["MatMul"],
                 nodes_to_exclude=head,
                 use_external_data_format=True,
@@ -186,84 +183,100 @@ def untied_head(model: onnx.ModelProto) -> list[str]:
     ]
 
 
-def quantize_table(model: onnx.ModelProto, d: Dims, *, bits: int, block_size: int, accuracy_level: int) -> onnx.ModelProto:
-    """Replace the embedding Gathers (tokens; GPT-2's positions) by GatherBlockQuantized and the LM head
-    by MatMulNBits, at `bits`: the tied head reads the embedding's blocks (stored once), an untied head
-    (a plain MatMul still, see `untied_head`) gets its own table quantized the same way."""
-    names = {t.name for t in model.graph.initializer}
-    for table in ("embed_tokens.weight", "embed_positions.weight"):
-        if table in names:
-            _quantize_one_table(model, table, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
-    if untied_head(model):
-        _quantize_one_table(model, HEAD_WEIGHT, bits=bits, block_size=block_size, accuracy_level=accuracy_level, transposed=True)
-    return model
+class TableWeights(Weights):
+    """The embedding table and the LM head (tied or untied) block-quantized at `bits` as the graph is built
+    (0 keeps them fp32): ORT's C++ block quantizer along hidden, integer zero point. GatherBlockQuantized
+    reads the table's rows; a tied head reads the same blocks through a Reshape (MatMulNBits), an untied
+    head (a second [vocab, hidden] table) gets its own blocks. Each table is quantized from one read of it."""
+
+    def __init__(self, tensors, *, bits: int, block_size: int, accuracy_level: int):
+        super().__init__(tensors)
+        self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
+        self._made: dict[str, TableBlocks] = {}  # table name -> its blocks, for the tied head
+
+    def gather(self, g: GraphBuilder, table: str, key: str, indices: str, name: str) -> str:
+        if not self.bits:
+            return super().gather(g, table, key, indices, name)
+        blocks = self._blocks(g, table, self.read(key).numpy(), gathered=True)
+        return g.one(
+            "GatherBlockQuantized",
+            [blocks.data, indices, blocks.scales, blocks.zero_points],
+            name=name,
+            domain=MS,
+            bits=self.bits,
+            block_size=blocks.block,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+
+    def tied_head(self, g: GraphBuilder, x: str) -> str:
+        if not self.bits:
+            return super().tied_head(g, x)
+        # MatMulNBits wants B as [N, blocks, bytes per block]: the gathered rows' bytes, reshaped (ORT folds it at load).
+        blocks = self._made[TABLE]
+        shape = g.const(f"{blocks.data}_shape", [blocks.rows, blocks.hidden // blocks.block, blocks.block * self.bits // 8])
+        b = g.op("Reshape", [blocks.data, shape], ["lm_head/B"], name="lm_head/ReshapeB")[0]
+        return self._head(g, x, b, blocks, "lm_head/Gemm")
+
+    def untied_head(self, g: GraphBuilder, x: str) -> str:
+        if not self.bits:
+            return super().untied_head(g, x)
+        blocks = self._blocks(g, HEAD_WEIGHT, self.read(HEAD_WEIGHT).numpy(), gathered=False)
+        return self._head(g, x, blocks.data, blocks, HEAD_NODE)
+
+    def _head(self, g: GraphBuilder, x: str, b: str, blocks: TableBlocks, name: str) -> str:
+        attrs = dict(K=blocks.hidden, N=blocks.rows, bits=self.bits, block_size=blocks.block)
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        return g.one("MatMulNBits", [x, b, blocks.scales, blocks.zero_points], name=name, domain=MS, **attrs)
+
+    def _blocks(self, g: GraphBuilder, name: str, table: np.ndarray, gathered: bool) -> TableBlocks:
+        """Quantize one [rows, hidden] table into the graph's initializers `name`_Q, _scales, _zero_points.
+        GatherBlockQuantized reads rows [rows, hidden*bits/8]; a table only a head reads is stored as
+        MatMulNBits' B [rows, blocks, block*bits/8] (the same bytes)."""
+        rows, hidden = table.shape
+        block = _table_block(hidden, self.block_size)
+        packed, scales, zero_points = _block_quant_rows(table, bits=self.bits, block=block)
+        data_shape = (rows, hidden * self.bits // 8) if gathered else (rows, hidden // block, block * self.bits // 8)
+        blocks = TableBlocks(
+            data=g.add(numpy_helper.from_array(packed.reshape(data_shape), f"{name}_Q")),
+            scales=g.add(numpy_helper.from_array(scales.reshape(rows, hidden // block), f"{name}_scales")),
+            zero_points=g.add(numpy_helper.from_array(zero_points.reshape(rows, -1), f"{name}_zero_points")),
+            rows=rows,
+            hidden=hidden,
+            block=block,
+        )
+        self._made[name] = blocks
+        return blocks
 
 
-def _quantize_one_table(
-    model: onnx.ModelProto, table_name: str, *, bits: int, block_size: int, accuracy_level: int, transposed: bool = False
-) -> None:
-    """Block-quantize one [rows, hidden] table along hidden (ORT's C++ block quantizer, integer zero
-    point) and rewire its readers: Gather -> GatherBlockQuantized, Gemm(transB) on the table (tied head)
-    or MatMul on it stored transposed ([hidden, rows], an untied head) -> MatMulNBits on the same blocks."""
+TABLE_ROWS_AT_ONCE = 8192  # rows per call of ORT's block quantizer: its transposed input is a slice, not a second table
+
+
+def _block_quant_rows(table: np.ndarray, *, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ORT's C++ block quantizer (asymmetric, integer zero point) on each row of a [rows, hidden] table along
+    hidden: packed [rows, blocks, block*bits/8], scales [rows, blocks], zero points [rows, packed blocks].
+    Rows are independent, so slices of rows give the whole table's bytes."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
-    graph = model.graph
-    weight = numpy_helper.to_array(next(t for t in graph.initializer if t.name == table_name))
-    table = weight.T if transposed else weight  # [rows, hidden]
-    rows, hidden = table.shape
-    block = _table_block(hidden, block_size)
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=bits)
-    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(table.T))
-    k_blocks = hidden // block
-    names = {"data": f"{table_name}_Q", "scales": f"{table_name}_scales", "zp": f"{table_name}_zero_points"}
-    gathered = any(n.op_type == "Gather" and n.input[0] == table_name for n in graph.node)
-    head_op = "MatMul" if transposed else "Gemm"  # the untied head's MatMul on [hidden, rows]; the tied head's Gemm(transB)
-    # GatherBlockQuantized reads rows [rows, hidden*bits/8]; MatMulNBits wants B as [N, blocks, bytes per
-    # block], the same bytes: a table only the head reads is stored that way, a shared one goes through a Reshape.
-    data_shape = (rows, hidden * bits // 8) if gathered else (rows, k_blocks, block * bits // 8)
-    new_inits = [
-        numpy_helper.from_array(packed.reshape(data_shape), names["data"]),
-        numpy_helper.from_array(scales.reshape(rows, k_blocks), names["scales"]),
-        numpy_helper.from_array(zero_points.reshape(rows, -1), names["zp"]),
+    quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, bits=bits))
+    parts = [
+        quantizer.qbits_block_quant(np.ascontiguousarray(table[start : start + TABLE_ROWS_AT_ONCE].T))
+        for start in range(0, table.shape[0], TABLE_ROWS_AT_ONCE)
     ]
-    nodes = []
-    for node in graph.node:
-        if node.op_type == "Gather" and node.input[0] == table_name:
-            nodes.append(
-                helper.make_node(
-                    "GatherBlockQuantized",
-                    [names["data"], node.input[1], names["scales"], names["zp"]],
-                    list(node.output),
-                    name=node.name,
-                    domain=MS,
-                    bits=bits,
-                    block_size=block,
-                    gather_axis=0,
-                    quantize_axis=1,
-                )
-            )
-        elif node.op_type == head_op and node.input[1] == table_name:
-            b = names["data"]
-            if gathered:
-                shape = numpy_helper.from_array(np.array([rows, k_blocks, block * bits // 8], np.int64), f"{names['data']}_shape")
-                new_inits.append(shape)
-                b = "lm_head/B"
-                nodes.append(helper.make_node("Reshape", [names["data"], shape.name], [b], name="lm_head/ReshapeB"))
-            attrs = dict(K=hidden, N=rows, bits=bits, block_size=block)
-            if accuracy_level:
-                attrs["accuracy_level"] = accuracy_level
-            nodes.append(
-                helper.make_node(
-                    "MatMulNBits", [node.input[0], b, names["scales"], names["zp"]], list(node.output), name=node.name, domain=MS, **attrs
-                )
-            )
-        else:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name != table_name]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
+
+
+@dataclass
+class TableBlocks:
+    """One block-quantized table in the graph: its initializers' names and its shape."""
+
+    data: str
+    scales: str
+    zero_points: str
+    rows: int
+    hidden: int
+    block: int
 
 
 @contextlib.contextmanager
@@ -302,5 +315,7 @@ def save(model: onnx.ModelProto, out: Path, name: str = "model.onnx") -> list[st
     data = f"{name}.data"
     if (out / data).exists():
         os.remove(out / data)
-    onnx.save_model(model, out / name, save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    onnx.save_model(
+        model, out / name, save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=EXTERNAL_THRESHOLD
+    )
     return [name, data]

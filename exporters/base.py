@@ -19,6 +19,15 @@ from pydantic import AfterValidator, Field
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import CheckFailed, InputError
+from vcompress.core.layer_stream import (
+    DequantizedStream,
+    LayerStream,
+    model_bytes,
+    return_freed_memory,
+    stream_source,
+    too_big_for_memory,
+)
+from vcompress.core.models import check_supported
 from vcompress.core.quant_format import load_dequantized, read_manifest
 from vcompress.core.runner import Runner
 from vcompress.core.stage import Stage, StageConfig, StageContext
@@ -117,6 +126,40 @@ def load_source(ctx: StageContext) -> tuple[Any, Any, dict | None]:
     return (*ctx.load(), None)
 
 
+def stream_folder(setting: str, ctx: StageContext, grid: dict | None) -> Path | None:
+    """The safetensors folder to export layer by layer from ("on", or "auto" when the fp32 model would not
+    fit in memory), or None to load the model whole. A quantize folder streams as its dequantized model;
+    a GGUF as its safetensors conversion (core.layer_stream.stream_source)."""
+    if grid is None:
+        return stream_source(setting, ctx)
+    folder = source_folder(ctx.source)
+    if setting == "off" or (setting == "auto" and not too_big_for_memory(model_bytes(folder))):
+        return None
+    return folder
+
+
+def open_stream(folder: Path, grid: dict | None) -> tuple[LayerStream, Any]:
+    """(stream, tokenizer) of a folder: the model's skeleton, whose weights are read when asked (a quantize
+    folder's linears dequantized from their codes), with the generation config loading it whole would give."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    stream = DequantizedStream(folder, grid) if grid is not None else LayerStream(folder)
+    check_supported(stream.model.config)
+    if grid is None and (folder / "generation_config.json").is_file():  # from_pretrained reads it; load_dequantized does not
+        stream.model.generation_config = GenerationConfig.from_pretrained(folder)
+    return stream, AutoTokenizer.from_pretrained(folder)
+
+
+def streamed_reference(stream: LayerStream):
+    """The stream's model as the parity reference: embeddings, final norm and LM head held, each decoder
+    layer read before its forward and dropped after it (memory: one layer plus the tables)."""
+    model = stream.model
+    layers = model.transformer.h if model.config.model_type == "gpt2" else model.model.layers
+    stream.load_outside(layers)
+    stream.on_demand(layers)
+    return model
+
+
 def save_sidecars(model, tokenizer, out: Path) -> None:
     """config.json, generation_config.json and the tokenizer files beside an exported model."""
     model.config.save_pretrained(out)
@@ -128,14 +171,25 @@ def save_sidecars(model, tokenizer, out: Path) -> None:
 # --- parity ---------------------------------------------------------------------------
 
 
-def gate(ctx: StageContext, runner_class, model, tokenizer, cfg, manifest: dict, label: str, dequantized: bool) -> dict:
-    """Check the written artifact against PyTorch, record the result in its manifest, refuse a failed one."""
+def gate(
+    ctx: StageContext, runner_class, model, tokenizer, cfg, manifest: dict, label: str, dequantized: bool, stream: LayerStream | None = None
+) -> dict:
+    """Check the written artifact against PyTorch, record the result in its manifest, refuse a failed one.
+
+    The runtime answers every prompt first and its session is closed before PyTorch runs. With a `stream`
+    (`model` is its skeleton) the reference then reads one decoder layer per forward (`streamed_reference`):
+    the artifact's session and the reference are never in memory together."""
     ctx.log("checking the export against PyTorch" + (" (the dequantized checkpoint)" if dequantized else ""))
+    prompts = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in PARITY_PROMPTS]
     runner = runner_class(ctx.out, threads=cfg.threads)
     try:
-        result = parity(model, tokenizer, runner, cfg)
+        runtime = [(runner.forward(ids), runner.generate(ids, cfg.new_tokens)) for ids in prompts]
     finally:
         runner.close()
+    if stream is not None:
+        return_freed_memory()
+        model = streamed_reference(stream)
+    result = parity(model, prompts, runtime, cfg, streamed=stream is not None)
     manifest["parity"] = result
     write_json(ctx.out / MANIFEST, manifest)
     if not result["passed"]:
@@ -146,22 +200,22 @@ def gate(ctx: StageContext, runner_class, model, tokenizer, cfg, manifest: dict,
 
 
 @torch.no_grad()
-def parity(model, tokenizer, runner: Runner, cfg) -> dict:
-    """Logits and greedy continuations of the export against the PyTorch model on fixed prompts.
+def parity(model, prompts: list[torch.Tensor], runtime: list[tuple[torch.Tensor, list[int]]], cfg, streamed: bool = False) -> dict:
+    """The export's logits and greedy continuations (`runtime`: per prompt) against the PyTorch model's.
 
     fp32 must match: max |diff| of logits, top-1 agreement over prompt positions, and identical
     greedy tokens. int8/int4 are judged by top-1 agreement only; their greedy match is reported.
+    `streamed`: PyTorch's tokens come from one forward along the runtime's continuation (`_torch_along`).
     """
-    prompts = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in PARITY_PROMPTS]
     max_diff, agree, positions, identical, matched = 0.0, 0, 0, 0, []
-    for ids in prompts:
-        ref = model(input_ids=ids, use_cache=False).logits.float()
-        got = runner.forward(ids)
+    for ids, (got, have) in zip(prompts, runtime):
+        if streamed:
+            ref, want = _torch_along(model, ids, have)
+        else:
+            ref, want = model(input_ids=ids, use_cache=False).logits.float(), _torch_greedy(model, ids, cfg.new_tokens)
         max_diff = max(max_diff, float((ref - got).abs().max()))
         agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
         positions += ids.shape[1]
-        want = _torch_greedy(model, ids, cfg.new_tokens)
-        have = runner.generate(ids, cfg.new_tokens)
         same = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), len(want))
         matched.append(same)
         identical += int(want == have)
@@ -196,6 +250,16 @@ def _torch_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
         out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
+
+
+def _torch_along(model, ids: torch.Tensor, tokens: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The prompt's logits, and the token PyTorch picks after the prompt and each prefix of `tokens` (the
+    runtime's greedy continuation), from one forward: up to their first difference these are PyTorch's own
+    greedy tokens, and parity compares no further. A streamed model then reads each layer once per prompt,
+    not once per generated token."""
+    logits = model(input_ids=torch.cat([ids, torch.tensor([tokens[:-1]], dtype=ids.dtype)], dim=1), use_cache=False).logits.float()
+    n = ids.shape[1]
+    return logits[:, :n], logits[0, n - 1 :].argmax(-1).tolist()
 
 
 # --- the runner -----------------------------------------------------------------------

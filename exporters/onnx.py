@@ -11,6 +11,14 @@
   recipe.yaml, metrics.json      written by vcompress.core.stage.execute
 Every export checks itself against PyTorch (base.parity); a failed check raises CheckFailed and
 leaves no artifact behind.
+
+Streamed (`stream` on, or auto when the fp32 model would not fit in memory): the graph is built from
+the files on disk one tensor at a time (a quantize folder's linears from their own codes, one linear at
+a time), each initializer's bytes are appended to model.onnx.data as it is made (the proto holds none),
+and the parity reference reads one decoder layer per forward. Memory is then about one layer, the
+embedding / LM head and ONNX Runtime's session, and the files are byte for byte the in-memory export's
+(tests/test_onnx_stream.py). A float source under int4/int8 is not streamed: ONNX Runtime's quantizers
+take the whole graph (quantize it with `vcompress quantize` and export that folder instead).
 """
 
 from __future__ import annotations
@@ -18,20 +26,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import onnx
 import torch
 from pydantic import Field
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import InputError
+from vcompress.core.layer_stream import file_tensors, stream_tensors
 from vcompress.core.models import Intake, bytes_on_disk
-from vcompress.core.quant_format import grid_bits
+from vcompress.core.quant_format import grid_bits, read_manifest
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext, execute
 
 from . import _onnx_genai, _onnx_gptq, _onnx_graph, _onnx_quant
 from ._onnx_session import DecoderSession, SessionError
-from .base import ExportStage, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, package_version, save_sidecars, source_folder
+from .base import (
+    ExportStage,
+    ParityConfig,
+    PowerOfTwo,
+    SessionRunner,
+    gate,
+    load_source,
+    open_stream,
+    package_version,
+    save_sidecars,
+    source_folder,
+    stream_folder,
+)
 
 FORMAT = "onnx"
 
@@ -51,6 +73,11 @@ class OnnxExportConfig(ParityConfig):
         4, description="bits of the embedding table and the LM head (tied or untied) under int4 (int8: 8); 0 keeps both fp32"
     )
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the parity check")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="build the graph one tensor at a time from disk and check it against a model read layer by layer "
+        "(auto: when the model would not fit in memory); a float source's int4/int8 needs the whole graph",
+    )
 
 
 @EXPORTERS.register(FORMAT)
@@ -63,13 +90,23 @@ class OnnxExport(ExportStage):
 
     def run(self, ctx: StageContext) -> dict:
         cfg: OnnxExportConfig = self.config
-        model, tokenizer, grid = load_source(ctx)
+        folder = source_folder(ctx.source)
+        grid = read_manifest(folder)
+        _check_grid(cfg, grid)
+        stream_from, stream = _stream_folder(cfg, ctx, grid), None
+        if stream_from is None:
+            model, tokenizer, _ = load_source(ctx)
+            tensors = model.state_dict()
+        else:
+            stream, tokenizer = open_stream(stream_from, grid)
+            model, tensors = stream.model, stream_tensors(stream)
+            ctx.log(f"streaming {stream_from} tensor by tensor (the model is never whole in memory)")
+        weights = _weights(tensors, cfg, folder, grid)
         ctx.log(f"building the ONNX decoder graph ({model.config.model_type}, {cfg.quant})")
-        proto, dims = _onnx_graph.build(model)
-        fp32_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
-        proto, carried = _quantize(proto, dims, cfg, ctx.source, grid, ctx.log)
-        files = _onnx_quant.save(proto, ctx.out)
-        del proto
+        if isinstance(weights, _onnx_gptq.CarriedWeights):
+            ctx.log(f"carrying the checkpoint's {grid.get('method')} grid ({grid_bits(grid)}-bit) into MatMulNBits")
+        files, dims = _write_graph(model, weights, cfg, ctx.out, streamed=stream is not None)
+        carried = getattr(weights, "carried", {})
         save_sidecars(model, tokenizer, ctx.out)
         write_json(ctx.out / _onnx_genai.FILE, _onnx_genai.genai_config(model, dims, files[0]))
         manifest = self.manifest(
@@ -91,15 +128,16 @@ class OnnxExport(ExportStage):
         if carried:
             manifest["quant"].update(method="carried", grid=carried)
         write_json(ctx.out / MANIFEST, manifest)
-        result = gate(ctx, OnnxRunner, model, tokenizer, cfg, manifest, "ONNX", dequantized=bool(grid))
+        result = gate(ctx, OnnxRunner, model, tokenizer, cfg, manifest, "ONNX", dequantized=bool(grid), stream=stream)
         size = bytes_on_disk(ctx.out / files[0]) + bytes_on_disk(ctx.out / files[1])
         metrics = {
             "format": FORMAT,
             "quant": cfg.quant,
             "grid": carried or None,
+            "streamed": stream is not None,
             "model_bytes": size,
-            "fp32_weight_bytes": fp32_bytes,
-            "size_ratio_to_fp32": round(size / fp32_bytes, 4),
+            "fp32_weight_bytes": weights.fp32_bytes,
+            "size_ratio_to_fp32": round(size / weights.fp32_bytes, 4),
             "parity": result,
         }
         return metrics
@@ -121,39 +159,64 @@ def export(
     return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
 
 
-def _quantize(proto, dims, cfg: OnnxExportConfig, source, grid: dict | None, log) -> tuple[Any, dict]:
-    """The graph at the asked precision, and what was carried from a quantized checkpoint ({} if none)."""
-    if grid is not None:
-        bits = grid_bits(grid)
-        wanted = {4: "int4", 8: "int8"}.get(bits)
-        if cfg.quant not in ("none", wanted):
+def _check_grid(cfg: OnnxExportConfig, grid: dict | None) -> None:
+    """A quantize folder exports at its own bits (its grid carried) or as fp32."""
+    if grid is None:
+        return
+    bits = grid_bits(grid)
+    wanted = {4: "int4", 8: "int8"}.get(bits)
+    if cfg.quant not in ("none", wanted):
+        raise InputError(
+            f"the checkpoint is quantized to {bits} bits; export it with --quant {wanted} (its grid is carried as is) or --quant none"
+        )
+
+
+def _stream_folder(cfg: OnnxExportConfig, ctx: StageContext, grid: dict | None) -> Path | None:
+    """The folder to stream from, or None to load the source whole. A float source under int4/int8 goes
+    through ONNX Runtime's quantizers, which take the whole graph: never streamed."""
+    if grid is None and cfg.quant != "none":
+        if cfg.stream == "on":
             raise InputError(
-                f"the checkpoint is quantized to {bits} bits; export it with --quant {wanted} (its grid is carried as is) or --quant none"
+                f"--stream on exports --quant {cfg.quant} from a quantize folder only (its grid is carried layer by layer); "
+                f"from a float model ONNX Runtime's {cfg.quant} quantizer needs the whole graph: run `vcompress quantize` first, or pass --stream off"
             )
-        if cfg.quant == "none":
-            return proto, {}
-        log(f"carrying the checkpoint's {grid.get('method')} grid ({bits}-bit) into MatMulNBits")
-        proto, carried = _onnx_gptq.carry(proto, source_folder(source), grid, dims.arch, dims.layers, cfg.accuracy_level)
-        table_bits = cfg.table_bits if bits == 4 or cfg.table_bits == 0 else 8
-        if table_bits:
-            # The quantize stage leaves the LM head float: an untied head is quantized here with the table.
-            carried["kept_float"] = [n for n in carried["kept_float"] if n not in _onnx_quant.untied_head(proto)]
-            proto = _onnx_quant.quantize_table(proto, dims, bits=table_bits, block_size=cfg.block_size, accuracy_level=cfg.accuracy_level)
-        return proto, carried
+        return None
+    return stream_folder(cfg.stream, ctx, grid)
+
+
+def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | None) -> _onnx_graph.Weights:
+    """The form each weight takes in the graph: fp32; a quantize folder's grid carried per linear; the
+    embedding / LM head at table_bits (the body of a float source is quantized after, by ONNX Runtime)."""
+    if cfg.quant == "none":
+        return _onnx_graph.Weights(tensors)
+    settings = dict(block_size=cfg.block_size, accuracy_level=cfg.accuracy_level)
+    if grid is not None:
+        codes = file_tensors(folder / grid["weights_file"])
+        return _onnx_gptq.CarriedWeights(tensors, codes, grid, table_bits=_table_bits(cfg), **settings)
+    return _onnx_quant.TableWeights(tensors, bits=_table_bits(cfg), **settings)
+
+
+def _table_bits(cfg: OnnxExportConfig) -> int:
+    return cfg.table_bits if cfg.quant == "int4" or cfg.table_bits == 0 else 8
+
+
+def _write_graph(model, weights: _onnx_graph.Weights, cfg: OnnxExportConfig, out: Path, streamed: bool) -> tuple[list[str], Any]:
+    """Build the graph and write model.onnx + model.onnx.data; returns the file names and the graph's dims.
+    Streamed: each initializer's bytes go to the data file as it is made. In memory: one proto, the body
+    of a float source quantized by ONNX Runtime under int4/int8, then one save (the same files)."""
+    name = "model.onnx"
+    if streamed:
+        proto, dims = _onnx_graph.build(model, weights, _onnx_graph.ExternalData(out, f"{name}.data"))
+        onnx.save_model(proto, out / name)
+        return [name, f"{name}.data"], dims
+    proto, dims = _onnx_graph.build(model, weights)
+    if isinstance(weights, _onnx_gptq.CarriedWeights) or cfg.quant == "none":
+        return _onnx_quant.save(proto, out, name), dims
     if cfg.quant == "int8":
-        return _onnx_quant.quantize_int8(
-            proto,
-            dims,
-            block_size=cfg.block_size,
-            accuracy_level=cfg.accuracy_level,
-            table_bits=8 if cfg.table_bits else 0,
-            method=cfg.int8_method,
-        ), {}
-    if cfg.quant == "int4":
-        return _onnx_quant.quantize_int4(
-            proto, dims, block_size=cfg.block_size, method=cfg.method, accuracy_level=cfg.accuracy_level, table_bits=cfg.table_bits
-        ), {}
-    return proto, {}
+        proto = _onnx_quant.quantize_int8(proto, block_size=cfg.block_size, accuracy_level=cfg.accuracy_level, method=cfg.int8_method)
+    else:
+        proto = _onnx_quant.quantize_int4(proto, block_size=cfg.block_size, method=cfg.method, accuracy_level=cfg.accuracy_level)
+    return _onnx_quant.save(proto, out, name), dims
 
 
 def _graph_fields(dims, cfg: OnnxExportConfig) -> dict:
@@ -191,7 +254,7 @@ def _graph_fields(dims, cfg: OnnxExportConfig) -> dict:
                     "block_size": cfg.block_size,
                     "accuracy_level": cfg.accuracy_level,
                     "method": cfg.method if cfg.quant == "int4" else cfg.int8_method,
-                    "table_bits": cfg.table_bits if cfg.quant == "int4" or cfg.table_bits == 0 else 8,
+                    "table_bits": _table_bits(cfg),
                 }
             ),
         },

@@ -104,6 +104,22 @@ def test_tensor_file_writer_matches_safetensors(tmp_path):
     assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob("*.tmp"))
 
 
+def test_stream_reads_table_rows_and_copies_tensors_without_holding_them(tiny_llama, tmp_path):
+    from vcompress.core.layer_stream import LayerStream
+
+    stream = LayerStream(tiny_llama)
+    table = stream.read("model.embed_tokens.weight")
+    ids = torch.tensor([[5, 3, 5, 0], [table.shape[0] - 1, 3, 7, 7]])
+    assert torch.equal(stream.rows("model.embed_tokens.weight", ids), table[ids])
+    writer = TensorFileWriter(tmp_path / "copy.safetensors")
+    stream.copy_into(writer, "model.embed_tokens.weight")  # stored fp32: copied byte for byte
+    stream.copy_into(writer, "model.norm.weight")
+    writer.close({"format": "pt"})
+    copied = load_file(tmp_path / "copy.safetensors")
+    assert torch.equal(copied["model.embed_tokens.weight"], table)
+    assert torch.equal(copied["model.norm.weight"], stream.read("model.norm.weight"))
+
+
 def flat(data, path=""):
     """(path, number) of every number in a nested result."""
     if isinstance(data, dict):

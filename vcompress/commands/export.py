@@ -21,6 +21,7 @@ from vcompress.commands._options import (
     out_option,
     print_json,
     seed_option,
+    stream_option,
 )
 
 
@@ -67,6 +68,7 @@ def command():
     "--min-agreement", type=float, default=0.5, show_default=True, help="INT8/INT4: top-1 agreement with PyTorch fp32 the check requires."
 )
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads for the parity check (default: all cores).")
+@stream_option
 @force_option
 @seed_option
 @json_option
@@ -83,11 +85,17 @@ def onnx(
     table_bits,
     min_agreement,
     threads,
+    stream,
     force,
     seed,
     as_json,
 ):
-    """Decoder with KV cache for ONNX Runtime; fp32 must match PyTorch, INT8/INT4 must agree with it."""
+    """Decoder with KV cache for ONNX Runtime; fp32 must match PyTorch, INT8/INT4 must agree with it.
+
+    --stream on builds the graph one tensor at a time from disk (each weight written to model.onnx.data
+    as it is made) and checks it against a model read layer by layer: --quant none from a Hugging Face
+    folder or GGUF, or any --quant from a `vcompress quantize` folder (its grid carried). INT8/INT4 from a
+    float model use ONNX Runtime's quantizers on the whole graph and are not streamed."""
     from vcompress.exporters.onnx import OnnxExport
 
     stage = OnnxExport(
@@ -99,6 +107,7 @@ def onnx(
             "table_bits": int(table_bits),
             "threads": threads,
             "min_top1_quantized": min_agreement,
+            "stream": stream,
         }
     )
     metrics = execute_stage(
