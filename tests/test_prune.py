@@ -383,3 +383,40 @@ def test_prune_auto_stage_cuts_just_enough_for_a_size_budget(gqa_llama, tmp_path
     plan = json.loads((tmp_path / "p" / "prune_plan.json").read_text())
     assert plan["prunes"] is True and plan["layers"] == [2] and plan["after"]["model_size_mb"] <= budget
     assert load(tmp_path / "p").config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("arch,zero_point,table_bits", [("llama", "float", 8), ("qwen2", "int", 4), ("qwen2", "float", 0)])
+def test_predicted_size_is_what_the_onnx_export_writes(tiny_models, tmp_path, arch, zero_point, table_bits):
+    """prune auto decides from the predicted size: it must match the exported file, tables, zero points and
+    rotary tables included (the earlier rule said 483.6 MiB for a 570.0 MiB Qwen export)."""
+    from vcompress.compress.budget import predict
+    from vcompress.compress.quantize import Quantize
+    from vcompress.core.profiles import RecipeStep
+    from vcompress.exporters.onnx import export
+
+    quantize = {"method": "rtn", "group_size": 32, "zero_point": zero_point, "heldout_blocks": 0, "eval_per_subject": 0}
+    execute(Quantize(quantize), tmp_path / "q", source=tiny_models[arch], seed=0, log=lambda _: None)
+    export(
+        tmp_path / "q",
+        tmp_path / "onnx",
+        "int4",
+        table_bits=table_bits,
+        min_top1_quantized=0.0,
+        new_tokens=2,
+        log=lambda _: None,
+        threads=1,
+    )
+    profile = load_x86(group_size=32)
+    steps = [{"stage": "quantize", "zero_point": zero_point}, {"stage": "export", "table_bits": table_bits}]
+    profile = profile.model_copy(update={"recipe": [RecipeStep(**s) for s in steps]})
+    config = json.loads((tiny_models[arch] / "config.json").read_text())
+    written = (tmp_path / "onnx" / "model.onnx.data").stat().st_size
+    predicted = predict(config, profile)["stored_bytes"]
+    assert abs(predicted - written) / written < 0.03, (predicted, written)
+
+
+def load_x86(**quantization):
+    from vcompress.core.profiles import load_profile
+
+    profile = load_profile("x86-cpu")
+    return profile.model_copy(update={"quantization": profile.quantization.model_copy(update=quantization)})
