@@ -18,10 +18,12 @@ import torch
 from pydantic import AfterValidator, Field
 
 from vcompress.core.artifact import MANIFEST, write_json
-from vcompress.core.errors import CheckFailed, InputError
+from vcompress.core.errors import CheckFailed, InputError, Unsupported
 from vcompress.core.layer_stream import (
     DequantizedStream,
     LayerStream,
+    available_memory,
+    checkpoint_bytes,
     model_bytes,
     return_freed_memory,
     stream_source,
@@ -136,6 +138,20 @@ def stream_folder(setting: str, ctx: StageContext, grid: dict | None) -> Path | 
     if setting == "off" or (setting == "auto" and not too_big_for_memory(model_bytes(folder))):
         return None
     return folder
+
+
+def refuse_if_too_big(ctx: StageContext, converter: str) -> None:
+    """For an exporter that needs the whole model in memory: a one-line refusal, before any work, when a
+    source folder's fp32 model would not fit (the rule `--stream auto` streams by)."""
+    folder = source_folder(ctx.source)
+    if folder is None or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        return  # the default, a GGUF or a LoRA folder: loaded whole by the intake anyway
+    size = model_bytes(folder) if read_manifest(folder) is not None else checkpoint_bytes(folder)
+    if too_big_for_memory(size):
+        raise Unsupported(
+            f"{converter} needs the whole model in memory ({size / 2**30:.1f} GiB in fp32, {available_memory() / 2**30:.1f} GiB "
+            f"available, a third of it usable); export ONNX layer by layer with `vcompress export onnx --stream on`, or convert on a bigger machine"
+        )
 
 
 def open_stream(folder: Path, grid: dict | None) -> tuple[LayerStream, Any]:

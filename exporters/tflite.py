@@ -34,7 +34,7 @@ from vcompress.core.stage import StageContext, execute
 
 from . import _tflite_convert
 from ._tflite_session import FORMAT, LiteRTSession, SessionError, signature_io
-from .base import ExportStage, ParityConfig, SessionRunner, gate, load_source, package_version, save_sidecars
+from .base import ExportStage, ParityConfig, SessionRunner, gate, load_source, package_version, refuse_if_too_big, save_sidecars
 
 MODEL_FILE = "model.tflite"
 BUNDLE_FILE = "model.litertlm"  # what LiteRT-LM loads (the name _litertlm_session.py looks for)
@@ -65,6 +65,7 @@ class TFLiteExport(ExportStage):
 
     def run(self, ctx: StageContext) -> dict:
         cfg: TFLiteExportConfig = self.config
+        refuse_if_too_big(ctx, "litert-torch's converter (it traces the whole PyTorch model)")
         source = ctx.source if isinstance(ctx.source, ModelSource) else ctx.intake.resolve(ctx.source)
         model, tokenizer, grid = load_source(ctx)  # a quantize folder: its dequantized weights
         model_type = model.config.model_type

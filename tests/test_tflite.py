@@ -360,3 +360,18 @@ def test_weight_cache_follows_a_renamed_export(tmp_path, monkeypatch):
     assert weight_cache_file(tmp_path / "export" / "model.tflite") == before
     (tmp_path / "other.tflite").write_bytes(b"weights")  # same bytes, another file: its own cache
     assert weight_cache_file(tmp_path / "other.tflite") != before and before.parent == tmp_path / "cache" / "vcompress" / "xnnpack"
+
+
+def test_a_model_too_big_for_memory_is_refused_before_any_work(cli, tiny_models, tmp_path, monkeypatch):
+    """The LiteRT converter traces the whole model: where it would not fit, say so in one line and point to the
+    streamed ONNX export, instead of swapping or being killed halfway."""
+    import vcompress.core.layer_stream as layer_stream
+
+    monkeypatch.setattr(layer_stream, "available_memory", lambda: 1 << 20)  # 1 MiB free: nothing fits
+    code, _, err = cli("export", "tflite", "--model", tiny_models["llama"], "--out", tmp_path / "t")
+    assert code == 2 and "whole model in memory" in err and "export onnx --stream on" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "t").exists()
+    monkeypatch.undo()  # with the real memory the same export is not refused for its size
+    from vcompress.exporters.base import refuse_if_too_big
+
+    refuse_if_too_big(type("Ctx", (), {"source": tiny_models["llama"]})(), "litert-torch")
