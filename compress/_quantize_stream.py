@@ -119,7 +119,7 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
             for module in positions:
                 stream.load(module)
             embeddings = f"{stream.name_of(model.get_input_embeddings())}.weight"
-            inputs = capture(model, blocks, cfg.batch_size, embed=lambda ids: stream.rows(embeddings, ids))
+            inputs = capture(model, blocks, cfg.batch_size, embed=lambda ids: stream.rows(embeddings, ids).to(device))
             for module in positions:
                 stream.release(module)
             ctx.log(f"GPTQ on {device}, streamed: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")

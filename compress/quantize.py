@@ -239,9 +239,10 @@ def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int, embed=None)
 
     Every layer is then called with the same masks and position embeddings (models whose layers
     differ in attention type, e.g. Qwen2 with sliding-window layers, are not handled). `embed`
-    (token ids -> embeddings) stands in for the model's own token embedding when it is not loaded.
+    (token ids -> embeddings on the layers' device) stands in for the model's own token embedding when
+    it is not loaded.
     """
-    device = "cpu" if embed else next(model.parameters()).device
+    device = None if embed else next(model.parameters()).device
     captured = []
 
     def grab(module, args, kwargs):
@@ -257,7 +258,7 @@ def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int, embed=None)
         for batch in blocks.split(batch_size):
             try:
                 if embed:
-                    model(inputs_embeds=embed(batch).to(device), use_cache=False)
+                    model(inputs_embeds=embed(batch), use_cache=False)
                 else:
                     model(input_ids=batch.to(device), use_cache=False)
             except _Captured:

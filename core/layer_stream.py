@@ -76,12 +76,13 @@ class LayerStream:
     def copy_into(self, writer: TensorFileWriter, name: str) -> None:
         """Write a stored tensor to `writer` at this stream's dtype; a tensor already at it is copied byte
         for byte in chunks, never whole in memory (a 0.5B model's embedding is 545 MB in fp32)."""
-        entry = _header(self.files[name])[name]
+        header, data_start = _header(self.files[name])
+        entry = header[name]
         if entry["dtype"] != DTYPES[self.dtype]:
             writer.add(name, self.read(name))
             return
         start, end = entry["data_offsets"]
-        writer.add_bytes(name, self.dtype, entry["shape"], self.files[name], _data_start(self.files[name]) + start, end - start)
+        writer.add_bytes(name, self.dtype, entry["shape"], self.files[name], data_start + start, end - start)
 
     def load(self, module: torch.nn.Module) -> torch.nn.Module:
         from accelerate.utils import set_module_tensor_to_device
@@ -246,15 +247,12 @@ def _copy(source, target, size: int, chunk: int = 64 << 20) -> None:
         size -= len(data)
 
 
-def _header(file: Path) -> dict:
-    """A .safetensors file's JSON header: name -> dtype, shape, data_offsets (from the data start)."""
+def _header(file: Path) -> tuple[dict, int]:
+    """A .safetensors file's JSON header (name -> dtype, shape, data_offsets from the data start) and
+    where its data starts."""
     with open(file, "rb") as f:
-        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
-
-
-def _data_start(file: Path) -> int:
-    with open(file, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
 
 
 def stream_source(setting: str, ctx) -> Path | None:
