@@ -88,14 +88,15 @@ def predicted_weights(shape: dict, profile: Profile, max_positions: int = 0) -> 
     """roofline.weight_bytes' dict for the artifact the profile's quantization and export would write."""
     q = profile.quantization
     if q.method in ("none", "int8"):  # fp32 as exported; int8 with one scale per output channel
-        bits = table_bits = 32 if q.method == "none" else 8
+        bits = table_bits = head_bits = 32 if q.method == "none" else 8
     elif profile.target.format == "onnx":
-        bits, table_bits = _matmulnbits_bits(profile)
+        bits, table_bits, head_bits = _matmulnbits_bits(profile)
     else:
         bits = q.bits + (40 / q.group_size if q.bits < 16 else 0)
-        table_bits = max(bits, 8)  # vocab x hidden, never below 8 bits
-    table = shape["head_params"] * table_bits / 8
-    gathered = 0 if shape["tied"] else table  # an untied input embedding is only gathered from
+        table_bits = head_bits = max(bits, 8)  # vocab x hidden, never below 8 bits
+    table = shape["head_params"] * head_bits / 8
+    # an untied input embedding is only gathered from; a tied one is the head's table
+    gathered = 0 if shape["tied"] else shape["head_params"] * table_bits / 8
     # ONNX stores the rotary cos/sin tables for every position (fp32, half the head dim each)
     rotary = max_positions * shape["head_dim"] * 4 if profile.target.format == "onnx" and shape["model_type"] != "gpt2" else 0
     stored = shape["body_params"] * bits / 8 + table + gathered + rotary
@@ -106,18 +107,20 @@ def predicted_weights(shape: dict, profile: Profile, max_positions: int = 0) -> 
     }
 
 
-def _matmulnbits_bits(profile: Profile) -> tuple[float, float]:
-    """Bits per weight of the body and of the embedding / LM head in an ONNX export: MatMulNBits stores an fp32
-    scale and a packed integer zero point per group, and a float zero point (quantize's zero_point: float)
-    adds an fp32 correction per group; the tables are blocks of 32 at the export's table_bits (0: fp32).
+def _matmulnbits_bits(profile: Profile) -> tuple[float, float, float]:
+    """Bits per weight of the body, the embedding table and the LM head in an ONNX export: MatMulNBits stores an
+    fp32 scale and a packed integer zero point per group, and a float zero point (quantize's zero_point: float)
+    adds an fp32 correction per group; the tables are blocks of 32 at the export's table_bits / head_bits (0: fp32).
     The x86-cpu export of Qwen2.5-Coder-0.5B (untied, table bits 8) was 570.0 MiB where the earlier rule said 483.6."""
     q = profile.quantization
     settings = lambda stage: profile.step(stage).settings if profile.step(stage) else {}  # noqa: E731
     float_zero = settings("quantize").get("zero_point", "int") == "float"
     body = q.bits + (32 + q.bits + (32 if float_zero else 0)) / q.group_size
     table_bits = settings("export").get("table_bits", 4 if q.bits == 4 else 8)
+    head_bits = settings("export").get("head_bits", table_bits)
     block = settings("export").get("block_size", 32)
-    return body, (table_bits + (32 + table_bits) / block if table_bits else 32)
+    stored = lambda b: b + (32 + b) / block if b else 32  # noqa: E731
+    return body, stored(table_bits), stored(head_bits)
 
 
 def predict(config: dict, profile: Profile) -> dict:
@@ -238,6 +241,19 @@ def budget_plan(config: dict, profile: Profile, scores: dict | Callable[[], dict
     if plan.perplexity_rise_pct > profile.budgets.max_perplexity_rise_pct:
         plan.reason += f" (predicted perplexity +{plan.perplexity_rise_pct:.1f}% is over the +{profile.budgets.max_perplexity_rise_pct:g}% budget before distillation)"
     return plan
+
+
+def analysis_unneeded(config: dict, profile: Profile | None) -> str | None:
+    """Why a run's analysis would rank nothing, or None: in a recipe whose pruning is `auto` (and whose
+    quantize keeps no sensitive linears), the scores are read only when something must go."""
+    if profile is None or not (prune := profile.step("prune")) or not prune.settings.get("auto"):
+        return None
+    if (quantize := profile.step("quantize")) and quantize.settings.get("keep_sensitive"):
+        return None
+    before = predict(config, profile)
+    if missed(before, profile):
+        return None
+    return f"the unpruned model meets every budget of {profile.name} ({_figures(before)}): prune auto removes nothing, so nothing is ranked"
 
 
 def _scheme(profile: Profile) -> str:

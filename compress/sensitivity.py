@@ -481,6 +481,12 @@ class Analyze(Stage):
             ctx.log(f"streaming {folder} layer by layer (the decoder layers are never all in memory)")
         else:
             model, tokenizer = ctx.load()
+        from .budget import analysis_unneeded
+
+        if skipped := analysis_unneeded(model.config.to_dict(), ctx.profile):
+            ctx.log(f"skipped: {skipped}")
+            write_json(ctx.out / SENSITIVITY, {"model": str(ctx.source) if ctx.source else DEFAULT_NAME, "skipped": skipped})
+            return {"streamed": stream is not None, "skipped": skipped, "heatmaps": []}
         blocks = stage_blocks(tokenizer, ctx, samples=cfg.samples, seq_len=cfg.seq_len)
         result = {"model": str(ctx.source) if ctx.source else DEFAULT_NAME}
         result.update(analyze(model, blocks, parts=cfg.parts, batch_size=cfg.batch_size, grid=cfg.grid, log=ctx.log, stream=stream))

@@ -83,8 +83,8 @@ class CarriedWeights(TableWeights):
     names to tensors; a lazy reader reads one linear's at a time). Linears left float stay MatMul;
     the tables follow TableWeights (`bits` 0: fp32). `carried` describes what was carried."""
 
-    def __init__(self, tensors, codes, manifest: dict, *, accuracy_level: int, table_bits: int, block_size: int):
-        super().__init__(tensors, bits=table_bits, block_size=block_size, accuracy_level=accuracy_level)
+    def __init__(self, tensors, codes, manifest: dict, **table_settings):
+        super().__init__(tensors, **table_settings)
         self.codes, self.linears = codes, manifest["linears"]
         self.carried = {
             "linears": 0,

@@ -9,9 +9,9 @@ so a streamed export never holds an fp32 graph) the table is block-quantized onc
 packed uint8 [vocab, hidden*bits/8] initializer that GatherBlockQuantized reads for the embedding
 and, through a Reshape that ONNX Runtime folds at load, MatMulNBits reads for the tied head.
 An untied head (Qwen2.5 GGUFs, the tiny Qwen2 of the tests) is a second [vocab, hidden] table: it is
-left out of the body's quantizers and block-quantized by the same code at the same `table_bits`
-(MatMulNBits on its own packed rows), so `table_bits` decides both tables whether tied or not, and
-0 keeps both fp32.
+left out of the body's quantizers and block-quantized by the same code (MatMulNBits on its own
+packed rows). `table_bits` decides both tables, tied or not, unless `head_bits` names the head's
+(then a tied table takes the head's bits); 0 keeps a table fp32.
 """
 
 from __future__ import annotations
@@ -187,17 +187,21 @@ class TableWeights(Weights):
     """The embedding table and the LM head (tied or untied) block-quantized at `bits` as the graph is built
     (0 keeps them fp32): ORT's C++ block quantizer along hidden, integer zero point. GatherBlockQuantized
     reads the table's rows; a tied head reads the same blocks through a Reshape (MatMulNBits), an untied
-    head (a second [vocab, hidden] table) gets its own blocks. Each table is quantized from one read of it."""
+    head (a second [vocab, hidden] table) gets its own blocks, at `head_bits`. Each table is quantized from
+    one read of it. A tied table is the head's, so it takes `head_bits`; an untied embedding, only gathered
+    (one row per token), can take fewer bits than the head that decides every logit."""
 
-    def __init__(self, tensors, *, bits: int, block_size: int, accuracy_level: int):
+    def __init__(self, tensors, *, bits: int, block_size: int, accuracy_level: int, head_bits: int | None = None, tied: bool = False):
         super().__init__(tensors)
-        self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
+        self.head_bits = bits if head_bits is None else head_bits
+        self.bits = self.head_bits if tied else bits  # the embedding table's
+        self.block_size, self.accuracy_level = block_size, accuracy_level
         self._made: dict[str, TableBlocks] = {}  # table name -> its blocks, for the tied head
 
     def gather(self, g: GraphBuilder, table: str, key: str, indices: str, name: str) -> str:
         if not self.bits:
             return super().gather(g, table, key, indices, name)
-        blocks = self._blocks(g, table, self.read(key).numpy(), gathered=True)
+        blocks = self._blocks(g, table, self.read(key).numpy(), bits=self.bits, gathered=True)
         return g.one(
             "GatherBlockQuantized",
             [blocks.data, indices, blocks.scales, blocks.zero_points],
@@ -214,30 +218,30 @@ class TableWeights(Weights):
             return super().tied_head(g, x)
         # MatMulNBits wants B as [N, blocks, bytes per block]: the gathered rows' bytes, reshaped (ORT folds it at load).
         blocks = self._made[TABLE]
-        shape = g.const(f"{blocks.data}_shape", [blocks.rows, blocks.hidden // blocks.block, blocks.block * self.bits // 8])
+        shape = g.const(f"{blocks.data}_shape", [blocks.rows, blocks.hidden // blocks.block, blocks.block * blocks.bits // 8])
         b = g.op("Reshape", [blocks.data, shape], ["lm_head/B"], name="lm_head/ReshapeB")[0]
         return self._head(g, x, b, blocks, "lm_head/Gemm")
 
     def untied_head(self, g: GraphBuilder, x: str) -> str:
-        if not self.bits:
+        if not self.head_bits:
             return super().untied_head(g, x)
-        blocks = self._blocks(g, HEAD_WEIGHT, self.read(HEAD_WEIGHT).numpy(), gathered=False)
+        blocks = self._blocks(g, HEAD_WEIGHT, self.read(HEAD_WEIGHT).numpy(), bits=self.head_bits, gathered=False)
         return self._head(g, x, blocks.data, blocks, HEAD_NODE)
 
     def _head(self, g: GraphBuilder, x: str, b: str, blocks: TableBlocks, name: str) -> str:
-        attrs = dict(K=blocks.hidden, N=blocks.rows, bits=self.bits, block_size=blocks.block)
+        attrs = dict(K=blocks.hidden, N=blocks.rows, bits=blocks.bits, block_size=blocks.block)
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
         return g.one("MatMulNBits", [x, b, blocks.scales, blocks.zero_points], name=name, domain=MS, **attrs)
 
-    def _blocks(self, g: GraphBuilder, name: str, table: np.ndarray, gathered: bool) -> TableBlocks:
+    def _blocks(self, g: GraphBuilder, name: str, table: np.ndarray, bits: int, gathered: bool) -> TableBlocks:
         """Quantize one [rows, hidden] table into the graph's initializers `name`_Q, _scales, _zero_points.
         GatherBlockQuantized reads rows [rows, hidden*bits/8]; a table only a head reads is stored as
         MatMulNBits' B [rows, blocks, block*bits/8] (the same bytes)."""
         rows, hidden = table.shape
         block = _table_block(hidden, self.block_size)
-        packed, scales, zero_points = _block_quant_rows(table, bits=self.bits, block=block)
-        data_shape = (rows, hidden * self.bits // 8) if gathered else (rows, hidden // block, block * self.bits // 8)
+        packed, scales, zero_points = _block_quant_rows(table, bits=bits, block=block)
+        data_shape = (rows, hidden * bits // 8) if gathered else (rows, hidden // block, block * bits // 8)
         blocks = TableBlocks(
             data=g.add(numpy_helper.from_array(packed.reshape(data_shape), f"{name}_Q")),
             scales=g.add(numpy_helper.from_array(scales.reshape(rows, hidden // block), f"{name}_scales")),
@@ -245,6 +249,7 @@ class TableWeights(Weights):
             rows=rows,
             hidden=hidden,
             block=block,
+            bits=bits,
         )
         self._made[name] = blocks
         return blocks
@@ -277,6 +282,7 @@ class TableBlocks:
     rows: int
     hidden: int
     block: int
+    bits: int
 
 
 @contextlib.contextmanager

@@ -72,6 +72,11 @@ class OnnxExportConfig(ParityConfig):
     table_bits: Literal[0, 4, 8] = Field(
         4, description="bits of the embedding table and the LM head (tied or untied) under int4 (int8: 8); 0 keeps both fp32"
     )
+    head_bits: Literal[0, 4, 8] | None = Field(
+        None,
+        description="bits of the LM head if not table_bits; a tied embedding is the head's table and takes them too, "
+        "an untied one (only gathered, a row per token) keeps table_bits",
+    )
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the parity check")
     stream: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -101,7 +106,7 @@ class OnnxExport(ExportStage):
             stream, tokenizer = open_stream(stream_from, grid)
             model, tensors = stream.model, stream_tensors(stream)
             ctx.log(f"streaming {stream_from} tensor by tensor (the model is never whole in memory)")
-        weights = _weights(tensors, cfg, folder, grid)
+        weights = _weights(tensors, cfg, folder, grid, _onnx_graph.dims_of(model.config).tied)
         ctx.log(f"building the ONNX decoder graph ({model.config.model_type}, {cfg.quant})")
         if isinstance(weights, _onnx_gptq.CarriedWeights):
             ctx.log(f"carrying the checkpoint's {grid.get('method')} grid ({grid_bits(grid)}-bit) into MatMulNBits")
@@ -184,20 +189,27 @@ def _stream_folder(cfg: OnnxExportConfig, ctx: StageContext, grid: dict | None) 
     return stream_folder(cfg.stream, ctx, grid)
 
 
-def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | None) -> _onnx_graph.Weights:
+def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | None, tied: bool) -> _onnx_graph.Weights:
     """The form each weight takes in the graph: fp32; a quantize folder's grid carried per linear; the
     embedding / LM head at table_bits (the body of a float source is quantized after, by ONNX Runtime)."""
     if cfg.quant == "none":
         return _onnx_graph.Weights(tensors)
-    settings = dict(block_size=cfg.block_size, accuracy_level=cfg.accuracy_level)
+    settings = dict(
+        block_size=cfg.block_size, accuracy_level=cfg.accuracy_level, bits=_table_bits(cfg), head_bits=_head_bits(cfg), tied=tied
+    )
     if grid is not None:
         codes = file_tensors(folder / grid["weights_file"])
-        return _onnx_gptq.CarriedWeights(tensors, codes, grid, table_bits=_table_bits(cfg), **settings)
-    return _onnx_quant.TableWeights(tensors, bits=_table_bits(cfg), **settings)
+        return _onnx_gptq.CarriedWeights(tensors, codes, grid, **settings)
+    return _onnx_quant.TableWeights(tensors, **settings)
 
 
-def _table_bits(cfg: OnnxExportConfig) -> int:
-    return cfg.table_bits if cfg.quant == "int4" or cfg.table_bits == 0 else 8
+def _table_bits(cfg: OnnxExportConfig, bits: int | None = None) -> int:
+    bits = cfg.table_bits if bits is None else bits
+    return bits if cfg.quant == "int4" or bits == 0 else 8
+
+
+def _head_bits(cfg: OnnxExportConfig) -> int:
+    return _table_bits(cfg, cfg.head_bits)
 
 
 def _write_graph(model, weights: _onnx_graph.Weights, cfg: OnnxExportConfig, out: Path, streamed: bool) -> tuple[list[str], Any]:
@@ -254,7 +266,8 @@ def _graph_fields(dims, cfg: OnnxExportConfig) -> dict:
                     "block_size": cfg.block_size,
                     "accuracy_level": cfg.accuracy_level,
                     "method": cfg.method if cfg.quant == "int4" else cfg.int8_method,
-                    "table_bits": _table_bits(cfg),
+                    "table_bits": _head_bits(cfg) if dims.tied else _table_bits(cfg),
+                    "head_bits": _head_bits(cfg),
                 }
             ),
         },

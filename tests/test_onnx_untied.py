@@ -186,3 +186,33 @@ def test_carried_grid_with_untied_head_matches_the_checkpoint_with_dequantized_t
         expected = reference(input_ids=ids).logits
     got = OnnxRunner(out, threads=1).forward(ids)
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def _table_nodes(folder):
+    model, inits = _graph(folder)
+    (embed,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    return _attrs(embed)["bits"], _attrs(_head_node(model))["bits"], sum(v.nbytes for v in inits.values())
+
+
+@pytest.mark.parametrize("source", ["fp32", "rtn"])
+def test_head_bits_sets_the_untied_head_apart_from_the_gathered_table(untied, source):
+    """table_bits 4 + head_bits 8: the embedding (one row gathered per token) at 4 bits, the head at 8,
+    on a float source and on a carried grid; the file sits between the all-4 and all-8 exports."""
+    mixed, _ = untied(source=source, accuracy_level=0, table_bits=4, head_bits=8, block_size=BLOCK)
+    assert _table_nodes(mixed)[:2] == (4, 8)
+    quant = json.loads((mixed / "manifest.json").read_text())["quant"]
+    assert (quant["table_bits"], quant["head_bits"]) == (4, 8)
+    sizes = [_table_nodes(untied(source=source, accuracy_level=0, table_bits=b, block_size=BLOCK)[0])[2] for b in (4, 8)]
+    assert sizes[0] < _table_nodes(mixed)[2] < sizes[1]
+
+
+def test_head_bits_gives_a_tied_table_the_heads_bits(tiny_models, tmp_path):
+    """A tied table is the head's: head_bits decides it (table_bits alone would store it at 4)."""
+    out = tmp_path / "tied"
+    export(tiny_models["llama"], out, "int4", accuracy_level=0, table_bits=4, head_bits=8, block_size=BLOCK, **QUIET, **LOOSE)
+    model, _ = _graph(out)
+    (embed,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    (head,) = [n for n in model.graph.node if n.name == "lm_head/Gemm"]
+    assert _attrs(embed)["bits"] == _attrs(head)["bits"] == 8
+    quant = json.loads((out / "manifest.json").read_text())["quant"]
+    assert (quant["table_bits"], quant["head_bits"]) == (8, 8)

@@ -5,16 +5,16 @@ from vcompress.core.errors import InputError
 from vcompress.core.profiles import builtin_names, load_profile, parse_profile
 from vcompress.pipeline import plan
 
-SIX = {"snapdragon8g2", "snapdragon8g3", "pixel8", "jetson-orin-nano", "raspberry-pi5", "x86-cpu"}
+BUILTIN = {"snapdragon8g2", "snapdragon8g3", "pixel8", "phone-4gb", "jetson-orin-nano", "raspberry-pi5", "x86-cpu"}
 
 
 def good() -> dict:
     return yaml.safe_load(open(__file__.replace("tests/test_profiles.py", "profiles/x86-cpu.yaml")))
 
 
-def test_six_builtin_profiles_load():
-    assert SIX <= set(builtin_names())
-    for name in SIX:
+def test_builtin_profiles_load():
+    assert BUILTIN <= set(builtin_names())
+    for name in BUILTIN:
         p = load_profile(name)
         assert p.name == name
         assert p.device.memory_bandwidth_gbs > 0 and p.budgets.prompt_tokens > 0
@@ -25,6 +25,31 @@ def test_real_device_figures():
     assert load_profile("snapdragon8g2").device.memory_bandwidth_gbs == pytest.approx(67.2)
     assert load_profile("jetson-orin-nano").device.memory_bandwidth_gbs == pytest.approx(68)
     assert load_profile("raspberry-pi5").device.memory_bandwidth_gbs == pytest.approx(17.1)
+
+
+# Qwen2.5-Coder-0.5B-Instruct's config.json (the second real model), as its GGUF converts
+QWEN_05B = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+}
+
+
+def test_phone_4gb_forces_the_second_model_to_shrink():
+    """The size-forcing profile: Qwen2.5-Coder-0.5B misses its size budget unpruned (so prune auto has work
+    and the analysis runs), and pruning can meet it."""
+    from vcompress.compress.budget import analysis_unneeded, predict, pruned_config
+
+    profile = load_profile("phone-4gb")
+    assert predict(QWEN_05B, profile)["model_size_mb"] > profile.budgets.max_model_size_mb
+    assert analysis_unneeded(QWEN_05B, profile) is None
+    assert predict(pruned_config(QWEN_05B, layers=8), profile)["model_size_mb"] < profile.budgets.max_model_size_mb
 
 
 def test_profile_by_path(tmp_path):

@@ -385,8 +385,11 @@ def test_prune_auto_stage_cuts_just_enough_for_a_size_budget(gqa_llama, tmp_path
     assert load(tmp_path / "p").config.num_hidden_layers == 3
 
 
-@pytest.mark.parametrize("arch,zero_point,table_bits", [("llama", "float", 8), ("qwen2", "int", 4), ("qwen2", "float", 0)])
-def test_predicted_size_is_what_the_onnx_export_writes(tiny_models, tmp_path, arch, zero_point, table_bits):
+@pytest.mark.parametrize(
+    "arch,zero_point,table_bits,head_bits",
+    [("llama", "float", 8, 8), ("qwen2", "int", 4, 4), ("qwen2", "float", 0, 0), ("qwen2", "float", 4, 8), ("llama", "int", 4, 8)],
+)
+def test_predicted_size_is_what_the_onnx_export_writes(tiny_models, tmp_path, arch, zero_point, table_bits, head_bits):
     """prune auto decides from the predicted size: it must match the exported file, tables, zero points and
     rotary tables included (the earlier rule said 483.6 MiB for a 570.0 MiB Qwen export)."""
     from vcompress.compress.budget import predict
@@ -401,13 +404,14 @@ def test_predicted_size_is_what_the_onnx_export_writes(tiny_models, tmp_path, ar
         tmp_path / "onnx",
         "int4",
         table_bits=table_bits,
+        head_bits=head_bits,
         min_top1_quantized=0.0,
         new_tokens=2,
         log=lambda _: None,
         threads=1,
     )
     profile = load_x86(group_size=32)
-    steps = [{"stage": "quantize", "zero_point": zero_point}, {"stage": "export", "table_bits": table_bits}]
+    steps = [{"stage": "quantize", "zero_point": zero_point}, {"stage": "export", "table_bits": table_bits, "head_bits": head_bits}]
     profile = profile.model_copy(update={"recipe": [RecipeStep(**s) for s in steps]})
     config = json.loads((tiny_models[arch] / "config.json").read_text())
     written = (tmp_path / "onnx" / "model.onnx.data").stat().st_size
@@ -420,3 +424,29 @@ def load_x86(**quantization):
 
     profile = load_profile("x86-cpu")
     return profile.model_copy(update={"quantization": profile.quantization.model_copy(update=quantization)})
+
+
+def test_analysis_is_skipped_only_when_prune_auto_would_remove_nothing(gqa_llama, tmp_path):
+    """The run's analysis is read only by prune auto (and quantize's keep_sensitive): when the unpruned
+    model meets every budget it ranks nothing and says why; a budget it misses, a fixed fraction or no
+    profile runs the whole analysis."""
+    from vcompress.compress.budget import analysis_unneeded, predict
+    from vcompress.compress.sensitivity import Analyze
+    from vcompress.core.profiles import RecipeStep
+
+    config = load(gqa_llama).config.to_dict()
+    met = with_budgets("snapdragon8g2")
+    assert "meets every budget of snapdragon8g2" in analysis_unneeded(config, met)
+    size = predict(config, met)["model_size_mb"]
+    assert analysis_unneeded(config, with_budgets("snapdragon8g2", max_model_size_mb=size / 2)) is None
+    fixed = met.model_copy(update={"recipe": [RecipeStep(stage="analyze"), RecipeStep(stage="prune", heads=0.33)]})
+    assert analysis_unneeded(config, fixed) is None and analysis_unneeded(config, None) is None
+    keeps = met.model_copy(update={"recipe": [*met.recipe[:2], RecipeStep(stage="quantize", keep_sensitive=2)]})
+    assert analysis_unneeded(config, keeps) is None
+
+    small = {"samples": 1, "seq_len": 16, "parts": ["layers"]}
+    skipped = execute(Analyze(small), tmp_path / "a", source=str(gqa_llama), profile=met, log=lambda _: None)
+    written = json.loads((tmp_path / "a" / "sensitivity.json").read_text())
+    assert skipped["skipped"] == written["skipped"] and "layers" not in written
+    ranked = execute(Analyze(small), tmp_path / "b", source=str(gqa_llama), profile=fixed, log=lambda _: None)
+    assert "skipped" not in ranked and "layers" in json.loads((tmp_path / "b" / "sensitivity.json").read_text())

@@ -65,6 +65,12 @@ def command():
     help="Bits of the embedding table and the LM head (tied or untied) under INT4 (INT8: 8); 0 keeps both fp32.",
 )
 @click.option(
+    "--head-bits",
+    type=click.Choice(["0", "4", "8"]),
+    default=None,
+    help="Bits of the LM head if not --table-bits (a tied table takes them too; an untied embedding keeps --table-bits).",
+)
+@click.option(
     "--min-agreement", type=float, default=0.5, show_default=True, help="INT8/INT4: top-1 agreement with PyTorch fp32 the check requires."
 )
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads for the parity check (default: all cores).")
@@ -83,6 +89,7 @@ def onnx(
     int8_method,
     block_size,
     table_bits,
+    head_bits,
     min_agreement,
     threads,
     stream,
@@ -105,6 +112,7 @@ def onnx(
             "int8_method": int8_method,
             "block_size": block_size,
             "table_bits": int(table_bits),
+            "head_bits": None if head_bits is None else int(head_bits),
             "threads": threads,
             "min_top1_quantized": min_agreement,
             "stream": stream,
