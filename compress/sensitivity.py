@@ -16,6 +16,7 @@ Writes sensitivity.json and heatmaps/*.png; `vcompress prune --scores` ranks by 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -246,7 +247,13 @@ def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, gr
     resident = stream.resident if stream is not None else contextlib.nullcontext
     info = shape(model)
     layers = decoder_layers(model)
-    result: dict = {"model_type": model.config.model_type, "shape": info, "vocab_size": model.config.vocab_size, "units": UNITS}
+    result: dict = {
+        "model_type": model.config.model_type,
+        "shape": info,
+        "vocab_size": model.config.vocab_size,
+        "config": json.loads(model.config.to_json_string()),  # what `run --auto` predicts each candidate's artifact from
+        "units": UNITS,
+    }
     started = time.time()
     probe = Probe(model, blocks, batch_size, resident)
     loss = probe.baseline

@@ -7,27 +7,47 @@ import yaml
 
 from tests.test_pipeline import FULL, write_profile
 from tests.tiny import build_model
-from vcompress.auto import Candidate, candidate_profile, candidates, estimated_mb, predicted_rise_pct
+from vcompress.auto import Candidate, candidate_profile, candidates, predicted_rise_pct
 from vcompress.core.profiles import load_profile
 
 SHAPE = {"layers": 4, "query_heads": 8, "kv_heads": 4, "head_dim": 16, "hidden_size": 128, "intermediate_size": 256}
+CONFIG = {
+    "model_type": "llama",
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 16,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "vocab_size": 1000,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
 
 
 def scores(mask=None, quant=None) -> dict:
     return {
         "shape": SHAPE,
         "vocab_size": 1000,
+        "config": CONFIG,
         "heads": {"mask_loss_delta_nats": mask or [[0.01, 0.02, 0.3, 0.4]] * 4},
         "quant": {"loss_delta_nats": quant or [[0.001, -0.002]] * 4},
     }
 
 
-def test_estimates_shrink_with_pruning_and_bits():
-    sizes = {(h, b): estimated_mb(SHAPE, 1000, h, b, 32) for h in (0, 0.25, 0.5) for b in (4, 8)}
+def test_estimates_are_prune_autos_predictions_and_shrink_with_pruning_and_bits():
+    """One predictor for --auto and prune auto: each candidate's size is budget.predict of the pruned config
+    under the candidate's own profile (its bits, zero points and export tables)."""
+    from vcompress.compress.budget import predict, pruned_config
+
+    profile = load_profile("x86-cpu")
+    sizes = {(c.heads, c.bits): c.estimated_mb for c in candidates(scores(), profile)}
     assert sizes[(0, 4)] < sizes[(0, 8)] and sizes[(0.5, 4)] < sizes[(0.25, 4)] < sizes[(0, 4)]
-    # 4 layers x (attention 2*128*128 + 2*128*64 ... ) at 4 bits plus group overhead, against a hand count
-    weights = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256) + 1000 * 128
-    assert sizes[(0, 4)] == pytest.approx(weights * (0.5 + 5 / 32) / 2**20)
+    c = Candidate(0.25, 4)
+    predicted = predict(pruned_config(CONFIG, kv_groups=1), candidate_profile(profile, c))["model_size_mb"]
+    assert sizes[(0.25, 4)] == pytest.approx(predicted, abs=0.005)
+    with pytest.raises(Exception, match="run it again"):
+        candidates({k: v for k, v in scores().items() if k != "config"}, profile)
 
 
 def test_prediction_sums_the_groups_the_pruner_would_remove():

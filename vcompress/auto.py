@@ -52,30 +52,23 @@ class Candidate:
 
 
 def candidates(scores: dict, profile: Profile) -> list[Candidate]:
-    """Every (prune fraction, bits) pair, with estimates, smallest estimated artifact first."""
-    shape = scores["shape"]
-    kv = shape["kv_heads"]
+    """Every (prune fraction, bits) pair, with estimates, smallest estimated artifact first. The size is what
+    prune auto predicts (compress/budget.py) for the pruned config exported as the candidate's profile says."""
+    from vcompress.compress.budget import predict, pruned_config
+
+    kv = scores["shape"]["kv_heads"]
+    if "config" not in scores:
+        raise InputError("the analysis predates `run --auto`'s size predictions (no config in sensitivity.json); run it again")
     fractions = [round(g / kv, 4) for g in range(kv) if g / kv <= MAX_PRUNE_FRACTION]
     found = []
     for heads in fractions:
         for bits in (4, 8):
             c = Candidate(heads, bits)
-            c.estimated_mb = estimated_mb(shape, scores.get("vocab_size", 0), heads, bits, profile.quantization.group_size)
+            config = pruned_config(scores["config"], kv_groups=round(heads * kv))
+            c.estimated_mb = round(predict(config, candidate_profile(profile, c))["stored_bytes"] / MIB, 4)
             c.predicted_ppl_rise_pct = predicted_rise_pct(scores, heads, bits)
             found.append(c)
     return sorted(found, key=lambda c: (c.estimated_mb, -c.bits))
-
-
-def estimated_mb(shape: dict, vocab: int, heads: float, bits: int, group_size: int) -> float:
-    """Weight bytes after pruning and quantization: codes plus a 4-byte scale and 1-byte zero per group."""
-    hidden, head_dim = shape["hidden_size"], shape["head_dim"]
-    kv_kept = shape["kv_heads"] - round(heads * shape["kv_heads"])
-    q_kept = shape["query_heads"] // shape["kv_heads"] * kv_kept
-    attention = 2 * hidden * q_kept * head_dim + 2 * hidden * kv_kept * head_dim
-    mlp = 3 * hidden * shape["intermediate_size"]
-    weights = shape["layers"] * (attention + mlp) + vocab * hidden
-    per_weight = bits / 8 + 5 / group_size
-    return weights * per_weight / MIB
 
 
 def predicted_rise_pct(scores: dict, heads: float, bits: int) -> float | None:
