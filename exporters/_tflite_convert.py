@@ -1,7 +1,7 @@
 """A Hugging Face folder to a .tflite with prefill/decode signatures, through litert-torch's generative exporter.
 
 litert-torch 0.10 (`litert_torch.generative.export_hf.export`) loads the folder itself, swaps in its
-own attention and static KV cache, converts one prefill signature (`prefill_<P>`) and one `decode`
+own attention and static KV cache, converts a prefill signature per length (`prefill_<P>`) and one `decode`
 signature into a single .tflite that shares the weights, then quantizes it with ai-edge-quantizer
 recipes. We ask for no prefill logits (see _tflite_session.py) and for the LiteRT-LM bundle, model.litertlm:
 litert-torch packs that .tflite (the same bytes: packaging runs after conversion and changes no
@@ -34,7 +34,7 @@ def available() -> bool:
 
 
 def convert(
-    hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill_tokens: int, cache_length: int, log=print
+    hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill_lengths: list[int], cache_length: int, log=print
 ) -> tuple[Path, Path]:
     """The .tflite written under `work` (quantized when asked) and the LiteRT-LM bundle holding it.
     Raises Unsupported when the converter or the packaging cannot."""
@@ -56,7 +56,7 @@ def convert(
                 bundle_litert_lm=True,
                 keep_temporary_files=True,
                 quantization_recipe=RECIPES[quant],
-                prefill_lengths=[prefill_tokens],
+                prefill_lengths=prefill_lengths,
                 cache_length=cache_length,
                 prefill_logits=False,
             )

@@ -3,8 +3,10 @@
 No torch here, for the same reason as _onnx_session.py: a deployed LiteRT app does not pay for it
 (the latency bench loads this file by path; `Session` and `RUNTIME` are the names it looks for).
 
-The .tflite holds two signatures with static shapes (litert-torch's generative export):
+The .tflite holds these signatures with static shapes (litert-torch's generative export):
   prefill_<P>  tokens int32 [1, P], input_pos int32 [P], mask float32 [1, 1, P, C], kv_cache_* -> kv_cache_*
+               (P = prefill_tokens, and short_prefill_tokens where exported: a 30-token prompt then costs
+               one short call, not a 256-token one)
   decode       tokens int32 [1, 1], input_pos int32 [1], mask float32 [1, 1, 1, C], kv_cache_* -> kv_cache_*, logits
 C is the cache length (the model's context here). Every call takes the whole cache and returns it
 updated (the new keys/values written at input_pos); `mask` is added to the attention scores, so a
@@ -106,7 +108,11 @@ class LiteRTSession:
                 self.cache[name] = self.model.create_input_buffer_by_name(decode_key, name)
                 # fresh buffers are uninitialised, and a NaN in a masked slot still poisons attention (0 * NaN)
                 self.cache[name].write(np.zeros(details["shape"], np.dtype(details["dtype"])))
-        self.prefill_signature = _Signature(self.model, signatures["prefill"]["name"], self.cache)
+        # prefill length -> its signature: the main one, and a short one for short prompts where exported
+        self.prefills = {self.prefill_tokens: _Signature(self.model, signatures["prefill"]["name"], self.cache)}
+        if "prefill_short" in signatures:
+            short = int(self.manifest["short_prefill_tokens"])
+            self.prefills[short] = _Signature(self.model, signatures["prefill_short"]["name"], self.cache)
         self.decode_signature = _Signature(self.model, decode_key, self.cache)
         self.resident: KVState | None = None  # the state whose keys/values the cache holds
 
@@ -197,9 +203,9 @@ class LiteRTSession:
             self._prefill(state, 0, state.length)
 
     def _prefill(self, state: KVState, start: int, end: int) -> None:
-        """Run tokens[start:end] through the prefill signature in chunks."""
-        p = self.prefill_tokens
+        """Run tokens[start:end] through the prefill signatures in chunks."""
         while start < end:
+            p = self.chunk(end - start)
             stop = min(start + p, end)
             # A chunk is written whole at its start (dynamic_update_slice), so a short last chunk
             # padded past the cache's end would be clamped back over real entries: start it earlier
@@ -208,8 +214,16 @@ class LiteRTSession:
             chunk = np.zeros((1, p), np.int32)
             chunk[0, : stop - first] = state.tokens[first:stop]
             positions = np.arange(first, first + p, dtype=np.int32)
-            self.prefill_signature(tokens=chunk, input_pos=positions, mask=self.mask(positions))
+            self.prefills[p](tokens=chunk, input_pos=positions, mask=self.mask(positions))
             start = stop
+
+    def chunk(self, remaining: int) -> int:
+        """The prefill length for the next chunk: the short signature while its padded chunks cost fewer
+        tokens than one main chunk (each call computes its whole length), else the main one."""
+        short = min(self.prefills)
+        if short < self.prefill_tokens and -(-remaining // short) * short < self.prefill_tokens:
+            return short
+        return self.prefill_tokens
 
     def mask(self, positions: np.ndarray) -> np.ndarray:
         """[1, 1, len(positions), C]: 0 where the cache slot is at or before the row's position, -inf after."""

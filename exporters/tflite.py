@@ -43,6 +43,11 @@ BUNDLE_FILE = "model.litertlm"  # what LiteRT-LM loads (the name _litertlm_sessi
 class TFLiteExportConfig(ParityConfig):
     quant: Literal["none", "int8", "int4"] = "none"
     prefill_tokens: int = Field(256, ge=1, description="tokens of the prefill signature (a prompt runs in chunks of this size)")
+    short_prefill_tokens: int = Field(
+        32,
+        ge=0,
+        description="a second, shorter prefill signature for short prompts and a long one's tail (none when 0 or not below prefill_tokens)",
+    )
     cache_length: int = Field(1024, ge=2, description="KV cache slots: the longest sequence the export can hold")
     threads: int | None = Field(None, gt=0, description="LiteRT threads for the parity check")
 
@@ -75,14 +80,15 @@ class TFLiteExport(ExportStage):
             )
         hf = Path(str(source.path)) if source.kind == "hf" and grid is None else save_model(model, tokenizer, ctx.work / "hf")
         ctx.log(
-            f"converting to TFLite with litert-torch ({model_type}, {cfg.quant}, prefill {cfg.prefill_tokens}, cache {cfg.cache_length})"
+            f"converting to TFLite with litert-torch ({model_type}, {cfg.quant}, prefill {'/'.join(map(str, _prefill_lengths(cfg)))}, "
+            f"cache {cfg.cache_length})"
         )
         converted, bundle = _tflite_convert.convert(
             hf,
             ctx.work / "litert",
             model_type=model_type,
             quant=cfg.quant,
-            prefill_tokens=cfg.prefill_tokens,
+            prefill_lengths=_prefill_lengths(cfg),
             cache_length=cfg.cache_length,
             log=ctx.log,
         )
@@ -151,11 +157,20 @@ def _bundle_loads(ctx: StageContext) -> str:
     return said
 
 
+def _prefill_lengths(cfg: TFLiteExportConfig) -> list[int]:
+    """The prefill signatures' lengths: prefill_tokens, and the short one where it is shorter. Most evaluation
+    prompts are short (cloze MMLU medical: median 30 tokens), and each call costs its whole length."""
+    short = cfg.short_prefill_tokens
+    return [short, cfg.prefill_tokens] if 0 < short < cfg.prefill_tokens else [cfg.prefill_tokens]
+
+
 def _model_fields(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:
     """The manifest's description of the model: shape, signatures with their tensors, quantization."""
     shape = attention_shape(config)
     signatures = signature_io(model_file)
-    prefill = next(name for name in signatures if name.startswith("prefill"))
+    lengths = _prefill_lengths(cfg)
+    prefill = f"prefill_{lengths[-1]}"
+    short = {"prefill_short": {"name": f"prefill_{lengths[0]}", **signatures[f"prefill_{lengths[0]}"]}} if len(lengths) > 1 else {}
     return {
         "architecture": config.model_type,
         "layers": shape["layers"],
@@ -165,8 +180,13 @@ def _model_fields(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:
         "vocab_size": config.vocab_size,
         "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "prefill_tokens": cfg.prefill_tokens,
+        "short_prefill_tokens": lengths[0] if short else None,
         "cache_length": cfg.cache_length,
-        "signatures": {"prefill": {"name": prefill, **signatures[prefill]}, "decode": {"name": "decode", **signatures["decode"]}},
+        "signatures": {
+            "prefill": {"name": prefill, **signatures[prefill]},
+            **short,
+            "decode": {"name": "decode", **signatures["decode"]},
+        },
         "quant": {
             "scheme": cfg.quant,
             **(
@@ -185,7 +205,8 @@ def _model_fields(config, cfg: TFLiteExportConfig, model_file: Path) -> dict:
             "kv_cache": "kv_cache_k_<layer> [1, kv_heads, cache, head_dim] and kv_cache_v_<layer> [1, kv_heads, head_dim, cache]: "
             "passed in and returned by every call, new entries written at input_pos",
             "mask": "float32 added to attention scores: 0 where the cache slot is at or before the row's position, -inf after",
-            "prompt": "all but the last token through prefill (chunks of prefill_tokens, zero-padded), the last through decode",
+            "prompt": "all but the last token through prefill (chunks of prefill_tokens, zero-padded; a remainder that fits in "
+            "fewer padded tokens in chunks of short_prefill_tokens goes through prefill_short), the last through decode",
             "logits": "decode only; prefill returns the cache",
         },
     }

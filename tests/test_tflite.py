@@ -18,8 +18,12 @@ from vcompress.core.errors import Unsupported
 
 QUIET = dict(log=lambda _: None, threads=1)
 # Small signatures keep the tiny exports quick; the llama cache (100) is not a multiple of the prefill
-# length (8), so a prompt near the cache's end takes the shifted last chunk.
-SHAPES = {"llama": dict(prefill_tokens=8, cache_length=100), "qwen2": dict(prefill_tokens=8, cache_length=128)}
+# length (8), so a prompt near the cache's end takes the shifted last chunk. The llama export also has a
+# short prefill signature (2 tokens) for short prompts and tails; the qwen2 one has the main one only.
+SHAPES = {
+    "llama": dict(prefill_tokens=8, short_prefill_tokens=2, cache_length=100),
+    "qwen2": dict(prefill_tokens=8, cache_length=128),
+}
 
 
 def _needs_litert():
@@ -90,6 +94,7 @@ def test_manifest_describes_the_signatures(exported):
     interpreter = Interpreter(model_path=str(out / manifest["files"]["model"]))
     assert sorted(interpreter.get_signature_list()) == sorted(s["name"] for s in manifest["signatures"].values())
     assert manifest["signatures"]["prefill"]["name"] == "prefill_8" and manifest["prefill_tokens"] == 8 and manifest["cache_length"] == 100
+    assert manifest["signatures"]["prefill_short"]["name"] == "prefill_2" and manifest["short_prefill_tokens"] == 2
     for signature in manifest["signatures"].values():
         runner = interpreter.get_signature_runner(signature["name"])
         inputs = runner.get_input_details()
@@ -105,7 +110,8 @@ def test_manifest_describes_the_signatures(exported):
     assert "logits" in {o["name"] for o in manifest["signatures"]["decode"]["outputs"]}
 
 
-@pytest.mark.parametrize("prompt", [9, 99])  # across a chunk boundary; up to the cache's end (shifted last chunk)
+# short prompt (short chunks); across a chunk boundary; up to the cache's end (short tail, shifted last chunk)
+@pytest.mark.parametrize("prompt", [5, 9, 99])
 def test_kv_cache_decode_equals_full_recompute(exported, tiny_models, prompt):
     from vcompress.exporters.tflite import TFLiteRunner
 
@@ -125,6 +131,15 @@ def test_kv_cache_decode_equals_full_recompute(exported, tiny_models, prompt):
     with pytest.raises(Exception, match="cache of 100"):
         for _ in range(101):
             logits, state = runner.decode(1, state)
+
+
+def test_prefill_chunks_take_the_short_signature_while_it_costs_fewer_tokens(exported):
+    from vcompress.exporters._tflite_session import LiteRTSession
+
+    session = LiteRTSession(exported("llama")[0], threads=1)
+    assert sorted(session.prefills) == [2, 8]
+    assert [session.chunk(n) for n in (1, 2, 3, 6, 7, 8, 20)] == [2, 2, 2, 2, 8, 8, 8]
+    assert sorted(LiteRTSession(exported("qwen2")[0], threads=1).prefills) == [8]
 
 
 def test_runner_through_the_evaluation_interface(exported, tiny_models, mmlu_root):

@@ -29,6 +29,13 @@ from vcompress.commands._options import (
 @click.option(
     "--prefill-tokens", type=int, default=256, show_default=True, help="Length of the prefill signature (prompts run in chunks of it)."
 )
+@click.option(
+    "--short-prefill-tokens",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Length of a second prefill signature for short prompts and a long one's tail (0: none).",
+)
 @click.option("--cache-length", type=int, default=1024, show_default=True, help="KV cache slots: the longest sequence the export holds.")
 @click.option(
     "--min-agreement", type=float, default=0.5, show_default=True, help="INT8/INT4: top-1 agreement with PyTorch fp32 the check requires."
@@ -38,7 +45,20 @@ from vcompress.commands._options import (
 @seed_option
 @json_option
 def command(
-    model, base, allow_pickle, trust_remote_code, out, quant, prefill_tokens, cache_length, min_agreement, threads, force, seed, as_json
+    model,
+    base,
+    allow_pickle,
+    trust_remote_code,
+    out,
+    quant,
+    prefill_tokens,
+    short_prefill_tokens,
+    cache_length,
+    min_agreement,
+    threads,
+    force,
+    seed,
+    as_json,
 ):
     """TFLite (LiteRT) for Android: fp32 must match PyTorch, INT8/INT4 must agree with it."""
     from vcompress.exporters.tflite import TFLiteExport
@@ -47,6 +67,7 @@ def command(
         {
             "quant": quant,
             "prefill_tokens": prefill_tokens,
+            "short_prefill_tokens": short_prefill_tokens,
             "cache_length": cache_length,
             "threads": threads,
             "min_top1_quantized": min_agreement,
