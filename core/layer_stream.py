@@ -284,6 +284,17 @@ def too_big_for_memory(model_bytes: int) -> bool:
     return model_bytes > available_memory() / 3
 
 
+def total_memory() -> int:
+    """Bytes of physical memory of this machine (MemTotal)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def available_memory() -> int:
     """Bytes the kernel could give now without swapping (MemAvailable: free memory plus reclaimable cache)."""
     try:

@@ -22,12 +22,12 @@ from vcompress.core.errors import CheckFailed, InputError, Unsupported
 from vcompress.core.layer_stream import (
     DequantizedStream,
     LayerStream,
-    available_memory,
     checkpoint_bytes,
     model_bytes,
     return_freed_memory,
     stream_source,
     too_big_for_memory,
+    total_memory,
 )
 from vcompress.core.models import check_supported
 from vcompress.core.quant_format import load_dequantized, read_manifest
@@ -140,17 +140,24 @@ def stream_folder(setting: str, ctx: StageContext, grid: dict | None) -> Path | 
     return folder
 
 
-def refuse_if_too_big(ctx: StageContext, converter: str) -> None:
+# litert-torch's conversion peaked at 9x the fp32 model (SmolLM2-135M to int8: 4.5 GiB RSS for 0.5 GiB)
+CONVERTER_PEAK = 9
+
+
+def refuse_if_too_big(ctx: StageContext, converter: str, peak: float = CONVERTER_PEAK) -> None:
     """For an exporter that needs the whole model in memory: a one-line refusal, before any work, when a
-    source folder's fp32 model would not fit (the rule `--stream auto` streams by)."""
+    source folder's fp32 model times the converter's measured peak is more than this machine's memory.
+    Memory other processes hold now does not count: it comes back, and refusing for it would send a
+    model that fits to the streamed ONNX export."""
     folder = source_folder(ctx.source)
     if folder is None or not folder.is_dir() or not any(folder.glob("*.safetensors")):
         return  # the default, a GGUF or a LoRA folder: loaded whole by the intake anyway
     size = model_bytes(folder) if read_manifest(folder) is not None else checkpoint_bytes(folder)
-    if too_big_for_memory(size):
+    if size * peak > total_memory():
         raise Unsupported(
-            f"{converter} needs the whole model in memory ({size / 2**30:.1f} GiB in fp32, {available_memory() / 2**30:.1f} GiB "
-            f"available, a third of it usable); export ONNX layer by layer with `vcompress export onnx --stream on`, or convert on a bigger machine"
+            f"{converter} needs the whole model in memory, about {peak:g}x its fp32 size ({size * peak / 2**30:.1f} GiB for "
+            f"{size / 2**30:.1f} GiB) on a machine of {total_memory() / 2**30:.1f} GiB; export ONNX layer by layer with "
+            f"`vcompress export onnx --stream on`, or convert on a bigger machine"
         )
 
 
