@@ -250,7 +250,6 @@ def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, gr
     result: dict = {
         "model_type": model.config.model_type,
         "shape": info,
-        "vocab_size": model.config.vocab_size,
         "config": json.loads(model.config.to_json_string()),  # what `run --auto` predicts each candidate's artifact from
         "units": UNITS,
     }

@@ -28,7 +28,6 @@ CONFIG = {
 def scores(mask=None, quant=None) -> dict:
     return {
         "shape": SHAPE,
-        "vocab_size": 1000,
         "config": CONFIG,
         "heads": {"mask_loss_delta_nats": mask or [[0.01, 0.02, 0.3, 0.4]] * 4},
         "quant": {"loss_delta_nats": quant or [[0.001, -0.002]] * 4},
