@@ -54,6 +54,11 @@ def mlp_in(layer) -> nn.Module:
     return layer.mlp.c_fc if hasattr(layer.mlp, "c_fc") else layer.mlp.gate_proj
 
 
+def mlp_out(layer) -> nn.Module:
+    """The last MLP projection (its input features are the MLP channels)."""
+    return layer.mlp.c_proj if hasattr(layer.mlp, "c_proj") else layer.mlp.down_proj
+
+
 def out_dim(module) -> int:
     return 1 if isinstance(module, Conv1D) else 0
 

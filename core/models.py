@@ -86,7 +86,7 @@ def default_model_dir() -> Path:
 
 def converted_gguf_dir(gguf_path: Path, target: Path | None = None, log=lambda _: None) -> Path:
     """A GGUF converted once into a float32 safetensors folder under the cache (keyed by name, size and
-    the file's first and last MiB), for stages that read a checkpoint tensor by tensor."""
+    the file's first and last MiB): every later load of the same file reads it, memory-mapped."""
     if target is None:
         size = gguf_path.stat().st_size
         digest = hashlib.sha256()
@@ -259,9 +259,9 @@ def load_model(
 ):
     """Load (model, tokenizer) in eval mode from any accepted --model argument."""
     source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle=allow_pickle, base=base)
-    if source.kind == "gguf":
-        model, tokenizer = _load_gguf(Path(source.path))
-    elif source.kind == "hf" and (grid := read_manifest(source.path)) is not None:
+    if source.kind == "gguf":  # converted once (transformers' GGUF loading de-quantizes every tensor: ~2 min for a 0.5B)
+        source = ModelSource("hf", converted_gguf_dir(Path(source.path)), label=source.label)
+    if source.kind == "hf" and (grid := read_manifest(source.path)) is not None:
         # a `vcompress quantize` folder: its linears as the grid computes them, in float32 (gptqmodel's
         # layers refuse the cast to float32 below, and are not needed to score the checkpoint)
         model, tokenizer = load_dequantized(source.path, grid)

@@ -87,12 +87,12 @@ class LiteRTSession:
             raise SessionError(
                 "running a .tflite needs ai-edge-litert's CompiledModel API; install it with `pip install -e '.[tflite]'`"
             ) from None
-        self.threads = threads
+        self.threads = threads or os.cpu_count() or 1  # LiteRT's own default (0) runs on one thread
         # No compiler plugins: CPU only, and LiteRT would otherwise try (and loudly fail) to load vendor plugins.
         environment = Environment.create(
             options=EnvironmentOptions(runtime_path=str(Path(ai_edge_litert.__file__).parent), compiler_plugin_path=str(self.folder))
         )
-        options = Options(cpu_options=CpuOptions(num_threads=threads or 0, xnnpack_weight_cache_path=str(weight_cache_file(model_file))))
+        options = Options(cpu_options=CpuOptions(num_threads=self.threads, xnnpack_weight_cache_path=str(weight_cache_file(model_file))))
         try:
             self.model = CompiledModel.from_file(str(model_file), environment=environment, options=options)
         except RuntimeError as e:

@@ -86,6 +86,7 @@ def tiny_src(tmp_path_factory, tokenizer):
 
 def _profile(path, **budgets):
     recipe = [dict(FULL[0], parts=["heads", "layers", "quant"]), *FULL[1:]]
+    recipe = [dict(step, zero_point="float") if step["stage"] == "quantize" else step for step in recipe]
     write_profile(path, recipe)
     data = yaml.safe_load(path.read_text())
     data["budgets"].update(budgets)
@@ -121,3 +122,7 @@ def test_auto_skips_what_the_estimates_rule_out_and_exits_1(cli, tmp_path, tiny_
     assert code == 1 and summary["winner"] is None and "no candidate passed" in out
     assert all(c["status"] == "skipped" and "estimated" in c["reason"] for c in summary["candidates"])
     assert (tmp_path / "R" / "01-analyze" / "sensitivity.json").is_file() and not (tmp_path / "R" / "candidates").exists()
+    # the shared analysis ranks the linears on the grid of the profile's quantize step (a float zero point here),
+    # as it does inside a plain run: on its own it would have taken the analyze defaults (group 128, integer zero)
+    grid = yaml.safe_load((tmp_path / "R" / "01-analyze" / "recipe.yaml").read_text())["config"]
+    assert (grid["zero_point"], grid["group_size"]) == ("float", 32)

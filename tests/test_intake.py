@@ -116,6 +116,26 @@ def test_embedded_default_matches_the_gguf():
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
 
 
+@pytest.mark.slow
+def test_a_gguf_is_converted_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    from vcompress.core import models
+
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(tmp_path))
+    gguf = models.default_gguf()
+    first, _ = load_model(gguf)
+    folders = list((tmp_path / "models").iterdir())
+    assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()
+
+    def no_conversion(path):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "_load_gguf", no_conversion)
+    again, tok = load_model(gguf)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, again(ids).logits)
+
+
 def test_export_takes_the_adapter_base_from_the_command(cli, tiny_llama, tmp_path):
     """`vcompress export onnx --base` reaches the exporter's loading: an adapter whose named base is not local exports with it."""
     from peft import LoraConfig, get_peft_model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -122,6 +123,26 @@ def test_dropping_a_layer_equals_zeroing_its_outputs(arch, tiny_models):
     assert all(m.layer_idx == 0 for m in decoder_layers(pruned)[0].modules() if hasattr(m, "layer_idx"))
     pruned.config.num_hidden_layers = 1
     assert torch.allclose(logits(zeroed, IDS), logits(pruned, IDS), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gqa", "qwen2", "gpt2"])
+def test_a_masked_plan_computes_what_the_cut_model_does_and_is_restored(arch, tiny_models, gqa_llama):
+    """prune auto measures each candidate with the removed parts zeroed in place instead of a cut copy."""
+    from vcompress.compress.prune import Plan, apply_plan, plan_masked
+
+    model = load(gqa_llama if arch == "gqa" else tiny_models[arch])
+    info = shape(model)
+    keep = list(range(1, info["layers"]))  # layer 0 goes
+    groups = {i: list(range(1, info["kv_heads"])) if arch == "gqa" else list(range(info["kv_heads"])) for i in keep}
+    plan = Plan(keep, groups, {i: [0, 5, 9] for i in keep})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with plan_masked(model, plan):
+        masked = logits(model, IDS)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    cut = copy.deepcopy(model)
+    apply_plan(cut, plan)
+    assert shape(cut)["layers"] == info["layers"] - 1
+    assert torch.allclose(masked, logits(cut, IDS), atol=1e-5) and not torch.allclose(masked, logits(model, IDS), atol=1e-3)
 
 
 def fake_scores(info: dict, *, weak_group: int, weak_layer: int) -> dict:
@@ -299,7 +320,7 @@ def test_budget_plan_prunes_nothing_when_the_budgets_are_met(tokenizer):
     assert "meets every budget" in plan.reason and plan.to_json()["prunes"] is False
 
 
-def test_budget_plan_removes_the_cheapest_per_byte_until_the_size_fits(tokenizer):
+def test_budget_plan_weighs_every_way_to_meet_the_size_and_keeps_the_least_loss(tokenizer):
     from vcompress.compress.budget import budget_plan, predict, pruned_config
 
     config = mid_config(tokenizer)
@@ -308,13 +329,23 @@ def test_budget_plan_removes_the_cheapest_per_byte_until_the_size_fits(tokenizer
     budget = round(before * 0.8, 2)
     profile = with_budgets("snapdragon8g2", max_model_size_mb=budget)
     plan = budget_plan(config, profile, mid_scores(info))
-    assert plan.steps[0]["unit"] == "layer 5"  # 0.001 nats for a whole layer: the cheapest per byte
-    assert plan.layers == [5] and plan.mlp_channels > 0 and plan.kv_groups == 0  # channels beat the costly layers and groups
+    cuts = [(t["kv_groups"], t["mlp_channels"], len(t["layers"])) for t in plan.tried]
+    assert len(cuts) > 2 and len(set(cuts)) == len(cuts)
+    for cut in cuts:  # each meets the budget, and none cuts more of every kind than another
+        assert predict(pruned_config(config, *cut), profile)["model_size_mb"] <= budget
+        assert not any(other != cut and all(o <= c for o, c in zip(other, cut, strict=True)) for other in cuts)
+        assert cut[1] % 32 == 0  # whole quantization groups (group_size 32 divides 1024)
+    # by the summed scores alone: layer 5 costs 0.001 nats, channels little, the other layers and groups a lot
+    assert plan.layers == [5] and plan.mlp_channels > 0 and plan.kv_groups == 0 and plan.measured_loss_rise_nats is None
+    assert plan.steps[0]["unit"] == "layers [5]" and plan.steps[-1]["then_missed"] == [] and plan.steps[0]["then_missed"]
     assert plan.after["model_size_mb"] <= budget < plan.before["model_size_mb"]
-    assert plan.steps[-1]["then_missed"] == [] and all(s["then_missed"] for s in plan.steps[:-1])  # just enough
-    after = pruned_config(config, plan.kv_groups, plan.mlp_channels, len(plan.layers))
-    assert predict(after, profile)["model_size_mb"] == plan.after["model_size_mb"]
     assert plan.perplexity_rise_pct > 0 and "max_model_size_mb" in plan.reason
+
+    # measured: a model where whole layers cost nothing and every channel or group costs, whatever the scores say
+    measured = budget_plan(config, profile, mid_scores(info), measure=lambda p: p.kv_groups + 0.01 * p.mlp_channels)
+    assert measured.mlp_channels == 0 and measured.kv_groups == 0 and len(measured.layers) > 1
+    assert measured.measured_loss_rise_nats == 0.0 and "least loss measured of" in measured.reason
+    assert all(t["measured_perplexity_rise_pct"] is not None for t in measured.tried)
 
 
 def test_budget_plan_refuses_a_budget_no_pruning_can_meet(tokenizer):
@@ -373,16 +404,55 @@ def test_prune_auto_stage_cuts_just_enough_for_a_size_budget(gqa_llama, tmp_path
     scores.write_text(json.dumps(fake_scores(info, weak_group=1, weak_layer=2)))
     lines = []
     metrics = execute(
-        Prune({"auto": True, "scores": str(scores), **FAST}), tmp_path / "p", source=str(gqa_llama), profile=profile, log=lines.append
+        Prune({"auto": True, "scores": str(scores), "plan_blocks": 0, **FAST}),
+        tmp_path / "p",
+        source=str(gqa_llama),
+        profile=profile,
+        log=lines.append,
     )
     assert metrics["pruned"] is True and metrics["layers"]["dropped"] == [2] and metrics["layers"]["requested"] == 1
     assert metrics["heads"]["kv_heads"] == [3, 3] and metrics["mlp"]["intermediate_size"] == [128, 128]
     assert lines[0].startswith("plan: the unpruned model misses max_model_size_mb") and any(
-        line.startswith("remove layer 2") for line in lines
+        line.startswith("remove layers [2]") for line in lines
     )
     plan = json.loads((tmp_path / "p" / "prune_plan.json").read_text())
     assert plan["prunes"] is True and plan["layers"] == [2] and plan["after"]["model_size_mb"] <= budget
     assert load(tmp_path / "p").config.num_hidden_layers == 3
+
+
+def test_prune_auto_stage_keeps_the_way_that_measures_least_loss(gqa_llama, tmp_path, tokenizer):
+    """Each candidate is cut from a copy and measured on calibration blocks; the one written is the least
+    loss, and its recorded rise is what the written checkpoint loses on those blocks."""
+    from vcompress.compress._calib import calibration_blocks
+    from vcompress.compress.budget import predict, pruned_config
+    from vcompress.compress.sensitivity import mean_loss
+
+    original = load(gqa_llama)
+    info = shape(original)
+    budget = predict(pruned_config(original.config.to_dict(), layers=1), with_budgets("snapdragon8g2"))["model_size_mb"]
+    scores = tmp_path / "sensitivity.json"
+    scores.write_text(json.dumps(fake_scores(info, weak_group=1, weak_layer=2)))
+    settings = {"auto": True, "scores": str(scores), "plan_blocks": 4, "plan_seq_len": 32, **FAST}
+    lines = []
+    execute(
+        Prune(settings),
+        tmp_path / "p",
+        source=str(gqa_llama),
+        profile=with_budgets("snapdragon8g2", max_model_size_mb=budget),
+        log=lines.append,
+        seed=0,
+    )
+    plan = json.loads((tmp_path / "p" / "prune_plan.json").read_text())
+    rises = [t["measured_perplexity_rise_pct"] for t in plan["tried"]]
+    assert len(rises) > 1 and None not in rises and len(set(rises)) == len(rises)
+    assert min(rises) == round(100 * (math.exp(plan["measured_loss_rise_nats"]) - 1), 2)
+    assert any("measuring each way to meet the budgets on 4 x 32" in line for line in lines)
+    assert sum(line.startswith("  weighed:") for line in lines) == len(rises)
+
+    blocks = calibration_blocks(tokenizer, samples=4, seq_len=32, seed=0, log=lambda _: None)
+    with torch.no_grad():
+        rise = mean_loss(load(tmp_path / "p"), blocks) - mean_loss(original, blocks)
+    assert rise == pytest.approx(plan["measured_loss_rise_nats"], abs=1e-4)
 
 
 @pytest.mark.parametrize(

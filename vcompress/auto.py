@@ -121,9 +121,13 @@ def search(profile: Profile, options, *, where: str = "profile", log: Callable[[
         raise InputError(
             f"{where}: --auto needs analyze and validate in the profile's recipe (the scores rank the candidates, the verdict decides)"
         )
+    from vcompress.compress.sensitivity import Analyze
+
     out = Path(options.out)
+    # run alone, the analyze step would not see the recipe's quantize step, whose grid it ranks the linears on
+    analyze = Analyze.from_profile(profile.step("analyze").settings, profile, f"{where}: recipe.analyze").config
     analysis_profile = Profile.model_validate(
-        {**profile.model_dump(mode="json"), "recipe": [profile.step("analyze").model_dump(mode="json")]}
+        {**profile.model_dump(mode="json"), "recipe": [{"stage": "analyze", **analyze.model_dump(mode="json")}]}
     )
     pipeline.run(analysis_profile, _with(options, out=out), where=where, log=log, on_stage=on_stage)
     analysis = RunLayout(out).folder("analyze")

@@ -80,7 +80,6 @@ class ValidateStage(Stage):
             raise InputError("validate needs a profile (its budgets and device); pass --profile")
         cfg: ValidateConfig = self.config
         ev = profile.evaluation
-        threads = cfg.threads or profile.device.threads
         evaluator = Evaluator(
             subset=ev.subset,
             shots=ev.shots,
@@ -89,7 +88,7 @@ class ValidateStage(Stage):
             data=ctx.data,
             seed=ev.seed,
             batch_size=cfg.batch_size,
-            threads=threads,
+            threads=cfg.threads,  # this machine scores the answers: all its cores unless told, not the device's count
             format=ev.format,
             cache=True,
             log=ctx.log,
