@@ -3,8 +3,8 @@
 The exported artifact is predicted from the model's config alone with the arithmetic validate's roofline
 estimate uses (core/roofline.py: shapes, roofline, peak_ram_bytes): weights at the profile's quantization
 as its exporter stores them (ONNX gptq/rtn: MatMulNBits codes, an fp32 scale and a packed zero point per group,
-an fp32 correction per group for float zero points, the embedding / LM head in blocks at the export step's
-table_bits, the rotary tables; other formats: a 4-byte scale and 1-byte zero per group and the table at 8 bits
+or for float zero points an fp32 correction per group instead of the zero point, the embedding / LM head in
+blocks at the export step's table_bits (8-bit blocks symmetric, no zero point), the rotary tables; other formats: a 4-byte scale and 1-byte zero per group and the table at 8 bits
 or more; int8: 8 bits with per-channel scales; norms and biases left out), the KV cache in fp32, the budgets'
 prompt length and 64 decode tokens.
 If the size, peak-RAM, TTFT and decode budgets are all met, nothing is pruned. Otherwise the plan is chosen among
@@ -125,8 +125,10 @@ def predicted_weights(shape: dict, profile: Profile, max_positions: int = 0) -> 
     table = shape["head_params"] * head_bits / 8
     # an untied input embedding is only gathered from; a tied one is the head's table
     gathered = 0 if shape["tied"] else shape["head_params"] * table_bits / 8
-    # ONNX stores the rotary cos/sin tables for every position (fp32, half the head dim each)
-    rotary = max_positions * shape["head_dim"] * 4 if profile.target.format == "onnx" and shape["model_type"] != "gpt2" else 0
+    # ONNX stores the rotary cos/sin tables for every position (fp32, half the head dim each), unless the export
+    # is compact (computed in the graph)
+    onnx_rotary = profile.target.format == "onnx" and shape["model_type"] != "gpt2" and not _export_settings(profile).get("compact")
+    rotary = max_positions * shape["head_dim"] * 4 if onnx_rotary else 0
     stored = shape["body_params"] * bits / 8 + table + gathered + rotary
     return {
         "stored_bytes": round(stored),
@@ -137,18 +139,26 @@ def predicted_weights(shape: dict, profile: Profile, max_positions: int = 0) -> 
 
 def _matmulnbits_bits(profile: Profile) -> tuple[float, float, float]:
     """Bits per weight of the body, the embedding table and the LM head in an ONNX export: MatMulNBits stores an
-    fp32 scale and a packed integer zero point per group, and a float zero point (quantize's zero_point: float)
-    adds an fp32 correction per group; the tables are blocks of 32 at the export's table_bits / head_bits (0: fp32).
+    fp32 scale and a packed integer zero point per group, or for a float zero point (quantize's zero_point: float)
+    an fp32 correction per group and no zero point; the tables are blocks of 32 at the export's table_bits /
+    head_bits (0: fp32), a zero point per block at 4 bits, none at 8 (symmetric); `compact` halves scales and
+    corrections (float16).
     The x86-cpu export of Qwen2.5-Coder-0.5B (untied, table bits 8) was 570.0 MiB where the earlier rule said 483.6."""
     q = profile.quantization
-    settings = lambda stage: profile.step(stage).settings if profile.step(stage) else {}  # noqa: E731
-    float_zero = settings("quantize").get("zero_point", "int") == "float"
-    body = q.bits + (32 + q.bits + (32 if float_zero else 0)) / q.group_size
-    table_bits = settings("export").get("table_bits", 4 if q.bits == 4 else 8)
-    head_bits = settings("export").get("head_bits", table_bits)
-    block = settings("export").get("block_size", 32)
-    stored = lambda b: b + (32 + b) / block if b else 32  # noqa: E731
+    quantize = profile.step("quantize").settings if profile.step("quantize") else {}
+    export = _export_settings(profile)
+    side = 16 if export.get("compact") else 32  # scales and corrections: float16 in a compact export
+    float_zero = quantize.get("zero_point", "int") == "float"
+    body = q.bits + (side + (side if float_zero else q.bits)) / q.group_size
+    table_bits = export.get("table_bits", 4 if q.bits == 4 else 8)
+    head_bits = export.get("head_bits", table_bits)
+    block = export.get("block_size", 32)
+    stored = lambda b: b + (side + (b if b < 8 else 0)) / block if b else 32  # noqa: E731
     return body, stored(table_bits), stored(head_bits)
+
+
+def _export_settings(profile: Profile) -> dict:
+    return profile.step("export").settings if profile.step("export") else {}
 
 
 def predict(config: dict, profile: Profile) -> dict:

@@ -8,10 +8,12 @@ repacked, not re-quantized: the ONNX model holds exactly the quantized model's w
 
 Float zero points (Q4_1-style grids, W = scale * q + min): MatMulNBits takes them, but ONNX Runtime
 then leaves its fast MLAS kernels for a reference path (~4 tokens/s instead of ~80 on SmolLM2).
-So they are split exactly: zero = z_int + r with z_int = round(zero) in [0, 2^bits - 1], and
-  x @ W = MatMulNBits(x; q, scale, z_int)  +  groupsum(x) @ (-scale * r)
-where groupsum(x) [.., G] adds x over each group of inputs and (-scale * r) is a small [G, N] float
-matrix: the fast kernel does the work, the correction is one tiny MatMul per quantized MatMul.
+So they are split exactly around the symmetric grid's fixed zero point m = 2^(bits-1):
+  x @ W = MatMulNBits(x; q, scale)  +  groupsum(x) @ (-scale * (zero - m))
+where MatMulNBits without zero points computes scale * (q - m), groupsum(x) [.., G] adds x over each
+group of inputs and -scale * (zero - m) is a small [G, N] float matrix: the fast kernel does the work,
+the correction is one tiny MatMul per quantized MatMul, and the file holds no zero points (an integer
+zero point per block, the split used before, bought nothing the correction does not already carry).
 """
 
 from __future__ import annotations
@@ -54,11 +56,10 @@ def matmulnbits_inputs(packed: dict, specs: list[dict]) -> dict:
     rows = q.T.reshape(n, groups, gs).astype(np.uint8)
     b = rows if bits == 8 else (rows[..., 0::2] | (rows[..., 1::2] << 4)).astype(np.uint8)
     correction = None
-    if zero.dtype == np.float32:  # split into an integer zero point and an exact float correction
-        z_int = np.clip(np.round(zero), 0, 2**bits - 1)
-        correction = np.ascontiguousarray((-scales * (zero - z_int)).astype(np.float32))  # [G, N]
-        zero = z_int.astype(np.uint8)
-    if bits == 8:
+    if zero.dtype == np.float32:  # the symmetric kernel plus an exact float correction (module doc)
+        correction = np.ascontiguousarray((-scales * (zero - 2 ** (bits - 1))).astype(np.float32))  # [G, N]
+        zp = None
+    elif bits == 8:
         zp = np.ascontiguousarray(zero.T.astype(np.uint8))
     else:
         z = zero.T.astype(np.uint8)
@@ -107,10 +108,9 @@ class CarriedWeights(TableWeights):
         self.fp32_bytes += inputs["K"] * inputs["N"] * 4
         self.carried["linears"] += len(modules)
         bits = inputs["bits"]
-        weights = [
-            g.add(numpy_helper.from_array(inputs[key], f"{name}.weight_{suffix}"))
-            for key, suffix in (("B", f"Q{bits}"), ("scales", "scales"), ("zero_points", "zero_points"))
-        ]
+        weights = [g.add(numpy_helper.from_array(inputs["B"], f"{name}.weight_Q{bits}")), g.side(f"{name}.weight_scales", inputs["scales"])]
+        if inputs["zero_points"] is not None:
+            weights.append(g.add(numpy_helper.from_array(inputs["zero_points"], f"{name}.weight_zero_points")))
         attrs = {key: inputs[key] for key in ("K", "N", "bits", "block_size")}
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
@@ -125,7 +125,7 @@ def _float_zero_correction(g: GraphBuilder, stem: str, x: str, main: str, correc
     names = {key: f"{stem}.zero_correction.{key}" for key in ("shape", "axes", "matrix")}
     shape = g.const(names["shape"], [0, 0, correction.shape[0], block])
     axes = g.const(names["axes"], [-1])
-    matrix = g.weight(names["matrix"], correction)
+    matrix = g.side(names["matrix"], correction)
     grouped = g.one("Reshape", [x, shape], name=f"{stem}/zero_correction/Reshape")
     sums = g.one("ReduceSum", [grouped, axes], name=f"{stem}/zero_correction/ReduceSum", keepdims=0)
     fix = g.one("MatMul", [sums, matrix], name=f"{stem}/zero_correction/MatMul")

@@ -69,11 +69,22 @@ class GraphBuilder:
     _names: set = field(default_factory=set)
     # Where each initializer's bytes go as it is made (an ExternalData file); None keeps them in the proto.
     store: ExternalData | None = None
+    # Side tables (block scales, zero-point corrections) stored float16 and cast at load (`side`).
+    compact: bool = False
 
     def weight(self, name: str, array) -> str:
         if isinstance(array, torch.Tensor):
             array = array.detach().to(torch.float32).cpu().numpy()
         return self.add(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def side(self, name: str, array: np.ndarray) -> str:
+        """A float32 side table the kernels read (block scales, corrections): as is, or when `compact` stored
+        float16 with a Cast to float32 that ONNX Runtime folds when it loads the model, so the kernels (and
+        MatMulNBits' prepacking, which needs constant scales) see float32 as before, from half the bytes on disk."""
+        if not self.compact:
+            return self.weight(name, array)
+        half = self.add(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float16), f"{name}_fp16"))
+        return self.op("Cast", [half], [name], name=f"{name}/Cast", to=TensorProto.FLOAT)[0]
 
     def add(self, tensor: TensorProto) -> str:
         """Add a made initializer (its bytes go to the store at once, if there is one); returns its name."""
@@ -136,6 +147,8 @@ class Weights:
     the embedding table, a Gemm(transB) on it for a tied head. Subclasses store them quantized as the
     graph is built (_onnx_quant.TableWeights: the tables; _onnx_gptq.CarriedWeights: a quantize folder's
     grid). `fp32_bytes` counts what the weights read take at fp32 (the size an fp32 export compares to)."""
+
+    compact = False  # store side tables float16 (GraphBuilder.side)
 
     def __init__(self, tensors: Mapping):
         self.tensors = tensors
@@ -206,7 +219,7 @@ def build(model, weights: Weights | None = None, store: ExternalData | None = No
     fp32 from the model's state dict); with a `store` the weight bytes go to its file as they are made."""
     d = dims_of(model.config)
     w = weights or Weights(model.state_dict())
-    g = GraphBuilder(store=store)
+    g = GraphBuilder(store=store, compact=w.compact)
     _lengths_from_mask(g)
     if d.arch == "gpt2":
         hidden = _gpt2_body(g, model, w, d)
@@ -265,8 +278,41 @@ def _rotary_caches(g: GraphBuilder, model, d: Dims) -> None:
     with torch.no_grad():
         cos, sin = model.model.rotary_emb(probe, positions)
     half = d.head_dim // 2
-    g.weight("cos_cache", cos[0, :, :half])
-    g.weight("sin_cache", sin[0, :, :half])
+    cos, sin = cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+    if g.compact and _rotary_in_graph(g, model, cos, sin):
+        return
+    g.weight("cos_cache", cos)
+    g.weight("sin_cache", sin)
+
+
+def _rotary_in_graph(g: GraphBuilder, model, cos: np.ndarray, sin: np.ndarray) -> bool:
+    """cos/sin caches computed by the graph (positions x inv_freq, then Cos/Sin, times the module's
+    attention scaling; ONNX Runtime folds them at load) instead of stored: a few hundred bytes instead of
+    max_positions x head_dim floats. Only when that arithmetic, done here in float32 as ONNX Runtime does,
+    gives the module's own tables (a rope scaling that is not a plain inv_freq keeps the stored tables)."""
+    rotary = model.model.rotary_emb
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None or inv_freq.is_meta:
+        return False
+    inv = inv_freq.detach().to(torch.float32).cpu().numpy()[None, :]
+    scale = np.float32(getattr(rotary, "attention_scaling", 1.0))
+    angles = np.arange(cos.shape[0], dtype=np.float32)[:, None] * inv
+    if inv.shape[1] != cos.shape[1] or max(np.abs(np.cos(angles) * scale - cos).max(), np.abs(np.sin(angles) * scale - sin).max()) > 1e-5:
+        return False
+    scalars = [
+        g.add(numpy_helper.from_array(np.array(v, np.float32), f"rotary.{n}"))
+        for n, v in (("start", 0), ("limit", cos.shape[0]), ("delta", 1))
+    ]
+    positions = g.one("Range", scalars, name="rotary/Range")
+    column = g.one("Unsqueeze", [positions, g.const("rotary.axes", [1])], name="rotary/Unsqueeze")
+    freqs = g.one("Mul", [column, g.weight("rotary.inv_freq", inv)], name="rotary/Mul")
+    for op, name in (("Cos", "cos_cache"), ("Sin", "sin_cache")):
+        if scale == 1:
+            g.op(op, [freqs], [name], name=f"rotary/{op}")
+        else:
+            raw = g.one(op, [freqs], name=f"rotary/{op}")
+            g.op("Mul", [raw, g.const("rotary.scaling", float(scale), np.float32)], [name], name=f"rotary/{op}Scale")
+    return True
 
 
 def _llama_body(g: GraphBuilder, model, w: Weights, d: Dims) -> str:

@@ -7,7 +7,10 @@ to handle: ORT's int4 quantizer leaves it fp32 (113 MB of SmolLM2's 135M paramet
 head is tied to it, a plain export stores it twice. Here (`TableWeights`, while the graph is built,
 so a streamed export never holds an fp32 graph) the table is block-quantized once into a
 packed uint8 [vocab, hidden*bits/8] initializer that GatherBlockQuantized reads for the embedding
-and, through a Reshape that ONNX Runtime folds at load, MatMulNBits reads for the tied head.
+and, through a Reshape that ONNX Runtime folds at load, MatMulNBits reads for the tied head. An 8-bit
+table is symmetric (scale = block absmax / 127, no zero points: both ops then take 128): that is GGUF
+Q8_0's grid, so a Q8_0 token_embd (the embedded default's) comes back exactly and the file holds no
+zero points for it.
 An untied head (Qwen2.5 GGUFs, the tiny Qwen2 of the tests) is a second [vocab, hidden] table: it is
 left out of the body's quantizers and block-quantized by the same code (MatMulNBits on its own
 packed rows). `table_bits` decides both tables, tied or not, unless `head_bits` names the head's
@@ -185,14 +188,26 @@ def untied_head(model: onnx.ModelProto) -> list[str]:
 
 class TableWeights(Weights):
     """The embedding table and the LM head (tied or untied) block-quantized at `bits` as the graph is built
-    (0 keeps them fp32): ORT's C++ block quantizer along hidden, integer zero point. GatherBlockQuantized
+    (0 keeps them fp32): at 4 bits ORT's C++ block quantizer along hidden, integer zero point; at 8 bits
+    symmetric (`_symmetric_rows`). GatherBlockQuantized
     reads the table's rows; a tied head reads the same blocks through a Reshape (MatMulNBits), an untied
     head (a second [vocab, hidden] table) gets its own blocks, at `head_bits`. Each table is quantized from
     one read of it. A tied table is the head's, so it takes `head_bits`; an untied embedding, only gathered
     (one row per token), can take fewer bits than the head that decides every logit."""
 
-    def __init__(self, tensors, *, bits: int, block_size: int, accuracy_level: int, head_bits: int | None = None, tied: bool = False):
+    def __init__(
+        self,
+        tensors,
+        *,
+        bits: int,
+        block_size: int,
+        accuracy_level: int,
+        head_bits: int | None = None,
+        tied: bool = False,
+        compact: bool = False,
+    ):
         super().__init__(tensors)
+        self.compact = compact
         self.head_bits = bits if head_bits is None else head_bits
         self.bits = self.head_bits if tied else bits  # the embedding table's
         self.block_size, self.accuracy_level = block_size, accuracy_level
@@ -204,7 +219,7 @@ class TableWeights(Weights):
         blocks = self._blocks(g, table, self.read(key).numpy(), bits=self.bits, gathered=True)
         return g.one(
             "GatherBlockQuantized",
-            [blocks.data, indices, blocks.scales, blocks.zero_points],
+            [blocks.data, indices, blocks.scales, *blocks.zero_points],
             name=name,
             domain=MS,
             bits=self.bits,
@@ -232,7 +247,7 @@ class TableWeights(Weights):
         attrs = dict(K=blocks.hidden, N=blocks.rows, bits=blocks.bits, block_size=blocks.block)
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
-        return g.one("MatMulNBits", [x, b, blocks.scales, blocks.zero_points], name=name, domain=MS, **attrs)
+        return g.one("MatMulNBits", [x, b, blocks.scales, *blocks.zero_points], name=name, domain=MS, **attrs)
 
     def _blocks(self, g: GraphBuilder, name: str, table: np.ndarray, bits: int, gathered: bool) -> TableBlocks:
         """Quantize one [rows, hidden] table into the graph's initializers `name`_Q, _scales, _zero_points.
@@ -240,12 +255,17 @@ class TableWeights(Weights):
         MatMulNBits' B [rows, blocks, block*bits/8] (the same bytes)."""
         rows, hidden = table.shape
         block = _table_block(hidden, self.block_size)
-        packed, scales, zero_points = _block_quant_rows(table, bits=bits, block=block)
+        if bits == 8:
+            (packed, scales), zero_points = _symmetric_rows(table, block=block), None
+        else:
+            packed, scales, zero_points = _block_quant_rows(table, bits=bits, block=block)
         data_shape = (rows, hidden * bits // 8) if gathered else (rows, hidden // block, block * bits // 8)
         blocks = TableBlocks(
             data=g.add(numpy_helper.from_array(packed.reshape(data_shape), f"{name}_Q")),
-            scales=g.add(numpy_helper.from_array(scales.reshape(rows, hidden // block), f"{name}_scales")),
-            zero_points=g.add(numpy_helper.from_array(zero_points.reshape(rows, -1), f"{name}_zero_points")),
+            scales=g.side(f"{name}_scales", scales.reshape(rows, hidden // block)),
+            zero_points=()
+            if zero_points is None
+            else (g.add(numpy_helper.from_array(zero_points.reshape(rows, -1), f"{name}_zero_points")),),
             rows=rows,
             hidden=hidden,
             block=block,
@@ -272,13 +292,29 @@ def _block_quant_rows(table: np.ndarray, *, bits: int, block: int) -> tuple[np.n
     return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
+def _symmetric_rows(table: np.ndarray, *, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit symmetric blocks along hidden of a [rows, hidden] table: codes q + 128 (uint8) with
+    q = round(w / scale) in [-127, 127], scale = block absmax / 127 (GGUF Q8_0's rule, so a table
+    dequantized from Q8_0 gives its own codes back); returns codes [rows, hidden] and scales [rows, blocks]."""
+    rows, hidden = table.shape
+    codes, scales = np.empty((rows, hidden), np.uint8), np.empty((rows, hidden // block), np.float32)
+    for start in range(0, rows, TABLE_ROWS_AT_ONCE):
+        part = np.asarray(table[start : start + TABLE_ROWS_AT_ONCE], np.float32).reshape(-1, hidden // block, block)
+        absmax = np.abs(part).max(-1)
+        scale = np.where(absmax > 0, absmax / 127, 1.0).astype(np.float32)
+        q = np.clip(np.rint(part / scale[..., None]), -127, 127) + 128
+        codes[start : start + len(part)] = q.reshape(len(part), hidden).astype(np.uint8)
+        scales[start : start + len(part)] = scale
+    return codes, scales
+
+
 @dataclass
 class TableBlocks:
     """One block-quantized table in the graph: its initializers' names and its shape."""
 
     data: str
     scales: str
-    zero_points: str
+    zero_points: tuple[str, ...]  # () for a symmetric (8-bit) table: its ops take 128
     rows: int
     hidden: int
     block: int

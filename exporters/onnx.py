@@ -77,6 +77,12 @@ class OnnxExportConfig(ParityConfig):
         description="bits of the LM head if not table_bits; a tied embedding is the head's table and takes them too, "
         "an untied one (only gathered, a row per token) keeps table_bits",
     )
+    compact: bool = Field(
+        False,
+        description="store block scales and float-zero corrections as float16 (cast to float32 when ONNX Runtime loads the "
+        "model) and compute the rotary tables in the graph: a smaller file (SmolLM2 x86-cpu: 108.7 -> 92.4 MiB) for "
+        "scales rounded to float16 (exact for grids from GGUF, whose scales are float16) and a higher load-time peak RSS",
+    )
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the parity check")
     stream: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -195,7 +201,12 @@ def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | N
     if cfg.quant == "none":
         return _onnx_graph.Weights(tensors)
     settings = dict(
-        block_size=cfg.block_size, accuracy_level=cfg.accuracy_level, bits=_table_bits(cfg), head_bits=_head_bits(cfg), tied=tied
+        block_size=cfg.block_size,
+        accuracy_level=cfg.accuracy_level,
+        bits=_table_bits(cfg),
+        head_bits=_head_bits(cfg),
+        tied=tied,
+        compact=cfg.compact,
     )
     if grid is not None:
         codes = file_tensors(folder / grid["weights_file"])
@@ -268,6 +279,7 @@ def _graph_fields(dims, cfg: OnnxExportConfig) -> dict:
                     "method": cfg.method if cfg.quant == "int4" else cfg.int8_method,
                     "table_bits": _head_bits(cfg) if dims.tied else _table_bits(cfg),
                     "head_bits": _head_bits(cfg),
+                    "compact": cfg.compact,
                 }
             ),
         },

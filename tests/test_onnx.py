@@ -278,7 +278,7 @@ def test_carried_grid_is_exact(quantized_llama, tmp_path):
 
 
 def test_carried_float_zero_points_stay_exact_on_the_fast_kernel(cli_module, tiny_models, tmp_path):
-    """Float zero points (Q4_1-style) are split into integer zero points for MatMulNBits plus an exact
+    """Float zero points (Q4_1-style) become the symmetric MatMulNBits (no zero points) plus an exact
     float correction, so ONNX Runtime keeps its fast kernels and the export still computes the checkpoint."""
     folder = tmp_path / "float-zero"
     assert (
@@ -293,11 +293,37 @@ def test_carried_float_zero_points_stay_exact_on_the_fast_kernel(cli_module, tin
     model = onnx.load(str(out / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert nbits and all(inits[n.input[3]].data_type == onnx.TensorProto.UINT8 for n in nbits)
+    assert nbits and all(len(n.input) == 3 for n in nbits) and not any("zero_points" in name for name in inits)
     assert sum(n.name.endswith("zero_correction/MatMul") for n in model.graph.node) == len(nbits)
     reference, _ = quant_format.load_dequantized(folder, manifest)
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
     assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), reference(input_ids=ids).logits, atol=1e-4)
+
+
+def test_compact_export_stores_side_tables_float16_and_computes_rotary(cli_module, tiny_models, tmp_path):
+    """--compact: block scales and float-zero corrections as float16 (a Cast each, folded at load), the
+    rotary tables computed by the graph; a smaller file that still computes the checkpoint (to float16
+    rounding of the corrections) and still runs under ONNX Runtime GenAI's loop (our runner)."""
+    folder = tmp_path / "float-zero"
+    args = ["quantize", "--model", tiny_models["llama"], "--out", folder, "--method", "rtn", "--group-size", "32", "--zero-point", "float"]
+    assert cli_module(*args) == 0
+    plain, compact = tmp_path / "plain", tmp_path / "compact"
+    export(folder, plain, "int4", accuracy_level=0, table_bits=8, **QUIET)
+    export(folder, compact, "int4", accuracy_level=0, table_bits=8, compact=True, **QUIET)
+    model = onnx.load(str(compact / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in inits}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert all(inits[casts[n.input[2]]].data_type == onnx.TensorProto.FLOAT16 for n in nbits)  # scales, the head's too
+    corrections = [n for n in model.graph.node if n.name.endswith("zero_correction/MatMul")]
+    assert corrections and all(inits[casts[n.input[1]]].data_type == onnx.TensorProto.FLOAT16 for n in corrections)
+    assert "cos_cache" not in inits and "sin_cache" not in inits
+    size = lambda folder: (folder / "model.onnx.data").stat().st_size  # noqa: E731
+    assert size(compact) < 0.8 * size(plain)
+    ids = torch.randint(5, 300, (2, 40), generator=torch.Generator().manual_seed(6))
+    want, got = OnnxRunner(plain, threads=1).forward(ids), OnnxRunner(compact, threads=1).forward(ids)
+    assert torch.allclose(got, want, atol=2e-2) and (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    assert json.loads((compact / "manifest.json").read_text())["quant"]["compact"] is True
 
 
 def test_carried_grid_refuses_other_bits(quantized_llama, tmp_path):

@@ -7,6 +7,7 @@ a 939 MB INT4 artifact (issue 20)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -216,3 +217,29 @@ def test_head_bits_gives_a_tied_table_the_heads_bits(tiny_models, tmp_path):
     assert _attrs(embed)["bits"] == _attrs(head)["bits"] == 8
     quant = json.loads((out / "manifest.json").read_text())["quant"]
     assert (quant["table_bits"], quant["head_bits"]) == (8, 8)
+
+
+def test_an_8bit_table_is_symmetric_and_gives_a_q8_0_table_back_exactly(tiny_models, tmp_path):
+    """8-bit tables take GGUF Q8_0's grid (scale = block absmax / 127, no zero points): a table already on
+    that grid (the embedded default's token_embd is Q8_0) is stored without loss, and no zero points are written."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    table = checkpoint.get_input_embeddings().weight.data
+    vocab, hidden = table.shape
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (vocab, hidden // 32, 32))
+    codes[..., 0] = rng.choice([-127, 127], (vocab, hidden // 32))  # Q8_0: each block's absmax is code 127
+    d = rng.uniform(1e-3, 2e-2, (vocab, hidden // 32, 1)).astype(np.float16).astype(np.float32)
+    table.copy_(torch.from_numpy((codes * d).reshape(vocab, hidden).astype(np.float32)))
+    source = tmp_path / "q8_0-table"
+    shutil.copytree(tiny_models["llama"], source)
+    checkpoint.save_pretrained(source)
+    out = tmp_path / "onnx"
+    export(source, out, "int4", accuracy_level=0, table_bits=4, head_bits=8, block_size=32, **QUIET, **LOOSE)
+    model, inits = _graph(out)
+    (embed,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    (head,) = [n for n in model.graph.node if n.name == "lm_head/Gemm"]  # tied: the head reads the same blocks
+    assert len(embed.input) == 3 and len(head.input) == 3  # no zero points: both ops take 128
+    got = dequantize_blocks(inits[embed.input[0]], inits[embed.input[2]], None, rows=vocab, cols=hidden, bits=8, block_size=32)
+    assert np.allclose(got, table.numpy(), rtol=1e-6, atol=0)

@@ -73,6 +73,11 @@ def command():
 @click.option(
     "--min-agreement", type=float, default=0.5, show_default=True, help="INT8/INT4: top-1 agreement with PyTorch fp32 the check requires."
 )
+@click.option(
+    "--compact",
+    is_flag=True,
+    help="Store block scales and zero-point corrections as float16 (cast at load) and compute the rotary tables in the graph: a smaller file.",
+)
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads for the parity check (default: all cores).")
 @stream_option
 @force_option
@@ -91,6 +96,7 @@ def onnx(
     table_bits,
     head_bits,
     min_agreement,
+    compact,
     threads,
     stream,
     force,
@@ -113,6 +119,7 @@ def onnx(
             "block_size": block_size,
             "table_bits": int(table_bits),
             "head_bits": None if head_bits is None else int(head_bits),
+            "compact": compact,
             "threads": threads,
             "min_top1_quantized": min_agreement,
             "stream": stream,
