@@ -329,11 +329,23 @@ def _pct(nats: float) -> float:
 
 
 def analysis_unneeded(config: dict, profile: Profile | None) -> str | None:
-    """Why a run's analysis would rank nothing, or None: in a recipe whose pruning is `auto` (and whose
-    quantize keeps no sensitive linears), the scores are read only when something must go."""
-    if profile is None or not (prune := profile.step("prune")) or not prune.settings.get("auto"):
+    """Why a run's analysis would rank nothing, or None. Its readers are prune (a fixed fraction always, `auto`
+    only when something must go) and quantize's keep_sensitive; a recipe with neither (x86-cpu: analyze,
+    quantize, export, validate) would spend the analysis on no one. A recipe of the analysis alone (`run
+    --auto`'s shared analysis, a profile that asks for the report) runs it."""
+    if profile is None:
         return None
-    if (quantize := profile.step("quantize")) and quantize.settings.get("keep_sensitive"):
+    prune, quantize = profile.step("prune"), profile.step("quantize")
+    if quantize is not None and quantize.settings.get("keep_sensitive"):
+        return None
+    if prune is None:
+        if quantize is None:
+            return None
+        return (
+            f"nothing in {profile.name}'s recipe reads the scores (no prune step, quantize keeps no sensitive linears); "
+            "`vcompress analyze` writes the sensitivity report"
+        )
+    if not prune.settings.get("auto"):
         return None
     before = predict(config, profile)
     if missed(before, profile):

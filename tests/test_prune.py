@@ -509,10 +509,11 @@ def load_x86(**quantization):
     return profile.model_copy(update={"quantization": profile.quantization.model_copy(update=quantization)})
 
 
-def test_analysis_is_skipped_only_when_prune_auto_would_remove_nothing(gqa_llama, tmp_path):
-    """The run's analysis is read only by prune auto (and quantize's keep_sensitive): when the unpruned
-    model meets every budget it ranks nothing and says why; a budget it misses, a fixed fraction or no
-    profile runs the whole analysis."""
+def test_analysis_is_skipped_only_when_nothing_would_read_it(gqa_llama, tmp_path):
+    """The run's analysis is read only by prune and quantize's keep_sensitive: when prune auto would remove
+    nothing (the unpruned model meets every budget) or the recipe has no prune step, it ranks nothing and
+    says why; a budget it misses, a fixed fraction, keep_sensitive, an analysis-only recipe or no profile
+    runs the whole analysis."""
     from vcompress.compress.budget import analysis_unneeded, predict
     from vcompress.compress.sensitivity import Analyze
     from vcompress.core.profiles import RecipeStep
@@ -526,6 +527,13 @@ def test_analysis_is_skipped_only_when_prune_auto_would_remove_nothing(gqa_llama
     assert analysis_unneeded(config, fixed) is None and analysis_unneeded(config, None) is None
     keeps = met.model_copy(update={"recipe": [*met.recipe[:2], RecipeStep(stage="quantize", keep_sensitive=2)]})
     assert analysis_unneeded(config, keeps) is None
+    # no prune step: nothing reads the scores (x86-cpu), unless quantize keeps sensitive linears or the
+    # recipe is the analysis alone (run --auto's shared analysis)
+    unread = met.model_copy(update={"recipe": [RecipeStep(stage="analyze"), RecipeStep(stage="quantize")]})
+    assert "nothing in snapdragon8g2's recipe reads the scores" in analysis_unneeded(config, unread)
+    kept = met.model_copy(update={"recipe": [RecipeStep(stage="analyze"), RecipeStep(stage="quantize", keep_sensitive=1)]})
+    alone = met.model_copy(update={"recipe": [RecipeStep(stage="analyze")]})
+    assert analysis_unneeded(config, kept) is None and analysis_unneeded(config, alone) is None
 
     small = {"samples": 1, "seq_len": 16, "parts": ["layers"]}
     skipped = execute(Analyze(small), tmp_path / "a", source=str(gqa_llama), profile=met, log=lambda _: None)
