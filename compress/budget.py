@@ -127,7 +127,7 @@ def predicted_weights(shape: dict, profile: Profile, max_positions: int = 0) -> 
     gathered = 0 if shape["tied"] else shape["head_params"] * table_bits / 8
     # ONNX stores the rotary cos/sin tables for every position (fp32, half the head dim each), unless the export
     # is compact (computed in the graph)
-    onnx_rotary = profile.target.format == "onnx" and shape["model_type"] != "gpt2" and not _export_settings(profile).get("compact")
+    onnx_rotary = profile.target.format == "onnx" and shape["model_type"] != "gpt2" and not _settings(profile, "export").get("compact")
     rotary = max_positions * shape["head_dim"] * 4 if onnx_rotary else 0
     stored = shape["body_params"] * bits / 8 + table + gathered + rotary
     return {
@@ -145,8 +145,7 @@ def _matmulnbits_bits(profile: Profile) -> tuple[float, float, float]:
     corrections (float16).
     The x86-cpu export of Qwen2.5-Coder-0.5B (untied, table bits 8) was 570.0 MiB where the earlier rule said 483.6."""
     q = profile.quantization
-    quantize = profile.step("quantize").settings if profile.step("quantize") else {}
-    export = _export_settings(profile)
+    quantize, export = _settings(profile, "quantize"), _settings(profile, "export")
     side = 16 if export.get("compact") else 32  # scales and corrections: float16 in a compact export
     float_zero = quantize.get("zero_point", "int") == "float"
     body = q.bits + (side + (side if float_zero else q.bits)) / q.group_size
@@ -157,8 +156,8 @@ def _matmulnbits_bits(profile: Profile) -> tuple[float, float, float]:
     return body, stored(table_bits), stored(head_bits)
 
 
-def _export_settings(profile: Profile) -> dict:
-    return profile.step("export").settings if profile.step("export") else {}
+def _settings(profile: Profile, stage: str) -> dict:
+    return profile.step(stage).settings if profile.step(stage) else {}
 
 
 def predict(config: dict, profile: Profile) -> dict:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import onnx
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import InputError
@@ -89,6 +89,14 @@ class OnnxExportConfig(ParityConfig):
         description="build the graph one tensor at a time from disk and check it against a model read layer by layer "
         "(auto: when the model would not fit in memory); a float source's int4/int8 needs the whole graph",
     )
+
+    @model_validator(mode="after")
+    def _compact_needs_quantization(self):
+        if self.compact and self.quant == "none":
+            raise ValueError(
+                "compact stores quantization scales as float16 and an fp32 export has none; use --quant int4 or int8, or drop compact"
+            )
+        return self
 
 
 @EXPORTERS.register(FORMAT)

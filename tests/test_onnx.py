@@ -324,6 +324,10 @@ def test_compact_export_stores_side_tables_float16_and_computes_rotary(cli_modul
     want, got = OnnxRunner(plain, threads=1).forward(ids), OnnxRunner(compact, threads=1).forward(ids)
     assert torch.allclose(got, want, atol=2e-2) and (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
     assert json.loads((compact / "manifest.json").read_text())["quant"]["compact"] is True
+    from vcompress.exporters.onnx import OnnxExportConfig
+
+    with pytest.raises(ValueError, match="--quant int4 or int8"):  # an fp32 export has no scales to store
+        OnnxExportConfig(compact=True)
 
 
 def test_carried_grid_refuses_other_bits(quantized_llama, tmp_path):
