@@ -18,7 +18,7 @@ Each row is measured in subprocesses of its own (so peak RSS is its own): size o
 first token for a fixed 256-token prompt, greedy decode tokens/s (median of --runs runs after a
 warm-up, fixed --threads), peak RSS (VmHWM), held-out perplexity (--ppl-blocks blocks of
 --ppl-seq-len tokens of MMLU text outside the medical subjects, the text validate uses) and its rise over
-pytorch-fp32, and MMLU answer agreement with pytorch-fp32 and accuracy on a fixed subset (--per-subject questions of each of the 57 subjects, seed 0). MMLU uses
+pytorch-fp32, top-1 next-token agreement with pytorch-fp32 at those positions, and MMLU answer agreement with pytorch-fp32 and accuracy on a fixed subset (--per-subject questions of each of the 57 subjects, seed 0). MMLU uses
 vcompress.core.scoring's lm-eval prompts and token ids for every row: the parent tokenizes, each
 runtime returns logits on those ids, and scoring reads the A/B/C/D log-probs from them.
 The host's copy bandwidth is measured in the same run; each row's decode speed is printed as a
@@ -360,17 +360,19 @@ def worker(job_file: Path) -> dict:
 
 
 def heldout_nll(engine, blocks: list[list[int]]) -> dict:
-    """Summed negative log-likelihood of each block's next tokens, and how many were scored."""
+    """Summed negative log-likelihood of each block's next tokens, how many were scored, and the
+    runtime's top-1 next token at each scored position (for top-1 agreement with the fp32 row)."""
     import numpy as np
 
-    nll, tokens = 0.0, 0
+    nll, tokens, top1 = 0.0, 0, []
     for ids in blocks:
         logits = np.asarray(engine.logits_at(ids, list(range(len(ids) - 1))), np.float64)
         top = logits.max(-1, keepdims=True)
         logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
         tokens += len(ids) - 1
-    return {"nll": nll, "tokens": tokens}
+        top1 += logits.argmax(-1).tolist()
+    return {"nll": nll, "tokens": tokens, "top1": top1}
 
 
 # =========================================================================================
@@ -762,6 +764,7 @@ def measure_row(name: str, ctx) -> dict:
             job = {**base, "context": len(ctx["ppl_blocks"][0]) + 8, "ppl": {"blocks": ctx["ppl_blocks"]}}
             ppl = run_worker(row["python"], job, ctx["work"])["ppl"]
             row["perplexity"] = round(math.exp(ppl["nll"] / ppl["tokens"]), 4)
+            row["heldout_top1_ids"] = ppl.get("top1")
         except RuntimeError as e:
             row["ppl_error"] = str(e)
     return row
@@ -773,6 +776,17 @@ def add_perplexity_rise(rows: list[dict]) -> None:
     for row in rows:
         if reference and row.get("perplexity"):
             row["perplexity_rise_pct"] = round(100 * (row["perplexity"] / reference - 1), 2)
+
+
+def add_top1_agreement(rows: list[dict]) -> None:
+    """Each row's top-1 next-token agreement with the fp32 row over the held-out positions (the ids are dropped)."""
+    reference = next((r.get("heldout_top1_ids") for r in rows if r["name"] == REFERENCE), None)
+    for row in rows:
+        ids = row.pop("heldout_top1_ids", None)
+        if reference and ids and len(ids) == len(reference):
+            row["top1_agreement"] = round(sum(a == b for a, b in zip(ids, reference)) / len(ids), 4)
+    for row in rows:
+        row.pop("heldout_top1_ids", None)
 
 
 def _load(path: Path):
@@ -901,6 +915,7 @@ COLUMNS = (
     "% roofline",
     "peak RSS MiB",
     "held-out ppl (rise)",
+    "top-1 agree fp32",
     "MMLU acc",
     "agree fp32 (answer KL)",
     "runtime",
@@ -911,7 +926,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
         if "error" in r:
-            out.append([r["name"], "-", "-", "-", "-", "-", "-", "-", "-", f"not run: {r['error']}"])
+            out.append([r["name"], "-", "-", "-", "-", "-", "-", "-", "-", "-", f"not run: {r['error']}"])
             continue
         mmlu = r.get("mmlu") or {}
         out.append(
@@ -923,6 +938,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
                 f"{100 * r['roofline_fraction']:.1f}%",
                 f"{r['peak_rss_mb']:.0f}",
                 _perplexity(r),
+                _fraction(r.get("top1_agreement")),
                 _fraction(mmlu.get("accuracy")),
                 _agreement(mmlu, r.get("mmlu_error")),
                 r["runtime"],
@@ -1319,6 +1335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_subject:
         add_mmlu_scores(rows, ctx["questions"])
     add_perplexity_rise(rows)
+    add_top1_agreement(rows)
     import platform
 
     result = {

@@ -62,3 +62,13 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the bench folder is scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

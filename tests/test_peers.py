@@ -3,7 +3,6 @@ MMLU record/replay through vcompress's scoring, and one worker run on a tiny mod
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,18 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import load_bench
 from vcompress.core import scoring
 from vcompress.core.data import Question
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "bench" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("peers")
 
 
 def fake_row(name, decode, ttft, size=100.0, rss=200.0, accuracy=0.3, agreement=0.9, roofline=0.5):
@@ -71,12 +66,20 @@ def test_tables_show_numbers_or_the_reason(peers):
     failed = next(r for r in rows if r[0] == "optimum-onnx")
     assert failed[-1] == "not run: no optimum-cli at /x; run with --setup" and failed[1] == "-"
     ours = next(r for r in rows if r[0] == "vcompress-int4")
-    assert ours[1:9] == ["95.0", "80.0", "100.0", "40.0%", "250", "-", "0.300", "0.900"]
+    assert ours[1:10] == ["95.0", "80.0", "100.0", "40.0%", "250", "-", "-", "0.300", "0.900"]
     with_kl = peers.table_rows([{**ROWS[0], "mmlu": {"accuracy": 0.3, "agreement": 1.0, "answer_kl_mean": 0.0123}}])[0]
-    assert with_kl[8] == "1.000 (KL 0.0123)"
+    assert with_kl[9] == "1.000 (KL 0.0123)"
     with_ppl = [{**ROWS[0], "perplexity": 20.0}, {**ROWS[3], "perplexity": 20.5}]
     peers.add_perplexity_rise(with_ppl)
     assert with_ppl[1]["perplexity_rise_pct"] == 2.5 and peers.table_rows(with_ppl)[1][6] == "20.500 (+2.50%)"
+    with_top1 = [
+        {**ROWS[0], "heldout_top1_ids": [1, 2, 3, 4]},
+        {**ROWS[3], "heldout_top1_ids": [1, 2, 0, 4]},
+        {**ROWS[2], "heldout_top1_ids": [1]},
+    ]
+    peers.add_top1_agreement(with_top1)
+    assert [r.get("top1_agreement") for r in with_top1] == [1.0, 0.75, None]  # a row scored on other positions gets none
+    assert not any("heldout_top1_ids" in r for r in with_top1) and peers.table_rows(with_top1)[1][7] == "0.750"
     text = peers.report_markdown(
         {
             "model": "m",
