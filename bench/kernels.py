@@ -59,6 +59,10 @@ class Graph:
         self.bytes += array.nbytes
         return name
 
+    def shared(self, name: str, array: np.ndarray) -> str:
+        """An initializer every node of the graph that names it reads (made, and its bytes counted, once)."""
+        return name if any(t.name == name for t in self.inits) else self.init(name, array)
+
     def node(self, op: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
         self.nodes.append(helper.make_node(op, inputs, [name], name=name, domain=domain, **attrs))
         return name
@@ -79,9 +83,8 @@ def _correction(g: Graph, rng, x: str, main: str, k: int, n: int, name: str, by_
     groups = k // BLOCK
     matrix = g.init(f"{name}.corr", rng.normal(0, 1e-2, (groups, n)).astype(np.float32))
     if by_gemm:
-        ones = np.kron(np.eye(groups, dtype=np.float32), np.ones((BLOCK, 1), np.float32))  # [K, G]
-        sums = g.node("MatMul", [x, g.init(f"{name}.groupsum", ones)], f"{name}/groupsum")
-        g.bytes -= ones.nbytes  # shared across layers in a real graph; not a per-linear read
+        ones = np.kron(np.eye(groups, dtype=np.float32), np.ones((BLOCK, 1), np.float32))  # [K, G], one per K
+        sums = g.node("MatMul", [x, g.shared(f"groupsum.{k}", ones)], f"{name}/groupsum")
     else:
         shape = g.init(f"{name}.shape", np.array([0, groups, BLOCK], np.int64))
         grouped = g.node("Reshape", [x, shape], f"{name}/reshape")
@@ -91,7 +94,7 @@ def _correction(g: Graph, rng, x: str, main: str, k: int, n: int, name: str, by_
 
 
 def _linear(g: Graph, rng, variant: str, x: str, k: int, n: int, name: str) -> str:
-    if variant in ("fp32",):
+    if variant == "fp32":
         g.flops_per_row += 2 * k * n
         return g.node("MatMul", [x, g.init(f"{name}.W", rng.normal(0, 0.02, (k, n)).astype(np.float32))], name)
     if variant == "dq-int8":

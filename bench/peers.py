@@ -785,8 +785,6 @@ def add_top1_agreement(rows: list[dict]) -> None:
         ids = row.pop("heldout_top1_ids", None)
         if reference and ids and len(ids) == len(reference):
             row["top1_agreement"] = round(sum(a == b for a, b in zip(ids, reference)) / len(ids), 4)
-    for row in rows:
-        row.pop("heldout_top1_ids", None)
 
 
 def _load(path: Path):

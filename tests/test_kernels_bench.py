@@ -33,15 +33,17 @@ def _run(model: onnx.ModelProto, rows: int) -> dict[str, np.ndarray]:
 def test_every_variant_runs_and_counts_the_bytes_it_reads(kernels, variant):
     model, g = kernels.build(variant, layers=1, rows=3)
     out = _run(model, 3)
-    widths = [3072] if variant.startswith("head") else [n for _, n in kernels.LAYER.values()]
-    produced = sorted(v.shape[-1] for k, v in out.items() if not k.startswith("x"))
-    assert produced == sorted(widths if not variant.startswith("head") else [kernels.HEAD[1]])
+    widths = [kernels.HEAD[1]] if variant.startswith("head") else [n for _, n in kernels.LAYER.values()]
+    assert sorted(v.shape[-1] for k, v in out.items() if not k.startswith("x")) == sorted(widths)
     assert all(np.isfinite(v).all() for v in out.values())
     layer_weights = sum(k * n for k, n in kernels.LAYER.values())
     if variant == "sym4":  # 4-bit codes + one float32 scale per block of 32
         assert g.bytes == layer_weights // 2 + layer_weights // 32 * 4
+    extra = g.bytes - kernels.build("sym4", layers=1, rows=3)[1].bytes
     if variant == "sym4+correction":  # + a float32 [G, N] correction per linear, + two tiny shape tensors each
-        assert g.bytes - kernels.build("sym4", layers=1, rows=3)[1].bytes == layer_weights // 32 * 4 + 4 * (3 + 1) * 8
+        assert extra == layer_weights // 32 * 4 + 4 * (3 + 1) * 8
+    if variant == "sym4+corr-gemm":  # + the corrections, + one 0/1 [K, G] matrix per input width, shared
+        assert extra == layer_weights // 32 * 4 + (576 * 18 + 1536 * 48) * 4
 
 
 def test_the_two_correction_forms_compute_the_same(kernels):
