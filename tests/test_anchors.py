@@ -12,7 +12,7 @@ ROW_KEYS = {
     "precision", "prompt_tokens", "decode_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_mb",
     "source", "notes",
 }  # fmt: skip
-FAMILIES = {"snapdragon-8", "snapdragon-7", "tensor", "jetson-orin-nano", "jetson-orin-nano-super", "raspberry-pi5"}
+FAMILIES = {"snapdragon-8", "snapdragon-7", "tensor", "jetson-orin-nano", "jetson-orin-nano-super", "raspberry-pi5", "x86"}
 BACKENDS = {"cpu", "gpu", "npu", "cuda"}
 SHAPE_KEYS = {
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -71,14 +71,10 @@ def test_every_model_has_its_shapes_and_every_shape_file_a_row():
 
 
 # issue 32's minimum: three rows for each phone profile's SoC family, two for Jetson Orin Nano and Raspberry Pi 5
-MINIMUM_ROWS = {"snapdragon-8": 3, "tensor": 3, "jetson-orin-nano": 2, "raspberry-pi5": 2}
+MINIMUM_ROWS = {"snapdragon-8": 3, "snapdragon-7": 3, "tensor": 3, "jetson-orin-nano": 2, "raspberry-pi5": 2}
 
 
 @pytest.mark.parametrize("family", sorted(MINIMUM_ROWS))
 def test_each_family_has_the_minimum_rows(family):
     assert sum(row["family"] == family for row in anchors()) >= MINIMUM_ROWS[family]
 
-
-@pytest.mark.xfail(strict=True, reason="two published Snapdragon 7 class rows found so far (docs/anchors.md); issue 32 asks for three")
-def test_snapdragon7_has_the_minimum_rows():
-    assert sum(row["family"] == "snapdragon-7" for row in anchors()) >= 3
