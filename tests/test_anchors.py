@@ -77,4 +77,3 @@ MINIMUM_ROWS = {"snapdragon-8": 3, "snapdragon-7": 3, "tensor": 3, "jetson-orin-
 @pytest.mark.parametrize("family", sorted(MINIMUM_ROWS))
 def test_each_family_has_the_minimum_rows(family):
     assert sum(row["family"] == family for row in anchors()) >= MINIMUM_ROWS[family]
-
