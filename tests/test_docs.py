@@ -6,6 +6,7 @@ A pointer is written `docs/x.md`, `docs/x.md, "Heading"` or `README, "Heading"` 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +39,11 @@ class Pointer:
 
 
 def scanned_files(root: Path):
-    for path in sorted(root.rglob("*")):
-        parts = path.relative_to(root).parts
-        if any(p.startswith(".") or p in SKIPPED_DIRS or p.endswith(".egg-info") for p in parts[:-1]):
-            continue
-        if path.is_file() and path.suffix in SCANNED and path.name not in SKIPPED_FILES:
-            yield path
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not (d.startswith(".") or d in SKIPPED_DIRS or d.endswith(".egg-info")))
+        for name in sorted(names):
+            if Path(name).suffix in SCANNED and name not in SKIPPED_FILES:
+                yield Path(folder) / name
 
 
 def pointers_in(path: Path, root: Path) -> list[Pointer]:
