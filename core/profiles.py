@@ -78,7 +78,8 @@ class Budgets(Strict):
 
 class Evaluation(Strict):
     subset: str | list[str] = "medical"
-    # Enough paired questions that the accuracy-drop interval decides a 2-point budget (see README, "MMLU").
+    # Enough paired questions that the accuracy-drop interval decides a 2-point budget
+    # (docs/accuracy.md, "Sizing: how many questions").
     per_subject: int | None = Field(100, gt=0)
     shots: int = Field(0, ge=0, le=5)
     seed: int = 0

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -58,3 +59,28 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
     assert "does not exist" in run.stderr
     run = subprocess.run([sys.executable, "-m", "vcompress", "profiles", "show", "nope"], capture_output=True, text=True)
     assert run.returncode == 2 and "unknown profile 'nope'" in run.stderr
+
+
+# A command that draws a bare tqdm bar, as transformers' GGUF conversion does, run through `main` in a fresh
+# process: tqdm reads its environment once, on import, so only a new process shows what a user's run sees.
+BARE_TQDM_COMMAND = """
+import sys
+from vcompress import cli
+
+@cli.cli.command("draw-bar")
+def draw_bar():
+    from tqdm.auto import tqdm
+    for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+        pass
+
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_third_party_bars_are_quiet_unless_verbose():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_HUB_DISABLE", "HF_DATASETS_DISABLE"))}
+    quiet = subprocess.run([sys.executable, "-c", BARE_TQDM_COMMAND, "draw-bar"], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == "" and quiet.stdout == ""
+    verbose = subprocess.run([sys.executable, "-c", BARE_TQDM_COMMAND, "--verbose", "draw-bar"], capture_output=True, text=True, env=env)
+    assert "Converting and de-quantizing GGUF tensors" in verbose.stderr and "3/3" in verbose.stderr

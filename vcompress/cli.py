@@ -102,13 +102,18 @@ def _quiet_libraries() -> None:
         ("DATASETS_VERBOSITY", "error"),
         ("TF_CPP_MIN_LOG_LEVEL", "3"),
         ("GPTQMODEL_LOGLEVEL", "ERROR"),
+        # tqdm reads TQDM_* once, on import: set before transformers (its GGUF conversion bar is a bare tqdm),
+        # huggingface_hub or datasets import it, and inherited by the processes we start.
+        ("TQDM_DISABLE", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
     ):
         os.environ.setdefault(name, value)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress display, not a bar per weight file
+    hf_logging.disable_progress_bar()  # also when tqdm was imported before us (a library calling main())
 
 
 def _internal_error(e: BaseException) -> int:
