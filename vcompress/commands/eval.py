@@ -49,7 +49,7 @@ from vcompress.commands._options import json_option, make_console, mmlu_option, 
 @mmlu_option
 @seed_option
 @json_option
-def command(
+def eval_command(
     model, base, allow_pickle, trust_remote_code, reference, subset, fmt, shots, per_subject, data, batch_size, threads, mmlu, seed, as_json
 ):
     """Score a model (HF folder, GGUF, exported artifact) on an MMLU subset as lm-eval's mmlu task (letter) or
