@@ -1,4 +1,4 @@
-"""Options shared by commands, so every command spells them the same way."""
+"""Options shared by commands, so every command spells them the same way, and a stage's settings generated from its config."""
 
 from __future__ import annotations
 
@@ -41,13 +41,6 @@ def out_option(required: bool = True):
 force_option = click.option("--force", is_flag=True, help="Replace an existing output folder (only after the new one is complete).")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
-stream_option = click.option(
-    "--stream",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="Read one decoder layer at a time from disk and drop it after (auto: when the model would not fit in memory).",
-)
 mmlu_option = click.option(
     "--mmlu",
     type=str,
