@@ -104,7 +104,7 @@ class Quantize(Stage):
         scheme = profile.quantization_for(settings)
         if scheme.method == "none":
             raise InputError(f"{where}: the recipe quantizes but quantization.method is 'none'; set a method or drop the step")
-        return cls(cls.parse_config({**settings, **scheme.model_dump()}, where))
+        return cls(cls.parse_config({**settings, **dict(scheme)}, where))
 
     def run(self, ctx) -> dict:
         cfg: QuantizeConfig = self.config
