@@ -16,8 +16,8 @@ import torch
 
 @dataclass(frozen=True)
 class Grid:
-    bits: int = 4
-    group_size: int = 128
+    bits: int
+    group_size: int
     sym: bool = False
     float_zero: bool = False  # asymmetric with a float zero point (min..max exactly), not an integer one
 

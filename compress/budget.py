@@ -114,7 +114,7 @@ def _figures(p: dict) -> str:
 
 def predicted_weights(shape: dict, profile: Profile, max_positions: int = 0) -> dict:
     """roofline.weight_bytes' dict for the artifact the profile's quantization and export would write."""
-    q = profile.quantization
+    q = profile.quantization_for()
     if q.method in ("none", "int8"):  # fp32 as exported; int8 with one scale per output channel
         bits = table_bits = head_bits = 32 if q.method == "none" else 8
     elif profile.target.format == "onnx":
@@ -144,10 +144,9 @@ def _matmulnbits_bits(profile: Profile) -> tuple[float, float, float]:
     head_bits (0: fp32), a zero point per block at 4 bits, none at 8 (symmetric); `compact` halves scales and
     corrections (float16).
     The x86-cpu export of Qwen2.5-Coder-0.5B (untied, table bits 8) was 570.0 MiB where the earlier rule said 483.6."""
-    q = profile.quantization
-    quantize, export = _settings(profile, "quantize"), _settings(profile, "export")
+    q, export = profile.quantization_for(), _settings(profile, "export")
     side = 16 if export.get("compact") else 32  # scales and corrections: float16 in a compact export
-    float_zero = quantize.get("zero_point", "int") == "float"
+    float_zero = q.zero_point == "float"
     body = q.bits + (side + (side if float_zero else q.bits)) / q.group_size
     table_bits = export.get("table_bits", 4 if q.bits == 4 else 8)
     head_bits = export.get("head_bits", table_bits)
@@ -261,7 +260,8 @@ def budget_plan(
 def channel_step(inner: int, profile: Profile) -> int:
     """MLP channels go in multiples of the quantization group, so the pruned down projection still splits into
     whole groups (quantize would otherwise fall back to a smaller group than the size was predicted with)."""
-    group = profile.quantization.group_size if profile.quantization.method not in ("none", "int8") else 32
+    q = profile.quantization_for()
+    group = q.group_size if q.method not in ("none", "int8") else 32
     return group if inner % group == 0 and inner >= 4 * group else max(1, inner // 16)
 
 
@@ -353,7 +353,7 @@ def analysis_unneeded(config: dict, profile: Profile | None) -> str | None:
 
 
 def _scheme(profile: Profile) -> str:
-    q = profile.quantization
+    q = profile.quantization_for()
     return "fp32" if q.method == "none" else f"{q.bits}-bit weights"
 
 

@@ -48,29 +48,32 @@ BEFORE = "before.json"
 
 
 class DistillConfig(StageConfig):
-    temperature: float = Field(2.0, gt=0)
-    kl_weight: float = Field(1.0, ge=0)
-    ce_weight: float = Field(0.0, ge=0)
-    hidden_weight: float = Field(0.0, ge=0)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(2.0, gt=0, description="softmax temperature of the KL term (the KL is scaled by T^2)")
+    kl_weight: float = Field(1.0, ge=0, description="weight of the KL divergence to the teacher's next-token distribution")
+    ce_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on the next token")
+    hidden_weight: float = Field(
+        0.0, ge=0, description="weight of hidden-state MSE between student layers and the teacher layers they came from"
+    )
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup: int = Field(10, ge=0, description="linear warm-up steps before the cosine decay")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     clip: float = Field(1.0, ge=0, description="max gradient norm; 0 turns clipping off")
-    seq_len: int = Field(256, ge=8)
-    batch_size: int = Field(4, ge=1)
+    seq_len: int = Field(256, ge=8, description="tokens per packed block")
+    batch_size: int = Field(4, ge=1, description="blocks per micro-batch; the global batch under torchrun or accelerate launch")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; default one pass over the data (or what fits max_minutes)")
     max_minutes: float | None = Field(None, gt=0, description="wall-clock budget for training; makes runs non-reproducible")
-    save_every: int = Field(50, ge=1)
+    save_every: int = Field(50, ge=1, description="checkpoint (and validate) every N steps, for --resume")
     eval_every: int | None = Field(None, ge=1, description="validation KL every N steps; default save_every")
     patience: int = Field(3, ge=1, description="stop after this many validations without a lower KL")
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    val_blocks: int = Field(4, ge=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the packed blocks held out for validation KL")
+    val_blocks: int = Field(4, ge=1, description="fewest validation blocks")
     max_blocks: int = Field(4096, ge=1, description="training blocks kept after packing")
     eval_blocks: int = Field(8, ge=1, description="held-out blocks for the before/after perplexity")
     eval_per_subject: int = Field(5, ge=0, description="MMLU questions per subject for answer agreement; 0 skips it")
     distributed: Literal["auto", "ddp", "fsdp", "none"] = Field(
-        "auto", description="under torchrun/accelerate launch: auto is DDP (FSDP when accelerate asks for it)"
+        "auto",
+        description="under torchrun or accelerate launch: DDP or FSDP over the processes (auto: DDP, FSDP when accelerate's config asks)",
     )
 
 

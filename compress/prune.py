@@ -270,22 +270,24 @@ class Prune(Stage):
 
     class Config(StageConfig):
         auto: bool = Field(False, description="remove just enough to meet the profile's budgets, by loss increase per byte saved")
-        heads: float = Field(0.0, ge=0, lt=1, description="fraction of KV groups to remove in every layer")
+        heads: float = Field(
+            0.0, ge=0, lt=1, description="fraction of KV groups (a KV head and the query heads sharing it) to remove in every layer"
+        )
         mlp: float = Field(0.0, ge=0, lt=1, description="fraction of MLP channels to remove in every layer")
         layers: int = Field(0, ge=0, description="how many of the least important layers to drop")
         scores: str | None = Field(None, description="sensitivity.json or the analyze folder; default: computed here")
-        head_score: Literal["mask", "taylor"] = "mask"
+        head_score: Literal["mask", "taylor"] = Field("mask", description="rank KV groups by the loss when masked, or by Taylor scores")
         samples: int = Field(8, gt=0, description="calibration blocks when scores are computed here")
-        seq_len: int = Field(128, ge=8)
+        seq_len: int = Field(128, ge=8, description="tokens per calibration block")
         heldout_blocks: int = Field(16, ge=0, description="held-out blocks for perplexity before/after (0: skip)")
-        heldout_seq_len: int = Field(256, ge=8)
+        heldout_seq_len: int = Field(256, ge=8, description="tokens per held-out block")
         eval_per_subject: int = Field(
             10, ge=0, description="MMLU questions per subject of the evaluated subset for answer agreement (0: skip)"
         )
         plan_blocks: int = Field(
             8, ge=0, description="auto: calibration blocks each way to meet the budgets is measured on (0: trust the summed scores)"
         )
-        plan_seq_len: int = Field(256, ge=8)
+        plan_seq_len: int = Field(256, ge=8, description="auto: tokens per block of those measurements")
 
         @model_validator(mode="after")
         def _auto_alone(self):

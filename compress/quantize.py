@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from vcompress.core.artifact import figure, read_json, write_json
 from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import return_freed_memory, stream_source
+from vcompress.core.profiles import DEFAULT_SCHEME
 from vcompress.core.quant_format import MANIFEST, make_manifest
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import Judge, torch_logits_fn
@@ -49,21 +50,28 @@ GROUP_SIZES = (128, 64, 32)
 
 
 class QuantizeConfig(StageConfig):
-    method: Literal["gptq", "rtn", "int8"] = "gptq"
-    bits: int = Field(4, description="bits per weight for gptq and rtn (int8 is always 8)")
-    group_size: int = Field(128, gt=0, description="preferred group size; falls back to 64 or 32 when it does not divide every layer")
-    sym: bool = Field(False, description="symmetric grid (zero point fixed at the middle)")
-    zero_point: Literal["int", "float"] = Field("int", description="asymmetric zero point stored as an integer (GPTQ format) or a float")
-    act_order: bool = Field(False, description="GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    method: Literal["gptq", "rtn", "int8"] = Field(DEFAULT_SCHEME.method, description="GPTQ, round-to-nearest, or 8-bit round-to-nearest")
+    bits: int = Field(
+        DEFAULT_SCHEME.bits, description="bits per weight for gptq and rtn (int8 is always 8)", json_schema_extra={"choices": [2, 4, 8]}
+    )
+    group_size: int = Field(
+        DEFAULT_SCHEME.group_size, gt=0, description="weights per scale; falls back to 64 or 32 when it does not divide every layer"
+    )
+    sym: bool = Field(DEFAULT_SCHEME.sym, description="symmetric grid (zero point fixed at the middle)")
+    zero_point: Literal["int", "float"] = Field(
+        DEFAULT_SCHEME.zero_point,
+        description="asymmetric zero point stored as an integer (GPTQ format) or a float (keeps grids with a float minimum, e.g. from GGUF Q4_1)",
+    )
+    act_order: bool = Field(DEFAULT_SCHEME.act_order, description="GPTQ: quantize columns in order of decreasing Hessian diagonal")
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ: damping, as a fraction of the mean Hessian diagonal")
     calib_samples: int = Field(128, gt=0, description="GPTQ calibration blocks")
     seq_len: int = Field(512, ge=8, description="tokens per calibration block")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="calibration blocks per forward pass (fewer: less memory, same algorithm)")
     scores: str | None = Field(None, description="sensitivity.json (or the analyze folder) to keep the most sensitive linears unquantized")
     keep_sensitive: int = Field(0, ge=0, description="how many of the most quantization-sensitive linears stay unquantized")
     compare_rtn: bool = Field(False, description="also measure round-to-nearest at the same settings")
     heldout_blocks: int = Field(4, ge=0, description="held-out blocks for perplexity and top-1 agreement (0: skip)")
-    heldout_seq_len: int = Field(512, ge=8)
+    heldout_seq_len: int = Field(512, ge=8, description="tokens per held-out block")
     eval_per_subject: int = Field(10, ge=0, description="MMLU questions per subject of the evaluated subset for answer agreement (0: skip)")
     stream: Literal["auto", "on", "off"] = Field(
         "auto", description="read and quantize one decoder layer at a time from disk (auto: when the model would not fit in memory)"
@@ -93,11 +101,10 @@ class Quantize(Stage):
     @classmethod
     def from_profile(cls, settings: dict, profile, where=None) -> Quantize:
         """The profile's quantization scheme fills in what the recipe step does not say itself."""
-        q = profile.quantization
-        if q.method == "none":
+        scheme = profile.quantization_for(settings)
+        if scheme.method == "none":
             raise InputError(f"{where}: the recipe quantizes but quantization.method is 'none'; set a method or drop the step")
-        scheme = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "act_order": q.act_order}
-        return cls(cls.parse_config({**{k: v for k, v in scheme.items() if k in cls.Config.model_fields}, **settings}, where))
+        return cls(cls.parse_config({**settings, **dict(scheme)}, where))
 
     def run(self, ctx) -> dict:
         cfg: QuantizeConfig = self.config

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from vcompress.core.artifact import write_json
 from vcompress.core.layer_stream import LayerStream, stream_source
 from vcompress.core.models import DEFAULT_NAME, attention_shape
+from vcompress.core.profiles import DEFAULT_SCHEME
 from vcompress.core.registry import STAGES
 from vcompress.core.stage import Stage, StageConfig
 
@@ -280,7 +281,7 @@ def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, gr
         result["layers"] = {"skip_loss_delta_nats": skips, "angular_distance": probe.angular_distance}
         log(f"layer skipping ({time.time() - started:.0f}s)")
     if "quant" in parts:
-        grid = model_grid(model, grid or Grid())
+        grid = model_grid(model, grid or Analyze.Config().grid)
         names = [name for name, _ in linear_modules(layers[0])]
         rows = []
         for i, layer in enumerate(layers):
@@ -443,13 +444,17 @@ class Analyze(Stage):
     class Config(StageConfig):
         samples: int = Field(4, gt=0, description="calibration blocks (4 x 128 tokens: about 4 minutes for the 135M default on 2 cores)")
         seq_len: int = Field(128, ge=8, description="tokens per calibration block")
-        batch_size: int = Field(4, gt=0)
-        parts: list[Literal["heads", "layers", "mlp", "quant"]] = list(PARTS)
+        batch_size: int = Field(4, gt=0, description="calibration blocks per forward pass")
+        parts: list[Literal["heads", "layers", "mlp", "quant"]] = Field(list(PARTS), description="what to score (repeat the option)")
         # the grid of the quant part: quantize's settings, which a profile's quantize step fills in
-        bits: Literal[2, 4, 8] = 4
-        group_size: int = Field(128, gt=0, description="preferred group size; falls back to 64 or 32 as quantize's does")
-        sym: bool = False
-        zero_point: Literal["int", "float"] = "int"
+        bits: Literal[2, 4, 8] = Field(DEFAULT_SCHEME.bits, description="quant part: bits per weight of the grid")
+        group_size: int = Field(
+            DEFAULT_SCHEME.group_size, gt=0, description="quant part: weights per scale; falls back to 64 or 32 as quantize's does"
+        )
+        sym: bool = Field(DEFAULT_SCHEME.sym, description="quant part: symmetric grid")
+        zero_point: Literal["int", "float"] = Field(
+            DEFAULT_SCHEME.zero_point, description="quant part: zero point as an integer or a float"
+        )
         stream: Literal["auto", "on", "off"] = Field(
             "auto", description="read one decoder layer at a time from disk (auto: when the model would not fit in memory)"
         )

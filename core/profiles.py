@@ -59,10 +59,17 @@ class Target(Strict):
 
 
 class Quantization(Strict):
+    """The quantization scheme: a profile's `quantization`, whose defaults are quantize's and analyze's too."""
+
     method: Literal["gptq", "rtn", "int8", "none"] = "gptq"
     bits: Literal[4, 8, 16] = 4
     group_size: int = Field(128, gt=0)
     act_order: bool = False
+    sym: bool = False
+    zero_point: Literal["int", "float"] = "int"
+
+
+DEFAULT_SCHEME = Quantization()
 
 
 class Budgets(Strict):
@@ -127,6 +134,16 @@ class Profile(Strict):
 
     def step(self, stage: str) -> RecipeStep | None:
         return next((s for s in self.recipe if s.stage == stage), None)
+
+    def quantization_for(self, settings: dict | None = None) -> Quantization:
+        """The scheme the recipe quantizes with: `quantization` with the quantize step's own settings over it
+        (`settings`: that step's settings with a command's overrides). Quantize, analyze and the prune planner
+        read it, so a step that sets its own group size is seen by all three. Not validated here: the quantize
+        stage's config checks the merged settings."""
+        if settings is None:
+            step = self.step("quantize")
+            settings = step.settings if step else {}
+        return self.quantization.model_copy(update={k: v for k, v in settings.items() if k in Quantization.model_fields})
 
 
 def builtin_names() -> list[str]:

@@ -63,7 +63,13 @@ class ParityConfig(StageConfig):
     min_top1: float = Field(0.98, ge=0, le=1, description="fp32: top-1 agreement over prompt positions")
     # A gate against broken exports (a wrong layout agrees ~0%), not a quality budget: those are the
     # profile's, checked by validate. Measured on SmolLM2 ONNX: int4 RTN 0.52, HQQ 0.83.
-    min_top1_quantized: float = Field(0.5, ge=0, le=1, description="int8/int4: top-1 agreement with PyTorch fp32")
+    min_top1_quantized: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="int8/int4: top-1 agreement with PyTorch fp32 the check requires",
+        json_schema_extra={"option": "min-agreement"},
+    )
 
 
 class ExportStage(Stage):

@@ -59,7 +59,9 @@ FORMAT = "onnx"
 
 
 class OnnxExportConfig(ParityConfig):
-    quant: Literal["none", "int8", "int4"] = "none"
+    quant: Literal["none", "int8", "int4"] = Field(
+        "none", description="weights: fp32, INT8 (see int8_method) or INT4 weight-only (MatMulNBits)"
+    )
     method: Literal["rtn", "hqq", "rtn-float"] = Field(
         "rtn",
         description="int4: ONNX Runtime's RTN (integer zero point), HQQ, or min/max with a float zero point (exact on Q4_1 grids, slow kernel)",

@@ -56,7 +56,7 @@ class TensorRTExportConfig(ParityConfig):
     prefill_tokens: int = Field(256, ge=1, description="past length the optimization profile is tuned for")
     max_tokens: int | None = Field(None, ge=2, description="longest sequence the engine accepts (default: the model's positions)")
     heldout_blocks: int = Field(2, ge=0, description="held-out text blocks for perplexity and top-1 agreement (0: skip)")
-    heldout_seq_len: int = Field(256, ge=8)
+    heldout_seq_len: int = Field(256, ge=8, description="tokens per held-out block")
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the checks")
 
 

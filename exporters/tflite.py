@@ -41,7 +41,9 @@ BUNDLE_FILE = "model.litertlm"  # what LiteRT-LM loads (the name _litertlm_sessi
 
 
 class TFLiteExportConfig(ParityConfig):
-    quant: Literal["none", "int8", "int4"] = "none"
+    quant: Literal["none", "int8", "int4"] = Field(
+        "none", description="weights: fp32, or INT8 / INT4 per channel with float activations (ai-edge-quantizer dynamic range)"
+    )
     prefill_tokens: int = Field(256, ge=1, description="tokens of the prefill signature (a prompt runs in chunks of this size)")
     short_prefill_tokens: int = Field(
         32,

@@ -1,7 +1,7 @@
 """The `vcompress` command: a thin Click layer over the library.
 
-Each module in vcompress/commands/ exposes `command` (a Click command or group) and is added
-here, so a new stage adds its own file instead of editing this one. Errors become one line and
+Each module in vcompress/commands/ exposes a Click command (or group) named after it, `<module>_command`
+(`quantize.py`: `quantize_command`), and is added here, so a new stage adds its own file instead of editing this one. Errors become one line and
 an exit code: 0 ok, 1 a check or budget failed, 2 bad input, 3 an internal error (a bug of ours or of a
 library: its traceback goes to a log file that the line names, so it is never mistaken for a failed budget).
 """
@@ -37,7 +37,7 @@ def _add_commands() -> None:
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"vcompress.commands.{info.name}")
-        cli.add_command(module.command)
+        cli.add_command(getattr(module, f"{info.name}_command"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from vcompress.core.units import UNIT
 
 class ValidateConfig(StageConfig):
     runs: int = Field(5, gt=0, description="timed runs (the median is reported)")
-    warmup: int = Field(1, ge=0)
+    warmup: int = Field(1, ge=0, description="untimed runs before the timed ones")
     decode_tokens: int = Field(64, gt=0, description="tokens decoded per timed run")
     threads: int | None = Field(None, gt=0, description="runtime threads (default: the profile's device.threads)")
     batch_size: int = Field(8, gt=0, description="MMLU prompts scored per forward pass")
@@ -35,6 +35,7 @@ class ValidateConfig(StageConfig):
         None,
         description="registered device that gives latency (default: the profile's connection, "
         "or the roofline estimate when that device is not attached)",
+        json_schema_extra={"registry": "DEVICES"},
     )
     connection: dict[str, Any] = Field(default_factory=dict, description="device settings over the profile's connection (host, serial...)")
 

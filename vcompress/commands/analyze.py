@@ -4,57 +4,22 @@ from __future__ import annotations
 
 import click
 
-from vcompress.commands._options import (
-    execute_stage,
-    force_option,
-    json_option,
-    mmlu_option,
-    model_options,
-    out_option,
-    print_json,
-    seed_option,
-    stream_option,
-)
+from vcompress.commands._options import calibration_option, execute_stage, mmlu_option, stage_command, stage_options
 
 
-@click.command("analyze")
-@model_options
-@out_option()
-@click.option(
-    "--data",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Calibration text (JSONL/CSV/TXT); default: MMLU text outside the evaluated subset.",
-)
-@click.option("--samples", type=int, default=4, show_default=True, help="Calibration blocks (more: less noise, proportionally slower).")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration block.")
-@stream_option
+@stage_command("analyze", config="vcompress.compress.sensitivity:Analyze.Config")
+@stage_options
+@calibration_option()
 @mmlu_option
-@seed_option
-@force_option
-@json_option
-def command(model, base, allow_pickle, trust_remote_code, out, data, samples, seq_len, stream, mmlu, seed, force, as_json):
+def analyze_command(settings, out, **options):
     """Score attention heads (Taylor, KV-group masking), layers (skip loss, angular distance) and each
     linear layer's 4-bit rounding sensitivity; write sensitivity.json and heatmaps/*.png into --out."""
     from vcompress.compress.sensitivity import Analyze
 
-    stage = Analyze({"samples": samples, "seq_len": seq_len, "stream": stream})
-    metrics = execute_stage(
-        stage,
-        out,
-        model=model,
-        base=base,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        as_json=as_json,
-        force=force,
-        seed=seed,
-        data=data,
-        mmlu=mmlu,
-    )
-    if as_json:
-        print_json(metrics)
-        return
+    execute_stage(Analyze(settings), out, echo_analysis, **options)
+
+
+def echo_analysis(out, metrics: dict) -> None:
     click.echo(f"wrote {out}/sensitivity.json and {', '.join(metrics['heatmaps'])}")
     click.echo(f"baseline loss {metrics['baseline_loss_nats']:.4f} nats/token on {metrics['calibration_tokens']} tokens")
     if "least_important_layers" in metrics:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from vcompress.commands._options import json_option, make_console, mmlu_option, model_options, print_json, seed_option
+from vcompress.commands._options import json_option, make_console, mmlu_option, model_options, print_json, seed_option, subset_option
 
 
 @click.command("eval")
@@ -17,12 +17,7 @@ from vcompress.commands._options import json_option, make_console, mmlu_option, 
     default=None,
     help="The uncompressed checkpoint to compare with (agreement, KL, perplexity); `default` = the embedded default.",
 )
-@click.option(
-    "--subset",
-    default="medical",
-    show_default=True,
-    help="MMLU group (medical, legal, finance, stem, humanities, social_sciences, other, all), subject, or comma list.",
-)
+@subset_option("MMLU group (medical, legal, finance, stem, humanities, social_sciences, other, all), subject, or comma list.")
 @click.option(
     "--format",
     "fmt",
@@ -49,7 +44,7 @@ from vcompress.commands._options import json_option, make_console, mmlu_option, 
 @mmlu_option
 @seed_option
 @json_option
-def command(
+def eval_command(
     model, base, allow_pickle, trust_remote_code, reference, subset, fmt, shots, per_subject, data, batch_size, threads, mmlu, seed, as_json
 ):
     """Score a model (HF folder, GGUF, exported artifact) on an MMLU subset as lm-eval's mmlu task (letter) or

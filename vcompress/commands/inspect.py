@@ -13,7 +13,7 @@ from vcompress.core.models import load_model, resolve, summarize
 @click.argument("model_arg", metavar="[MODEL]", required=False)
 @model_options
 @json_option
-def command(model_arg, model, base, allow_pickle, trust_remote_code, as_json):
+def inspect_command(model_arg, model, base, allow_pickle, trust_remote_code, as_json):
     """Print architecture, parameters, layers, query/KV heads, head dim, dtype and bytes on disk."""
     if model_arg and model and model_arg != model:
         raise click.UsageError("give the model either as MODEL or as --model, not both")

@@ -17,7 +17,7 @@ from vcompress.package import package
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The bundle file to write, e.g. bundle.zip.")
 @click.option("--allow-failed", is_flag=True, help="Package a run whose verdict failed (the manifest says so).")
 @force_option
-def command(run_dir, fmt, out, allow_failed, force):
+def package_command(run_dir, fmt, out, allow_failed, force):
     """Bundle RUN_DIR's model, tokenizer, profile, verdict and recipes with a hashed manifest.json."""
     manifest = package(run_dir, fmt, out, allow_failed=allow_failed, force=force)
     total = sum(f.bytes for f in manifest.files)

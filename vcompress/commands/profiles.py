@@ -13,11 +13,11 @@ from vcompress.core.profiles import builtin_names, load_profile
 
 
 @click.group("profiles")
-def command():
+def profiles_command():
     """Device budget profiles: list, show, validate."""
 
 
-@command.command("list")
+@profiles_command.command("list")
 @json_option
 def list_profiles(as_json):
     """The built-in profiles with their device, format and headline budgets."""
@@ -46,7 +46,7 @@ def list_profiles(as_json):
     make_console().print(table)
 
 
-@command.command("show")
+@profiles_command.command("show")
 @click.argument("name")
 @json_option
 def show(name, as_json):
@@ -60,7 +60,7 @@ def show(name, as_json):
     click.echo(text.rstrip())
 
 
-@command.command("validate")
+@profiles_command.command("validate")
 @click.argument("file")
 def validate(file):
     """Check a profile file (schema, contradictions, stage settings); exit 2 naming the key if bad."""

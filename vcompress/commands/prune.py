@@ -2,80 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from vcompress.commands._options import (
-    execute_stage,
-    force_option,
-    json_option,
-    mmlu_option,
-    model_options,
-    out_option,
-    print_json,
-    seed_option,
-)
+from vcompress.commands._options import calibration_option, execute_stage, mmlu_option, stage_command, stage_options
 from vcompress.core.units import MIB
 
 
-@click.command("prune")
-@model_options
-@click.option(
-    "--heads",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Fraction of KV groups (a KV head and the query heads sharing it) to remove in every layer.",
-)
-@click.option("--mlp", type=float, default=0.0, show_default=True, help="Fraction of MLP channels to remove in every layer.")
-@click.option(
-    "--layers", type=int, default=0, show_default=True, help="Number of least important layers (loss change when skipped) to drop."
-)
-@click.option(
-    "--scores",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="sensitivity.json or an analyze folder to rank by; default: scores computed here.",
-)
-@click.option(
-    "--data",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Calibration text for scores computed here; default: MMLU text outside the evaluated subset.",
-)
-@click.option("--samples", type=int, default=8, show_default=True, help="Calibration blocks for scores computed here.")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per calibration block.")
+# auto needs a profile's budgets, which only `vcompress run` has
+@stage_command("prune", config="vcompress.compress.prune:Prune.Config", exclude=("auto",))
+@stage_options
+@calibration_option("Calibration text for scores computed here")
 @mmlu_option
-@out_option()
-@seed_option
-@force_option
-@json_option
-def command(
-    model, base, allow_pickle, trust_remote_code, heads, mlp, layers, scores, data, samples, seq_len, mmlu, out, seed, force, as_json
-):
+def prune_command(settings, out, **options):
     """Prune by whole KV groups, MLP channels and layers; --out reloads with AutoModelForCausalLM."""
     from vcompress.compress.prune import Prune
 
-    stage = Prune(
-        {"heads": heads, "mlp": mlp, "layers": layers, "scores": str(scores) if scores else None, "samples": samples, "seq_len": seq_len}
-    )
-    metrics = execute_stage(
-        stage,
-        out,
-        model=model,
-        base=base,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        as_json=as_json,
-        force=force,
-        seed=seed,
-        data=data,
-        mmlu=mmlu,
-    )
-    if as_json:
-        print_json(metrics)
-        return
+    execute_stage(Prune(settings), out, echo_pruned, **options)
+
+
+def echo_pruned(out, metrics: dict) -> None:
     h, m, layers = metrics["heads"], metrics["mlp"], metrics["layers"]
     click.echo(f"wrote {out}")
     click.echo(

@@ -20,7 +20,7 @@ db_option = click.option(
 @click.command("record")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @db_option
-def command(run_dir, db):
+def record_command(run_dir, db):
     """Record RUN_DIR (run.json and 06-validate/*.json) in the history store; re-recording replaces it."""
     run_id = history.record(run_dir, db)
     click.echo(f"recorded {run_id} in {history.shown(history.db_url(db))}")

@@ -22,7 +22,7 @@ from vcompress.commands.record import db_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for report.md, report.html, junit.xml and plots/.")
 @click.option("--profile", default=None, help="Only this profile.")
 @click.option("--model", default=None, help="Only this model (label, spec or hash prefix).")
-def command(baseline, since, db, out, profile, model):
+def report_command(baseline, since, db, out, profile, model):
     """Compare the newest run of each (model, profile, device) with a baseline, beyond run-to-run noise."""
     result = reporting.build(db, baseline=baseline, since=since, profile=profile, model=model)
     reporting.write(result, out)

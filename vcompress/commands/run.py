@@ -43,7 +43,7 @@ from vcompress.core.profiles import load_profile
 @mmlu_option
 @seed_option
 @json_option
-def command(
+def run_command(
     profile_name,
     model,
     base,
@@ -73,28 +73,11 @@ def command(
     from vcompress.core.models import Intake
 
     profile = load_profile(profile_name)
-    connection = {k: v for k, v in (("host", ssh_host), ("serial", serial)) if v}
-    validate = {k: v for k, v in (("device", device), ("connection", connection)) if v}
-    overrides = {"validate": validate} if validate else {}
+    overrides = _validate_overrides(device, ssh_host, serial)
     steps = pipeline.plan(profile, where=profile_name, overrides=overrides)
     console = make_console(stderr=as_json)
     if dry_run:
-        if as_json:
-            print_json(
-                {
-                    "profile": profile.name,
-                    "out": str(out),
-                    "steps": [
-                        {"stage": s.name, "folder": s.folder, "config": s.config.model_dump(mode="json"), "done": (out / s.folder).is_dir()}
-                        for s in steps
-                    ],
-                }
-            )
-            return 0
-        console.print(f"[bold]plan[/bold] for profile {profile.name} -> {out}")
-        for s in steps:
-            done = " (done, kept by --resume)" if (out / s.folder).is_dir() else ""
-            console.print(f"  {s.folder:<18} {s.name:<9} {s.config.model_dump(mode='json')}{done}")
+        _print_plan(profile, steps, out, console, as_json)
         return 0
     options = pipeline.RunOptions(
         out=out,
@@ -110,6 +93,40 @@ def command(
         record=record,
         db=db,
     )
+    return _run(profile, options, profile_name, console, auto, as_json)
+
+
+def _validate_overrides(device, ssh_host, serial) -> dict:
+    """--device, --host and --serial as settings of the validate step over the profile's."""
+    connection = {k: v for k, v in (("host", ssh_host), ("serial", serial)) if v}
+    validate = {k: v for k, v in (("device", device), ("connection", connection)) if v}
+    return {"validate": validate} if validate else {}
+
+
+def _print_plan(profile, steps, out: Path, console, as_json: bool) -> None:
+    """--dry-run: every step with its folder, settings and whether --resume would keep it."""
+    if as_json:
+        print_json(
+            {
+                "profile": profile.name,
+                "out": str(out),
+                "steps": [
+                    {"stage": s.name, "folder": s.folder, "config": s.config.model_dump(mode="json"), "done": (out / s.folder).is_dir()}
+                    for s in steps
+                ],
+            }
+        )
+        return
+    console.print(f"[bold]plan[/bold] for profile {profile.name} -> {out}")
+    for s in steps:
+        done = " (done, kept by --resume)" if (out / s.folder).is_dir() else ""
+        console.print(f"  {s.folder:<18} {s.name:<9} {s.config.model_dump(mode='json')}{done}")
+
+
+def _run(profile, options, where: str, console, auto: bool, as_json: bool) -> int:
+    """The recipe (or --auto's search) with a timed log and a rule per stage; the verdict's exit code."""
+    from vcompress import pipeline
+
     started = time.time()
 
     def log(message: str) -> None:
@@ -122,18 +139,18 @@ def command(
             console.print(f"[green]done[/green] {stage} in {info['seconds']:.1f}s")
 
     if auto:
-        return _auto(profile, options, profile_name, log, on_stage, console, as_json)
+        return _auto(profile, options, where, log, on_stage, console, as_json)
     from vcompress.progress import progress_bars
 
     with progress_bars(quiet=as_json) as progress:
-        verdict = pipeline.run(profile, options, where=profile_name, log=log, on_stage=on_stage, progress=progress)
+        verdict = pipeline.run(profile, options, where=where, log=log, on_stage=on_stage, progress=progress)
     if as_json:
         print_json(verdict)
     else:
         from vcompress.validate import print_verdict
 
         print_verdict(verdict, make_console())
-        console.print(f"run folder: {out}  ({time.time() - started:.0f}s)")
+        console.print(f"run folder: {options.out}  ({time.time() - started:.0f}s)")
     return 0 if verdict.get("passed") else 1
 
 

@@ -6,19 +6,17 @@ from pathlib import Path
 
 import click
 
-from vcompress.commands._options import RegistryChoice, force_option, json_option, make_console, mmlu_option, print_json, seed_option
+from vcompress.commands._options import force_option, json_option, make_console, mmlu_option, print_json, seed_option, stage_command
 
 
-@click.command("validate")
+# connection (the device's own settings) is a mapping, given in a profile
+@stage_command("validate", config="vcompress.validate:ValidateConfig", exclude=("connection",))
 @click.option("--profile", "profile_name", required=True, help="Profile name or YAML file whose budgets apply.")
 @click.option(
     "--artifact", required=True, type=click.Path(path_type=Path), help="Exported artifact folder (or an HF folder, run by PyTorch)."
 )
 @click.option("--reference", default=None, help="The uncompressed model the artifact came from; default: the embedded default model.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for eval.json, latency.json and verdict.json.")
-@click.option(
-    "--device", type=RegistryChoice("DEVICES"), default=None, help="Where latency comes from (default: the profile's connection)."
-)
 @click.option(
     "--data", type=click.Path(), default=None, help="Held-out domain text for perplexity (default: MMLU text outside the subset)."
 )
@@ -28,7 +26,7 @@ from vcompress.commands._options import RegistryChoice, force_option, json_optio
 @seed_option
 @force_option
 @json_option
-def command(profile_name, artifact, reference, out, device, data, record, db, mmlu, seed, force, as_json):
+def validate_command(settings, profile_name, artifact, reference, out, data, record, db, mmlu, seed, force, as_json):
     """Score the artifact and its reference on the profile's MMLU subset, measure or estimate latency,
     and check every budget. Exit 0 all pass, 1 a budget failed, 2 bad input, 3 an internal error."""
     from vcompress import pipeline
@@ -44,9 +42,8 @@ def command(profile_name, artifact, reference, out, device, data, record, db, mm
     if not artifact.exists():
         raise click.UsageError(f"--artifact {artifact} does not exist")
     # the validate step of the profile's plan: the same stage, configured the same way, as in `vcompress run`
-    overrides = {"device": device} if device else {}
-    steps = {s.name: s.stage for s in pipeline.plan(profile, where=profile_name, overrides={"validate": overrides})}
-    stage = steps.get("validate") or STAGES.get("validate").from_profile(overrides, profile, where=profile_name)
+    steps = {s.name: s.stage for s in pipeline.plan(profile, where=profile_name, overrides={"validate": settings})}
+    stage = steps.get("validate") or STAGES.get("validate").from_profile(settings, profile, where=profile_name)
     reference = reference or str(resolve(None).path)
     console = make_console(stderr=as_json)
     with progress_bars(quiet=as_json) as progress:

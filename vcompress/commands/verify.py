@@ -11,7 +11,7 @@ from vcompress.package import verify
 
 @click.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
-def command(bundle):
+def verify_command(bundle):
     """Check every hash and the manifest of BUNDLE; refuse unsafe paths, symlinks, unlisted or missing files."""
     manifest = verify(bundle)
     state = "passed" if manifest.verdict.passed else "FAILED (packaged with --allow-failed)"
