@@ -19,7 +19,7 @@ import torch
 from vcompress.core.artifact import write_json
 from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import LayerStream, TensorFileWriter, return_freed_memory
-from vcompress.core.quant_format import MANIFEST
+from vcompress.core.quant_format import QUANT_GRID_FILE
 
 from ._arch import decoder_layers, is_gpt2
 from ._calib import calibration_summary, stage_blocks
@@ -71,7 +71,7 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
         describe,
         gptq_config,
         gptq_reloadable,
-        manifest,
+        quant_grid,
         notes,
         quantizable,
         quantize_gptq,
@@ -166,7 +166,7 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
     if (folder / "generation_config.json").is_file():
         shutil.copy(folder / "generation_config.json", ctx.out / "generation_config.json")
     AutoTokenizer.from_pretrained(folder).save_pretrained(ctx.out)
-    write_json(ctx.out / MANIFEST, manifest(model, results, kept, grid, cfg))
+    write_json(ctx.out / QUANT_GRID_FILE, quant_grid(model, results, kept, grid, cfg))
     other = files.model.nbytes - (0 if reloadable else sum(_float_bytes(q) for q in results.values()))
     written = (
         {"quantized model": files.model.nbytes}

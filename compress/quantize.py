@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from vcompress.core.artifact import figure, read_json, write_json
 from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import return_freed_memory, stream_source
-from vcompress.core.quant_format import MANIFEST, make_manifest
+from vcompress.core.quant_format import QUANT_GRID_FILE, make_quant_grid
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import Judge, torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig, no_progress, track
@@ -409,7 +409,7 @@ def save_quantized(
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_json(out / MANIFEST, manifest(model, results, kept, grid, cfg))
+    write_json(out / QUANT_GRID_FILE, quant_grid(model, results, kept, grid, cfg))
     return written
 
 
@@ -448,7 +448,7 @@ def gptq_config(grid: Grid, cfg: QuantizeConfig, quantized: list[str], kept: lis
     return config
 
 
-def manifest(model, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig) -> dict:
+def quant_grid(model, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig) -> dict:
     linears = {}
     modules = dict(model.named_modules())
     for name, q in results.items():
@@ -466,7 +466,7 @@ def manifest(model, results: dict[str, Quantized], kept: list[str], grid: Grid, 
             "act_order": cfg.act_order,
             "tensors": tensors,
         }
-    return make_manifest(
+    return make_quant_grid(
         method=cfg.method,
         weights_file="model.safetensors" if gptq_reloadable(model, grid) else SIDECAR,
         linears=linears,

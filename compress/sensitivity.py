@@ -487,7 +487,7 @@ class Analyze(Stage):
             ctx.log(f"streaming {folder} layer by layer (the decoder layers are never all in memory)")
         else:
             model, tokenizer = ctx.load()
-        from .budget import analysis_unneeded
+        from .prune_plan import analysis_unneeded
 
         if skipped := analysis_unneeded(model.config.to_dict(), ctx.profile):
             ctx.log(f"skipped: {skipped}")

@@ -22,7 +22,7 @@ before loading the model; the difference is the model's share. Sizes are MiB.
 
 Devices run this file by path (see `base.bench_command`), not as part of the vcompress.devices
 package, whose other modules import torch; `python -m vcompress.devices.bench` re-executes it so.
-Only the stdlib, numpy and vcompress's pure modules (core.errors, core.manifest, core.units) are
+Only the stdlib, numpy and vcompress's pure modules (core.errors, core.export_manifest, core.units) are
 imported here.
 """
 
@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vcompress.core.errors import InputError, VcompressError
-from vcompress.core.manifest import artifact_format, model_size_bytes
+from vcompress.core.export_manifest import artifact_format, model_size_bytes
 from vcompress.core.units import UNIT, figure, mib
 
 SESSIONS = Path(__file__).resolve().parents[1] / "exporters"  # beside devices/ in a checkout and an install

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, Field
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import CheckFailed, InputError, Unsupported
+from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.layer_stream import (
     DequantizedStream,
     LayerStream,
@@ -30,7 +31,7 @@ from vcompress.core.layer_stream import (
     total_memory,
 )
 from vcompress.core.models import check_supported
-from vcompress.core.quant_format import load_dequantized, read_manifest
+from vcompress.core.quant_format import load_dequantized, read_quant_grid
 from vcompress.core.runner import Runner
 from vcompress.core.stage import Stage, StageConfig, StageContext
 
@@ -66,8 +67,41 @@ class ParityConfig(StageConfig):
     min_top1_quantized: float = Field(0.5, ge=0, le=1, description="int8/int4: top-1 agreement with PyTorch fp32")
 
 
-class ExportStage(Stage):
+def export_stage(settings: dict, where: str | None = None) -> Exporter:
+    """The export Stage for settings that name their `format` (a registered exporter), its config validated."""
+    settings = dict(settings)
+    stage_cls = EXPORTERS.get(settings.pop("format"))
+    return stage_cls(stage_cls.parse_config(settings, where=where))
+
+
+@STAGES.register("export")
+class ExportStep(Stage):
+    """A recipe's export step: the profile's target format picks the registered Exporter, whose runtime
+    must be the one the target names."""
+
     name = "export"
+    folder = "05-export"  # 05-export-<format> in a run (Exporter.run_folder)
+
+    @classmethod
+    def from_profile(cls, settings: dict, profile, where: str | None = None) -> Exporter:
+        target, prefix = profile.target, f"{where}: " if where else ""
+        if target.format not in EXPORTERS:
+            raise InputError(f"{prefix}target.format {target.format!r} has no exporter; known: {', '.join(EXPORTERS.names())}")
+        exporter = EXPORTERS.get(target.format)
+        if target.runtime and target.runtime != exporter.runtime:
+            raise InputError(
+                f"{prefix}target.runtime {target.runtime!r}: the {target.format} exporter's artifacts run on "
+                f"{exporter.runtime!r}; set runtime: {exporter.runtime} or leave it out"
+            )
+        if exporter.refuses_checkpoints:  # a run hands the exporter a model checkpoint
+            raise Unsupported(f"{prefix}{exporter.refuses_checkpoints}")
+        return export_stage({"format": target.format, "quant": target.quant, **settings}, where)
+
+
+class Exporter(Stage):
+    """One format's export stage (a registered exporter); a run reaches it through the recipe's ExportStep."""
+
+    name = ExportStep.name
     format: ClassVar[str]  # its name in EXPORTERS, and the manifest's "format"
     runtime: ClassVar[str]  # what runs the artifact: a profile's target.runtime
     runtime_package: ClassVar[str]  # the runtime's PyPI distribution (its version goes into the manifest)
@@ -122,7 +156,7 @@ def load_source(ctx: StageContext) -> tuple[Any, Any, dict | None]:
     A quantize folder loads as its exact dequantized weights, what the exported graph must compute;
     any other source through the intake, with the command's flags (--base, --allow-pickle, ...)."""
     folder = source_folder(ctx.source)
-    grid = read_manifest(folder)
+    grid = read_quant_grid(folder)
     if grid is not None:
         return (*load_dequantized(folder, grid), grid)
     return (*ctx.load(), None)
@@ -152,7 +186,7 @@ def refuse_if_too_big(ctx: StageContext, converter: str, peak: float = CONVERTER
     folder = source_folder(ctx.source)
     if folder is None or not folder.is_dir() or not any(folder.glob("*.safetensors")):
         return  # the default, a GGUF or a LoRA folder: loaded whole by the intake anyway
-    size = model_bytes(folder) if read_manifest(folder) is not None else checkpoint_bytes(folder)
+    size = model_bytes(folder) if read_quant_grid(folder) is not None else checkpoint_bytes(folder)
     if size * peak > total_memory():
         raise Unsupported(
             f"{converter} needs the whole model in memory, about {peak:g}x its fp32 size ({size * peak / 2**30:.1f} GiB for "

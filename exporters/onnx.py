@@ -34,7 +34,7 @@ from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import file_tensors, stream_tensors
 from vcompress.core.models import Intake, bytes_on_disk
-from vcompress.core.quant_format import grid_bits, read_manifest
+from vcompress.core.quant_format import grid_bits, read_quant_grid
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext, execute
@@ -42,7 +42,7 @@ from vcompress.core.stage import StageContext, execute
 from . import _onnx_genai, _onnx_gptq, _onnx_graph, _onnx_quant
 from ._onnx_session import DecoderSession, SessionError
 from .base import (
-    ExportStage,
+    Exporter,
     ParityConfig,
     PowerOfTwo,
     SessionRunner,
@@ -100,7 +100,7 @@ class OnnxExportConfig(ParityConfig):
 
 
 @EXPORTERS.register(FORMAT)
-class OnnxExport(ExportStage):
+class OnnxExport(Exporter):
     format = FORMAT
     runtime = "onnxruntime"
     runtime_package = "onnxruntime"
@@ -110,7 +110,7 @@ class OnnxExport(ExportStage):
     def run(self, ctx: StageContext) -> dict:
         cfg: OnnxExportConfig = self.config
         folder = source_folder(ctx.source)
-        grid = read_manifest(folder)
+        grid = read_quant_grid(folder)
         _check_grid(cfg, grid)
         stream_from, stream = _stream_folder(cfg, ctx, grid), None
         if stream_from is None:

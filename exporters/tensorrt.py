@@ -38,7 +38,7 @@ from vcompress.core.stage import StageContext, execute
 
 from . import _onnx_quant, _trt_graph, _trt_ops
 from ._tensorrt_session import GraphSession, SessionError
-from .base import ExportStage, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, save_sidecars
+from .base import Exporter, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, save_sidecars
 
 FORMAT = "tensorrt"
 ENGINE_FILE = "model.engine"
@@ -61,7 +61,7 @@ class TensorRTExportConfig(ParityConfig):
 
 
 @EXPORTERS.register(FORMAT)
-class TensorRTExport(ExportStage):
+class TensorRTExport(Exporter):
     format = FORMAT
     runtime = "tensorrt"
     runtime_package = "tensorrt"

@@ -34,7 +34,7 @@ from vcompress.core.stage import StageContext, execute
 
 from . import _tflite_convert
 from ._tflite_session import FORMAT, LiteRTSession, SessionError, signature_io
-from .base import ExportStage, ParityConfig, SessionRunner, gate, load_source, package_version, refuse_if_too_big, save_sidecars
+from .base import Exporter, ParityConfig, SessionRunner, gate, load_source, package_version, refuse_if_too_big, save_sidecars
 
 MODEL_FILE = "model.tflite"
 BUNDLE_FILE = "model.litertlm"  # what LiteRT-LM loads (the name _litertlm_session.py looks for)
@@ -61,7 +61,7 @@ class TFLiteExportConfig(ParityConfig):
 
 
 @EXPORTERS.register(FORMAT)
-class TFLiteExport(ExportStage):
+class TFLiteExport(Exporter):
     format = FORMAT
     runtime = "litert"
     runtime_package = "ai-edge-litert"

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from vcompress.core.errors import InputError
-from vcompress.core.manifest import model_files
+from vcompress.core.export_manifest import model_files
 from vcompress.core.profiles import Device, load_profile
 from vcompress.core.units import MIB
 from vcompress.devices import adb, default_device, measure, open_device, roofline

@@ -28,12 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vcompress import __version__
 from vcompress.core.artifact import RunLayout, read_json
+from vcompress.core import export_manifest
 from vcompress.core.errors import CheckFailed, InputError
 from vcompress.core.profiles import parse_profile
 from vcompress.history import run_id_of
 
 BUNDLE_SCHEMA = "vcompress-bundle/1"
-MANIFEST = "manifest.json"
+BUNDLE_INDEX = "manifest.json"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: no build time leaks into the bytes
 FILE_MODE = stat.S_IFREG | 0o644
 STAGE_FILES = ("recipe.yaml", "metrics.json")  # bookkeeping of the export stage, bundled under recipes/
@@ -99,7 +100,7 @@ class VerdictInfo(Strict):
     file: str
 
 
-class BundleManifest(Strict):
+class BundleIndex(Strict):
     bundle: Literal["vcompress-bundle/1"]
     vcompress: str  # the version that packaged it
     format: str = Field(min_length=1)  # a registered exporter's name, as the export's manifest.json says
@@ -124,11 +125,11 @@ def _stage_folders(run_dir: Path) -> list[Path]:
 
 def _export_format(export: Path | None) -> str | None:
     """The format an export folder's manifest names (None: no finished export)."""
-    if export is None or not (export / MANIFEST).is_file():
+    if export is None or not (export / export_manifest.MANIFEST).is_file():
         return None
-    manifest = read_json(export / MANIFEST)
+    manifest = read_json(export / export_manifest.MANIFEST)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), str):
-        raise InputError(f"{export / MANIFEST} names no format; re-run the export stage")
+        raise InputError(f"{export / export_manifest.MANIFEST} names no format; re-run the export stage")
     return manifest["format"]
 
 
@@ -163,14 +164,16 @@ def _profile_hashes(text: str) -> set[str]:
 
 
 def _signature(export: Path) -> dict:
-    manifest = read_json(export / MANIFEST)
+    manifest = read_json(export / export_manifest.MANIFEST)
     for holder in (manifest, manifest.get("signature") or {}, manifest.get("io") or {}):
         if holder.get("inputs") and holder.get("outputs"):
             return {"inputs": holder["inputs"], "outputs": holder["outputs"]}
-    raise InputError(f"{export / MANIFEST} has no inputs/outputs signature; re-run the export stage with this vcompress version")
+    raise InputError(
+        f"{export / export_manifest.MANIFEST} has no inputs/outputs signature; re-run the export stage with this vcompress version"
+    )
 
 
-def collect(run_dir: str | Path, fmt: str, *, allow_failed: bool = False) -> tuple[dict[str, Path | bytes], BundleManifest]:
+def collect(run_dir: str | Path, fmt: str, *, allow_failed: bool = False) -> tuple[dict[str, Path | bytes], BundleIndex]:
     """The bundle's entries (name -> file or bytes) and its manifest, after every refusal check."""
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
@@ -228,7 +231,7 @@ def collect(run_dir: str | Path, fmt: str, *, allow_failed: bool = False) -> tup
     latency = layout.validation(RunLayout.LATENCY, required=False)
     device, backend = latency.get("device") or verdict.get("device"), latency.get("backend") or verdict.get("backend")
     model, profile = run.get("model") or {}, run.get("profile") or {}
-    manifest = BundleManifest(
+    manifest = BundleIndex(
         bundle=BUNDLE_SCHEMA,
         vcompress=__version__,
         format=fmt,
@@ -289,7 +292,7 @@ def _zip_info(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def package(run_dir: str | Path, fmt: str, out: str | Path, *, allow_failed: bool = False, force: bool = False) -> BundleManifest:
+def package(run_dir: str | Path, fmt: str, out: str | Path, *, allow_failed: bool = False, force: bool = False) -> BundleIndex:
     """Write the bundle zip for a run's `fmt` export; the same run always gives the same bytes."""
     out = Path(out)
     if out.exists() and not force:
@@ -297,8 +300,8 @@ def package(run_dir: str | Path, fmt: str, out: str | Path, *, allow_failed: boo
     if out.is_dir():
         raise InputError(f"{out} is a folder; --out names the bundle file, e.g. {out / 'bundle.zip'}")
     entries, manifest = collect(run_dir, fmt, allow_failed=allow_failed)
-    entries[MANIFEST] = (json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
-    sizes = {f.path: f.bytes for f in manifest.files} | {MANIFEST: len(entries[MANIFEST])}
+    entries[BUNDLE_INDEX] = (json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+    sizes = {f.path: f.bytes for f in manifest.files} | {BUNDLE_INDEX: len(entries[BUNDLE_INDEX])}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
@@ -330,7 +333,7 @@ def unsafe_name(name: str) -> str | None:
     return None
 
 
-def verify(bundle: str | Path) -> BundleManifest:
+def verify(bundle: str | Path) -> BundleIndex:
     """Check a bundle without unpacking it; CheckFailed names the first offending file."""
     bundle = Path(bundle)
     if not bundle.is_file():
@@ -361,22 +364,22 @@ def verify(bundle: str | Path) -> BundleManifest:
                     f"{bundle}: {name} is an encrypted zip entry, which `vcompress package` never writes; pass an unencrypted bundle written by it"
                 )
             seen.add(name)
-        if MANIFEST not in seen:
-            raise bad(MANIFEST, "missing")
+        if BUNDLE_INDEX not in seen:
+            raise bad(BUNDLE_INDEX, "missing")
         try:
-            manifest = BundleManifest.model_validate(json.loads(zf.read(MANIFEST)))
+            manifest = BundleIndex.model_validate(json.loads(zf.read(BUNDLE_INDEX)))
         except (ValueError, ValidationError) as e:
-            raise bad(MANIFEST, f"does not follow the {BUNDLE_SCHEMA} schema ({_first_error(e)})") from None
+            raise bad(BUNDLE_INDEX, f"does not follow the {BUNDLE_SCHEMA} schema ({_first_error(e)})") from None
         except (zipfile.BadZipFile, zlib.error) as e:
-            raise bad(MANIFEST, f"corrupt entry ({e})") from None
+            raise bad(BUNDLE_INDEX, f"corrupt entry ({e})") from None
         listed = {}
         for entry in manifest.files:
             if problem := unsafe_name(entry.path):
                 raise bad(entry.path, f"listed in the manifest with an unsafe path: {problem}")
-            if entry.path in listed or entry.path == MANIFEST:
+            if entry.path in listed or entry.path == BUNDLE_INDEX:
                 raise bad(entry.path, "listed twice in the manifest")
             listed[entry.path] = entry
-        for name in sorted(seen - {MANIFEST}):
+        for name in sorted(seen - {BUNDLE_INDEX}):
             if name not in listed:
                 raise bad(name, "not listed in manifest.json")
         for name, entry in sorted(listed.items()):
@@ -408,7 +411,7 @@ def verify(bundle: str | Path) -> BundleManifest:
         if bool(verdict.get("passed")) != manifest.verdict.passed:
             raise bad(manifest.verdict.file, "verdict disagrees with manifest.json")
         if not manifest.verdict.passed and not manifest.verdict.allow_failed:
-            raise bad(MANIFEST, "the verdict failed but the bundle is not marked allow_failed")
+            raise bad(BUNDLE_INDEX, "the verdict failed but the bundle is not marked allow_failed")
     return manifest
 
 

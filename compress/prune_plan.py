@@ -49,7 +49,7 @@ BUDGETS = {  # budget -> (predicted figure, unit, True when the figure must stay
 
 
 @dataclass
-class BudgetPlan:
+class PrunePlan:
     kv_groups: int = 0  # KV groups removed from every layer
     mlp_channels: int = 0  # MLP channels removed from every layer
     layers: list[int] = field(default_factory=list)  # dropped, original indices
@@ -210,9 +210,9 @@ MAX_LAYER_COUNTS = 6  # layer counts tried per KV count, evenly spaced from none
 MAX_KV_COUNTS = 3  # KV counts tried, evenly spaced
 
 
-def budget_plan(
-    config: dict, profile: Profile, scores: dict | Callable[[], dict], measure: Callable[[BudgetPlan], float] | None = None
-) -> BudgetPlan:
+def plan_pruning(
+    config: dict, profile: Profile, scores: dict | Callable[[], dict], measure: Callable[[PrunePlan], float] | None = None
+) -> PrunePlan:
     """What to remove so the predicted artifact meets the profile's budgets. `scores`: the analysis, with heads,
     mlp and layers (a function returning it is called only when something must go). `measure(plan)`: the real
     loss rise in nats of a candidate plan; the candidate with the smallest wins (without it, the smallest sum)."""
@@ -222,7 +222,7 @@ def budget_plan(
     step = channel_step(inner, profile)
     before = predict(config, profile)
     if not missed(before, profile):
-        return BudgetPlan(before=before, after=before, reason=f"the unpruned model meets every budget of {profile.name}; nothing pruned")
+        return PrunePlan(before=before, after=before, reason=f"the unpruned model meets every budget of {profile.name}; nothing pruned")
 
     # the most pruning can do: 1 layer, 1 KV group, one MLP step left
     most = (kv - 1 if heads_prunable else 0, (inner // step - 1) * step, n - 1)
@@ -265,7 +265,7 @@ def channel_step(inner: int, profile: Profile) -> int:
     return group if inner % group == 0 and inner >= 4 * group else max(1, inner // 16)
 
 
-def candidate_plans(config: dict, profile: Profile, scores: dict, before: dict, most: tuple, step: int) -> list[BudgetPlan]:
+def candidate_plans(config: dict, profile: Profile, scores: dict, before: dict, most: tuple, step: int) -> list[PrunePlan]:
     """The ways to meet every budget (module docstring), smallest predicted loss first."""
     n = shapes(config)["layers"]
     order = least_important_layers(scores)
@@ -292,7 +292,7 @@ def _spread(values: range, most: int) -> list[int]:
     return sorted({values[round(i * (len(values) - 1) / (most - 1))] for i in range(most)})
 
 
-def _plan(config: dict, profile: Profile, scores: dict, before: dict, order: list[int], k: int, c: int, m: int) -> BudgetPlan:
+def _plan(config: dict, profile: Profile, scores: dict, before: dict, order: list[int], k: int, c: int, m: int) -> PrunePlan:
     """A candidate with its steps (layers, then KV groups, then MLP channels), their summed scores and bytes saved."""
     dropped = order[:m]
     kept = [i for i in range(len(order)) if i not in dropped]
@@ -319,7 +319,7 @@ def _plan(config: dict, profile: Profile, scores: dict, before: dict, order: lis
         )
         current = after
     total = sum(s["loss_delta_nats"] for s in steps)
-    return BudgetPlan(kv_groups=k, mlp_channels=c, layers=dropped, steps=steps, before=before, after=current, loss_rise_nats=total)
+    return PrunePlan(kv_groups=k, mlp_channels=c, layers=dropped, steps=steps, before=before, after=current, loss_rise_nats=total)
 
 
 def _pct(nats: float) -> float:
