@@ -19,7 +19,6 @@ from pydantic import AfterValidator, Field
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import CheckFailed, InputError, Unsupported
-from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.layer_stream import (
     DequantizedStream,
     LayerStream,
@@ -32,6 +31,7 @@ from vcompress.core.layer_stream import (
 )
 from vcompress.core.models import check_supported
 from vcompress.core.quant_format import load_dequantized, read_quant_grid
+from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.runner import Runner
 from vcompress.core.stage import Stage, StageConfig, StageContext
 

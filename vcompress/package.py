@@ -27,8 +27,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vcompress import __version__
-from vcompress.core.artifact import RunLayout, read_json
 from vcompress.core import export_manifest
+from vcompress.core.artifact import RunLayout, read_json
 from vcompress.core.errors import CheckFailed, InputError
 from vcompress.core.profiles import parse_profile
 from vcompress.history import run_id_of
