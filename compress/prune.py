@@ -49,8 +49,9 @@ from ._arch import (
 from ._calib import stage_blocks
 from ._heads import keep_kv_groups, slice_features
 from ._judge import judge_of
+from ._ranking import least_important_layers
 from .prune_plan import PRUNE_PLAN, plan_pruning
-from .sensitivity import SENSITIVITY, analyze, least_important_layers, mean_loss
+from .sensitivity import SENSITIVITY, analyze, mean_loss
 
 
 @dataclass

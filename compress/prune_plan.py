@@ -36,7 +36,7 @@ from vcompress.core.profiles import Profile
 from vcompress.core.roofline import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes
 from vcompress.core.units import MIB
 
-from .sensitivity import least_important_layers
+from ._ranking import least_important_layers
 
 PRUNE_PLAN = "prune_plan.json"
 KV_ELEMENT_BYTES = 4  # what the roofline assumes when the manifest names no KV dtype
