@@ -49,14 +49,20 @@ def floor_of(module: str) -> str | None:
     return FACE if module.startswith(FACE + ".") else None
 
 
+def load_time_nodes(node: ast.AST):
+    """The nodes that run when a module loads: all but the bodies of functions (classes' bodies do run)."""
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield child
+            yield from load_time_nodes(child)
+
+
 def imports(module: str, top_level_only: bool) -> set[str]:
     """The vcompress modules `module` imports: every import statement, or those run when it loads."""
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
-    if top_level_only:  # what runs at load time: module-level statements, also inside if/try blocks
-        nodes = [n for stmt in tree.body for n in ast.walk(stmt) if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    nodes = list(load_time_nodes(tree)) if top_level_only else list(ast.walk(tree))
     found = set()
     for node in nodes:
         if isinstance(node, ast.Import):
