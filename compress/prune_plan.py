@@ -1,12 +1,9 @@
 """Budget-driven pruning (`prune` with `auto: true`): remove just enough to meet the profile's budgets.
 
 The exported artifact is predicted from the model's config alone with the arithmetic validate's roofline
-estimate uses (core/roofline.py: shapes, roofline, peak_ram_bytes): weights at the profile's quantization
-as its exporter stores them (ONNX gptq/rtn: MatMulNBits codes, an fp32 scale and a packed zero point per group,
-or for float zero points an fp32 correction per group instead of the zero point, the embedding / LM head in
-blocks at the export step's table_bits (8-bit blocks symmetric, no zero point), the rotary tables; other formats: a 4-byte scale and 1-byte zero per group and the table at 8 bits
-or more; int8: 8 bits with per-channel scales; norms and biases left out), the KV cache in fp32, the budgets'
-prompt length and 64 decode tokens.
+estimate uses (core/roofline.py: shapes, roofline, peak_ram_bytes): the weights as the profile's target exporter
+says it would store them (`Exporter.predicted_weights`, asked through the EXPORTERS registry), the KV cache in
+fp32, the budgets' prompt length and 64 decode tokens.
 If the size, peak-RAM, TTFT and decode budgets are all met, nothing is pruned. Otherwise the plan is chosen among
 the ways to meet them that trade the three kinds of cut against each other (every layer keeps equal counts):
 for each number of KV groups removed per layer (each layer's least important by mask_loss_delta_nats) and each
@@ -33,6 +30,7 @@ from pathlib import Path
 from vcompress.core.artifact import read_json
 from vcompress.core.errors import InputError
 from vcompress.core.profiles import Profile
+from vcompress.core.registry import EXPORTERS
 from vcompress.core.roofline import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes
 from vcompress.core.units import MIB
 
@@ -113,47 +111,20 @@ def _figures(p: dict) -> str:
 
 
 def predicted_weights(shape: dict, profile: Profile, max_positions: int = 0) -> dict:
-    """roofline.weight_bytes' dict for the artifact the profile's quantization and export would write."""
-    q = profile.quantization
-    if q.method in ("none", "int8"):  # fp32 as exported; int8 with one scale per output channel
-        bits = table_bits = head_bits = 32 if q.method == "none" else 8
-    elif profile.target.format == "onnx":
-        bits, table_bits, head_bits = _matmulnbits_bits(profile)
-    else:
-        bits = q.bits + (40 / q.group_size if q.bits < 16 else 0)
-        table_bits = head_bits = max(bits, 8)  # vocab x hidden, never below 8 bits
-    table = shape["head_params"] * head_bits / 8
-    # an untied input embedding is only gathered from; a tied one is the head's table
-    gathered = 0 if shape["tied"] else shape["head_params"] * table_bits / 8
-    # ONNX stores the rotary cos/sin tables for every position (fp32, half the head dim each), unless the export
-    # is compact (computed in the graph)
-    onnx_rotary = profile.target.format == "onnx" and shape["model_type"] != "gpt2" and not _settings(profile, "export").get("compact")
-    rotary = max_positions * shape["head_dim"] * 4 if onnx_rotary else 0
-    stored = shape["body_params"] * bits / 8 + table + gathered + rotary
-    return {
-        "stored_bytes": round(stored),
-        "gather_only_bytes": round(gathered + rotary),
-        "per_token_bytes": round(stored - gathered - rotary),
-    }
+    """roofline.weight_bytes' dict for the artifact the profile's export would write: its target's exporter
+    answers (`Exporter.predicted_weights`, through the EXPORTERS registry: compress/ does not import exporters/)."""
+    return target_exporter(profile).predicted_weights(shape, quantization_settings(profile), max_positions)
 
 
-def _matmulnbits_bits(profile: Profile) -> tuple[float, float, float]:
-    """Bits per weight of the body, the embedding table and the LM head in an ONNX export: MatMulNBits stores an
-    fp32 scale and a packed integer zero point per group, or for a float zero point (quantize's zero_point: float)
-    an fp32 correction per group and no zero point; the tables are blocks of 32 at the export's table_bits /
-    head_bits (0: fp32), a zero point per block at 4 bits, none at 8 (symmetric); `compact` halves scales and
-    corrections (float16).
-    The x86-cpu export of Qwen2.5-Coder-0.5B (untied, table bits 8) was 570.0 MiB where the earlier rule said 483.6."""
-    q = profile.quantization
-    quantize, export = _settings(profile, "quantize"), _settings(profile, "export")
-    side = 16 if export.get("compact") else 32  # scales and corrections: float16 in a compact export
-    float_zero = quantize.get("zero_point", "int") == "float"
-    body = q.bits + (side + (side if float_zero else q.bits)) / q.group_size
-    table_bits = export.get("table_bits", 4 if q.bits == 4 else 8)
-    head_bits = export.get("head_bits", table_bits)
-    block = export.get("block_size", 32)
-    stored = lambda b: b + (side + (b if b < 8 else 0)) / block if b else 32  # noqa: E731
-    return body, stored(table_bits), stored(head_bits)
+def target_exporter(profile: Profile):
+    """The profile's target exporter with the export step's config (the target's quant, the step's settings)."""
+    exporter = EXPORTERS.get(profile.target.format)
+    return exporter(exporter.parse_config({"quant": profile.target.quant, **_settings(profile, "export")}))
+
+
+def quantization_settings(profile: Profile) -> dict:
+    """The profile's quantization scheme with the quantize step's own settings over it."""
+    return {**profile.quantization.model_dump(), **_settings(profile, "quantize")}
 
 
 def _settings(profile: Profile, stage: str) -> dict:

@@ -127,12 +127,12 @@ def _initializer_bytes(init, onnx, helper) -> int:
 
 
 def kv_bytes_per_element(artifact: Path | str) -> int:
-    """The KV cache's element size: the manifest's kv_dtype if given, fp16 for TensorRT, else fp32."""
+    """The KV cache's element size: the manifest's kv_dtype if given (TensorRT's exporter writes it), else fp32."""
     manifest = read_manifest(artifact)
     kv = str(manifest.get("kv_dtype", "")).lower()
     if kv:
         return {"float16": 2, "fp16": 2, "bfloat16": 2, "int8": 1, "float32": 4, "fp32": 4}.get(kv, 4)
-    return 2 if manifest.get("format") == "tensorrt" else 4
+    return 4
 
 
 # --- the estimate ---------------------------------------------------------------------

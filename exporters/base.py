@@ -114,6 +114,16 @@ class Exporter(Stage):
     def run_folder(self) -> str:
         return f"05-export-{self.format}"
 
+    def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:
+        """The bytes this exporter, with its config, would store for a model of `shape` (core/roofline.py's
+        `shapes`) quantized as `quantization` (the profile's scheme with the quantize step's settings: method,
+        bits, group_size, zero_point...), with `max_positions` positions: `stored_weights`' dict, which the
+        roofline reads. The prune planner asks it through EXPORTERS; a format that cannot say refuses."""
+        raise Unsupported(
+            f"the {self.format} exporter cannot predict the size of its artifact, which prune auto plans with; "
+            "use a fixed prune fraction or a target format that predicts it"
+        )
+
     def manifest(self, files: dict[str, str], **fields) -> dict:
         """manifest.json: format, runtime and its version, files, the exporter's own fields (which may
         relabel the format), and the parity thresholds of a checked export."""
@@ -132,6 +142,16 @@ class Exporter(Stage):
                 "greedy_tokens": cfg.new_tokens,
             }
         return manifest
+
+
+def stored_weights(shape: dict, body_bits: float, table_bits: float, head_bits: float, gather_only: float = 0) -> dict:
+    """roofline.weight_bytes' dict from bits per weight: the decoder body, the embedding table (only gathered, a row
+    per token; a tied one is the head's), the LM head, and `gather_only` other bytes read a row at a time (rotary
+    tables). Norms and biases are left out."""
+    head = shape["head_params"] * head_bits / 8
+    gathered = (0 if shape["tied"] else shape["head_params"] * table_bits / 8) + gather_only
+    stored = shape["body_params"] * body_bits / 8 + head + gathered
+    return {"stored_bytes": round(stored), "gather_only_bytes": round(gathered), "per_token_bytes": round(stored - gathered)}
 
 
 def package_version(package: str) -> str | None:

@@ -116,6 +116,17 @@ def test_cli_choices_come_from_the_registries(cli, tmp_path):
     assert cli("run", "--profile", PROFILE, "--out", tmp_path / "R", "--device", "fake-board", "--dry-run")[0] == 0
 
 
+def test_an_exporter_that_cannot_predict_its_size_refuses_prune_auto_plainly():
+    """The prune planner asks the target's exporter what it would store; one that does not say refuses."""
+    from vcompress.compress.prune_plan import predicted_weights
+    from vcompress.core.errors import Unsupported
+    from vcompress.core.profiles import load_profile
+
+    profile = load_profile(PROFILE)
+    with pytest.raises(Unsupported, match="torch-half exporter cannot predict the size of its artifact"):
+        predicted_weights({"body_params": 1, "head_params": 1, "tied": True, "head_dim": 1, "model_type": "llama"}, profile)
+
+
 # --- no hard-coded names --------------------------------------------------------------
 
 # The floors that must ask the registries (profiles, pipeline, CLI choices, packaging, validation).
