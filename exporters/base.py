@@ -109,6 +109,10 @@ class Exporter(Stage):
     # Why this exporter cannot take a model checkpoint as its source (None: it can), so that a
     # pipeline can refuse such a recipe before any work.
     refuses_checkpoints: ClassVar[str | None] = None
+    # How the latency bench opens an artifact of this format in a process that holds only numpy and the runtime:
+    # bench --backend name -> the session module (a `Session` class and its `RUNTIME`), the first what an app ships.
+    # Written into every manifest.json, where devices/bench.py reads it; empty: the bench opens the Runner (torch).
+    sessions: ClassVar[dict[str, str]] = {}
 
     @property
     def run_folder(self) -> str:
@@ -132,6 +136,7 @@ class Exporter(Stage):
             "runtime": self.runtime,
             "runtime_version": package_version(self.runtime_package),
             "files": files,
+            "sessions": dict(self.sessions),
         } | fields
         cfg = self.config
         if isinstance(cfg, ParityConfig):

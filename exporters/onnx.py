@@ -106,6 +106,7 @@ class OnnxExport(Exporter):
     runtime = "onnxruntime"
     runtime_package = "onnxruntime"
     app_runtime_package = "onnxruntime-genai"  # what an app ships to run the folder (genai_config.json)
+    sessions = {"onnxruntime_genai": f"{__package__}._genai_session", "onnxruntime": f"{__package__}._onnx_session"}
     Config = OnnxExportConfig
 
     def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:

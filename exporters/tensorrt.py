@@ -65,6 +65,7 @@ class TensorRTExport(Exporter):
     format = FORMAT
     runtime = "tensorrt"
     runtime_package = "tensorrt"
+    sessions = {FORMAT: f"{__package__}._tensorrt_session"}  # the graph on ONNX Runtime here; the engine is built on the board
     Config = TensorRTExportConfig
 
     def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:

@@ -76,6 +76,7 @@ class TFLiteExport(Exporter):
     runtime = "litert"
     runtime_package = "ai-edge-litert"
     app_runtime_package = "litert-lm-api"  # LiteRT-LM's Python API, to load and time model.litertlm here
+    sessions = {"litert_lm": f"{__package__}._litertlm_session", FORMAT: f"{__package__}._tflite_session"}  # tflite: our loop
     Config = TFLiteExportConfig
 
     def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:
