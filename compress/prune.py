@@ -311,7 +311,7 @@ class Prune(Stage):
         return self.prune(ctx, model, tokenizer, info, scores, cfg.heads, cfg.mlp, cfg.layers)
 
     def run_auto(self, ctx) -> dict:
-        """Predict the exported artifact; prune nothing if it meets the budgets, else just enough (compress/budget.py)."""
+        """Predict the exported artifact; prune nothing if it meets the budgets, else just enough (compress/prune_plan.py)."""
         if ctx.profile is None:
             raise InputError(
                 "prune auto needs a profile's budgets; run it through `vcompress run --profile`, or pass --heads/--mlp/--layers"

@@ -232,7 +232,8 @@ def plan_pruning(
 def channel_step(inner: int, profile: Profile) -> int:
     """MLP channels go in multiples of the quantization group, so the pruned down projection still splits into
     whole groups (quantize would otherwise fall back to a smaller group than the size was predicted with)."""
-    group = profile.quantization.group_size if profile.quantization.method not in ("none", "int8") else 32
+    quantization = quantization_settings(profile)
+    group = quantization["group_size"] if quantization["method"] not in ("none", "int8") else 32
     return group if inner % group == 0 and inner >= 4 * group else max(1, inner // 16)
 
 

@@ -309,7 +309,7 @@ def mid_scores(info: dict) -> dict:
     return scores
 
 
-def test_budget_plan_prunes_nothing_when_the_budgets_are_met(tokenizer):
+def test_prune_plan_prunes_nothing_when_the_budgets_are_met(tokenizer):
     from vcompress.compress.prune_plan import plan_pruning
     from vcompress.core.profiles import load_profile
 
@@ -321,7 +321,7 @@ def test_budget_plan_prunes_nothing_when_the_budgets_are_met(tokenizer):
     assert "meets every budget" in plan.reason and plan.to_json()["prunes"] is False
 
 
-def test_budget_plan_weighs_every_way_to_meet_the_size_and_keeps_the_least_loss(tokenizer):
+def test_prune_plan_weighs_every_way_to_meet_the_size_and_keeps_the_least_loss(tokenizer):
     from vcompress.compress.prune_plan import plan_pruning, predict, pruned_config
 
     config = mid_config(tokenizer)
@@ -349,7 +349,7 @@ def test_budget_plan_weighs_every_way_to_meet_the_size_and_keeps_the_least_loss(
     assert all(t["measured_perplexity_rise_pct"] is not None for t in measured.tried)
 
 
-def test_budget_plan_refuses_a_budget_no_pruning_can_meet(tokenizer):
+def test_prune_plan_refuses_a_budget_no_pruning_can_meet(tokenizer):
     from vcompress.compress.prune_plan import plan_pruning
 
     with pytest.raises(InputError, match=r"max_model_size_mb 0.5 MiB cannot be met by pruning.*raise max_model_size_mb") as e:
