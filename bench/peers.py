@@ -715,7 +715,7 @@ def _kv_bytes(folder) -> int:
 
 def measure_row(name: str, ctx) -> dict:
     """Prepare the row, run its speed worker and its MMLU worker, fill in size and roofline."""
-    from vcompress.core.manifest import model_files
+    from vcompress.core.export_manifest import model_files
     from vcompress.core.units import mib
     from vcompress.devices import roofline
 

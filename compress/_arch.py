@@ -34,6 +34,11 @@ def decoder_layers(model) -> nn.ModuleList:
     return model.transformer.h if is_gpt2(model) else model.model.layers
 
 
+def layer_prefix(model) -> str:
+    """The state dict's name of the decoder layers' list: layer i's tensors are `{prefix}.{i}.*`."""
+    return "transformer.h" if is_gpt2(model) else "model.layers"
+
+
 def final_norm(model) -> nn.Module:
     """The norm between the last decoder layer and lm_head."""
     return model.transformer.ln_f if is_gpt2(model) else model.model.norm

@@ -6,6 +6,8 @@ import torch
 
 from vcompress.core.data import pack, texts_for
 
+from ._arch import decoder_layers
+
 
 def calibration_blocks(
     tokenizer, *, data=None, subset="medical", mmlu=None, samples: int = 8, seq_len: int = 128, seed: int = 0, log=print
@@ -38,3 +40,42 @@ def calibration_summary(blocks: torch.Tensor, ctx) -> dict:
         "seq_len": blocks.shape[1],
         "tokens": blocks.numel(),
     }
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int, embed=None) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """(hidden states, other positional arguments, keyword arguments) entering the first decoder layer, per batch.
+
+    Every layer is then called with the same masks and position embeddings (models whose layers
+    differ in attention type, e.g. Qwen2 with sliding-window layers, are not handled). `embed`
+    (token ids -> embeddings on the layers' device) stands in for the model's own token embedding when
+    it is not loaded.
+    """
+    device = None if embed else next(model.parameters()).device
+    captured = []
+
+    def grab(module, args, kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        captured.append((hidden.detach(), rest, dict(kwargs)))
+        raise _Captured
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in blocks.split(batch_size):
+            try:
+                if embed:
+                    model(inputs_embeds=embed(batch), use_cache=False)
+                else:
+                    model(input_ids=batch.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured

@@ -1,7 +1,8 @@
-"""GPTQ / RTN with the model never whole in memory: one decoder layer at a time from the checkpoint on disk.
+"""The decoder layers streamed from the checkpoint on disk, one at a time, as quantize's source of layers.
 
-The same algorithm in the same order as the in-memory path (quantize.py), so the streamed folder
-holds the same tensors bit for bit (tests/test_quantize_stream.py). Memory is the largest layer,
+Quantize.run is the one flow (GPTQ or RTN, layer by layer); this source loads each layer before it is
+quantized and writes it after, so the streamed folder holds the in-memory one's tensors bit for bit
+(tests/test_stream.py). Memory is the largest layer,
 its Hessians and the calibration activations, plus the embedding while the first layer's inputs
 are computed. What needs the whole model (held-out perplexity and answer agreement of the result)
 is left to `vcompress validate`, and the metrics say so.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -19,12 +19,13 @@ import torch
 from vcompress.core.artifact import write_json
 from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import LayerStream, TensorFileWriter, return_freed_memory
-from vcompress.core.quant_format import MANIFEST
+from vcompress.core.quant_format import QUANT_GRID_FILE
 
-from ._arch import decoder_layers, is_gpt2
-from ._calib import calibration_summary, stage_blocks
-from ._gptq_core import Grid, Quantized, rtn
+from ._arch import is_gpt2, layer_prefix
+from ._calib import first_layer_inputs
+from ._gptq_core import Grid, Quantized
 from ._gptq_pack import to_tensors
+from ._quant_checkpoint import SIDECAR, gptq_config, gptq_reloadable, quant_grid
 
 NOT_MEASURED = "not measured: the model was streamed layer by layer and never whole in memory; `vcompress validate` measures the artifact"
 
@@ -62,122 +63,96 @@ class QuantizedFiles:
             self.codes.abort()
 
 
-def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
-    from transformers import AutoTokenizer
+class StreamedLayers:
+    """The quantize flow's source of decoder layers read one at a time from the checkpoint on disk: `enter`
+    loads a layer before it is quantized, `leave` writes its tensors (the codes as they are made) and drops it,
+    `save` writes what lies outside the layers and the folder's other files."""
 
-    from .quantize import (
-        SIDECAR,
-        choose_group_size,
-        describe,
-        gptq_config,
-        gptq_reloadable,
-        manifest,
-        notes,
-        quantizable,
-        quantize_gptq,
-        sensitive_linears,
-        set_weight,
-        summarize_errors,
-        weight_of,
-    )
-    from .quantize import first_layer_inputs as capture
+    streamed = True
+    held_out = NOT_MEASURED  # what needs the whole model (held-out scoring) is left to validate
 
-    cfg = stage_cfg
-    if cfg.compare_rtn:
-        raise InputError("compare_rtn needs the model in memory; drop it or pass --stream off")
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # layers, Hessians and GPTQ on the GPU when there is one
-    stream = LayerStream(folder, device=device)
-    model, tokenizer = stream.model, AutoTokenizer.from_pretrained(folder)
-    ctx.log(f"streaming {folder} layer by layer (the model is never whole in memory)")
-    targets = quantizable(model)
-    kept = sensitive_linears(cfg.scores, cfg.keep_sensitive, model, targets) if cfg.keep_sensitive else []
-    targets = {name: m for name, m in targets.items() if name not in kept}
-    group_size = choose_group_size(cfg.group_size, targets, cfg.grid_bits)
-    grid = Grid(cfg.grid_bits, group_size, sym=cfg.sym, float_zero=cfg.zero_point == "float")
-    reloadable = gptq_reloadable(model, grid)
-    files = QuantizedFiles(ctx.out, reloadable, SIDECAR)
-    prefix = "transformer.h" if is_gpt2(model) else "model.layers"
-    metrics: dict = {"method": cfg.method, "device": device, "streamed": True}
-    results: dict[str, Quantized] = {}
+    def __init__(self, folder: Path, ctx, cfg):
+        from transformers import AutoTokenizer
 
-    def write_layer(i: int, layer) -> None:
+        if cfg.compare_rtn:
+            raise InputError("compare_rtn needs the model in memory; drop it or pass --stream off")
+        self.folder, self.device = folder, "cuda" if torch.cuda.is_available() else "cpu"  # layers, Hessians, GPTQ
+        self.stream = LayerStream(folder, device=self.device)
+        self.model, self.tokenizer = self.stream.model, AutoTokenizer.from_pretrained(folder)
+        self.prefix = layer_prefix(self.model)
+        self.bytes_before = self.stream.source_bytes()
+        self.files: QuantizedFiles | None = None
+        self.results: dict[str, Quantized] = {}
+        ctx.log(f"streaming {folder} layer by layer (the model is never whole in memory)")
+
+    def judge(self, cfg, ctx) -> None:
+        return None  # held-out scoring needs the whole model: `held_out` says so
+
+    def start(self, grid: Grid, results: dict[str, Quantized], out: Path) -> None:
+        """Open the weight files; `results` fills as layers are quantized."""
+        self.results = results
+        self.files = QuantizedFiles(out, gptq_reloadable(self.model, grid), SIDECAR)
+
+    def first_layer_inputs(self, blocks: torch.Tensor, batch_size: int) -> list:
+        """The calibration blocks' hidden states entering layer 0, from the embedding's rows alone."""
+        self.tokenizer = None  # ~140 MB for a 150k vocabulary; read again for saving once the layers are done
+        return_freed_memory()
+        positions = _position_embeddings(self.model)
+        for module in positions:
+            self.stream.load(module)
+        embeddings = f"{self.stream.name_of(self.model.get_input_embeddings())}.weight"
+        inputs = first_layer_inputs(self.model, blocks, batch_size, embed=lambda ids: self.stream.rows(embeddings, ids).to(self.device))
+        for module in positions:
+            self.stream.release(module)
+        return inputs
+
+    def enter(self, i: int, layer) -> None:
+        self.stream.load(layer)
+
+    def leave(self, i: int, layer) -> None:
+        """Write layer i's tensors (a quantized linear's codes, and its float weight where the layout keeps it)."""
         for key, tensor in layer.state_dict().items():
-            name = f"{prefix}.{i}.{key}"
+            name = f"{self.prefix}.{i}.{key}"
             module = name.removesuffix(".weight")
-            files.write(name, tensor, results.get(module) if name.endswith(".weight") else None)
-            if module in results and name.endswith(".weight"):
-                results[module] = _shape_only(results[module])
-        stream.release(layer)
+            quantized = self.results.get(module) if name.endswith(".weight") else None
+            self.files.write(name, tensor, quantized)
+            if quantized is not None:
+                self.results[module] = _shape_only(quantized)
+        self.stream.release(layer)
 
-    started = time.time()
-    try:
-        if cfg.method == "gptq":
-            blocks = stage_blocks(tokenizer, ctx, samples=cfg.calib_samples, seq_len=cfg.seq_len)
-            del tokenizer  # ~140 MB for a 150k vocabulary; read again for saving once the layers are done
-            return_freed_memory()
-            positions = _position_embeddings(model)
-            for module in positions:
-                stream.load(module)
-            embeddings = f"{stream.name_of(model.get_input_embeddings())}.weight"
-            inputs = capture(model, blocks, cfg.batch_size, embed=lambda ids: stream.rows(embeddings, ids).to(device))
-            for module in positions:
-                stream.release(module)
-            ctx.log(f"GPTQ on {device}, streamed: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
-            _, errors = quantize_gptq(
-                model,
-                targets,
-                blocks,
-                grid,
-                act_order=cfg.act_order,
-                damp=cfg.damp,
-                batch_size=cfg.batch_size,
-                progress=ctx.progress,
-                inputs=inputs,
-                enter=lambda i, layer: stream.load(layer),
-                leave=lambda i, layer: write_layer(i, layer),
-                results=results,
-            )
-            metrics["calibration"] = calibration_summary(blocks, ctx)
-            metrics["layer_error"] = summarize_errors(errors)
-        else:
-            for i, layer in enumerate(decoder_layers(model)):
-                stream.load(layer)
-                for name, module in targets.items():
-                    if name.startswith(f"{prefix}.{i}."):
-                        results[name] = rtn(weight_of(module), grid)
-                        set_weight(module, results[name].dequantize())
-                write_layer(i, layer)
-        metrics["quantize_seconds"] = round(time.time() - started, 1)
+    def save(self, results: dict, kept: list[str], grid: Grid, cfg, out: Path) -> tuple[dict[str, int], int]:
+        """What lies outside the layers, then config, tokenizer and quant_manifest.json; (bytes per file, codes' bytes)."""
+        from transformers import AutoTokenizer
+
+        model, files = self.model, self.files
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-        for name, tensor in model.state_dict().items():  # what lies outside the layers, copied in chunks
-            if not name.startswith(f"{prefix}.") and name not in tied:
-                if name in stream.files:
-                    stream.copy_into(files.model, name)
+        for name, tensor in model.state_dict().items():  # copied in chunks where the source holds them
+            if not name.startswith(f"{self.prefix}.") and name not in tied:
+                if name in self.stream.files:
+                    self.stream.copy_into(files.model, name)
                 else:
                     files.write(name, tensor)
         files.close()
-    except BaseException:
-        files.abort()
-        raise
-    config = copy.deepcopy(model.config)
-    if reloadable:
-        config.quantization_config = gptq_config(grid, cfg, sorted(results), kept)
-    config.save_pretrained(ctx.out)
-    if (folder / "generation_config.json").is_file():
-        shutil.copy(folder / "generation_config.json", ctx.out / "generation_config.json")
-    AutoTokenizer.from_pretrained(folder).save_pretrained(ctx.out)
-    write_json(ctx.out / MANIFEST, manifest(model, results, kept, grid, cfg))
-    other = files.model.nbytes - (0 if reloadable else sum(_float_bytes(q) for q in results.values()))
-    written = (
-        {"quantized model": files.model.nbytes}
-        if reloadable
-        else {"model.safetensors (float weights, for reload)": files.model.nbytes, "quantized model": other + files.quant_bytes}
-    )
-    metrics.update(describe(results, kept, grid, cfg, stream.source_bytes(), written, quant_bytes=files.quant_bytes))
-    metrics["checkpoint_layout"] = "gptq" if reloadable else f"float32 weights + {SIDECAR}"
-    metrics.update({"perplexity": None, "top1_agreement": None, "answer_agreement": None, "heldout": NOT_MEASURED})
-    metrics["notes"] = [*notes(cfg, grid, reloadable), f"held-out perplexity and answer agreement {NOT_MEASURED}"]
-    return metrics
+        config = copy.deepcopy(model.config)
+        if files.reloadable:
+            config.quantization_config = gptq_config(grid, cfg, sorted(results), kept)
+        config.save_pretrained(out)
+        if (self.folder / "generation_config.json").is_file():
+            shutil.copy(self.folder / "generation_config.json", out / "generation_config.json")
+        AutoTokenizer.from_pretrained(self.folder).save_pretrained(out)
+        write_json(out / QUANT_GRID_FILE, quant_grid(model, results, kept, grid, cfg))
+        return self.written(results), files.quant_bytes
+
+    def written(self, results: dict) -> dict[str, int]:
+        files = self.files
+        if files.reloadable:
+            return {"quantized model": files.model.nbytes}
+        other = files.model.nbytes - sum(_float_bytes(q) for q in results.values())
+        return {"model.safetensors (float weights, for reload)": files.model.nbytes, "quantized model": other + files.quant_bytes}
+
+    def abort(self) -> None:
+        if self.files is not None:
+            self.files.abort()
 
 
 def _position_embeddings(model) -> list[torch.nn.Module]:

@@ -41,7 +41,7 @@ from vcompress.core.stage import Progress, Stage, StageConfig, StageContext, exe
 from . import _distributed
 from ._distributed import Ranks
 from ._judge import judge_of
-from .budget import pruned_nothing
+from .prune_plan import pruned_nothing
 
 CHECKPOINT = "checkpoint.pt"
 BEFORE = "before.json"

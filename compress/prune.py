@@ -49,8 +49,9 @@ from ._arch import (
 from ._calib import stage_blocks
 from ._heads import keep_kv_groups, slice_features
 from ._judge import judge_of
-from .budget import PRUNE_PLAN, budget_plan
-from .sensitivity import SENSITIVITY, analyze, least_important_layers, mean_loss
+from ._ranking import least_important_layers
+from .prune_plan import PRUNE_PLAN, plan_pruning
+from .sensitivity import SENSITIVITY, analyze, mean_loss
 
 
 @dataclass
@@ -312,7 +313,7 @@ class Prune(Stage):
         return self.prune(ctx, model, tokenizer, info, scores, cfg.heads, cfg.mlp, cfg.layers)
 
     def run_auto(self, ctx) -> dict:
-        """Predict the exported artifact; prune nothing if it meets the budgets, else just enough (compress/budget.py)."""
+        """Predict the exported artifact; prune nothing if it meets the budgets, else just enough (compress/prune_plan.py)."""
         if ctx.profile is None:
             raise InputError(
                 "prune auto needs a profile's budgets; run it through `vcompress run --profile`, or pass --heads/--mlp/--layers"
@@ -328,7 +329,7 @@ class Prune(Stage):
             return held
 
         measure = self.plan_loss(ctx, model, tokenizer, info, held) if cfg.plan_blocks else None
-        plan = budget_plan(model.config.to_dict(), ctx.profile, scores, measure)
+        plan = plan_pruning(model.config.to_dict(), ctx.profile, scores, measure)
         for line in plan.describe():
             ctx.log(line)
         if not plan.removes_anything:
@@ -349,7 +350,7 @@ class Prune(Stage):
         return {"auto": True, "pruned": True, "plan": plan.to_json(), **metrics}
 
     def plan_loss(self, ctx, model, tokenizer, info, scores: dict):
-        """measure(plan) for budget_plan: the loss rise, in nats per token on calibration blocks, of a copy of the
+        """measure(plan) for plan_pruning: the loss rise, in nats per token on calibration blocks, of a copy of the
         model cut as the plan says (the scores are read when it is first called, after they are computed)."""
         cfg = self.config
         blocks, base = None, None

@@ -19,7 +19,6 @@ quantized model computes) and the packed codes go to quant.safetensors for the e
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
@@ -27,25 +26,23 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from safetensors.torch import save_file
 
-from vcompress.core.artifact import figure, read_json, write_json
+from vcompress.core.artifact import figure, read_json
 from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import return_freed_memory, stream_source
 from vcompress.core.profiles import DEFAULT_SCHEME
-from vcompress.core.quant_format import MANIFEST, make_manifest
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import Judge, torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig, no_progress, track
 
-from ._arch import decoder_layers, in_dim, is_gpt2, linear_modules, weight_bytes
-from ._calib import calibration_summary, stage_blocks
+from ._arch import decoder_layers, in_dim, layer_prefix, linear_modules, weight_bytes
+from ._calib import calibration_summary, first_layer_inputs, stage_blocks
 from ._gptq_core import Grid, Hessians, Quantized, gptq, reconstruction_error, rtn
 from ._gptq_pack import to_tensors
 from ._judge import judge_of
-from ._quantize_stream import quantize_streamed
+from ._quant_checkpoint import SIDECAR, gptq_reloadable, nbytes, save_quantized
+from ._quantize_stream import StreamedLayers
 
-SIDECAR = "quant.safetensors"
 GROUP_SIZES = (128, 64, 32)
 
 
@@ -107,13 +104,12 @@ class Quantize(Stage):
         return cls(cls.parse_config({**settings, **dict(scheme)}, where))
 
     def run(self, ctx) -> dict:
+        """One flow, GPTQ or RTN layer by layer, over either source of layers: the model whole in memory, or
+        streamed from disk one decoder layer at a time (`stream`, compress/_quantize_stream.py)."""
         cfg: QuantizeConfig = self.config
         folder = stream_source(cfg.stream, ctx)
-        if folder is not None:
-            return quantize_streamed(cfg, ctx, folder)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = ctx.load()
-        model.to(device)
+        source = StreamedLayers(folder, ctx, cfg) if folder is not None else InMemoryLayers(ctx)
+        model = source.model
         targets = quantizable(model)
         kept = sensitive_linears(cfg.scores, cfg.keep_sensitive, model, targets) if cfg.keep_sensitive else []
         targets = {name: m for name, m in targets.items() if name not in kept}
@@ -121,40 +117,101 @@ class Quantize(Stage):
         grid = Grid(cfg.grid_bits, group_size, sym=cfg.sym, float_zero=cfg.zero_point == "float")
         if group_size != cfg.group_size:
             ctx.log(f"group size {cfg.group_size} does not divide every layer's input features; using {group_size}")
-        bytes_before = weight_bytes(model)
 
-        # the input model's side, taken now: the model is quantized in place
-        judge = judge_of(model, tokenizer, ctx, blocks=cfg.heldout_blocks, seq_len=cfg.heldout_seq_len, per_subject=cfg.eval_per_subject)
-        metrics: dict = {"method": cfg.method, "device": device.type}
+        metrics: dict = {"method": cfg.method, "device": source.device, **({"streamed": True} if source.streamed else {})}
+        judge = source.judge(cfg, ctx)  # the input model's side, taken now: the model is quantized in place
         if cfg.compare_rtn and cfg.method == "gptq":
             metrics["rtn"] = compare_rtn(model, targets, grid, judge, ctx)
-
-        started = time.time()
-        if cfg.method == "gptq":
-            blocks = stage_blocks(tokenizer, ctx, samples=cfg.calib_samples, seq_len=cfg.seq_len)
-            ctx.log(f"GPTQ on {device.type}: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
-            results, errors = quantize_gptq(
-                model, targets, blocks, grid, act_order=cfg.act_order, damp=cfg.damp, batch_size=cfg.batch_size, progress=ctx.progress
-            )
-            metrics["calibration"] = calibration_summary(blocks, ctx)
-            metrics["layer_error"] = summarize_errors(errors)
+        results: dict[str, Quantized] = {}
+        source.start(grid, results, ctx.out)
+        try:
+            metrics.update(quantize_layers(source, targets, grid, cfg, ctx, results))
+            written, quant_bytes = source.save(results, kept, grid, cfg, ctx.out)
+        except BaseException:
+            source.abort()
+            raise
+        reloadable = gptq_reloadable(model, grid)
+        metrics.update(describe(results, kept, grid, cfg, source.bytes_before, written, quant_bytes))
+        metrics["checkpoint_layout"] = "gptq" if reloadable else f"float32 weights + {SIDECAR}"
+        metrics["notes"] = notes(cfg, grid, reloadable)
+        if judge is None:
+            metrics.update({"perplexity": None, "top1_agreement": None, "answer_agreement": None, "heldout": source.held_out})
+            metrics["notes"].append(f"held-out perplexity and answer agreement {source.held_out}")
         else:
-            results = {}
-            for name, module in track(targets.items(), "round-to-nearest", ctx.progress):
-                results[name] = rtn(weight_of(module), grid)
-                set_weight(module, results[name].dequantize())
-        metrics["quantize_seconds"] = round(time.time() - started, 1)
-
-        model.to("cpu")
-        written = save_quantized(model, tokenizer, results, kept, grid, cfg, ctx.out)
-        model.to(device)
-        metrics.update(describe(results, kept, grid, cfg, bytes_before, written))
-        metrics["checkpoint_layout"] = "gptq" if gptq_reloadable(model, grid) else f"float32 weights + {SIDECAR}"
-        metrics.update(judge.score(torch_logits_fn(model)))
-        metrics["notes"] = notes(cfg, grid, gptq_reloadable(model, grid))
+            metrics.update(judge.score(torch_logits_fn(model)))
         if "rtn" in metrics and metrics["perplexity"] and metrics["rtn"]["perplexity"]:
             metrics["beats_rtn"] = metrics["perplexity"]["student"] < metrics["rtn"]["perplexity"]["student"]
         return metrics
+
+
+def quantize_layers(source, targets: dict, grid: Grid, cfg: QuantizeConfig, ctx, results: dict) -> dict:
+    """GPTQ on calibration blocks, or round-to-nearest, one decoder layer at a time from `source`; the metrics."""
+    started, metrics = time.time(), {}
+    if cfg.method == "gptq":
+        blocks = stage_blocks(source.tokenizer, ctx, samples=cfg.calib_samples, seq_len=cfg.seq_len)
+        inputs = source.first_layer_inputs(blocks, cfg.batch_size)
+        streamed = ", streamed" if source.streamed else ""
+        ctx.log(f"GPTQ on {source.device}{streamed}: {blocks.shape[0]} calibration blocks of {blocks.shape[1]} tokens")
+        _, errors = quantize_gptq(
+            source.model,
+            targets,
+            blocks,
+            grid,
+            act_order=cfg.act_order,
+            damp=cfg.damp,
+            batch_size=cfg.batch_size,
+            progress=ctx.progress,
+            inputs=inputs,
+            enter=source.enter,
+            leave=source.leave,
+            results=results,
+        )
+        metrics["calibration"] = calibration_summary(blocks, ctx)
+        metrics["layer_error"] = summarize_errors(errors)
+    else:
+        quantize_rtn(source, targets, grid, ctx.progress, results)
+    metrics["quantize_seconds"] = round(time.time() - started, 1)
+    return metrics
+
+
+class InMemoryLayers:
+    """The quantize flow's source of decoder layers when the model fits in memory: loaded whole (on the GPU when
+    there is one), quantized in place, the checkpoint written at the end and the result scored."""
+
+    streamed = False
+
+    def __init__(self, ctx):
+        self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self.torch_device.type
+        self.model, self.tokenizer = ctx.load()
+        self.model.to(self.torch_device)
+        self.bytes_before = weight_bytes(self.model)
+
+    def judge(self, cfg: QuantizeConfig, ctx) -> Judge:
+        return judge_of(
+            self.model, self.tokenizer, ctx, blocks=cfg.heldout_blocks, seq_len=cfg.heldout_seq_len, per_subject=cfg.eval_per_subject
+        )
+
+    def start(self, grid: Grid, results: dict, out: Path) -> None:
+        pass
+
+    def first_layer_inputs(self, blocks: torch.Tensor, batch_size: int) -> list:
+        return first_layer_inputs(self.model, blocks, batch_size)
+
+    def enter(self, i: int, layer) -> None:
+        pass
+
+    def leave(self, i: int, layer) -> None:
+        pass
+
+    def save(self, results: dict, kept: list[str], grid: Grid, cfg: QuantizeConfig, out: Path) -> tuple[dict[str, int], None]:
+        self.model.to("cpu")
+        written = save_quantized(self.model, self.tokenizer, results, kept, grid, cfg, out)
+        self.model.to(self.torch_device)
+        return written, None
+
+    def abort(self) -> None:
+        pass
 
 
 # --- which layers, which group size ---------------------------------------------------
@@ -162,7 +219,7 @@ class Quantize(Stage):
 
 def quantizable(model) -> dict[str, torch.nn.Module]:
     """Full name -> module of every linear projection inside the decoder layers."""
-    prefix = "transformer.h" if is_gpt2(model) else "model.layers"
+    prefix = layer_prefix(model)
     return {f"{prefix}.{i}.{name}": module for i, layer in enumerate(decoder_layers(model)) for name, module in linear_modules(layer)}
 
 
@@ -204,7 +261,7 @@ def sensitive_linears(scores: str | Path | None, count: int, model, targets: dic
         raise InputError(
             f"{path} scores {len(rows)} layers x {len(modules)} linears, but the model has {layers} layers; analyze this model again"
         )
-    prefix = "transformer.h" if is_gpt2(model) else "model.layers"
+    prefix = layer_prefix(model)
     ranked = sorted(
         (
             (float(d), f"{prefix}.{i}.{m}")
@@ -236,45 +293,6 @@ def set_weight(module, w: torch.Tensor) -> None:
 # --- GPTQ, layer by layer -------------------------------------------------------------
 
 
-class _Captured(Exception):
-    pass
-
-
-@torch.no_grad()
-def first_layer_inputs(model, blocks: torch.Tensor, batch_size: int, embed=None) -> list[tuple[torch.Tensor, tuple, dict]]:
-    """(hidden states, other positional arguments, keyword arguments) entering the first decoder layer, per batch.
-
-    Every layer is then called with the same masks and position embeddings (models whose layers
-    differ in attention type, e.g. Qwen2 with sliding-window layers, are not handled). `embed`
-    (token ids -> embeddings on the layers' device) stands in for the model's own token embedding when
-    it is not loaded.
-    """
-    device = None if embed else next(model.parameters()).device
-    captured = []
-
-    def grab(module, args, kwargs):
-        if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        captured.append((hidden.detach(), rest, dict(kwargs)))
-        raise _Captured
-
-    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in blocks.split(batch_size):
-            try:
-                if embed:
-                    model(inputs_embeds=embed(batch), use_cache=False)
-                else:
-                    model(input_ids=batch.to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
 @torch.no_grad()
 def quantize_gptq(
     model,
@@ -294,10 +312,10 @@ def quantize_gptq(
     """Quantize `targets` in place (dequantized weights), layer by layer; return the codes and, per
     linear, the reconstruction error of GPTQ and of RTN on the same Hessian.
 
-    A streamed run (compress/_quantize_stream.py) passes the first layer's `inputs`, and `enter` /
-    `leave` (i, layer) to read each layer from disk before and write and drop it after."""
+    The source of layers passes the first layer's `inputs`, and `enter` / `leave` (i, layer): a streamed one
+    reads each layer from disk before and writes and drops it after (compress/_quantize_stream.py)."""
     layers = decoder_layers(model)
-    prefix = "transformer.h" if is_gpt2(model) else "model.layers"
+    prefix = layer_prefix(model)
     inputs = first_layer_inputs(model, blocks, batch_size) if inputs is None else inputs
     results = {} if results is None else results
     errors = {}
@@ -356,6 +374,19 @@ def _hidden_out(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+@torch.no_grad()
+def quantize_rtn(source, targets: dict, grid: Grid, progress, results: dict) -> None:
+    """Round-to-nearest, layer by layer through the source (the weights replaced by their dequantized values)."""
+    prefix = layer_prefix(source.model)
+    for i, layer in track(enumerate(decoder_layers(source.model)), "round-to-nearest", progress):
+        source.enter(i, layer)
+        for name, module in targets.items():
+            if name.startswith(f"{prefix}.{i}."):
+                results[name] = rtn(weight_of(module), grid)
+                set_weight(module, results[name].dequantize())
+        source.leave(i, layer)
+
+
 def summarize_errors(errors: dict[str, dict]) -> dict:
     """Relative output error of each linear on the calibration inputs, GPTQ against RTN."""
     ratios = sorted(e["gptq"] / e["rtn"] for e in errors.values() if e["rtn"] > 0)
@@ -383,128 +414,6 @@ def compare_rtn(model, targets: dict, grid: Grid, judge: Judge, ctx) -> dict:
             module.weight.data = originals[name]
 
 
-# --- writing the checkpoint -----------------------------------------------------------
-
-
-def save_quantized(
-    model, tokenizer, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig, out: Path
-) -> dict[str, int]:
-    """Write the checkpoint, quant_manifest.json and (float zero points) quant.safetensors.
-
-    Returns bytes per file of the weights that make up the quantized model.
-    """
-    out = Path(out)
-    state = _untied_state_dict(model)
-    packed = {f"{name}.{key}": t for name, q in results.items() for key, t in to_tensors(q).items()}
-    config = copy.deepcopy(model.config)
-    written = {}
-    if not gptq_reloadable(model, grid):
-        # The folder keeps exact float32 weights (W = scale * (q - zero) evaluated in float32),
-        # which reload anywhere, and the codes go beside them for the exporters.
-        save_file(_contiguous(state), out / "model.safetensors", metadata={"format": "pt"})
-        save_file(_contiguous(packed), out / SIDECAR, metadata={"format": "pt"})
-        others = {k: v for k, v in state.items() if not any(k == f"{n}.weight" for n in results)}
-        written = {"model.safetensors (float weights, for reload)": _nbytes(state), "quantized model": _nbytes(others) + _nbytes(packed)}
-    else:
-        for name in results:
-            del state[f"{name}.weight"]
-        state.update(packed)
-        save_file(_contiguous(state), out / "model.safetensors", metadata={"format": "pt"})
-        config.quantization_config = gptq_config(grid, cfg, sorted(results), kept)
-        written = {"quantized model": _nbytes(state)}
-    config.save_pretrained(out)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    write_json(out / MANIFEST, manifest(model, results, kept, grid, cfg))
-    return written
-
-
-def gptq_reloadable(model, grid: Grid) -> bool:
-    """Whether transformers can reload the GPTQ layout: not with float zero points (GPTQ stores
-    integers), and not for GPT-2 (transformers 5.23 re-initializes its Conv1D projections after
-    gptqmodel has swapped them, and fails)."""
-    return not grid.float_zero and not is_gpt2(model)
-
-
-def gptq_config(grid: Grid, cfg: QuantizeConfig, quantized: list[str], kept: list[str]) -> dict:
-    from vcompress import __version__
-
-    config = {
-        "quant_method": "gptq",
-        "bits": grid.bits,
-        "group_size": grid.group_size,
-        "sym": grid.sym,
-        "desc_act": False,  # act-order here uses static groups: g_idx stays k // group_size
-        "format": "gptq_v2",
-        "checkpoint_format": "gptq_v2",
-        "pack_dtype": "int32",
-        "backend": "torch",  # gptqmodel's float kernel; its CPU aten kernel would run activations in bfloat16
-        "true_sequential": False,
-        "lm_head": False,
-        "meta": {
-            "quantizer": [f"vcompress:{__version__}"],
-            "method": cfg.method,
-            "act_order": cfg.act_order,
-            "static_groups": True,
-            "damp_percent": cfg.damp,
-        },
-    }
-    if kept:
-        config["modules_in_block_to_quantize"] = [quantized]
-    return config
-
-
-def manifest(model, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg: QuantizeConfig) -> dict:
-    linears = {}
-    modules = dict(model.named_modules())
-    for name, q in results.items():
-        module = modules[name]
-        tensors = {key: f"{name}.{key}" for key in to_tensors_keys(grid)}
-        linears[name] = {
-            "bits": grid.bits,
-            "group_size": grid.group_size,
-            "sym": grid.sym,
-            "zero_point": "float" if grid.float_zero else "int",
-            "in_features": q.codes.shape[1],
-            "out_features": q.codes.shape[0],
-            "bias": getattr(module, "bias", None) is not None,
-            "module": type(module).__name__,
-            "act_order": cfg.act_order,
-            "tensors": tensors,
-        }
-    return make_manifest(
-        method=cfg.method,
-        weights_file="model.safetensors" if gptq_reloadable(model, grid) else SIDECAR,
-        linears=linears,
-        kept={name: "float (among the most quantization-sensitive)" for name in kept},
-    )
-
-
-def to_tensors_keys(grid: Grid) -> tuple[str, ...]:
-    return ("qweight", "zeros" if grid.float_zero else "qzeros", "scales", "g_idx")
-
-
-def _untied_state_dict(model) -> dict[str, torch.Tensor]:
-    """state_dict without the second name of tied tensors (the LM head tied to the embeddings)."""
-    seen, state = set(), {}
-    for key, tensor in model.state_dict().items():
-        ptr = (tensor.data_ptr(), tensor.shape)
-        if tensor.numel() and ptr in seen:
-            continue
-        seen.add(ptr)
-        state[key] = tensor.detach().cpu()
-    return state
-
-
-def _contiguous(tensors: dict) -> dict:
-    return {k: v.contiguous() for k, v in tensors.items()}
-
-
-def _nbytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 # --- metrics --------------------------------------------------------------------------
 
 
@@ -519,7 +428,7 @@ def describe(
 ) -> dict:
     weights = sum(q.codes.numel() for q in results.values())
     if quant_bytes is None:
-        quant_bytes = sum(_nbytes(to_tensors(q)) for q in results.values())
+        quant_bytes = sum(nbytes(to_tensors(q)) for q in results.values())
     after = written["quantized model"]
     return {
         "bits": grid.bits,

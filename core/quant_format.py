@@ -24,7 +24,7 @@ import torch
 from .errors import InputError
 
 FORMAT = "vcompress.quant/1"
-MANIFEST = "quant_manifest.json"
+QUANT_GRID_FILE = "quant_manifest.json"
 LAYOUT = "gptq_v2"
 SUPPORTED_BITS = (2, 4, 8)
 MATH = "W[k,n] = float32(scales[g_idx[k],n]) * (q[k,n] - zero[g_idx[k],n]); y = x @ W + bias (x [..., in], W [in, out])"
@@ -40,7 +40,7 @@ PACKING = {
 # --- the manifest ---------------------------------------------------------------------------
 
 
-def make_manifest(*, method: str, weights_file: str, linears: dict[str, dict], kept: dict[str, str]) -> dict:
+def make_quant_grid(*, method: str, weights_file: str, linears: dict[str, dict], kept: dict[str, str]) -> dict:
     """The quant_manifest.json of a quantized folder: per linear its grid and tensor names."""
     return {
         "format": FORMAT,
@@ -54,11 +54,11 @@ def make_manifest(*, method: str, weights_file: str, linears: dict[str, dict], k
     }
 
 
-def read_manifest(folder: str | Path | None) -> dict | None:
+def read_quant_grid(folder: str | Path | None) -> dict | None:
     """The manifest of a quantized folder, or None when `folder` is not one."""
     if folder is None:
         return None
-    file = Path(folder) / MANIFEST
+    file = Path(folder) / QUANT_GRID_FILE
     if not file.is_file():
         return None
     manifest = json.loads(file.read_text())

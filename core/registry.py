@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Generic, TypeVar
 
 from .errors import InputError
@@ -10,9 +11,21 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """`plugins`: the packages whose import registers the entries, imported the first time a name is looked up,
+    so a lower floor can ask for a higher one's entry (the prune planner for an exporter's predicted size)
+    without importing it."""
+
+    def __init__(self, kind: str, plugins: tuple[str, ...] = ()):
         self.kind = kind
+        self.plugins = plugins
         self._items: dict[str, T] = {}
+        self._loaded = not plugins
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for package in self.plugins:
+                importlib.import_module(package)
 
     def register(self, name: str):
         def add(obj: T) -> T:
@@ -25,17 +38,22 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._items:
+            self._load()
+        if name not in self._items:
             known = ", ".join(sorted(self._items)) or "none"
             raise InputError(f"unknown {self.kind} {name!r}; known: {known}")
         return self._items[name]
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._items:
+            self._load()
         return name in self._items
 
 
 STAGES: Registry = Registry("stage")
-EXPORTERS: Registry = Registry("exporter")
-DEVICES: Registry = Registry("device")
+EXPORTERS: Registry = Registry("exporter", plugins=("vcompress.exporters",))
+DEVICES: Registry = Registry("device", plugins=("vcompress.devices",))

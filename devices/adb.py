@@ -23,7 +23,7 @@ import subprocess
 from pathlib import Path
 
 from vcompress.core.errors import InputError
-from vcompress.core.manifest import model_files, read_manifest
+from vcompress.core.export_manifest import model_files, read_manifest
 from vcompress.core.registry import DEVICES
 from vcompress.core.units import UNIT, figure, mib
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vcompress.core.errors import InputError
 from vcompress.core.profiles import Profile
+from vcompress.core.registry import DEVICES
 
 
 class Settings(BaseModel):
@@ -34,6 +35,7 @@ class Settings(BaseModel):
 
 class LatencyDevice(abc.ABC):
     kind: str = ""
+    this_machine: bool = False  # measures where vcompress runs (the host), so its figures are this machine's
     Settings: type[Settings] = Settings
 
     def __init__(self, profile: Profile, settings: Settings):
@@ -81,7 +83,7 @@ class LatencyDevice(abc.ABC):
 
 def host_label(profile: Profile) -> str:
     """This machine's name: the profile's device when the profile describes the host itself."""
-    if profile.device.connection.kind == "host":
+    if DEVICES.get(profile.device.connection.kind).this_machine:
         return profile.device.name
     return f"{platform.machine()} host"
 

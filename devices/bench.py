@@ -9,21 +9,20 @@ generator (`default_rng(seed)`; they came from torch's generator before, so the 
 model's vocabulary, so every backend gets the same ids. Figures are medians of --runs runs after
 --warmup runs, with the samples.
 
-An exported artifact (manifest.json format onnx or tflite) runs through its numpy-level session,
-`exporters/_<format>_session.py`, loaded by path: this process then holds numpy and the runtime
-(onnxruntime, ai_edge_litert) and nothing that imports torch, as a deployed app would; the result
-lists the third-party modules it saw. An ONNX folder with genai_config.json runs through ONNX Runtime
-GenAI's generator (`_genai_session.py`), the runtime an app ships; `--backend onnxruntime` runs our
-loop. A TFLite folder with model.litertlm runs through LiteRT-LM (`_litertlm_session.py`), whose own
-benchmark times each run (its Python API takes no token ids); `--backend tflite` runs our interpreter
-loop. An HF folder runs through the torch Runner (backend torch).
+An exported artifact runs through a numpy-level session module its exporter names in manifest.json's
+`sessions` (`Exporter.sessions`: --backend name -> module, the first what an app ships), loaded from its
+file without the exporters package: this process then holds numpy and the runtime and nothing that
+imports torch, as a deployed app would; the result lists the third-party modules it saw. An ONNX
+folder runs through ONNX Runtime GenAI's generator by default (`--backend onnxruntime`: our loop); a
+TFLite folder through LiteRT-LM, whose own benchmark times each run (`--backend tflite`: our
+interpreter loop). An HF folder runs through the torch Runner (backend torch).
 Peak RSS (VmHWM) is reported beside the runtime's baseline, the RSS after importing the runtime and
 before loading the model; the difference is the model's share. Sizes are MiB.
 
 Devices run this file by path (see `base.bench_command`), not as part of the vcompress.devices
 package, whose other modules import torch; `python -m vcompress.devices.bench` re-executes it so.
-Only the stdlib, numpy and vcompress's pure modules (core.errors, core.manifest, core.units) are
-imported here.
+Only the stdlib, numpy and vcompress's pure modules (core.errors, core.export_manifest, core.units) are
+imported here, and the session module.
 """
 
 from __future__ import annotations
@@ -45,10 +44,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vcompress.core.errors import InputError, VcompressError
-from vcompress.core.manifest import artifact_format, model_size_bytes
+from vcompress.core.export_manifest import artifact_format, model_size_bytes, read_manifest
 from vcompress.core.units import UNIT, figure, mib
-
-SESSIONS = Path(__file__).resolve().parents[1] / "exporters"  # beside devices/ in a checkout and an install
 
 
 def prompt_ids(vocab_size: int, prompt_tokens: int, seed: int = 0) -> np.ndarray:
@@ -73,18 +70,37 @@ def third_party_modules() -> list[str]:
     return sorted(t for t in tops - set(sys.stdlib_module_names) if not t.startswith("_"))
 
 
-def load_session_module(backend: str):
-    """exporters/_<backend>_session.py, loaded by path without the exporters package (whose
-    __init__ imports every exporter, and torch with them); None when the backend has none."""
-    path = SESSIONS / f"_{backend}_session.py"
-    if not path.is_file():
+def session_module(artifact: Path, backend: str | None) -> str | None:
+    """The session module the artifact's exporter named for this backend in manifest.json's `sessions` (the
+    first: what an app ships; the format's own name asks for that too); None: open the Runner (an HF folder, a
+    format without a session, or --backend torch)."""
+    manifest = read_manifest(artifact)
+    if not manifest:
         return None
-    name = f"_bench_{backend}_session"
+    sessions = manifest.get("sessions")
+    if not isinstance(sessions, dict):
+        raise InputError(f"{artifact}'s manifest.json names no measurement sessions (an older export); export it again")
+    if backend in sessions:
+        return sessions[backend]
+    if backend in (None, manifest["format"]) and sessions:
+        return next(iter(sessions.values()))
+    return None
+
+
+def load_session(module: str):
+    """A session module loaded from its file, without its package's __init__ (the exporters' imports every
+    exporter, and torch with them): find_spec locates the package by importing only its parents."""
+    package, _, leaf = module.rpartition(".")
+    if not package.startswith("vcompress.") or not leaf.isidentifier():
+        raise InputError(f"session module {module!r} is not one of vcompress's; export the artifact again")
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / f"{leaf}.py"
+    name = f"_bench_{leaf}"
     spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded  # dataclasses look their module up there
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
 class Opened(NamedTuple):
@@ -95,29 +111,14 @@ class Opened(NamedTuple):
     prompt: Callable  # numpy ids -> what runner.prefill takes
 
 
-# The runtime an app ships, per format, and the --backend that measures vcompress's own loop instead.
-OWN_LOOP = {"onnxruntime_genai": "onnxruntime", "litert_lm": "tflite"}
-
-
-def session_backend(artifact: Path, backend: str | None) -> str:
-    """The session module an artifact runs through: what an app ships where the folder carries its
-    files, an ONNX folder with genai_config.json through ONNX Runtime GenAI's generator
-    (`--backend onnxruntime`: our own loop), a TFLite folder with model.litertlm through LiteRT-LM
-    unless `--backend tflite` is asked for (our interpreter loop)."""
-    chosen = backend or artifact_format(artifact)
-    if chosen == "onnx" and (artifact / "genai_config.json").is_file():
-        return "genai"
-    if backend is None and chosen == "tflite" and (artifact / "model.litertlm").is_file():
-        return "litertlm"
-    return {"onnxruntime": "onnx"}.get(chosen, chosen)
-
-
 def open_artifact(artifact: Path, backend: str | None, threads: int | None) -> Opened:
+    module = session_module(artifact, backend)
     try:
-        session = load_session_module(session_backend(artifact, backend))
+        session = load_session(module) if module else None
         runtime = importlib.import_module(session.RUNTIME) if session else None
     except ImportError as e:
-        fallback = f" (or measure vcompress's own loop with --backend {OWN_LOOP[e.name]})" if e.name in OWN_LOOP else ""
+        others = [b for b, m in read_manifest(artifact)["sessions"].items() if m != module]
+        fallback = f" (or measure it another way: --backend {' or '.join(others)})" if others else ""
         fmt = backend or artifact_format(artifact)
         raise InputError(f"{fmt} artifacts run on {e.name}, which is not installed here; install it{fallback}") from None
     if session is None:
@@ -187,7 +188,7 @@ def run_benchmark(
     backend: str | None = None,
     seed: int = 0,
     device_label: str | None = None,
-    device_kind: str = "host",
+    device_kind: str | None = None,
 ) -> dict:
     if prompt_tokens <= 0 or decode_tokens <= 0 or runs <= 0 or warmup < 0:
         raise InputError("--prompt-tokens, --decode-tokens and --runs must be positive and --warmup >= 0")
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default=None, help="runner backend (default: from the artifact's manifest)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
     parser.add_argument("--device-label", default=None, help="name of this device in the result")
-    parser.add_argument("--device-kind", default="host", help="host or ssh: how the result was obtained")
+    parser.add_argument("--device-kind", default=None, help="the registered device that ran this (none: run by hand)")
     args = parser.parse_args(argv)
     try:
         result = run_benchmark(

@@ -17,6 +17,7 @@ from .base import LatencyDevice, bench_command, host_label, last_line, parse_ben
 @DEVICES.register("host")
 class HostDevice(LatencyDevice):
     kind = "host"
+    this_machine = True
 
     @property
     def label(self) -> str:

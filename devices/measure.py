@@ -59,7 +59,7 @@ def measure_on(device: LatencyDevice, artifact: str | Path, *, estimate: bool = 
 
 def _estimate_beside(artifact: Path, device: LatencyDevice, measured: dict) -> dict:
     figures = device.profile.device
-    if device.kind == "host" and figures.connection.kind != "host":
+    if device.this_machine and not DEVICES.get(figures.connection.kind).this_machine:
         figures = load_profile(HOST_PROFILE).device
     figures = figures.model_copy(update={"name": measured["device"]})
     try:

@@ -24,7 +24,7 @@ import struct
 from pathlib import Path
 
 from vcompress.core.errors import InputError
-from vcompress.core.manifest import artifact_format, model_files, model_size_bytes, read_manifest
+from vcompress.core.export_manifest import artifact_format, model_files, model_size_bytes, read_manifest
 from vcompress.core.profiles import Device
 from vcompress.core.roofline import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes  # noqa: F401  (the arithmetic, shared with compress/)
 from vcompress.core.units import UNIT, figure, mib
@@ -127,12 +127,12 @@ def _initializer_bytes(init, onnx, helper) -> int:
 
 
 def kv_bytes_per_element(artifact: Path | str) -> int:
-    """The KV cache's element size: the manifest's kv_dtype if given, fp16 for TensorRT, else fp32."""
+    """The KV cache's element size: the manifest's kv_dtype if given (TensorRT's exporter writes it), else fp32."""
     manifest = read_manifest(artifact)
     kv = str(manifest.get("kv_dtype", "")).lower()
     if kv:
         return {"float16": 2, "fp16": 2, "bfloat16": 2, "int8": 1, "float32": 4, "fp32": 4}.get(kv, 4)
-    return 2 if manifest.get("format") == "tensorrt" else 4
+    return 4
 
 
 # --- the estimate ---------------------------------------------------------------------

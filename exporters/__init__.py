@@ -6,13 +6,11 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-from vcompress.core.errors import InputError, Unsupported
-from vcompress.core.manifest import MANIFEST, artifact_format
-from vcompress.core.registry import EXPORTERS, STAGES
+from vcompress.core.errors import InputError
+from vcompress.core.export_manifest import MANIFEST, artifact_format
 from vcompress.core.runner import RUNNERS, Runner
-from vcompress.core.stage import Stage
 
-from .base import ExportStage
+from .base import Exporter, ExportStep, export_stage  # noqa: F401  (the public entry points)
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
@@ -35,34 +33,3 @@ def open_runner(path: str | Path | None, *, threads: int | None = None, backend:
         backend = backend or "torch"
     backend = backend or detect_backend(path)
     return RUNNERS.get(backend)(path, threads=threads, **kwargs)
-
-
-def export_stage(settings: dict, where: str | None = None) -> ExportStage:
-    """The export Stage for settings that name their `format` (a registered exporter), its config validated."""
-    settings = dict(settings)
-    stage_cls = EXPORTERS.get(settings.pop("format"))
-    return stage_cls(stage_cls.parse_config(settings, where=where))
-
-
-@STAGES.register("export")
-class Export(Stage):
-    """A recipe's export step: the profile's target format picks the registered exporter, whose runtime
-    must be the one the target names."""
-
-    name = "export"
-    folder = "05-export"  # 05-export-<format> in a run (ExportStage.run_folder)
-
-    @classmethod
-    def from_profile(cls, settings: dict, profile, where: str | None = None) -> ExportStage:
-        target, prefix = profile.target, f"{where}: " if where else ""
-        if target.format not in EXPORTERS:
-            raise InputError(f"{prefix}target.format {target.format!r} has no exporter; known: {', '.join(EXPORTERS.names())}")
-        exporter = EXPORTERS.get(target.format)
-        if target.runtime and target.runtime != exporter.runtime:
-            raise InputError(
-                f"{prefix}target.runtime {target.runtime!r}: the {target.format} exporter's artifacts run on "
-                f"{exporter.runtime!r}; set runtime: {exporter.runtime} or leave it out"
-            )
-        if exporter.refuses_checkpoints:  # a run hands the exporter a model checkpoint
-            raise Unsupported(f"{prefix}{exporter.refuses_checkpoints}")
-        return export_stage({"format": target.format, "quant": target.quant, **settings}, where)

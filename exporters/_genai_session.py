@@ -1,7 +1,7 @@
 """ONNX Runtime GenAI's generator over an ONNX export folder: what an app that ships onnxruntime-genai runs.
 
-The latency bench (devices/bench.py) loads this file by path for ONNX folders that carry genai_config.json,
-so host latency is that of the runtime an app ships (its C++ loop and KV cache), not of our Python loop.
+The latency bench (devices/bench.py) loads this module for ONNX folders by default (the first of
+`OnnxExport.sessions`), so host latency is that of the runtime an app ships (its C++ loop and KV cache), not of our Python loop.
 numpy and onnxruntime_genai only, no torch. The prompt goes in with `append_tokens` and each picked token
 the same way, the way an app that samples on its own drives the generator; logits come back through
 `get_logits` so the bench picks greedy tokens exactly as it does for every other backend.

@@ -1,7 +1,7 @@
 """LiteRT-LM over a TFLite export folder's model.litertlm: what an app that ships LiteRT-LM runs.
 
-The latency bench (devices/bench.py) loads this file by path for TFLite folders that carry
-model.litertlm, so host latency is that of LiteRT-LM's C++ loop, not of our interpreter loop.
+The latency bench (devices/bench.py) loads this module for TFLite folders by default (the first of
+`TFLiteExport.sessions`), so host latency is that of LiteRT-LM's C++ loop, not of our interpreter loop.
 Only the stdlib and litert_lm (litert-lm-api) here, no numpy, no torch.
 
 LiteRT-LM's Python API (0.18) takes text and returns text: no token ids in, no logits out, so it

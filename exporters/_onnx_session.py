@@ -1,10 +1,10 @@
 """The ONNX Runtime decode loop, on numpy alone: what both the Runner and the latency bench run.
 
 No torch here on purpose: importing torch costs ~280 MiB of resident memory, which a deployed ONNX
-Runtime app does not pay, so the latency bench (devices/bench.py) loads this file by path, without
-the exporters package, and measures the same code that `OnnxRunner` (exporters/onnx.py) wraps for
-evaluation. Like every `_<format>_session.py`, it names its class `Session` and the module an app
-imports to run the format `RUNTIME`.
+Runtime app does not pay, so the latency bench (devices/bench.py) loads this module without the
+exporters package (the exporter names it in `OnnxExport.sessions`, written into manifest.json) and
+measures the same code that `OnnxRunner` (exporters/onnx.py) wraps for evaluation. Like every session
+module, it names its class `Session` and the module an app imports to run the format `RUNTIME`.
 
 The KV cache is one [1, kv_heads, capacity, head_dim] float32 buffer per layer and side, bound by
 pointer both as past_key_values.* and present.*: GroupQueryAttention appends in place, so a decode

@@ -2,7 +2,7 @@
 
 The graph (exporters/_trt_graph.py) is made for TensorRT, which needs a CUDA GPU; here ONNX Runtime runs the
 very same model.onnx so that its parity, accuracy and host latency are checked where no GPU exists. No torch
-here, for the same reason as _onnx_session.py: the bench loads this file by path. The cache is the graph's own
+here, for the same reason as _onnx_session.py: the bench loads this module without the exporters package. The cache is the graph's own
 (present = Concat(past, new)), so each decode step copies the past: fine for checking, not what an engine on the
 Jetson does (TensorRT keeps the tensors on the GPU).
 """

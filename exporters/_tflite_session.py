@@ -1,7 +1,8 @@
 """The LiteRT decode loop on numpy alone: what both the Runner and the latency bench run.
 
 No torch here, for the same reason as _onnx_session.py: a deployed LiteRT app does not pay for it
-(the latency bench loads this file by path; `Session` and `RUNTIME` are the names it looks for).
+(the latency bench loads this module with `--backend tflite`, as `TFLiteExport.sessions` names it; `Session`
+and `RUNTIME` are the names it looks for).
 
 The .tflite holds these signatures with static shapes (litert-torch's generative export):
   prefill_<P>  tokens int32 [1, P], input_pos int32 [P], mask float32 [1, 1, P, C], kv_cache_* -> kv_cache_*

@@ -30,7 +30,8 @@ from vcompress.core.layer_stream import (
     total_memory,
 )
 from vcompress.core.models import check_supported
-from vcompress.core.quant_format import load_dequantized, read_manifest
+from vcompress.core.quant_format import load_dequantized, read_quant_grid
+from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.runner import Runner
 from vcompress.core.stage import Stage, StageConfig, StageContext
 
@@ -72,8 +73,41 @@ class ParityConfig(StageConfig):
     )
 
 
-class ExportStage(Stage):
+def export_stage(settings: dict, where: str | None = None) -> Exporter:
+    """The export Stage for settings that name their `format` (a registered exporter), its config validated."""
+    settings = dict(settings)
+    stage_cls = EXPORTERS.get(settings.pop("format"))
+    return stage_cls(stage_cls.parse_config(settings, where=where))
+
+
+@STAGES.register("export")
+class ExportStep(Stage):
+    """A recipe's export step: the profile's target format picks the registered Exporter, whose runtime
+    must be the one the target names."""
+
     name = "export"
+    folder = "05-export"  # 05-export-<format> in a run (Exporter.run_folder)
+
+    @classmethod
+    def from_profile(cls, settings: dict, profile, where: str | None = None) -> Exporter:
+        target, prefix = profile.target, f"{where}: " if where else ""
+        if target.format not in EXPORTERS:
+            raise InputError(f"{prefix}target.format {target.format!r} has no exporter; known: {', '.join(EXPORTERS.names())}")
+        exporter = EXPORTERS.get(target.format)
+        if target.runtime and target.runtime != exporter.runtime:
+            raise InputError(
+                f"{prefix}target.runtime {target.runtime!r}: the {target.format} exporter's artifacts run on "
+                f"{exporter.runtime!r}; set runtime: {exporter.runtime} or leave it out"
+            )
+        if exporter.refuses_checkpoints:  # a run hands the exporter a model checkpoint
+            raise Unsupported(f"{prefix}{exporter.refuses_checkpoints}")
+        return export_stage({"format": target.format, "quant": target.quant, **settings}, where)
+
+
+class Exporter(Stage):
+    """One format's export stage (a registered exporter); a run reaches it through the recipe's ExportStep."""
+
+    name = ExportStep.name
     format: ClassVar[str]  # its name in EXPORTERS, and the manifest's "format"
     runtime: ClassVar[str]  # what runs the artifact: a profile's target.runtime
     runtime_package: ClassVar[str]  # the runtime's PyPI distribution (its version goes into the manifest)
@@ -81,10 +115,24 @@ class ExportStage(Stage):
     # Why this exporter cannot take a model checkpoint as its source (None: it can), so that a
     # pipeline can refuse such a recipe before any work.
     refuses_checkpoints: ClassVar[str | None] = None
+    # How the latency bench opens an artifact of this format in a process that holds only numpy and the runtime:
+    # bench --backend name -> the session module (a `Session` class and its `RUNTIME`), the first what an app ships.
+    # Written into every manifest.json, where devices/bench.py reads it; empty: the bench opens the Runner (torch).
+    sessions: ClassVar[dict[str, str]] = {}
 
     @property
     def run_folder(self) -> str:
         return f"05-export-{self.format}"
+
+    def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:
+        """The bytes this exporter, with its config, would store for a model of `shape` (core/roofline.py's
+        `shapes`) quantized as `quantization` (the profile's scheme with the quantize step's settings: method,
+        bits, group_size, zero_point...), with `max_positions` positions: `stored_weights`' dict, which the
+        roofline reads. The prune planner asks it through EXPORTERS; a format that cannot say refuses."""
+        raise Unsupported(
+            f"the {self.format} exporter cannot predict the size of its artifact, which prune auto plans with; "
+            "use a fixed prune fraction or a target format that predicts it"
+        )
 
     def manifest(self, files: dict[str, str], **fields) -> dict:
         """manifest.json: format, runtime and its version, files, the exporter's own fields (which may
@@ -94,6 +142,7 @@ class ExportStage(Stage):
             "runtime": self.runtime,
             "runtime_version": package_version(self.runtime_package),
             "files": files,
+            "sessions": dict(self.sessions),
         } | fields
         cfg = self.config
         if isinstance(cfg, ParityConfig):
@@ -104,6 +153,16 @@ class ExportStage(Stage):
                 "greedy_tokens": cfg.new_tokens,
             }
         return manifest
+
+
+def stored_weights(shape: dict, body_bits: float, table_bits: float, head_bits: float, gather_only: float = 0) -> dict:
+    """roofline.weight_bytes' dict from bits per weight: the decoder body, the embedding table (only gathered, a row
+    per token; a tied one is the head's), the LM head, and `gather_only` other bytes read a row at a time (rotary
+    tables). Norms and biases are left out."""
+    head = shape["head_params"] * head_bits / 8
+    gathered = (0 if shape["tied"] else shape["head_params"] * table_bits / 8) + gather_only
+    stored = shape["body_params"] * body_bits / 8 + head + gathered
+    return {"stored_bytes": round(stored), "gather_only_bytes": round(gathered), "per_token_bytes": round(stored - gathered)}
 
 
 def package_version(package: str) -> str | None:
@@ -128,7 +187,7 @@ def load_source(ctx: StageContext) -> tuple[Any, Any, dict | None]:
     A quantize folder loads as its exact dequantized weights, what the exported graph must compute;
     any other source through the intake, with the command's flags (--base, --allow-pickle, ...)."""
     folder = source_folder(ctx.source)
-    grid = read_manifest(folder)
+    grid = read_quant_grid(folder)
     if grid is not None:
         return (*load_dequantized(folder, grid), grid)
     return (*ctx.load(), None)
@@ -158,7 +217,7 @@ def refuse_if_too_big(ctx: StageContext, converter: str, peak: float = CONVERTER
     folder = source_folder(ctx.source)
     if folder is None or not folder.is_dir() or not any(folder.glob("*.safetensors")):
         return  # the default, a GGUF or a LoRA folder: loaded whole by the intake anyway
-    size = model_bytes(folder) if read_manifest(folder) is not None else checkpoint_bytes(folder)
+    size = model_bytes(folder) if read_quant_grid(folder) is not None else checkpoint_bytes(folder)
     if size * peak > total_memory():
         raise Unsupported(
             f"{converter} needs the whole model in memory, about {peak:g}x its fp32 size ({size * peak / 2**30:.1f} GiB for "

@@ -38,7 +38,7 @@ from vcompress.core.stage import StageContext, execute
 
 from . import _onnx_quant, _trt_graph, _trt_ops
 from ._tensorrt_session import GraphSession, SessionError
-from .base import ExportStage, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, save_sidecars
+from .base import Exporter, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, save_sidecars, stored_weights
 
 FORMAT = "tensorrt"
 ENGINE_FILE = "model.engine"
@@ -61,11 +61,22 @@ class TensorRTExportConfig(ParityConfig):
 
 
 @EXPORTERS.register(FORMAT)
-class TensorRTExport(ExportStage):
+class TensorRTExport(Exporter):
     format = FORMAT
     runtime = "tensorrt"
     runtime_package = "tensorrt"
+    sessions = {FORMAT: f"{__package__}._tensorrt_session"}  # the graph on ONNX Runtime here; the engine is built on the board
     Config = TensorRTExportConfig
+
+    def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:
+        """What this export stores (`Exporter.predicted_weights`): the linears (an untied LM head among them) as
+        INT4/INT8 codes with one `precision` float scale per block (zero points of zero), or floats; the
+        embedding table in `precision` floats; the rotary cos and sin tables for every position (full head dim)."""
+        cfg = self.config
+        float_bits = 16 if cfg.precision == "fp16" else 32
+        bits = float_bits if cfg.quant == "none" else _trt_graph.CODES[cfg.quant][0] + float_bits / cfg.block_size
+        rotary = 2 * max_positions * shape["head_dim"] * float_bits / 8
+        return stored_weights(shape, bits, float_bits, float_bits if shape["tied"] else bits, rotary)
 
     def run(self, ctx: StageContext) -> dict:
         cfg: TensorRTExportConfig = self.config

@@ -34,7 +34,17 @@ from vcompress.core.stage import StageContext, execute
 
 from . import _tflite_convert
 from ._tflite_session import FORMAT, LiteRTSession, SessionError, signature_io
-from .base import ExportStage, ParityConfig, SessionRunner, gate, load_source, package_version, refuse_if_too_big, save_sidecars
+from .base import (
+    Exporter,
+    ParityConfig,
+    SessionRunner,
+    gate,
+    load_source,
+    package_version,
+    refuse_if_too_big,
+    save_sidecars,
+    stored_weights,
+)
 
 MODEL_FILE = "model.tflite"
 BUNDLE_FILE = "model.litertlm"  # what LiteRT-LM loads (the name _litertlm_session.py looks for)
@@ -63,12 +73,20 @@ class TFLiteExportConfig(ParityConfig):
 
 
 @EXPORTERS.register(FORMAT)
-class TFLiteExport(ExportStage):
+class TFLiteExport(Exporter):
     format = FORMAT
     runtime = "litert"
     runtime_package = "ai-edge-litert"
     app_runtime_package = "litert-lm-api"  # LiteRT-LM's Python API, to load and time model.litertlm here
+    sessions = {"litert_lm": f"{__package__}._litertlm_session", FORMAT: f"{__package__}._tflite_session"}  # tflite: our loop
     Config = TFLiteExportConfig
+
+    def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:
+        """What this export stores (`Exporter.predicted_weights`): every weight re-quantized at the target's
+        `quant` per output channel by ai-edge-quantizer (one float32 scale per row: left out), whatever grid the
+        source carried; the embedding table and LM head at no fewer than 8 bits (not measured on an int4 export)."""
+        bits = {"none": 32, "int8": 8, "int4": 4}[self.config.quant]
+        return stored_weights(shape, bits, max(bits, 8), max(bits, 8))
 
     def run(self, ctx: StageContext) -> dict:
         cfg: TFLiteExportConfig = self.config

@@ -37,7 +37,7 @@ def scores(mask=None, quant=None) -> dict:
 def test_estimates_are_prune_autos_predictions_and_shrink_with_pruning_and_bits():
     """One predictor for --auto and prune auto: each candidate's size is budget.predict of the pruned config
     under the candidate's own profile (its bits, zero points and export tables)."""
-    from vcompress.compress.budget import predict, pruned_config
+    from vcompress.compress.prune_plan import predict, pruned_config
 
     profile = load_profile("x86-cpu")
     sizes = {(c.heads, c.bits): c.estimated_mb for c in candidates(scores(), profile)}

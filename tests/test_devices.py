@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from vcompress.core.errors import InputError
-from vcompress.core.manifest import model_files
+from vcompress.core.export_manifest import model_files
 from vcompress.core.profiles import Device, load_profile
 from vcompress.core.units import MIB
 from vcompress.devices import adb, default_device, measure, open_device, roofline
@@ -286,6 +286,26 @@ def test_python_m_bench_measures_without_torch_too(tiny_onnx):
     assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
     result = json.loads(done.stdout)
     assert result["backend"] == "onnx" and "torch" not in result["modules_imported"]
+
+
+def test_bench_opens_the_session_the_exporter_named_in_the_manifest(tiny_onnx, tmp_path):
+    """manifest.json's `sessions` (from OnnxExport.sessions) picks the module; the format's name asks for the first."""
+    from vcompress.devices.bench import load_session, session_module
+    from vcompress.exporters.onnx import OnnxExport
+
+    sessions = json.loads((tiny_onnx / "manifest.json").read_text())["sessions"]
+    assert sessions == OnnxExport.sessions and list(sessions)[0] == "onnxruntime_genai"
+    assert session_module(tiny_onnx, None) == session_module(tiny_onnx, "onnx") == sessions["onnxruntime_genai"]
+    assert session_module(tiny_onnx, "onnxruntime") == sessions["onnxruntime"]
+    assert session_module(tiny_onnx, "torch") is None  # the Runner
+    assert load_session(sessions["onnxruntime"]).RUNTIME == "onnxruntime"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format": "onnx", "files": {}}))
+    with pytest.raises(InputError, match="names no measurement sessions.*export it again"):
+        session_module(old, None)
+    with pytest.raises(InputError, match="not one of vcompress's"):
+        load_session("os.path")
 
 
 def test_bench_refuses_a_prompt_past_the_context(tiny_models):

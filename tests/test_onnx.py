@@ -250,7 +250,7 @@ def cli_module():
 
 
 def test_carried_grid_is_exact(quantized_llama, tmp_path):
-    manifest = quant_format.read_manifest(quantized_llama)
+    manifest = quant_format.read_quant_grid(quantized_llama)
     # fp32 activations and an fp32 table: the export computes exactly the quantized checkpoint.
     out = tmp_path / "carried"
     metrics = export(quantized_llama, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
@@ -287,7 +287,7 @@ def test_carried_float_zero_points_stay_exact_on_the_fast_kernel(cli_module, tin
         )
         == 0
     )
-    manifest = quant_format.read_manifest(folder)
+    manifest = quant_format.read_quant_grid(folder)
     out = tmp_path / "carried"
     export(folder, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
     model = onnx.load(str(out / "model.onnx"))

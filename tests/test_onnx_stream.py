@@ -126,11 +126,11 @@ def test_streamed_graph_holds_no_weight_data(tiny_models, tmp_path):
 def test_streamed_reference_reads_one_layer_at_a_time(quantized):
     """Parity's reference from a quantize folder: its dequantized weights, each layer read for its forward
     and dropped after it, the logits of the whole dequantized model."""
-    from vcompress.core.quant_format import load_dequantized, read_manifest
+    from vcompress.core.quant_format import load_dequantized, read_quant_grid
     from vcompress.exporters.base import open_stream, streamed_reference
 
     folder = quantized("llama", "float")
-    stream, _ = open_stream(folder, read_manifest(folder))
+    stream, _ = open_stream(folder, read_quant_grid(folder))
     model = streamed_reference(stream)
     seen = []
     for layer in model.model.layers:
@@ -138,7 +138,7 @@ def test_streamed_reference_reads_one_layer_at_a_time(quantized):
     ids = torch.randint(5, 300, (1, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
-        whole, _ = load_dequantized(folder, read_manifest(folder))
+        whole, _ = load_dequantized(folder, read_quant_grid(folder))
         want = whole(input_ids=ids, use_cache=False).logits
     per_layer = sum(1 for _ in model.model.layers[0].parameters())
     # after the stream's own pre-hook read the layer: only that layer's parameters are real

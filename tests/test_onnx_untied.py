@@ -165,7 +165,7 @@ def test_carried_grid_with_untied_head_matches_the_checkpoint_with_dequantized_t
     head = _head_node(model)
     assert head.op_type == "MatMulNBits" and _attrs(head)["bits"] == 4
     folder = get_quantized(tiny_models, None)
-    reference, _ = quant_format.load_dequantized(folder, quant_format.read_manifest(folder))
+    reference, _ = quant_format.load_dequantized(folder, quant_format.read_quant_grid(folder))
     vocab, hidden = reference.config.vocab_size, reference.config.hidden_size
     assert not _full_size_floats(inits, vocab, hidden)
     (embed,) = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]

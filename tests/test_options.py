@@ -115,7 +115,7 @@ def test_a_setting_without_a_command_line_form_must_be_excluded():
 
 
 def test_quantize_analyze_and_the_prune_planner_read_the_step_group_size():
-    from vcompress.compress.budget import channel_step, predicted_weights
+    from vcompress.compress.prune_plan import channel_step, predicted_weights
     from vcompress.compress.quantize import Quantize
     from vcompress.compress.sensitivity import Analyze
 

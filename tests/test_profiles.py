@@ -44,7 +44,7 @@ QWEN_05B = {
 def test_phone_4gb_forces_the_second_model_to_shrink():
     """The size-forcing profile: Qwen2.5-Coder-0.5B misses its size budget unpruned (so prune auto has work
     and the analysis runs), and pruning can meet it."""
-    from vcompress.compress.budget import analysis_unneeded, predict, pruned_config
+    from vcompress.compress.prune_plan import analysis_unneeded, predict, pruned_config
 
     profile = load_profile("phone-4gb")
     assert predict(QWEN_05B, profile)["model_size_mb"] > profile.budgets.max_model_size_mb

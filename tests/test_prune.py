@@ -309,27 +309,27 @@ def mid_scores(info: dict) -> dict:
     return scores
 
 
-def test_budget_plan_prunes_nothing_when_the_budgets_are_met(tokenizer):
-    from vcompress.compress.budget import budget_plan
+def test_prune_plan_prunes_nothing_when_the_budgets_are_met(tokenizer):
+    from vcompress.compress.prune_plan import plan_pruning
     from vcompress.core.profiles import load_profile
 
     def no_scores():
         raise AssertionError("scores are not needed when nothing goes")
 
-    plan = budget_plan(mid_config(tokenizer), load_profile("snapdragon8g2"), no_scores)
+    plan = plan_pruning(mid_config(tokenizer), load_profile("snapdragon8g2"), no_scores)
     assert not plan.removes_anything and plan.steps == [] and plan.after == plan.before
     assert "meets every budget" in plan.reason and plan.to_json()["prunes"] is False
 
 
-def test_budget_plan_weighs_every_way_to_meet_the_size_and_keeps_the_least_loss(tokenizer):
-    from vcompress.compress.budget import budget_plan, predict, pruned_config
+def test_prune_plan_weighs_every_way_to_meet_the_size_and_keeps_the_least_loss(tokenizer):
+    from vcompress.compress.prune_plan import plan_pruning, predict, pruned_config
 
     config = mid_config(tokenizer)
     info = {**shape_of(config)}
     before = predict(config, with_budgets("snapdragon8g2"))["model_size_mb"]
     budget = round(before * 0.8, 2)
     profile = with_budgets("snapdragon8g2", max_model_size_mb=budget)
-    plan = budget_plan(config, profile, mid_scores(info))
+    plan = plan_pruning(config, profile, mid_scores(info))
     cuts = [(t["kv_groups"], t["mlp_channels"], len(t["layers"])) for t in plan.tried]
     assert len(cuts) > 2 and len(set(cuts)) == len(cuts)
     for cut in cuts:  # each meets the budget, and none cuts more of every kind than another
@@ -343,20 +343,20 @@ def test_budget_plan_weighs_every_way_to_meet_the_size_and_keeps_the_least_loss(
     assert plan.perplexity_rise_pct > 0 and "max_model_size_mb" in plan.reason
 
     # measured: a model where whole layers cost nothing and every channel or group costs, whatever the scores say
-    measured = budget_plan(config, profile, mid_scores(info), measure=lambda p: p.kv_groups + 0.01 * p.mlp_channels)
+    measured = plan_pruning(config, profile, mid_scores(info), measure=lambda p: p.kv_groups + 0.01 * p.mlp_channels)
     assert measured.mlp_channels == 0 and measured.kv_groups == 0 and len(measured.layers) > 1
     assert measured.measured_loss_rise_nats == 0.0 and "least loss measured of" in measured.reason
     assert all(t["measured_perplexity_rise_pct"] is not None for t in measured.tried)
 
 
-def test_budget_plan_refuses_a_budget_no_pruning_can_meet(tokenizer):
-    from vcompress.compress.budget import budget_plan
+def test_prune_plan_refuses_a_budget_no_pruning_can_meet(tokenizer):
+    from vcompress.compress.prune_plan import plan_pruning
 
     with pytest.raises(InputError, match=r"max_model_size_mb 0.5 MiB cannot be met by pruning.*raise max_model_size_mb") as e:
-        budget_plan(mid_config(tokenizer), with_budgets("snapdragon8g2", max_model_size_mb=0.5), {})
+        plan_pruning(mid_config(tokenizer), with_budgets("snapdragon8g2", max_model_size_mb=0.5), {})
     assert "\n" not in str(e.value)
     with pytest.raises(InputError, match="min_decode_tokens_per_s"):
-        budget_plan(mid_config(tokenizer), with_budgets("snapdragon8g2", min_decode_tokens_per_s=1e9), {})
+        plan_pruning(mid_config(tokenizer), with_budgets("snapdragon8g2", min_decode_tokens_per_s=1e9), {})
 
 
 def shape_of(config: dict) -> dict:
@@ -394,7 +394,7 @@ def test_prune_auto_stage_keeps_the_model_when_the_budgets_are_met_and_distill_s
 
 
 def test_prune_auto_stage_cuts_just_enough_for_a_size_budget(gqa_llama, tmp_path, tokenizer):
-    from vcompress.compress.budget import predict, pruned_config
+    from vcompress.compress.prune_plan import predict, pruned_config
 
     original = load(gqa_llama)
     info = shape(original)
@@ -425,7 +425,7 @@ def test_prune_auto_stage_keeps_the_way_that_measures_least_loss(gqa_llama, tmp_
     """Each candidate is cut from a copy and measured on calibration blocks; the one written is the least
     loss, and its recorded rise is what the written checkpoint loses on those blocks."""
     from vcompress.compress._calib import calibration_blocks
-    from vcompress.compress.budget import predict, pruned_config
+    from vcompress.compress.prune_plan import predict, pruned_config
     from vcompress.compress.sensitivity import mean_loss
 
     original = load(gqa_llama)
@@ -471,7 +471,7 @@ def test_prune_auto_stage_keeps_the_way_that_measures_least_loss(gqa_llama, tmp_
 def test_predicted_size_is_what_the_onnx_export_writes(tiny_models, tmp_path, arch, zero_point, table_bits, head_bits, compact):
     """prune auto decides from the predicted size: it must match the exported file, tables, zero points and
     rotary tables included (the earlier rule said 483.6 MiB for a 570.0 MiB Qwen export)."""
-    from vcompress.compress.budget import predict
+    from vcompress.compress.prune_plan import predict
     from vcompress.compress.quantize import Quantize
     from vcompress.core.profiles import RecipeStep
     from vcompress.exporters.onnx import export
@@ -514,7 +514,7 @@ def test_analysis_is_skipped_only_when_nothing_would_read_it(gqa_llama, tmp_path
     nothing (the unpruned model meets every budget) or the recipe has no prune step, it ranks nothing and
     says why; a budget it misses, a fixed fraction, keep_sensitive, an analysis-only recipe or no profile
     runs the whole analysis."""
-    from vcompress.compress.budget import analysis_unneeded, predict
+    from vcompress.compress.prune_plan import analysis_unneeded, predict
     from vcompress.compress.sensitivity import Analyze
     from vcompress.core.profiles import RecipeStep
 

@@ -15,7 +15,7 @@ from vcompress.compress._gptq_pack import from_tensors, to_tensors
 from vcompress.compress.quantize import SIDECAR, Quantize, choose_group_size
 from vcompress.core.errors import InputError
 from vcompress.core.models import load_model, weights_hash
-from vcompress.core.quant_format import MANIFEST, dequantize, pack_rows, unpack_cols, unpack_rows
+from vcompress.core.quant_format import QUANT_GRID_FILE, dequantize, pack_rows, unpack_cols, unpack_rows
 from vcompress.core.stage import execute
 
 FAST = {"calib_samples": 8, "seq_len": 32, "batch_size": 4, "heldout_blocks": 2, "heldout_seq_len": 32, "eval_per_subject": 0}
@@ -37,7 +37,7 @@ def fake_quantized(src, out):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = json.loads((out / QUANT_GRID_FILE).read_text())
     tensors = load_file(out / manifest["weights_file"])
     for name, spec in manifest["linears"].items():
         w = dequantize({k: tensors[v] for k, v in spec["tensors"].items()}, spec["bits"])  # [in, out]
@@ -147,7 +147,7 @@ def test_gptq_checkpoint_layout_reload_and_generate(tiny_llama, calib, tmp_path)
     assert tensors["model.layers.0.mlp.down_proj.qzeros"].shape == (2, 64 // 8)
     assert tensors["model.layers.0.mlp.down_proj.scales"].shape == (2, 64)
     assert tensors["model.layers.0.self_attn.k_proj.qweight"].shape == (64 // 8, 32)
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = json.loads((out / QUANT_GRID_FILE).read_text())
     assert manifest["layout"] == "gptq_v2" and len(manifest["linears"]) == 14
 
     model = reload(out)
@@ -201,7 +201,7 @@ def test_rtn_and_int8_reload_on_other_architectures(tiny_models, calib, tmp_path
         out = tmp_path / method
         metrics = quantize(src, out, calib, method=method, group_size=32)
         assert metrics["bits"] == bits
-        manifest = json.loads((out / MANIFEST).read_text())
+        manifest = json.loads((out / QUANT_GRID_FILE).read_text())
         tensors = load_file(out / manifest["weights_file"])
         name = next(iter(manifest["linears"]))
         assert tensors[f"{name}.qweight"].shape[0] == 64 * bits // 32
@@ -249,7 +249,7 @@ def test_keep_sensitive_linears_from_scores(tiny_llama, calib, tmp_path):
     assert metrics["kept_linears"] == ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.v_proj"]
     tensors = load_file(out / "model.safetensors")
     assert "model.layers.1.mlp.down_proj.weight" in tensors and "model.layers.1.mlp.down_proj.qweight" not in tensors
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = json.loads((out / QUANT_GRID_FILE).read_text())
     assert set(manifest["kept"]) == set(metrics["kept_linears"]) and len(manifest["linears"]) == 12
     model = reload(out)
     assert isinstance(model.model.layers[1].mlp.down_proj, torch.nn.Linear)
@@ -259,7 +259,7 @@ def test_keep_sensitive_linears_from_scores(tiny_llama, calib, tmp_path):
 def test_cli_quantize_and_bad_input(cli, tiny_llama, calib, tmp_path):
     code, out, err = cli("quantize", "--model", tiny_llama, "--method", "rtn", "--calib", calib, "--out", tmp_path / "q", "--json")
     assert code == 0, err
-    assert json.loads(out)["method"] == "rtn" and (tmp_path / "q" / MANIFEST).is_file()
+    assert json.loads(out)["method"] == "rtn" and (tmp_path / "q" / QUANT_GRID_FILE).is_file()
     code, _, err = cli("quantize", "--model", tiny_llama, "--keep-sensitive", "2", "--out", tmp_path / "bad")
     assert code == 2 and "keep_sensitive needs scores" in err
     code, _, err = cli(
@@ -316,7 +316,7 @@ def test_matmulnbits_computes_what_the_quantized_layer_computes(tiny_llama, cali
     ):
         out = tmp_path / "-".join(map(str, config.values()))
         quantize(tiny_llama, out, calib, **config)
-        manifest = json.loads((out / MANIFEST).read_text())
+        manifest = json.loads((out / QUANT_GRID_FILE).read_text())
         saved = load_file(out / manifest["weights_file"])
         for name in ("model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"):
             spec = manifest["linears"][name]

@@ -15,7 +15,7 @@ from vcompress.compress.quantize import Quantize
 from vcompress.compress.sensitivity import SENSITIVITY, Analyze
 from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import TensorFileWriter
-from vcompress.core.quant_format import MANIFEST
+from vcompress.core.quant_format import QUANT_GRID_FILE
 from vcompress.core.stage import execute
 
 FAST = {"calib_samples": 8, "seq_len": 32, "batch_size": 4, "heldout_blocks": 0, "eval_per_subject": 0}
@@ -50,7 +50,7 @@ def test_streamed_checkpoint_is_bit_identical(tiny_models, calib, tmp_path, arch
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-    manifest = lambda p: json.loads((p / MANIFEST).read_text())  # noqa: E731
+    manifest = lambda p: json.loads((p / QUANT_GRID_FILE).read_text())  # noqa: E731
     assert manifest(tmp_path / "whole") == manifest(tmp_path / "streamed")
     for key in ("bits_per_weight", "weights_bytes_before", "weights_bytes_after", "files_bytes", "quantized_linears"):
         assert whole[key] == streamed[key], key

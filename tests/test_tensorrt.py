@@ -77,6 +77,7 @@ def test_weight_only_quantized_graph_reports_agreement_and_perplexity(tiny_model
     dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert all(len(n.input) == 2 for n in dq)  # no zero point: TensorRT wants it zero
+    assert_predicted_size_is_written(tiny_models["llama"], out, quant)
     codes = {t.name: t for t in graph.graph.initializer}
     first = codes[dq[0].input[0]]
     assert first.data_type == code_type and {a.name: a.i for a in dq[0].attribute} == {"axis": 0, "block_size": 32}
@@ -227,3 +228,18 @@ def test_engine_is_built_where_tensorrt_and_cuda_exist(fp32_export, tmp_path):
         pytest.skip(f"needs `tensorrt` and a CUDA GPU: {why}")
     m = _manifest(fp32_export)
     assert m["engine_built"] is True and (fp32_export / "model.engine").stat().st_size > 0
+
+
+def assert_predicted_size_is_written(source, out, quant):
+    """What the prune planner asks the exporter (codes, block scales, float table, rotary tables) is what the graph
+    holds (its initializers: the graph's nodes, a few KB, are not weights)."""
+    from vcompress.core.roofline import shapes
+    from vcompress.exporters.tensorrt import TensorRTExport
+
+    config = json.loads((source / "config.json").read_text())
+    exporter = TensorRTExport(TensorRTExport.parse_config({"quant": quant, "block_size": 32}))
+    predicted = exporter.predicted_weights(
+        shapes(config), {"method": "rtn", "bits": 4, "group_size": 32}, config["max_position_embeddings"]
+    )
+    written = sum(len(t.raw_data) for t in onnx.load(str(out / "model.onnx")).graph.initializer)
+    assert abs(predicted["stored_bytes"] - written) / written < 0.03, (predicted, written)

@@ -53,8 +53,8 @@ class Candidate:
 
 def candidates(scores: dict, profile: Profile) -> list[Candidate]:
     """Every (prune fraction, bits) pair, with estimates, smallest estimated artifact first. The size is what
-    prune auto predicts (compress/budget.py) for the pruned config exported as the candidate's profile says."""
-    from vcompress.compress.budget import predict, pruned_config
+    prune auto predicts (compress/prune_plan.py) for the pruned config exported as the candidate's profile says."""
+    from vcompress.compress.prune_plan import predict, pruned_config
 
     kv = scores["shape"]["kv_heads"]
     if "config" not in scores:

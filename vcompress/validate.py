@@ -16,7 +16,7 @@ from rich.table import Table
 from vcompress import __version__
 from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError
-from vcompress.core.manifest import read_manifest
+from vcompress.core.export_manifest import read_manifest
 from vcompress.core.models import source_hash, weights_hash
 from vcompress.core.profiles import Budgets, Profile
 from vcompress.core.registry import STAGES

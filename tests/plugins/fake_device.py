@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from vcompress.core.manifest import artifact_format, model_size_bytes
+from vcompress.core.export_manifest import artifact_format, model_size_bytes
 from vcompress.core.registry import DEVICES
 from vcompress.core.units import UNIT, figure, mib
 from vcompress.devices.base import LatencyDevice, Settings

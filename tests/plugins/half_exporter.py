@@ -15,7 +15,7 @@ from pydantic import Field
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
-from vcompress.exporters.base import ExportStage, ParityConfig, gate, load_source, save_sidecars
+from vcompress.exporters.base import Exporter, ParityConfig, gate, load_source, save_sidecars
 from vcompress.exporters.torch import TorchRunner
 
 FORMAT = "torch-half"
@@ -28,7 +28,7 @@ class HalfExportConfig(ParityConfig):
 
 
 @EXPORTERS.register(FORMAT)
-class HalfExport(ExportStage):
+class HalfExport(Exporter):
     format = FORMAT
     runtime = "torch"
     runtime_package = "torch"

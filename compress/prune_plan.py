@@ -1,12 +1,9 @@
 """Budget-driven pruning (`prune` with `auto: true`): remove just enough to meet the profile's budgets.
 
 The exported artifact is predicted from the model's config alone with the arithmetic validate's roofline
-estimate uses (core/roofline.py: shapes, roofline, peak_ram_bytes): weights at the profile's quantization
-as its exporter stores them (ONNX gptq/rtn: MatMulNBits codes, an fp32 scale and a packed zero point per group,
-or for float zero points an fp32 correction per group instead of the zero point, the embedding / LM head in
-blocks at the export step's table_bits (8-bit blocks symmetric, no zero point), the rotary tables; other formats: a 4-byte scale and 1-byte zero per group and the table at 8 bits
-or more; int8: 8 bits with per-channel scales; norms and biases left out), the KV cache in fp32, the budgets'
-prompt length and 64 decode tokens.
+estimate uses (core/roofline.py: shapes, roofline, peak_ram_bytes): the weights as the profile's target exporter
+says it would store them (`Exporter.predicted_weights`, asked through the EXPORTERS registry), the KV cache in
+fp32, the budgets' prompt length and 64 decode tokens.
 If the size, peak-RAM, TTFT and decode budgets are all met, nothing is pruned. Otherwise the plan is chosen among
 the ways to meet them that trade the three kinds of cut against each other (every layer keeps equal counts):
 for each number of KV groups removed per layer (each layer's least important by mask_loss_delta_nats) and each
@@ -33,10 +30,11 @@ from pathlib import Path
 from vcompress.core.artifact import read_json
 from vcompress.core.errors import InputError
 from vcompress.core.profiles import Profile
+from vcompress.core.registry import EXPORTERS
 from vcompress.core.roofline import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes
 from vcompress.core.units import MIB
 
-from .sensitivity import least_important_layers
+from ._ranking import least_important_layers
 
 PRUNE_PLAN = "prune_plan.json"
 KV_ELEMENT_BYTES = 4  # what the roofline assumes when the manifest names no KV dtype
@@ -49,7 +47,7 @@ BUDGETS = {  # budget -> (predicted figure, unit, True when the figure must stay
 
 
 @dataclass
-class BudgetPlan:
+class PrunePlan:
     kv_groups: int = 0  # KV groups removed from every layer
     mlp_channels: int = 0  # MLP channels removed from every layer
     layers: list[int] = field(default_factory=list)  # dropped, original indices
@@ -113,46 +111,20 @@ def _figures(p: dict) -> str:
 
 
 def predicted_weights(shape: dict, profile: Profile, max_positions: int = 0) -> dict:
-    """roofline.weight_bytes' dict for the artifact the profile's quantization and export would write."""
-    q = profile.quantization_for()
-    if q.method in ("none", "int8"):  # fp32 as exported; int8 with one scale per output channel
-        bits = table_bits = head_bits = 32 if q.method == "none" else 8
-    elif profile.target.format == "onnx":
-        bits, table_bits, head_bits = _matmulnbits_bits(profile)
-    else:
-        bits = q.bits + (40 / q.group_size if q.bits < 16 else 0)
-        table_bits = head_bits = max(bits, 8)  # vocab x hidden, never below 8 bits
-    table = shape["head_params"] * head_bits / 8
-    # an untied input embedding is only gathered from; a tied one is the head's table
-    gathered = 0 if shape["tied"] else shape["head_params"] * table_bits / 8
-    # ONNX stores the rotary cos/sin tables for every position (fp32, half the head dim each), unless the export
-    # is compact (computed in the graph)
-    onnx_rotary = profile.target.format == "onnx" and shape["model_type"] != "gpt2" and not _settings(profile, "export").get("compact")
-    rotary = max_positions * shape["head_dim"] * 4 if onnx_rotary else 0
-    stored = shape["body_params"] * bits / 8 + table + gathered + rotary
-    return {
-        "stored_bytes": round(stored),
-        "gather_only_bytes": round(gathered + rotary),
-        "per_token_bytes": round(stored - gathered - rotary),
-    }
+    """roofline.weight_bytes' dict for the artifact the profile's export would write: its target's exporter
+    answers (`Exporter.predicted_weights`, through the EXPORTERS registry: compress/ does not import exporters/)."""
+    return target_exporter(profile).predicted_weights(shape, quantization_settings(profile), max_positions)
 
 
-def _matmulnbits_bits(profile: Profile) -> tuple[float, float, float]:
-    """Bits per weight of the body, the embedding table and the LM head in an ONNX export: MatMulNBits stores an
-    fp32 scale and a packed integer zero point per group, or for a float zero point (quantize's zero_point: float)
-    an fp32 correction per group and no zero point; the tables are blocks of 32 at the export's table_bits /
-    head_bits (0: fp32), a zero point per block at 4 bits, none at 8 (symmetric); `compact` halves scales and
-    corrections (float16).
-    The x86-cpu export of Qwen2.5-Coder-0.5B (untied, table bits 8) was 570.0 MiB where the earlier rule said 483.6."""
-    q, export = profile.quantization_for(), _settings(profile, "export")
-    side = 16 if export.get("compact") else 32  # scales and corrections: float16 in a compact export
-    float_zero = q.zero_point == "float"
-    body = q.bits + (side + (side if float_zero else q.bits)) / q.group_size
-    table_bits = export.get("table_bits", 4 if q.bits == 4 else 8)
-    head_bits = export.get("head_bits", table_bits)
-    block = export.get("block_size", 32)
-    stored = lambda b: b + (side + (b if b < 8 else 0)) / block if b else 32  # noqa: E731
-    return body, stored(table_bits), stored(head_bits)
+def target_exporter(profile: Profile):
+    """The profile's target exporter with the export step's config (the target's quant, the step's settings)."""
+    exporter = EXPORTERS.get(profile.target.format)
+    return exporter(exporter.parse_config({"quant": profile.target.quant, **_settings(profile, "export")}))
+
+
+def quantization_settings(profile: Profile) -> dict:
+    """The profile's quantization scheme with the quantize step's own settings over it (Profile.quantization_for)."""
+    return profile.quantization_for().model_dump()
 
 
 def _settings(profile: Profile, stage: str) -> dict:
@@ -209,9 +181,9 @@ MAX_LAYER_COUNTS = 6  # layer counts tried per KV count, evenly spaced from none
 MAX_KV_COUNTS = 3  # KV counts tried, evenly spaced
 
 
-def budget_plan(
-    config: dict, profile: Profile, scores: dict | Callable[[], dict], measure: Callable[[BudgetPlan], float] | None = None
-) -> BudgetPlan:
+def plan_pruning(
+    config: dict, profile: Profile, scores: dict | Callable[[], dict], measure: Callable[[PrunePlan], float] | None = None
+) -> PrunePlan:
     """What to remove so the predicted artifact meets the profile's budgets. `scores`: the analysis, with heads,
     mlp and layers (a function returning it is called only when something must go). `measure(plan)`: the real
     loss rise in nats of a candidate plan; the candidate with the smallest wins (without it, the smallest sum)."""
@@ -221,7 +193,7 @@ def budget_plan(
     step = channel_step(inner, profile)
     before = predict(config, profile)
     if not missed(before, profile):
-        return BudgetPlan(before=before, after=before, reason=f"the unpruned model meets every budget of {profile.name}; nothing pruned")
+        return PrunePlan(before=before, after=before, reason=f"the unpruned model meets every budget of {profile.name}; nothing pruned")
 
     # the most pruning can do: 1 layer, 1 KV group, one MLP step left
     most = (kv - 1 if heads_prunable else 0, (inner // step - 1) * step, n - 1)
@@ -260,12 +232,12 @@ def budget_plan(
 def channel_step(inner: int, profile: Profile) -> int:
     """MLP channels go in multiples of the quantization group, so the pruned down projection still splits into
     whole groups (quantize would otherwise fall back to a smaller group than the size was predicted with)."""
-    q = profile.quantization_for()
-    group = q.group_size if q.method not in ("none", "int8") else 32
+    quantization = quantization_settings(profile)
+    group = quantization["group_size"] if quantization["method"] not in ("none", "int8") else 32
     return group if inner % group == 0 and inner >= 4 * group else max(1, inner // 16)
 
 
-def candidate_plans(config: dict, profile: Profile, scores: dict, before: dict, most: tuple, step: int) -> list[BudgetPlan]:
+def candidate_plans(config: dict, profile: Profile, scores: dict, before: dict, most: tuple, step: int) -> list[PrunePlan]:
     """The ways to meet every budget (module docstring), smallest predicted loss first."""
     n = shapes(config)["layers"]
     order = least_important_layers(scores)
@@ -292,7 +264,7 @@ def _spread(values: range, most: int) -> list[int]:
     return sorted({values[round(i * (len(values) - 1) / (most - 1))] for i in range(most)})
 
 
-def _plan(config: dict, profile: Profile, scores: dict, before: dict, order: list[int], k: int, c: int, m: int) -> BudgetPlan:
+def _plan(config: dict, profile: Profile, scores: dict, before: dict, order: list[int], k: int, c: int, m: int) -> PrunePlan:
     """A candidate with its steps (layers, then KV groups, then MLP channels), their summed scores and bytes saved."""
     dropped = order[:m]
     kept = [i for i in range(len(order)) if i not in dropped]
@@ -319,7 +291,7 @@ def _plan(config: dict, profile: Profile, scores: dict, before: dict, order: lis
         )
         current = after
     total = sum(s["loss_delta_nats"] for s in steps)
-    return BudgetPlan(kv_groups=k, mlp_channels=c, layers=dropped, steps=steps, before=before, after=current, loss_rise_nats=total)
+    return PrunePlan(kv_groups=k, mlp_channels=c, layers=dropped, steps=steps, before=before, after=current, loss_rise_nats=total)
 
 
 def _pct(nats: float) -> float:
