@@ -61,7 +61,6 @@ def test_the_default_evaluation_is_sized_for_a_two_point_budget():
     ev = profile.evaluation
     questions = sample_questions(load_mmlu(None, "test", resolve_subjects(ev.subset)), ev.per_subject, ev.seed)
     assert ev.format == "cloze" and len(questions) == 800
-    assert profile.budgets.max_mmlu_drop_points * scoring.DECIDED_HALF_WIDTH == 1.0
 
 
 def _drop(lost: int, gained: int, n: int) -> dict:
@@ -74,7 +73,8 @@ def _drop(lost: int, gained: int, n: int) -> dict:
     "lost, gained, n, outcome",
     [
         (6, 4, 940, "pass"),  # 0.2 points, CI about +-0.9: decided, within budget
-        (18, 2, 940, "pass"),  # 1.7 points, CI reaches past 2 but is narrow: not significantly above
+        (18, 2, 940, "undecided"),  # 1.7 points, CI reaches past 2: narrow, but its high end is over the budget
+        (259, 141, 4000, "undecided"),  # issue 32: 2.95 points, CI 1.98 to 3.94, once a narrow-interval "pass"
         (80, 10, 800, "fail"),  # 8.75 points, CI low end above 2
         (3, 1, 80, "undecided"),  # 2.5 points on 80 questions: CI far wider than +-1
         (0, 0, 20, "undecided"),  # full agreement on 20 questions decides nothing either
@@ -102,6 +102,46 @@ def test_the_drop_check_passes_fails_or_stays_undecided(lost, gained, n, outcome
             assert (scoring.drop_outcome(scaled, 2.0)[0] != "undecided") is decided
     if outcome == "fail":
         assert low > 2.0 and "significantly above" in why
+
+
+def test_the_paired_interval_matches_a_published_worked_example():
+    """Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), ch. 8: Cavo et al. (2012),
+    n12 = 6, n21 = 16 of 161 pairs; Tango asymptotic score CI: estimate -0.0621, 95% CI -0.1240 to -0.0054."""
+    low, high = scoring.paired_interval(6, 16, 161)
+    assert (round(low, 4), round(high, 4)) == (-0.1240, -0.0054)
+
+
+def _tango_by_profile_likelihood(lost: int, gained: int, n: int) -> tuple[float, float]:
+    """Tango's interval computed another way: the restricted ML estimate of the gained share found by maximising
+    the multinomial likelihood numerically (no closed-form quadratic), the ends by Brent's root finding."""
+    from scipy.optimize import brentq, minimize_scalar
+
+    def score(delta: float) -> float:
+        def minus_loglik(gained_share: float) -> float:
+            kept = 1 - 2 * gained_share - delta
+            return -(lost * math.log(gained_share + delta) + gained * math.log(gained_share) + (n - lost - gained) * math.log(kept))
+
+        lowest, highest = max(0.0, -delta) + 1e-12, (1 - delta) / 2 - 1e-12
+        share = minimize_scalar(minus_loglik, bounds=(lowest, highest), method="bounded", options={"xatol": 1e-13}).x
+        return (lost - gained - n * delta) / math.sqrt(n * (2 * share + delta * (1 - delta)))
+
+    estimate = (lost - gained) / n
+    z = scoring.Z95
+    return brentq(lambda d: score(d) - z, -0.999, estimate), brentq(lambda d: score(d) + z, estimate, 0.999)
+
+
+@pytest.mark.parametrize("lost, gained, n", [(6, 16, 161), (259, 141, 4000), (14, 4, 100), (3, 1, 80)])
+def test_the_paired_interval_agrees_with_a_second_implementation(lost, gained, n):
+    low, high = scoring.paired_interval(lost, gained, n)
+    other_low, other_high = _tango_by_profile_likelihood(lost, gained, n)
+    assert low == pytest.approx(other_low, abs=2e-5) and high == pytest.approx(other_high, abs=2e-5)
+
+
+def test_a_drop_above_the_budget_never_passes_however_narrow_its_interval():
+    for n in (4000, 40_000, 400_000):  # 2.95 points at the issue's rates: narrower and narrower, never a pass
+        result, why = scoring.drop_outcome(_drop(259 * n // 4000, 141 * n // 4000, n), 2.0)
+        assert result != "pass", why
+    assert scoring.drop_outcome(_drop(2590, 1410, 40_000), 2.0)[0] == "fail"
 
 
 def test_a_wide_interval_inside_the_budget_passes():
