@@ -1,7 +1,7 @@
 """Budget-driven pruning (`prune` with `auto: true`): remove just enough to meet the profile's budgets.
 
 The exported artifact is predicted from the model's config alone with the arithmetic validate's roofline
-estimate uses (core/roofline.py: shapes, roofline, peak_ram_bytes): weights at the profile's quantization
+estimate uses (core/roofline_math.py: shapes, roofline, peak_ram_bytes): weights at the profile's quantization
 as its exporter stores them (ONNX gptq/rtn: MatMulNBits codes, an fp32 scale and a packed zero point per group,
 or for float zero points an fp32 correction per group instead of the zero point, the embedding / LM head in
 blocks at the export step's table_bits (8-bit blocks symmetric, no zero point), the rotary tables; other formats: a 4-byte scale and 1-byte zero per group and the table at 8 bits
@@ -33,7 +33,7 @@ from pathlib import Path
 from vcompress.core.artifact import read_json
 from vcompress.core.errors import InputError
 from vcompress.core.profiles import Profile
-from vcompress.core.roofline import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes
+from vcompress.core.roofline_math import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes
 from vcompress.core.units import MIB
 
 from .sensitivity import least_important_layers

@@ -22,7 +22,8 @@ from vcompress.core.errors import InputError
 from vcompress.core.manifest import model_files
 from vcompress.core.profiles import Device, load_profile
 from vcompress.core.units import MIB
-from vcompress.devices import adb, default_device, measure, open_device, roofline
+from vcompress.devices import adb, default_device, measure, open_device
+from vcompress.devices import roofline_estimate as roofline
 from vcompress.devices.bench import prompt_ids, run_benchmark
 
 DATA = Path(__file__).parent / "data"

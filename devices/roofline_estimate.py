@@ -26,7 +26,7 @@ from pathlib import Path
 from vcompress.core.errors import InputError
 from vcompress.core.manifest import artifact_format, model_files, model_size_bytes, read_manifest
 from vcompress.core.profiles import Device
-from vcompress.core.roofline import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes  # noqa: F401  (the arithmetic, shared with compress/)
+from vcompress.core.roofline_math import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes  # noqa: F401  (the arithmetic, shared with compress/)
 from vcompress.core.units import UNIT, figure, mib
 
 GATHER_OPS = {"Gather", "GatherBlockQuantized"}

@@ -1,8 +1,8 @@
 """The roofline arithmetic: latency ceilings and a peak-RAM floor from shapes and byte counts alone.
 
-Pure Python on config.json fields, so both devices/roofline.py (estimating an exported artifact from its
+Pure Python on config.json fields, so both devices/roofline_estimate.py (estimating an exported artifact from its
 files) and compress/ (predicting the artifact a plan would export, before any work) use the same sums.
-devices/roofline.py explains the model.
+devices/roofline_estimate.py explains the model.
 """
 
 from __future__ import annotations
