@@ -1,7 +1,7 @@
 """Budget-driven pruning (`prune` with `auto: true`): remove just enough to meet the profile's budgets.
 
 The exported artifact is predicted from the model's config alone with the arithmetic validate's roofline
-estimate uses (core/roofline_math.py: shapes, roofline, peak_ram_bytes): weights at the profile's quantization
+estimate uses (core/roofline_math.py: shapes, roofline, process_ram_bytes): weights at the profile's quantization
 as its exporter stores them (ONNX gptq/rtn: MatMulNBits codes, an fp32 scale and a packed zero point per group,
 or for float zero points an fp32 correction per group instead of the zero point, the embedding / LM head in
 blocks at the export step's table_bits (8-bit blocks symmetric, no zero point), the rotary tables; other formats: a 4-byte scale and 1-byte zero per group and the table at 8 bits
@@ -33,7 +33,7 @@ from pathlib import Path
 from vcompress.core.artifact import read_json
 from vcompress.core.errors import InputError
 from vcompress.core.profiles import Profile
-from vcompress.core.roofline_math import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes
+from vcompress.core.roofline_math import DEFAULT_DECODE_TOKENS, peak_ram_bytes, process_ram_bytes, roofline, runtime_memory, shapes
 from vcompress.core.units import MIB
 
 from .sensitivity import least_important_layers
@@ -166,9 +166,15 @@ def predict(config: dict, profile: Profile) -> dict:
     weights = predicted_weights(shape, profile, config.get("max_position_embeddings", 0))
     prompt = profile.budgets.prompt_tokens
     line = roofline(shape, weights, profile.device, prompt, DEFAULT_DECODE_TOKENS, KV_ELEMENT_BYTES)
+    runtime = runtime_memory(None, profile.target.format)
+    ram = (
+        process_ram_bytes(shape, weights, prompt, DEFAULT_DECODE_TOKENS, KV_ELEMENT_BYTES, runtime)
+        if runtime
+        else peak_ram_bytes(shape, weights, prompt, DEFAULT_DECODE_TOKENS, KV_ELEMENT_BYTES)  # the runtime's own unmeasured
+    )
     return {
         "model_size_mb": round(weights["stored_bytes"] / MIB, 2),
-        "peak_ram_mb": round(peak_ram_bytes(shape, weights, prompt, DEFAULT_DECODE_TOKENS, KV_ELEMENT_BYTES) / MIB, 2),
+        "peak_ram_mb": round(ram / MIB, 2),
         "ttft_ms": round(line["ttft_ms"], 2),
         "decode_tokens_per_s": round(line["decode_tokens_per_s"], 2),
         "stored_bytes": weights["stored_bytes"],

@@ -261,3 +261,63 @@ def test_validate_exits_1_when_the_drop_is_undecided(cli, tiny_llama, tmp_path, 
     assert evaluation["format"]["name"] == "cloze" and "per character" not in evaluation["format"]["prompt"]
     assert evaluation["drop"]["domains"]["medical"]["n"] == 3 and evaluation["teacher"]["domains"]["medical"]["n"] == 3
     assert ("undecided: evaluate more questions" in out) is (outcome == "undecided")
+
+
+def _estimated(value: float, band: float, unit: str) -> dict:
+    return {"value": value, "unit": unit, "source": "estimated", "device": "phone", "band_pct": band,
+            "low": value * (1 - band / 100), "high": value * (1 + band / 100), "calibrated_on": ["anchor-a"]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "budget, key, limit, outcome",
+    [
+        ("max_ttft_ms", "ttft_ms", 130, "pass"),  # 100 ms +-25%: the pessimistic end, 125, is within 130
+        ("max_ttft_ms", "ttft_ms", 110, "undecided"),  # 75 passes, 125 does not
+        ("max_ttft_ms", "ttft_ms", 70, "fail"),  # even the optimistic end, 75, is over
+        ("min_decode_tokens_per_s", "decode_tokens_per_s", 70, "pass"),  # 100 tokens/s +-25%: 75 is still enough
+        ("min_decode_tokens_per_s", "decode_tokens_per_s", 100, "undecided"),
+        ("min_decode_tokens_per_s", "decode_tokens_per_s", 130, "fail"),  # 125 at best
+    ],
+)
+def test_an_estimate_passes_only_on_its_pessimistic_end(budget, key, limit, outcome):
+    from vcompress.validate import latency_check
+
+    check = latency_check(budget, limit, {key: _estimated(100.0, 25, "ms")}, 256)
+    assert check["passed"] is (outcome == "pass") and check.get("result", "pass" if check["passed"] else "fail") == outcome
+    assert check["band_pct"] == 25 and check["calibrated_on"] == ["anchor-a"]
+    if outcome == "undecided":
+        assert check["why"].startswith("undecided: measure on the device (estimated 100") and f"{limit:g}" in check["why"]
+    measured = latency_check(budget, limit, {key: {"value": 100.0, "unit": "ms", "source": "measured", "device": "phone"}}, 256)
+    assert measured["passed"] is (limit >= 100 if key == "ttft_ms" else limit <= 100) and "result" not in measured
+
+
+def _verdict_text(tiny_budgets, latency: dict, drop: dict) -> str:
+    from rich.console import Console
+
+    from vcompress.validate import print_verdict
+
+    checks = budget_checks(tiny_budgets, _evaluation(drop), latency)
+    console = Console(record=True, width=250)
+    print_verdict({"profile": "x86-cpu", "checks": checks, "passed": all(c["passed"] for c in checks)}, console)
+    return console.export_text()
+
+
+def test_the_headline_says_whether_it_rests_on_an_estimate(tiny_budgets):
+    size = {"value": 90.0, "unit": "MiB", "source": "measured"}
+    estimated = {
+        "model_size_mb": size,
+        "peak_rss_mb": _estimated(300.0, 20, "MiB"),
+        "ttft_ms": _estimated(100.0, 25, "ms"),
+        "decode_tokens_per_s": _estimated(100.0, 25, "tokens/s"),
+    }
+    text = _verdict_text(tiny_budgets, estimated, _drop(6, 4, 940))
+    assert "PASS (estimated)" in text and "estimated ±25%" in text and "estimates calibrated on: anchor-a" in text
+    measured = {k: {"value": v["value"], "unit": v["unit"], "source": "measured", "device": "x86-64 host"} for k, v in estimated.items()}
+    text = _verdict_text(tiny_budgets, measured, _drop(6, 4, 940))
+    assert "PASS (measured)" in text and "measured on x86-64 host" in text and "calibrated on" not in text
+    slow = {**estimated, "ttft_ms": _estimated(450.0, 25, "ms")}  # 337.5 to 562.5 ms against 500
+    text = _verdict_text(tiny_budgets, slow, _drop(6, 4, 940))
+    assert "UNDECIDED (estimated): measure on the device (max_ttft_ms)" in text
+    assert "a measurement at or below 500 ms passes" in text
+    text = _verdict_text(tiny_budgets, {**slow, "decode_tokens_per_s": _estimated(10.0, 25, "tokens/s")}, _drop(6, 4, 940))
+    assert "FAIL: min_decode_tokens_per_s, max_ttft_ms" in text
