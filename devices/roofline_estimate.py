@@ -39,8 +39,6 @@ from vcompress.core.roofline_math import (  # noqa: F401  (the arithmetic, share
 )
 from vcompress.core.units import UNIT, figure, mib
 
-from .bench import session_backend
-
 GATHER_OPS = {"Gather", "GatherBlockQuantized"}
 RAM_BAND_PCT = 20.0  # stated, not calibrated: the runtime's figures are the build host's; a device's allocator differs
 
@@ -213,6 +211,8 @@ def calibrated_on(device: Device, published: str) -> list[str]:
 def process_ram(artifact: Path, shape: dict, weights: dict, prompt_tokens: int, decode_tokens: int, kv_bytes: int, device: str) -> dict:
     """The whole process's peak RSS, banded; where the runtime's own memory was never measured, the model's part
     only, as the band's optimistic end with no pessimistic end (a maximum is then never met on it)."""
+    from .bench import session_backend  # not at import: `python -m vcompress.devices.bench` runs it as a script
+
     session = session_backend(artifact, None)
     runtime = runtime_memory(session, artifact_format(artifact))
     if runtime is None:
