@@ -317,7 +317,7 @@ def test_the_headline_says_whether_it_rests_on_an_estimate(tiny_budgets):
     assert "PASS (measured)" in text and "measured on x86-64 host" in text and "calibrated on" not in text
     slow = {**estimated, "ttft_ms": _estimated(450.0, 25, "ms")}  # 337.5 to 562.5 ms against 500
     text = _verdict_text(tiny_budgets, slow, _drop(6, 4, 940))
-    assert "UNDECIDED (estimated): measure on the device (max_ttft_ms)" in text
+    assert "UNDECIDED (estimated): measure on the device (max_ttft_ms)" in text and "450 (337.5 to 562.5)" in text
     assert "a measurement at or below 500 ms passes" in text
     text = _verdict_text(tiny_budgets, {**slow, "decode_tokens_per_s": _estimated(10.0, 25, "tokens/s")}, _drop(6, 4, 940))
     assert "FAIL: min_decode_tokens_per_s, max_ttft_ms" in text

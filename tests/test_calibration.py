@@ -115,3 +115,25 @@ def test_the_table_lists_every_anchor_and_docs_hold_its_output():
     for anchor in ANCHORS:
         assert anchor["id"] in done.stdout
     assert (ROOT / "docs" / "calibration.md").read_text().endswith(done.stdout)
+
+
+def test_runtime_memory_fit_meets_both_measurements_and_the_estimate_uses_it():
+    from tests.conftest import load_bench
+    from vcompress.core.roofline_math import runtime_memory
+
+    fit = load_bench("runtime_ram").fit
+    rows = [
+        {"stored_weights_mib": 10.0, "held_beside_mib": 30.0, "baseline_mib": 35.0},
+        {"stored_weights_mib": 30.0, "held_beside_mib": 40.0, "baseline_mib": 36.0},
+    ]
+    assert fit(rows) == {"baseline_mib": 36.0, "fixed_mib": 25.0, "held_per_weight_byte": 0.5}
+    # what a runtime holds never shrinks as the model grows: a falling line is read as flat, at the larger figure
+    assert fit([{**rows[0], "held_beside_mib": 50.0}, rows[1]])["fixed_mib"] == 50.0
+    measured = json.loads((ROOT / "core" / "runtime_memory.json").read_text())["runtimes"]
+    for session, row in measured.items():
+        assert runtime_memory(session) == {"session": session, **{k: row[k] for k in ("baseline_mib", "fixed_mib", "held_per_weight_byte")}}
+        assert all(r["peak_rss_mib"] > r["baseline_mib"] for r in row["measured"])
+    # by format: the larger figures of the sessions that run it (never the smaller)
+    onnx = runtime_memory(None, "onnx")
+    assert onnx["baseline_mib"] == max(measured["genai"]["baseline_mib"], measured["onnx"]["baseline_mib"])
+    assert runtime_memory(None, "tensorrt") is None  # never measured here: no TensorRT on this host

@@ -272,6 +272,8 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
         figure = "n/a" if c["value"] is None else f"{c['value']:g}"
         if c.get("ci95") and c["value"] is not None:  # the accuracy drop, judged on its paired interval
             figure += f" (95% CI {c['ci95'][0]:.2f} to {c['ci95'][1]:.2f})"
+        elif c.get("source") == "estimated" and "low" in c and c["value"] is not None:  # an estimate, judged on its band
+            figure += f" ({_end(c['low'])} to {_end(c['high'])})"
         table.add_row(c["budget"], f"{c['limit']:g}", figure, c["unit"], check_source(c), result)
     console.print(table)
     for c in verdict["checks"]:
