@@ -1210,7 +1210,8 @@ def context(args) -> dict:
     host = load_profile("x86-cpu").device.model_copy(
         update={
             "memory_bandwidth_gbs": bandwidth["copy_gbs"],
-            "efficiency": 1.0,
+            "prefill_efficiency": 1.0,
+            "decode_efficiency": 1.0,
             "threads": args.threads,
             "name": f"{platform.machine()} host",
         }
