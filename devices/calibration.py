@@ -55,7 +55,10 @@ def anchors_for(device: Device, anchors: list[dict] | None = None) -> list[dict]
 def ceilings(anchor: dict, device: Device) -> dict:
     """The anchor's TTFT floor and decode ceiling with the device's figures, beside what was measured (None where
     the source gives no figure)."""
-    shape = shapes(json.loads((MODELS / f"{anchor['model']}.json").read_text()))
+    config = MODELS / f"{anchor['model']}.json"
+    if not config.is_file():
+        raise InputError(f"anchor {anchor['id']} names model {anchor['model']!r}, which has no {config}; add its config.json (shapes only)")
+    shape = shapes(json.loads(config.read_text()))
     # every matmul weight (the head's table too) read once per token at the anchor's weight bits
     weight_bytes = round((shape["body_params"] + shape["head_params"]) * anchor["weight_bits"] / 8)
     weights = {"stored_bytes": weight_bytes, "per_token_bytes": weight_bytes}
@@ -196,7 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anchors", default=ANCHORS, help="a YAML file of anchors (default: devices/anchors.yaml)")
     parser.add_argument("--write", type=Path, help=f"replace what follows the line {GENERATED!r} in this file with the table")
     args = parser.parse_args(argv)
-    text = table(load_anchors(args.anchors))
+    try:
+        text = table(load_anchors(args.anchors))
+    except InputError as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")  # bad input: one line, exit 2
     print(text, end="")
     if args.write:
         head = args.write.read_text().partition(GENERATED)[0]

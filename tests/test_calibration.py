@@ -137,3 +137,13 @@ def test_runtime_memory_fit_meets_both_measurements_and_the_estimate_uses_it():
     onnx = runtime_memory(None, "onnx")
     assert onnx["baseline_mib"] == max(measured["genai"]["baseline_mib"], measured["onnx"]["baseline_mib"])
     assert runtime_memory(None, "tensorrt") is None  # never measured here: no TensorRT on this host
+
+
+def test_a_bad_anchors_file_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "held-back.yaml"
+    bad.write_text("anchors:\n  - " + json.dumps({**_anchor(0, 100.0, 10.0), "model": "no-such-model"}) + "\n")
+    for anchors, named in ((bad, "no-such-model"), (tmp_path / "missing.yaml", "missing.yaml")):
+        done = subprocess.run(
+            [sys.executable, "-m", "vcompress.devices.calibration", "--anchors", str(anchors)], capture_output=True, text=True
+        )
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and named in done.stderr, done.stderr
