@@ -22,7 +22,7 @@ pytorch-fp32, top-1 next-token agreement with pytorch-fp32 at those positions, a
 vcompress.core.scoring's lm-eval prompts and token ids for every row: the parent tokenizes, each
 runtime returns logits on those ids, and scoring reads the A/B/C/D log-probs from them.
 The host's copy bandwidth is measured in the same run; each row's decode speed is printed as a
-fraction of bandwidth / bytes read per token (devices/roofline.py's weight and KV byte counts).
+fraction of bandwidth / bytes read per token (devices/roofline_estimate.py's weight and KV byte counts).
 A row that cannot run shows why instead of numbers. Writes peers.json, peers.md, peers.png.
 
 --setup builds what is missing: the optimum venv (torch 2.13.0 CPU first) and the llama-cpp-python
@@ -705,7 +705,7 @@ def _quant_label(folder: Path) -> str:
 
 
 def _kv_bytes(folder) -> int:
-    from vcompress.devices.roofline import kv_bytes_per_element
+    from vcompress.devices.roofline_estimate import kv_bytes_per_element
 
     return kv_bytes_per_element(folder)
 
@@ -717,7 +717,7 @@ def measure_row(name: str, ctx) -> dict:
     """Prepare the row, run its speed worker and its MMLU worker, fill in size and roofline."""
     from vcompress.core.export_manifest import model_files
     from vcompress.core.units import mib
-    from vcompress.devices import roofline
+    from vcompress.devices import roofline_estimate as roofline
 
     try:
         row = {"name": name, **ROWS[name](ctx)}
@@ -1193,7 +1193,7 @@ def context(args) -> dict:
 
     from vcompress.core.models import default_gguf, resolve
     from vcompress.core.profiles import load_profile
-    from vcompress.devices import roofline
+    from vcompress.devices import roofline_estimate as roofline
     from vcompress.devices.bench import prompt_ids
 
     source = resolve(args.model)
@@ -1210,7 +1210,8 @@ def context(args) -> dict:
     host = load_profile("x86-cpu").device.model_copy(
         update={
             "memory_bandwidth_gbs": bandwidth["copy_gbs"],
-            "efficiency": 1.0,
+            "prefill_efficiency": 1.0,
+            "decode_efficiency": 1.0,
             "threads": args.threads,
             "name": f"{platform.machine()} host",
         }

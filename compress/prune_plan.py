@@ -1,7 +1,7 @@
 """Budget-driven pruning (`prune` with `auto: true`): remove just enough to meet the profile's budgets.
 
 The exported artifact is predicted from the model's config alone with the arithmetic validate's roofline
-estimate uses (core/roofline.py: shapes, roofline, peak_ram_bytes): the weights as the profile's target exporter
+estimate uses (core/roofline_math.py: shapes, roofline, process_ram_bytes): the weights as the profile's target exporter
 says it would store them (`Exporter.predicted_weights`, asked through the EXPORTERS registry), the KV cache in
 fp32, the budgets' prompt length and 64 decode tokens.
 If the size, peak-RAM, TTFT and decode budgets are all met, nothing is pruned. Otherwise the plan is chosen among
@@ -31,7 +31,7 @@ from vcompress.core.artifact import read_json
 from vcompress.core.errors import InputError
 from vcompress.core.profiles import Profile
 from vcompress.core.registry import EXPORTERS
-from vcompress.core.roofline import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes
+from vcompress.core.roofline_math import DEFAULT_DECODE_TOKENS, peak_ram_bytes, process_ram_bytes, roofline, runtime_memory, shapes
 from vcompress.core.units import MIB
 
 from ._ranking import least_important_layers
@@ -137,9 +137,15 @@ def predict(config: dict, profile: Profile) -> dict:
     weights = predicted_weights(shape, profile, config.get("max_position_embeddings", 0))
     prompt = profile.budgets.prompt_tokens
     line = roofline(shape, weights, profile.device, prompt, DEFAULT_DECODE_TOKENS, KV_ELEMENT_BYTES)
+    runtime = runtime_memory(None, profile.target.format)
+    ram = (
+        process_ram_bytes(shape, weights, prompt, DEFAULT_DECODE_TOKENS, KV_ELEMENT_BYTES, runtime)
+        if runtime
+        else peak_ram_bytes(shape, weights, prompt, DEFAULT_DECODE_TOKENS, KV_ELEMENT_BYTES)  # the runtime's own unmeasured
+    )
     return {
         "model_size_mb": round(weights["stored_bytes"] / MIB, 2),
-        "peak_ram_mb": round(peak_ram_bytes(shape, weights, prompt, DEFAULT_DECODE_TOKENS, KV_ELEMENT_BYTES) / MIB, 2),
+        "peak_ram_mb": round(ram / MIB, 2),
         "ttft_ms": round(line["ttft_ms"], 2),
         "decode_tokens_per_s": round(line["decode_tokens_per_s"], 2),
         "stored_bytes": weights["stored_bytes"],

@@ -39,13 +39,32 @@ class Connection(BaseModel):
         return dict(self.model_extra or {})
 
 
+WIDE_BAND_PCT = 50.0  # the stated band of an estimate calibrated on fewer than three published measurements
+
+
+class EstimateBand(Strict):
+    """How far a measurement may sit from the estimate, in % of the estimate, either side (devices/calibration.py
+    derives it from the published measurements of the device's family and backend)."""
+
+    # a measurement can sit several times above its estimate; a band of 100% or more leaves a pessimistic decode
+    # speed of nothing (an estimate then never passes a speed budget: measure on the device)
+    ttft: float = Field(WIDE_BAND_PCT, gt=0)
+    decode: float = Field(WIDE_BAND_PCT, gt=0)
+
+
 class Device(Strict):
     name: str
     soc: str | None = None
+    family: str = Field(description="the SoC or board family its published measurements are filed under (devices/anchors.yaml)")
+    backend: Literal["cpu", "gpu", "npu", "cuda"] = Field(description="the compute unit the profile's runtime actually runs the model on")
     memory_gb: float = Field(gt=0, description="RAM on the device")
     memory_bandwidth_gbs: float = Field(gt=0, description="peak DRAM bandwidth, GB/s")
-    peak_compute_gflops: float = Field(gt=0, description="peak compute of the unit that runs the model, GFLOP/s")
-    efficiency: float = Field(0.65, gt=0, le=1, description="fraction of the roofline reached in practice")
+    peak_compute_gflops: float = Field(gt=0, description="peak compute of the backend that runs the model, GFLOP/s")
+    # The share of the compute roof prefill reaches and of the bandwidth roof decode reaches: fitted by
+    # devices/calibration.py on the published measurements of this family and backend.
+    prefill_efficiency: float = Field(0.65, gt=0, le=1)
+    decode_efficiency: float = Field(0.65, gt=0, le=1)
+    estimate_band_pct: EstimateBand = EstimateBand()
     threads: int | None = Field(None, gt=0)
     connection: Connection = Connection()
 

@@ -529,8 +529,6 @@ def mmlu_summary(logprobs: torch.Tensor, questions: Sequence[Question]) -> dict:
 
 # --- the accuracy drop, judged on paired outcomes ----------------------------------------
 
-DECIDED_HALF_WIDTH = 0.5  # of the budget: an interval this narrow decides the drop check either way
-
 
 def paired_interval(lost: int, gained: int, n: int, z: float = Z95) -> tuple[float, float]:
     """95% interval for (lost - gained) / n, the difference of two accuracies on the same n questions,
@@ -605,10 +603,8 @@ def paired_drop(reference_hits: Sequence[bool], model_hits: Sequence[bool]) -> d
 def drop_outcome(drop: dict, limit: float) -> tuple[str, str]:
     """("pass" | "fail" | "undecided", why) for a budget of `limit` points on a `paired_drop`.
 
-    Fail only when the drop is significantly above the limit (the interval's low end is above it);
-    pass when the interval's high end is within the limit, or the interval is narrow enough
-    (half-width at most DECIDED_HALF_WIDTH of the limit) that noise cannot be hiding a failure;
-    otherwise undecided, with about how many questions at the same rates would decide it.
+    Pass only when the interval's high end is within the limit, fail when its low end is above it
+    (`interval_outcome`); otherwise undecided, with about how many questions at the same rates would decide it.
     """
     low, high = drop["ci95"]
     figures = f"drop {drop['points']:.2f} points, 95% CI {low:.2f} to {high:.2f}, n={drop['n']}"
@@ -616,7 +612,7 @@ def drop_outcome(drop: dict, limit: float) -> tuple[str, str]:
     if outcome == "fail":
         return outcome, f"{figures}: significantly above the {limit:g}-point budget"
     if outcome == "pass":
-        return outcome, f"{figures}: not significantly above the {limit:g}-point budget"
+        return outcome, f"{figures}: within the {limit:g}-point budget at the interval's high end"
     n, lost, gained = drop["n"], drop["lost"], drop["gained"]
 
     def decided(size: int) -> bool:
@@ -625,15 +621,19 @@ def drop_outcome(drop: dict, limit: float) -> tuple[str, str]:
 
     needed = _fewest(decided) if n else None
     more = f"; about {needed} at the same rates would decide it" if needed else ""
-    return outcome, f"undecided: evaluate more questions ({figures}, wider than +-{limit * DECIDED_HALF_WIDTH:g}{more})"
+    return outcome, f"undecided: evaluate more questions ({figures}, straddles the {limit:g}-point budget{more})"
+
+
+def interval_outcome(optimistic_ok: bool, pessimistic_ok: bool) -> str:
+    """A budget judged on an interval: "pass" only when its pessimistic end meets the budget, "fail" when even
+    its optimistic end does not, otherwise "undecided". The MMLU drop and every estimated latency use it."""
+    if pessimistic_ok:
+        return "pass"
+    return "undecided" if optimistic_ok else "fail"
 
 
 def _decide(low: float, high: float, limit: float) -> str:
-    if low > limit:
-        return "fail"
-    if high <= limit or (high - low) / 2 <= limit * DECIDED_HALF_WIDTH:
-        return "pass"
-    return "undecided"
+    return interval_outcome(optimistic_ok=low <= limit, pessimistic_ok=high <= limit)
 
 
 def answer_agreement(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> dict:

@@ -9,9 +9,10 @@ import importlib
 import pkgutil
 
 SCRIPT = "bench"  # the measuring process, run by path: imported here, `python -m` would load it twice
+NOT_DEVICES = {SCRIPT, "calibration"}  # calibration: data and a `python -m` table, registers no device
 
 for _info in pkgutil.iter_modules(__path__):
-    if not _info.name.startswith("_") and _info.name != SCRIPT:
+    if not _info.name.startswith("_") and _info.name not in NOT_DEVICES:
         importlib.import_module(f"{__name__}.{_info.name}")
 
 from .measure import default_device, measure, measure_on, open_device  # noqa: E402

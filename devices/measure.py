@@ -12,7 +12,7 @@ from vcompress.core.errors import InputError
 from vcompress.core.profiles import Profile, load_profile
 from vcompress.core.registry import DEVICES
 
-from . import roofline
+from . import roofline_estimate as roofline
 from .base import LatencyDevice
 
 HOST_PROFILE = "x86-cpu"  # the host's own bandwidth and compute figures

@@ -125,7 +125,7 @@ class Exporter(Stage):
         return f"05-export-{self.format}"
 
     def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:
-        """The bytes this exporter, with its config, would store for a model of `shape` (core/roofline.py's
+        """The bytes this exporter, with its config, would store for a model of `shape` (core/roofline_math.py's
         `shapes`) quantized as `quantization` (the profile's scheme with the quantize step's settings: method,
         bits, group_size, zero_point...), with `max_positions` positions: `stored_weights`' dict, which the
         roofline reads. The prune planner asks it through EXPORTERS; a format that cannot say refuses."""

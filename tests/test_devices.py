@@ -22,7 +22,8 @@ from vcompress.core.errors import InputError
 from vcompress.core.export_manifest import model_files
 from vcompress.core.profiles import Device, load_profile
 from vcompress.core.units import MIB
-from vcompress.devices import adb, default_device, measure, open_device, roofline
+from vcompress.devices import adb, default_device, measure, open_device
+from vcompress.devices import roofline_estimate as roofline
 from vcompress.devices.bench import prompt_ids, run_benchmark
 
 DATA = Path(__file__).parent / "data"
@@ -55,7 +56,17 @@ def write_artifact(folder: Path, tied: bool = True) -> Path:
     return folder
 
 
-DEVICE = Device(name="test board", memory_gb=1, memory_bandwidth_gbs=10, peak_compute_gflops=100, efficiency=0.5)
+DEVICE = Device(
+    name="test board",
+    family="test",
+    backend="cpu",
+    memory_gb=1,
+    memory_bandwidth_gbs=10,
+    peak_compute_gflops=100,
+    prefill_efficiency=0.5,
+    decode_efficiency=0.5,
+    estimate_band_pct={"ttft": 30, "decode": 20},
+)
 
 
 # --- roofline -------------------------------------------------------------------------
@@ -85,15 +96,44 @@ def test_roofline_matches_hand_computed_figures(tmp_path):
         assert est[key]["source"] == "estimated" and est[key]["device"] == "test board"
         assert "samples" not in est[key]
     assert est["source"] == "estimated" and est["device_kind"] == "roofline"
-    # peak RAM lower bound: weights 50408 + KV at 40 tokens 20480 + activations 4*(4*32*32 + 2*32*128 + 384) = 50688
+    # each latency figure carries the device's band either side: TTFT 30%, decode 20%
+    assert (est["ttft_ms"]["low"], est["ttft_ms"]["high"]) == (round(0.7 * 0.1007616, 3), round(1.3 * 0.1007616, 3))
+    assert (est["decode_tokens_per_s"]["low"], est["decode_tokens_per_s"]["high"]) == pytest.approx(
+        (0.8 * 72903.30, 1.2 * 72903.30), abs=0.01
+    )
+    assert est["decode_tokens_per_s"]["band_pct"] == 20 and est["ttft_ms"]["calibrated_on"] == []  # no anchors for "test"
+    # the model's part of peak RAM: weights 50408 + KV at 40 tokens 20480 + activations 4*(4*32*32 + 2*32*128 + 384) = 50688
     shape = roofline.shapes(CONFIG)
     assert roofline.peak_ram_bytes(shape, roofline.weight_bytes(model_files(art)), 32, 8) == 121576
-    assert est["peak_rss_mb"] == {**est["peak_rss_mb"], "value": round(121576 / 2**20, 1), "unit": "MiB"}
+    # the whole process: what PyTorch (an HF folder's runtime) was measured to hold on this host comes on top
+    torch_memory = roofline.runtime_memory("torch")
+    whole = 121576 + (torch_memory["baseline_mib"] + torch_memory["fixed_mib"]) * 2**20 + torch_memory["held_per_weight_byte"] * 50408
+    ram = est["peak_rss_mb"]
+    assert ram["value"] == round(whole / 2**20, 1) and ram["unit"] == "MiB" and ram["value"] > torch_memory["baseline_mib"]
+    assert (ram["low"], ram["high"]) == (round(0.8 * ram["value"], 1), round(1.2 * ram["value"], 1))
     assert est["model_size_mb"] == {
         "value": round((art / "model.safetensors").stat().st_size / 2**20, 2),
         "unit": "MiB",
         "source": "measured",
     }
+
+
+def test_peak_ram_of_a_runtime_never_measured_is_no_pass(tmp_path, monkeypatch):
+    """Without the runtime's own memory the estimate is the model's part only: the band's optimistic end, with no
+    pessimistic end, so a maximum budget is never passed on it (only failed, or left to a measurement)."""
+    from vcompress.core import roofline_math
+    from vcompress.validate import latency_check
+
+    measured = json.loads(roofline_math.RUNTIME_MEMORY.read_text())
+    del measured["runtimes"]["torch"]
+    (tmp_path / "memory.json").write_text(json.dumps(measured))
+    monkeypatch.setattr(roofline_math, "RUNTIME_MEMORY", tmp_path / "memory.json")
+    ram = roofline.estimate(write_artifact(tmp_path / "art"), DEVICE, prompt_tokens=32, decode_tokens=8)["peak_rss_mb"]
+    assert ram["value"] == ram["low"] == round(121576 / 2**20, 1) and ram["high"] is None and "never measured" in ram["note"]
+    latency = {"peak_rss_mb": ram}
+    assert latency_check("max_peak_ram_mb", 1024, latency, 32)["result"] == "undecided"
+    assert latency_check("max_peak_ram_mb", 0.01, latency, 32)["passed"] is False
+    assert "result" not in latency_check("max_peak_ram_mb", 0.01, latency, 32)  # failed outright
 
 
 def test_untied_input_embedding_is_not_read_per_token(tmp_path):
@@ -170,7 +210,21 @@ def test_roofline_device_through_measure(tmp_path):
     result = measure(art, "roofline", "snapdragon8g2", prompt_tokens=32, decode_tokens=8)
     assert result["source"] == "estimated" and "estimate" not in result
     assert result["ttft_ms"] == {**result["ttft_ms"], "source": "estimated", "device": "Snapdragon 8 Gen 2"}
-    assert result["roofline"]["memory_bandwidth_gbs"] == 67.2 and result["roofline"]["efficiency"] == 0.65
+    device = load_profile("snapdragon8g2").device
+    assert result["roofline"]["memory_bandwidth_gbs"] == 67.2 and result["roofline"]["peak_compute_gflops"] == device.peak_compute_gflops
+    assert (result["roofline"]["prefill_efficiency"], result["roofline"]["decode_efficiency"]) == (
+        device.prefill_efficiency,
+        device.decode_efficiency,
+    )
+    # its band and the anchors of its family and backend travel with each latency figure
+    ttft = result["ttft_ms"]
+    from vcompress.devices.calibration import anchors_for
+
+    prefill_rows = [a["id"] for a in anchors_for(device) if a["prefill_tokens_per_s"] is not None]
+    decode_rows = [a["id"] for a in anchors_for(device) if a["decode_tokens_per_s"] is not None]
+    assert ttft["band_pct"] == device.estimate_band_pct.ttft and ttft["calibrated_on"] == prefill_rows
+    assert result["decode_tokens_per_s"]["calibrated_on"] == decode_rows and len(decode_rows) > len(prefill_rows) >= 3
+    assert ttft["low"] < ttft["value"] < ttft["high"] and any("gemma3-1b" in a and "cpu" in a for a in prefill_rows)
     assert result["model_size_mb"]["source"] == "measured" and result["model_size_mb"]["unit"] == "MiB"
 
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from vcompress.commands._options import ConfigOption, StageCommand, stage_command
 from vcompress.core.profiles import load_profile
-from vcompress.core.roofline import shapes
+from vcompress.core.roofline_math import shapes
 
 
 def _cli():

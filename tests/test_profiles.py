@@ -23,6 +23,9 @@ def test_builtin_profiles_load():
 
 def test_real_device_figures():
     assert load_profile("snapdragon8g2").device.memory_bandwidth_gbs == pytest.approx(67.2)
+    # the phones' adb device runs LiteRT-LM on the CPU (XNNPACK): the CPU's figures, not the Adreno GPU's 3.5 TFLOP/s
+    assert {load_profile(p).device.backend for p in ("snapdragon8g2", "snapdragon8g3", "pixel8", "phone-4gb", "raspberry-pi5")} == {"cpu"}
+    assert load_profile("snapdragon8g2").device.peak_compute_gflops < 1000 and load_profile("jetson-orin-nano").device.backend == "cuda"
     assert load_profile("jetson-orin-nano").device.memory_bandwidth_gbs == pytest.approx(68)
     assert load_profile("raspberry-pi5").device.memory_bandwidth_gbs == pytest.approx(17.1)
 
@@ -68,7 +71,11 @@ def test_profile_by_path(tmp_path):
         (lambda d: d["target"].update(runtime="litert"), "target.runtime 'litert'"),
         (lambda d: d.update(recipe=[{"stage": "export"}, {"stage": "quantize"}]), "out of order"),
         (lambda d: d["recipe"].insert(1, {"stage": "distill"}), "distillation needs a pruned student"),
-        (lambda d: d["device"].update(efficiency=1.5), "device.efficiency"),
+        (lambda d: d["device"].update(prefill_efficiency=1.5), "device.prefill_efficiency"),
+        (lambda d: d["device"].update(efficiency=0.6), "unknown key 'device.efficiency'"),  # one factor for both is gone
+        (lambda d: d["device"].update(backend="dsp"), "device.backend"),
+        (lambda d: d["device"].pop("family"), "missing field 'device.family'"),
+        (lambda d: d["device"].update(estimate_band_pct={"ttft": 20, "decode": 0}), "device.estimate_band_pct.decode"),
     ],
 )
 def test_bad_profiles_name_the_key_and_file(change, words):

@@ -360,7 +360,7 @@ def test_prune_plan_refuses_a_budget_no_pruning_can_meet(tokenizer):
 
 
 def shape_of(config: dict) -> dict:
-    from vcompress.core.roofline import shapes
+    from vcompress.core.roofline_math import shapes
 
     s = shapes(config)
     return {k: s[k] for k in ("layers", "query_heads", "kv_heads", "head_dim", "hidden_size", "intermediate_size")}

@@ -233,7 +233,7 @@ def test_engine_is_built_where_tensorrt_and_cuda_exist(fp32_export, tmp_path):
 def assert_predicted_size_is_written(source, out, quant):
     """What the prune planner asks the exporter (codes, block scales, float table, rotary tables) is what the graph
     holds (its initializers: the graph's nodes, a few KB, are not weights)."""
-    from vcompress.core.roofline import shapes
+    from vcompress.core.roofline_math import shapes
     from vcompress.exporters.tensorrt import TensorRTExport
 
     config = json.loads((source / "config.json").read_text())

@@ -20,7 +20,7 @@ from vcompress.core.export_manifest import read_manifest
 from vcompress.core.models import source_hash, weights_hash
 from vcompress.core.profiles import Budgets, Profile
 from vcompress.core.registry import STAGES
-from vcompress.core.scoring import drop_outcome
+from vcompress.core.scoring import drop_outcome, interval_outcome
 from vcompress.core.stage import Stage, StageConfig
 from vcompress.core.units import UNIT
 
@@ -118,6 +118,7 @@ class ValidateStage(Stage):
             "export_check": {k: v for k, v in read_manifest(ctx.source).items() if k in EXPORT_CHECK},  # parity, where it ran
             "passed": all(c["passed"] for c in checks),
             "checks": checks,
+            "calibrated_on": sorted({a for c in checks for a in c.get("calibrated_on") or []}),  # what the estimates rest on
             "accuracy": {"teacher": evaluation["teacher"]["accuracy"], "student": evaluation["student"]["accuracy"], "unit": "fraction"},
             "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "vcompress": __version__,
@@ -163,6 +164,14 @@ def eval_summary(report: dict) -> dict:
     }
 
 
+LATENCY_BUDGETS = {  # budget -> (latency.json figure, unit, True when the figure must stay at or below the limit)
+    "max_model_size_mb": ("model_size_mb", UNIT, True),
+    "max_peak_ram_mb": ("peak_rss_mb", UNIT, True),
+    "max_ttft_ms": ("ttft_ms", "ms", True),
+    "min_decode_tokens_per_s": ("decode_tokens_per_s", "tokens/s", False),
+}
+
+
 def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dict]:
     """One check per budget: the limit, the figure, its unit and where it came from."""
 
@@ -177,51 +186,12 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dic
             **extra,
         }
 
-    def lat(key):
-        fig = latency.get(key) or {}
-        extra = {k: fig[k] for k in ("device", "samples") if k in fig}
-        return fig.get("value"), fig.get("source", latency.get("source")), extra
-
-    size, size_src, size_extra = lat("model_size_mb")
-    ram, ram_src, ram_extra = lat("peak_rss_mb")
-    ttft, ttft_src, ttft_extra = lat("ttft_ms")
-    tps, tps_src, tps_extra = lat("decode_tokens_per_s")
     drop = evaluation["drop"]
     drop_result, drop_why = drop_outcome(drop, budgets.max_mmlu_drop_points)
     rise = evaluation["perplexity"]["rise_pct"]
     agreement = evaluation["answer_agreement"]
     return [
-        check(
-            "max_model_size_mb",
-            budgets.max_model_size_mb,
-            size,
-            UNIT,
-            size_src,
-            size is not None and size <= budgets.max_model_size_mb,
-            **size_extra,
-        ),
-        check(
-            "max_peak_ram_mb", budgets.max_peak_ram_mb, ram, UNIT, ram_src, ram is not None and ram <= budgets.max_peak_ram_mb, **ram_extra
-        ),
-        check(
-            "max_ttft_ms",
-            budgets.max_ttft_ms,
-            ttft,
-            "ms",
-            ttft_src,
-            ttft is not None and ttft <= budgets.max_ttft_ms,
-            prompt_tokens=budgets.prompt_tokens,
-            **ttft_extra,
-        ),
-        check(
-            "min_decode_tokens_per_s",
-            budgets.min_decode_tokens_per_s,
-            tps,
-            "tokens/s",
-            tps_src,
-            tps is not None and tps >= budgets.min_decode_tokens_per_s,
-            **tps_extra,
-        ),
+        *(latency_check(budget, getattr(budgets, budget), latency, budgets.prompt_tokens) for budget in LATENCY_BUDGETS),
         check(
             "max_mmlu_drop_points",
             budgets.max_mmlu_drop_points,
@@ -255,6 +225,37 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dic
     ]
 
 
+def latency_check(budget: str, limit: float, latency: dict, prompt_tokens: int) -> dict:
+    """A size, RAM or speed budget on its latency.json figure. A measured figure passes or fails on its value; an
+    estimated one on its band (`interval_outcome`): it passes only when the pessimistic end meets the limit and
+    fails when even the optimistic end misses it, otherwise it is undecided until measured on the device."""
+    key, unit, at_most = LATENCY_BUDGETS[budget]
+    fig = latency.get(key) or {}
+    value, source = fig.get("value"), fig.get("source", latency.get("source"))
+    low, high = fig.get("low", value), fig.get("high", value)
+    optimistic, pessimistic = (low, high) if at_most else (high, low)
+
+    def meets(x):
+        return x is not None and (x <= limit if at_most else x >= limit)
+
+    result = interval_outcome(meets(optimistic), meets(pessimistic)) if value is not None else "fail"
+    out = {"budget": budget, "limit": limit, "value": _round(value), "unit": unit, "source": source, "passed": result == "pass"}
+    out.update({k: fig[k] for k in ("device", "samples", "band_pct", "low", "high", "calibrated_on") if k in fig})
+    if budget == "max_ttft_ms":
+        out["prompt_tokens"] = prompt_tokens
+    if result == "undecided":
+        out["result"] = result
+        out["why"] = (
+            f"undecided: measure on the device (estimated {value:g} {unit}, {_end(low)} to {_end(high)} within its band; "
+            f"a measurement {'at or below' if at_most else 'at or above'} {limit:g} {unit} passes)"
+        )
+    return out
+
+
+def _end(x) -> str:
+    return "unknown" if x is None else f"{x:g}"
+
+
 def print_verdict(verdict: dict, console: Console | None = None) -> None:
     console = console or Console()
     if not verdict:
@@ -266,28 +267,56 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
     for col in ("budget", "limit", "figure", "unit", "source", "result"):
         table.add_column(col)
     for c in verdict["checks"]:
-        source = c.get("source") or "?"
-        if c.get("device") and source == "measured":
-            source = f"measured on {c['device']}"
         result = (
             "[green]pass[/green]" if c["passed"] else "[yellow]undecided[/yellow]" if c.get("result") == "undecided" else "[red]FAIL[/red]"
         )
         figure = "n/a" if c["value"] is None else f"{c['value']:g}"
         if c.get("ci95") and c["value"] is not None:  # the accuracy drop, judged on its paired interval
             figure += f" (95% CI {c['ci95'][0]:.2f} to {c['ci95'][1]:.2f})"
-        table.add_row(c["budget"], f"{c['limit']:g}", figure, c["unit"], source, result)
+        elif c.get("source") == "estimated" and "low" in c and c["value"] is not None:  # an estimate, judged on its band
+            figure += f" ({_end(c['low'])} to {_end(c['high'])})"
+        table.add_row(c["budget"], f"{c['limit']:g}", figure, c["unit"], check_source(c), result)
     console.print(table)
     for c in verdict["checks"]:
         if c.get("why"):
-            console.print(f"{c['budget']} ({c.get('format', 'letter')} MMLU): {c['why']}", soft_wrap=True)
+            what = f" ({c.get('format', 'letter')} MMLU)" if c["budget"] == "max_mmlu_drop_points" else ""
+            console.print(f"{c['budget']}{what}: {c['why']}", soft_wrap=True)
     acc = verdict.get("accuracy", {})
     if acc.get("teacher") is not None:
         console.print(f"MMLU accuracy: teacher {acc['teacher']:.3f}, student {acc['student']:.3f}")
-    console.print(
-        "[bold green]PASS[/bold green]"
-        if verdict["passed"]
-        else "[bold red]FAIL[/bold red]: " + ", ".join(c["budget"] for c in verdict["checks"] if not c["passed"])
-    )
+    anchors = sorted({a for c in verdict["checks"] for a in c.get("calibrated_on") or []})
+    if anchors:
+        console.print("estimates calibrated on: " + ", ".join(anchors), soft_wrap=True)
+    console.print(headline(verdict["checks"]), soft_wrap=True)
+
+
+def check_source(check: dict) -> str:
+    """`measured on <device>`, `estimated ±N%` (the band), or what the check says of itself."""
+    source = check.get("source") or "?"
+    if source == "measured" and check.get("device"):
+        return f"measured on {check['device']}"
+    if source == "estimated" and check.get("band_pct") is not None:
+        return f"estimated ±{check['band_pct']:g}%"
+    if source == "estimated" and "high" in check and check["high"] is None:
+        return "estimated, lower bound only"
+    return source
+
+
+def headline(checks: list[dict]) -> str:
+    """PASS (estimated) / PASS (measured) / FAIL: budgets / UNDECIDED (estimated): measure on the device."""
+    failed = [c["budget"] for c in checks if not c["passed"] and c.get("result") != "undecided"]
+    undecided = [c for c in checks if c.get("result") == "undecided"]
+    estimated = any(c.get("source") == "estimated" for c in checks)
+    if failed:
+        return "[bold red]FAIL[/bold red]: " + ", ".join(failed + [c["budget"] for c in undecided])
+    if undecided:
+        latency = [c["budget"] for c in undecided if c.get("source") == "estimated"]
+        accuracy = [c["budget"] for c in undecided if c.get("source") != "estimated"]
+        reasons = ([f"measure on the device ({', '.join(latency)})"] if latency else []) + (
+            [f"evaluate more questions ({', '.join(accuracy)})"] if accuracy else []
+        )
+        return f"[bold yellow]UNDECIDED{' (estimated)' if latency else ''}[/bold yellow]: " + "; ".join(reasons)
+    return f"[bold green]PASS ({'estimated' if estimated else 'measured'})[/bold green]"
 
 
 def _round(value):

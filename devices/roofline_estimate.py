@@ -7,8 +7,11 @@ Prefill is compute bound for any useful prompt length, so
     TTFT >= max(prompt FLOPs / peak compute, weight bytes / bandwidth),
 with prompt FLOPs = 2 * body params * prompt tokens + 2 * head params (only the last position's
 logits are computed, as every runner here does) + attention (QK^T and AV over the causal triangle).
-The profile's efficiency factor turns ceilings into expectations: decode * efficiency, TTFT / efficiency
-(published on-device decode runs at about 60-70% of the bandwidth ceiling).
+The profile's efficiencies turn ceilings into expectations: decode * decode_efficiency, TTFT /
+prefill_efficiency, both fitted on published measurements of the device's family and backend
+(devices/calibration.py). Each figure carries the profile's band (`band_pct`, its `low` and `high` ends) and the
+anchors it was calibrated on. Peak RAM is the whole process's: the runtime's baseline and what it holds beside the
+file (measured on the build host, core/runtime_memory.json) on top of weights, KV cache and activations.
 
 Weight bytes are the bytes the artifact actually stores (int4 / int8 / fp16 / fp32 as written), read
 from its model files (those the manifest lists, or an HF folder's safetensors): safetensors headers,
@@ -26,10 +29,18 @@ from pathlib import Path
 from vcompress.core.errors import InputError
 from vcompress.core.export_manifest import artifact_format, model_files, model_size_bytes, read_manifest
 from vcompress.core.profiles import Device
-from vcompress.core.roofline import DEFAULT_DECODE_TOKENS, peak_ram_bytes, roofline, shapes  # noqa: F401  (the arithmetic, shared with compress/)
+from vcompress.core.roofline_math import (  # noqa: F401  (the arithmetic, shared with compress/)
+    DEFAULT_DECODE_TOKENS,
+    peak_ram_bytes,
+    process_ram_bytes,
+    roofline,
+    runtime_memory,
+    shapes,
+)
 from vcompress.core.units import UNIT, figure, mib
 
 GATHER_OPS = {"Gather", "GatherBlockQuantized"}
+RAM_BAND_PCT = 20.0  # stated, not calibrated: the runtime's figures are the build host's; a device's allocator differs
 
 
 # --- what the artifact holds ----------------------------------------------------------
@@ -147,24 +158,20 @@ def estimate(artifact: Path | str, device: Device, *, prompt_tokens: int, decode
     weights = weight_bytes(artifact_model_files(artifact), tied=shape["tied"])
     kv_bytes = kv_bytes_per_element(artifact)
     line = roofline(shape, weights, device, prompt_tokens, decode_tokens, kv_bytes)
-    name = device.name
+    band = device.estimate_band_pct
     return {
-        "device": name,
+        "device": device.name,
         "device_kind": "roofline",
         "backend": artifact_format(artifact),
         "source": "estimated",
         "threads": device.threads,
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
-        "ttft_ms": figure(round(line["ttft_ms"], 3), "ms", measured=False, device=name),
-        "decode_tokens_per_s": figure(round(line["decode_tokens_per_s"], 2), "tokens/s", measured=False, device=name),
-        "peak_rss_mb": figure(
-            mib(peak_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_bytes), 1),
-            UNIT,
-            measured=False,
-            device=name,
-            note="lower bound: weights + KV cache + prefill activations, without the runtime itself",
+        "ttft_ms": banded(line["ttft_ms"], "ms", band.ttft, device.name, 3, calibrated_on=calibrated_on(device, "prefill_tokens_per_s")),
+        "decode_tokens_per_s": banded(
+            line["decode_tokens_per_s"], "tokens/s", band.decode, device.name, 2, calibrated_on=calibrated_on(device, "decode_tokens_per_s")
         ),
+        "peak_rss_mb": process_ram(artifact, shape, weights, prompt_tokens, decode_tokens, kv_bytes, device.name),
         "model_size_mb": figure(mib(model_size_bytes(artifact)), UNIT, measured=True),
         "roofline": {
             **line,
@@ -176,6 +183,50 @@ def estimate(artifact: Path | str, device: Device, *, prompt_tokens: int, decode
             },
         },
     }
+
+
+def banded(value: float, unit: str, band_pct: float, device: str, digits: int, **extra) -> dict:
+    """An estimated figure with its band: `low` and `high` are band_pct% either side of the value (low never below 0)."""
+    low, high = max(0.0, value * (1 - band_pct / 100)), value * (1 + band_pct / 100)
+    return figure(
+        round(value, digits),
+        unit,
+        measured=False,
+        device=device,
+        band_pct=band_pct,
+        low=round(low, digits),
+        high=round(high, digits),
+        **extra,
+    )
+
+
+def calibrated_on(device: Device, published: str) -> list[str]:
+    """The ids of the published measurements that give `published` (prefill_tokens_per_s or decode_tokens_per_s)
+    and so calibrate the device's efficiency and band for it."""
+    from .calibration import anchors_for  # not at import: `python -m vcompress.devices.calibration` runs it as a script
+
+    return [a["id"] for a in anchors_for(device) if a[published] is not None]
+
+
+def process_ram(artifact: Path, shape: dict, weights: dict, prompt_tokens: int, decode_tokens: int, kv_bytes: int, device: str) -> dict:
+    """The whole process's peak RSS, banded; where the runtime's own memory was never measured, the model's part
+    only, as the band's optimistic end with no pessimistic end (a maximum is then never met on it)."""
+    from .bench import session_backend  # not at import: `python -m vcompress.devices.bench` runs it as a script
+
+    session = session_backend(artifact, None)
+    runtime = runtime_memory(session, artifact_format(artifact))
+    if runtime is None:
+        model = mib(peak_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_bytes), 1)
+        note = f"the model's part only: what {session} holds itself was never measured (bench/runtime_ram.py)"
+        return figure(model, UNIT, measured=False, device=device, band_pct=None, low=model, high=None, calibrated_on=[], note=note)
+    whole = mib(process_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_bytes, runtime), 1)
+    note = (
+        f"the whole process: the runtime's {runtime['baseline_mib']:g} MiB, {runtime['fixed_mib']:g} MiB and "
+        f"{runtime['held_per_weight_byte']:g} bytes per weight byte it holds beside the file, weights, KV cache, activations"
+    )
+    return banded(
+        whole, UNIT, RAM_BAND_PCT, device, 1, calibrated_on=[f"{runtime['session']} on the build host (bench/runtime_ram.py)"], note=note
+    )
 
 
 def compare(measured: dict, estimated: dict) -> dict:

@@ -1,18 +1,23 @@
-"""The roofline arithmetic: latency ceilings and a peak-RAM floor from shapes and byte counts alone.
+"""The roofline arithmetic: latency ceilings and peak RAM from shapes and byte counts alone.
 
-Pure Python on config.json fields, so both devices/roofline.py (estimating an exported artifact from its
+Pure Python on config.json fields, so both devices/roofline_estimate.py (estimating an exported artifact from its
 files) and compress/ (predicting the artifact a plan would export, before any work) use the same sums.
-devices/roofline.py explains the model.
+devices/roofline_estimate.py explains the model.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 from .models import attention_shape
 from .profiles import Device
+from .units import MIB
 
 DEFAULT_DECODE_TOKENS = 64
+# What each runtime holds beside the file's weights, measured on the build host by bench/runtime_ram.py
+RUNTIME_MEMORY = Path(__file__).with_name("runtime_memory.json")
 
 
 def shapes(config: dict) -> dict:
@@ -55,10 +60,9 @@ def roofline(shape: dict, weights: dict, device: Device, prompt_tokens: int, dec
     memory_floor_s = weights["per_token_bytes"] / bandwidth
     ttft_floor_s = max(compute_floor_s, memory_floor_s)
 
-    eff = device.efficiency
     return {
-        "ttft_ms": ttft_floor_s / eff * 1e3,
-        "decode_tokens_per_s": decode_ceiling * eff,
+        "ttft_ms": ttft_floor_s / device.prefill_efficiency * 1e3,
+        "decode_tokens_per_s": decode_ceiling * device.decode_efficiency,
         "ttft_floor_ms": ttft_floor_s * 1e3,
         "decode_ceiling_tokens_per_s": decode_ceiling,
         "ttft_bound": "compute" if compute_floor_s >= memory_floor_s else "memory",
@@ -72,15 +76,36 @@ def roofline(shape: dict, weights: dict, device: Device, prompt_tokens: int, dec
         "bytes_read_per_decode_token": bytes_per_token,
         "memory_bandwidth_gbs": device.memory_bandwidth_gbs,
         "peak_compute_gflops": device.peak_compute_gflops,
-        "efficiency": eff,
+        "prefill_efficiency": device.prefill_efficiency,
+        "decode_efficiency": device.decode_efficiency,
     }
 
 
 def peak_ram_bytes(shape: dict, weights: dict, prompt_tokens: int, decode_tokens: int, kv_element_bytes: int = 4) -> int:
-    """A lower bound on resident memory: all stored weights, the KV cache at the full context, and
+    """The model's part of resident memory: all stored weights, the KV cache at the full context, and
     the prefill's largest activations (attention scores of one layer, MLP hidden, the last logits).
-    The runtime's own code and allocator slack are not included."""
+    A lower bound on the process: process_ram_bytes adds the runtime's own."""
     P, context = prompt_tokens, prompt_tokens + decode_tokens
     kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * kv_element_bytes * context
     activations = 4 * (shape["query_heads"] * P * P + 2 * P * shape["intermediate_size"] + shape["vocab_size"])
     return weights["stored_bytes"] + kv + activations
+
+
+def runtime_memory(session: str | None, fmt: str | None = None) -> dict | None:
+    """{baseline_mib, fixed_mib, held_per_weight_byte} of the runtime an artifact runs through (devices/bench.py's session
+    name: genai, onnx, litertlm, tflite), else the largest figures of those that run `fmt`; None where none
+    was measured."""
+    runtimes = json.loads(RUNTIME_MEMORY.read_text())["runtimes"]
+    rows = [runtimes[session]] if session in runtimes else [r for r in runtimes.values() if r["format"] == fmt]
+    if not rows:
+        return None
+    return {"session": session or fmt, **{k: max(r[k] for r in rows) for k in ("baseline_mib", "fixed_mib", "held_per_weight_byte")}}
+
+
+def process_ram_bytes(shape: dict, weights: dict, prompt_tokens: int, decode_tokens: int, kv_element_bytes: int, runtime: dict) -> int:
+    """Peak resident memory of the whole process: the runtime before the model (its baseline), what it holds beside
+    the file (a fixed part, and packed or prepacked weight copies per stored weight byte) and the model's part
+    (peak_ram_bytes)."""
+    model = peak_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_element_bytes)
+    beside = runtime["fixed_mib"] * MIB + runtime["held_per_weight_byte"] * weights["stored_bytes"]
+    return round(runtime["baseline_mib"] * MIB + beside + model)
