@@ -18,7 +18,7 @@ import torch
 from pydantic import AfterValidator, Field
 
 from vcompress.core.artifact import MANIFEST, write_json
-from vcompress.core.errors import CheckFailed, InputError, Unsupported
+from vcompress.core.errors import InputError, Refused, Unsupported
 from vcompress.core.layer_stream import (
     DequantizedStream,
     LayerStream,
@@ -216,7 +216,7 @@ def gate(
     manifest["parity"] = result
     write_json(ctx.out / MANIFEST, manifest)
     if not result["passed"]:
-        raise CheckFailed(
+        raise Refused(
             f"{label} parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)"
         )
     return result
