@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vcompress.core.errors import InputError, VcompressError
-from vcompress.core.manifest import artifact_format, model_size_bytes
+from vcompress.core.manifest import artifact_format, model_size_bytes, session_runtime
 from vcompress.core.units import UNIT, figure, mib
 
 SESSIONS = Path(__file__).resolve().parents[1] / "exporters"  # beside devices/ in a checkout and an install
@@ -115,7 +115,7 @@ def session_backend(artifact: Path, backend: str | None) -> str:
 def open_artifact(artifact: Path, backend: str | None, threads: int | None) -> Opened:
     try:
         session = load_session_module(session_backend(artifact, backend))
-        runtime = importlib.import_module(session.RUNTIME) if session else None
+        runtime = session_runtime(session) if session else None
     except ImportError as e:
         fallback = f" (or measure vcompress's own loop with --backend {OWN_LOOP[e.name]})" if e.name in OWN_LOOP else ""
         fmt = backend or artifact_format(artifact)
@@ -128,8 +128,7 @@ def open_artifact(artifact: Path, backend: str | None, threads: int | None) -> O
         runner = session.Session(artifact, threads=threads)
     except session.SessionError as e:
         raise InputError(str(e)) from None
-    version = getattr(session, "VERSION", None) or getattr(sys.modules[runtime.__name__.partition(".")[0]], "__version__", None)
-    return Opened(runner, baseline, time.perf_counter() - start, {"module": runtime.__name__, "version": version}, np.asarray)
+    return Opened(runner, baseline, time.perf_counter() - start, runtime, np.asarray)
 
 
 def open_torch_runner(artifact: Path, backend: str, threads: int | None) -> Opened:

@@ -9,6 +9,7 @@ An exporter module registers its Stage once, `@EXPORTERS.register(FORMAT)`, and 
 
 from __future__ import annotations
 
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -29,6 +30,7 @@ from vcompress.core.layer_stream import (
     too_big_for_memory,
     total_memory,
 )
+from vcompress.core.manifest import session_runtime
 from vcompress.core.models import check_supported
 from vcompress.core.quant_format import load_dequantized, read_manifest
 from vcompress.core.runner import Runner
@@ -305,6 +307,10 @@ class SessionRunner(Runner):
     def open_session(self):
         """The numpy session over the artifact folder `self.path`."""
         raise NotImplementedError
+
+    @property
+    def runtime(self) -> dict:
+        return session_runtime(sys.modules[type(self.session).__module__])
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         logits, state = self._call(self.session.prefill, input_ids.cpu().numpy())
