@@ -47,6 +47,10 @@ class Device(Strict):
     peak_compute_gflops: float = Field(gt=0, description="peak compute of the unit that runs the model, GFLOP/s")
     efficiency: float = Field(0.65, gt=0, le=1, description="fraction of the roofline reached in practice")
     threads: int | None = Field(None, gt=0)
+    isa: list[str] | None = Field(
+        None,
+        description="CPU features the runtime's kernels use on the device (avx2, avx512_vnni, asimddp, i8mm...), as /proc/cpuinfo names them",
+    )
     connection: Connection = Connection()
 
 

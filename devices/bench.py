@@ -18,7 +18,9 @@ loop. A TFLite folder with model.litertlm runs through LiteRT-LM (`_litertlm_ses
 benchmark times each run (its Python API takes no token ids); `--backend tflite` runs our interpreter
 loop. An HF folder runs through the torch Runner (backend torch).
 Peak RSS (VmHWM) is reported beside the runtime's baseline, the RSS after importing the runtime and
-before loading the model; the difference is the model's share. Sizes are MiB.
+before loading the model; the difference is the model's share. Sizes are MiB. `host` is the machine that ran it
+(devices/fingerprint.py, loaded by path: CPU, cores, kernel ISA features, copy bandwidth and GEMM speed measured
+after the timed runs and the peak RSS), so a board over ssh reports its own.
 
 Devices run this file by path (see `base.bench_command`), not as part of the vcompress.devices
 package, whose other modules import torch; `python -m vcompress.devices.bench` re-executes it so.
@@ -77,14 +79,21 @@ def load_session_module(backend: str):
     """exporters/_<backend>_session.py, loaded by path without the exporters package (whose
     __init__ imports every exporter, and torch with them); None when the backend has none."""
     path = SESSIONS / f"_{backend}_session.py"
-    if not path.is_file():
-        return None
-    name = f"_bench_{backend}_session"
+    return load_by_path(f"_bench_{backend}_session", path) if path.is_file() else None
+
+
+def load_by_path(name: str, path: Path):
+    """A module from its file, without importing the package around it (vcompress.devices imports torch)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def host_fingerprint(threads: int | None) -> dict:
+    """devices/fingerprint.py's record of this host, its copy bandwidth and GEMM speed measured now."""
+    return load_by_path("_bench_fingerprint", Path(__file__).with_name("fingerprint.py")).fingerprint(threads)
 
 
 class Opened(NamedTuple):
@@ -209,7 +218,8 @@ def run_benchmark(
         if i >= warmup:
             ttft_ms.append(round(first_s * 1e3, 3))
             decode_tps.append(round(decode_tokens / decode_s, 2))
-    peak, baseline = rss_mib("VmHWM"), opened.baseline_mib
+    peak, baseline = rss_mib("VmHWM"), opened.baseline_mib  # read before the fingerprint's buffers raise the peak
+    threads = getattr(runner, "threads", None) or threads
 
     device = device_label or f"{platform.machine()} host"
     return {
@@ -217,7 +227,7 @@ def run_benchmark(
         "device_kind": device_kind,
         "backend": backend,
         "source": "measured",
-        "threads": getattr(runner, "threads", None) or threads,
+        "threads": threads,
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
         "runs": runs,
@@ -238,6 +248,7 @@ def run_benchmark(
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
         },
+        "host": host_fingerprint(threads),
     }
 
 
