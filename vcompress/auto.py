@@ -193,11 +193,11 @@ def no_winner_error(summary: dict) -> VcompressError | None:
     stopped = [c for c in summary["candidates"] if c["status"] == "error"]
     if summary["winner"] or not stopped:
         return None
-    first = max(stopped, key=lambda c: c["exit_code"] or 0)
+    worst = max(stopped, key=lambda c: c["exit_code"] or 0)
     error = VcompressError(
-        f"no candidate passed, and {len(stopped)} stopped on an error before a verdict, e.g. {first['name']}: {first['reason']}"
+        f"no candidate passed, and {len(stopped)} stopped on an error before a verdict, e.g. {worst['name']}: {worst['reason']}"
     )
-    error.exit_code = first["exit_code"] or 2
+    error.exit_code = worst["exit_code"] or 2
     return error
 
 
