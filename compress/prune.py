@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vcompress.core.artifact import figure, read_json, write_json
-from vcompress.core.errors import CheckFailed, InputError
+from vcompress.core.errors import InputError, InternalError
 from vcompress.core.models import bytes_on_disk, save_model
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import torch_logits_fn
@@ -462,5 +462,5 @@ def check_reload(model, folder: Path, ids: torch.Tensor) -> float:
     got = reloaded(input_ids=ids, use_cache=False).logits
     diff = (want - got).abs().max().item()
     if diff > 1e-3 * max(1.0, want.abs().max().item()):
-        raise CheckFailed(f"the saved pruned model reloads with different logits (max diff {diff:.3g}); this is a bug, please report it")
+        raise InternalError(f"the saved pruned model reloads with different logits (max diff {diff:.3g}); this is a bug, please report it")
     return diff

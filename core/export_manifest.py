@@ -6,7 +6,9 @@ Pure Python on purpose: the latency bench reads artifacts in a process that must
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
 from .errors import InputError
@@ -55,3 +57,12 @@ def model_files(artifact: Path | str) -> list[Path]:
 
 def model_size_bytes(artifact: Path | str) -> int:
     return sum(p.stat().st_size for p in model_files(artifact))
+
+
+def session_runtime(session_module) -> dict:
+    """{"module", "version"} of the runtime a session module (exporters/_<backend>_session.py, whose RUNTIME names
+    the module it runs on) imports: the session's own VERSION where that module has no __version__ (LiteRT-LM), else
+    the runtime package's. Raises ImportError when the runtime is not installed."""
+    runtime = importlib.import_module(session_module.RUNTIME)
+    package = sys.modules[runtime.__name__.partition(".")[0]]
+    return {"module": runtime.__name__, "version": getattr(session_module, "VERSION", None) or getattr(package, "__version__", None)}

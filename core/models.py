@@ -361,9 +361,28 @@ def bytes_on_disk(path: Path | str) -> int:
 
 def weights_hash(path: Path | str) -> str:
     """sha256 over the model files of an artifact (core.export_manifest.model_files) or of one file, in name order."""
-    files = sorted(model_files(path), key=lambda p: p.name)
+    return files_hash(model_files(path))
+
+
+# What a transformers tokenizer reads from a folder (the fast, the slow and the SentencePiece forms).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model")
+TOKENIZER_VOCABS = ("vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_hash(folder: Path | str) -> str | None:
+    """sha256 over a folder's tokenizer files, in name order; None for a file (a GGUF carries its tokenizer inside,
+    so its weights hash covers it) or a folder without any."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    files = [folder / name for name in (*TOKENIZER_FILES, *TOKENIZER_VOCABS) if (folder / name).is_file()]
+    return files_hash(files) if files else None
+
+
+def files_hash(files) -> str:
+    """sha256 over files' names and bytes, in name order."""
     digest = hashlib.sha256()
-    for file in files:
+    for file in sorted(files, key=lambda p: p.name):
         digest.update(file.name.encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -66,6 +66,10 @@ class Device(Strict):
     decode_efficiency: float = Field(0.65, gt=0, le=1)
     estimate_band_pct: EstimateBand = EstimateBand()
     threads: int | None = Field(None, gt=0)
+    isa: list[str] | None = Field(
+        None,
+        description="CPU features the runtime's kernels use on the device (avx2, avx512_vnni, asimddp, i8mm...), as /proc/cpuinfo names them",
+    )
     connection: Connection = Connection()
 
 

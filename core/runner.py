@@ -39,6 +39,12 @@ class Runner(abc.ABC):
     def decode(self, token_id: int, state: Any) -> tuple[torch.Tensor, Any]:
         """Feed one token after the state; return its logits [vocab] and the new state."""
 
+    @property
+    def runtime(self) -> dict:
+        """What computes this runner's logits, with versions ({"module": ..., "version": ...} or {package: version}):
+        part of the key of the answers cached on disk, so a runtime upgrade scores again. Empty where unknown."""
+        return {}
+
     def continuation_logits(self, prefixes: list[torch.Tensor], continuations: list[list[torch.Tensor]]) -> list[list[torch.Tensor]] | None:
         """For each prefix [P] and each of its continuations [C], logits [C, vocab] whose row j predicts
         continuation[j] (row 0: the prefix's last logits). A prefix runs once for all its continuations,

@@ -437,19 +437,32 @@ def answers_cache_dir() -> Path:
     return cache_dir() / "answers"
 
 
-def cached_mmlu_logprobs(
-    model_hash: str | None, logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], *, backend: str = "", **options
-) -> torch.Tensor:
-    """`mmlu_logprobs`, kept under the cache dir when `model_hash` (the weights' sha256) is given.
+# The code that turns a model into answers: the prompts, the question sets and the scoring. A change to either
+# file may change the answers, so their bytes are part of the cache key (a release's version would miss edits).
+SCORING_SOURCES = (Path(__file__), Path(__file__).with_name("data.py"))
 
-    The key is the model hash, the backend, the tokenizer's size and every prompt and continuation
-    scored (so the question set, the format, the shots and their exemplars), and the truncation.
+
+def scoring_code_hash() -> str:
+    digest = hashlib.sha256()
+    for source in SCORING_SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def cached_mmlu_logprobs(model: dict | None, logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], **options) -> torch.Tensor:
+    """`mmlu_logprobs`, kept under the cache dir when `model` (what identifies the scored model) is given.
+
+    `model` names everything outside this call that changes the answers: the weights' sha256, config.json's, the
+    tokenizer files', the backend and its runtime with versions, the vcompress version. The key adds the scoring
+    code's hash, the tokenizer's size, every prompt and continuation scored (so the question set, the format, the
+    shots and their exemplars) and the truncation.
     """
-    if not model_hash:
+    if not model:
         return mmlu_logprobs(logits_fn, tokenizer, questions, **options)
     fmt, shots = options.get("format", "letter"), options.get("shots", 0)
     items = [prompt_and_continuations(q, exemplars_for(options.get("dev"), q.subject, shots), fmt) for q in questions]
-    digest = hashlib.sha256(json.dumps([model_hash, backend, len(tokenizer), options.get("max_length"), items]).encode())
+    key = [model, scoring_code_hash(), len(tokenizer), options.get("max_length"), items]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     path = answers_cache_dir() / f"{fmt}-{shots}shot-{len(questions)}q-{digest.hexdigest()[:24]}.json"
     try:
         saved = torch.tensor(json.loads(path.read_text())["logprobs"], dtype=torch.float32)
@@ -460,18 +473,7 @@ def cached_mmlu_logprobs(
     logprobs = mmlu_logprobs(logits_fn, tokenizer, questions, **options)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "model_hash": model_hash,
-                "backend": backend,
-                "format": fmt,
-                "shots": shots,
-                "questions": len(questions),
-                "logprobs": logprobs.tolist(),
-            }
-        )
-    )
+    tmp.write_text(json.dumps({**model, "format": fmt, "shots": shots, "questions": len(questions), "logprobs": logprobs.tolist()}))
     tmp.replace(path)
     return logprobs
 

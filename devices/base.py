@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import abc
 import platform
+import signal
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vcompress.core.errors import InputError
+from vcompress.core.errors import InputError, InternalError
 from vcompress.core.profiles import Profile
 from vcompress.core.registry import DEVICES
 
@@ -124,6 +125,24 @@ def bench_command(python: list[str], artifact: str, settings: Settings, label: s
     if settings.backend:
         args += ["--backend", settings.backend]
     return [str(a) for a in args]
+
+
+BAD_INPUT_EXIT = 2  # bench.py's exit code for a VcompressError of input kind (InputError, Unsupported): its one line
+
+
+def bench_error(returncode: int, stderr: str, what: str) -> Exception:
+    """The error for a bench.py process that exited with `returncode`: exit 2 is bench.py's own one line about its
+    input (an artifact it cannot read), anything else a crash (a Python traceback exits 1, a native fault or the
+    kernel's OOM killer a signal): an internal error whose message carries the stderr tail for the log."""
+    if returncode == BAD_INPUT_EXIT:
+        return InputError(f"{what} failed: {last_line(stderr).removeprefix('error: ')}")
+    how = (
+        f"killed by {signal.Signals(-returncode).name}"
+        if returncode < 0 and -returncode in signal.valid_signals()
+        else f"exit {returncode}"
+    )
+    tail = "\n".join((stderr or "").splitlines()[-40:])
+    return InternalError(f"{what} crashed ({how}): {last_line(stderr)}\n--- the benchmark's stderr, last lines ---\n{tail}")
 
 
 def last_line(text: str) -> str:

@@ -17,7 +17,9 @@ folder runs through ONNX Runtime GenAI's generator by default (`--backend onnxru
 TFLite folder through LiteRT-LM, whose own benchmark times each run (`--backend tflite`: our
 interpreter loop). An HF folder runs through the torch Runner (backend torch).
 Peak RSS (VmHWM) is reported beside the runtime's baseline, the RSS after importing the runtime and
-before loading the model; the difference is the model's share. Sizes are MiB.
+before loading the model; the difference is the model's share. Sizes are MiB. `host` is the machine that ran it
+(devices/fingerprint.py, loaded by path: CPU, cores, kernel ISA features, copy bandwidth and GEMM speed measured
+after the timed runs and the peak RSS), so a board over ssh reports its own.
 
 Devices run this file by path (see `base.bench_command`), not as part of the vcompress.devices
 package, whose other modules import torch; `python -m vcompress.devices.bench` re-executes it so.
@@ -44,7 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vcompress.core.errors import InputError, VcompressError
-from vcompress.core.export_manifest import artifact_format, model_size_bytes, read_manifest
+from vcompress.core.export_manifest import artifact_format, model_size_bytes, read_manifest, session_runtime
 from vcompress.core.units import UNIT, figure, mib
 
 
@@ -96,11 +98,21 @@ def load_session(module: str):
     spec = importlib.util.find_spec(package)
     path = Path(spec.submodule_search_locations[0]) / f"{leaf}.py"
     name = f"_bench_{leaf}"
+    return load_by_path(name, path)
+
+
+def load_by_path(name: str, path: Path):
+    """A module from its file, without importing the package around it (vcompress.devices imports torch)."""
     spec = importlib.util.spec_from_file_location(name, path)
     loaded = importlib.util.module_from_spec(spec)
     sys.modules[name] = loaded  # dataclasses look their module up there
     spec.loader.exec_module(loaded)
     return loaded
+
+
+def host_fingerprint(threads: int | None) -> dict:
+    """devices/fingerprint.py's record of this host, its copy bandwidth and GEMM speed measured now."""
+    return load_by_path("_bench_fingerprint", Path(__file__).with_name("fingerprint.py")).fingerprint(threads)
 
 
 class Opened(NamedTuple):
@@ -115,7 +127,7 @@ def open_artifact(artifact: Path, backend: str | None, threads: int | None) -> O
     module = session_module(artifact, backend)
     try:
         session = load_session(module) if module else None
-        runtime = importlib.import_module(session.RUNTIME) if session else None
+        runtime = session_runtime(session) if session else None
     except ImportError as e:
         others = [b for b, m in read_manifest(artifact)["sessions"].items() if m != module]
         fallback = f" (or measure it another way: --backend {' or '.join(others)})" if others else ""
@@ -129,8 +141,7 @@ def open_artifact(artifact: Path, backend: str | None, threads: int | None) -> O
         runner = session.Session(artifact, threads=threads)
     except session.SessionError as e:
         raise InputError(str(e)) from None
-    version = getattr(session, "VERSION", None) or getattr(sys.modules[runtime.__name__.partition(".")[0]], "__version__", None)
-    return Opened(runner, baseline, time.perf_counter() - start, {"module": runtime.__name__, "version": version}, np.asarray)
+    return Opened(runner, baseline, time.perf_counter() - start, runtime, np.asarray)
 
 
 def open_torch_runner(artifact: Path, backend: str, threads: int | None) -> Opened:
@@ -211,7 +222,8 @@ def run_benchmark(
         if i >= warmup:
             ttft_ms.append(round(first_s * 1e3, 3))
             decode_tps.append(round(decode_tokens / decode_s, 2))
-    peak, baseline = rss_mib("VmHWM"), opened.baseline_mib
+    peak, baseline = rss_mib("VmHWM"), opened.baseline_mib  # read before the fingerprint's buffers raise the peak
+    threads = getattr(runner, "threads", None) or threads
 
     device = device_label or f"{platform.machine()} host"
     return {
@@ -219,7 +231,7 @@ def run_benchmark(
         "device_kind": device_kind,
         "backend": backend,
         "source": "measured",
-        "threads": getattr(runner, "threads", None) or threads,
+        "threads": threads,
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
         "runs": runs,
@@ -240,6 +252,7 @@ def run_benchmark(
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
         },
+        "host": host_fingerprint(threads),
     }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from vcompress.core.errors import InputError
 from vcompress.core.registry import DEVICES
 
-from .base import LatencyDevice, bench_command, host_label, last_line, parse_bench_json
+from .base import LatencyDevice, bench_command, bench_error, host_label, parse_bench_json
 
 
 @DEVICES.register("host")
@@ -35,5 +35,5 @@ class HostDevice(LatencyDevice):
                 f"the host benchmark of {artifact} ran past {self.settings.timeout_s:.0f} s; lower --runs or --prompt-tokens, or raise the timeout"
             ) from None
         if done.returncode != 0:
-            raise InputError(f"the host benchmark of {artifact} failed: {last_line(done.stderr)}")
+            raise bench_error(done.returncode, done.stderr, f"the host benchmark of {artifact}")
         return parse_bench_json(done.stdout, "this host")

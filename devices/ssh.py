@@ -19,7 +19,7 @@ from pydantic import Field
 from vcompress.core.errors import InputError
 from vcompress.core.registry import DEVICES
 
-from .base import LatencyDevice, Settings, bench_command, last_line, parse_bench_json
+from .base import LatencyDevice, Settings, bench_command, bench_error, last_line, parse_bench_json
 
 
 class SshSettings(Settings):
@@ -74,7 +74,7 @@ class SshDevice(LatencyDevice):
         command = bench_command(shlex.split(self.settings.python), self.remote_path(artifact), self.settings, self.label, self.kind)
         return " ".join(shlex.quote(word) for word in command)
 
-    def _run(self, command: list[str], what: str, timeout: float) -> subprocess.CompletedProcess:
+    def _run(self, command: list[str], what: str, timeout: float, bench: bool = False) -> subprocess.CompletedProcess:
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         except FileNotFoundError:
@@ -85,8 +85,15 @@ class SshDevice(LatencyDevice):
             raise InputError(
                 f"cannot reach {self.target} to {what}: {last_line(done.stderr)}; check host, user, port and that your key is authorized"
             )
+        missing = "No module named" in done.stderr or done.returncode == 127  # vcompress or the board's python itself
+        if done.returncode != 0 and bench and not missing:
+            raise bench_error(done.returncode, done.stderr, f"the benchmark on {self.target}")
         if done.returncode != 0:
-            hint = "; install vcompress for that Python on the board (pip install vcompress)" if "No module named" in done.stderr else ""
+            hint = (
+                "; install vcompress for that Python on the board (pip install vcompress), or set device.connection.python"
+                if missing
+                else ""
+            )
             raise InputError(f"{what} on {self.target} failed: {last_line(done.stderr)}{hint}")
         return done
 
@@ -98,5 +105,5 @@ class SshDevice(LatencyDevice):
         workdir, remote = shlex.quote(s.workdir), shlex.quote(self.remote_path(artifact))
         self._run(self.ssh_command(f"mkdir -p {workdir} && rm -rf {remote}"), "prepare the workdir", s.connect_timeout_s * 4)
         self._run(self.copy_command(artifact), "copy the artifact", s.timeout_s)
-        done = self._run(self.ssh_command(self.bench_command(artifact)), "run the benchmark", s.timeout_s)
+        done = self._run(self.ssh_command(self.bench_command(artifact)), "run the benchmark", s.timeout_s, bench=True)
         return parse_bench_json(done.stdout, self.target)

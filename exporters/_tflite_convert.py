@@ -16,7 +16,7 @@ import contextlib
 import io
 from pathlib import Path
 
-from vcompress.core.errors import Unsupported
+from vcompress.core.errors import InternalError, Unsupported
 
 # ai-edge-quantizer recipes: weights per channel, activations stay float32 (quantized on the fly).
 # "none" must be spelled out: litert-torch quantizes to int8 when no recipe is given.
@@ -37,8 +37,9 @@ def convert(
     hf_folder: Path, work: Path, *, model_type: str, quant: str, prefill_lengths: list[int], cache_length: int, log=print
 ) -> tuple[Path, Path]:
     """The .tflite written under `work` (quantized when asked) and the LiteRT-LM bundle holding it.
-    Raises Unsupported when the converter or the packaging cannot."""
+    Raises Unsupported when the converter cannot take the architecture, InternalError when it fails on one it takes."""
     transcript = io.StringIO()
+    work.mkdir(parents=True, exist_ok=True)  # convert.log goes there even when the converter fails before making it
     try:
         # importing it imports transformers model classes whose docstring checks print on stdout
         with contextlib.redirect_stdout(transcript):
@@ -62,25 +63,33 @@ def convert(
             )
     except Exception as e:  # the converter's failures are of every kind (AttributeError, RuntimeError, ...)
         (work / "convert.log").write_text(transcript.getvalue())
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if (work / _model_name(quant)).is_file():  # packaging runs last: the model converted, the bundle did not
-            raise Unsupported(
-                f"litert-torch converted {model_type!r} but could not package the LiteRT-LM bundle ({type(e).__name__}: {message}); "
-                f"see {work / 'convert.log'}"
-            ) from None
-        raise Unsupported(
-            f"litert-torch cannot convert architecture {model_type!r} to TFLite ({type(e).__name__}: {message}); "
-            f"checked architectures: {', '.join(CHECKED)}. Export it with `vcompress export onnx` instead"
-        ) from None
+        raise _conversion_error(e, model_type, work, packaged=(work / _model_name(quant)).is_file()) from e
     (work / "convert.log").write_text(transcript.getvalue())
     model, bundle = work / _model_name(quant), work / "model.litertlm"
     for path in (model, bundle):
         if not path.is_file():
-            raise Unsupported(f"litert-torch wrote no {path.name} under {work} (see convert.log there)")
+            raise InternalError(f"litert-torch reported success but wrote no {path.name} under {work}; its log: {work / 'convert.log'}")
     log(
         f"converted with litert-torch: {model.stat().st_size / 1e6:.1f} MB ({quant}), LiteRT-LM bundle {bundle.stat().st_size / 1e6:.1f} MB"
     )
     return model, bundle
+
+
+def _conversion_error(e: Exception, model_type: str, work: Path, packaged: bool) -> Exception:
+    """What a converter exception means: on an architecture outside CHECKED, that litert-torch cannot take it
+    (Unsupported, exit 2: export ONNX instead); on a checked one, a crash of the converter or of ours on an
+    input it converts (InternalError, exit 3), not something the user's input could fix."""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    step = "package the LiteRT-LM bundle of" if packaged else "convert"  # packaging runs last: the model converted, the bundle did not
+    log = work / "convert.log"
+    if model_type in CHECKED:
+        return InternalError(
+            f"litert-torch failed to {step} {model_type!r}, an architecture it converts ({type(e).__name__}: {message}); its log: {log}"
+        )
+    return Unsupported(
+        f"litert-torch cannot {step} architecture {model_type!r} ({type(e).__name__}: {message}); checked architectures: "
+        f"{', '.join(CHECKED)}. Export it with `vcompress export onnx` instead (converter log: {log})"
+    )
 
 
 def _model_name(quant: str) -> str:

@@ -9,6 +9,7 @@ An exporter module registers its Stage once, `@EXPORTERS.register(FORMAT)`, and 
 
 from __future__ import annotations
 
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -18,7 +19,7 @@ import torch
 from pydantic import AfterValidator, Field
 
 from vcompress.core.artifact import MANIFEST, write_json
-from vcompress.core.errors import CheckFailed, InputError, Unsupported
+from vcompress.core.errors import InputError, Refused, Unsupported
 from vcompress.core.layer_stream import (
     DequantizedStream,
     LayerStream,
@@ -29,6 +30,7 @@ from vcompress.core.layer_stream import (
     too_big_for_memory,
     total_memory,
 )
+from vcompress.core.manifest import session_runtime
 from vcompress.core.models import check_supported
 from vcompress.core.quant_format import load_dequantized, read_quant_grid
 from vcompress.core.registry import EXPORTERS, STAGES
@@ -281,7 +283,7 @@ def gate(
     manifest["parity"] = result
     write_json(ctx.out / MANIFEST, manifest)
     if not result["passed"]:
-        raise CheckFailed(
+        raise Refused(
             f"{label} parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)"
         )
     return result
@@ -370,6 +372,10 @@ class SessionRunner(Runner):
     def open_session(self):
         """The numpy session over the artifact folder `self.path`."""
         raise NotImplementedError
+
+    @property
+    def runtime(self) -> dict:
+        return session_runtime(sys.modules[type(self.session).__module__])
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         logits, state = self._call(self.session.prefill, input_ids.cpu().numpy())

@@ -9,7 +9,7 @@
   manifest.json                  "format": "onnx", runtime and its version, files, inputs/outputs with
                                  dtypes and shapes, quantization, parity thresholds and results
   recipe.yaml, metrics.json      written by vcompress.core.stage.execute
-Every export checks itself against PyTorch (base.parity); a failed check raises CheckFailed and
+Every export checks itself against PyTorch (base.parity); a failed check raises Refused and
 leaves no artifact behind.
 
 Streamed (`stream` on, or auto when the fp32 model would not fit in memory): the graph is built from

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.data import pack, texts_for
-from vcompress.core.errors import CheckFailed, InputError, Unsupported
+from vcompress.core.errors import InputError, Refused, Unsupported
 from vcompress.core.models import Intake
 from vcompress.core.quant_format import grid_bits
 from vcompress.core.registry import EXPORTERS
@@ -107,7 +107,7 @@ class TensorRTExport(Exporter):
         )
         write_json(ctx.out / MANIFEST, manifest)
         if not check["tensorrt_ready"]:
-            raise CheckFailed(f"the graph is not TensorRT-ready: {_trt_ops.summary(check)}")
+            raise Refused(f"the graph is not TensorRT-ready: {_trt_ops.summary(check)}; the export was not written")
         parity_cfg = cfg.model_copy(update={"max_abs_diff": cfg.max_abs_diff_fp16}) if cfg.precision == "fp16" else cfg
         result = gate(
             ctx, TensorRTRunner, model, tokenizer, parity_cfg, manifest, "TensorRT graph (ONNX Runtime CPU)", dequantized=bool(grid)

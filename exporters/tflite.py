@@ -12,7 +12,7 @@ and its LiteRT Runner.
   recipe.yaml, metrics.json      written by vcompress.core.stage.execute
 The conversion is litert-torch's (_tflite_convert.py, the optional [tflite] extra). Every export checks
 itself against PyTorch with the exporters' shared parity check (base.parity); a failed check raises
-CheckFailed and leaves no artifact behind. Where litert-lm-api is installed the bundle is also loaded
+Refused and leaves no artifact behind. Where litert-lm-api is installed the bundle is also loaded
 in LiteRT-LM, and one it refuses fails the export the same way.
 """
 
@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 
 from vcompress.core.artifact import MANIFEST, write_json
-from vcompress.core.errors import CheckFailed, Unsupported
+from vcompress.core.errors import Refused, Unsupported
 from vcompress.core.models import Intake, ModelSource, attention_shape, bytes_on_disk, save_model
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
@@ -171,7 +171,7 @@ def _bundle_loads(ctx: StageContext) -> str:
         try:
             _litertlm_session.Session(ctx.out, threads=1).close()
         except _litertlm_session.SessionError as e:
-            raise CheckFailed(f"{e}; the export was not written") from None
+            raise Refused(f"{e}; the export was not written") from None
         said = f"loaded by LiteRT-LM {_litertlm_session.VERSION}"
     ctx.log(f"{BUNDLE_FILE}: {said}")
     return said

@@ -37,6 +37,12 @@ class TorchRunner(Runner):
         self.max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
     @property
+    def runtime(self) -> dict:
+        import transformers
+
+        return {"torch": torch.__version__, "transformers": transformers.__version__}  # transformers writes the forward
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -73,8 +73,10 @@ def make_run(
     fmt: str = "onnx",
     git_commit: str = "0123456789abcdef0123456789abcdef01234567",
     seed: int = 0,
+    host: dict | None = None,
 ) -> Path:
-    """A finished run folder whose verdict follows the x86-cpu budgets from the figures given."""
+    """A finished run folder whose verdict follows the x86-cpu budgets from the figures given; `host`: the measuring
+    host's fingerprint in latency.json (devices/fingerprint.py), none when not given (runs before it existed)."""
     root.mkdir(parents=True, exist_ok=True)
     finished = started + timedelta(minutes=30)
     ttft = sorted(ttft_samples)[len(ttft_samples) // 2]
@@ -152,6 +154,7 @@ def make_run(
                 "decode_tokens_per_s": {"value": 210.0, "unit": "tokens/s", "source": "estimated"},
                 "ratio_measured_to_estimated": round(ttft / 61.0, 3),
             },
+            **({"host": host} if host else {}),
         },
     )
     _write(
@@ -223,12 +226,14 @@ def nightly(
     slowdown: float = 0.20,
     seed: int = 0,
     end: datetime | None = None,
+    hosts: list[dict | None] | None = None,
     **kwargs,
 ) -> list[Path]:
     """`nights` nightly runs, one a day up to `end` (default: 2 hours ago), with realistic noise.
 
     Each night's level drifts ~1% (machine state), each of its 5 samples ~2% around that. On
-    `slow_night` (an index) decoding is `slowdown` slower (tokens/s down, TTFT unchanged).
+    `slow_night` (an index) decoding is `slowdown` slower (tokens/s down, TTFT unchanged). `hosts`: the measuring
+    host's fingerprint per night.
     """
     rng = random.Random(seed)
     end = end or datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
@@ -252,6 +257,7 @@ def nightly(
                 rss_mb=rss,
                 accuracy=round(accuracy, 4),
                 seed=night,
+                host=hosts[night] if hosts else None,
                 **kwargs,
             )
         )

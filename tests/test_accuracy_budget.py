@@ -216,6 +216,49 @@ def test_teacher_answers_are_cached_by_weights_and_prompts(tiny_llama, tmp_path,
     assert calls == ["cloze", "letter", "cloze", "cloze"]
 
 
+def test_answer_cache_misses_when_config_tokenizer_scoring_code_runtime_or_version_change(tiny_llama, tmp_path, monkeypatch):
+    """The key is more than the weights: each of these changes the answers or may, and each alone is a miss; the
+    same model scored again is a hit."""
+    import shutil
+
+    import vcompress.evaluate as evaluate
+    from vcompress.exporters.torch import TorchRunner
+
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    calls = []
+    real = scoring.mmlu_logprobs
+    monkeypatch.setattr(scoring, "mmlu_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def scored() -> int:
+        """How many times the answers were computed so far (a hit adds none)."""
+        evaluator = Evaluator(subset="anatomy", per_subject=2, cache=True)
+        try:
+            evaluator.mmlu_logprobs(model)
+        finally:
+            evaluator.close()
+        return len(calls)
+
+    def edit_json(name: str, **changes) -> None:
+        path = model / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    assert scored() == 1 and scored() == 1  # unchanged: a hit
+    edit_json("config.json", rms_norm_eps=1e-3)  # same weights, other answers
+    assert scored() == 2 and scored() == 2
+    edit_json("tokenizer_config.json", clean_up_tokenization_spaces=True)
+    assert scored() == 3 and scored() == 3
+    edited = tmp_path / "scoring.py"  # the scoring code edited (a comment is enough: the key cannot tell)
+    edited.write_text(scoring.SCORING_SOURCES[0].read_text() + "\n# edited\n")
+    monkeypatch.setattr(scoring, "SCORING_SOURCES", (edited, *scoring.SCORING_SOURCES[1:]))
+    assert scored() == 4 and scored() == 4
+    monkeypatch.setattr(TorchRunner, "runtime", property(lambda self: {"torch": "99.0", "transformers": "99.0"}))
+    assert scored() == 5 and scored() == 5
+    monkeypatch.setattr(evaluate, "__version__", "99.0")
+    assert scored() == 6 and scored() == 6
+
+
 def test_print_verdict_shows_the_interval_and_says_undecided(tiny_budgets):
     from rich.console import Console
 

@@ -22,7 +22,7 @@ from vcompress.core.errors import InputError
 from vcompress.core.export_manifest import model_files
 from vcompress.core.profiles import Device, load_profile
 from vcompress.core.units import MIB
-from vcompress.devices import adb, default_device, measure, open_device
+from vcompress.devices import adb, default_device, fingerprint, measure, open_device
 from vcompress.devices import roofline_estimate as roofline
 from vcompress.devices.bench import prompt_ids, run_benchmark
 
@@ -268,6 +268,9 @@ def test_host_device_measures_through_the_runner(tiny_llama):
         "unit": "MiB",
         "source": "measured",
     }
+    host = result["host"]  # the machine that measured, from its /proc/cpuinfo, and its speeds measured then
+    assert host == {**host, **fingerprint.cpu_facts(), "threads": 1} and host["id"] == fingerprint.fingerprint_id(host)
+    assert host["copy_bandwidth_gbs"] > 0 and host["gemm_fp32_gflops"] > 0
     est = result["estimate"]
     assert est["source"] == "estimated" and est["ttft_ms"]["source"] == "estimated"
     assert est["roofline"]["memory_bandwidth_gbs"] == 36  # the host's own figures (x86-cpu)
@@ -313,6 +316,19 @@ def test_our_loop_stays_measurable_and_genai_runs_the_same_model(tiny_onnx):
         np.testing.assert_allclose(a, b, atol=1e-4)
         (a, a_state), (b, b_state) = genai.decode(token, a_state), loop.decode(token, b_state)
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_session_runners_name_the_runtime_that_scores(tiny_onnx):
+    """What the answer cache keys on (Runner.runtime), the same record the bench writes (core.manifest.session_runtime)."""
+    import onnxruntime
+
+    from vcompress.exporters.onnx import OnnxRunner
+
+    runner = OnnxRunner(tiny_onnx, threads=1)
+    try:
+        assert runner.runtime == {"module": "onnxruntime", "version": onnxruntime.__version__}
+    finally:
+        runner.close()
 
 
 def test_python_m_bench_measures_without_torch_too(tiny_onnx):
@@ -373,6 +389,105 @@ def test_validate_on_host_uses_the_host_figures(tiny_llama):
     out = roofline.validate_on_host(tiny_llama, measured)
     assert out["device"] == "x86-64 host" and out["roofline"]["peak_compute_gflops"] == 192
     assert out["ratio_measured_to_estimated"]["ttft_ms"] == pytest.approx(2.0 / out["ttft_ms"]["value"], rel=1e-3)
+
+
+XEON = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni avx_vnni amx_bf16 amx_tile amx_int8
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+"""
+PI5 = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU part\t: 0xd0b
+"""
+
+
+def test_fingerprint_reads_the_kernel_features_and_hashes_what_the_host_is():
+    xeon = fingerprint.cpu_facts(XEON, machine="x86_64")
+    assert xeon["cpu"] == "Intel(R) Xeon(R) Platinum 8480+" and xeon["machine"] == "x86_64"
+    assert xeon["isa"] == ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"]  # not sse2, fma...
+    pi = fingerprint.cpu_facts(PI5, machine="aarch64")
+    assert pi["isa"] == ["asimd", "asimddp"]  # Cortex-A76: NEON and dot product, no i8mm or SVE
+    assert fingerprint.fingerprint_id(xeon) == fingerprint.fingerprint_id({**xeon, "copy_bandwidth_gbs": 1.0})  # speeds are not in it
+    assert fingerprint.fingerprint_id(xeon) != fingerprint.fingerprint_id({**xeon, "isa": ["avx2"]})
+    assert fingerprint.fingerprint_id(xeon) != fingerprint.fingerprint_id({**xeon, "cores": xeon["cores"] + 1})
+    assert len(fingerprint.fingerprint_id(pi)) == 12
+
+
+def test_fingerprint_says_how_the_host_differs_from_the_profile():
+    host = {**fingerprint.cpu_facts(XEON, machine="x86_64"), "cores": 2}
+    x86 = load_profile("x86-cpu").device  # budgets set on an AVX2-only host with 2 threads
+    assert x86.isa == ["avx2"]
+    found = fingerprint.differences(host, x86.isa, x86.threads)
+    assert found == ["ISA +amx_bf16 +amx_int8 +amx_tile +avx512_vnni +avx512f +avx_vnni against the profile's"]
+    assert fingerprint.differences({**host, "isa": ["avx2"]}, x86.isa, x86.threads) == []
+    assert fingerprint.differences({**host, "isa": ["avx2"], "cores": 1}, x86.isa, x86.threads) == ["1 cores for the profile's 2 threads"]
+    assert fingerprint.differences(host, None, None) == []  # a profile that does not say
+
+
+def test_the_verdict_names_the_host_and_how_it_differs_from_the_profile(cli, tiny_llama, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(tmp_path / "cache"))
+    profile = yaml.safe_load(load_profile("x86-cpu").model_dump_json())
+    profile["evaluation"].update(subset="anatomy", per_subject=1)
+    profile["budgets"]["prompt_tokens"] = 8
+    profile["recipe"] = [{"stage": "validate", "runs": 1, "warmup": 0, "decode_tokens": 2}]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(profile))
+    args = ("validate", "--profile", tmp_path / "p.yaml", "--artifact", tiny_llama, "--reference", tiny_llama, "--device", "host")
+    _, out, err = cli(*args, "--out", tmp_path / "v")
+    verdict = json.loads((tmp_path / "v" / "verdict.json").read_text())
+    latency = json.loads((tmp_path / "v" / "latency.json").read_text())
+    assert verdict["host"] == latency["host"] and verdict["host"]["id"] == fingerprint.fingerprint_id(fingerprint.cpu_facts())
+    assert verdict["host_differs"] == fingerprint.differences(fingerprint.cpu_facts(), ["avx2"], 2)  # x86-cpu: AVX2, 2 threads
+    assert f"[fingerprint {verdict['host']['id']}]" in out and ("the profile's device x86-64 host differs" in out) == bool(
+        verdict["host_differs"]
+    )
+
+
+def test_print_verdict_puts_the_profiles_device_beside_a_host_that_differs():
+    from rich.console import Console
+
+    from vcompress.validate import host_beside_profile, print_verdict
+
+    host = {"id": "0e46b4492348", **fingerprint.cpu_facts(XEON, machine="x86_64"), "cores": 2, "threads": 2, "copy_bandwidth_gbs": 21.5}
+    verdict = {
+        "profile": "x86-cpu",
+        "device": "x86-64 host",
+        "checks": [],
+        "passed": True,
+        **host_beside_profile(host, load_profile("x86-cpu")),
+    }
+    console = Console(record=True, width=300)
+    print_verdict(verdict, console)
+    out = console.export_text()
+    assert "measured on: Intel(R) Xeon(R) Platinum 8480+ (x86_64), 2 cores (2 used), avx2 avx512f avx512_vnni" in out
+    assert "copy 21.5 GB/s" in out and "[fingerprint 0e46b4492348]" in out
+    assert "the profile's device x86-64 host differs: ISA +amx_bf16 +amx_int8 +amx_tile +avx512_vnni +avx512f +avx_vnni" in out
+    assert host_beside_profile(None, load_profile("x86-cpu")) == {}  # an estimate names no host
+
+
+def test_ssh_runs_the_same_bench_and_reads_the_boards_fingerprint(tiny_llama, tmp_path, monkeypatch):
+    """With ssh and scp that run on this machine (a board that is this host), the remote bench.py reports the
+    fingerprint of the machine it ran on, as the host device does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text('#!/bin/sh\nfor last; do :; done\nexec sh -c "$last"\n')  # the remote command is the last word
+    (bin_dir / "scp").write_text('#!/bin/sh\nsrc=""; for a; do src="$dst"; dst="$a"; done\nexec cp -r "$src" "${dst#*:}"\n')
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    board = tmp_path / "board"
+    result = measure(
+        tiny_llama, "ssh", "raspberry-pi5", host="board", python=sys.executable, workdir=str(board), prompt_tokens=8, decode_tokens=2,
+        runs=1, warmup=0, threads=1, estimate=False,
+    )  # fmt: skip
+    assert (board / tiny_llama.name / "config.json").is_file()  # the artifact was copied to the board's workdir
+    assert result["device_kind"] == "ssh" and result["host"]["id"] == fingerprint.fingerprint_id(fingerprint.cpu_facts())
+    assert result["host"]["threads"] == 1 and result["host"]["gemm_fp32_gflops"] > 0
 
 
 # --- ssh against a real sshd on 127.0.0.1 ---------------------------------------------
@@ -463,6 +578,7 @@ def test_ssh_device_copies_runs_and_reads_back(sshd, tiny_onnx, tmp_path):
     for key in ("ttft_ms", "decode_tokens_per_s", "peak_rss_mb"):
         assert result[key]["source"] == "measured" and result[key]["device"] == "Raspberry Pi 5"
     assert len(result["ttft_ms"]["samples"]) == 2 and len(result["decode_tokens_per_s"]["samples"]) == 2
+    assert result["host"]["id"] and result["host"]["threads"] == 1  # the board's own fingerprint, from its bench.py
     est = result["estimate"]  # the board's own figures from the profile
     assert est["device"] == "Raspberry Pi 5" and est["roofline"]["memory_bandwidth_gbs"] == 17.1
     assert set(est["ratio_measured_to_estimated"]) == {"ttft_ms", "decode_tokens_per_s"}

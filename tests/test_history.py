@@ -102,3 +102,31 @@ def test_unfinished_run_and_bad_db_are_input_errors(run, tmp_path, cli):
     with pytest.raises(InputError) as e:
         history.connect("postgresql://user:s3cret@127.0.0.1:1/none")
     assert "s3cret" not in str(e.value)
+
+
+HOST = {"id": "0e46b4492348", "cpu": "Intel(R) Xeon(R) Processor", "machine": "x86_64", "cores": 2, "isa": ["avx2", "avx512_vnni"]}
+
+
+def test_record_stores_the_measuring_hosts_fingerprint(tmp_path):
+    run = make_run(tmp_path / "run", started=STARTED, ttft_samples=[87.0], decode_samples=[140.0], host={**HOST, "threads": 2})
+    db = tmp_path / "h.db"
+    history.record(run, db)
+    ((fingerprint, host),) = rows(db, "select host_fingerprint, host from vcompress_runs")
+    assert fingerprint == HOST["id"] and json.loads(host) == {**HOST, "threads": 2}
+    (loaded,) = history.load(db)
+    assert loaded.host_fingerprint == HOST["id"] and loaded.host["isa"] == HOST["isa"]
+
+
+def test_a_database_from_before_the_fingerprint_is_migrated_in_place(run, tmp_path):
+    """An older history.db (no host columns) keeps its rows: the columns are added, old runs read as host unknown."""
+    db = tmp_path / "old.db"
+    history.record(run, db)
+    with sqlite3.connect(db) as conn:  # back to the schema before the fingerprint
+        conn.execute("alter table vcompress_runs drop column host_fingerprint")
+        conn.execute("alter table vcompress_runs drop column host")
+    assert "host" not in [c for (_, c, *_) in rows(db, "pragma table_info(vcompress_runs)")]
+    newer = make_run(tmp_path / "new", started=STARTED.replace(day=21), ttft_samples=[87.0], decode_samples=[140.0], host=HOST)
+    history.record(newer, db)
+    old, new = history.load(db)
+    assert (old.host_fingerprint, old.host, old.model_label) == (None, {}, "SmolLM2-135M-Instruct")
+    assert new.host_fingerprint == HOST["id"]

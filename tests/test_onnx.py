@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from vcompress.core import quant_format
-from vcompress.core.errors import CheckFailed
+from vcompress.core.errors import Refused
 from vcompress.exporters import open_runner
 from vcompress.exporters.onnx import OnnxRunner, export
 
@@ -217,7 +217,7 @@ def test_rtn_float_zero_recovers_a_q4_1_grid():
 
 
 def test_failed_parity_raises_and_writes_nothing(tiny_llama, tmp_path):
-    with pytest.raises(CheckFailed, match="parity"):
+    with pytest.raises(Refused, match="parity"):
         export(tiny_llama, tmp_path / "out", "none", max_abs_diff=1e-12, **QUIET)
     assert not (tmp_path / "out").exists()
 

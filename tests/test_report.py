@@ -218,3 +218,53 @@ def test_groups_are_compared_separately_and_filtered(tmp_path, cli):
     assert len(list((tmp_path / "all" / "plots").glob("*.png"))) == 2
     code, out, _ = cli("report", "--db", db, "--out", tmp_path / "host-only", "--profile", "x86-cpu")
     assert code == 0 and "1 model/profile/device group" in out
+
+
+HOST_A = {"id": "aaaaaaaaaaaa", "cpu": "Intel(R) Xeon(R) Platinum 8480+", "machine": "x86_64", "cores": 2, "isa": ["avx2", "avx512_vnni"]}
+HOST_B = {"id": "bbbbbbbbbbbb", "cpu": "AMD EPYC 7B13", "machine": "x86_64", "cores": 2, "isa": ["avx2"]}
+
+
+def two_hosts(root: Path, hosts: bool = True) -> tuple[Path, list[str]]:
+    """Six nights on a fast AVX-512 VNNI host, then two on an AVX2 host where the same artifact is 50% slower."""
+    from tests.runs import make_run
+
+    end = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    runs = nightly(root / "runs", nights=6, end=end - timedelta(days=2), hosts=[HOST_A if hosts else None] * 6)
+    for day in (1, 0):
+        runs.append(
+            make_run(
+                root / "runs" / f"b-{day}",
+                started=end - timedelta(days=day),
+                ttft_samples=[130.0, 131.5, 129.0, 130.4, 132.0],
+                decode_samples=[95.0, 94.1, 96.2, 95.5, 94.8],
+                seed=10 + day,
+                host=HOST_B if hosts else None,
+            )
+        )
+    db = root / "h.db"
+    return db, [history.record(r, db) for r in runs]
+
+
+def test_latency_is_compared_only_between_runs_on_the_same_host(tmp_path):
+    db, ids = two_hosts(tmp_path)
+    (group,) = report.build(db, baseline="last-good").groups
+    assert group.baseline.run_id == ids[6] and not report.build(db).regressions()  # B against B: no regression
+    assert len(group.other_hosts) == 6 and "6 run(s) in the window left out, measured on host aaaaaaaaaaaa" in group.left_out()
+    (group,) = report.build(db, baseline=ids[5]).groups  # a baseline on host A: quality compared, latency not
+    compared = {c.metric for c in group.comparisons}
+    assert "accuracy" in compared and not compared & set(report.HOST_METRICS)
+    assert f"the baseline {ids[5]} ran on host aaaaaaaaaaaa" in group.left_out() and not report.build(db, baseline=ids[5]).regressions()
+    # the same runs without fingerprints: host B's slower figures read as a regression against host A
+    plain, plain_ids = two_hosts(tmp_path / "plain", hosts=False)
+    lines = report.build(plain, baseline=plain_ids[5]).regressions()
+    assert any("ttft_ms" in line for line in lines) and any("decode_tokens_per_s" in line for line in lines)
+
+
+def test_markdown_html_and_junit_say_which_runs_were_left_out_and_why(tmp_path):
+    db, _ = two_hosts(tmp_path)
+    out = report.write(report.build(db), tmp_path / "r")
+    why = "6 run(s) in the window left out, measured on host aaaaaaaaaaaa"
+    assert why in (out / "report.md").read_text() and why in (out / "report.html").read_text()
+    (suite,) = ET.parse(out / "junit.xml").getroot().findall("testsuite")
+    (case,) = [c for c in suite.findall("testcase") if c.get("name") == "host fingerprint"]
+    assert why in case.find("skipped").get("message") and "AMD EPYC 7B13" in case.find("skipped").get("message")

@@ -43,6 +43,7 @@ class Candidate:
     predicted_ppl_rise_pct: float | None = None
     status: str = "pending"  # pending, skipped, passed, failed, error, not needed
     reason: str = ""
+    exit_code: int | None = None  # status error: the exit code of the error that stopped it (2 bad input, 4 refused)
     size_mb: float | None = None
     failed: list[str] = field(default_factory=list)
 
@@ -175,7 +176,7 @@ def _try(c: Candidate, profile: Profile, analysis: Path, out: Path, options, whe
             on_stage=on_stage,
         )
     except VcompressError as e:  # one candidate the toolchain cannot build does not end the search
-        c.status, c.reason = "error", str(e)
+        c.status, c.reason, c.exit_code = "error", str(e), e.exit_code
         return None
     size = next((ch for ch in verdict.get("checks", []) if ch["budget"] == "max_model_size_mb"), None)
     c.size_mb = size["value"] if size else None
@@ -183,6 +184,21 @@ def _try(c: Candidate, profile: Profile, analysis: Path, out: Path, options, whe
     c.status = "passed" if verdict.get("passed") else "failed"
     c.reason = "" if c.status == "passed" else "failed: " + ", ".join(c.failed)
     return c if c.status == "passed" else None
+
+
+def no_winner_error(summary: dict) -> VcompressError | None:
+    """Why a search without a winner is not a verdict: when a candidate stopped on an error (bad input, a refused
+    export), "no candidate passed" was never established, so the run exits with that error's code (the highest
+    of them), not with 1. None when every candidate tried reached a verdict or was ruled out by the estimates."""
+    stopped = [c for c in summary["candidates"] if c["status"] == "error"]
+    if summary["winner"] or not stopped:
+        return None
+    worst = max(stopped, key=lambda c: c["exit_code"] or 0)
+    error = VcompressError(
+        f"no candidate passed, and {len(stopped)} stopped on an error before a verdict, e.g. {worst['name']}: {worst['reason']}"
+    )
+    error.exit_code = worst["exit_code"] or 2
+    return error
 
 
 def _summary(found: list[Candidate], winner: Candidate | None) -> dict:

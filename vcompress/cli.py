@@ -3,7 +3,8 @@
 Each module in vcompress/commands/ exposes a Click command (or group) named after it, `<module>_command`
 (`quantize.py`: `quantize_command`), and is added here, so a new stage adds its own file instead of editing this one. Errors become one line and
 an exit code: 0 ok, 1 a check or budget failed, 2 bad input, 3 an internal error (a bug of ours or of a
-library: its traceback goes to a log file that the line names, so it is never mistaken for a failed budget).
+library: its traceback goes to a log file that the line names, so it is never mistaken for a failed budget),
+4 an export refused its own artifact (core.errors.Refused: no artifact, so no verdict either).
 """
 
 from __future__ import annotations

@@ -4,22 +4,24 @@ Every backend is reached only through `Runner.forward` and its tokenizer, so an 
 export or any later runtime is scored by the same prompts, the same token ids and the same code.
 An `Evaluator` holds one question set, one MMLU format and one held-out text, and scores each model
 once: score several models against one reference and the reference's MMLU answers are computed once;
-with `cache`, a model's answers are also kept on disk, keyed by its weights' hash and the exact prompts,
-so a teacher is scored once across stages and runs.
+with `cache`, a model's answers are also kept on disk, keyed by its weights', config's and tokenizer's hashes, the
+runtime and its version, the scoring code and the exact prompts, so a teacher is scored once across stages and runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from vcompress import __version__
 from vcompress.core import scoring
 from vcompress.core.data import load_mmlu, pack, resolve_subjects, sample_questions, texts_for
 from vcompress.core.errors import InputError
-from vcompress.core.models import resolve, weights_hash
+from vcompress.core.models import resolve, tokenizer_hash, weights_hash
 from vcompress.core.runner import Runner
 from vcompress.core.stage import Progress, no_progress
 
@@ -118,11 +120,10 @@ class Evaluator:
             questions, dev = self.questions, self.dev  # load before timing
             started = time.perf_counter()
             self._logprobs[key] = scoring.cached_mmlu_logprobs(
-                _weights_hash(spec) if self.cache else None,
+                _model_identity(spec, runner) if self.cache else None,
                 runner.forward,
                 runner.tokenizer,
                 questions,
-                backend=runner.backend,
                 shots=self.shots,
                 dev=dev,
                 batch_size=self.batch_size,
@@ -213,15 +214,25 @@ def _key(spec) -> str:
     return text if text.startswith("hf:") else str(Path(text).expanduser().resolve())
 
 
-def _weights_hash(spec) -> str | None:
-    """The sha256 of a model's weight files, the key of its cached answers; None where the weights are not
-    all in one local place (a hub id, a LoRA adapter over its base, a Runner handed in)."""
+def _model_identity(spec, runner: Runner) -> dict | None:
+    """What identifies a model's answers beside the prompts, the key of its cached answers: the sha256 of its weight
+    files, of config.json and of its tokenizer files, the backend and the runtime that computes the logits with their
+    versions, and vcompress's. None where the model is not all in one local place (a hub id, a LoRA adapter over its
+    base, a Runner handed in)."""
     if isinstance(spec, Runner) or str(spec).startswith("hf:"):
         return None
     path = resolve(None).path if _is_default(spec) else Path(spec).expanduser()
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return None
-    return weights_hash(path)
+    config = path / "config.json" if path.is_dir() else None  # a GGUF file holds its config inside its weights
+    return {
+        "model_hash": weights_hash(path),
+        "config_hash": hashlib.sha256(config.read_bytes()).hexdigest() if config and config.is_file() else None,
+        "tokenizer_hash": tokenizer_hash(path),
+        "backend": runner.backend,
+        "runtime": runner.runtime,
+        "vcompress": __version__,
+    }
 
 
 def _drops(reference: torch.Tensor, model: torch.Tensor, questions) -> dict:

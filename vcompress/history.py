@@ -39,6 +39,8 @@ runs_table = sa.Table(
     sa.Column("passed", sa.Boolean, nullable=False),
     sa.Column("run_dir", sa.String(2000)),
     sa.Column("versions", sa.Text),  # JSON: runtime versions the run was validated with
+    sa.Column("host_fingerprint", sa.String(32)),  # the measuring host's id (devices/fingerprint.py); null: estimated or older
+    sa.Column("host", sa.Text),  # JSON: that host's CPU, cores, threads, ISA features, copy bandwidth and GEMM speed
     sa.Column("recorded", sa.DateTime, nullable=False),
 )
 metrics_table = sa.Table(
@@ -111,6 +113,8 @@ class RunRecord:
     vcompress: str | None = None
     run_dir: str | None = None
     versions: dict = field(default_factory=dict)
+    host_fingerprint: str | None = None
+    host: dict = field(default_factory=dict)
     metrics: dict[str, Metric] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
 
@@ -153,6 +157,7 @@ def connect(db: str | Path | None = None) -> sa.Engine:
     try:
         engine = sa.create_engine(url)
         metadata.create_all(engine)
+        add_missing_columns(engine)
     except sa.exc.ArgumentError as e:
         raise InputError(
             f"--db {shown(url)} is not a valid database URL ({e}); pass a file path or a URL such as sqlite:///history.db or postgresql://user@host/db"
@@ -166,6 +171,19 @@ def connect(db: str | Path | None = None) -> sa.Engine:
             f"cannot open database {shown(url)}: {str(e.orig).splitlines()[0]}; check the path or URL and its permissions"
         ) from None
     return engine
+
+
+def add_missing_columns(engine: sa.Engine) -> None:
+    """Bring a database written by an older vcompress up to this schema: create_all makes missing tables only, so
+    each column added since (all nullable, such as host_fingerprint) is added in place; old rows read as null."""
+    inspector = sa.inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        with engine.begin() as conn:
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(engine.dialect)
+                    conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 # --- reading a run folder ---------------------------------------------------------------
@@ -260,6 +278,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     backend = latency.get("backend") or verdict.get("backend")
     date = parse_date(verdict.get("created")) or parse_date(run.get("finished")) or parse_date(run.get("started"))
     metrics = {m.name: m for m in latency_metrics(latency) + eval_metrics(ev)}
+    host = latency.get("host") or verdict.get("host") or {}
     checks = [
         Check(c["budget"], _float(c.get("limit")), _float(c.get("value")), c.get("unit"), c.get("source"), bool(c.get("passed")))
         for c in verdict.get("checks") or []
@@ -281,6 +300,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
         passed=bool(verdict.get("passed")),
         run_dir=str(run_dir.resolve()),
         versions=run.get("versions") or {},
+        host_fingerprint=host.get("id"),
+        host=host,
         metrics=metrics,
         checks=checks,
     )
@@ -316,6 +337,8 @@ def record(run_dir: str | Path, db: str | Path | None = None) -> str:
                     passed=rec.passed,
                     run_dir=rec.run_dir,
                     versions=json.dumps(rec.versions, sort_keys=True),
+                    host_fingerprint=rec.host_fingerprint,
+                    host=json.dumps(rec.host, sort_keys=True),
                     recorded=datetime.now(UTC).replace(tzinfo=None),
                 )
             )
@@ -359,6 +382,7 @@ def load(db: str | Path | None = None, *, profile: str | None = None, model: str
             for row in conn.execute(sa.select(runs_table).where(*where).order_by(runs_table.c.date, runs_table.c.run_id)).mappings():
                 data = dict(row)
                 data["versions"] = json.loads(data["versions"] or "{}")
+                data["host"] = json.loads(data["host"] or "{}")
                 data.pop("recorded")
                 runs[row["run_id"]] = RunRecord(**data)
             samples: dict[tuple[str, str], list[float]] = {}

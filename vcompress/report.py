@@ -44,6 +44,8 @@ RULES = {
     "top1_agreement": Rule("top-1 agreement", -1, abs_floor=0.02),
     "perplexity": Rule("perplexity", +1, rel_floor=0.02),
 }
+# What the measuring host sets: compared only between runs with the same host fingerprint (devices/fingerprint.py).
+HOST_METRICS = ("ttft_ms", "decode_tokens_per_s", "peak_rss_mb")
 BUDGET_OF = {"ttft_ms": "max_ttft_ms", "decode_tokens_per_s": "min_decode_tokens_per_s", "model_size_mb": "max_model_size_mb"}
 PLOTS = (
     ("ttft_ms", "TTFT (ms)"),
@@ -62,6 +64,7 @@ class Comparison:
     threshold: float
     noise: float
     regressed: bool
+    baseline_run: str = ""  # the run compared with: for latency, the group's baseline measured on the newest run's host
 
     @property
     def change_pct(self) -> float | None:
@@ -76,6 +79,20 @@ class GroupReport:
     baseline: RunRecord | None
     note: str = ""  # why there is no baseline
     comparisons: list[Comparison] = field(default_factory=list)
+    other_hosts: list[RunRecord] = field(default_factory=list)  # runs in the window left out of latency comparisons
+    host_note: str = ""  # why latency was not compared at all
+
+    def left_out(self) -> str:
+        """One sentence: how many runs were left out of the latency comparisons and why ('' when none)."""
+        if not self.other_hosts and not self.host_note:
+            return ""
+        newest = self.newest.host_fingerprint or "not recorded"
+        others = sorted({r.host_fingerprint or "not recorded" for r in self.other_hosts})
+        text = (
+            f"latency compared only between runs on host {newest} ({describe_host(self.newest)}): "
+            f"{len(self.other_hosts)} run(s) in the window left out, measured on host {', '.join(others) or 'none'}"
+        )
+        return text + (f"; {self.host_note}" if self.host_note else "")
 
     @property
     def label(self) -> str:
@@ -92,7 +109,7 @@ class GroupReport:
                 pct = f"{c.change_pct:+.1f}%, " if c.change_pct is not None else ""
                 lines.append(
                     f"REGRESSION {self.label}: {c.metric} {_num(c.baseline)} -> {_num(c.newest)} {c.unit} "
-                    f"({pct}noise threshold {_num(c.threshold)}) in run {self.newest.run_id} vs baseline {self.baseline.run_id}"
+                    f"({pct}noise threshold {_num(c.threshold)}) in run {self.newest.run_id} vs baseline {c.baseline_run}"
                 )
         for check in self.failed_budgets:
             lines.append(
@@ -124,6 +141,24 @@ def spread(samples: list[float]) -> float:
     median = statistics.median(samples)
     mad = 1.4826 * statistics.median(abs(s - median) for s in samples)
     return mad if mad > 0 else statistics.stdev(samples)
+
+
+def describe_host(run: RunRecord) -> str:
+    if not run.host:
+        return "host not recorded"
+    isa = " ".join(run.host.get("isa") or []) or "no kernel ISA features"
+    return f"{run.host.get('cpu')}, {run.host.get('cores')} cores, {isa}"
+
+
+def compare_runs(base: RunRecord, newest: RunRecord, names) -> list[Comparison]:
+    found = []
+    for name in names:
+        if name in base.metrics and name in newest.metrics:
+            c = compare(name, base.metrics[name], newest.metrics[name])
+            if c is not None:
+                c.baseline_run = base.run_id
+                found.append(c)
+    return found
 
 
 def compare(name: str, base: Metric, new: Metric) -> Comparison | None:
@@ -214,13 +249,21 @@ def build(
         base, note = choose_baseline(history, newest, baseline)
         window = [r for r in history if start is None or r.date >= start]
         group = GroupReport(key, window, newest, base, note)
+        group.other_hosts = [r for r in window if r.host_fingerprint != newest.host_fingerprint]
         if base is not None:
-            group.comparisons = [
-                c
-                for name in RULES
-                if name in base.metrics and name in newest.metrics
-                if (c := compare(name, base.metrics[name], newest.metrics[name])) is not None
-            ]
+            group.comparisons = compare_runs(base, newest, [n for n in RULES if n not in HOST_METRICS])
+        host_base = base
+        if base is not None and base.host_fingerprint != newest.host_fingerprint:
+            same_host = [r for r in history if r.host_fingerprint == newest.host_fingerprint]
+            host_base, _ = choose_baseline(same_host, newest, baseline)
+            if host_base is None:
+                group.host_note = (
+                    f"the baseline {base.run_id} ran on host {base.host_fingerprint or 'not recorded'} and no run on the newest's "
+                    f"host fits --baseline {baseline}, so latency was not compared"
+                )
+        if host_base is not None:
+            group.comparisons += compare_runs(host_base, newest, HOST_METRICS)
+        group.comparisons.sort(key=lambda c: list(RULES).index(c.metric))
         reports.append(group)
     if not reports:
         raise InputError(f"no run in {where} is newer than --since {since}; widen --since (e.g. --since 90d or all)")
@@ -252,6 +295,8 @@ def trend_png(group: GroupReport) -> bytes:
     for i, (name, title) in enumerate(PLOTS):
         ax = fig.add_subplot(2, 2, i + 1)
         runs = [r for r in group.runs if r.metrics.get(name) and r.metrics[name].value is not None]
+        if name in HOST_METRICS:  # another host's latency is not this trend
+            runs = [r for r in runs if r.host_fingerprint == group.newest.host_fingerprint]
         budget = next((c for c in group.newest.checks if c.budget == BUDGET_OF.get(name)), None)
         ax.set_title(
             title + (f"  (budget {'≥' if budget.budget.startswith('min_') else '≤'} {_num(budget.limit)})" if budget else ""), fontsize=10
@@ -348,6 +393,7 @@ def write_markdown(report: Report, out: Path, images: dict[str, bytes]) -> Path:
             f"- newest: {_run_line(group.newest)}",
             f"- baseline: {_run_line(group.baseline, group.note)}",
             f"- runs in window: {len(group.runs)}",
+            *([f"- {group.left_out()}"] if group.left_out() else []),
             "",
         ]
         for head, rows in ((COMPARE_HEAD, _rows(group)), (BUDGET_HEAD, _budget_rows(group))):
@@ -393,7 +439,7 @@ def write_html(report: Report, out: Path, images: dict[str, bytes]) -> Path:
         parts += [
             f"<h2>{html.escape(group.label)}</h2>",
             f"<p>newest: {html.escape(_run_line(group.newest))}<br>baseline: {html.escape(_run_line(group.baseline, group.note))}"
-            f"<br>runs in window: {len(group.runs)}</p>",
+            f"<br>runs in window: {len(group.runs)}" + (f"<br>{html.escape(group.left_out())}" if group.left_out() else "") + "</p>",
         ]
         if group.comparisons:
             parts.append(_table(COMPARE_HEAD, _rows(group)))
@@ -432,6 +478,10 @@ def write_junit(report: Report, out: Path) -> Path:
             case = ET.SubElement(suite, "testcase", classname=classname, name="baseline", time="0")
             ET.SubElement(case, "skipped", message=f"no baseline: {group.note}")
             cases, skips = cases + 1, skips + 1
+        if group.left_out():
+            case = ET.SubElement(suite, "testcase", classname=classname, name="host fingerprint", time="0")
+            ET.SubElement(case, "skipped", message=group.left_out())
+            cases, skips = cases + 1, skips + 1
         for c in group.comparisons:
             case = ET.SubElement(suite, "testcase", classname=classname, name=f"regression {c.metric}", time="0")
             cases += 1
@@ -443,7 +493,7 @@ def write_junit(report: Report, out: Path) -> Path:
                     type="regression",
                     message=f"{c.metric} {_num(c.baseline)} -> {_num(c.newest)} {c.unit}, beyond noise threshold {_num(c.threshold)}",
                 )
-                failure.text = f"newest {group.newest.run_id}; baseline {group.baseline.run_id}; noise (pooled robust sd) {_num(c.noise)}"
+                failure.text = f"newest {group.newest.run_id}; baseline {c.baseline_run}; noise (pooled robust sd) {_num(c.noise)}"
         for check in group.newest.checks:
             case = ET.SubElement(suite, "testcase", classname=classname, name=f"budget {check.budget}", time="0")
             cases += 1

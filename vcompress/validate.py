@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import Field
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vcompress import __version__
@@ -108,6 +109,7 @@ class ValidateStage(Stage):
             "device": latency.get("device"),
             "backend": latency.get("backend"),
             "runtime": latency.get("runtime"),  # what ran the latency figures: for ONNX folders, onnxruntime_genai
+            **host_beside_profile(latency.get("host"), profile),
             "format": profile.target.format,
             "artifact": Path(ctx.source).name,
             "model": {
@@ -135,6 +137,34 @@ class ValidateStage(Stage):
         if "estimate" in latency:
             metrics["roofline_check"] = latency["estimate"]
         return metrics
+
+
+def host_beside_profile(host: dict | None, profile: Profile) -> dict:
+    """The machine that measured (bench.py's fingerprint; none for an estimate or a phone) and how it differs from
+    the profile's device: ISA features that pick other kernels, fewer cores than the profile's threads."""
+    if not host:
+        return {}
+    from vcompress.devices.fingerprint import differences
+
+    device = profile.device
+    return {"host": host, "host_differs": differences(host, device.isa, device.threads)}
+
+
+def print_host(verdict: dict, console: Console) -> None:
+    """The fingerprint line of a measured verdict, and the profile's device beside it when they differ."""
+    host = verdict.get("host")
+    if not host:
+        return
+    from vcompress.devices.fingerprint import describe
+
+    console.print(f"measured on: {describe(host)} [fingerprint {host.get('id')}]", soft_wrap=True, highlight=False, markup=False)
+    if verdict.get("host_differs"):
+        console.print(
+            f"[yellow]the profile's device {escape(str(verdict.get('device')))} differs[/yellow]: {escape('; '.join(verdict['host_differs']))}; "
+            "these figures are this host's, not the profile's device's",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 EXPORT_CHECK = ("parity", "fidelity", "checked_on", "tensorrt_ready", "engine_note")  # what an export says of itself
@@ -288,6 +318,7 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
     if anchors:
         console.print("estimates calibrated on: " + ", ".join(anchors), soft_wrap=True)
     console.print(headline(verdict["checks"]), soft_wrap=True)
+    print_host(verdict, console)
 
 
 def check_source(check: dict) -> str:

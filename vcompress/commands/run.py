@@ -67,7 +67,8 @@ def run_command(
 ):
     """Run a profile's recipe: analyze > prune > distill > quantize > export > validate, then print the verdict.
 
-    Exit code 0 when every budget passes, 1 when one fails, 2 on bad input, 3 on an internal error.
+    Exit code 0 when every budget passes, 1 when one fails, 2 on bad input, 3 on an internal error, 4 when an export
+    refused its artifact (no verdict).
     """
     from vcompress import pipeline
     from vcompress.core.models import Intake
@@ -157,9 +158,10 @@ def _run(profile, options, where: str, console, auto: bool, as_json: bool) -> in
 def _auto(profile, options, where, log, on_stage, console, as_json) -> int:
     from rich.table import Table
 
-    from vcompress.auto import search
+    from vcompress.auto import no_winner_error, search
 
     summary = search(profile, options, where=where, log=log, on_stage=on_stage)
+    error = no_winner_error(summary)
     verdict = None
     if summary["winner"]:
         from vcompress.core.artifact import RunLayout
@@ -167,6 +169,8 @@ def _auto(profile, options, where, log, on_stage, console, as_json) -> int:
         verdict = RunLayout(options.out / summary["winner_folder"]).validation(RunLayout.VERDICT)
     if as_json:
         print_json({**summary, "verdict": verdict})
+        if error:
+            raise error
         return 0 if verdict else 1
     table = Table(title=f"--auto candidates for {profile.name}, smallest estimated artifact first")
     for col in ("candidate", "est. MiB", "predicted ppl", "status", "MiB", "why"):
@@ -182,6 +186,8 @@ def _auto(profile, options, where, log, on_stage, console, as_json) -> int:
             c["reason"],
         )
     console.print(table)
+    if error:
+        raise error
     if verdict is None:
         console.print("[red]no candidate passed the profile[/red]; the table says why each failed or was skipped")
         return 1
