@@ -63,8 +63,6 @@ class QuantizedFiles:
 
 
 def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
-    from transformers import AutoTokenizer
-
     from .quantize import (
         SIDECAR,
         choose_group_size,
@@ -87,7 +85,7 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
         raise InputError("compare_rtn needs the model in memory; drop it or pass --stream off")
     device = "cuda" if torch.cuda.is_available() else "cpu"  # layers, Hessians and GPTQ on the GPU when there is one
     stream = LayerStream(folder, device=device)
-    model, tokenizer = stream.model, AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = stream.model, ctx.load_tokenizer()
     ctx.log(f"streaming {folder} layer by layer (the model is never whole in memory)")
     targets = quantizable(model)
     kept = sensitive_linears(cfg.scores, cfg.keep_sensitive, model, targets) if cfg.keep_sensitive else []
@@ -165,7 +163,7 @@ def quantize_streamed(stage_cfg, ctx, folder: Path) -> dict:
     config.save_pretrained(ctx.out)
     if (folder / "generation_config.json").is_file():
         shutil.copy(folder / "generation_config.json", ctx.out / "generation_config.json")
-    AutoTokenizer.from_pretrained(folder).save_pretrained(ctx.out)
+    ctx.load_tokenizer().save_pretrained(ctx.out)
     write_json(ctx.out / MANIFEST, manifest(model, results, kept, grid, cfg))
     other = files.model.nbytes - (0 if reloadable else sum(_float_bytes(q) for q in results.values()))
     written = (

@@ -16,8 +16,8 @@ from rich.table import Table
 from vcompress import __version__
 from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError
-from vcompress.core.manifest import read_manifest
-from vcompress.core.models import source_hash, weights_hash
+from vcompress.core.manifest import MANIFEST, read_manifest
+from vcompress.core.models import files_hash, source_hash, tokenizer_files, weights_hash
 from vcompress.core.profiles import Budgets, Profile
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import drop_outcome
@@ -93,7 +93,9 @@ class ValidateStage(Stage):
             cache=True,
             log=ctx.log,
             progress=ctx.progress,
+            open_kwargs={"intake": ctx.intake},
         )
+        ctx.tokenizer_used = _artifact_tokenizer(ctx)
         try:
             report = evaluator.evaluate(model=str(ctx.source), reference=ctx.reference)
         finally:
@@ -133,6 +135,15 @@ class ValidateStage(Stage):
         if "estimate" in latency:
             metrics["roofline_check"] = latency["estimate"]
         return metrics
+
+
+def _artifact_tokenizer(ctx) -> dict | None:
+    """The tokenizer the artifact is scored with: the files an export ships beside its model, else the intake's."""
+    folder = Path(ctx.source)
+    if (folder / MANIFEST).is_file():
+        return {"path": str(folder), "sha256": files_hash(tokenizer_files(folder))}
+    ctx.read_source()
+    return ctx.tokenizer_used
 
 
 EXPORT_CHECK = ("parity", "fidelity", "checked_on", "tensorrt_ready", "engine_note")  # what an export says of itself

@@ -30,9 +30,7 @@ from vcompress.commands._options import execute_stage, force_option, json_option
 @json_option
 def command(
     model,
-    base,
-    allow_pickle,
-    trust_remote_code,
+    intake,
     out,
     quant,
     precision,
@@ -61,9 +59,7 @@ def command(
         stage,
         out,
         model=model,
-        base=base,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        intake=intake,
         as_json=as_json,
         force=force,
         seed=seed,

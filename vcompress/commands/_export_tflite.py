@@ -46,9 +46,7 @@ from vcompress.commands._options import (
 @json_option
 def command(
     model,
-    base,
-    allow_pickle,
-    trust_remote_code,
+    intake,
     out,
     quant,
     prefill_tokens,
@@ -77,9 +75,7 @@ def command(
         stage,
         out,
         model=model,
-        base=base,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        intake=intake,
         as_json=as_json,
         force=force,
         seed=seed,

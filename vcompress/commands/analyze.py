@@ -33,7 +33,7 @@ from vcompress.commands._options import (
 @seed_option
 @force_option
 @json_option
-def command(model, base, allow_pickle, trust_remote_code, out, data, samples, seq_len, stream, mmlu, seed, force, as_json):
+def command(model, intake, out, data, samples, seq_len, stream, mmlu, seed, force, as_json):
     """Score attention heads (Taylor, KV-group masking), layers (skip loss, angular distance) and each
     linear layer's 4-bit rounding sensitivity; write sensitivity.json and heatmaps/*.png into --out."""
     from vcompress.compress.sensitivity import Analyze
@@ -43,9 +43,7 @@ def command(model, base, allow_pickle, trust_remote_code, out, data, samples, se
         stage,
         out,
         model=model,
-        base=base,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        intake=intake,
         as_json=as_json,
         force=force,
         seed=seed,

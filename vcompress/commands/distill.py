@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from vcompress.commands._options import force_option, json_option, mmlu_option, out_option, print_json, seed_option
+from vcompress.commands._options import force_option, intake_options, json_option, mmlu_option, out_option, print_json, seed_option
 
 
 @click.command("distill")
@@ -81,8 +81,7 @@ from vcompress.commands._options import force_option, json_option, mmlu_option, 
 )
 @seed_option
 @force_option
-@click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (.bin/.pt), which can run code when loaded.")
-@click.option("--trust-remote-code", is_flag=True, help="Run the checkpoints' own model code (off by default).")
+@intake_options
 @json_option
 def command(
     teacher,
@@ -111,8 +110,7 @@ def command(
     distributed,
     seed,
     force,
-    allow_pickle,
-    trust_remote_code,
+    intake,
     as_json,
 ):
     """Distill TEACHER into STUDENT: KL on next-token distributions (+ optional CE and hidden-state MSE).
@@ -159,8 +157,7 @@ def command(
             subset=subset,
             log=lambda m: console.print(m, highlight=False, markup=False),
             progress=progress,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
+            intake=intake,
         )
     if not main_rank:
         return

@@ -85,9 +85,7 @@ def command():
 @json_option
 def onnx(
     model,
-    base,
-    allow_pickle,
-    trust_remote_code,
+    intake,
     out,
     quant,
     method,
@@ -129,9 +127,7 @@ def onnx(
         stage,
         out,
         model=model,
-        base=base,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        intake=intake,
         as_json=as_json,
         force=force,
         seed=seed,

@@ -51,9 +51,7 @@ from vcompress.core.units import MIB
 @seed_option
 @force_option
 @json_option
-def command(
-    model, base, allow_pickle, trust_remote_code, heads, mlp, layers, scores, data, samples, seq_len, mmlu, out, seed, force, as_json
-):
+def command(model, intake, heads, mlp, layers, scores, data, samples, seq_len, mmlu, out, seed, force, as_json):
     """Prune by whole KV groups, MLP channels and layers; --out reloads with AutoModelForCausalLM."""
     from vcompress.compress.prune import Prune
 
@@ -64,9 +62,7 @@ def command(
         stage,
         out,
         model=model,
-        base=base,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        intake=intake,
         as_json=as_json,
         force=force,
         seed=seed,

@@ -86,9 +86,7 @@ from vcompress.core.units import MIB
 @json_option
 def command(
     model,
-    base,
-    allow_pickle,
-    trust_remote_code,
+    intake,
     method,
     bits,
     group_size,
@@ -138,9 +136,7 @@ def command(
         stage,
         out,
         model=model,
-        base=base,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        intake=intake,
         as_json=as_json,
         force=force,
         seed=seed,

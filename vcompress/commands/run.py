@@ -46,9 +46,7 @@ from vcompress.core.profiles import load_profile
 def command(
     profile_name,
     model,
-    base,
-    allow_pickle,
-    trust_remote_code,
+    intake,
     data,
     out,
     resume,
@@ -70,7 +68,6 @@ def command(
     Exit code 0 when every budget passes, 1 when one fails, 2 on bad input, 3 on an internal error.
     """
     from vcompress import pipeline
-    from vcompress.core.models import Intake
 
     profile = load_profile(profile_name)
     connection = {k: v for k, v in (("host", ssh_host), ("serial", serial)) if v}
@@ -105,7 +102,7 @@ def command(
         resume=resume,
         from_stage=from_stage,
         force=force,
-        intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, base=base),
+        intake=intake,
         overrides=overrides,
         record=record,
         db=db,

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from vcompress.commands._options import RegistryChoice, force_option, json_option, make_console, mmlu_option, print_json, seed_option
+from vcompress.commands._options import (
+    RegistryChoice,
+    force_option,
+    intake_options,
+    json_option,
+    make_console,
+    mmlu_option,
+    print_json,
+    seed_option,
+)
 
 
 @click.command("validate")
@@ -24,11 +33,12 @@ from vcompress.commands._options import RegistryChoice, force_option, json_optio
 )
 @click.option("--record", is_flag=True, help="Record the verdict in the history database.")
 @click.option("--db", default=None, help="History database (SQLAlchemy URL or SQLite path).")
+@intake_options
 @mmlu_option
 @seed_option
 @force_option
 @json_option
-def command(profile_name, artifact, reference, out, device, data, record, db, mmlu, seed, force, as_json):
+def command(profile_name, artifact, reference, out, device, data, record, db, intake, mmlu, seed, force, as_json):
     """Score the artifact and its reference on the profile's MMLU subset, measure or estimate latency,
     and check every budget. Exit 0 all pass, 1 a budget failed, 2 bad input, 3 an internal error."""
     from vcompress import pipeline
@@ -48,6 +58,7 @@ def command(profile_name, artifact, reference, out, device, data, record, db, mm
     steps = {s.name: s.stage for s in pipeline.plan(profile, where=profile_name, overrides={"validate": overrides})}
     stage = steps.get("validate") or STAGES.get("validate").from_profile(overrides, profile, where=profile_name)
     reference = reference or str(resolve(None).path)
+    intake.check(reference)  # a reference without its tokenizer fails before any work
     console = make_console(stderr=as_json)
     with progress_bars(quiet=as_json) as progress:
         execute(
@@ -61,6 +72,7 @@ def command(profile_name, artifact, reference, out, device, data, record, db, mm
             mmlu=mmlu,
             subset=profile.evaluation.subset,
             profile=profile,
+            intake=intake,
             log=lambda m: console.print(m, highlight=False),
             progress=progress,
         )
