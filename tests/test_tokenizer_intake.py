@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-from tests.tiny import CORPUS, build_model
+from tests.tiny import CORPUS, build_model, build_tokenizer
 from vcompress.core import scoring
 from vcompress.core.data import Question
 from vcompress.core.errors import InputError
@@ -87,6 +87,17 @@ def test_an_empty_tokenizer_is_refused_at_intake(cli, untokenized, tmp_path):
     AutoTokenizer.from_pretrained(untokenized).save_pretrained(tmp_path / "empty")
     code, _, err = cli("prune", "--model", untokenized, "--tokenizer", tmp_path / "empty", "--heads", "0.5", "--out", tmp_path / "p")
     assert code == 2 and "encodes text to no tokens" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_embeds_is_refused(cli, untokenized, tmp_path):
+    bigger = build_tokenizer(vocab_size=600)
+    bigger.save_pretrained(tmp_path / "bigger")
+    rows = AutoModelForCausalLM.from_pretrained(untokenized).get_input_embeddings().num_embeddings
+    assert len(bigger) > rows
+    code, _, err = cli("inspect", untokenized, "--tokenizer", tmp_path / "bigger")
+    assert (
+        code == 2 and f"has {len(bigger)} tokens but {untokenized} embeds {rows}" in err.strip().splitlines()[-1]
+    )  # after the weights load
 
 
 def test_with_tokenizer_it_prunes_to_4_query_2_kv_heads_reloads_and_records_the_tokenizer(cli, untokenized, tokenizer_dir, tmp_path):
