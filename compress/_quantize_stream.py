@@ -72,13 +72,12 @@ class StreamedLayers:
     held_out = NOT_MEASURED  # what needs the whole model (held-out scoring) is left to validate
 
     def __init__(self, folder: Path, ctx, cfg):
-        from transformers import AutoTokenizer
-
         if cfg.compare_rtn:
             raise InputError("compare_rtn needs the model in memory; drop it or pass --stream off")
         self.folder, self.device = folder, "cuda" if torch.cuda.is_available() else "cpu"  # layers, Hessians, GPTQ
         self.stream = LayerStream(folder, device=self.device)
-        self.model, self.tokenizer = self.stream.model, AutoTokenizer.from_pretrained(folder)
+        self.model, self.tokenizer = self.stream.model, ctx.load_tokenizer()
+        self.load_tokenizer = ctx.load_tokenizer  # the intake's (--tokenizer, or the checkpoint's own)
         self.prefix = layer_prefix(self.model)
         self.bytes_before = self.stream.source_bytes()
         self.files: QuantizedFiles | None = None
@@ -122,7 +121,6 @@ class StreamedLayers:
 
     def save(self, results: dict, kept: list[str], grid: Grid, cfg, out: Path) -> tuple[dict[str, int], int]:
         """What lies outside the layers, then config, tokenizer and quant_manifest.json; (bytes per file, codes' bytes)."""
-        from transformers import AutoTokenizer
 
         model, files = self.model, self.files
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
@@ -139,7 +137,7 @@ class StreamedLayers:
         config.save_pretrained(out)
         if (self.folder / "generation_config.json").is_file():
             shutil.copy(self.folder / "generation_config.json", out / "generation_config.json")
-        AutoTokenizer.from_pretrained(self.folder).save_pretrained(out)
+        self.load_tokenizer().save_pretrained(out)
         write_json(out / QUANT_GRID_FILE, quant_grid(model, results, kept, grid, cfg))
         return self.written(results), files.quant_bytes
 

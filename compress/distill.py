@@ -181,8 +181,7 @@ def distill(
     subset="medical",
     log=print,
     progress: Progress = no_progress,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
+    intake: Intake | None = None,
 ) -> dict:
     """Distill `teacher` (None: the embedded default) into `student`; write an HF folder to `out`.
 
@@ -205,7 +204,7 @@ def distill(
         subset=subset,
         log=log,
         progress=progress,
-        intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code),
+        intake=intake or Intake(),
     )
     if ranks.main:
         metrics = execute(stage, out, source=student, force=force, **context)

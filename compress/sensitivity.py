@@ -477,10 +477,8 @@ class Analyze(Stage):
         cfg = self.config
         folder, stream = stream_source(cfg.stream, ctx), None
         if folder is not None:
-            from transformers import AutoTokenizer
-
             stream = LayerStream(folder)
-            model, tokenizer = stream.model, AutoTokenizer.from_pretrained(folder)
+            model, tokenizer = stream.model, ctx.load_tokenizer()
             stream.load_outside(decoder_layers(model))
             stream.on_demand(decoder_layers(model))
             ctx.log(f"streaming {folder} layer by layer (the decoder layers are never all in memory)")

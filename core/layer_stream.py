@@ -262,7 +262,7 @@ def stream_source(setting: str, ctx) -> Path | None:
 
     if setting == "off":
         return None
-    source = ctx.intake.resolve(ctx.source)
+    source = ctx.read_source()
     if source.kind == "gguf":
         folder = converted_gguf_dir(Path(source.path), log=ctx.log)
     elif source.kind == "hf":

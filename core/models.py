@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,24 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SUPPORTED_TYPES = ("llama", "qwen2", "gpt2")  # architectures every stage handles
+# A folder holds a tokenizer when it holds a vocabulary in one of these forms; without one, transformers
+# builds an empty tokenizer from the config alone and every text encodes to nothing.
+TOKENIZER_VOCABULARIES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+TOKENIZER_NAMES = "tokenizer.json, tokenizer.model, or vocab.json + merges.txt"
+# Every file a tokenizer is read from: what its sha256 covers.
+TOKENIZER_FILES = (
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+)
+PROBE_TEXT = "Answer: A"
 
 
 @dataclass(frozen=True)
@@ -37,23 +55,39 @@ class ModelSource:
     path: Path | str  # folder or file (str for hub ids)
     base: ModelSource | None = None  # the base of a LoRA adapter
     label: str = ""  # what to call it in logs and records
+    tokenizer: Path | str | None = None  # where its tokenizer is read from: a folder, a .gguf file or a hub id (str)
 
 
 @dataclass(frozen=True)
 class Intake:
-    """The intake flags a command takes (--allow-pickle, --trust-remote-code, --base), carried to every
-    stage that loads a checkpoint, so no stage can drop them."""
+    """The intake flags a command takes (--allow-pickle, --trust-remote-code, --base, --tokenizer), carried to
+    every stage that loads a checkpoint, so no stage can drop them."""
 
     allow_pickle: bool = False
     trust_remote_code: bool = False
     base: str | None = None
+    tokenizer: str | None = None  # a tokenizer folder for checkpoints that lack their own
 
-    def resolve(self, spec: str | Path | None) -> ModelSource:
-        return resolve(spec, allow_pickle=self.allow_pickle, base=self.base)
+    def resolve(self, spec: str | Path | ModelSource | None) -> ModelSource:
+        return resolve(spec, allow_pickle=self.allow_pickle, base=self.base, tokenizer=self.tokenizer)
 
     def load(self, spec, **kwargs):
         """(model, tokenizer), as load_model with these flags."""
-        return load_model(spec, allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code, base=self.base, **kwargs)
+        return load_model(self.resolve(spec), trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle, **kwargs)
+
+    def load_tokenizer(self, spec):
+        return load_tokenizer(self.resolve(spec), trust_remote_code=self.trust_remote_code)
+
+    def check(self, spec) -> ModelSource:
+        """Resolve `spec` and load its tokenizer once (a local one: a GGUF's is its own, a hub's is fetched later),
+        so a missing, broken or empty tokenizer fails before any work."""
+        source = self.resolve(spec)
+        if isinstance(source.tokenizer, Path) and source.tokenizer.suffix != ".gguf":
+            check_tokenizer(self.load_tokenizer(source), source)
+        return source
+
+    def tokenizer_record(self, spec) -> dict:
+        return tokenizer_record(self.resolve(spec))
 
 
 def cache_dir() -> Path:
@@ -169,13 +203,31 @@ def rope_theta(config) -> float | None:
 # --- resolving a --model argument -----------------------------------------------------
 
 
-def resolve(spec: str | Path | None, *, allow_pickle: bool = False, base: str | Path | None = None) -> ModelSource:
-    """Check a --model argument without loading weights. Raises InputError with the fix."""
+def resolve(
+    spec: str | Path | ModelSource | None,
+    *,
+    allow_pickle: bool = False,
+    base: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+) -> ModelSource:
+    """Check a --model argument and where its tokenizer comes from (`tokenizer`: --tokenizer), without loading
+    weights. Raises InputError with the fix."""
+    source = spec if isinstance(spec, ModelSource) else resolve_weights(spec, allow_pickle=allow_pickle, base=base)
+    if tokenizer is not None:
+        return replace(source, tokenizer=tokenizer_folder(tokenizer))
+    if source.tokenizer is None:
+        raise InputError(_no_tokenizer(source))
+    return source
+
+
+def resolve_weights(spec: str | Path | None, *, allow_pickle: bool = False, base: str | Path | None = None) -> ModelSource:
+    """Check a --model argument's weights; its `tokenizer` is None where the checkpoint has none of its own."""
     if spec is None or str(spec) == "":
-        return ModelSource("hf", default_model_dir(), label=DEFAULT_NAME)
+        folder = default_model_dir()
+        return ModelSource("hf", folder, label=DEFAULT_NAME, tokenizer=folder)
     text = str(spec)
     if text.startswith("hf:"):
-        return ModelSource("hub", text[3:], label=text[3:])
+        return ModelSource("hub", text[3:], label=text[3:], tokenizer=text[3:])
     path = Path(text).expanduser()
     if not path.exists():
         raise InputError(
@@ -184,19 +236,43 @@ def resolve(spec: str | Path | None, *, allow_pickle: bool = False, base: str | 
     if path.is_file():
         if path.suffix == ".gguf":
             _check_gguf_magic(path)
-            return ModelSource("gguf", path, label=path.stem)
+            return ModelSource("gguf", path, label=path.stem, tokenizer=path)  # a GGUF carries its tokenizer
         raise InputError(f"{path} is a file but not a .gguf; pass the folder that holds config.json, or a .gguf file")
     if (path / "adapter_config.json").is_file():
-        return ModelSource("lora", path, base=_lora_base(path, base, allow_pickle), label=path.name)
+        lora_base = _lora_base(path, base, allow_pickle)
+        return ModelSource("lora", path, base=lora_base, label=path.name, tokenizer=path if has_tokenizer(path) else lora_base.tokenizer)
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return resolve(ggufs[0])
+            return resolve_weights(ggufs[0])
         raise InputError(
             f"{path} has no config.json; pass a Hugging Face checkpoint folder (config.json + *.safetensors), a .gguf file or a LoRA adapter folder"
         )
     _check_weights(path, allow_pickle)
-    return ModelSource("hf", path, label=path.name)
+    return ModelSource("hf", path, label=path.name, tokenizer=path if has_tokenizer(path) else None)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any(all((folder / name).is_file() for name in names) for names in TOKENIZER_VOCABULARIES)
+
+
+def tokenizer_folder(spec: str | Path) -> Path:
+    """A --tokenizer argument checked: a folder that holds a tokenizer's vocabulary."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InputError(f"--tokenizer {path} does not exist; pass the folder that holds the model's tokenizer files ({TOKENIZER_NAMES})")
+    if path.is_file():
+        raise InputError(f"--tokenizer {path} is a file; pass the folder that holds it and the other tokenizer files")
+    if not has_tokenizer(path):
+        raise InputError(f"--tokenizer {path} has no tokenizer files ({TOKENIZER_NAMES}); pass the folder of the base model's tokenizer")
+    return path
+
+
+def _no_tokenizer(source: ModelSource) -> str:
+    fix = "copy the base model's tokenizer files beside the weights, or pass --tokenizer PATH (the folder that holds them)"
+    if source.kind == "lora":
+        return f"neither LoRA adapter {source.path} nor its base {source.base.path} has tokenizer files ({TOKENIZER_NAMES}); {fix}"
+    return f"{source.path} has no tokenizer files ({TOKENIZER_NAMES}); {fix}"
 
 
 def _check_gguf_magic(path: Path) -> None:
@@ -238,9 +314,9 @@ def _lora_base(adapter: Path, base: str | Path | None, allow_pickle: bool) -> Mo
     candidates = [Path(str(named)).expanduser(), adapter / str(named)]
     for candidate in candidates:
         if candidate.exists():
-            return resolve(candidate, allow_pickle=allow_pickle)
+            return resolve_weights(candidate, allow_pickle=allow_pickle)
     if str(named).startswith("hf:"):
-        return resolve(named)
+        return resolve_weights(named)
     raise InputError(
         f"LoRA adapter {adapter} names base {named!r}, which is not a local path; pass --base PATH (or --base hf:{named} to fetch it from the hub)"
     )
@@ -255,62 +331,120 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     base: str | Path | None = None,
+    tokenizer: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
 ):
-    """Load (model, tokenizer) in eval mode from any accepted --model argument."""
-    source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle=allow_pickle, base=base)
+    """Load (model, tokenizer) in eval mode from any accepted --model argument (`tokenizer`: --tokenizer)."""
+    source = resolve(spec, allow_pickle=allow_pickle, base=base, tokenizer=tokenizer)
+    model = _load_weights(source, allow_pickle, trust_remote_code, dtype)
+    loaded_tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    check_tokenizer(loaded_tokenizer, source, model.get_input_embeddings().num_embeddings)
+    model.eval()
+    return model.to(dtype), loaded_tokenizer
+
+
+def _load_weights(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, dtype):
     if source.kind == "gguf":  # converted once (transformers' GGUF loading de-quantizes every tensor: ~2 min for a 0.5B)
         source = ModelSource("hf", converted_gguf_dir(Path(source.path)), label=source.label)
     if source.kind == "hf" and (grid := read_quant_grid(source.path)) is not None:
         # a `vcompress quantize` folder: its linears as the grid computes them, in float32 (gptqmodel's
         # layers refuse the cast to float32 below, and are not needed to score the checkpoint)
-        model, tokenizer = load_dequantized(source.path, grid)
+        model, _ = load_dequantized(source.path, grid)
     elif source.kind == "lora":
-        model, tokenizer = _merge_lora(source, allow_pickle, trust_remote_code, dtype)
+        model = _merge_lora(source, allow_pickle, trust_remote_code, dtype)
     else:
-        model, tokenizer = _load_hf(source, allow_pickle, trust_remote_code, dtype)
+        model = _load_hf(source, allow_pickle, trust_remote_code, dtype)
     check_supported(model.config, source)
-    model.eval()
-    return model.to(dtype), tokenizer
+    return model
 
 
 def _load_hf(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     where = str(source.path)
-    kwargs = dict(trust_remote_code=trust_remote_code)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=not allow_pickle or None, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code
+            )
     except ValueError as e:
         message = _first_line(e)
         if "trust_remote_code" in message:
             raise InputError(f"{where} needs its own model code; read it, then pass --trust-remote-code") from None
         raise InputError(f"cannot load {where}: {message}; check config.json and the weight files") from None
     except (OSError, KeyError, RuntimeError) as e:
-        raise InputError(f"cannot load {where}: {_first_line(e)}; check config.json, the tokenizer files and the weights") from None
-    return model, tokenizer
+        raise InputError(f"cannot load {where}: {_first_line(e)}; check config.json and the weights") from None
 
 
 def _merge_lora(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, dtype):
     from peft import PeftModel
 
-    model, tokenizer = load_model(source.base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype)
+    model = _load_weights(source.base, allow_pickle, trust_remote_code, dtype)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            merged = PeftModel.from_pretrained(model, str(source.path)).merge_and_unload()
+            return PeftModel.from_pretrained(model, str(source.path)).merge_and_unload()
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise InputError(
             f"cannot apply LoRA adapter {source.path} to its base: {_first_line(e)}; check that --base is the model the adapter was trained on"
         ) from None
-    if (Path(source.path) / "tokenizer_config.json").is_file():  # adapters may ship their own chat template
-        from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
-    return merged, tokenizer
+
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False):
+    """The tokenizer a resolved source is read with (a GGUF's from the folder it converts to)."""
+    from transformers import AutoTokenizer
+
+    where = source.tokenizer
+    if isinstance(where, Path) and where.suffix == ".gguf":
+        where = converted_gguf_dir(where)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        message = _first_line(e)
+        if "trust_remote_code" in message:
+            raise InputError(f"the tokenizer in {where} needs its own code; read it, then pass --trust-remote-code") from None
+        raise InputError(f"cannot load the tokenizer in {where}: {message}; check its tokenizer files, or pass --tokenizer PATH") from None
+    except (OSError, KeyError, RuntimeError, TypeError) as e:
+        raise InputError(
+            f"cannot load the tokenizer in {where}: {_first_line(e)}; check its tokenizer files, or pass --tokenizer PATH"
+        ) from None
+
+
+def check_tokenizer(tokenizer, source: ModelSource, embedding_rows: int | None = None) -> None:
+    """Refuse a tokenizer that encodes text to nothing, or makes ids the model has no embedding for."""
+    if not tokenizer.encode(PROBE_TEXT, add_special_tokens=False):
+        raise InputError(
+            f"the tokenizer in {source.tokenizer} encodes text to no tokens; pass the model's own tokenizer folder with --tokenizer PATH"
+        )
+    if embedding_rows is not None and len(tokenizer) > embedding_rows:
+        raise InputError(
+            f"the tokenizer in {source.tokenizer} has {len(tokenizer)} tokens but {source.path} embeds {embedding_rows}; "
+            "pass the tokenizer the model was trained with (--tokenizer PATH)"
+        )
+
+
+def tokenizer_record(source: ModelSource) -> dict:
+    """Which tokenizer a source is read with, as manifests and run.json record it: `path` (an absolute folder,
+    .gguf file, or a hub id) and `sha256` over its files (a GGUF's: those of the folder it converts to; None for a hub id)."""
+    where = source.tokenizer
+    if not isinstance(where, Path):
+        return {"path": where, "sha256": None}
+    folder = converted_gguf_dir(where) if where.suffix == ".gguf" else where
+    return {"path": str(where.resolve()), "sha256": files_hash(tokenizer_files(folder))}
+
+
+def tokenizer_files(folder: Path | str) -> list[Path]:
+    return [Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+
+
+def tokenizer_note(source: ModelSource) -> str | None:
+    """What to tell the user about a tokenizer that is not the checkpoint's own, if it is not."""
+    if source.kind == "lora" and source.tokenizer == source.base.tokenizer:
+        return f"LoRA adapter {source.path} has no tokenizer files: using its base's, {source.tokenizer}"
+    return None
 
 
 def check_supported(config, source=None) -> None:
@@ -364,18 +498,13 @@ def weights_hash(path: Path | str) -> str:
     return files_hash(model_files(path))
 
 
-# What a transformers tokenizer reads from a folder (the fast, the slow and the SentencePiece forms).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model")
-TOKENIZER_VOCABS = ("vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
-
-
 def tokenizer_hash(folder: Path | str) -> str | None:
     """sha256 over a folder's tokenizer files, in name order; None for a file (a GGUF carries its tokenizer inside,
     so its weights hash covers it) or a folder without any."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    files = [folder / name for name in (*TOKENIZER_FILES, *TOKENIZER_VOCABS) if (folder / name).is_file()]
+    files = tokenizer_files(folder)
     return files_hash(files) if files else None
 
 
@@ -392,7 +521,7 @@ def files_hash(files) -> str:
 
 def source_hash(spec: str | Path | None) -> str | None:
     """weights_hash of a --model argument (None for LoRA adapters and hub ids)."""
-    source = resolve(spec)
+    source = resolve_weights(spec)
     return weights_hash(source.path) if source.kind in ("hf", "gguf") else None
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import GROUPS, LETTERS, Question
+from .errors import InputError
 from .models import cache_dir
 from .stage import Progress, no_progress, track
 
@@ -253,8 +254,6 @@ def exemplars_for(dev: Sequence[Question] | None, subject: str, shots: int) -> l
         raise ValueError(f"shots must be 0..5, got {shots}")
     pool = [q for q in dev or () if q.subject == subject]
     if len(pool) < shots:
-        from .errors import InputError
-
         raise InputError(
             f"{shots}-shot needs {shots} dev questions for {subject}, found {len(pool)}; use fewer --shots or an MMLU copy with dev/"
         )
@@ -264,14 +263,17 @@ def exemplars_for(dev: Sequence[Question] | None, subject: str, shots: int) -> l
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation ids the way lm-eval's HFLM makes them: encode the whole, cut at the context length.
 
-    Like lm-eval, the tokenizer adds its own special tokens (a BOS where it is configured to).
+    Like lm-eval, the tokenizer adds its own special tokens (a BOS where it is configured to). Where the whole
+    is no longer than the context alone (the answer merges into the prompt's last token), the cut leaves no
+    continuation, which lm-eval cannot score (its HFLM asserts one): the continuation is then encoded alone,
+    without special tokens, and scored after the context's ids.
     """
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
-    return context_ids, whole[len(context_ids) :]
+    return context_ids, whole[len(context_ids) :] or tokenizer.encode(continuation, add_special_tokens=False)
 
 
 @dataclass
@@ -287,8 +289,11 @@ def _requests(tokenizer, items: list[tuple[str, Sequence[str]]], max_length: int
     requests = []
     for row, (prompt, continuations) in enumerate(items):
         pairs = [encode_pair(tokenizer, prompt, c) for c in continuations]
-        if not all(cont for _, cont in pairs):
-            raise ValueError(f"the tokenizer merges an answer into the prompt of question {row}; it cannot be scored as lm-eval does")
+        if not all(ctx and cont for ctx, cont in pairs):
+            raise InputError(
+                f"the tokenizer encodes MMLU question {row} or one of its answers to no tokens, so it cannot be scored; "
+                "use the model's own tokenizer (--tokenizer PATH)"
+            )
         if all(len(cont) == 1 for _, cont in pairs) and all(ctx == pairs[0][0] for ctx, _ in pairs):
             whole = pairs[0][0] + pairs[0][1]
             ids = whole[-(max_length + 1) :][:-1] if max_length else whole[:-1]

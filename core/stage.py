@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .artifact import stage_folder, write_metrics, write_recipe
 from .errors import InputError
-from .models import Intake
+from .models import Intake, ModelSource, tokenizer_note, tokenizer_record
 from .profiles import Profile
 from .seeding import seeded
 
@@ -60,10 +60,24 @@ class StageContext:
     progress: Progress = no_progress
     intake: Intake = field(default_factory=Intake)  # how source and reference are loaded
     profile: Profile | None = None  # the run's profile (validate reads budgets and device from it)
+    tokenizer_used: dict | None = None  # which tokenizer the source was read with: metrics.json `tokenizer` (path, sha256)
 
     def load(self, spec="source", **kwargs):
         """(model, tokenizer) of the source (or of `spec`), with the command's intake flags."""
-        return self.intake.load(self.source if spec == "source" else spec, **kwargs)
+        return self.intake.load(self.read_source() if spec == "source" else spec, **kwargs)
+
+    def load_tokenizer(self):
+        """The tokenizer of the source alone (a streamed stage reads the weights itself)."""
+        return self.intake.load_tokenizer(self.read_source())
+
+    def read_source(self) -> ModelSource:
+        """The source resolved with the intake flags; the first read records (and says) which tokenizer it takes."""
+        source = self.intake.resolve(self.source)
+        if self.tokenizer_used is None:
+            if note := tokenizer_note(source):
+                self.log(note)
+            self.tokenizer_used = tokenizer_record(source)
+        return source
 
 
 class Stage:
@@ -122,7 +136,7 @@ def execute(stage: Stage, out: Path | str, *, source=None, force: bool = False, 
             ctx = StageContext(source=source, out=tmp, work=work, **context)
             with seeded(ctx.seed):
                 metrics = stage.run(ctx)
-            metrics = {"stage": stage.name, **metrics, "seconds": round(time.time() - started, 2)}
+            metrics = {"stage": stage.name, **metrics, "tokenizer": ctx.tokenizer_used, "seconds": round(time.time() - started, 2)}
             write_recipe(
                 tmp,
                 stage.name,

@@ -15,6 +15,8 @@ does not have; its generic "decoder" type takes separate keys and values and fee
 
 from __future__ import annotations
 
+from vcompress.core.errors import InputError
+
 from ._onnx_graph import Dims
 
 FILE = "genai_config.json"
@@ -59,7 +61,9 @@ def _token_ids(config, generation) -> dict:
 
     bos, eos, pad = first_set("bos_token_id"), first_set("eos_token_id"), first_set("pad_token_id")
     if eos is None:
-        raise ValueError("the model names no eos_token_id (config.json or generation_config.json); ORT GenAI needs one to stop")
+        raise InputError(
+            "the model names no eos_token_id, which ORT GenAI needs to stop; add the tokenizer's end-of-sequence id to its config.json or generation_config.json"
+        )
     # genai finds a prompt's last real token by skipping trailing pad ids; with no pad id set, the
     # first end-of-sequence id is what transformers pads with too.
     if pad is None:

@@ -45,6 +45,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from vcompress.core.errors import InputError
+
 OPSET = 21
 MS = "com.microsoft"
 
@@ -406,7 +408,9 @@ def _activation(g: GraphBuilder, x: str, kind: str, name: str, bias: str | None 
         return g.one("Gelu", [x], name=f"{name}/Gelu", domain=MS)
     if kind == "relu":
         return g.one("Relu", [x], name=f"{name}/Relu")
-    raise ValueError(f"activation {kind!r} is not exported yet")
+    raise InputError(
+        f"the ONNX exporter has no {kind!r} activation (it has silu, gelu, gelu_new, relu); this checkpoint cannot be exported to ONNX yet"
+    )
 
 
 def _lm_head(g: GraphBuilder, w: Weights, d: Dims, hidden: str) -> None:

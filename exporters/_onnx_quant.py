@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from vcompress.core.errors import InputError
+
 from ._onnx_graph import EXTERNAL_THRESHOLD, MS, TABLE, GraphBuilder, Weights
 
 
@@ -341,7 +343,9 @@ def _table_block(hidden: int, block_size: int) -> int:
     while block >= 16 and hidden % block:
         block //= 2
     if block < 16:
-        raise ValueError(f"hidden size {hidden} has no power-of-two block >= 16 that divides it")
+        raise InputError(
+            f"hidden size {hidden} has no power-of-two block >= 16 that divides it, so its embedding cannot be block-quantized; keep it float with --table-bits 0"
+        )
     return block
 
 

@@ -32,7 +32,7 @@ from vcompress.core.layer_stream import (
 )
 from vcompress.core.manifest import session_runtime
 from vcompress.core.models import check_supported
-from vcompress.core.quant_format import load_dequantized, read_quant_grid
+from vcompress.core.quant_format import read_quant_grid
 from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.runner import Runner
 from vcompress.core.stage import Stage, StageConfig, StageContext
@@ -188,11 +188,7 @@ def load_source(ctx: StageContext) -> tuple[Any, Any, dict | None]:
 
     A quantize folder loads as its exact dequantized weights, what the exported graph must compute;
     any other source through the intake, with the command's flags (--base, --allow-pickle, ...)."""
-    folder = source_folder(ctx.source)
-    grid = read_quant_grid(folder)
-    if grid is not None:
-        return (*load_dequantized(folder, grid), grid)
-    return (*ctx.load(), None)
+    return (*ctx.load(), read_quant_grid(source_folder(ctx.source)))
 
 
 def stream_folder(setting: str, ctx: StageContext, grid: dict | None) -> Path | None:
@@ -228,16 +224,16 @@ def refuse_if_too_big(ctx: StageContext, converter: str, peak: float = CONVERTER
         )
 
 
-def open_stream(folder: Path, grid: dict | None) -> tuple[LayerStream, Any]:
-    """(stream, tokenizer) of a folder: the model's skeleton, whose weights are read when asked (a quantize
-    folder's linears dequantized from their codes), with the generation config loading it whole would give."""
-    from transformers import AutoTokenizer, GenerationConfig
+def open_stream(folder: Path, grid: dict | None) -> LayerStream:
+    """A folder's stream: the model's skeleton, whose weights are read when asked (a quantize folder's linears
+    dequantized from their codes), with the generation config loading it whole would give."""
+    from transformers import GenerationConfig
 
     stream = DequantizedStream(folder, grid) if grid is not None else LayerStream(folder)
     check_supported(stream.model.config)
     if grid is None and (folder / "generation_config.json").is_file():  # from_pretrained reads it; load_dequantized does not
         stream.model.generation_config = GenerationConfig.from_pretrained(folder)
-    return stream, AutoTokenizer.from_pretrained(folder)
+    return stream
 
 
 def streamed_reference(stream: LayerStream):

@@ -140,7 +140,7 @@ class OnnxExport(Exporter):
             model, tokenizer, _ = load_source(ctx)
             tensors = model.state_dict()
         else:
-            stream, tokenizer = open_stream(stream_from, grid)
+            stream, tokenizer = open_stream(stream_from, grid), ctx.load_tokenizer()
             model, tensors = stream.model, stream_tensors(stream)
             ctx.log(f"streaming {stream_from} tensor by tensor (the model is never whole in memory)")
         weights = _weights(tensors, cfg, folder, grid, _onnx_graph.dims_of(model.config).tied)

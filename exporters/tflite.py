@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import Refused, Unsupported
-from vcompress.core.models import Intake, ModelSource, attention_shape, bytes_on_disk, save_model
+from vcompress.core.models import Intake, attention_shape, bytes_on_disk, save_model
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext, execute
@@ -91,7 +91,7 @@ class TFLiteExport(Exporter):
     def run(self, ctx: StageContext) -> dict:
         cfg: TFLiteExportConfig = self.config
         refuse_if_too_big(ctx, "litert-torch's converter (it traces the whole PyTorch model)")
-        source = ctx.source if isinstance(ctx.source, ModelSource) else ctx.intake.resolve(ctx.source)
+        source = ctx.read_source()
         model, tokenizer, grid = load_source(ctx)  # a quantize folder: its dequantized weights
         model_type = model.config.model_type
         if not _tflite_convert.available():

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vcompress.core.models import load_model, resolve
+from vcompress.core.models import Intake
 from vcompress.core.runner import RUNNERS, Runner
 
 
@@ -20,16 +20,15 @@ class TorchRunner(Runner):
         path: str | Path | None,
         *,
         threads: int | None = None,
-        allow_pickle: bool = False,
-        trust_remote_code: bool = False,
-        base: str | Path | None = None,
+        intake: Intake | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        source = resolve(path, allow_pickle=allow_pickle, base=base)
+        intake = intake or Intake()
+        source = intake.resolve(path)
         super().__init__(source.path, threads=threads)
         if threads:
             torch.set_num_threads(threads)
-        model, tokenizer = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype)
+        model, tokenizer = intake.load(source, dtype=dtype)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.label = source.label or str(source.path)

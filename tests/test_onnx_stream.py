@@ -130,7 +130,7 @@ def test_streamed_reference_reads_one_layer_at_a_time(quantized):
     from vcompress.exporters.base import open_stream, streamed_reference
 
     folder = quantized("llama", "float")
-    stream, _ = open_stream(folder, read_quant_grid(folder))
+    stream = open_stream(folder, read_quant_grid(folder))
     model = streamed_reference(stream)
     seen = []
     for layer in model.model.layers:

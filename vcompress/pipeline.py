@@ -100,7 +100,7 @@ def run(
     steps = plan(profile, where, options.overrides)
     layout = RunLayout(options.out)
     _check_out(layout.root, steps, options)
-    options.intake.resolve(options.model)  # a bad --model fails before any folder is written
+    options.intake.check(options.model)  # a bad --model or tokenizer fails before any folder is written
     try:
         layout.log_file.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -108,6 +108,7 @@ def run(
     log = _tee(log, layout.log_file)
     state = _run_record(profile, options, steps, where)
     state["model"]["hash"] = source_hash(options.model)
+    state["tokenizer"] = options.intake.tokenizer_record(options.model)
     _check_same_recipe(layout, state, options)
     if options.from_stage:
         _clear_from(layout.root, steps, options.from_stage, log)
@@ -193,8 +194,15 @@ def _check_same_recipe(layout: RunLayout, state: dict, options: RunOptions) -> N
         "model": (previous.get("model") or {}).get("spec"),
         "seed": previous.get("seed"),
         "data": previous.get("data"),
+        "tokenizer": (previous.get("tokenizer") or state["tokenizer"])["sha256"],  # runs recorded before tokenizers were: unknown
     }
-    now = {"profile": state["profile"]["sha256"], "model": state["model"]["spec"], "seed": state["seed"], "data": state["data"]}
+    now = {
+        "profile": state["profile"]["sha256"],
+        "model": state["model"]["spec"],
+        "seed": state["seed"],
+        "data": state["data"],
+        "tokenizer": state["tokenizer"]["sha256"],
+    }
     for key in now:
         if before[key] != now[key]:
             raise InputError(

@@ -17,8 +17,8 @@ from rich.table import Table
 from vcompress import __version__
 from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError
-from vcompress.core.export_manifest import read_manifest
-from vcompress.core.models import source_hash, weights_hash
+from vcompress.core.export_manifest import MANIFEST, read_manifest
+from vcompress.core.models import files_hash, source_hash, tokenizer_files, weights_hash
 from vcompress.core.profiles import Budgets, Profile
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import drop_outcome, interval_outcome
@@ -95,7 +95,9 @@ class ValidateStage(Stage):
             cache=True,
             log=ctx.log,
             progress=ctx.progress,
+            open_kwargs={"intake": ctx.intake},
         )
+        ctx.tokenizer_used = _artifact_tokenizer(ctx)
         try:
             report = evaluator.evaluate(model=str(ctx.source), reference=ctx.reference)
         finally:
@@ -165,6 +167,15 @@ def print_host(verdict: dict, console: Console) -> None:
             soft_wrap=True,
             highlight=False,
         )
+
+
+def _artifact_tokenizer(ctx) -> dict | None:
+    """The tokenizer the artifact is scored with: the files an export ships beside its model, else the intake's."""
+    folder = Path(ctx.source)
+    if (folder / MANIFEST).is_file():
+        return {"path": str(folder), "sha256": files_hash(tokenizer_files(folder))}
+    ctx.read_source()
+    return ctx.tokenizer_used
 
 
 EXPORT_CHECK = ("parity", "fidelity", "checked_on", "tensorrt_ready", "engine_note")  # what an export says of itself

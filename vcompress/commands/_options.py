@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import types
@@ -14,11 +15,37 @@ from click.core import ParameterSource
 from vcompress.core.units import MIB, UNIT
 
 
+def intake_options(f):
+    """The intake flags (--base, --allow-pickle, --trust-remote-code, --tokenizer), handed to the command as one
+    `intake` (vcompress.core.models.Intake), so a flag added here reaches every stage without touching a command."""
+
+    @functools.wraps(f)
+    def with_intake(*args, base, allow_pickle, trust_remote_code, tokenizer, **kwargs):
+        from vcompress.core.models import Intake  # here, not above: `--help` must not import torch
+
+        intake = Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, base=base, tokenizer=tokenizer)
+        return f(*args, intake=intake, **kwargs)
+
+    options = [
+        click.option("--base", type=str, default=None, help="Base model of a LoRA adapter (else the adapter's base_model_name_or_path)."),
+        click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (.bin/.pt), which can run code when loaded."),
+        click.option("--trust-remote-code", is_flag=True, help="Run the checkpoint's own model code (off by default)."),
+        click.option(
+            "--tokenizer",
+            type=str,
+            default=None,
+            help="Folder of the tokenizer to use, for a checkpoint saved without its tokenizer files (else the checkpoint's own).",
+        ),
+    ]
+    command = with_intake
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def model_options(f):
-    """--model and the intake flags every command that reads a checkpoint takes."""
-    f = click.option("--trust-remote-code", is_flag=True, help="Run the checkpoint's own model code (off by default).")(f)
-    f = click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (.bin/.pt), which can run code when loaded.")(f)
-    f = click.option("--base", type=str, default=None, help="Base model of a LoRA adapter (else the adapter's base_model_name_or_path).")(f)
+    """--model and the intake flags every command that reads a checkpoint takes (the command receives `model`, `intake`)."""
+    f = intake_options(f)
     f = click.option(
         "--model",
         "model",
@@ -120,16 +147,14 @@ def make_console(stderr: bool = False):
     return Console(stderr=stderr, width=width)
 
 
-def execute_stage(stage, out, summary, *, model, base, allow_pickle, trust_remote_code, as_json, **kwargs) -> None:
+def execute_stage(stage, out, summary, *, model, intake, as_json, **kwargs) -> None:
     """Run one stage for a command: its log on stderr (silent under --json), the intake flags passed on; then
     its metrics as JSON (--json) or `summary(out, metrics)`'s lines."""
-    from vcompress.core.models import Intake
     from vcompress.core.stage import execute
     from vcompress.progress import progress_bars
 
     log = (lambda _: None) if as_json else (lambda msg: click.echo(msg, err=True))
-    intake = Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, base=base)
-    intake.resolve(model)  # a bad --model fails before any work
+    intake.check(model)  # a bad --model or tokenizer fails before any work
     with progress_bars(quiet=as_json) as progress:
         metrics = execute(stage, out, source=model, log=log, intake=intake, progress=progress, **kwargs)
     if as_json:

@@ -7,6 +7,7 @@ from rich.console import Console
 
 from vcompress.commands._options import (
     force_option,
+    intake_options,
     json_option,
     mmlu_option,
     out_option,
@@ -41,8 +42,7 @@ from vcompress.commands._options import (
 )
 @seed_option
 @force_option
-@click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (.bin/.pt), which can run code when loaded.")
-@click.option("--trust-remote-code", is_flag=True, help="Run the checkpoints' own model code (off by default).")
+@intake_options
 @json_option
 def distill_command(settings, student, out, as_json, **options):
     """Distill TEACHER into STUDENT: KL on next-token distributions (+ optional CE and hidden-state MSE).

@@ -44,9 +44,7 @@ from vcompress.commands._options import json_option, make_console, mmlu_option, 
 @mmlu_option
 @seed_option
 @json_option
-def eval_command(
-    model, base, allow_pickle, trust_remote_code, reference, subset, fmt, shots, per_subject, data, batch_size, threads, mmlu, seed, as_json
-):
+def eval_command(model, intake, reference, subset, fmt, shots, per_subject, data, batch_size, threads, mmlu, seed, as_json):
     """Score a model (HF folder, GGUF, exported artifact) on an MMLU subset as lm-eval's mmlu task (letter) or
     lighteval's mmlu_cf (cloze) does."""
     from vcompress.evaluate import evaluate
@@ -68,7 +66,7 @@ def eval_command(
             threads=threads,
             progress=progress,
             log=None if as_json else (lambda message: console.print(f"[dim]{message}[/dim]")),
-            open_kwargs={"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "base": base},
+            open_kwargs={"intake": intake},
         )
     if as_json:
         print_json(report)

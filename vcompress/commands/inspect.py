@@ -6,20 +6,20 @@ import click
 from rich.table import Table
 
 from vcompress.commands._options import json_option, make_console, model_options, print_json
-from vcompress.core.models import load_model, resolve, summarize
+from vcompress.core.models import summarize
 
 
 @click.command("inspect")
 @click.argument("model_arg", metavar="[MODEL]", required=False)
 @model_options
 @json_option
-def inspect_command(model_arg, model, base, allow_pickle, trust_remote_code, as_json):
+def inspect_command(model_arg, model, intake, as_json):
     """Print architecture, parameters, layers, query/KV heads, head dim, dtype and bytes on disk."""
     if model_arg and model and model_arg != model:
         raise click.UsageError("give the model either as MODEL or as --model, not both")
-    source = resolve(model_arg or model, allow_pickle=allow_pickle, base=base)
-    loaded, _ = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    info = summarize(loaded, source)
+    source = intake.resolve(model_arg or model)
+    loaded, _ = intake.load(source)
+    info = {**summarize(loaded, source), "tokenizer": str(source.tokenizer)}
     if as_json:
         print_json(info)
         return

@@ -46,9 +46,7 @@ from vcompress.core.profiles import load_profile
 def run_command(
     profile_name,
     model,
-    base,
-    allow_pickle,
-    trust_remote_code,
+    intake,
     data,
     out,
     resume,
@@ -71,7 +69,6 @@ def run_command(
     refused its artifact (no verdict).
     """
     from vcompress import pipeline
-    from vcompress.core.models import Intake
 
     profile = load_profile(profile_name)
     overrides = _validate_overrides(device, ssh_host, serial)
@@ -89,7 +86,7 @@ def run_command(
         resume=resume,
         from_stage=from_stage,
         force=force,
-        intake=Intake(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, base=base),
+        intake=intake,
         overrides=overrides,
         record=record,
         db=db,

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from vcompress.commands._options import force_option, json_option, make_console, mmlu_option, print_json, seed_option, stage_command
+from vcompress.commands._options import (
+    force_option,
+    intake_options,
+    json_option,
+    make_console,
+    mmlu_option,
+    print_json,
+    seed_option,
+    stage_command,
+)
 
 
 # connection (the device's own settings) is a mapping, given in a profile
@@ -22,13 +31,14 @@ from vcompress.commands._options import force_option, json_option, make_console,
 )
 @click.option("--record", is_flag=True, help="Record the verdict in the history database.")
 @click.option("--db", default=None, help="History database (SQLAlchemy URL or SQLite path).")
+@intake_options
 @mmlu_option
 @seed_option
 @force_option
 @json_option
-def validate_command(settings, profile_name, artifact, reference, out, data, record, db, mmlu, seed, force, as_json):
+def validate_command(settings, profile_name, artifact, reference, out, data, record, db, intake, mmlu, seed, force, as_json):
     """Score the artifact and its reference on the profile's MMLU subset, measure or estimate latency,
-    and check every budget. Exit 0 all pass, 1 a budget failed, 2 bad input, 3 an internal error."""
+    and check every budget. Exit 0 all pass, 1 a budget failed or is undecided, 2 bad input, 3 an internal error."""
     from vcompress import pipeline
     from vcompress.core.artifact import RunLayout, read_json
     from vcompress.core.models import resolve
@@ -45,6 +55,7 @@ def validate_command(settings, profile_name, artifact, reference, out, data, rec
     steps = {s.name: s.stage for s in pipeline.plan(profile, where=profile_name, overrides={"validate": settings})}
     stage = steps.get("validate") or STAGES.get("validate").from_profile(settings, profile, where=profile_name)
     reference = reference or str(resolve(None).path)
+    intake.check(reference)  # a reference without its tokenizer fails before any work
     console = make_console(stderr=as_json)
     with progress_bars(quiet=as_json) as progress:
         execute(
@@ -58,6 +69,7 @@ def validate_command(settings, profile_name, artifact, reference, out, data, rec
             mmlu=mmlu,
             subset=profile.evaluation.subset,
             profile=profile,
+            intake=intake,
             log=lambda m: console.print(m, highlight=False),
             progress=progress,
         )
