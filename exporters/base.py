@@ -20,6 +20,7 @@ from pydantic import AfterValidator, Field
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import InputError, Refused, Unsupported
+from vcompress.core.export_manifest import session_runtime
 from vcompress.core.layer_stream import (
     DequantizedStream,
     LayerStream,
@@ -30,7 +31,6 @@ from vcompress.core.layer_stream import (
     too_big_for_memory,
     total_memory,
 )
-from vcompress.core.manifest import session_runtime
 from vcompress.core.models import check_supported
 from vcompress.core.quant_format import read_quant_grid
 from vcompress.core.registry import EXPORTERS, STAGES

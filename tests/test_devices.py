@@ -319,7 +319,7 @@ def test_our_loop_stays_measurable_and_genai_runs_the_same_model(tiny_onnx):
 
 
 def test_session_runners_name_the_runtime_that_scores(tiny_onnx):
-    """What the answer cache keys on (Runner.runtime), the same record the bench writes (core.manifest.session_runtime)."""
+    """What the answer cache keys on (Runner.runtime), the same record the bench writes (core.export_manifest.session_runtime)."""
     import onnxruntime
 
     from vcompress.exporters.onnx import OnnxRunner
