@@ -211,9 +211,7 @@ def calibrated_on(device: Device, published: str) -> list[str]:
 def process_ram(artifact: Path, shape: dict, weights: dict, prompt_tokens: int, decode_tokens: int, kv_bytes: int, device: str) -> dict:
     """The whole process's peak RSS, banded; where the runtime's own memory was never measured, the model's part
     only, as the band's optimistic end with no pessimistic end (a maximum is then never met on it)."""
-    from .bench import session_backend  # not at import: `python -m vcompress.devices.bench` runs it as a script
-
-    session = session_backend(artifact, None)
+    session = session_name(artifact)
     runtime = runtime_memory(session, artifact_format(artifact))
     if runtime is None:
         model = mib(peak_ram_bytes(shape, weights, prompt_tokens, decode_tokens, kv_bytes), 1)
@@ -227,6 +225,18 @@ def process_ram(artifact: Path, shape: dict, weights: dict, prompt_tokens: int, 
     return banded(
         whole, UNIT, RAM_BAND_PCT, device, 1, calibrated_on=[f"{runtime['session']} on the build host (bench/runtime_ram.py)"], note=note
     )
+
+
+def session_name(artifact: Path) -> str:
+    """The session an app runs the artifact through, as core/runtime_memory.json names it (`genai` for
+    exporters/_genai_session.py); the format's name for an HF folder or an export whose manifest names no sessions."""
+    from .bench import session_module  # not at import: `python -m vcompress.devices.bench` runs it as a script
+
+    try:
+        module = session_module(Path(artifact), None)
+    except InputError:
+        module = None
+    return module.rpartition(".")[2].removeprefix("_").removesuffix("_session") if module else artifact_format(artifact)
 
 
 def compare(measured: dict, estimated: dict) -> dict:
