@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests/tiny.py's tokenizer
+sys.path.insert(0, str(ROOT))  # tests/tiny.py's tokenizer and config
 
 PROMPT, DECODE = 64, 16
 ONNX, TFLITE = ["onnx", "--quant", "int4"], ["tflite", "--quant", "int8"]
@@ -39,25 +39,13 @@ RUNS = {  # devices/bench.py's session (what an artifact runs through) -> (expor
 
 def build_model(out: Path, layers: int) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    from tests.tiny import build_tokenizer
+    from tests.tiny import build_config, build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    sizes = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64}
+    config = build_config("llama", len(tokenizer), layers, **sizes, max_position_embeddings=512, rope_theta=10000.0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(out)

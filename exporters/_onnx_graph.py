@@ -63,6 +63,19 @@ class Dims:
     max_positions: int
     tied: bool
 
+    def manifest_fields(self) -> dict:
+        """The model's shape as an exported folder's manifest states it."""
+        return {
+            "architecture": self.arch,
+            "layers": self.layers,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "max_positions": self.max_positions,
+            "tied_embeddings": self.tied,
+        }
+
 
 @dataclass
 class GraphBuilder:

@@ -31,11 +31,11 @@ from vcompress.core.layer_stream import (
     too_big_for_memory,
     total_memory,
 )
-from vcompress.core.models import check_supported
+from vcompress.core.models import Intake, check_supported
 from vcompress.core.quant_format import read_quant_grid
 from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.runner import Runner
-from vcompress.core.stage import Stage, StageConfig, StageContext
+from vcompress.core.stage import Stage, StageConfig, StageContext, execute
 
 PARITY_PROMPTS = (
     "The heart pumps blood through",
@@ -165,6 +165,23 @@ def stored_weights(shape: dict, body_bits: float, table_bits: float, head_bits: 
     gathered = (0 if shape["tied"] else shape["head_params"] * table_bits / 8) + gather_only
     stored = shape["body_params"] * body_bits / 8 + head + gathered
     return {"stored_bytes": round(stored), "gather_only_bytes": round(gathered), "per_token_bytes": round(stored - gathered)}
+
+
+def run_export(
+    stage_class: type[Exporter],
+    model_path,
+    out,
+    quant: str,
+    *,
+    force: bool = False,
+    seed: int = 0,
+    log=print,
+    intake: Intake | None = None,
+    **settings,
+) -> dict:
+    """Run one exporter stage on a checkpoint (None: the embedded default) into `out`; returns its metrics."""
+    stage = stage_class({"quant": quant, **settings})
+    return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
 
 
 def package_version(package: str) -> str | None:

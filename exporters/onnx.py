@@ -33,11 +33,11 @@ from pydantic import Field, model_validator
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import file_tensors, stream_tensors
-from vcompress.core.models import Intake, bytes_on_disk
+from vcompress.core.models import bytes_on_disk
 from vcompress.core.quant_format import grid_bits, read_quant_grid
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
-from vcompress.core.stage import StageContext, execute
+from vcompress.core.stage import StageContext
 
 from . import _onnx_genai, _onnx_gptq, _onnx_graph, _onnx_quant
 from ._onnx_session import DecoderSession, SessionError
@@ -50,6 +50,7 @@ from .base import (
     load_source,
     open_stream,
     package_version,
+    run_export,
     save_sidecars,
     source_folder,
     stored_weights,
@@ -185,20 +186,9 @@ class OnnxExport(Exporter):
         return metrics
 
 
-def export(
-    model_path: str | Path | None,
-    out: str | Path,
-    quant: str = "none",
-    *,
-    force: bool = False,
-    seed: int = 0,
-    log=print,
-    intake: Intake | None = None,
-    **settings,
-) -> dict:
+def export(model_path: str | Path | None, out: str | Path, quant: str = "none", **options) -> dict:
     """Export a checkpoint (None: the embedded default) to an ONNX artifact folder; returns metrics."""
-    stage = OnnxExport({"quant": quant, **settings})
-    return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
+    return run_export(OnnxExport, model_path, out, quant, **options)
 
 
 def _check_grid(cfg: OnnxExportConfig, grid: dict | None) -> None:
@@ -291,14 +281,7 @@ def _graph_fields(dims, cfg: OnnxExportConfig) -> dict:
         return {"name": name, "dtype": dtype, "shape": shape}
 
     return {
-        "architecture": dims.arch,
-        "layers": dims.layers,
-        "heads": dims.heads,
-        "kv_heads": dims.kv_heads,
-        "head_dim": dims.head_dim,
-        "vocab_size": dims.vocab,
-        "max_positions": dims.max_positions,
-        "tied_embeddings": dims.tied,
+        **dims.manifest_fields(),
         "quant": {
             "scheme": cfg.quant,
             **(

@@ -29,16 +29,15 @@ from pydantic import Field
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.data import pack, texts_for
 from vcompress.core.errors import InputError, Refused, Unsupported
-from vcompress.core.models import Intake
 from vcompress.core.quant_format import grid_bits
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.scoring import text_fidelity, torch_logits_fn
-from vcompress.core.stage import StageContext, execute
+from vcompress.core.stage import StageContext
 
 from . import _onnx_quant, _trt_graph, _trt_ops
 from ._tensorrt_session import GraphSession, SessionError
-from .base import Exporter, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, save_sidecars, stored_weights
+from .base import Exporter, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, run_export, save_sidecars, stored_weights
 
 FORMAT = "tensorrt"
 ENGINE_FILE = "model.engine"
@@ -126,20 +125,9 @@ class TensorRTExport(Exporter):
         }
 
 
-def export(
-    model_path: str | Path | None,
-    out: str | Path,
-    quant: str = "int4",
-    *,
-    force: bool = False,
-    seed: int = 0,
-    log=print,
-    intake: Intake | None = None,
-    **settings,
-) -> dict:
+def export(model_path: str | Path | None, out: str | Path, quant: str = "int4", **options) -> dict:
     """Export a checkpoint (None: the embedded default) or a quantize folder to a TensorRT artifact folder; returns metrics."""
-    stage = TensorRTExport({"quant": quant, **settings})
-    return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
+    return run_export(TensorRTExport, model_path, out, quant, **options)
 
 
 def _graph_fields(dims, cfg: TensorRTExportConfig, blocks: dict, grid: dict | None) -> dict:
@@ -152,14 +140,7 @@ def _graph_fields(dims, cfg: TensorRTExportConfig, blocks: dict, grid: dict | No
         quant |= {"method": "rtn-symmetric", "zero_point": 0, "block_size": cfg.block_size, "blocks": sorted(set(blocks.values()))}
         quant |= {"resolved_from": grid.get("method")} if grid else {}
     return {
-        "architecture": dims.arch,
-        "layers": dims.layers,
-        "heads": dims.heads,
-        "kv_heads": dims.kv_heads,
-        "head_dim": dims.head_dim,
-        "vocab_size": dims.vocab,
-        "max_positions": dims.max_positions,
-        "tied_embeddings": dims.tied,
+        **dims.manifest_fields(),
         "kv_dtype": kv_dtype,
         "opset": _trt_graph.OPSET,
         "quant": quant,

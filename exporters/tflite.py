@@ -27,10 +27,10 @@ from pydantic import Field, model_validator
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import Refused, Unsupported
-from vcompress.core.models import Intake, attention_shape, bytes_on_disk, save_model
+from vcompress.core.models import attention_shape, bytes_on_disk, save_model
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
-from vcompress.core.stage import StageContext, execute
+from vcompress.core.stage import StageContext
 
 from . import _tflite_convert
 from ._tflite_session import FORMAT, LiteRTSession, SessionError, signature_io
@@ -42,6 +42,7 @@ from .base import (
     load_source,
     package_version,
     refuse_if_too_big,
+    run_export,
     save_sidecars,
     stored_weights,
 )
@@ -145,20 +146,9 @@ class TFLiteExport(Exporter):
         return metrics
 
 
-def export(
-    model_path: str | Path | None,
-    out: str | Path,
-    quant: str = "none",
-    *,
-    force: bool = False,
-    seed: int = 0,
-    log=print,
-    intake: Intake | None = None,
-    **settings,
-) -> dict:
+def export(model_path: str | Path | None, out: str | Path, quant: str = "none", **options) -> dict:
     """Export a checkpoint (None: the embedded default) to a TFLite artifact folder; returns metrics."""
-    stage = TFLiteExport({"quant": quant, **settings})
-    return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
+    return run_export(TFLiteExport, model_path, out, quant, **options)
 
 
 def _bundle_loads(ctx: StageContext) -> str:

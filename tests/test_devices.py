@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.tiny import SIZES
 from vcompress.core.errors import InputError
 from vcompress.core.export_manifest import model_files
 from vcompress.core.profiles import Device, load_profile
@@ -28,16 +29,7 @@ from vcompress.devices.bench import prompt_ids, run_benchmark
 
 DATA = Path(__file__).parent / "data"
 CONFIG = dict(
-    model_type="llama",
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=384,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
+    model_type="llama", **SIZES, num_hidden_layers=2, head_dim=16, vocab_size=384, max_position_embeddings=256, tie_word_embeddings=True
 )
 
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.processes import kill_when_saved
 from tests.tiny import CORPUS, build_model, build_tokenizer
 from vcompress.compress.distill import CHECKPOINT, DistillConfig, build_blocks, distill, distill_loss, student_layer_map
 from vcompress.core.artifact import write_metrics
@@ -235,18 +234,8 @@ def test_kill_9_then_resume_from_the_cli(pair, alpaca, tmp_path, cli):
     out = tmp_path / "killed"
     checkpoint = tmp_path / ".killed.work" / CHECKPOINT
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vcompress", *map(str, args), "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    deadline = time.time() + 120
-    while not checkpoint.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    code = kill_when_saved([sys.executable, "-m", "vcompress", *map(str, args), "--out", str(out)], checkpoint, env, seconds=120)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not out.exists() and checkpoint.is_file()
     code, _, err = cli(*args, "--out", out, "--resume")
     assert code == 0, err

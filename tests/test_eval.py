@@ -47,22 +47,16 @@ def test_eval_with_itself_as_reference(cli, tiny_llama, mini_mmlu):
     assert report["text"]["perplexity"] == report["text"]["reference_perplexity"] > 1
 
 
-def test_eval_prints_accuracy_interval_and_subject_rows(cli, tiny_llama, tiny_models, mini_mmlu):
-    code, out, err = cli(
-        "eval",
-        "--model",
-        tiny_models["qwen2"],
-        "--reference",
-        tiny_llama,
-        "--mmlu",
-        mini_mmlu,
-        "--per-subject",
-        "4",
-        "--shots",
-        "2",
-        "--subset",
-        "anatomy,virology",
+@pytest.fixture
+def eval_qwen2(cli, tiny_llama, tiny_models, mini_mmlu):
+    """`vcompress eval` of the tiny Qwen2 against the tiny Llama, 4 questions a subject, with more options."""
+    return lambda *options: cli(
+        "eval", "--model", tiny_models["qwen2"], "--reference", tiny_llama, "--mmlu", mini_mmlu, "--per-subject", "4", *options
     )
+
+
+def test_eval_prints_accuracy_interval_and_subject_rows(eval_qwen2):
+    code, out, err = eval_qwen2("--shots", "2", "--subset", "anatomy,virology")
     assert code == 0, err
     assert "8 questions (4 per subject, 2 subjects" in out and "2-shot" in out
     assert "accuracy" in out and "95% CI" in out
@@ -70,21 +64,8 @@ def test_eval_prints_accuracy_interval_and_subject_rows(cli, tiny_llama, tiny_mo
     assert "answer agreement" in out and "held-out perplexity" in out and "top-1 next-token agreement" in out
 
 
-def test_eval_cloze_reports_the_format_the_domains_and_the_paired_drop(cli, tiny_llama, tiny_models, mini_mmlu):
-    code, out, err = cli(
-        "eval",
-        "--model",
-        tiny_models["qwen2"],
-        "--reference",
-        tiny_llama,
-        "--mmlu",
-        mini_mmlu,
-        "--per-subject",
-        "4",
-        "--format",
-        "cloze",
-        "--json",
-    )
+def test_eval_cloze_reports_the_format_the_domains_and_the_paired_drop(eval_qwen2):
+    code, out, err = eval_qwen2("--format", "cloze", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["format"]["name"] == "cloze" and report["format"]["prompt"].startswith("The following are questions about <subject>.")
@@ -95,9 +76,7 @@ def test_eval_cloze_reports_the_format_the_domains_and_the_paired_drop(cli, tiny
     assert drop["n"] == 8 and drop["points"] == pytest.approx(100 * (teacher["accuracy"] - student["accuracy"]))
     assert drop["lost"] - drop["gained"] == teacher["correct"] - student["correct"]
     assert drop["ci95"][0] <= drop["points"] <= drop["ci95"][1] and drop["domains"]["medical"]["n"] == 8
-    code, out, err = cli(
-        "eval", "--model", tiny_models["qwen2"], "--reference", tiny_llama, "--mmlu", mini_mmlu, "--per-subject", "4", "--format", "cloze"
-    )
+    code, out, err = eval_qwen2("--format", "cloze")
     assert code == 0, err
     assert "cloze format" in out and "medical (domain)" in out and "accuracy drop" in out and "paired 95% CI" in out
 

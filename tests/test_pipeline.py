@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.processes import kill_when_saved
 from tests.tiny import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,13 +168,8 @@ def test_kill_9_during_distillation_then_resume_gives_the_same_artifacts(tmp_pat
 
     run = tmp_path / "B"
     checkpoint = run / ".03-distill.work" / "checkpoint.pt"
-    proc = subprocess.Popen([*args, "--out", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not checkpoint.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    code = kill_when_saved([*args, "--out", str(run)], checkpoint, env, seconds=300)
+    assert code == -signal.SIGKILL, "the run ended before it could be killed"
     assert (run / "02-prune").is_dir() and not (run / "03-distill").exists()
     resumed = subprocess.run([*args, "--out", str(run), "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode in (0, 1), resumed.stderr[-2000:]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.tiny import CORPUS, build_model, build_tokenizer
+from tests.tiny import CORPUS, build_config, build_model, build_tokenizer
 from vcompress.core import scoring
 from vcompress.core.data import Question
 from vcompress.core.errors import InputError
@@ -24,18 +24,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def untokenized(tmp_path_factory, tokenizer) -> Path:
     """The folder of the issue: a tiny Qwen2 (8 query / 4 KV heads) saved with save_pretrained, no tokenizer files."""
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    config = build_config("qwen2", len(tokenizer), num_attention_heads=8, num_key_value_heads=4)
     folder = tmp_path_factory.mktemp("issue40") / "checkpoint"
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder

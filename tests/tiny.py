@@ -44,41 +44,21 @@ def build_tokenizer(vocab_size: int = 384, byte_alphabet: bool = True):
     return fast
 
 
-def build_config(arch: str, vocab_size: int, layers: int = 2):
+SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}  # llama, qwen2
+
+
+def build_config(arch: str, vocab_size: int, layers: int = 2, **sizes):
+    """A tiny config of `arch`; `sizes` overrides SIZES and the rest (llama and qwen2)."""
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
-    if arch == "llama":  # GQA like SmolLM2: 4 query heads share 2 KV heads, tied embeddings
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=1024,
-            rope_theta=100000.0,
-            tie_word_embeddings=True,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        )
-    if arch == "qwen2":
-        return Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        )
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=layers, n_head=4, n_positions=1024, bos_token_id=1, eos_token_id=2)
+    decoder = {"vocab_size": vocab_size, "num_hidden_layers": layers, "max_position_embeddings": 1024, **SIZES, **SPECIAL_IDS}
+    if arch == "llama":  # GQA like SmolLM2: 4 query heads share 2 KV heads, tied embeddings
+        return LlamaConfig(**{**decoder, "head_dim": 16, "rope_theta": 100000.0, "tie_word_embeddings": True, **sizes})
+    if arch == "qwen2":
+        return Qwen2Config(**{**decoder, "tie_word_embeddings": False, **sizes})
     raise ValueError(arch)
 
 

@@ -43,29 +43,31 @@ runs_table = sa.Table(
     sa.Column("host", sa.Text),  # JSON: that host's CPU, cores, threads, ISA features, copy bandwidth and GEMM speed
     sa.Column("recorded", sa.DateTime, nullable=False),
 )
-metrics_table = sa.Table(
+
+
+def _child_table(name: str, key: str, *columns: sa.Column) -> sa.Table:
+    """A table of one run's rows, keyed by the run's id and the string column `key` (and any key among `columns`)."""
+    run_id = sa.Column("run_id", sa.String(200), sa.ForeignKey("vcompress_runs.run_id"), primary_key=True)
+    return sa.Table(name, metadata, run_id, sa.Column(key, sa.String(200), primary_key=True), *columns)
+
+
+metrics_table = _child_table(
     "vcompress_metrics",
-    metadata,
-    sa.Column("run_id", sa.String(200), sa.ForeignKey("vcompress_runs.run_id"), primary_key=True),
-    sa.Column("name", sa.String(200), primary_key=True),
+    "name",
     sa.Column("value", sa.Float),
     sa.Column("unit", sa.String(50), nullable=False),
     sa.Column("source", sa.String(20), nullable=False),  # measured | estimated
     sa.Column("device", sa.String(200)),
 )
-samples_table = sa.Table(
+samples_table = _child_table(
     "vcompress_samples",
-    metadata,
-    sa.Column("run_id", sa.String(200), sa.ForeignKey("vcompress_runs.run_id"), primary_key=True),
-    sa.Column("metric", sa.String(200), primary_key=True),
+    "metric",
     sa.Column("idx", sa.Integer, primary_key=True),
     sa.Column("value", sa.Float, nullable=False),
 )
-checks_table = sa.Table(
+checks_table = _child_table(
     "vcompress_checks",
-    metadata,
-    sa.Column("run_id", sa.String(200), sa.ForeignKey("vcompress_runs.run_id"), primary_key=True),
-    sa.Column("budget", sa.String(200), primary_key=True),
+    "budget",
     sa.Column("limit", sa.Float),
     sa.Column("value", sa.Float),
     sa.Column("unit", sa.String(50)),
