@@ -433,7 +433,7 @@ def tokenizer_record(source: ModelSource) -> dict:
     if not isinstance(where, Path):
         return {"path": where, "sha256": None}
     folder = converted_gguf_dir(where) if where.suffix == ".gguf" else where
-    return {"path": str(where.resolve()), "sha256": files_hash(tokenizer_files(folder))}
+    return {"path": str(where.resolve()), "sha256": tokenizer_hash(folder)}
 
 
 def tokenizer_files(folder: Path | str) -> list[Path]:

@@ -18,7 +18,7 @@ from vcompress import __version__
 from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError
 from vcompress.core.export_manifest import MANIFEST, read_manifest
-from vcompress.core.models import files_hash, source_hash, tokenizer_files, weights_hash
+from vcompress.core.models import source_hash, tokenizer_hash, weights_hash
 from vcompress.core.profiles import Budgets, Profile
 from vcompress.core.registry import STAGES
 from vcompress.core.scoring import drop_outcome, interval_outcome
@@ -173,7 +173,7 @@ def _artifact_tokenizer(ctx) -> dict | None:
     """The tokenizer the artifact is scored with: the files an export ships beside its model, else the intake's."""
     folder = Path(ctx.source)
     if (folder / MANIFEST).is_file():
-        return {"path": str(folder), "sha256": files_hash(tokenizer_files(folder))}
+        return {"path": str(folder), "sha256": tokenizer_hash(folder)}
     ctx.read_source()
     return ctx.tokenizer_used
 
