@@ -33,7 +33,6 @@ from vcompress.core.artifact import METRICS, read_json, read_metrics, write_json
 from vcompress.core.data import pack, texts_for
 from vcompress.core.errors import InputError
 from vcompress.core.models import Intake, attention_shape, save_model
-from vcompress.core.registry import STAGES
 from vcompress.core.scoring import Judge, torch_logits_fn
 from vcompress.core.seeding import seeded
 from vcompress.core.stage import Progress, Stage, StageConfig, StageContext, execute, no_progress
@@ -77,7 +76,6 @@ class DistillConfig(StageConfig):
     )
 
 
-@STAGES.register("distill")
 class Distill(Stage):
     """Student = the stage's source (the pruned model); teacher = the reference (the uncompressed model)."""
 

@@ -29,7 +29,6 @@ from torch import nn
 from vcompress.core.artifact import figure, read_json, write_json
 from vcompress.core.errors import InputError, InternalError
 from vcompress.core.models import bytes_on_disk, save_model
-from vcompress.core.registry import STAGES
 from vcompress.core.scoring import torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig
 
@@ -264,7 +263,6 @@ def needed_parts(heads: float, mlp: float, layers: int) -> list[str]:
 # --- the stage ------------------------------------------------------------------------
 
 
-@STAGES.register("prune")
 class Prune(Stage):
     name = "prune"
     folder = "02-prune"

@@ -31,7 +31,6 @@ from vcompress.core.artifact import figure, read_json
 from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import return_freed_memory, stream_source
 from vcompress.core.profiles import DEFAULT_SCHEME
-from vcompress.core.registry import STAGES
 from vcompress.core.scoring import Judge, torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig, no_progress, track
 
@@ -89,7 +88,6 @@ class QuantizeConfig(StageConfig):
         return 8 if self.method == "int8" else self.bits
 
 
-@STAGES.register("quantize")
 class Quantize(Stage):
     name = "quantize"
     folder = "04-quantize"

@@ -30,7 +30,6 @@ from vcompress.core.artifact import write_json
 from vcompress.core.layer_stream import LayerStream, stream_source
 from vcompress.core.models import DEFAULT_NAME, attention_shape
 from vcompress.core.profiles import DEFAULT_SCHEME
-from vcompress.core.registry import STAGES
 from vcompress.core.stage import Stage, StageConfig
 
 from ._arch import attention, decoder_layers, final_norm, group_heads, in_dim, is_gpt2, linear_modules, out_dim, shape
@@ -429,7 +428,6 @@ def _save(fig, path: Path, plt) -> Path:
 # --- the stage ------------------------------------------------------------------------
 
 
-@STAGES.register("analyze")
 class Analyze(Stage):
     name = "analyze"
     folder = "01-analyze"

@@ -1,7 +1,7 @@
 """One lifecycle for every stage: validate the config, run into a temp folder, save recipe and metrics.
 
-A stage is registered by name (`@STAGES.register("prune")`), has a pydantic `Config` that
-rejects unknown keys, and implements `run(ctx) -> metrics`. `execute` owns the folder contract.
+A stage is registered under its `name` when its class declares its `folder` (its place on the road),
+has a pydantic `Config` that rejects unknown keys, and implements `run(ctx) -> metrics`. `execute` owns the folder contract.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .artifact import stage_folder, write_metrics, write_recipe
 from .errors import InputError
 from .models import Intake, ModelSource, tokenizer_note, tokenizer_record
 from .profiles import Profile
+from .registry import STAGES
 from .seeding import seeded
 
 
@@ -89,6 +90,11 @@ class Stage:
     # later stages rank by) or "" (nothing they read).
     produces: ClassVar[str] = "model"
     Config: ClassVar[type[StageConfig]] = StageConfig
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "folder" in cls.__dict__:  # a step of the road, which a recipe names; helpers and bases are not
+            STAGES.register(cls.name)(cls)
 
     def __init__(self, config: StageConfig | dict | None = None):
         self.config = self.parse_config(config or {})

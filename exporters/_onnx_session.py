@@ -81,7 +81,7 @@ class DecoderSession:
         self.load_seconds = time.perf_counter() - start
         m = self.manifest
         self.layers, self.kv_heads, self.head_dim, self.vocab = m["layers"], m["kv_heads"], m["head_dim"], m["vocab_size"]
-        self.max_positions = m["max_positions"]
+        self.max_positions = self.max_length = m["max_positions"]  # max_length: the Runner's name for it
         self.uses_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
         self.kv_names = [(f"past_key_values.{i}.{p}", f"present.{i}.{p}") for i in range(self.layers) for p in ("key", "value")]
 
@@ -153,11 +153,6 @@ class DecoderSession:
         self.session.run_with_iobinding(state.binding)
         state.length += 1
         return state.logits[0, -1], state
-
-    @property
-    def max_length(self) -> int:
-        """The most tokens one sequence may hold."""
-        return self.max_positions
 
     def check_length(self, seq: int) -> None:
         if seq > self.max_positions:

@@ -53,13 +53,10 @@ class GraphSession:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self.layers, self.kv_heads, self.head_dim, self.max_positions = m["layers"], m["kv_heads"], m["head_dim"], m["max_positions"]
+        self.max_length = self.max_positions  # the Runner's name for it
         self.kv_dtype = FLOAT[m["kv_dtype"]]
         self.past = [f"past_key_values.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
         self.outputs = ["logits"] + [f"present.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
-
-    @property
-    def max_length(self) -> int:
-        return self.max_positions
 
     def check_length(self, seq: int) -> None:
         if seq > self.max_positions:

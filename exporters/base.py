@@ -2,8 +2,8 @@
 source, the sidecar files, the parity check against PyTorch and its gate, and the Runner base over
 a numpy session (_onnx_session.py, _tflite_session.py).
 
-An exporter module registers its Stage once, `@EXPORTERS.register(FORMAT)`, and declares on it
-`format = FORMAT`, the `runtime` that runs the artifact (what a profile's `target.runtime` names) and
+An exporter module declares one Exporter subclass with `format = FORMAT` (which registers it under that
+name), the `runtime` that runs the artifact (what a profile's `target.runtime` names) and
 `runtime_package`, the runtime's PyPI distribution whose installed version the manifest records.
 """
 
@@ -33,7 +33,7 @@ from vcompress.core.layer_stream import (
 )
 from vcompress.core.models import Intake, check_supported
 from vcompress.core.quant_format import read_quant_grid
-from vcompress.core.registry import EXPORTERS, STAGES
+from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import Runner
 from vcompress.core.stage import Stage, StageConfig, StageContext, execute
 
@@ -82,7 +82,6 @@ def export_stage(settings: dict, where: str | None = None) -> Exporter:
     return stage_cls(stage_cls.parse_config(settings, where=where))
 
 
-@STAGES.register("export")
 class ExportStep(Stage):
     """A recipe's export step: the profile's target format picks the registered Exporter, whose runtime
     must be the one the target names."""
@@ -121,6 +120,11 @@ class Exporter(Stage):
     # bench --backend name -> the session module (a `Session` class and its `RUNTIME`), the first what an app ships.
     # Written into every manifest.json, where devices/bench.py reads it; empty: the bench opens the Runner (torch).
     sessions: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "format" in cls.__dict__:
+            EXPORTERS.register(cls.format)(cls)
 
     @property
     def run_folder(self) -> str:

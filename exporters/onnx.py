@@ -35,7 +35,6 @@ from vcompress.core.errors import InputError
 from vcompress.core.layer_stream import file_tensors, stream_tensors
 from vcompress.core.models import bytes_on_disk
 from vcompress.core.quant_format import grid_bits, read_quant_grid
-from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
@@ -103,7 +102,6 @@ class OnnxExportConfig(ParityConfig):
         return self
 
 
-@EXPORTERS.register(FORMAT)
 class OnnxExport(Exporter):
     format = FORMAT
     runtime = "onnxruntime"

@@ -30,7 +30,6 @@ from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.data import pack, texts_for
 from vcompress.core.errors import InputError, Refused, Unsupported
 from vcompress.core.quant_format import grid_bits
-from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.scoring import text_fidelity, torch_logits_fn
 from vcompress.core.stage import StageContext
@@ -59,7 +58,6 @@ class TensorRTExportConfig(ParityConfig):
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the checks")
 
 
-@EXPORTERS.register(FORMAT)
 class TensorRTExport(Exporter):
     format = FORMAT
     runtime = "tensorrt"

@@ -28,7 +28,6 @@ from pydantic import Field, model_validator
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import Refused, Unsupported
 from vcompress.core.models import attention_shape, bytes_on_disk, save_model
-from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
@@ -73,7 +72,6 @@ class TFLiteExportConfig(ParityConfig):
         return self
 
 
-@EXPORTERS.register(FORMAT)
 class TFLiteExport(Exporter):
     format = FORMAT
     runtime = "litert"

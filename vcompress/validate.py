@@ -20,7 +20,6 @@ from vcompress.core.errors import InputError
 from vcompress.core.export_manifest import MANIFEST, read_manifest
 from vcompress.core.models import source_hash, tokenizer_hash, weights_hash
 from vcompress.core.profiles import Budgets, Profile
-from vcompress.core.registry import STAGES
 from vcompress.core.scoring import drop_outcome, interval_outcome
 from vcompress.core.stage import Stage, StageConfig
 from vcompress.core.units import UNIT
@@ -41,7 +40,6 @@ class ValidateConfig(StageConfig):
     connection: dict[str, Any] = Field(default_factory=dict, description="device settings over the profile's connection (host, serial...)")
 
 
-@STAGES.register("validate")
 class ValidateStage(Stage):
     name = "validate"
     folder = "06-validate"

@@ -12,7 +12,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 from vcompress.exporters.base import Exporter, ParityConfig, gate, load_source, save_sidecars
@@ -27,7 +26,6 @@ class HalfExportConfig(ParityConfig):
     threads: int | None = Field(None, gt=0, description="PyTorch threads for the parity check")
 
 
-@EXPORTERS.register(FORMAT)
 class HalfExport(Exporter):
     format = FORMAT
     runtime = "torch"
