@@ -150,9 +150,9 @@ def _q6_k(b):
     ql, qh = b[:, : QK_K // 2].reshape(n, 2, 64), b[:, QK_K // 2 : QK_K // 2 + QK_K // 4].reshape(n, 2, 1, 32)
     low = np.concatenate([ql[..., :32] & 0x0F, ql[..., 32:] & 0x0F, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-1)  # [n, 2, 128]
     high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3  # [n, 2, 4, 32]
-    codes = (low | (high.reshape(n, 2, 128) << 4)).reshape(n, 16, 16) + 96  # q - 32 + 128: unsigned 8-bit codes
+    codes = (low | (high.reshape(n, 2, 128) << 4)).reshape(n, 16, 16)
     scale = _f16(b, QK_K // 2 + QK_K // 4 + QK_K // 16) * b[:, QK_K * 3 // 4 : QK_K * 3 // 4 + 16].view(np.int8).astype(np.float32)
-    return codes, scale, -scale * 128, 128
+    return _symmetric(codes, scale, 32)
 
 
 _READERS = {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q8_0: _q8_0, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k}

@@ -126,6 +126,11 @@ class CarriedWeights(TableWeights):
 
     def matmul(self, g: GraphBuilder, x: str, modules: list[str], name: str, transposed: bool = False) -> str:
         quantized = [m for m in modules if m in self.linears]
+        if quantized and len(quantized) != len(modules) and self.rerounded:
+            # a GGUF source's linear that cannot be carried shares this MatMul: the whole MatMul is re-rounded
+            first = next(m for m in modules if m in self.rerounded)
+            self.rerounded |= {m: f"shares {name}/MatMul with {first.rsplit('.', 1)[-1]}, which cannot be carried" for m in quantized}
+            quantized = []
         if not quantized:
             self.carried["kept_float"].append(f"{name}/MatMul")
             return super().matmul(g, x, modules, name, transposed)
