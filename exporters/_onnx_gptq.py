@@ -59,14 +59,14 @@ def matmulnbits_inputs(packed: dict, specs: list[dict]) -> dict:
     Linears with float minimums (a GGUF source's blocks) may differ in bits and block: they share the
     widest codes and the smallest block, which hold each one's weights as they are."""
     kinds = {next(k for k in ("mins", "zeros", "qzeros") if k in s["tensors"]) for s in specs}
-    alike = len({(s["bits"], s["group_size"]) for s in specs}) == 1 or kinds == {"mins"}
-    if not alike or len(kinds) != 1 or len({s["in_features"] for s in specs}) != 1:
+    alike = len({(s["bits"], s["group_size"]) for s in specs}) == 1 and len(kinds) == 1
+    if not (alike or "mins" in kinds) or len({s["in_features"] for s in specs}) != 1:
         names = [s["tensors"]["scales"].rsplit(".", 1)[0] for s in specs]
         raise InputError(
             f"{names} share one MatMul but not bits, group size and zero-point kind; re-quantize them alike or export with --quant none"
         )
     k = specs[0]["in_features"]
-    if kinds == {"mins"}:
+    if "mins" in kinds:  # (re-quantized linears beside kept ones: their zero points become minimums too)
         bits, gs = (4 if max(s["bits"] for s in specs) <= 4 else 8), min(s["group_size"] for s in specs)
         parts = [_minimums(packed, s, gs) for s in specs]
     else:
@@ -79,7 +79,7 @@ def matmulnbits_inputs(packed: dict, specs: list[dict]) -> dict:
     rows = q.T.reshape(n, groups, gs).astype(np.uint8)
     b = rows if bits == 8 else (rows[..., 0::2] | (rows[..., 1::2] << 4)).astype(np.uint8)
     correction = None
-    if kinds == {"mins"}:  # W = s * q + min = s * (q - m) + (min + s * m): zero for a symmetric grid
+    if "mins" in kinds:  # W = s * q + min = s * (q - m) + (min + s * m): zero for a symmetric grid
         correction = (zero + scales * 2 ** (bits - 1)).astype(np.float32)
         correction = np.ascontiguousarray(correction) if correction.any() else None
         zp = None

@@ -11,6 +11,7 @@ import pytest
 import torch
 from gguf.quants import dequantize
 from onnx import numpy_helper
+from safetensors.torch import load_file
 
 from tests.gguf_tiny import T, blocks_of, write_gguf
 from tests.tiny import build_config
@@ -146,3 +147,36 @@ def test_llama_q_and_k_rows_come_back_in_hugging_face_order(tiny_ggufs):
     for name in ("self_attn.q_proj", "self_attn.k_proj"):
         blocks = source.blocks(f"model.layers.1.{name}", config)
         np.testing.assert_allclose(blocks.dequantize(), weights[f"model.layers.1.{name}"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("types", ["q4", "mixed"])
+def test_quantize_keeps_the_source_blocks_and_the_export_carries_them(tiny_ggufs, tmp_path, monkeypatch, types):
+    from vcompress.cli import main
+    from vcompress.core import quant_format
+
+    path, weights = tiny_ggufs["qwen2"][types]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    folder = tmp_path / "q"
+    args = ["quantize", "--model", path, "--out", folder, "--method", "rtn", "--group-size", "32", "--heldout-blocks", "0"]
+    assert main([str(a) for a in [*args, "--eval-per-subject", "0"]]) == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    manifest = quant_format.read_quant_grid(folder)
+    kept = {n for n, s in manifest["linears"].items() if "mins" in s["tensors"]}
+    if types == "q4":
+        assert metrics["source_grid"]["kept_linears"] == 14 and metrics["quantized_linears"] == 0 and manifest["method"] == "gguf"
+    else:  # Q4_K, Q4_0 and Q4_1 kept; 5-, 6- and 8-bit types re-quantized by the stage's method
+        assert metrics["source_grid"]["types"] == {"Q4_0": 2, "Q4_1": 2, "Q4_K": 2} and metrics["quantized_linears"] == 8
+        assert (
+            manifest["method"] == "gguf+rtn"
+            and "Q6_K holds 6-bit codes" in metrics["source_grid"]["requantized"]["model.layers.0.self_attn.v_proj"]
+        )
+    packed = load_file(str(folder / manifest["weights_file"]))
+    for name in kept:  # the kept linears are the GGUF's weights
+        w = quant_format.dequantize(quant_format.linear_tensors(packed, manifest["linears"][name]), 4).numpy().T
+        np.testing.assert_allclose(w, weights[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    out = tmp_path / "o"
+    exported = export(folder, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
+    assert exported["grid"]["linears"] == 14 and exported["parity"]["top1_agreement"] == 1.0
+    reference, _ = quant_format.load_dequantized(folder, manifest)
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), reference(input_ids=ids).logits, atol=1e-4)
