@@ -31,7 +31,7 @@ from vcompress.core.layer_stream import (
     too_big_for_memory,
     total_memory,
 )
-from vcompress.core.models import Intake, check_supported
+from vcompress.core.models import Intake, check_supported, source_gguf
 from vcompress.core.quant_format import read_quant_grid
 from vcompress.core.registry import EXPORTERS, STAGES
 from vcompress.core.runner import Runner
@@ -206,6 +206,17 @@ def load_source(ctx: StageContext) -> tuple[Any, Any, dict | None]:
     A quantize folder loads as its exact dequantized weights, what the exported graph must compute;
     any other source through the intake, with the command's flags (--base, --allow-pickle, ...)."""
     return (*ctx.load(), read_quant_grid(source_folder(ctx.source)))
+
+
+def uncarried_source(ctx: StageContext, quant: str, why: str) -> str | None:
+    """For an exporter that cannot carry a GGUF source's blocks (`why`): says so, and returns the manifest's note
+    (None: no quantization asked, or not a GGUF source)."""
+    path = source_gguf(ctx.read_source()) if quant != "none" else None
+    if path is None:
+        return None
+    note = f"{path.name}'s GGUF blocks are not carried but re-rounded: {why}"
+    ctx.log(note)
+    return note
 
 
 def stream_folder(setting: str, ctx: StageContext, grid: dict | None) -> Path | None:
