@@ -286,13 +286,22 @@ def save_sidecars(model, tokenizer, out: Path) -> None:
 
 
 def gate(
-    ctx: StageContext, runner_class, model, tokenizer, cfg, manifest: dict, label: str, dequantized: bool, stream: LayerStream | None = None
+    ctx: StageContext,
+    runner_class,
+    model,
+    tokenizer,
+    cfg,
+    manifest: dict,
+    label: str,
+    dequantized: bool,
+    stream: LayerStream | None = None,
+    next_step: str | None = None,
 ) -> dict:
     """Check the written artifact against PyTorch, record the result in its manifest, refuse a failed one.
 
     The runtime answers every prompt first and its session is closed before PyTorch runs. With a `stream`
     (`model` is its skeleton) the reference then reads one decoder layer per forward (`streamed_reference`):
-    the artifact's session and the reference are never in memory together."""
+    the artifact's session and the reference are never in memory together. `next_step`: what would pass, named by a refusal."""
     ctx.log("checking the export against PyTorch" + (" (the dequantized checkpoint)" if dequantized else ""))
     prompts = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in PARITY_PROMPTS]
     runner = runner_class(ctx.out, threads=cfg.threads)
@@ -307,9 +316,8 @@ def gate(
     manifest["parity"] = result
     write_json(ctx.out / MANIFEST, manifest)
     if not result["passed"]:
-        raise Refused(
-            f"{label} parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)"
-        )
+        fix = next_step or "loosen the thresholds only if the figures are acceptable"
+        raise Refused(f"{label} parity check failed: {result['failure']}; the export was not written ({fix})")
     return result
 
 

@@ -19,6 +19,11 @@ and the parity reference reads one decoder layer per forward. Memory is then abo
 embedding / LM head and ONNX Runtime's session, and the files are byte for byte the in-memory export's
 (tests/test_onnx_stream.py). A float source under int4/int8 is not streamed: ONNX Runtime's quantizers
 take the whole graph (quantize it with `vcompress quantize` and export that folder instead).
+
+A GGUF source (the embedded default too) under int4/int8 keeps its own blocks (core/gguf_blocks.py): each linear
+whose type the target holds goes into MatMulNBits as it is, through the same carried path as a quantize folder;
+the others (e.g. Q6_K under int4) are re-rounded by ONNX Runtime and listed, with the reason, in the manifest's
+quant.grid.rerounded (`vcompress quantize --method gptq` on the GGUF re-quantizes them with GPTQ instead).
 """
 
 from __future__ import annotations
@@ -178,7 +183,18 @@ class OnnxExport(Exporter):
         if carried:
             manifest["quant"].update(method="carried", grid=carried)
         write_json(ctx.out / MANIFEST, manifest)
-        result = gate(ctx, OnnxRunner, model, tokenizer, cfg, manifest, "ONNX", dequantized=bool(grid), stream=stream)
+        result = gate(
+            ctx,
+            OnnxRunner,
+            model,
+            tokenizer,
+            cfg,
+            manifest,
+            "ONNX",
+            dequantized=bool(grid),
+            stream=stream,
+            next_step=_next_step(ctx, cfg, weights),
+        )
         size = bytes_on_disk(ctx.out / files[0]) + bytes_on_disk(ctx.out / files[1])
         metrics = {
             "format": FORMAT,
@@ -221,6 +237,19 @@ def _stream_folder(cfg: OnnxExportConfig, ctx: StageContext, grid: dict | None) 
             )
         return None
     return stream_folder(cfg.stream, ctx, grid)
+
+
+def _next_step(ctx: StageContext, cfg: OnnxExportConfig, weights) -> str | None:
+    """What a refused quantized export of a source rounded here (a float model, or a GGUF's linears it could not
+    carry) should try: GPTQ on calibration text first, then export that folder with its grid carried."""
+    if cfg.quant == "none" or (isinstance(weights, _onnx_gptq.CarriedWeights) and not weights.rerounded):
+        return None
+    model = f" --model {ctx.source}" if ctx.source else ""
+    bits = "4" if cfg.quant == "int4" else "8"
+    return (
+        f"quantize with GPTQ first, then export that folder: `vcompress quantize{model} --method gptq --bits {bits} --out q` "
+        f"and `vcompress export onnx --model q --quant {cfg.quant}`"
+    )
 
 
 def _gguf_grid(ctx: StageContext, cfg: OnnxExportConfig, gguf: Path, model, streamed: bool):

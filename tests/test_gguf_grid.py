@@ -180,3 +180,11 @@ def test_quantize_keeps_the_source_blocks_and_the_export_carries_them(tiny_ggufs
     reference, _ = quant_format.load_dequantized(folder, manifest)
     ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
     assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), reference(input_ids=ids).logits, atol=1e-4)
+
+
+def test_a_refused_export_of_a_float_source_names_gptq_first(tiny_llama, tmp_path):
+    from vcompress.core.errors import Refused
+
+    with pytest.raises(Refused, match=r"vcompress quantize --model .* --method gptq --bits 4 --out q.*export onnx --model q --quant int4"):
+        export(tiny_llama, tmp_path / "out", "int4", min_top1_quantized=1.0, **QUIET)
+    assert not (tmp_path / "out").exists()
