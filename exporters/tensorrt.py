@@ -35,20 +35,9 @@ from vcompress.core.runner import RUNNERS
 from vcompress.core.scoring import text_fidelity, torch_logits_fn
 from vcompress.core.stage import StageContext
 
-from . import _onnx_quant, _trt_graph, _trt_ops
+from . import _onnx_quant, _trt_graph, _trt_ops, base
 from ._tensorrt_session import GraphSession, SessionError
-from .base import (
-    Exporter,
-    ParityConfig,
-    PowerOfTwo,
-    SessionRunner,
-    gate,
-    load_source,
-    run_export,
-    save_sidecars,
-    stored_weights,
-    uncarried_source,
-)
+from .base import Exporter, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, run_export, save_sidecars, stored_weights
 
 FORMAT = "tensorrt"
 ENGINE_FILE = "model.engine"
@@ -96,7 +85,7 @@ class TensorRTExport(Exporter):
             if cfg.quant not in ("none", f"int{bits}"):
                 raise InputError(f"the checkpoint is quantized to {bits} bits; export it with --quant int{bits} or --quant none")
             ctx.log(f"re-solving the checkpoint's {grid.get('method')} grid symmetric per block (TensorRT takes zero points of zero only)")
-        uncarried = uncarried_source(
+        uncarried = base.uncarried_source(
             ctx,
             cfg.quant,
             "TensorRT's DequantizeLinear takes zero points of zero only, so blocks are re-solved symmetric by round-to-nearest",
