@@ -21,22 +21,28 @@ from ._gptq_pack import to_tensors
 SIDECAR = "quant.safetensors"
 
 
-def save_quantized(model, tokenizer, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg, out: Path) -> dict[str, int]:
-    """Write the checkpoint, quant_manifest.json and (float zero points) quant.safetensors.
+def save_quantized(
+    model, tokenizer, results: dict[str, Quantized], kept: list[str], grid: Grid, cfg, out: Path, carried=None
+) -> dict[str, int]:
+    """Write the checkpoint, quant_manifest.json and (float zero points, or `carried`: a GGUF source's blocks kept,
+    core/gguf_blocks.py) quant.safetensors.
 
     Returns bytes per file of the weights that make up the quantized model.
     """
     out = Path(out)
     state = _untied_state_dict(model)
     packed = {f"{name}.{key}": t for name, q in results.items() for key, t in to_tensors(q).items()}
+    if carried is not None:
+        packed.update(carried.tensors)
     config = copy.deepcopy(model.config)
     written = {}
-    if not gptq_reloadable(model, grid):
+    linears = set(results) | set(carried.manifest["linears"] if carried is not None else ())
+    if carried is not None or not gptq_reloadable(model, grid):
         # The folder keeps exact float32 weights (W = scale * (q - zero) evaluated in float32),
         # which reload anywhere, and the codes go beside them for the exporters.
         save_file(_contiguous(state), out / "model.safetensors", metadata={"format": "pt"})
         save_file(_contiguous(packed), out / SIDECAR, metadata={"format": "pt"})
-        others = {k: v for k, v in state.items() if not any(k == f"{n}.weight" for n in results)}
+        others = {k: v for k, v in state.items() if not any(k == f"{n}.weight" for n in linears)}
         written = {"model.safetensors (float weights, for reload)": nbytes(state), "quantized model": nbytes(others) + nbytes(packed)}
     else:
         for name in results:
@@ -49,7 +55,11 @@ def save_quantized(model, tokenizer, results: dict[str, Quantized], kept: list[s
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_json(out / QUANT_GRID_FILE, quant_grid(model, results, kept, grid, cfg))
+    manifest = quant_grid(model, results, kept, grid, cfg)
+    if carried is not None:  # the source's blocks beside any linears re-quantized here, all in the sidecar
+        manifest["linears"].update(carried.manifest["linears"])
+        manifest.update(weights_file=SIDECAR, method=f"gguf+{cfg.method}" if results else "gguf")
+    write_json(out / QUANT_GRID_FILE, manifest)
     return written
 
 

@@ -29,7 +29,9 @@ from pydantic import Field, model_validator
 
 from vcompress.core.artifact import figure, read_json
 from vcompress.core.errors import InputError
+from vcompress.core.gguf_blocks import carried_grid
 from vcompress.core.layer_stream import return_freed_memory, stream_source
+from vcompress.core.models import source_gguf
 from vcompress.core.profiles import DEFAULT_SCHEME
 from vcompress.core.scoring import Judge, torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig, no_progress, track
@@ -72,6 +74,11 @@ class QuantizeConfig(StageConfig):
     stream: Literal["auto", "on", "off"] = Field(
         "auto", description="read and quantize one decoder layer at a time from disk (auto: when the model would not fit in memory)"
     )
+    keep_source_grid: bool = Field(
+        True,
+        description="a GGUF source's linears already at or below `bits` keep their own blocks (core/gguf_blocks.py) instead of "
+        "being re-solved; the rest are quantized by `method`",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -111,6 +118,9 @@ class Quantize(Stage):
         targets = quantizable(model)
         kept = sensitive_linears(cfg.scores, cfg.keep_sensitive, model, targets) if cfg.keep_sensitive else []
         targets = {name: m for name, m in targets.items() if name not in kept}
+        source.carried = source_blocks(ctx, cfg, source, kept)
+        if source.carried is not None:
+            targets = {name: m for name, m in targets.items() if name not in source.carried.manifest["linears"]}
         group_size = choose_group_size(cfg.group_size, targets, cfg.grid_bits)
         grid = Grid(cfg.grid_bits, group_size, sym=cfg.sym, float_zero=cfg.zero_point == "float")
         if group_size != cfg.group_size:
@@ -128,10 +138,12 @@ class Quantize(Stage):
         except BaseException:
             source.abort()
             raise
-        reloadable = gptq_reloadable(model, grid)
+        reloadable = gptq_reloadable(model, grid) and source.carried is None
         metrics.update(describe(results, kept, grid, cfg, source.bytes_before, written, quant_bytes))
+        if source.carried is not None:
+            metrics["source_grid"] = source_grid_summary(source.carried)
         metrics["checkpoint_layout"] = "gptq" if reloadable else f"float32 weights + {SIDECAR}"
-        metrics["notes"] = notes(cfg, grid, reloadable)
+        metrics["notes"] = notes(cfg, grid, reloadable, carried=source.carried is not None)
         if judge is None:
             metrics.update({"perplexity": None, "top1_agreement": None, "answer_agreement": None, "heldout": source.held_out})
             metrics["notes"].append(f"held-out perplexity and answer agreement {source.held_out}")
@@ -145,7 +157,9 @@ class Quantize(Stage):
 def quantize_layers(source, targets: dict, grid: Grid, cfg: QuantizeConfig, ctx, results: dict) -> dict:
     """GPTQ on calibration blocks, or round-to-nearest, one decoder layer at a time from `source`; the metrics."""
     started, metrics = time.time(), {}
-    if cfg.method == "gptq":
+    if not targets:
+        ctx.log("every linear keeps its source blocks: nothing to quantize")
+    elif cfg.method == "gptq":
         blocks = stage_blocks(source.tokenizer, ctx, samples=cfg.calib_samples, seq_len=cfg.seq_len)
         inputs = source.first_layer_inputs(blocks, cfg.batch_size)
         streamed = ", streamed" if source.streamed else ""
@@ -177,6 +191,7 @@ class InMemoryLayers:
     there is one), quantized in place, the checkpoint written at the end and the result scored."""
 
     streamed = False
+    carried = None  # a GGUF source's blocks kept as they are (source_blocks)
 
     def __init__(self, ctx):
         self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,12 +219,48 @@ class InMemoryLayers:
 
     def save(self, results: dict, kept: list[str], grid: Grid, cfg: QuantizeConfig, out: Path) -> tuple[dict[str, int], None]:
         self.model.to("cpu")
-        written = save_quantized(self.model, self.tokenizer, results, kept, grid, cfg, out)
+        written = save_quantized(self.model, self.tokenizer, results, kept, grid, cfg, out, carried=self.carried)
         self.model.to(self.torch_device)
         return written, None
 
     def abort(self) -> None:
         pass
+
+
+# --- a GGUF source's own blocks --------------------------------------------------------
+
+
+def source_blocks(ctx, cfg: QuantizeConfig, source, kept: list[str]):
+    """The blocks of a GGUF source's linears at or below the grid's bits, kept as they are (core/gguf_blocks.py), or
+    None: not a GGUF, `keep_source_grid` off, a streamed source (its layers are re-solved), or nothing to keep."""
+    if not cfg.keep_source_grid:
+        return None
+    path = source_gguf(ctx.read_source())
+    if path is None:
+        return None
+    if source.streamed:
+        ctx.log(f"{path.name}: a streamed quantize re-solves the source's blocks; pass --stream off to keep them")
+        return None
+    found = carried_grid(path, source.model, cfg.grid_bits)
+    for name in kept:
+        found.manifest["linears"].pop(name, None)
+    if not found.manifest["linears"]:
+        return None
+    summary = source_grid_summary(found)
+    ctx.log(
+        f"keeping {summary['kept_linears']} linears' own GGUF blocks ({', '.join(summary['types'])}); "
+        f"{len(found.rerounded)} re-quantized by {cfg.method}"
+    )
+    return found
+
+
+def source_grid_summary(found) -> dict:
+    types = [spec["source_type"] for spec in found.manifest["linears"].values()]
+    return {
+        "kept_linears": len(types),
+        "types": {t: types.count(t) for t in sorted(set(types))},
+        "requantized": found.rerounded,
+    }
 
 
 # --- which layers, which group size ---------------------------------------------------
@@ -450,7 +501,7 @@ def describe(
     }
 
 
-def notes(cfg: QuantizeConfig, grid: Grid, reloadable: bool) -> list[str]:
+def notes(cfg: QuantizeConfig, grid: Grid, reloadable: bool, carried: bool = False) -> list[str]:
     out = []
     if grid.group_size != cfg.group_size:
         out.append(
@@ -458,7 +509,13 @@ def notes(cfg: QuantizeConfig, grid: Grid, reloadable: bool) -> list[str]:
             "(transformers' GPTQ loader takes one group size per model)"
         )
     if not reloadable:
-        why = "float zero points do not fit the GPTQ layout" if grid.float_zero else "transformers cannot reload GPT-2 GPTQ checkpoints"
+        why = (
+            "the source's GGUF blocks (float minimums) do not fit the GPTQ layout"
+            if carried
+            else "float zero points do not fit the GPTQ layout"
+            if grid.float_zero
+            else "transformers cannot reload GPT-2 GPTQ checkpoints"
+        )
         out.append(f"{why}: model.safetensors holds the dequantized float32 weights (exact), {SIDECAR} the codes")
     else:
         out.append("reloading this folder with transformers needs gptqmodel (pip install 'vcompress[gptq]')")

@@ -118,6 +118,15 @@ def default_model_dir() -> Path:
     return converted_gguf_dir(gguf_path, cache_dir() / "models" / f"{DEFAULT_NAME}-{gguf_path.stat().st_size}")
 
 
+def source_gguf(source: ModelSource) -> Path | None:
+    """The GGUF file a resolved source was converted from (a .gguf, or the embedded default), or None."""
+    if source.kind == "gguf":
+        return Path(source.path)
+    if source.kind == "hf" and source.label == DEFAULT_NAME and Path(source.path) == default_model_dir():
+        return default_gguf()
+    return None
+
+
 def converted_gguf_dir(gguf_path: Path, target: Path | None = None, log=lambda _: None) -> Path:
     """A GGUF converted once into a float32 safetensors folder under the cache (keyed by name, size and
     the file's first and last MiB): every later load of the same file reads it, memory-mapped."""

@@ -9,7 +9,9 @@ the GPTQ ("gptq_v2") tensors:
     qzeros  int32 [groups, out * bits / 32]  zero of group g, output n at word n // (32/bits), same order,
                                           stored as is (v1 stored zero - 1, which cannot hold a zero of 0)
     zeros   float32 [groups, out]         instead of qzeros for float zero points (Q4_1-style grids)
-    scales  float16 [groups, out]
+    mins    float32 [groups, out]         instead of either: a float minimum, W = scale * code + min (a GGUF
+                                          source's blocks, core/gguf_blocks.py: exact even where a scale is 0)
+    scales  float16 [groups, out]         (float32 for a GGUF source's grid: K-quant scales are d * sc)
     g_idx   int32 [in]                    group of input column k (always k // group_size here)
     W[k, n] = float32(scales[g_idx[k], n]) * (code[k, n] - zero[g_idx[k], n]);   y = x @ W (+ bias)
 """
@@ -32,6 +34,7 @@ PACKING = {
     "qweight": "int32 [in*bits/32, out]: code of input k at word k // (32/bits), bit offset (k % (32/bits))*bits, low bits first",
     "qzeros": "int32 [groups, out*bits/32]: zero of output n at word n // (32/bits), bit offset (n % (32/bits))*bits; stored as is (not zero-1)",
     "zeros": "float32 [groups, out] (zero_point float only, instead of qzeros)",
+    "mins": "float32 [groups, out] (zero_point min only, instead of qzeros/zeros): W = scales * q + mins",
     "scales": "float16 [groups, out]",
     "g_idx": "int32 [in] == arange(in) // group_size (act-order uses static groups: no permutation)",
 }
@@ -124,16 +127,29 @@ def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def codes(tensors: dict[str, torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q [in, out] int64, scales [groups, out] float32, zero [groups, out]: int64, or float32 for float zero points)."""
+    """(q [in, out] int64, scales [groups, out] float32, zero [groups, out]: int64, or float32 for float zero points).
+    A grid with float minimums ("mins") has no zero point: use `minimums`."""
     q = unpack_rows(tensors["qweight"], bits)
     zero = tensors["zeros"].float() if "zeros" in tensors else unpack_cols(tensors["qzeros"], bits)
     return q, tensors["scales"].float(), zero
 
 
+def minimums(tensors: dict[str, torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [in, out] int64, scales [groups, out] float32, mins [groups, out] float32) of W = scales * q + mins,
+    for any of the three grids (a zero point becomes mins = -scales * zero)."""
+    if "mins" in tensors:
+        return unpack_rows(tensors["qweight"], bits), tensors["scales"].float(), tensors["mins"].float()
+    q, scales, zero = codes(tensors, bits)
+    return q, scales, -scales * zero.float()
+
+
 def dequantize(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
     """W [in, out] float32 from saved GPTQ tensors, exactly as the quantized layer computes it."""
-    q, scales, zero = codes(tensors, bits)
     g = tensors["g_idx"].long()
+    if "mins" in tensors:
+        q, scales, mins = minimums(tensors, bits)
+        return scales[g] * q.float() + mins[g]
+    q, scales, zero = codes(tensors, bits)
     return scales[g] * (q.float() - zero.float()[g])
 
 

@@ -22,33 +22,56 @@ import numpy as np
 from onnx import numpy_helper
 
 from vcompress.core.errors import InputError
-from vcompress.core.quant_format import codes, grid_bits, linear_tensors
+from vcompress.core.quant_format import codes, linear_tensors, minimums
 
 from ._onnx_graph import MS, GraphBuilder
 from ._onnx_quant import TableWeights
 
 
-def _codes(packed: dict, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q [K, N] uint8, scales [G, N] float32, zero [G, N] uint8, or float32 for float zero points) of one linear."""
-    tensors = linear_tensors(packed, spec)
+def _check_order(tensors: dict, spec: dict) -> None:
     if "g_idx" in tensors and not np.array_equal(tensors["g_idx"].numpy(), np.arange(spec["in_features"]) // spec["group_size"]):
         raise InputError(
             "g_idx is not arange(K) // group_size: a permuted (act-order) grid cannot be carried; re-quantize with `vcompress quantize` or export with --quant none"
         )
+
+
+def _codes(packed: dict, spec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q [K, N] uint8, scales [G, N] float32, zero [G, N] uint8, or float32 for float zero points) of one linear."""
+    tensors = linear_tensors(packed, spec)
+    _check_order(tensors, spec)
     q, scales, zero = codes(tensors, spec["bits"])
     zero = zero.numpy() if zero.is_floating_point() else zero.numpy().astype(np.uint8)
     return q.numpy().astype(np.uint8), scales.numpy(), zero
 
 
+def _minimums(packed: dict, spec: dict, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q [K, N] uint8, scales [G, N], mins [G, N]) of one linear with float minimums, in blocks of `group`
+    (a divisor of its own: each scale and minimum repeated)."""
+    tensors = linear_tensors(packed, spec)
+    _check_order(tensors, spec)
+    q, scales, mins = (t.numpy() for t in minimums(tensors, spec["bits"]))
+    repeat = spec["group_size"] // group
+    return q.astype(np.uint8), np.repeat(scales, repeat, 0), np.repeat(mins, repeat, 0)
+
+
 def matmulnbits_inputs(packed: dict, specs: list[dict]) -> dict:
-    """B, scales, zero points (and attributes) for one MatMulNBits of linears concatenated along N."""
-    if len({(s["bits"], s["group_size"], s["in_features"], "zeros" in s["tensors"]) for s in specs}) != 1:
+    """B, scales, zero points (and attributes) for one MatMulNBits of linears concatenated along N.
+    Linears with float minimums (a GGUF source's blocks) may differ in bits and block: they share the
+    widest codes and the smallest block, which hold each one's weights as they are."""
+    kinds = {next(k for k in ("mins", "zeros", "qzeros") if k in s["tensors"]) for s in specs}
+    alike = len({(s["bits"], s["group_size"]) for s in specs}) == 1 and len(kinds) == 1
+    if not (alike or "mins" in kinds) or len({s["in_features"] for s in specs}) != 1:
         names = [s["tensors"]["scales"].rsplit(".", 1)[0] for s in specs]
         raise InputError(
             f"{names} share one MatMul but not bits, group size and zero-point kind; re-quantize them alike or export with --quant none"
         )
-    bits, gs, k = specs[0]["bits"], specs[0]["group_size"], specs[0]["in_features"]
-    parts = [_codes(packed, s) for s in specs]
+    k = specs[0]["in_features"]
+    if "mins" in kinds:  # (re-quantized linears beside kept ones: their zero points become minimums too)
+        bits, gs = (4 if max(s["bits"] for s in specs) <= 4 else 8), min(s["group_size"] for s in specs)
+        parts = [_minimums(packed, s, gs) for s in specs]
+    else:
+        bits, gs = specs[0]["bits"], specs[0]["group_size"]
+        parts = [_codes(packed, s) for s in specs]
     q = np.concatenate([p[0] for p in parts], axis=1)  # [K, N]
     scales = np.concatenate([p[1] for p in parts], axis=1)
     zero = np.concatenate([p[2] for p in parts], axis=1)
@@ -56,7 +79,11 @@ def matmulnbits_inputs(packed: dict, specs: list[dict]) -> dict:
     rows = q.T.reshape(n, groups, gs).astype(np.uint8)
     b = rows if bits == 8 else (rows[..., 0::2] | (rows[..., 1::2] << 4)).astype(np.uint8)
     correction = None
-    if zero.dtype == np.float32:  # the symmetric kernel plus an exact float correction (module doc)
+    if "mins" in kinds:  # W = s * q + min = s * (q - m) + (min + s * m): zero for a symmetric grid
+        correction = (zero + scales * 2 ** (bits - 1)).astype(np.float32)
+        correction = np.ascontiguousarray(correction) if correction.any() else None
+        zp = None
+    elif zero.dtype == np.float32:  # the symmetric kernel plus an exact float correction (module doc)
         correction = np.ascontiguousarray((-scales * (zero - 2 ** (bits - 1))).astype(np.float32))  # [G, N]
         zp = None
     elif bits == 8:
@@ -87,16 +114,23 @@ class CarriedWeights(TableWeights):
     def __init__(self, tensors, codes, manifest: dict, **table_settings):
         super().__init__(tensors, **table_settings)
         self.codes, self.linears = codes, manifest["linears"]
+        self.rerounded: dict[str, str] = {}  # a GGUF source's linears it cannot carry (left float here, re-rounded after)
+        bits = sorted({s["bits"] for s in self.linears.values()})
         self.carried = {
             "linears": 0,
             "kept_float": [],
             "method": manifest.get("method"),
-            "bits": grid_bits(manifest),
+            "bits": bits[0] if len(bits) == 1 else bits,
             "group_size": sorted({s["group_size"] for s in self.linears.values()}),
         }
 
     def matmul(self, g: GraphBuilder, x: str, modules: list[str], name: str, transposed: bool = False) -> str:
         quantized = [m for m in modules if m in self.linears]
+        if quantized and len(quantized) != len(modules) and self.rerounded:
+            # a GGUF source's linear that cannot be carried shares this MatMul: the whole MatMul is re-rounded
+            first = next(m for m in modules if m in self.rerounded)
+            self.rerounded |= {m: f"shares {name}/MatMul with {first.rsplit('.', 1)[-1]}, which cannot be carried" for m in quantized}
+            quantized = []
         if not quantized:
             self.carried["kept_float"].append(f"{name}/MatMul")
             return super().matmul(g, x, modules, name, transposed)

@@ -35,7 +35,9 @@ from vcompress.core.errors import InputError
 from ._onnx_graph import EXTERNAL_THRESHOLD, MS, TABLE, GraphBuilder, Weights
 
 
-def quantize_int4(model: onnx.ModelProto, *, block_size: int = 32, method: str = "rtn", accuracy_level: int = 4) -> onnx.ModelProto:
+def quantize_int4(
+    model: onnx.ModelProto, *, block_size: int = 32, method: str = "rtn", accuracy_level: int = 4, only: list[str] | None = None
+) -> onnx.ModelProto:
     """Every MatMul of the body to 4-bit MatMulNBits (the tables were quantized as the graph was built,
     `TableWeights`; an untied head they left fp32 stays fp32).
 
@@ -47,11 +49,17 @@ def quantize_int4(model: onnx.ModelProto, *, block_size: int = 32, method: str =
     token against 47 us with integer zero points (accuracy_level 4), so "rtn" is the default and
     the others are for accuracy studies. On SmolLM2 "rtn" keeps top-1 agreement 0.52 on the parity
     prompts and HQQ 0.83: carry a GPTQ grid from `vcompress quantize` for better int4.
+    `only`: the MatMul nodes to quantize (the rest of a graph whose grid was carried), None: all.
     """
-    head = untied_head(model)  # an fp32 LM head (table_bits 0) stays fp32
+    head = untied_head(model) + _others(model, only)  # an fp32 LM head (table_bits 0) stays fp32
     if method == "rtn-float":
         return quantize_matmuls(model, bits=4, block_size=block_size, float_zero=True, accuracy_level=accuracy_level, exclude=head)
     return _ort_matmul_nbits(model, method, block_size, accuracy_level, exclude=head)
+
+
+def _others(model: onnx.ModelProto, only: list[str] | None) -> list[str]:
+    """The MatMul nodes not in `only` (none when `only` is None): what a quantizer must leave alone."""
+    return [] if only is None else [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in only]
 
 
 def _ort_matmul_nbits(
@@ -80,13 +88,15 @@ def _ort_matmul_nbits(
     return model
 
 
-def quantize_int8(model: onnx.ModelProto, *, block_size: int = 32, accuracy_level: int = 4, method: str = "blockwise") -> onnx.ModelProto:
+def quantize_int8(
+    model: onnx.ModelProto, *, block_size: int = 32, accuracy_level: int = 4, method: str = "blockwise", only: list[str] | None = None
+) -> onnx.ModelProto:
     """method "blockwise": 8-bit MatMulNBits, a scale and zero point per block of 32 weights, and
     (accuracy_level 4) activations quantized per block at run time. "dynamic": ONNX Runtime's
     quantize_dynamic (int8 weights per channel, activations per tensor: a tensor with outlier
     channels loses its small ones, which SmolLM2's down-projection inputs have). The embedding and
-    the LM head (tied or not) were quantized (8-bit blocks) or kept fp32 as the graph was built."""
-    head = untied_head(model)
+    the LM head (tied or not) were quantized (8-bit blocks) or kept fp32 as the graph was built. `only`: as quantize_int4."""
+    head = untied_head(model) + _others(model, only)
     if method == "blockwise":
         return quantize_matmuls(model, bits=8, block_size=block_size, float_zero=False, accuracy_level=accuracy_level, exclude=head)
     from onnxruntime.quantization import QuantType, quantize_dynamic

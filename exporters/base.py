@@ -31,7 +31,7 @@ from vcompress.core.layer_stream import (
     too_big_for_memory,
     total_memory,
 )
-from vcompress.core.models import Intake, check_supported
+from vcompress.core.models import Intake, check_supported, source_gguf
 from vcompress.core.quant_format import read_quant_grid
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import Runner
@@ -212,6 +212,17 @@ def load_source(ctx: StageContext) -> tuple[Any, Any, dict | None]:
     return (*ctx.load(), read_quant_grid(source_folder(ctx.source)))
 
 
+def uncarried_source(ctx: StageContext, quant: str, why: str) -> str | None:
+    """For an exporter that cannot carry a GGUF source's blocks (`why`): says so, and returns the manifest's note
+    (None: no quantization asked, or not a GGUF source)."""
+    path = source_gguf(ctx.read_source()) if quant != "none" else None
+    if path is None:
+        return None
+    note = f"{path.name}'s GGUF blocks are not carried but re-rounded: {why}"
+    ctx.log(note)
+    return note
+
+
 def stream_folder(setting: str, ctx: StageContext, grid: dict | None) -> Path | None:
     """The safetensors folder to export layer by layer from ("on", or "auto" when the fp32 model would not
     fit in memory), or None to load the model whole. A quantize folder streams as its dequantized model;
@@ -279,13 +290,22 @@ def save_sidecars(model, tokenizer, out: Path) -> None:
 
 
 def gate(
-    ctx: StageContext, runner_class, model, tokenizer, cfg, manifest: dict, label: str, dequantized: bool, stream: LayerStream | None = None
+    ctx: StageContext,
+    runner_class,
+    model,
+    tokenizer,
+    cfg,
+    manifest: dict,
+    label: str,
+    dequantized: bool,
+    stream: LayerStream | None = None,
+    next_step: str | None = None,
 ) -> dict:
     """Check the written artifact against PyTorch, record the result in its manifest, refuse a failed one.
 
     The runtime answers every prompt first and its session is closed before PyTorch runs. With a `stream`
     (`model` is its skeleton) the reference then reads one decoder layer per forward (`streamed_reference`):
-    the artifact's session and the reference are never in memory together."""
+    the artifact's session and the reference are never in memory together. `next_step`: what would pass, named by a refusal."""
     ctx.log("checking the export against PyTorch" + (" (the dequantized checkpoint)" if dequantized else ""))
     prompts = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in PARITY_PROMPTS]
     runner = runner_class(ctx.out, threads=cfg.threads)
@@ -300,9 +320,8 @@ def gate(
     manifest["parity"] = result
     write_json(ctx.out / MANIFEST, manifest)
     if not result["passed"]:
-        raise Refused(
-            f"{label} parity check failed: {result['failure']}; the export was not written (loosen the thresholds only if the figures are acceptable)"
-        )
+        fix = next_step or "loosen the thresholds only if the figures are acceptable"
+        raise Refused(f"{label} parity check failed: {result['failure']}; the export was not written ({fix})")
     return result
 
 

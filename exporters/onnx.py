@@ -19,6 +19,11 @@ and the parity reference reads one decoder layer per forward. Memory is then abo
 embedding / LM head and ONNX Runtime's session, and the files are byte for byte the in-memory export's
 (tests/test_onnx_stream.py). A float source under int4/int8 is not streamed: ONNX Runtime's quantizers
 take the whole graph (quantize it with `vcompress quantize` and export that folder instead).
+
+A GGUF source (the embedded default too) under int4/int8 keeps its own blocks (core/gguf_blocks.py): each linear
+whose type the target holds goes into MatMulNBits as it is, through the same carried path as a quantize folder;
+the others (e.g. Q6_K under int4) are re-rounded by ONNX Runtime and listed, with the reason, in the manifest's
+quant.grid.rerounded (`vcompress quantize --method gptq` on the GGUF re-quantizes them with GPTQ instead).
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from pydantic import Field, model_validator
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import InputError
-from vcompress.core.layer_stream import file_tensors, stream_tensors
-from vcompress.core.models import bytes_on_disk
+from vcompress.core.gguf_blocks import carried_grid, table_type
+from vcompress.core.layer_stream import file_tensors, stream_source, stream_tensors
+from vcompress.core.models import bytes_on_disk, source_gguf
 from vcompress.core.quant_format import grid_bits, read_quant_grid
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
@@ -72,8 +78,10 @@ class OnnxExportConfig(ParityConfig):
     )
     block_size: PowerOfTwo = Field(32, ge=16, description="int4/int8 block along the input dimension (power of two)")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type; 4 = int8 activations")
-    table_bits: Literal[0, 4, 8] = Field(
-        4, description="bits of the embedding table and the LM head (tied or untied) under int4 (int8: 8); 0 keeps both fp32"
+    table_bits: Literal[0, 4, 8] | None = Field(
+        None,
+        description="bits of the embedding table and the LM head (tied or untied) under int4 (int8: 8); 0 keeps both fp32; "
+        "default 4, or 8 for a GGUF source whose table is Q8_0 (its own blocks come back exactly at 8 bits)",
     )
     head_bits: Literal[0, 4, 8] | None = Field(
         None,
@@ -134,7 +142,10 @@ class OnnxExport(Exporter):
         folder = source_folder(ctx.source)
         grid = read_quant_grid(folder)
         _check_grid(cfg, grid)
-        stream_from, stream = _stream_folder(cfg, ctx, grid), None
+        gguf = source_gguf(ctx.read_source()) if grid is None and cfg.quant != "none" else None
+        if cfg.table_bits is None:
+            cfg = cfg.model_copy(update={"table_bits": 8 if gguf is not None and table_type(gguf) == "Q8_0" else 4})
+        stream_from, stream = stream_source(cfg.stream, ctx) if gguf is not None else _stream_folder(cfg, ctx, grid), None
         if stream_from is None:
             model, tokenizer, _ = load_source(ctx)
             tensors = model.state_dict()
@@ -142,9 +153,10 @@ class OnnxExport(Exporter):
             stream, tokenizer = open_stream(stream_from, grid), ctx.load_tokenizer()
             model, tensors = stream.model, stream_tensors(stream)
             ctx.log(f"streaming {stream_from} tensor by tensor (the model is never whole in memory)")
-        weights = _weights(tensors, cfg, folder, grid, _onnx_graph.dims_of(model.config).tied)
+        source_grid = _gguf_grid(ctx, cfg, gguf, model, streamed=stream is not None) if gguf is not None else None
+        weights = _weights(tensors, cfg, folder, grid, _onnx_graph.dims_of(model.config).tied, source_grid)
         ctx.log(f"building the ONNX decoder graph ({model.config.model_type}, {cfg.quant})")
-        if isinstance(weights, _onnx_gptq.CarriedWeights):
+        if isinstance(weights, _onnx_gptq.CarriedWeights) and source_grid is None:
             ctx.log(f"carrying the checkpoint's {grid.get('method')} grid ({grid_bits(grid)}-bit) into MatMulNBits")
         files, dims = _write_graph(model, weights, cfg, ctx.out, streamed=stream is not None)
         carried = getattr(weights, "carried", {})
@@ -169,7 +181,18 @@ class OnnxExport(Exporter):
         if carried:
             manifest["quant"].update(method="carried", grid=carried)
         write_json(ctx.out / MANIFEST, manifest)
-        result = gate(ctx, OnnxRunner, model, tokenizer, cfg, manifest, "ONNX", dequantized=bool(grid), stream=stream)
+        result = gate(
+            ctx,
+            OnnxRunner,
+            model,
+            tokenizer,
+            cfg,
+            manifest,
+            "ONNX",
+            dequantized=bool(grid),
+            stream=stream,
+            next_step=_next_step(ctx, cfg, weights),
+        )
         size = bytes_on_disk(ctx.out / files[0]) + bytes_on_disk(ctx.out / files[1])
         metrics = {
             "format": FORMAT,
@@ -214,7 +237,42 @@ def _stream_folder(cfg: OnnxExportConfig, ctx: StageContext, grid: dict | None) 
     return stream_folder(cfg.stream, ctx, grid)
 
 
-def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | None, tied: bool) -> _onnx_graph.Weights:
+def _next_step(ctx: StageContext, cfg: OnnxExportConfig, weights) -> str | None:
+    """What a refused quantized export of a source rounded here (a float model, or a GGUF's linears it could not
+    carry) should try: GPTQ on calibration text first, then export that folder with its grid carried."""
+    if cfg.quant == "none" or (isinstance(weights, _onnx_gptq.CarriedWeights) and not weights.rerounded):
+        return None
+    model = f" --model {ctx.source}" if ctx.source else ""
+    bits = "4" if cfg.quant == "int4" else "8"
+    return (
+        f"quantize with GPTQ first, then export that folder: `vcompress quantize{model} --method gptq --bits {bits} --out q` "
+        f"and `vcompress export onnx --model q --quant {cfg.quant}`"
+    )
+
+
+def _gguf_grid(ctx: StageContext, cfg: OnnxExportConfig, gguf: Path, model, streamed: bool):
+    """A GGUF source's blocks to carry at --quant's bits (core/gguf_blocks.py), or None when none can be."""
+    found = carried_grid(gguf, model, 4 if cfg.quant == "int4" else 8)
+    if not found.manifest["linears"]:
+        ctx.log(f"{gguf.name}: no linear is in a block type that can be carried; quantizing the float weights")
+        return None
+    types = sorted({found.types[n] for n in found.manifest["linears"]})
+    ctx.log(f"carrying {len(found.manifest['linears'])} linears' GGUF blocks ({', '.join(types)}) into MatMulNBits as they are")
+    if found.rerounded:
+        if streamed:
+            raise InputError(
+                f"{len(found.rerounded)} linears of {gguf.name} cannot be carried at {cfg.quant} and ONNX Runtime re-rounds them on the "
+                "whole graph; pass --stream off, or `vcompress quantize --method gptq` the GGUF first and export that folder"
+            )
+        ctx.log(
+            f"{len(found.rerounded)} linears cannot be carried at {cfg.quant} (e.g. {next(iter(found.rerounded.values()))}): "
+            f"ONNX Runtime's {cfg.method if cfg.quant == 'int4' else cfg.int8_method} re-rounds them; for GPTQ on calibration text "
+            "run `vcompress quantize --method gptq` on the GGUF (it keeps the blocks it can) and export that folder"
+        )
+    return found
+
+
+def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | None, tied: bool, source_grid=None) -> _onnx_graph.Weights:
     """The form each weight takes in the graph: fp32; a quantize folder's grid carried per linear; the
     embedding / LM head at table_bits (the body of a float source is quantized after, by ONNX Runtime)."""
     if cfg.quant == "none":
@@ -227,14 +285,24 @@ def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | N
         tied=tied,
         compact=cfg.compact,
     )
+    if source_grid is not None:
+        weights = _onnx_gptq.CarriedWeights(tensors, source_grid.tensors, source_grid.manifest, **settings)
+        weights.rerounded = dict(source_grid.rerounded)
+        weights.carried.update(source="gguf", types=_counts(source_grid.types), rerounded=weights.rerounded)
+        return weights
     if grid is not None:
         codes = file_tensors(folder / grid["weights_file"])
         return _onnx_gptq.CarriedWeights(tensors, codes, grid, **settings)
     return _onnx_quant.TableWeights(tensors, **settings)
 
 
+def _counts(types: dict[str, str]) -> dict[str, int]:
+    return {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
+
+
 def _table_bits(cfg: OnnxExportConfig, bits: int | None = None) -> int:
     bits = cfg.table_bits if bits is None else bits
+    bits = 4 if bits is None else bits
     return bits if cfg.quant == "int4" or bits == 0 else 8
 
 
@@ -252,12 +320,17 @@ def _write_graph(model, weights: _onnx_graph.Weights, cfg: OnnxExportConfig, out
         onnx.save_model(proto, out / name)
         return [name, f"{name}.data"], dims
     proto, dims = _onnx_graph.build(model, weights)
-    if isinstance(weights, _onnx_gptq.CarriedWeights) or cfg.quant == "none":
+    only = None  # a carried grid's MatMuls left float that ONNX Runtime re-rounds (a GGUF's); None: the whole body
+    if isinstance(weights, _onnx_gptq.CarriedWeights):
+        only = weights.carried["kept_float"] if getattr(weights, "rerounded", None) else []
+    if only == [] or cfg.quant == "none":
         return _onnx_quant.save(proto, out, name), dims
     if cfg.quant == "int8":
-        proto = _onnx_quant.quantize_int8(proto, block_size=cfg.block_size, accuracy_level=cfg.accuracy_level, method=cfg.int8_method)
+        proto = _onnx_quant.quantize_int8(
+            proto, block_size=cfg.block_size, accuracy_level=cfg.accuracy_level, method=cfg.int8_method, only=only
+        )
     else:
-        proto = _onnx_quant.quantize_int4(proto, block_size=cfg.block_size, method=cfg.method, accuracy_level=cfg.accuracy_level)
+        proto = _onnx_quant.quantize_int4(proto, block_size=cfg.block_size, method=cfg.method, accuracy_level=cfg.accuracy_level, only=only)
     return _onnx_quant.save(proto, out, name), dims
 
 

@@ -34,7 +34,7 @@ from vcompress.core.runner import RUNNERS
 from vcompress.core.scoring import text_fidelity, torch_logits_fn
 from vcompress.core.stage import StageContext
 
-from . import _onnx_quant, _trt_graph, _trt_ops
+from . import _onnx_quant, _trt_graph, _trt_ops, base
 from ._tensorrt_session import GraphSession, SessionError
 from .base import Exporter, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, run_export, save_sidecars, stored_weights
 
@@ -83,6 +83,11 @@ class TensorRTExport(Exporter):
             if cfg.quant not in ("none", f"int{bits}"):
                 raise InputError(f"the checkpoint is quantized to {bits} bits; export it with --quant int{bits} or --quant none")
             ctx.log(f"re-solving the checkpoint's {grid.get('method')} grid symmetric per block (TensorRT takes zero points of zero only)")
+        uncarried = base.uncarried_source(
+            ctx,
+            cfg.quant,
+            "TensorRT's DequantizeLinear takes zero points of zero only, so blocks are re-solved symmetric by round-to-nearest",
+        )
         token_range(cfg.prefill_tokens, cfg.max_tokens, _trt_graph.dims_of(model.config).max_positions)  # before any work
         ctx.log(f"building the standard-op decoder graph ({model.config.model_type}, {cfg.precision}, weights {cfg.quant})")
         proto, dims, blocks = _trt_graph.build(model, precision=cfg.precision, weights=cfg.quant, block_size=cfg.block_size)
@@ -92,6 +97,8 @@ class TensorRTExport(Exporter):
         del proto
         save_sidecars(model, tokenizer, ctx.out)
         fields = _graph_fields(dims, cfg, blocks, grid)
+        if uncarried:
+            fields["quant"]["source_grid"] = uncarried
         shapes = profile_shapes(fields, prefill_tokens=cfg.prefill_tokens, max_tokens=cfg.max_tokens)
         manifest = self.manifest(
             {"model": files[0], "weights": files[1], "config": "config.json", "tokenizer": "tokenizer.json"},

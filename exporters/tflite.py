@@ -44,6 +44,7 @@ from .base import (
     run_export,
     save_sidecars,
     stored_weights,
+    uncarried_source,
 )
 
 MODEL_FILE = "model.tflite"
@@ -97,6 +98,9 @@ class TFLiteExport(Exporter):
             raise Unsupported(
                 "the tflite exporter needs litert-torch, tensorflow-cpu and ai-edge-litert; install them with `pip install -e '.[tflite]'`"
             )
+        uncarried = uncarried_source(
+            ctx, cfg.quant, "ai-edge-quantizer computes its own per-channel scales from the float weights and takes no given grid"
+        )
         hf = Path(str(source.path)) if source.kind == "hf" and grid is None else save_model(model, tokenizer, ctx.work / "hf")
         ctx.log(
             f"converting to TFLite with litert-torch ({model_type}, {cfg.quant}, prefill {'/'.join(map(str, _prefill_lengths(cfg)))}, "
@@ -125,6 +129,8 @@ class TFLiteExport(Exporter):
                 "builder": f"litert-lm-builder {package_version('litert-lm-builder')}",
             },
         )
+        if uncarried:
+            manifest["quant"]["source_grid"] = uncarried
         write_json(ctx.out / MANIFEST, manifest)
         result = gate(ctx, TFLiteRunner, model, tokenizer, cfg, manifest, "TFLite", dequantized=bool(grid))
         loaded = _bundle_loads(ctx)

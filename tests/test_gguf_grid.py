@@ -1,0 +1,190 @@
+"""A quantized source keeps its grid: GGUF blocks read as codes, scales and float minimums (core/gguf_blocks.py)
+equal gguf's own dequantization, and an ONNX export of a GGUF carries them into MatMulNBits as they are."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from gguf.quants import dequantize
+from onnx import numpy_helper
+from safetensors.torch import load_file
+
+from tests.gguf_tiny import T, blocks_of, write_gguf
+from tests.tiny import build_config
+from vcompress.core.gguf_blocks import GGUFFile, read_blocks
+from vcompress.exporters.onnx import OnnxRunner, export
+
+QUIET = dict(log=lambda _: None, threads=1, new_tokens=4)
+TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_blocks_are_gguf_dequantized_weights(qtype):
+    rng = np.random.default_rng(int(qtype))
+    w = rng.normal(0, 0.05, (6, 512)).astype(np.float32)
+    raw = blocks_of(w, qtype, rng)
+    blocks = read_blocks(raw, qtype, 512)
+    want = dequantize(raw, qtype)
+    assert blocks.codes.max() < 2**blocks.bits and blocks.block == {T.Q4_K: 32, T.Q5_K: 32, T.Q6_K: 16}.get(qtype, 32)
+    np.testing.assert_allclose(blocks.dequantize(), want, rtol=1e-6, atol=1e-7)
+    # wider codes and smaller blocks hold the same weights; a symmetric type stays symmetric on the wider grid
+    wide = blocks.at(8, 16)
+    np.testing.assert_allclose(wide.dequantize(), want, rtol=1e-6, atol=1e-7)
+    if blocks.zero is not None:
+        assert wide.zero == 128 and np.array_equal(wide.minimum, -wide.scale * 128)
+
+
+# The tiny models' sizes are multiples of 256, a K-quant's superblock.
+SIZES = {"llama": dict(hidden_size=256, intermediate_size=512, head_dim=64), "qwen2": dict(hidden_size=256, intermediate_size=512)}
+# One linear type per projection, every block type read here among them (qkv share one MatMul: Q4_K with Q6_K lifts to 8 bits).
+MIXED = {
+    "attn_q": T.Q4_K,
+    "attn_k": T.Q4_0,
+    "attn_v": T.Q6_K,
+    "attn_output": T.Q5_0,
+    "ffn_gate": T.Q5_K,
+    "ffn_up": T.Q8_0,
+    "ffn_down": T.Q4_1,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory, tokenizer):
+    """{arch: (path, {types name: (gguf path, dequantized linears)})}: a tiny Llama and Qwen2 written as GGUF twice,
+    every linear Q4_1 ("q4") and every block type at once ("mixed")."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("gguf")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VCOMPRESS_CACHE", str(root / "cache"))
+        made = {}
+        for arch in ("llama", "qwen2"):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(build_config(arch, len(tokenizer) + 1, 2, **SIZES[arch]))
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() == 2:
+                        p.normal_(0, 0.08)
+            tokenizer.save_pretrained(root / arch)
+            made[arch] = {
+                name: (root / f"{arch}-{name}.gguf", write_gguf(model, root / arch, root / f"{arch}-{name}.gguf", types))
+                for name, types in (("q4", {}), ("mixed", MIXED))
+            }
+        yield made
+
+
+def _carried_weight(inits: dict, stem: str, k: int, n: int) -> np.ndarray:
+    """W [N, K] as an exported MatMulNBits (plus its float-zero correction, if any) computes it."""
+    key = next(name for name in inits if name.startswith(f"{stem}.weight_Q"))
+    bits, rows = int(key.rsplit("_Q", 1)[1]), inits[key].reshape(n, -1)
+    codes = np.stack([rows & 0xF, rows >> 4], -1).reshape(n, -1) if bits == 4 else rows
+    scales = inits[f"{stem}.weight_scales"].reshape(n, -1)
+    w = (codes.reshape(n, scales.shape[1], -1).astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
+    correction = inits.get(f"{stem}.zero_correction.matrix")
+    if correction is not None:
+        w = w + correction.T[..., None]
+    return w.reshape(n, k)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("types", ["q4", "mixed"])
+def test_export_carries_the_gguf_blocks(tiny_ggufs, tmp_path, monkeypatch, arch, types):
+    path, weights = tiny_ggufs[arch][types]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    out = tmp_path / "o"
+    quant = "int4" if types == "q4" else "int8"  # int8 holds every type's codes
+    metrics = export(path, out, quant, accuracy_level=0, table_bits=0, **QUIET)
+    grid = json.loads((out / "manifest.json").read_text())["quant"]["grid"]
+    assert grid["source"] == "gguf" and grid["linears"] == 14 and grid["rerounded"] == {}
+    model = onnx.load(str(out / "model.onnx"))
+    assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and "zero_correction" not in n.name and "lm_head" not in n.name]
+    inits = {t.name: numpy_helper.to_array(t, str(out)) for t in model.graph.initializer}
+    # o_proj and down_proj are MatMuls of their own: their weights are the GGUF's dequantized weights to float rounding
+    for layer in range(2):
+        for stem, name in ((f"layers.{layer}.attn.o_proj", "self_attn.o_proj"), (f"layers.{layer}.mlp.down_proj", "mlp.down_proj")):
+            want = weights[f"model.layers.{layer}.{name}"]
+            got = _carried_weight(inits, stem, want.shape[1], want.shape[0])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=stem)
+    assert metrics["parity"]["top1_agreement"] == 1.0 and metrics["parity"]["greedy_identical"] == 5
+    from vcompress.core.models import load_model
+
+    reference, _ = load_model(path)
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), reference(input_ids=ids).logits, atol=1e-4)
+
+
+def test_int4_rerounds_what_it_cannot_hold_and_says_so(tiny_ggufs, tmp_path, monkeypatch):
+    path, _ = tiny_ggufs["qwen2"]["mixed"]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    out = tmp_path / "o"
+    export(path, out, "int4", accuracy_level=0, table_bits=0, min_top1_quantized=0, **QUIET)
+    grid = json.loads((out / "manifest.json").read_text())["quant"]["grid"]
+    rerounded = grid["rerounded"]
+    # 5-, 6- and 8-bit codes do not fit 4 bits; q (Q4_K) and k (Q4_0) share a MatMul with v (Q6_K)
+    assert "Q6_K holds 6-bit codes" in rerounded["model.layers.0.self_attn.v_proj"]
+    assert "shares layers.0.attn.qkv_proj/MatMul" in rerounded["model.layers.0.self_attn.q_proj"]
+    assert set(rerounded) == {
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
+    }
+    assert grid["linears"] == 2 and grid["types"]["Q4_1"] == 2  # down_proj (Q4_1) carried
+    nodes = onnx.load(str(out / "model.onnx")).graph.node
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 8  # every body MatMul is 4-bit, carried or re-rounded
+    assert not [n.name for n in nodes if n.op_type == "MatMul" and "zero_correction" not in n.name and "lm_head" not in n.name]
+
+
+def test_llama_q_and_k_rows_come_back_in_hugging_face_order(tiny_ggufs):
+    path, weights = tiny_ggufs["llama"]["mixed"]
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**build_config("llama", 10, 2, **SIZES["llama"]).to_dict())
+    source = GGUFFile(path)
+    for name in ("self_attn.q_proj", "self_attn.k_proj"):
+        blocks = source.blocks(f"model.layers.1.{name}", config)
+        np.testing.assert_allclose(blocks.dequantize(), weights[f"model.layers.1.{name}"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("types", ["q4", "mixed"])
+def test_quantize_keeps_the_source_blocks_and_the_export_carries_them(tiny_ggufs, tmp_path, monkeypatch, types):
+    from vcompress.cli import main
+    from vcompress.core import quant_format
+
+    path, weights = tiny_ggufs["qwen2"][types]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    folder = tmp_path / "q"
+    args = ["quantize", "--model", path, "--out", folder, "--method", "rtn", "--group-size", "32", "--heldout-blocks", "0"]
+    assert main([str(a) for a in [*args, "--eval-per-subject", "0"]]) == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    manifest = quant_format.read_quant_grid(folder)
+    kept = {n for n, s in manifest["linears"].items() if "mins" in s["tensors"]}
+    if types == "q4":
+        assert metrics["source_grid"]["kept_linears"] == 14 and metrics["quantized_linears"] == 0 and manifest["method"] == "gguf"
+    else:  # Q4_K, Q4_0 and Q4_1 kept; 5-, 6- and 8-bit types re-quantized by the stage's method
+        assert metrics["source_grid"]["types"] == {"Q4_0": 2, "Q4_1": 2, "Q4_K": 2} and metrics["quantized_linears"] == 8
+        assert (
+            manifest["method"] == "gguf+rtn"
+            and "Q6_K holds 6-bit codes" in metrics["source_grid"]["requantized"]["model.layers.0.self_attn.v_proj"]
+        )
+    packed = load_file(str(folder / manifest["weights_file"]))
+    for name in kept:  # the kept linears are the GGUF's weights
+        w = quant_format.dequantize(quant_format.linear_tensors(packed, manifest["linears"][name]), 4).numpy().T
+        np.testing.assert_allclose(w, weights[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    out = tmp_path / "o"
+    exported = export(folder, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
+    assert exported["grid"]["linears"] == 14 and exported["parity"]["top1_agreement"] == 1.0
+    reference, _ = quant_format.load_dequantized(folder, manifest)
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), reference(input_ids=ids).logits, atol=1e-4)
+
+
+def test_a_refused_export_of_a_float_source_names_gptq_first(tiny_llama, tmp_path):
+    from vcompress.core.errors import Refused
+
+    with pytest.raises(Refused, match=r"vcompress quantize --model .* --method gptq --bits 4 --out q.*export onnx --model q --quant int4"):
+        export(tiny_llama, tmp_path / "out", "int4", min_top1_quantized=1.0, **QUIET)
+    assert not (tmp_path / "out").exists()
