@@ -362,13 +362,13 @@ class OnnxRunner(SessionRunner):
     backend = FORMAT
     session_error = SessionError
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, optimization: str = "all", **_):
-        self.optimization = optimization
+    def __init__(self, path: str | Path, *, threads: int | None = None, optimization: str = "all", prompt_graph: bool = True, **_):
+        self.optimization, self.prompt_graph = optimization, prompt_graph
         super().__init__(path, threads=threads)
         self.threads = self.session.threads
 
     def open_session(self) -> DecoderSession:
-        return DecoderSession(self.path, threads=self.threads, optimization=self.optimization)
+        return DecoderSession(self.path, threads=self.threads, optimization=self.optimization, prompt_graph=self.prompt_graph)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return torch.from_numpy(self._call(self.session.logits, input_ids.cpu().numpy()))

@@ -117,3 +117,26 @@ def test_prompt_graph_needs_a_4bit_decode_graph(tiny_models, tmp_path):
 
     with pytest.raises(ValidationError, match="--quant int4"):
         OnnxExportConfig(quant="int8", prefill_graph="int8")
+
+
+def test_runner_runs_prompts_on_the_prompt_graph_as_genai_does(paired):
+    """Our loop follows the pipeline (multi-token runs on the int8 graph, single tokens on the 4-bit one);
+    prompt_graph=False scores the 4-bit graph alone."""
+    import torch
+
+    from vcompress.exporters.onnx import OnnxRunner
+
+    _, out, _ = paired
+    m = json.loads((out / "manifest.json").read_text())
+    shape = (m["layers"], m["kv_heads"], m["head_dim"])
+    prompt = [5, 17, 90, 33, 251, 8, 64, 12]
+    ids = torch.tensor([prompt])
+    for prompt_graph, file in ((True, "model_prefill.onnx"), (False, "model.onnx")):
+        runner = OnnxRunner(out, threads=1, prompt_graph=prompt_graph)
+        want, cache = _run(_session(out / file), prompt, None, *shape)
+        got = runner.forward(ids)[0, -1].numpy()
+        assert np.allclose(got, want, atol=1e-5), file
+        logits, state = runner.session.prefill(np.array(prompt))
+        assert np.allclose(logits, want, atol=1e-5)
+        step, _ = runner.session.decode(7, state)
+        assert np.allclose(step, _run(_session(out / "model.onnx"), [7], cache, *shape)[0], atol=1e-4)
