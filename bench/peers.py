@@ -1,26 +1,32 @@
 """vcompress against the tools a user would pick instead, and against the memory-bandwidth limit.
 
-    flock /tmp/vcompress-heavy.lock .venv/bin/python bench/peers.py [--model M] [--threads 2] [--runs 5]
+    flock /tmp/vcompress-heavy.lock .venv/bin/python bench/peers.py [--model M] [--threads 2] [--runs 5] [--rounds 5]
         [--out bench/results/peers] [--per-subject 5] [--ours RUN_OR_ARTIFACT] [--tflite ARTIFACT] [--setup]
 
 One run, one host, one input model (default: the embedded SmolLM2-135M-Instruct). Rows:
   pytorch-fp32      transformers model with its KV cache, through vcompress's torch Runner
-  optimum-onnx      `optimum-cli export onnx --task text-generation-with-past`, run by ORTModelForCausalLM
-                    (optimum-onnx pins transformers 4.57, so it lives in its own venv, --optimum-python)
+  optimum-onnx      `optimum-cli export onnx --task text-generation-with-past` (optimum-onnx pins transformers 4.57, so
+                    it exports from its own venv, --optimum-python), run on plain onnxruntime (no torch, no optimum)
   ort-int8-dynamic  onnxruntime.quantization.quantize_dynamic of that export, run the same way
   llama.cpp         the model's GGUF through llama-cpp-python (its own venv, --llama-python)
   vcompress-int4    vcompress's x86-cpu artifact (ONNX INT4; --ours, else runs/demo, else an export)
+  vcompress-int4-4bit-only  the same artifact without its int8 prompt graph (only when it has one)
   vcompress-int8    `vcompress export onnx --quant int8`
   ort-genai-int4    onnxruntime-genai's own model builder (`-p int4 -e cpu`, its defaults: RTN symmetric block 32,
                     accuracy level 4 on CPU), run by genai's generator, as vcompress-int4 is
   vcompress-tflite  an int8 TFLite artifact, only with --tflite
-Each row is measured in subprocesses of its own (so peak RSS is its own): size on disk, time to
-first token for a fixed 256-token prompt, greedy decode tokens/s (median of --runs runs after a
-warm-up, fixed --threads), peak RSS (VmHWM), held-out perplexity (--ppl-blocks blocks of
+Each row is measured in subprocesses of its own that import only its runtime (so peak RSS is its own). Speed is a
+race: --rounds rounds, each visiting every row in turn (A, B, C, ... then again), one worker process alive at a
+time; per visit the model loads, warms up and runs --runs times. A row's time to first token (fixed 256-token
+prompt), greedy decode tokens/s and peak RSS (VmHWM) are the median of its rounds' medians with the lowest and
+highest round; each ratio to vcompress-int4 is taken round by round and is a "win" or "loss" only when every round
+agrees ("undecided" otherwise). Quality, once per row: held-out perplexity (--ppl-blocks blocks of
 --ppl-seq-len tokens of MMLU text outside the medical subjects, the text validate uses) and its rise over
-pytorch-fp32, top-1 next-token agreement with pytorch-fp32 at those positions, and MMLU answer agreement with pytorch-fp32 and accuracy on a fixed subset (--per-subject questions of each of the 57 subjects, seed 0). MMLU uses
-vcompress.core.scoring's lm-eval prompts and token ids for every row: the parent tokenizes, each
-runtime returns logits on those ids, and scoring reads the A/B/C/D log-probs from them.
+pytorch-fp32, top-1 next-token agreement with pytorch-fp32 at those positions, and MMLU answer agreement with pytorch-fp32 and accuracy on a fixed subset (--per-subject questions of each of the 57
+subjects, seed 0) in the cloze format the profiles use, beside two floor rows (always the first answer; a seeded
+random answer) that a quality column must clear. MMLU uses vcompress.core.scoring's prompts and token ids for every
+row: the parent tokenizes, each runtime returns logits on those ids, and scoring reads each answer's log-prob.
+llama.cpp scores a sequence in one eval (logits_all).
 The host's copy bandwidth is measured in the same run; each row's decode speed is printed as a
 fraction of bandwidth / bytes read per token (devices/roofline_estimate.py's weight and KV byte counts).
 A row that cannot run shows why instead of numbers. Writes peers.json, peers.md, peers.png.
@@ -567,6 +573,29 @@ def row_ours_int4(ctx) -> dict:
     }
 
 
+def row_ours_4bit_only(ctx) -> dict:
+    """The same artifact without its int8 prompt graph (when it has one): the 4-bit graph runs the prompt too."""
+    folder = Path(ctx["ours"] or ours_artifact(ctx))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if "prefill_model" not in manifest["files"]:
+        raise Skip(f"{folder} has no int8 prompt graph (export with --prefill-graph int8): {OURS} is already 4-bit alone")
+    copy = ctx["work"] / "vcompress-int4-4bit-only"
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir(parents=True)
+    for file in folder.iterdir():
+        if file.is_file() and not file.name.startswith("model_prefill") and file.name not in ("manifest.json", "genai_config.json"):
+            (copy / file.name).symlink_to(file.resolve())
+    for key in ("prefill_model", "prefill_weights"):
+        manifest["files"].pop(key)
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    genai = json.loads((folder / "genai_config.json").read_text())
+    genai["model"]["decoder"].pop("pipeline")
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    genai["model"]["type"] = "decoder" if model_type == "gpt2" else model_type  # as _onnx_genai writes a single graph
+    (copy / "genai_config.json").write_text(json.dumps(genai, indent=1))
+    return {**row_ours_int4({**ctx, "ours": copy}), "weights_path": copy}
+
+
 def row_ours_int8(ctx) -> dict:
     folder = vcompress_export(ctx, "int8")
     return {
@@ -624,6 +653,7 @@ ROWS = {
     "ort-int8-dynamic": row_ort_int8,
     "llama.cpp": row_llama,
     OURS: row_ours_int4,
+    "vcompress-int4-4bit-only": row_ours_4bit_only,
     "vcompress-int8": row_ours_int8,
     "ort-genai-int4": row_genai_builder,
     "vcompress-tflite": row_tflite,
