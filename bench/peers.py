@@ -1,26 +1,32 @@
 """vcompress against the tools a user would pick instead, and against the memory-bandwidth limit.
 
-    flock /tmp/vcompress-heavy.lock .venv/bin/python bench/peers.py [--model M] [--threads 2] [--runs 5]
+    flock /tmp/vcompress-heavy.lock .venv/bin/python bench/peers.py [--model M] [--threads 2] [--runs 5] [--rounds 5]
         [--out bench/results/peers] [--per-subject 5] [--ours RUN_OR_ARTIFACT] [--tflite ARTIFACT] [--setup]
 
 One run, one host, one input model (default: the embedded SmolLM2-135M-Instruct). Rows:
   pytorch-fp32      transformers model with its KV cache, through vcompress's torch Runner
-  optimum-onnx      `optimum-cli export onnx --task text-generation-with-past`, run by ORTModelForCausalLM
-                    (optimum-onnx pins transformers 4.57, so it lives in its own venv, --optimum-python)
+  optimum-onnx      `optimum-cli export onnx --task text-generation-with-past` (optimum-onnx pins transformers 4.57, so
+                    it exports from its own venv, --optimum-python), run on plain onnxruntime (no torch, no optimum)
   ort-int8-dynamic  onnxruntime.quantization.quantize_dynamic of that export, run the same way
   llama.cpp         the model's GGUF through llama-cpp-python (its own venv, --llama-python)
   vcompress-int4    vcompress's x86-cpu artifact (ONNX INT4; --ours, else runs/demo, else an export)
+  vcompress-int4-4bit-only  the same artifact without its int8 prompt graph (only when it has one)
   vcompress-int8    `vcompress export onnx --quant int8`
   ort-genai-int4    onnxruntime-genai's own model builder (`-p int4 -e cpu`, its defaults: RTN symmetric block 32,
                     accuracy level 4 on CPU), run by genai's generator, as vcompress-int4 is
   vcompress-tflite  an int8 TFLite artifact, only with --tflite
-Each row is measured in subprocesses of its own (so peak RSS is its own): size on disk, time to
-first token for a fixed 256-token prompt, greedy decode tokens/s (median of --runs runs after a
-warm-up, fixed --threads), peak RSS (VmHWM), held-out perplexity (--ppl-blocks blocks of
+Each row is measured in subprocesses of its own that import only its runtime (so peak RSS is its own). Speed is a
+race: --rounds rounds, each visiting every row in turn (A, B, C, ... then again), one worker process alive at a
+time; per visit the model loads, warms up and runs --runs times. A row's time to first token (fixed 256-token
+prompt), greedy decode tokens/s and peak RSS (VmHWM) are the median of its rounds' medians with the lowest and
+highest round; each ratio to vcompress-int4 is taken round by round and is a "win" or "loss" only when every round
+agrees ("undecided" otherwise). Quality, once per row: held-out perplexity (--ppl-blocks blocks of
 --ppl-seq-len tokens of MMLU text outside the medical subjects, the text validate uses) and its rise over
-pytorch-fp32, top-1 next-token agreement with pytorch-fp32 at those positions, and MMLU answer agreement with pytorch-fp32 and accuracy on a fixed subset (--per-subject questions of each of the 57 subjects, seed 0). MMLU uses
-vcompress.core.scoring's lm-eval prompts and token ids for every row: the parent tokenizes, each
-runtime returns logits on those ids, and scoring reads the A/B/C/D log-probs from them.
+pytorch-fp32, top-1 next-token agreement with pytorch-fp32 at those positions, and MMLU answer agreement with pytorch-fp32 and accuracy on a fixed subset (--per-subject questions of each of the 57
+subjects, seed 0) in the cloze format the profiles use, beside two floor rows (always the first answer; a seeded
+random answer) that a quality column must clear. MMLU uses vcompress.core.scoring's prompts and token ids for every
+row: the parent tokenizes, each runtime returns logits on those ids, and scoring reads each answer's log-prob.
+llama.cpp scores a sequence in one eval (logits_all).
 The host's copy bandwidth is measured in the same run; each row's decode speed is printed as a
 fraction of bandwidth / bytes read per token (devices/roofline_estimate.py's weight and KV byte counts).
 A row that cannot run shows why instead of numbers. Writes peers.json, peers.md, peers.png.
@@ -146,52 +152,51 @@ class OnnxEngine(SessionEngine):
         return self.session.logits(np.array([ids], np.int64))[0, positions]
 
 
-class OptimumEngine:
-    """An optimum export through ORTModelForCausalLM.forward with its past_key_values: the call
-    `generate` makes for every token, without generate's logits processors."""
+class OrtGraphEngine:
+    """An optimum-format decoder graph (input_ids, attention_mask, position_ids, past_key_values.N.key/value in;
+    logits, present.N.* out) on plain onnxruntime and numpy: the process holds no torch and no optimum, as an
+    app built on ONNX Runtime would (optimum's ORTModelForCausalLM would bring both)."""
 
     def __init__(self, target, threads, context, file_name="model.onnx", **_):
         import onnxruntime as ort
-        import torch
-        from optimum.onnxruntime import ORTModelForCausalLM
 
-        torch.set_num_threads(threads)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.model = ORTModelForCausalLM.from_pretrained(target, file_name=file_name, session_options=options, use_cache=True)
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(Path(target) / file_name), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in self.past]
+
+    def _run(self, ids, past):
+        import numpy as np
+
+        start = 0 if past is None else past[0].shape[2]
+        length = start + len(ids)
+        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, length), np.int64)}
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.arange(start, length, dtype=np.int64)[None]
+        for i, name in enumerate(self.past):
+            shape = self.inputs[name].shape  # [batch, kv heads, past, head dim]
+            feeds[name] = past[i] if past is not None else np.zeros((1, shape[1], 0, shape[3]), np.float32)
+        logits, *self.cache = self.session.run(self.outputs, feeds)
+        return logits[0]
 
     def prefill(self, ids):
-        import torch
-
-        out = self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), use_cache=True)
-        self.past, self.length = out.past_key_values, len(ids)
-        return out.logits[0, -1].numpy()
+        return self._run(ids, None)[-1]
 
     def decode(self, token):
-        import torch
-
-        self.length += 1
-        out = self.model(
-            input_ids=torch.tensor([[token]]),
-            attention_mask=torch.ones(1, self.length, dtype=torch.long),
-            past_key_values=self.past,
-            use_cache=True,
-        )
-        self.past = out.past_key_values
-        return out.logits[0, -1].numpy()
+        return self._run([token], self.cache)[-1]
 
     def logits_at(self, ids, positions):
-        import torch
-
-        out = self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), use_cache=True)
-        return out.logits[0, positions].numpy()
+        return self._run(ids, None)[positions]
 
 
 class LlamaEngine:
     """A GGUF through llama-cpp-python's low-level eval (no sampler chain): prompt in one batch,
     then one eval per token; logits of the last token read from the context."""
 
-    def __init__(self, target, threads, context, **_):
+    def __init__(self, target, threads, context, logits_all=False, **_):
         import llama_cpp
 
         self.llama_cpp = llama_cpp
@@ -202,7 +207,7 @@ class LlamaEngine:
             n_ubatch=512,
             n_threads=threads,
             n_threads_batch=threads,
-            logits_all=False,
+            logits_all=logits_all,  # scoring jobs: every position's logits from one eval of the sequence
             verbose=False,
         )
         self.vocab = self.llm.n_vocab()
@@ -223,9 +228,12 @@ class LlamaEngine:
         return self._last_logits()
 
     def logits_at(self, ids, positions):
+        """One eval of the sequence (the engine opened with logits_all): llama-cpp-python keeps every position's logits."""
         import numpy as np
 
-        return np.stack([self.prefill(ids[: p + 1]) for p in positions])  # positions are all last ones for one-token letters
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.asarray(self.llm.scores[: len(ids)], np.float32)[positions]
 
 
 class GenaiEngine(SessionEngine):
@@ -256,7 +264,7 @@ ENGINES = {
     "runner": RunnerEngine,
     "onnx": OnnxEngine,
     "genai": GenaiEngine,
-    "optimum": OptimumEngine,
+    "ort": OrtGraphEngine,
     "llama": LlamaEngine,
 }
 
@@ -452,9 +460,11 @@ def mmlu_logprobs_from(logits, tokenizer, questions, vocab: int):
 
 
 def _score(fn, tokenizer, questions):
+    """Cloze, the format the profiles evaluate in (each answer text's log-probability after the question): on the
+    letter prompt SmolLM2 answers "A" nearly always, and a constant answer would out-agree every row."""
     from vcompress.core import scoring
 
-    return scoring.mmlu_logprobs(fn, tokenizer, questions, batch_size=1)
+    return scoring.mmlu_logprobs(fn, tokenizer, questions, batch_size=1, format="cloze")
 
 
 def run_worker(python: Path, job: dict, work: Path, timeout: int = 1800) -> dict:
@@ -497,10 +507,10 @@ def row_pytorch(ctx) -> dict:
 def row_optimum(ctx) -> dict:
     folder = optimum_export(ctx)
     return {
-        "runtime": "optimum-onnx 0.1.0 export, ORTModelForCausalLM (onnxruntime 1.31)",
-        "engine": "optimum",
+        "runtime": f"optimum-onnx 0.1.0 export, plain onnxruntime {ctx['versions'].get('onnxruntime')} (no torch in the process)",
+        "engine": "ort",
         "target": folder,
-        "python": ctx["optimum_python"],
+        "python": sys.executable,
         "kv_bytes": 4,
         "weights_path": folder,
     }
@@ -519,10 +529,10 @@ def row_ort_int8(ctx) -> dict:
         quantize_dynamic(source / "model.onnx", tmp / "model.onnx", weight_type=QuantType.QInt8)
         tmp.rename(folder)
     return {
-        "runtime": "onnxruntime quantize_dynamic (QInt8, defaults), ORTModelForCausalLM",
-        "engine": "optimum",
+        "runtime": f"onnxruntime quantize_dynamic (QInt8, defaults) of that export, plain onnxruntime {ctx['versions'].get('onnxruntime')}",
+        "engine": "ort",
         "target": folder,
-        "python": ctx["optimum_python"],
+        "python": sys.executable,
         "kv_bytes": 4,
         "weights_path": folder,
     }
@@ -545,6 +555,7 @@ def row_llama(ctx) -> dict:
         "python": python,
         "kv_bytes": 2,
         "weights_path": gguf,
+        "score_options": {"logits_all": True},
     }  # llama.cpp's KV cache is f16
 
 
@@ -560,6 +571,29 @@ def row_ours_int4(ctx) -> dict:
         "kv_bytes": _kv_bytes(folder),
         "weights_path": folder,
     }
+
+
+def row_ours_4bit_only(ctx) -> dict:
+    """The same artifact without its int8 prompt graph (when it has one): the 4-bit graph runs the prompt too."""
+    folder = Path(ctx["ours"] or ours_artifact(ctx))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if "prefill_model" not in manifest["files"]:
+        raise Skip(f"{folder} has no int8 prompt graph (export with --prefill-graph int8): {OURS} is already 4-bit alone")
+    copy = ctx["work"] / "vcompress-int4-4bit-only"
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir(parents=True)
+    for file in folder.iterdir():
+        if file.is_file() and not file.name.startswith("model_prefill") and file.name not in ("manifest.json", "genai_config.json"):
+            (copy / file.name).symlink_to(file.resolve())
+    for key in ("prefill_model", "prefill_weights"):
+        manifest["files"].pop(key)
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    genai = json.loads((folder / "genai_config.json").read_text())
+    genai["model"]["decoder"].pop("pipeline")
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    genai["model"]["type"] = "decoder" if model_type == "gpt2" else model_type  # as _onnx_genai writes a single graph
+    (copy / "genai_config.json").write_text(json.dumps(genai, indent=1))
+    return {**row_ours_int4({**ctx, "ours": copy}), "weights_path": copy}
 
 
 def row_ours_int8(ctx) -> dict:
@@ -619,6 +653,7 @@ ROWS = {
     "ort-int8-dynamic": row_ort_int8,
     "llama.cpp": row_llama,
     OURS: row_ours_int4,
+    "vcompress-int4-4bit-only": row_ours_4bit_only,
     "vcompress-int8": row_ours_int8,
     "ort-genai-int4": row_genai_builder,
     "vcompress-tflite": row_tflite,
@@ -713,8 +748,8 @@ def _kv_bytes(folder) -> int:
 # --- measuring a row --------------------------------------------------------------------------
 
 
-def measure_row(name: str, ctx) -> dict:
-    """Prepare the row, run its speed worker and its MMLU worker, fill in size and roofline."""
+def prepare_row(name: str, ctx) -> dict:
+    """The row's model, made if missing, with its size on disk and its roofline (or why it cannot run)."""
     from vcompress.core.export_manifest import model_files
     from vcompress.core.units import mib
     from vcompress.devices import roofline_estimate as roofline
@@ -730,44 +765,67 @@ def measure_row(name: str, ctx) -> dict:
     weights = roofline.weight_bytes(files, tied=ctx["shape"]["tied"])
     line = roofline.roofline(ctx["shape"], weights, ctx["host"], ctx["prompt_tokens"], ctx["decode_tokens"], row["kv_bytes"])
     row["roofline"] = {k: line[k] for k in ("decode_ceiling_tokens_per_s", "bytes_read_per_decode_token", "weight_bytes_per_token")}
-    base = {"engine": row["engine"], "target": row["target"], "threads": ctx["threads"], "options": row.get("options", {})}
-    log(f"{name}: speed")
-    try:
-        speed = run_worker(
-            row["python"],
-            {
-                **base,
-                "context": ctx["prompt_tokens"] + ctx["decode_tokens"] + 16,
-                "speed": {"prompt": ctx["prompt"], "decode_tokens": ctx["decode_tokens"], "runs": ctx["runs"], "warmup": ctx["warmup"]},
-            },
-            ctx["work"],
-        )
-    except RuntimeError as e:
-        return {**row, "error": f"speed run failed: {e}"}
-    row.update(speed)
-    row["roofline_fraction"] = round(row["decode_tokens_per_s"] / row["roofline"]["decode_ceiling_tokens_per_s"], 4)
+    return row
+
+
+def _job(row: dict, ctx, score: bool = False) -> dict:
+    options = {**row.get("options", {}), **(row.get("score_options", {}) if score else {})}
+    return {"engine": row["engine"], "target": row["target"], "threads": ctx["threads"], "options": options}
+
+
+def race(rows: list[dict], ctx) -> None:
+    """Every row's speed in --rounds rounds, each round visiting the rows in turn (A, B, C, ... then again), one
+    worker process (one session) alive at a time, so a slow spell of the host falls on every row alike. Each visit
+    loads the model, warms up and times --runs runs; a row's figure per round is that visit's median."""
+    live = [r for r in rows if "error" not in r]
+    for r in live:
+        r["rounds"] = []
+    for round_no in range(ctx["rounds"]):
+        for row in live:
+            if "error" in row:
+                continue
+            log(f"round {round_no + 1}/{ctx['rounds']}: {row['name']}")
+            speed = {"prompt": ctx["prompt"], "decode_tokens": ctx["decode_tokens"], "runs": ctx["runs"], "warmup": ctx["warmup"]}
+            job = {**_job(row, ctx), "context": ctx["prompt_tokens"] + ctx["decode_tokens"] + 16, "speed": speed}
+            try:
+                out = run_worker(row["python"], job, ctx["work"])
+            except RuntimeError as e:
+                row["error"] = f"speed run failed in round {round_no + 1}: {e}"
+                continue
+            row["rounds"].append({k: out[k] for k in ("ttft_ms", "decode_tokens_per_s", "peak_rss_mb", "load_s")})
+    for row in live:
+        if "error" in row:
+            continue
+        for key in ("ttft_ms", "decode_tokens_per_s", "peak_rss_mb"):
+            values = [r[key] for r in row["rounds"]]
+            row[key], row[f"{key}_spread"] = statistics.median(values), [min(values), max(values)]
+        row["roofline_fraction"] = round(row["decode_tokens_per_s"] / row["roofline"]["decode_ceiling_tokens_per_s"], 4)
+
+
+def measure_quality(row: dict, ctx) -> None:
+    """The row's cloze MMLU logits and held-out perplexity, each in a worker of its own."""
+    if "error" in row:
+        return
     if ctx["per_subject"]:
-        log(f"{name}: MMLU ({len(ctx['questions'])} questions)")
-        out = ctx["work"] / f"logits-{name}.npy"
+        log(f"{row['name']}: MMLU cloze ({len(ctx['questions'])} questions)")
+        out = ctx["work"] / f"logits-{row['name']}.npy"
         try:
-            run_worker(
-                row["python"], {**base, "context": ctx["mmlu_context"], "mmlu": {"calls": ctx["calls"], "out": str(out)}}, ctx["work"]
-            )
+            job = {**_job(row, ctx, score=True), "context": ctx["mmlu_context"], "mmlu": {"calls": ctx["calls"], "out": str(out)}}
+            run_worker(row["python"], job, ctx["work"])
             row["mmlu_logprobs"] = mmlu_logprobs_from(_load(out), ctx["tokenizer"], ctx["questions"], ctx["vocab"])
         except (RuntimeError, ValueError) as e:
             row["mmlu_error"] = str(e)
         finally:
             out.unlink(missing_ok=True)
     if ctx["ppl_blocks"]:
-        log(f"{name}: held-out perplexity ({len(ctx['ppl_blocks'])} x {len(ctx['ppl_blocks'][0])} tokens)")
+        log(f"{row['name']}: held-out perplexity ({len(ctx['ppl_blocks'])} x {len(ctx['ppl_blocks'][0])} tokens)")
         try:
-            job = {**base, "context": len(ctx["ppl_blocks"][0]) + 8, "ppl": {"blocks": ctx["ppl_blocks"]}}
+            job = {**_job(row, ctx, score=True), "context": len(ctx["ppl_blocks"][0]) + 8, "ppl": {"blocks": ctx["ppl_blocks"]}}
             ppl = run_worker(row["python"], job, ctx["work"])["ppl"]
             row["perplexity"] = round(math.exp(ppl["nll"] / ppl["tokens"]), 4)
             row["heldout_top1_ids"] = ppl.get("top1")
         except RuntimeError as e:
             row["ppl_error"] = str(e)
-    return row
 
 
 def add_perplexity_rise(rows: list[dict]) -> None:
@@ -812,6 +870,35 @@ def add_mmlu_scores(rows: list[dict], questions) -> None:
         if reference is not None:
             agreement = scoring.answer_agreement(logprobs, reference)
             row["mmlu"].update(agreement=agreement["agreement"], agreement_ci95=agreement["ci95"], answer_kl_mean=agreement["kl_mean"])
+    if reference is not None:
+        rows += floor_rows(reference, questions)
+
+
+def floor_rows(reference, questions, seed: int = 0) -> list[dict]:
+    """What a model that ignores the question scores: always the first answer, and a seeded random answer.
+    A row's agreement with fp32 means something only above these."""
+    import torch
+
+    from vcompress.core import scoring
+
+    n = len(questions)
+    picks = {
+        "floor: always A": torch.zeros(n, dtype=torch.long),
+        "floor: random answer": torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(seed)),
+    }
+    out = []
+    for name, pick in picks.items():
+        logprobs = torch.full((n, 4), -10.0).scatter(1, pick[:, None], 0.0)  # a one-hot answer: its score is the pick
+        summary = scoring.mmlu_summary(logprobs, questions)
+        agreement = scoring.answer_agreement(logprobs, reference)
+        mmlu = {
+            "accuracy": summary["accuracy"],
+            "n": summary["n"],
+            "agreement": agreement["agreement"],
+            "agreement_ci95": agreement["ci95"],
+        }
+        out.append({"name": name, "floor": True, "runtime": "no model (the floor a quality column must clear)", "mmlu": mmlu})
+    return out
 
 
 def profile_ours(rows: list[dict], ctx, force: bool = False) -> dict | None:
@@ -849,19 +936,22 @@ def profile_ours(rows: list[dict], ctx, force: bool = False) -> dict | None:
 
 
 def ratios(rows: list[dict], ours: str = OURS) -> list[dict]:
-    """vcompress against each measured peer: >1 means vcompress is better (faster, smaller, leaner)."""
+    """vcompress against each measured peer: >1 means vcompress is better (faster, smaller, leaner). Speed ratios
+    are taken round by round (the rows of one round ran minutes apart): the median, the spread, and a verdict
+    that is "win" or "loss" only when every round agrees."""
     base = next((r for r in rows if r["name"] == ours and "error" not in r), None)
     if base is None:
         return []
     out = []
-    for row in rows:
-        if row["name"] == ours or "error" in row:
+    for row in _measured(rows):
+        if row["name"] == ours:
             continue
+        pairs = list(zip(base["rounds"], row["rounds"]))
         out.append(
             {
                 "peer": row["name"],
-                "decode_speedup": _ratio(base["decode_tokens_per_s"], row["decode_tokens_per_s"]),
-                "ttft_speedup": _ratio(row["ttft_ms"], base["ttft_ms"]),
+                "decode_speedup": _per_round([a["decode_tokens_per_s"] / b["decode_tokens_per_s"] for a, b in pairs]),
+                "ttft_speedup": _per_round([b["ttft_ms"] / a["ttft_ms"] for a, b in pairs]),
                 "size_ratio": _ratio(row["size_mb"], base["size_mb"]),
                 "rss_ratio": _ratio(row["peak_rss_mb"], base["peak_rss_mb"]),
                 "agreement_points": _points((base.get("mmlu") or {}).get("agreement"), (row.get("mmlu") or {}).get("agreement")),
@@ -873,10 +963,21 @@ def ratios(rows: list[dict], ours: str = OURS) -> list[dict]:
     return out
 
 
+def _measured(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "error" not in r and r.get("rounds")]
+
+
+def _per_round(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    verdict = "win" if all(v > 1 for v in values) else "loss" if all(v < 1 for v in values) else "undecided"
+    return {"median": round(statistics.median(values), 3), "spread": [round(min(values), 3), round(max(values), 3)], "verdict": verdict}
+
+
 def gaps(rows: list[dict], ours: str = OURS) -> dict:
     """The largest shortfall of vcompress: to the best peer on decode and TTFT, and to the roofline."""
-    base = next((r for r in rows if r["name"] == ours and "error" not in r), None)
-    peers = [r for r in rows if not r["name"].startswith("vcompress") and "error" not in r]
+    base = next((r for r in _measured(rows) if r["name"] == ours), None)
+    peers = [r for r in _measured(rows) if not r["name"].startswith("vcompress")]
     if base is None:
         return {}
     out = {"roofline_fraction": base["roofline_fraction"]}
@@ -927,14 +1028,19 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
             out.append([r["name"], "-", "-", "-", "-", "-", "-", "-", "-", "-", f"not run: {r['error']}"])
             continue
         mmlu = r.get("mmlu") or {}
+        if r.get("floor"):
+            out.append(
+                [r["name"], "-", "-", "-", "-", "-", "-", "-", _fraction(mmlu.get("accuracy")), _agreement(mmlu, None), r["runtime"]]
+            )
+            continue
         out.append(
             [
                 r["name"],
                 f"{r['size_mb']:.1f}",
-                f"{r['ttft_ms']:.1f}",
-                f"{r['decode_tokens_per_s']:.1f}",
+                _spread(r, "ttft_ms"),
+                _spread(r, "decode_tokens_per_s"),
                 f"{100 * r['roofline_fraction']:.1f}%",
-                f"{r['peak_rss_mb']:.0f}",
+                _spread(r, "peak_rss_mb", 0),
                 _perplexity(r),
                 _fraction(r.get("top1_agreement")),
                 _fraction(mmlu.get("accuracy")),
@@ -961,8 +1067,8 @@ def ratio_rows(ratio_list: list[dict]) -> list[list[str]]:
     return [
         [
             r["peer"],
-            _times(r["decode_speedup"]),
-            _times(r["ttft_speedup"]),
+            _verdict(r["decode_speedup"]),
+            _verdict(r["ttft_speedup"]),
             _times(r["size_ratio"]),
             _times(r["rss_ratio"]),
             _signed(r["agreement_points"]),
@@ -991,6 +1097,18 @@ def _perplexity(row: dict) -> str:
     return f"{row['perplexity']:.3f}" + (f" ({rise:+.2f}%)" if rise is not None else "")
 
 
+def _spread(row: dict, key: str, digits: int = 1) -> str:
+    low, high = row[f"{key}_spread"]
+    return f"{row[key]:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
+
+
+def _verdict(ratio: dict | None) -> str:
+    if ratio is None:
+        return "-"
+    low, high = ratio["spread"]
+    return f"{ratio['median']:.2f}x [{low:.2f}-{high:.2f}] {ratio['verdict']}"
+
+
 def _fraction(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -1015,7 +1133,8 @@ def report_markdown(result: dict) -> str:
     head = (
         f"# vcompress vs peers: {result['model']}\n\n"
         f"Host {result['host']}, {s['threads']} threads, prompt {s['prompt_tokens']} tokens, {s['decode_tokens']} decoded greedily, "
-        f"median of {s['runs']} runs after {s['warmup']} warm-up; MMLU {s['questions']} questions ({s['per_subject']} per subject, seed {s['seed']}, 0-shot, lm-eval prompts).\n"
+        f"{s['rounds']} interleaved rounds (each row once per round, one process at a time), {s['runs']} runs after {s['warmup']} warm-up per visit: "
+        f"median of the rounds' medians [lowest-highest round]; MMLU {s['questions']} questions ({s['per_subject']} per subject, seed {s['seed']}, 0-shot, cloze).\n"
         f"Memory bandwidth (copy, {bw['threads']} threads, {bw['buffer_gib']} GiB): {bw['copy_gbs']} GB/s; "
         f"% roofline = decode tok/s / (bandwidth / bytes read per token: weights + KV cache at the mean context).\n\n"
     )
@@ -1098,7 +1217,7 @@ def print_tables(result: dict) -> None:
 
 def chart(result: dict, path: Path) -> Path | None:
     """Decode tok/s and TTFT of every row relative to vcompress-int4 (= 1), and the roofline share."""
-    rows = [r for r in result["rows"] if "error" not in r]
+    rows = _measured(result["rows"])
     base = next((r for r in rows if r["name"] == OURS), None)
     if base is None:
         return None
@@ -1225,6 +1344,7 @@ def context(args) -> dict:
         "vocab": vocab,
         "threads": args.threads,
         "runs": args.runs,
+        "rounds": args.rounds,
         "warmup": args.warmup,
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens,
@@ -1287,7 +1407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per row per round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (every row once per round)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -1330,7 +1451,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     ctx = context(args)
-    rows = [measure_row(name, ctx) for name in names]
+    rows = [prepare_row(name, ctx) for name in names]
+    race(rows, ctx)
+    for row in rows:
+        measure_quality(row, ctx)
     if args.per_subject:
         add_mmlu_scores(rows, ctx["questions"])
     add_perplexity_rise(rows)
@@ -1344,6 +1468,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "threads": args.threads,
             "runs": args.runs,
+            "rounds": args.rounds,
             "warmup": args.warmup,
             "prompt_tokens": args.prompt_tokens,
             "decode_tokens": args.decode_tokens,

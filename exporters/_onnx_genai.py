@@ -22,7 +22,7 @@ from ._onnx_graph import Dims
 FILE = "genai_config.json"
 
 
-def genai_config(model, dims: Dims, model_file: str) -> dict:
+def genai_config(model, dims: Dims, model_file: str, prefill_file: str | None = None) -> dict:
     config, generation = model.config, model.generation_config
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if dims.arch == "gpt2":
@@ -39,9 +39,13 @@ def genai_config(model, dims: Dims, model_file: str) -> dict:
         "inputs": inputs,
         "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
     }
+    model_type = "decoder" if dims.arch == "gpt2" else dims.arch
+    if prefill_file:
+        decoder["pipeline"] = _pipeline(dims, {"prompt": prefill_file, "token_gen": model_file}, inputs, decoder["outputs"])
+        model_type = "decoder-pipeline"
     return {
         "model": {
-            "type": "decoder" if dims.arch == "gpt2" else dims.arch,
+            "type": model_type,
             "context_length": dims.max_positions,
             "vocab_size": dims.vocab,
             **_token_ids(config, generation),
@@ -49,6 +53,27 @@ def genai_config(model, dims: Dims, model_file: str) -> dict:
         },
         "search": _search(generation, dims.max_positions),
     }
+
+
+def _pipeline(dims: Dims, files: dict[str, str], inputs: dict, outputs: dict) -> list[dict]:
+    """Two whole decoders as one pipeline (the int8 prompt graph, the 4-bit one for generated tokens): ORT GenAI
+    runs the first on the prompt and the second on each new token, binding the same managed inputs and outputs
+    (ids, mask, the one KV cache) to whichever runs."""
+    names = lambda spec, keys: [spec[k] % i for i in range(dims.layers) for k in keys]  # noqa: E731
+    ins = [v for k, v in inputs.items() if not k.startswith("past_")] + names(inputs, ("past_key_names", "past_value_names"))
+    outs = [outputs["logits"]] + names(outputs, ("present_key_names", "present_value_names"))
+    return [
+        {
+            stage: {
+                "filename": file,
+                "inputs": ins,
+                "outputs": outs,
+                "run_on_prompt": stage == "prompt",
+                "run_on_token_gen": stage == "token_gen",
+            }
+        }
+        for stage, file in files.items()
+    ]
 
 
 def _token_ids(config, generation) -> dict:

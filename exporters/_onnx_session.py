@@ -56,7 +56,9 @@ class KVState:
 class DecoderSession:
     headroom = 256  # cache slots allocated past the prompt before the first growth
 
-    def __init__(self, folder: str | Path, *, threads: int | None = None, optimization: str = "all", spin: bool = True):
+    def __init__(
+        self, folder: str | Path, *, threads: int | None = None, optimization: str = "all", spin: bool = True, prompt_graph: bool = True
+    ):
         self.folder = Path(folder)
         manifest_file = self.folder / "manifest.json"
         if not manifest_file.is_file():
@@ -78,6 +80,14 @@ class DecoderSession:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         start = time.perf_counter()
         self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        # An export with an int8 prompt graph (_onnx_prefill.py): every multi-token run goes through it, as ORT
+        # GenAI's pipeline runs a prompt; single tokens through the 4-bit graph. prompt_graph=False: the 4-bit graph alone.
+        prompt_file = self.manifest["files"].get("prefill_model") if prompt_graph else None
+        self.prompt_session = (
+            ort.InferenceSession(str(self.folder / prompt_file), options, providers=["CPUExecutionProvider"])
+            if prompt_file
+            else self.session
+        )
         self.load_seconds = time.perf_counter() - start
         m = self.manifest
         self.layers, self.kv_heads, self.head_dim, self.vocab = m["layers"], m["kv_heads"], m["head_dim"], m["vocab_size"]
@@ -94,7 +104,7 @@ class DecoderSession:
         feeds = self._feeds(ids, batch, seq, keep=seq)
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
         feeds.update({past: empty for past, _ in self.kv_names})
-        return self.session.run(["logits"], feeds)[0]
+        return self.prompt_session.run(["logits"], feeds)[0]
 
     def continuation_logits(self, prefix: np.ndarray, continuations: list[np.ndarray]) -> list[np.ndarray]:
         """For each continuation [C] of one prefix [P], logits [C, vocab] whose row j predicts continuation[j].
@@ -105,7 +115,7 @@ class DecoderSession:
         self.check_length(seq + max(len(c) for c in continuations) - 1)
         feeds = self._feeds(prefix, 1, seq, keep=1)
         feeds.update({past: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for past, _ in self.kv_names})
-        first, *cache = self.session.run(["logits"] + [present for _, present in self.kv_names], feeds)
+        first, *cache = self.prompt_session.run(["logits"] + [present for _, present in self.kv_names], feeds)
         feeds = {past: kv for (past, _), kv in zip(self.kv_names, cache)}
         out = []
         for continuation in continuations:
@@ -120,7 +130,7 @@ class DecoderSession:
                 )
                 if self.uses_positions:
                     feeds["position_ids"] = np.arange(seq, seq + rest, dtype=np.int64).reshape(1, rest)
-                logits[1:] = self.session.run(["logits"], feeds)[0][0]
+                logits[1:] = self.prompt_session.run(["logits"], feeds)[0][0]
             out.append(logits)
         return out
 
@@ -131,13 +141,13 @@ class DecoderSession:
         self.check_length(seq)
         capacity = min(seq + self.headroom, self.max_positions)
         state = KVState(length=0, capacity=capacity, cache=self._new_cache(capacity))
-        binding = self.session.io_binding()
+        binding = self.prompt_session.io_binding()
         for name, array in self._feeds(ids, 1, seq, keep=1).items():
             bind_input(binding, name, array)
         logits = np.empty((1, 1, self.vocab), np.float32)
         bind_output(binding, "logits", logits)
         self._bind_cache(binding, state)
-        self.session.run_with_iobinding(binding)
+        self.prompt_session.run_with_iobinding(binding)
         state.length = seq
         self._decode_binding(state)
         return logits[0, -1], state

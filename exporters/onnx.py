@@ -44,7 +44,7 @@ from vcompress.core.quant_format import grid_bits, read_quant_grid
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
-from . import _onnx_genai, _onnx_gptq, _onnx_graph, _onnx_quant
+from . import _onnx_genai, _onnx_gptq, _onnx_graph, _onnx_prefill, _onnx_quant
 from ._onnx_session import DecoderSession, SessionError
 from .base import (
     Exporter,
@@ -94,6 +94,12 @@ class OnnxExportConfig(ParityConfig):
         "model) and compute the rotary tables in the graph: a smaller file (SmolLM2 x86-cpu: 108.7 -> 92.4 MiB) for "
         "scales rounded to float16 (exact for grids from GGUF, whose scales are float16) and a higher load-time peak RSS",
     )
+    prefill_graph: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: a second graph for the prompt (model_prefill.onnx) with the same weights as int8 per channel on ONNX "
+        "Runtime's int8 GEMM, run by ONNX Runtime GenAI on the prompt while the 4-bit graph generates, one KV cache between "
+        'them: a faster prefill for a second copy of the body on disk and in memory (docs/peers.md, "The int8 prompt graph")',
+    )
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the parity check")
     stream: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -106,6 +112,10 @@ class OnnxExportConfig(ParityConfig):
         if self.compact and self.quant == "none":
             raise ValueError(
                 "compact stores quantization scales as float16 and an fp32 export has none; use --quant int4 or int8, or drop compact"
+            )
+        if self.prefill_graph != "none" and self.quant != "int4":
+            raise ValueError(
+                "prefill_graph int8 pairs an int8 prompt graph with a 4-bit decode graph; use --quant int4, or --prefill-graph none"
             )
         return self
 
@@ -135,7 +145,12 @@ class OnnxExport(Exporter):
         float_zero = quantization.get("zero_point", "int") == "float"
         body = quantization["bits"] + (side + (side if float_zero else quantization["bits"])) / quantization["group_size"]
         in_blocks = lambda b: b + (side + (b if b < 8 else 0)) / cfg.block_size if b else 32  # noqa: E731
-        return stored_weights(shape, body, in_blocks(_table_bits(cfg)), in_blocks(_head_bits(cfg)), rotary)
+        stored = stored_weights(shape, body, in_blocks(_table_bits(cfg)), in_blocks(_head_bits(cfg)), rotary)
+        if cfg.prefill_graph == "int8":  # the prompt graph: the body at 8 bits and a scale per column, the same tables again
+            stored["stored_bytes"] += stored_weights(shape, 8, in_blocks(_table_bits(cfg)), in_blocks(_head_bits(cfg)), rotary)[
+                "stored_bytes"
+            ]
+        return stored
 
     def run(self, ctx: StageContext) -> dict:
         cfg: OnnxExportConfig = self.config
@@ -159,13 +174,21 @@ class OnnxExport(Exporter):
         if isinstance(weights, _onnx_gptq.CarriedWeights) and source_grid is None:
             ctx.log(f"carrying the checkpoint's {grid.get('method')} grid ({grid_bits(grid)}-bit) into MatMulNBits")
         files, dims = _write_graph(model, weights, cfg, ctx.out, streamed=stream is not None)
+        prefill = _write_prefill(model, tensors, cfg, folder, grid, dims.tied, ctx.out) if cfg.prefill_graph == "int8" else []
+        if prefill:
+            ctx.log(
+                f"wrote the int8 prompt graph {prefill[0]} (ONNX Runtime GenAI runs it on the prompt, the 4-bit graph on each new token)"
+            )
         carried = getattr(weights, "carried", {})
         save_sidecars(model, tokenizer, ctx.out)
-        write_json(ctx.out / _onnx_genai.FILE, _onnx_genai.genai_config(model, dims, files[0]))
+        write_json(
+            ctx.out / _onnx_genai.FILE, _onnx_genai.genai_config(model, dims, files[0], prefill_file=prefill[0] if prefill else None)
+        )
         manifest = self.manifest(
             {
                 "model": files[0],
                 "weights": files[1],
+                **({"prefill_model": prefill[0], "prefill_weights": prefill[1]} if prefill else {}),
                 "config": "config.json",
                 "tokenizer": "tokenizer.json",
                 "tokenizer_config": "tokenizer_config.json",
@@ -193,13 +216,14 @@ class OnnxExport(Exporter):
             stream=stream,
             next_step=_next_step(ctx, cfg, weights),
         )
-        size = bytes_on_disk(ctx.out / files[0]) + bytes_on_disk(ctx.out / files[1])
+        size = sum(bytes_on_disk(ctx.out / f) for f in files + prefill)
         metrics = {
             "format": FORMAT,
             "quant": cfg.quant,
             "grid": carried or None,
             "streamed": stream is not None,
             "model_bytes": size,
+            "prefill_graph_bytes": sum(bytes_on_disk(ctx.out / f) for f in prefill) if prefill else None,
             "fp32_weight_bytes": weights.fp32_bytes,
             "size_ratio_to_fp32": round(size / weights.fp32_bytes, 4),
             "parity": result,
@@ -272,12 +296,8 @@ def _gguf_grid(ctx: StageContext, cfg: OnnxExportConfig, gguf: Path, model, stre
     return found
 
 
-def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | None, tied: bool, source_grid=None) -> _onnx_graph.Weights:
-    """The form each weight takes in the graph: fp32; a quantize folder's grid carried per linear; the
-    embedding / LM head at table_bits (the body of a float source is quantized after, by ONNX Runtime)."""
-    if cfg.quant == "none":
-        return _onnx_graph.Weights(tensors)
-    settings = dict(
+def _table_settings(cfg: OnnxExportConfig, tied: bool) -> dict:
+    return dict(
         block_size=cfg.block_size,
         accuracy_level=cfg.accuracy_level,
         bits=_table_bits(cfg),
@@ -285,6 +305,14 @@ def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | N
         tied=tied,
         compact=cfg.compact,
     )
+
+
+def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | None, tied: bool, source_grid=None) -> _onnx_graph.Weights:
+    """The form each weight takes in the graph: fp32; a quantize folder's (or a GGUF's) grid carried per linear; the
+    embedding / LM head at table_bits (the body of a float source is quantized after, by ONNX Runtime)."""
+    if cfg.quant == "none":
+        return _onnx_graph.Weights(tensors)
+    settings = _table_settings(cfg, tied)
     if source_grid is not None:
         weights = _onnx_gptq.CarriedWeights(tensors, source_grid.tensors, source_grid.manifest, **settings)
         weights.rerounded = dict(source_grid.rerounded)
@@ -332,6 +360,16 @@ def _write_graph(model, weights: _onnx_graph.Weights, cfg: OnnxExportConfig, out
     else:
         proto = _onnx_quant.quantize_int4(proto, block_size=cfg.block_size, method=cfg.method, accuracy_level=cfg.accuracy_level, only=only)
     return _onnx_quant.save(proto, out, name), dims
+
+
+def _write_prefill(model, tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | None, tied: bool, out: Path) -> list[str]:
+    """The int8 prompt graph (_onnx_prefill.py), its bytes written to its own data file as it is built."""
+    name = _onnx_prefill.FILE
+    codes = file_tensors(folder / grid["weights_file"]) if grid is not None else None
+    weights = _onnx_prefill.PrefillWeights(tensors, codes, grid, **_table_settings(cfg, tied))
+    proto, _ = _onnx_graph.build(model, weights, _onnx_graph.ExternalData(out, f"{name}.data"))
+    onnx.save_model(proto, out / name)
+    return [name, f"{name}.data"]
 
 
 def _graph_fields(dims, cfg: OnnxExportConfig) -> dict:
@@ -395,13 +433,13 @@ class OnnxRunner(SessionRunner):
     backend = FORMAT
     session_error = SessionError
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, optimization: str = "all", **_):
-        self.optimization = optimization
+    def __init__(self, path: str | Path, *, threads: int | None = None, optimization: str = "all", prompt_graph: bool = True, **_):
+        self.optimization, self.prompt_graph = optimization, prompt_graph
         super().__init__(path, threads=threads)
         self.threads = self.session.threads
 
     def open_session(self) -> DecoderSession:
-        return DecoderSession(self.path, threads=self.threads, optimization=self.optimization)
+        return DecoderSession(self.path, threads=self.threads, optimization=self.optimization, prompt_graph=self.prompt_graph)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return torch.from_numpy(self._call(self.session.logits, input_ids.cpu().numpy()))

@@ -21,17 +21,21 @@ def peers():
     return load_bench("peers")
 
 
-def fake_row(name, decode, ttft, size=100.0, rss=200.0, accuracy=0.3, agreement=0.9, roofline=0.5):
-    return {
+def fake_row(name, decode, ttft, size=100.0, rss=200.0, accuracy=0.3, agreement=0.9, roofline=0.5, wobble=(1.0, 1.0, 1.0)):
+    """A measured row whose rounds are its figures times `wobble` (the host's speed, round by round)."""
+    rounds = [{"decode_tokens_per_s": decode * w, "ttft_ms": ttft / w, "peak_rss_mb": rss, "load_s": 1.0} for w in wobble]
+    row = {
         "name": name,
         "runtime": f"{name} runtime",
-        "decode_tokens_per_s": decode,
-        "ttft_ms": ttft,
         "size_mb": size,
-        "peak_rss_mb": rss,
         "roofline_fraction": roofline,
         "mmlu": {"accuracy": accuracy, "agreement": agreement},
+        "rounds": rounds,
     }
+    for key in ("decode_tokens_per_s", "ttft_ms", "peak_rss_mb"):
+        values = [r[key] for r in rounds]
+        row[key], row[f"{key}_spread"] = sorted(values)[1], [min(values), max(values)]
+    return row
 
 
 ROWS = [
@@ -45,9 +49,10 @@ ROWS = [
 def test_ratios_put_vcompress_over_each_peer_and_skip_failed_rows(peers):
     ratios = {r["peer"]: r for r in peers.ratios(ROWS)}
     assert set(ratios) == {"pytorch-fp32", "llama.cpp"}  # the failed row has no ratio
-    assert ratios["pytorch-fp32"]["decode_speedup"] == 5.0  # 100 / 20
-    assert ratios["llama.cpp"]["decode_speedup"] == pytest.approx(0.667, abs=1e-3)  # slower than llama.cpp
-    assert ratios["llama.cpp"]["ttft_speedup"] == 7.5  # 600 / 80: ours is faster to the first token
+    assert ratios["pytorch-fp32"]["decode_speedup"] == {"median": 5.0, "spread": [5.0, 5.0], "verdict": "win"}  # 100 / 20
+    assert ratios["llama.cpp"]["decode_speedup"]["median"] == pytest.approx(0.667, abs=1e-3)  # slower than llama.cpp
+    assert ratios["llama.cpp"]["decode_speedup"]["verdict"] == "loss"
+    assert ratios["llama.cpp"]["ttft_speedup"]["median"] == 7.5  # 600 / 80: ours is faster to the first token
     assert ratios["pytorch-fp32"]["size_ratio"] == pytest.approx(5.4, abs=1e-2)
     assert ratios["llama.cpp"]["agreement_points"] == -5.0
 
@@ -66,7 +71,7 @@ def test_tables_show_numbers_or_the_reason(peers):
     failed = next(r for r in rows if r[0] == "optimum-onnx")
     assert failed[-1] == "not run: no optimum-cli at /x; run with --setup" and failed[1] == "-"
     ours = next(r for r in rows if r[0] == "vcompress-int4")
-    assert ours[1:10] == ["95.0", "80.0", "100.0", "40.0%", "250", "-", "-", "0.300", "0.900"]
+    assert ours[1:10] == ["95.0", "80.0 [80.0-80.0]", "100.0 [100.0-100.0]", "40.0%", "250 [250-250]", "-", "-", "0.300", "0.900"]
     with_kl = peers.table_rows([{**ROWS[0], "mmlu": {"accuracy": 0.3, "agreement": 1.0, "answer_kl_mean": 0.0123}}])[0]
     assert with_kl[9] == "1.000 (KL 0.0123)"
     with_ppl = [{**ROWS[0], "perplexity": 20.0}, {**ROWS[3], "perplexity": 20.5}]
@@ -93,6 +98,7 @@ def test_tables_show_numbers_or_the_reason(peers):
                 "prompt_tokens": 256,
                 "decode_tokens": 64,
                 "runs": 5,
+                "rounds": 3,
                 "warmup": 1,
                 "questions": 285,
                 "per_subject": 5,
@@ -100,9 +106,50 @@ def test_tables_show_numbers_or_the_reason(peers):
             },
         }
     )
-    assert "| llama.cpp | 0.67x | 7.50x |" in text
+    assert "| llama.cpp | 0.67x [0.67-0.67] loss | 7.50x [7.50-7.50] win |" in text
     assert "fastest peer decode: llama.cpp, 1.50x ours" in text and "40.0% of the roofline" in text
     assert len({line.count("|") for line in text.splitlines() if line.startswith("| row")}) == 1
+
+
+def test_a_ratio_is_a_win_only_when_every_round_agrees(peers):
+    """The same medians, but one round where the host slowed ours alone: the decode ratio is undecided."""
+    ours = fake_row("vcompress-int4", 100.0, 80.0, wobble=(1.0, 1.0, 0.5))
+    peer = fake_row("llama.cpp", 90.0, 100.0)
+    ratio = peers.ratios([ours, peer])[0]
+    assert ratio["decode_speedup"]["median"] == pytest.approx(1.111, abs=1e-3) and ratio["decode_speedup"]["spread"][0] < 1
+    assert ratio["decode_speedup"]["verdict"] == "undecided" and ratio["ttft_speedup"]["verdict"] == "undecided"
+
+
+def test_race_visits_the_rows_in_turn_one_process_at_a_time(peers, monkeypatch, tmp_path):
+    visits = []
+
+    def fake_worker(python, job, work, timeout=1800):
+        visits.append(job["target"])
+        n = len(visits)
+        return {"ttft_ms": 100.0 + n, "decode_tokens_per_s": 50.0 + n, "peak_rss_mb": 300.0, "load_s": 1.0}
+
+    monkeypatch.setattr(peers, "run_worker", fake_worker)
+    rows = [{"name": n, "engine": "onnx", "target": n, "python": "py", "roofline": {"decode_ceiling_tokens_per_s": 100.0}} for n in "ABC"]
+    rows.append({"name": "D", "error": "not here"})
+    ctx = {"rounds": 3, "runs": 2, "warmup": 1, "prompt": [1, 2], "prompt_tokens": 2, "decode_tokens": 4, "threads": 2, "work": tmp_path}
+    peers.race(rows, ctx)
+    assert visits == list("ABCABCABC")
+    a = rows[0]
+    assert [r["ttft_ms"] for r in a["rounds"]] == [101.0, 104.0, 107.0]
+    assert a["ttft_ms"] == 104.0 and a["ttft_ms_spread"] == [101.0, 107.0] and a["roofline_fraction"] == 0.54
+    assert "rounds" not in rows[3]
+
+
+def test_floor_rows_score_what_ignoring_the_question_scores(peers):
+    questions = _questions() * 4
+    reference = torch.zeros(len(questions), 4)
+    reference[:, 0] = 1.0  # fp32 always answers A: a constant-A row agrees with it fully
+    floors = {r["name"]: r for r in peers.floor_rows(reference, questions)}
+    assert floors["floor: always A"]["mmlu"]["agreement"] == 1.0
+    want = sum(q.answer == 0 for q in questions) / len(questions)
+    assert floors["floor: always A"]["mmlu"]["accuracy"] == pytest.approx(want)
+    assert 0 <= floors["floor: random answer"]["mmlu"]["agreement"] < 1
+    assert peers.table_rows(list(floors.values()))[0][2] == "-"
 
 
 def test_chart_writes_a_png(peers, tmp_path):
@@ -135,7 +182,7 @@ def test_recorded_calls_replayed_give_scorings_own_logprobs(peers, tiny_llama):
     assert calls and all(len(ids) > max(positions) for ids, positions in calls)
     logits = np.concatenate([runner.forward(torch.tensor([ids]), positions=torch.tensor(p))[0].numpy() for ids, p in calls])
     replayed = peers.mmlu_logprobs_from(logits, runner.tokenizer, questions, vocab)
-    direct = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, batch_size=1)
+    direct = scoring.mmlu_logprobs(runner.forward, runner.tokenizer, questions, batch_size=1, format="cloze")
     assert torch.allclose(replayed, direct, atol=1e-5)
     with pytest.raises(ValueError, match="replayed"):
         peers.mmlu_logprobs_from(np.concatenate([logits, logits[:1]]), runner.tokenizer, questions, vocab)
@@ -201,3 +248,7 @@ def test_genai_engine_reads_the_positions_our_loop_reads(peers, tiny_llama, tmp_
     ids, positions = [5, 17, 33, 90, 4, 200, 11], [2, 4, 6]
     np.testing.assert_allclose(genai.logits_at(ids, positions), ours.logits_at(ids, positions), atol=1e-4)
     np.testing.assert_allclose(genai.logits_at(ids, [6]), ours.logits_at(ids, [6]), atol=1e-4)
+    # the plain-onnxruntime engine (optimum's graphs, no torch in the process) drives the same cache inputs
+    plain = peers.OrtGraphEngine(folder, 1, 32)
+    np.testing.assert_allclose(plain.prefill(ids), ours.prefill(ids), atol=1e-4)
+    np.testing.assert_allclose(plain.decode(7), ours.decode(7), atol=1e-4)
