@@ -106,11 +106,11 @@ class GGUFExport(Exporter):
 
     def run(self, ctx: StageContext) -> dict:
         cfg: GGUFExportConfig = self.config
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise Unsupported("the gguf exporter checks its file in llama.cpp: install llama-cpp-python with `pip install -e '.[gguf]'`")
         model, tokenizer, grid = load_source(ctx)
         arch = _arch(model.config)
         _check_grid(cfg, grid)
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise Unsupported("the gguf exporter checks its file in llama.cpp: install llama-cpp-python with `pip install -e '.[gguf]'`")
         folder = source_folder(ctx.source)
         packed = file_tensors(folder / grid["weights_file"]) if grid and cfg.quant != "none" else None
         tokenizer.save_pretrained(ctx.work / "tokenizer")
