@@ -27,6 +27,7 @@ class SessionError(ValueError):
 
 class Session:
     headroom = 256  # context slots past a prompt, as the other sessions allocate
+    context = 2 * headroom  # the first context: the bench's 256-token prompt and its headroom
 
     def __init__(self, folder: str | Path, *, threads: int | None = None, context: int | None = None, all_logits: bool = False, **_):
         self.folder = Path(folder)
@@ -36,45 +37,59 @@ class Session:
         self.manifest = json.loads(manifest_file.read_text())
         if self.manifest.get("format") != FORMAT:
             raise SessionError(f"{self.folder} is a {self.manifest.get('format')!r} artifact, not {FORMAT}; open it with its own backend")
-        model_file = self.folder / self.manifest["files"]["model"]
-        if not model_file.is_file():
-            raise SessionError(f"{model_file} is missing; re-run `vcompress export gguf`")
+        self.model_file = self.folder / self.manifest["files"]["model"]
+        if not self.model_file.is_file():
+            raise SessionError(f"{self.model_file} is missing; re-run `vcompress export gguf`")
         self.max_positions = int(self.manifest["max_positions"])
-        self.context = min(context or self.max_positions, self.max_positions)
         self.threads = threads or os.cpu_count() or 1
         self.all_logits = all_logits
         import llama_cpp  # here, not at import: the exporter's module loads where llama.cpp is not installed
 
         self.lib = llama_cpp
+        self._open(min(context or self.context, self.max_positions))
+        self.vocab = self.llm.n_vocab()
+
+    def _open(self, context: int) -> None:
+        """llama.cpp's model and context (its KV cache is allocated, and cleared, for all `context` slots now)."""
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(model_file),
-                n_ctx=self.context,
+            self.llm = self.lib.Llama(
+                model_path=str(self.model_file),
+                n_ctx=context,
                 n_batch=512,
                 n_ubatch=512,
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
-                logits_all=all_logits,
+                logits_all=self.all_logits,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as e:
-            raise SessionError(f"llama.cpp cannot load {model_file}: {e}") from None
-        self.vocab = self.llm.n_vocab()
+            raise SessionError(f"llama.cpp cannot load {self.model_file}: {e}") from None
+        self.context = context
 
     @property
     def max_length(self) -> int:
-        return self.context
+        return self.max_positions
 
-    def check_length(self, seq: int) -> None:
-        if seq > self.context:
-            raise SessionError(f"{seq} tokens exceed the llama.cpp context of {self.context}; shorten the input")
+    def _fit(self, total: int) -> None:
+        """A context of at least `total` tokens: a longer one opened (the sequence so far evaluated again) when needed."""
+        if total <= self.context:
+            return
+        if total > self.max_positions:
+            raise SessionError(f"{total} tokens exceed the model's {self.max_positions} positions; shorten the input")
+        kept = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        self.llm.close()
+        self._open(min(max(total + self.headroom, 2 * self.context), self.max_positions))
+        if kept:
+            self.llm.eval(kept)
 
     def _last(self) -> np.ndarray:
         pointer = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(pointer, shape=(self.vocab,))
 
-    def _eval(self, ids: list[int]) -> None:
-        self.check_length(self.llm.n_tokens + len(ids))
+    def _eval(self, ids: list[int], reset: bool = False) -> None:
+        if reset:
+            self.llm.reset()
+        self._fit(self.llm.n_tokens + len(ids))
         self.llm.eval(ids)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -84,15 +99,13 @@ class Session:
             raise SessionError("this session keeps the last position's logits only; open it with all_logits=True")
         out = np.empty((ids.shape[0], ids.shape[1], self.vocab), np.float32)
         for row, seq in zip(out, ids):
-            self.llm.reset()
-            self._eval(seq.tolist())
+            self._eval(seq.tolist(), reset=True)
             row[:] = self.llm.scores[: len(seq)]
         return out
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, Any]:
         """Run a prompt from an empty cache; the last position's logits [vocab] (a view, valid until the next call)."""
-        self.llm.reset()
-        self._eval(np.asarray(ids, dtype=np.int64).reshape(-1).tolist())
+        self._eval(np.asarray(ids, dtype=np.int64).reshape(-1).tolist(), reset=True)
         return self._last(), self.llm.n_tokens
 
     def decode(self, token_id: int, state: Any) -> tuple[np.ndarray, Any]:

@@ -75,7 +75,6 @@ class GGUFExportConfig(ParityConfig):
     )
     table_bits: Literal[0, 4, 8] = Field(8, description="bits of the embedding table (Q8_0, Q4_1; 0: F32); a tied one is the LM head's")
     head_bits: Literal[0, 4, 8] | None = Field(None, description="bits of an untied LM head if not table_bits")
-    context: int = Field(2048, ge=64, description="llama.cpp context (tokens) the checks open the file with")
     heldout_blocks: int = Field(2, ge=0, description="held-out text blocks llama.cpp is checked on (0: skip)")
     heldout_seq_len: int = Field(512, ge=8, description="tokens per held-out block")
     min_heldout_top1: float = Field(0.99, ge=0, le=1, description="held-out top-1 next-token agreement with PyTorch required")
@@ -388,9 +387,8 @@ def heldout_check(ctx: StageContext, model, tokenizer, cfg: GGUFExportConfig) ->
     """llama.cpp's top-1 next-token agreement and perplexity against our PyTorch model on held-out text
     (base.heldout_fidelity), with the config's bounds and the failure, if any ({} when skipped)."""
     ctx.log(f"checking llama.cpp against PyTorch on {cfg.heldout_blocks} held-out blocks of {cfg.heldout_seq_len} tokens")
-    seq_len = min(cfg.heldout_seq_len, cfg.context)
     figures = heldout_fidelity(
-        ctx, lambda: GGUFRunner(ctx.out, threads=cfg.threads, context=cfg.context), model, tokenizer, cfg.heldout_blocks, seq_len
+        ctx, lambda: GGUFRunner(ctx.out, threads=cfg.threads), model, tokenizer, cfg.heldout_blocks, cfg.heldout_seq_len
     )
     if figures is None:
         return {}

@@ -21,7 +21,7 @@ from vcompress.exporters.gguf import GGUFExport, GGUFRunner, attention_rows, car
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (pip install -e '.[gguf]')"
 )
-QUIET = dict(log=lambda _: None, threads=1, heldout_blocks=1, heldout_seq_len=64, context=256)
+QUIET = dict(log=lambda _: None, threads=1, heldout_blocks=1, heldout_seq_len=64)
 GRIDS = {  # quantize options -> the block llama.cpp reads
     "Q4_1": ["--method", "rtn", "--group-size", "32", "--zero-point", "float"],
     "Q4_0": ["--method", "rtn", "--group-size", "32", "--sym"],
@@ -103,7 +103,7 @@ def test_llama_cpp_loads_the_file_and_agrees_with_pytorch(quantized, block, tmp_
     # llama.cpp's logits against the dequantized checkpoint on fresh ids
     reference, _ = quant_format.load_dequantized(quantized[block], quant_format.read_quant_grid(quantized[block]))
     ids = torch.randint(5, 300, (1, 24), generator=torch.Generator().manual_seed(7))
-    runner = GGUFRunner(out, threads=1, context=64)
+    runner = GGUFRunner(out, threads=1)
     try:
         got = runner.forward(ids)
     finally:
@@ -135,7 +135,7 @@ def test_qwen2_and_an_explicit_head_dim_load_in_llama_cpp(tiny_models, tmp_path)
 def test_cli_runs_gptq_onto_the_block_grid_from_a_float_model(cli, tiny_llama, calib, tmp_path):
     out = tmp_path / "gguf"
     args = ["export", "gguf", "--model", tiny_llama, "--out", out, "--quant", "int4", "--threads", "1", "--heldout-blocks", "1"]
-    code, stdout, stderr = cli(*args, "--heldout-seq-len", "64", "--context", "256", "--json")
+    code, stdout, stderr = cli(*args, "--heldout-seq-len", "64", "--json")
     assert code == 0, stderr
     metrics = json.loads(stdout)
     assert metrics["types"]["Q4_1"] == 14 and metrics["parity"]["passed"]
