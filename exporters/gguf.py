@@ -112,9 +112,8 @@ class GGUFExport(Exporter):
             raise Unsupported("the gguf exporter checks its file in llama.cpp: install llama-cpp-python with `pip install -e '.[gguf]'`")
         folder = source_folder(ctx.source)
         packed = file_tensors(folder / grid["weights_file"]) if grid and cfg.quant != "none" else None
-        tokenizer.save_pretrained(ctx.work / "tokenizer")
         ctx.log(f"writing {MODEL_FILE} ({model.config.model_type}, {cfg.quant}{', the checkpoint codes as blocks' if packed else ''})")
-        written = write_gguf(ctx.out / MODEL_FILE, model, ctx.work / "tokenizer", arch, grid if packed else None, packed, cfg)
+        written = write_gguf(ctx.out / MODEL_FILE, model, tokenizer, arch, grid if packed else None, packed, cfg, ctx.work / "tokenizer")
         save_sidecars(model, tokenizer, ctx.out)
         shape = attention_shape(model.config)
         manifest = self.manifest(
@@ -262,7 +261,7 @@ def attention_rows(heads: int, head_dim: int) -> np.ndarray:
 # --- the file -----------------------------------------------------------------------------
 
 
-def write_gguf(path: Path, model, tokenizer_dir: Path, arch, grid: dict | None, packed, cfg: GGUFExportConfig) -> dict:
+def write_gguf(path: Path, model, tokenizer, arch, grid: dict | None, packed, cfg: GGUFExportConfig, work: Path) -> dict:
     """Write model.gguf; returns {"types": tensor count per block type, "mins_rounded": the largest move of a Q4_1 minimum by float16}."""
     config = model.config
     shape = attention_shape(config)
@@ -271,7 +270,9 @@ def write_gguf(path: Path, model, tokenizer_dir: Path, arch, grid: dict | None, 
     names = gguf.TensorNameMap(arch, shape["layers"])
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     _hparams(writer, config, shape)
-    add_tokenizer(writer, tokenizer_dir, config.vocab_size)
+    tokenizer.save_pretrained(work)
+    bos = tokenizer.bos_token_id
+    add_tokenizer(writer, work, config.vocab_size, bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
     linears = grid["linears"] if grid else {}
     permuted = {"q_proj": shape["query_heads"], "k_proj": shape["kv_heads"]} if arch == gguf.MODEL_ARCH.LLAMA else {}
     types: dict[str, int] = {}
@@ -345,16 +346,17 @@ def _rope_theta(config) -> float:
 # --- the tokenizer ------------------------------------------------------------------------
 
 
-def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
+def add_tokenizer(writer, folder: Path, vocab_size: int, add_bos: bool = False) -> None:
     """A byte-level BPE tokenizer.json as llama.cpp's gpt2-style vocabulary: tokens by id (added special ones as
     control tokens, ids past the tokenizer up to the model's vocabulary as unused padding), merges, special ids,
-    add-bos and the chat template (gguf's SpecialVocab)."""
+    the chat template (gguf's SpecialVocab) and whether a BOS goes first (`add_bos`: what the tokenizer does, unless its
+    config says)."""
     tok = json.loads((folder / "tokenizer.json").read_text())
     if tok["model"]["type"] != "BPE":
         raise Unsupported(
             f"the tokenizer is {tok['model']['type']}, and GGUF export writes byte-level BPE tokenizers only; export ONNX instead"
         )
-    n = max(vocab_size, len(tok["model"]["vocab"]) + len(tok["added_tokens"]))
+    n = max(vocab_size, 1 + max([*tok["model"]["vocab"].values(), *(added["id"] for added in tok["added_tokens"])]))
     tokens, types = [f"[PAD{i}]" for i in range(n)], [gguf.TokenType.UNUSED] * n
     for text, i in tok["model"]["vocab"].items():
         tokens[i], types[i] = text, gguf.TokenType.NORMAL
@@ -365,7 +367,9 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     writer.add_tokenizer_pre(_pre_tokenizer(tok.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=n).add_to_gguf(writer)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n)
+    special.add_special_token.setdefault("bos", add_bos)
+    special.add_to_gguf(writer)
 
 
 def _pre_tokenizer(pre: dict | None) -> str:
