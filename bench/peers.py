@@ -647,11 +647,22 @@ def row_tflite(ctx) -> dict:
     }
 
 
+def row_ours_gguf(ctx) -> dict:
+    """vcompress's GGUF (the x86-cpu-gguf run's export: our GPTQ codes as Q4_1 blocks) through the same llama.cpp
+    engine and venv as llama.cpp's own row."""
+    found = sorted((ROOT / "runs" / "demo-gguf").glob("[0-9][0-9]-export-gguf/manifest.json"))
+    if not found:
+        raise Skip("no vcompress GGUF: run `vcompress run --profile x86-cpu-gguf --out runs/demo-gguf` first")
+    gguf = found[-1].parent / json.loads(found[-1].read_text())["files"]["model"]
+    return {**row_llama({**ctx, "gguf": gguf}), "weights_path": gguf}
+
+
 ROWS = {
     "pytorch-fp32": row_pytorch,
     "optimum-onnx": row_optimum,
     "ort-int8-dynamic": row_ort_int8,
     "llama.cpp": row_llama,
+    "vcompress-gguf": row_ours_gguf,
     OURS: row_ours_int4,
     "vcompress-int4-4bit-only": row_ours_4bit_only,
     "vcompress-int8": row_ours_int8,

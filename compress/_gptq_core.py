@@ -43,8 +43,8 @@ class Grid:
         scale = torch.where(scale == 0, torch.full_like(scale, 2**-14), scale)  # below float16's normal range
         if self.sym:
             zero = torch.full_like(scale, (self.maxq + 1) / 2)
-        elif self.float_zero:
-            zero = -low / scale
+        elif self.float_zero:  # the minimum as the float16 a GGUF Q4_1 block stores (m = -scale * zero), exact there too
+            zero = -low.half().float() / scale
         else:
             zero = torch.round(-low / scale).clamp(0, self.maxq)
         return scale, zero

@@ -263,7 +263,7 @@ def stream_source(setting: str, ctx) -> Path | None:
     if setting == "off":
         return None
     source = ctx.read_source()
-    if source.kind == "gguf":
+    if source.gguf_file:
         folder = converted_gguf_dir(Path(source.path), log=ctx.log)
     elif source.kind == "hf":
         folder = Path(source.path)

@@ -57,6 +57,12 @@ class ModelSource:
     label: str = ""  # what to call it in logs and records
     tokenizer: Path | str | None = None  # where its tokenizer is read from: a folder, a .gguf file or a hub id (str)
 
+    @property
+    def gguf_file(self) -> bool:
+        """A .gguf file (the intake's kind for it), converted once into a safetensors folder before it loads. Asked by
+        its suffix, not by the kind's name, which is also the GGUF exporter's (tests/test_design.py)."""
+        return isinstance(self.path, Path) and self.path.suffix == ".gguf"
+
 
 @dataclass(frozen=True)
 class Intake:
@@ -353,7 +359,7 @@ def load_model(
 
 
 def _load_weights(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, dtype):
-    if source.kind == "gguf":  # converted once (transformers' GGUF loading de-quantizes every tensor: ~2 min for a 0.5B)
+    if source.gguf_file:  # converted once (transformers' GGUF loading de-quantizes every tensor: ~2 min for a 0.5B)
         source = ModelSource("hf", converted_gguf_dir(Path(source.path)), label=source.label)
     if source.kind == "hf" and (grid := read_quant_grid(source.path)) is not None:
         # a `vcompress quantize` folder: its linears as the grid computes them, in float32 (gptqmodel's
@@ -531,13 +537,13 @@ def files_hash(files) -> str:
 def source_hash(spec: str | Path | None) -> str | None:
     """weights_hash of a --model argument (None for LoRA adapters and hub ids)."""
     source = resolve_weights(spec)
-    return weights_hash(source.path) if source.kind in ("hf", "gguf") else None
+    return weights_hash(source.path) if source.kind == "hf" or source.gguf_file else None
 
 
 def summarize(model, source: ModelSource) -> dict:
     config = model.config
     shape = attention_shape(config)
-    on_disk = bytes_on_disk(source.path) if source.kind in ("hf", "gguf") else None
+    on_disk = bytes_on_disk(source.path) if source.kind == "hf" or source.gguf_file else None
     if source.kind == "lora":
         on_disk = bytes_on_disk(source.path)
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})

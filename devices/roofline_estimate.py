@@ -78,6 +78,8 @@ def weight_bytes(files: list[Path], tied: bool = True) -> dict:
             s, g = _safetensors_bytes(file, tied)
         elif file.suffix == ".onnx":
             s, g = _onnx_bytes(file, external)
+        elif file.suffix == ".gguf":
+            s, g = _gguf_bytes(file, tied)
         elif file in external:
             continue  # counted through the .onnx initializers that point into it
         else:
@@ -102,6 +104,15 @@ def _safetensors_bytes(file: Path, tied: bool) -> tuple[int, int]:
         if leaf == "wpe" or (not tied and leaf in ("embed_tokens", "wte")):
             gathered += end - begin
     return stored, gathered
+
+
+def _gguf_bytes(file: Path, tied: bool) -> tuple[int, int]:
+    """The tensors' bytes (not the tokenizer's metadata); an untied embedding table (token_embd) is only gathered."""
+    import gguf
+
+    tensors = gguf.GGUFReader(str(file)).tensors
+    stored = sum(int(t.n_bytes) for t in tensors)
+    return stored, 0 if tied else sum(int(t.n_bytes) for t in tensors if t.name == "token_embd.weight")
 
 
 def _onnx_bytes(file: Path, data_files: list[Path]) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import torch
 from pydantic import AfterValidator, Field
 
 from vcompress.core.artifact import MANIFEST, write_json
+from vcompress.core.data import pack, texts_for
 from vcompress.core.errors import InputError, Refused, Unsupported
 from vcompress.core.export_manifest import session_runtime
 from vcompress.core.layer_stream import (
@@ -35,6 +36,7 @@ from vcompress.core.models import Intake, check_supported, source_gguf
 from vcompress.core.quant_format import read_quant_grid
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import Runner
+from vcompress.core.scoring import text_fidelity, torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig, StageContext, execute
 
 PARITY_PROMPTS = (
@@ -323,6 +325,27 @@ def gate(
         fix = next_step or "loosen the thresholds only if the figures are acceptable"
         raise Refused(f"{label} parity check failed: {result['failure']}; the export was not written ({fix})")
     return result
+
+
+def heldout_fidelity(ctx: StageContext, open_runner, model, tokenizer, blocks: int, seq_len: int) -> dict | None:
+    """Perplexity and top-1 next-token agreement of an artifact (`open_runner()`: its Runner) against the PyTorch
+    model on `blocks` held-out blocks of `seq_len` tokens (MMLU text outside the evaluated subset); None when
+    skipped (0 blocks) or without that text."""
+    if not blocks:
+        return None
+    try:
+        texts = texts_for(None, tokenizer, part="heldout", exclude=ctx.subset, mmlu=ctx.mmlu, log=lambda _: None)
+        ids = pack(texts, tokenizer, seq_len, blocks)
+    except InputError as e:
+        ctx.log(f"no held-out perplexity: {e}")
+        return None
+    runner = open_runner()
+    try:
+        figures = text_fidelity(runner.forward, ids, reference_fn=torch_logits_fn(model))
+    finally:
+        runner.close()
+    rise = 100 * (figures["perplexity"] / figures["reference_perplexity"] - 1)
+    return {**{k: round(v, 4) for k, v in figures.items()}, "perplexity_rise_pct": round(rise, 3)}
 
 
 @torch.no_grad()

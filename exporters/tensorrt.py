@@ -27,16 +27,25 @@ import torch
 from pydantic import Field
 
 from vcompress.core.artifact import MANIFEST, write_json
-from vcompress.core.data import pack, texts_for
 from vcompress.core.errors import InputError, Refused, Unsupported
 from vcompress.core.quant_format import grid_bits
 from vcompress.core.runner import RUNNERS
-from vcompress.core.scoring import text_fidelity, torch_logits_fn
 from vcompress.core.stage import StageContext
 
 from . import _onnx_quant, _trt_graph, _trt_ops, base
 from ._tensorrt_session import GraphSession, SessionError
-from .base import Exporter, ParityConfig, PowerOfTwo, SessionRunner, gate, load_source, run_export, save_sidecars, stored_weights
+from .base import (
+    Exporter,
+    ParityConfig,
+    PowerOfTwo,
+    SessionRunner,
+    gate,
+    heldout_fidelity,
+    load_source,
+    run_export,
+    save_sidecars,
+    stored_weights,
+)
 
 FORMAT = "tensorrt"
 ENGINE_FILE = "model.engine"
@@ -163,21 +172,10 @@ def _graph_fields(dims, cfg: TensorRTExportConfig, blocks: dict, grid: dict | No
 
 def _fidelity(ctx: StageContext, cfg: TensorRTExportConfig, model, tokenizer) -> dict | None:
     """Perplexity and top-1 next-token agreement of the graph (ONNX Runtime CPU) against PyTorch on held-out text."""
-    if not cfg.heldout_blocks:
-        return None
-    try:
-        texts = texts_for(None, tokenizer, part="heldout", exclude=ctx.subset, mmlu=ctx.mmlu, log=lambda _: None)
-        blocks = pack(texts, tokenizer, cfg.heldout_seq_len, cfg.heldout_blocks)
-    except InputError as e:
-        ctx.log(f"no held-out perplexity: {e}")
-        return None
-    runner = TensorRTRunner(ctx.out, threads=cfg.threads)
-    try:
-        figures = text_fidelity(runner.forward, blocks, reference_fn=torch_logits_fn(model))
-    finally:
-        runner.close()
-    rise = 100 * (figures["perplexity"] / figures["reference_perplexity"] - 1)
-    return {**{k: round(v, 4) for k, v in figures.items()}, "perplexity_rise_pct": round(rise, 3), "checked_on": "onnxruntime-cpu"}
+    figures = heldout_fidelity(
+        ctx, lambda: TensorRTRunner(ctx.out, threads=cfg.threads), model, tokenizer, cfg.heldout_blocks, cfg.heldout_seq_len
+    )
+    return figures and {**figures, "checked_on": "onnxruntime-cpu"}
 
 
 def _engine_or_plan(ctx: StageContext, manifest: dict, shapes: dict) -> dict:
