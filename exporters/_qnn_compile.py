@@ -28,11 +28,13 @@ HTP_OPS = {
     "RotaryEmbedding", "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose",
     "Unsqueeze", "Where",
 }  # fmt: skip
+MS_HTP_OPS = {"FusedMatMul", "Gelu", "QuickGelu", "RotaryEmbedding", "SimplifiedLayerNormalization"}  # com.microsoft, same list
 
 
 def check_ops(model: onnx.ModelProto, graph: str) -> None:
     """Refuse a graph with a node the HTP does not run, naming the nodes (at export, not when a phone loads it)."""
-    bad = [f"{n.name} ({f'{n.domain}:' if n.domain else ''}{n.op_type})" for n in model.graph.node if n.domain or n.op_type not in HTP_OPS]
+    runs = lambda n: n.op_type in (MS_HTP_OPS if n.domain == "com.microsoft" else HTP_OPS if not n.domain else ())  # noqa: E731
+    bad = [f"{n.name} ({f'{n.domain}:' if n.domain else ''}{n.op_type})" for n in model.graph.node if not runs(n)]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise Refused(

@@ -78,7 +78,8 @@ class QnnExport(Exporter):
         scratch.mkdir(parents=True, exist_ok=True)
         fp32 = {}
         for graph, seq in zip(GRAPHS, (cfg.chunk, 1)):
-            proto, dims = _qnn_graph.build_step(model, _onnx_graph.Weights(model.state_dict()), seq, cfg.cache)
+            weights = _onnx_graph.Weights(model.state_dict())
+            proto, dims = _qnn_graph.build_step(model, weights, seq, cfg.cache)
             _qnn_compile.check_ops(proto, graph)
             fp32[graph] = scratch / f"{graph}.fp32.onnx"
             onnx.save_model(proto, fp32[graph], save_as_external_data=True, location=f"{graph}.fp32.onnx.data")
