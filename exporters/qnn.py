@@ -102,7 +102,10 @@ class QnnExport(Exporter):
         shape = {"htp_arch": cfg.htp_arch, "soc_model": SOC_MODELS[cfg.htp_arch], "chunk": cfg.chunk, "cache": cfg.cache}
         write_json(ctx.out / APP_CONFIG, _app_config(dims, files, shape))
         manifest = self.manifest(
-            files | {"config": "config.json", "tokenizer": "tokenizer.json", "app_config": APP_CONFIG},
+            # model / weights: what decode reads per token (the roofline's bytes); the prefill binary holds a second copy
+            files
+            | {"model": files["htp"]["decode"], "weights": files["binaries"]["decode"]}
+            | {"config": "config.json", "tokenizer": "tokenizer.json", "app_config": APP_CONFIG},
             **dims.manifest_fields(),
             **shape,
             quant={"weights": cfg.quant, "granularity": "per output channel, symmetric", "activations": "uint16"},
