@@ -15,10 +15,13 @@ itself against PyTorch through the HTP backend, as a phone would run it (base.pa
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnx
 import torch
 from pydantic import Field, model_validator
@@ -32,7 +35,18 @@ from vcompress.core.stage import StageContext
 
 from . import _onnx_graph, _qnn_compile, _qnn_graph
 from ._qnn_session import SOC_MODELS, QnnSession, SessionError, Steps, open_step
-from .base import Exporter, ParityConfig, SessionRunner, gate, load_source, package_version, run_export, save_sidecars, stored_weights
+from .base import (
+    PARITY_PROMPTS,
+    Exporter,
+    ParityConfig,
+    SessionRunner,
+    gate,
+    load_source,
+    package_version,
+    run_export,
+    save_sidecars,
+    stored_weights,
+)
 
 FORMAT = "qnn"
 GRAPHS = ("prefill", "decode")
@@ -46,8 +60,14 @@ class QnnExportConfig(ParityConfig):
     cache: int = Field(512, ge=2, description="KV cache slots: the longest sequence the export holds")
     calibration_blocks: int = Field(4, ge=1, description="calibration text blocks (each: one prefill chunk, then decode steps)")
     calibration_decode_tokens: int = Field(8, ge=1, description="decode steps recorded per calibration block")
-    # HTP emulation on an x86 host runs a 135M decoder at a few steps per second: a short greedy check
-    new_tokens: int = Field(8, ge=1, description="greedy tokens compared with PyTorch per prompt (through the HTP backend)")
+    new_tokens: int = Field(8, ge=1, description="greedy tokens compared with PyTorch per prompt")
+    # QNN's HTP emulation on an x86 host is slow: SmolLM2-135M took 58 s per decode step and 229 s per 128-token
+    # chunk on this 2-core host under load (docs/targets.md, "Snapdragon NPU (qnn)")
+    evaluate_on: Literal["cpu", "htp"] = Field(
+        "cpu",
+        description="what the parity check and validate run: the QDQ graphs on the CPU EP (labelled so), or the context "
+        "binaries on QNN's HTP emulation; the HTP check (one prompt and one decode step, HTP against the CPU EP) runs either way",
+    )
     threads: int | None = Field(None, gt=0, description="ONNX Runtime threads for calibration and the parity check")
 
     @model_validator(mode="after")
@@ -112,8 +132,12 @@ class QnnExport(Exporter):
             placement=placement,
             io={"inputs": list(_qnn_graph.step_io(dims, cfg.chunk, cfg.cache)[0]), "masked_bias": _qnn_graph.MASKED},
         )
+        manifest["evaluate_on"] = cfg.evaluate_on
         write_json(ctx.out / MANIFEST, manifest)
-        result = gate(ctx, QnnRunner, model, tokenizer, cfg, manifest, "QNN (HTP backend)", dequantized=True)
+        manifest["fidelity"] = _htp_check(ctx, tokenizer)
+        write_json(ctx.out / MANIFEST, manifest)
+        label = "QNN HTP emulation" if cfg.evaluate_on == "htp" else "QNN QDQ graphs on the CPU EP"
+        result = gate(ctx, QnnRunner, model, tokenizer, cfg, manifest, label, dequantized=True)
         size = sum(bytes_on_disk(ctx.out / f) for f in [*files["htp"].values(), *files["binaries"].values()])
         return {
             "format": FORMAT,
@@ -144,6 +168,33 @@ class QnnExport(Exporter):
             "prefill": [f for f in recorded if f["input_ids"].shape[1] == cfg.chunk],
             "decode": [f for f in recorded if f["input_ids"].shape[1] == 1],
         }
+
+
+def _htp_check(ctx: StageContext, tokenizer) -> dict:
+    """The compiled binaries on QNN's HTP emulation against the same QDQ graphs on the CPU EP: one parity prompt
+    (a prefill chunk) and one decode step, sized for the emulator's speed."""
+    ids = tokenizer(PARITY_PROMPTS[0], add_special_tokens=False)["input_ids"]
+    logits, seconds = {}, {}
+    for backend in ("htp", "cpu"):
+        session = QnnSession(ctx.out, backend=backend)
+        started = time.perf_counter()
+        state = session.steps.new_state()
+        prompt = session.steps.run(ids[:-1], state)
+        logits[backend] = np.concatenate([prompt, session.steps.run(ids[-1:], state)])
+        seconds[backend] = round(time.perf_counter() - started, 1)
+    htp, cpu = logits["htp"], logits["cpu"]
+    check = {
+        "checked_on": "QNN HTP backend (x86 emulation) against the QDQ graphs on the CPU EP",
+        "positions": len(ids),
+        "max_abs_diff": float(np.abs(htp - cpu).max()),
+        "top1_agreement": round(float((htp.argmax(-1) == cpu.argmax(-1)).mean()), 4),
+        "seconds": seconds,
+    }
+    ctx.log(
+        f"HTP check: {check['positions']} positions, max |logit diff| {check['max_abs_diff']:.3g} against the CPU EP, "
+        f"top-1 agreement {check['top1_agreement']:.3f} ({seconds['htp']} s on the HTP emulation, {seconds['cpu']} s on the CPU EP)"
+    )
+    return {"htp": check}
 
 
 def _app_config(dims, files: dict, shape: dict) -> dict:
@@ -182,8 +233,10 @@ class QnnRunner(SessionRunner):
     backend = FORMAT
     session_error = SessionError
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, backend: str = "htp", **_):
-        self.requested, self.fallback = backend, None
+    def __init__(self, path: str | Path, *, threads: int | None = None, backend: str | None = None, **_):
+        manifest = Path(path) / MANIFEST
+        chosen = json.loads(manifest.read_text()).get("evaluate_on") if manifest.is_file() else None
+        self.requested, self.fallback = backend or chosen or "htp", None
         super().__init__(path, threads=threads)
         self.max_length = self.session.max_length
 
