@@ -16,7 +16,7 @@ for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_") and _info.name not in NOT_DEVICES:
         importlib.import_module(f"{__name__}.{_info.name}")
 
-from .emulated import target_isa_check  # noqa: E402
+from .emulated import target_isa_device  # noqa: E402
 from .measure import default_device, measure, measure_on, open_device  # noqa: E402
 
-__all__ = ["measure", "measure_on", "open_device", "default_device", "target_isa_check"]
+__all__ = ["measure", "measure_on", "open_device", "default_device", "target_isa_device"]

@@ -51,7 +51,7 @@ class EmulatedSettings(Settings):
     cpu: str = "max"  # qemu's -cpu: max offers every feature qemu emulates (dotprod, i8mm, SVE)
     suite: str = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
-    text_tokens: int = Field(64, gt=1, description="positions of the short text whose logits are compared")
+    text_tokens: int = Field(128, gt=1, description="positions of the short text whose logits are compared")
     mmlu_per_subject: int = Field(10, ge=0, description="MMLU questions per subject answered on both builds")
     # one thread: threads the guest spins on cost host cores that emulation needs; kernels are picked by ISA, not threads
     threads: int | None = Field(1, gt=0)
@@ -70,15 +70,21 @@ class EmulatedDevice(LatencyDevice):
         return False  # never the latency device: an emulated figure is not the target's speed
 
     def measure(self, artifact: Path) -> dict:
-        raise Unsupported("the emulated device measures agreement, not latency (emulation is not the device's speed); use another device")
+        """What the target's build answered, beside this machine's (no latency: emulation is not the device's speed)."""
+        return self.check(artifact)
+
+    def require_tools(self) -> str:
+        """qemu-user's binary for the arch; a one-line error naming the packages where it or debootstrap is missing."""
+        qemu = shutil.which(ARCHES[self.settings.arch][1])
+        if qemu is None or shutil.which("debootstrap") is None:
+            raise InputError(f"emulating {self.settings.arch} needs qemu-user-static and debootstrap; install them: {APT}")
+        return qemu
 
     def check(self, artifact: Path, log=print) -> dict:
         """The artifact answered by the target's build of its runtime and by this machine's, compared."""
         s, started = self.settings, time.perf_counter()
         manifest = read_manifest(artifact)
-        qemu = shutil.which(ARCHES[s.arch][1])
-        if qemu is None or shutil.which("debootstrap") is None:
-            raise InputError(f"emulating {s.arch} needs qemu-user-static and debootstrap; install them: {APT}")
+        qemu = self.require_tools()
         log(f"emulated {s.arch}: setting up the user space and runtime wheels (cached under {CACHE})")
         root = userspace(s.arch, s.suite, s.mirror)
         site = runtime_wheels(root, s.arch, wheel_pins(manifest))
@@ -274,6 +280,10 @@ def qemu_version(qemu: str) -> str:
     return done.stdout.split("\n")[0].removeprefix("qemu-aarch64 version ").strip()
 
 
-def target_isa_check(artifact: Path, profile: Profile, log=print, **overrides) -> dict:
-    """The profile's artifact checked on its target's build of the runtime (the emulated device's `check`)."""
-    return EmulatedDevice.configure(profile, {"arch": profile.device.arch, **overrides}).check(artifact, log)
+def target_isa_device(profile: Profile, **overrides) -> EmulatedDevice | None:
+    """The emulated device that checks a profile's artifact on its target's build of the runtime: where the profile
+    budgets it (min_target_isa_agreement) and its device's architecture is not this machine's; else None."""
+    arch = profile.device.arch
+    if profile.budgets.min_target_isa_agreement is None or arch in (None, platform.machine()):
+        return None
+    return EmulatedDevice.configure(profile, {"arch": arch, **overrides})

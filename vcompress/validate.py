@@ -54,6 +54,11 @@ class ValidateStage(Stage):
         stage = cls(cls.parse_config(settings, where))
         try:  # the device and its settings are checked now, not after every compression stage has run
             stage.device(profile, probe=False)
+            from vcompress.devices import target_isa_device
+
+            emulated = target_isa_device(profile)
+            if emulated is not None:
+                emulated.require_tools()
         except InputError as e:
             raise InputError(f"{where}: {e}" if where else str(e)) from None
         return stage
@@ -147,13 +152,14 @@ class ValidateStage(Stage):
 def target_isa(ctx, profile: Profile) -> dict | None:
     """The artifact on the device's own build of its runtime (emulated), where the profile budgets it and the device's
     architecture is not this machine's; a check that cannot run here says why (its `error`)."""
-    from vcompress.devices import target_isa_check
+    from vcompress.devices import target_isa_device
 
-    if profile.budgets.min_target_isa_agreement is None or profile.device.arch in (None, platform.machine()):
+    device = target_isa_device(profile)
+    if device is None:
         return None
     ctx.log(f"checking the artifact on the {profile.device.arch} build of its runtime (emulated)")
     try:
-        return target_isa_check(ctx.source, profile, log=ctx.log)
+        return device.check(ctx.source, log=ctx.log)
     except VcompressError as e:
         return {"arch": profile.device.arch, "loads": None, "error": str(e)}
 
@@ -389,7 +395,7 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
 def check_source(check: dict) -> str:
     """`measured on <device>`, `estimated ±N%` (the band), or what the check says of itself."""
     source = check.get("source") or "?"
-    if source in ("measured", "emulated") and check.get("device"):
+    if source != "estimated" and check.get("device"):  # measured, or emulated: on the machine named
         return f"{source} on {check['device']}"
     if source == "estimated" and check.get("band_pct") is not None:
         return f"estimated ±{check['band_pct']:g}%"
