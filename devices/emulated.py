@@ -30,7 +30,7 @@ from pydantic import Field
 
 from vcompress.core.data import default_texts, load_mmlu, resolve_subjects, sample_questions
 from vcompress.core.errors import InputError, Unsupported
-from vcompress.core.export_manifest import read_manifest
+from vcompress.core.export_manifest import PARITY_PROMPTS, read_manifest
 from vcompress.core.profiles import Profile
 from vcompress.core.registry import DEVICES
 
@@ -219,7 +219,6 @@ def make_job(artifact: Path, profile: Profile, s: EmulatedSettings, manifest: di
     from transformers import AutoTokenizer
 
     from vcompress.core.scoring import encode_pair, exemplars_for, prompt_and_continuations
-    from vcompress.exporters.base import PARITY_PROMPTS
 
     tokenizer = AutoTokenizer.from_pretrained(str(artifact))
     ev = profile.evaluation
