@@ -14,6 +14,15 @@ from pathlib import Path
 from .errors import InputError
 
 MANIFEST = "manifest.json"
+# The export's parity check answers these against PyTorch (exporters/base.py); the emulated aarch64 check answers the
+# same ones on the target's build of the runtime (devices/emulated.py).
+PARITY_PROMPTS = (
+    "The heart pumps blood through",
+    "A patient presents with fever and cough. The most likely diagnosis is",
+    "The contract is void if either party",
+    "Interest rates rose by two percent, and bond prices",
+    "Question: which organ filters the blood?\nAnswer:",
+)
 MODEL_FILE_KEYS = ("model", "weights", "engine")  # the manifest's `files` that hold the model (not config, tokenizer, scripts)
 
 

@@ -70,6 +70,9 @@ class Device(Strict):
         None,
         description="CPU features the runtime's kernels use on the device (avx2, avx512_vnni, asimddp, i8mm...), as /proc/cpuinfo names them",
     )
+    arch: Literal["aarch64", "x86_64"] | None = Field(
+        None, description="the device's CPU architecture: an aarch64 one has its artifact checked on the aarch64 runtime, emulated"
+    )
     connection: Connection = Connection()
 
 
@@ -104,6 +107,9 @@ class Budgets(Strict):
     max_mmlu_drop_points: float = Field(ge=0, le=100)
     max_perplexity_rise_pct: float = Field(ge=0)
     min_answer_agreement: float = Field(ge=0, le=1)
+    # top-1 agreement, over every position of a short text, between the artifact on the device's build of its runtime
+    # (device.arch, emulated) and on this machine's: kernels differ by ISA (docs/emulated.md). None: not checked.
+    min_target_isa_agreement: float | None = Field(None, ge=0, le=1)
 
 
 class Evaluation(Strict):

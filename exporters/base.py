@@ -21,7 +21,7 @@ from pydantic import AfterValidator, Field
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.data import pack, texts_for
 from vcompress.core.errors import InputError, Refused, Unsupported
-from vcompress.core.export_manifest import session_runtime
+from vcompress.core.export_manifest import PARITY_PROMPTS, session_runtime
 from vcompress.core.layer_stream import (
     DequantizedStream,
     LayerStream,
@@ -38,14 +38,6 @@ from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import Runner
 from vcompress.core.scoring import text_fidelity, torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig, StageContext, execute
-
-PARITY_PROMPTS = (
-    "The heart pumps blood through",
-    "A patient presents with fever and cough. The most likely diagnosis is",
-    "The contract is void if either party",
-    "Interest rates rose by two percent, and bond prices",
-    "Question: which organ filters the blood?\nAnswer:",
-)
 
 
 def _power_of_two(value: int) -> int:

@@ -6,6 +6,7 @@ with one check per budget. The teacher (input) and student (artifact) are scored
 from __future__ import annotations
 
 import datetime as dt
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from vcompress import __version__
 from vcompress.core.artifact import RunLayout, write_json
-from vcompress.core.errors import InputError
+from vcompress.core.errors import InputError, VcompressError
 from vcompress.core.export_manifest import MANIFEST, read_manifest
 from vcompress.core.models import source_hash, tokenizer_hash, weights_hash
 from vcompress.core.profiles import Budgets, Profile
@@ -51,6 +52,11 @@ class ValidateStage(Stage):
         stage = cls(cls.parse_config(settings, where))
         try:  # the device and its settings are checked now, not after every compression stage has run
             stage.device(profile, probe=False)
+            from vcompress.devices import target_isa_device
+
+            emulated = target_isa_device(profile)
+            if emulated is not None:
+                emulated.require_tools()
         except InputError as e:
             raise InputError(f"{where}: {e}" if where else str(e)) from None
         return stage
@@ -103,7 +109,8 @@ class ValidateStage(Stage):
         ctx.log("measuring latency")
         latency = measure_on(self.device(profile), ctx.source)
         evaluation = eval_summary(report)
-        checks = budget_checks(profile.budgets, evaluation, latency)
+        isa = target_isa(ctx, profile)
+        checks = budget_checks(profile.budgets, evaluation, latency, isa)
         verdict = {
             "profile": profile.name,
             "device": latency.get("device"),
@@ -121,6 +128,7 @@ class ValidateStage(Stage):
             "passed": all(c["passed"] for c in checks),
             "checks": checks,
             "calibrated_on": sorted({a for c in checks for a in c.get("calibrated_on") or []}),  # what the estimates rest on
+            "target_isa": isa,
             "accuracy": {"teacher": evaluation["teacher"]["accuracy"], "student": evaluation["student"]["accuracy"], "unit": "fraction"},
             "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "vcompress": __version__,
@@ -137,6 +145,57 @@ class ValidateStage(Stage):
         if "estimate" in latency:
             metrics["roofline_check"] = latency["estimate"]
         return metrics
+
+
+def target_isa(ctx, profile: Profile) -> dict | None:
+    """The artifact on the device's own build of its runtime (emulated), where the profile budgets it and the device's
+    architecture is not this machine's; a check that cannot run here says why (its `error`)."""
+    from vcompress.devices import target_isa_device
+
+    device = target_isa_device(profile)
+    if device is None:
+        return None
+    ctx.log(f"checking the artifact on the {profile.device.arch} build of its runtime (emulated)")
+    try:
+        return device.check(ctx.source, log=ctx.log)
+    except VcompressError as e:
+        return {"arch": profile.device.arch, "loads": None, "error": str(e)}
+
+
+def isa_check(limit: float, isa: dict) -> dict:
+    """min_target_isa_agreement: top-1 agreement of the target's build with this machine's, the rest said beside it."""
+    value = (isa.get("logits") or {}).get("top1_agreement")
+    check = {"budget": "min_target_isa_agreement", "limit": limit, "value": value, "unit": "fraction", "source": "emulated"}
+    check["device"] = isa.get("device")
+    check["passed"] = bool(isa.get("loads") and value is not None and value >= limit)
+    check["why"] = isa_summary(isa)
+    return check
+
+
+def isa_summary(isa: dict) -> str:
+    """One line: "aarch64 build of onnxruntime_genai 0.18.0: loads, greedy tokens 5/5 identical, top-1 agreement ..."."""
+    runtime = isa.get("runtime") or {}
+    name = f"{runtime.get('module')} {runtime.get('version')}" if "module" in runtime else ", ".join(f"{k} {v}" for k, v in runtime.items())
+    head = f"{isa.get('arch')} build of {name or 'the runtime'}"
+    if not isa.get("loads"):
+        return f"{head}: {'does not load: ' if isa.get('loads') is False else 'not checked: '}{isa.get('error')}"
+    g, lg = isa["greedy"], isa["logits"]
+    differ = [f"{i + 1} at token {p}" for i, p in enumerate(g["first_difference"]) if p is not None]
+    parts = [
+        f"greedy tokens {g['identical']}/{g['prompts']} identical" + (f" (prompt {', '.join(differ)})" if differ else ""),
+        f"top-1 agreement {lg['top1_agreement']:.3f} with {platform.machine()} over {lg['positions']} positions (max |logit diff| {lg['max_abs_diff']:.2g})",
+    ]
+    if isa.get("mmlu"):
+        m = isa["mmlu"]
+        parts.append(f"MMLU answers {m['agree']}/{m['n']} agree ({m['agreement']:.3f}, 95% CI {m['ci95'][0]:.2f} to {m['ci95'][1]:.2f})")
+    seconds = isa.get("seconds") or {}
+    parts.append(
+        f"{seconds.get('emulated', 0):.0f} s emulated ({isa.get('cpu')}: {' '.join(f for f in isa.get('cpu_features', []) if f in ISA_SHOWN)})"
+    )
+    return f"{head}: loads, " + ", ".join(parts)
+
+
+ISA_SHOWN = ("asimd", "asimddp", "i8mm", "sve", "sve2", "bf16", "svei8mm")  # the features int8/fp kernels pick by
 
 
 def host_beside_profile(host: dict | None, profile: Profile) -> dict:
@@ -211,7 +270,7 @@ LATENCY_BUDGETS = {  # budget -> (latency.json figure, unit, True when the figur
 }
 
 
-def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dict]:
+def budget_checks(budgets: Budgets, evaluation: dict, latency: dict, isa: dict | None = None) -> list[dict]:
     """One check per budget: the limit, the figure, its unit and where it came from."""
 
     def check(budget, limit, value, unit, source, ok, **extra):
@@ -261,6 +320,7 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict) -> list[dic
             agreement is not None and agreement >= budgets.min_answer_agreement,
             n=evaluation["n"],
         ),
+        *([isa_check(budgets.min_target_isa_agreement, isa)] if isa is not None and budgets.min_target_isa_agreement is not None else []),
     ]
 
 
@@ -333,8 +393,8 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
 def check_source(check: dict) -> str:
     """`measured on <device>`, `estimated ±N%` (the band), or what the check says of itself."""
     source = check.get("source") or "?"
-    if source == "measured" and check.get("device"):
-        return f"measured on {check['device']}"
+    if source != "estimated" and check.get("device"):  # measured, or emulated: on the machine named
+        return f"{source} on {check['device']}"
     if source == "estimated" and check.get("band_pct") is not None:
         return f"estimated ±{check['band_pct']:g}%"
     if source == "estimated" and "high" in check and check["high"] is None:
