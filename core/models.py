@@ -501,6 +501,16 @@ def attention_shape(config) -> dict:
     return {"layers": layers, "query_heads": heads, "kv_heads": kv, "head_dim": head_dim, "hidden_size": hidden}
 
 
+def head_units(query_heads: int, kv_heads: int) -> int:
+    """The units heads are pruned by in a layer: its KV groups, or with a single KV head (Gemma 3 270M), which
+    cannot go, its query heads one by one."""
+    return query_heads if kv_heads == 1 else kv_heads
+
+
+def head_unit_name(kv_heads: int) -> str:
+    return "query heads of the one KV group" if kv_heads == 1 else "KV groups"
+
+
 def bytes_on_disk(path: Path | str) -> int:
     path = Path(path)
     if path.is_file():

@@ -67,3 +67,62 @@ def test_loads_a_tiny_gemma3(tiny_gemma):
     assert model.config.model_type == "gemma3_text" and model.config.layer_types[1] == "full_attention"
     ids = torch.tensor([tok.encode("The heart pumps blood through the body.")])
     assert torch.isfinite(model(ids).logits).all()
+
+
+# --- prune: one KV head, so its query heads go -------------------------------------------------
+
+FAST = {"samples": 2, "seq_len": 32, "heldout_blocks": 2, "heldout_seq_len": 32, "eval_per_subject": 0}
+IDS = torch.arange(3, 43).view(2, 20)  # longer than the tiny config's window (16): the sliding layers drop old keys
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_a_masked_plan_with_one_kv_head_computes_what_the_cut_model_does(tiny_gemma):
+    import copy
+
+    from vcompress.compress._arch import shape
+    from vcompress.compress.prune import Plan, apply_plan, plan_masked
+
+    model, _ = load_model(tiny_gemma)
+    info = shape(model)
+    assert (info["query_heads"], info["kv_heads"]) == (4, 1)
+    keep = [0, 1]  # layer 2 (sliding) goes
+    plan = Plan(keep, {0: [1, 3], 1: [0, 2]}, {i: [0, 5, 9] for i in keep})  # two of the four query heads per layer
+    with plan_masked(model, plan):
+        masked = _logits(model)
+    cut = copy.deepcopy(model)
+    after = apply_plan(cut, plan)
+    assert (after["query_heads"], after["kv_heads"], after["layers"]) == (2, 1, 2)
+    assert cut.config.layer_types == ["sliding_attention", "full_attention"]
+    assert cut.model.layers[0].self_attn.q_norm.weight.shape == (16,)  # QK-norm is per head width: untouched
+    assert torch.allclose(masked, _logits(cut), atol=1e-5) and not torch.allclose(masked, _logits(model), atol=1e-3)
+
+
+def test_prune_stage_on_gemma3_removes_query_heads_within_the_group(tiny_gemma, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from vcompress.compress.prune import Prune
+    from vcompress.core.stage import execute
+
+    logs = []
+    metrics = execute(Prune({"heads": 0.5, "mlp": 0.25, "layers": 1, **FAST}), tmp_path / "p", source=str(tiny_gemma), log=logs.append)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()  # plain transformers, no vcompress code
+    config = after.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size) == (2, 1, 16, 96)
+    assert config.num_hidden_layers == len(config.layer_types) == 2
+    assert metrics["heads"]["unit"] == "query heads of the one KV group" and metrics["heads"]["query_heads"] == [4, 2]
+    assert metrics["heads"]["removed_ratio"] == 0.5 and len(metrics["heads"]["kept_per_layer"][0]["query_heads"]) == 2
+    assert any("one KV head per layer: it stays, and 2 of its 4 query heads go" in line for line in logs)
+    assert metrics["reload_max_abs_logit_diff"] < 1e-4
+    assert after.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
+
+
+def test_prune_plan_with_one_kv_head_counts_query_heads():
+    from vcompress.compress.prune_plan import pruned_config
+
+    config = build_config("gemma3", 384, 3).to_dict()
+    out = pruned_config(config, kv_groups=1, mlp_channels=32, layers=1)
+    assert (out["num_attention_heads"], out["num_key_value_heads"], out["intermediate_size"], out["num_hidden_layers"]) == (3, 1, 96, 2)
