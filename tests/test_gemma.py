@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +130,54 @@ def test_prune_plan_with_one_kv_head_counts_query_heads():
     config = build_config("gemma3", 384, 3).to_dict()
     out = pruned_config(config, kv_groups=1, mlp_channels=32, layers=1)
     assert (out["num_attention_heads"], out["num_key_value_heads"], out["intermediate_size"], out["num_hidden_layers"]) == (3, 1, 96, 2)
+
+
+# --- ONNX: sliding-window layers through GroupQueryAttention's local window ----------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_onnx(tiny_gemma, tmp_path_factory):
+    from vcompress.exporters.onnx import export
+
+    out = tmp_path_factory.mktemp("gemma-onnx") / "fp32"
+    return out, export(str(tiny_gemma), out, "none", log=lambda _: None, threads=1)
+
+
+def test_onnx_fp32_export_of_gemma3_matches_pytorch(gemma_onnx):
+    out, metrics = gemma_onnx
+    parity = metrics["parity"]
+    # 5 prompts and 32 greedy tokens each: every continuation runs past the window (16)
+    assert parity["passed"] and parity["greedy_identical"] == parity["prompts"] == 5 and parity["greedy_tokens"] == 32
+    genai = json.loads((out / "genai_config.json").read_text())["model"]
+    assert genai["type"] == "gemma3_text" and genai["decoder"]["num_key_value_heads"] == 1
+
+
+def test_onnx_gemma3_prompt_longer_than_the_window_matches_at_every_position(gemma_onnx, tiny_gemma):
+    from transformers import AutoModelForCausalLM
+
+    from vcompress.exporters.onnx import OnnxRunner
+
+    out, _ = gemma_onnx
+    ids = torch.arange(3, 53).view(1, 50)  # 50 tokens, window 16
+    got = OnnxRunner(out, threads=1).forward(ids)
+    for window, close in ((16, True), (15, False), (17, False)):  # the model's window, not one off
+        reference = AutoModelForCausalLM.from_pretrained(tiny_gemma, sliding_window=window).eval()
+        assert torch.allclose(got, _logits(reference, ids), atol=1e-4) is close
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai is not installed")
+def test_onnxruntime_genai_generates_gemma3_as_our_loop(gemma_onnx):
+    from vcompress.exporters.onnx import OnnxRunner
+
+    out, _ = gemma_onnx
+    runner = OnnxRunner(out, threads=1)
+    texts = ["The heart pumps blood", "Water boils at", " ".join(["one two three four"] * 6)]  # the last: past the window
+    prompts = [runner.tokenizer(text)["input_ids"] for text in texts]
+    assert len(prompts[-1]) > 16
+    eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
+    want = [runner.generate(torch.tensor([prompt]), 24, eos_token_id=eos) for prompt in prompts]
+    request = {"folder": str(out), "prompts": prompts, "new_tokens": 24, "texts": texts}
+    script = Path(__file__).with_name("genai_greedy.py")
+    done = subprocess.run([sys.executable, str(script)], input=json.dumps(request), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tokens"] == want
