@@ -88,6 +88,11 @@ def group_heads(group: int, query_heads: int, kv_heads: int) -> list[int]:
     return list(range(group * per, (group + 1) * per))
 
 
+def unit_heads(unit: int, query_heads: int, kv_heads: int) -> list[int]:
+    """The query heads of head unit `unit` (head_units)."""
+    return [unit] if kv_heads == 1 else group_heads(unit, query_heads, kv_heads)
+
+
 def weight_bytes(model) -> int:
     """Bytes of the model's parameters and buffers saved with it, shared (tied) tensors once."""
     seen, total = set(), 0

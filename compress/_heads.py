@@ -42,11 +42,19 @@ def keep_kv_groups(attn: nn.Module, keep: list[int], *, query_heads: int, kv_hea
     if query_heads % kv_heads:
         raise ValueError(f"{query_heads} query heads do not split into {kv_heads} KV groups")
     queries = [h for g in keep for h in group_heads(g, query_heads, kv_heads)]
-    slice_features(attn.q_proj, out_idx=head_rows(queries, head_dim))
     slice_features(attn.k_proj, out_idx=head_rows(keep, head_dim))
     slice_features(attn.v_proj, out_idx=head_rows(keep, head_dim))
-    slice_features(attn.o_proj, in_idx=head_rows(queries, head_dim))
+    keep_query_heads(attn, queries, head_dim)
     return queries
+
+
+def keep_query_heads(attn: nn.Module, keep: list[int], head_dim: int) -> None:
+    """Slice q_proj's rows and o_proj's columns down to the query heads in `keep` (their KV heads stay). QK-norm
+    (Gemma 3's q_norm) weighs one head's features, shared by every head: it is left as it is."""
+    slice_features(attn.q_proj, out_idx=head_rows(sorted(keep), head_dim))
+    slice_features(attn.o_proj, in_idx=head_rows(sorted(keep), head_dim))
+    if hasattr(attn, "num_key_value_groups"):  # query heads per KV head, read by repeat_kv
+        attn.num_key_value_groups = attn.q_proj.out_features // attn.k_proj.out_features
 
 
 @contextlib.contextmanager

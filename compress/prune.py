@@ -6,7 +6,8 @@ that reloads with AutoModelForCausalLM and no vcompress code. What goes is ranke
 stage's scores (sensitivity.json), or by the same scores computed here on a small calibration set.
 
 - heads: sliced here by whole KV groups (`_heads.keep_kv_groups`); torch-pruning's head pruning
-  hangs (Torch-Pruning#527). GPT-2 is refused: its config has no head_dim (head width is
+  hangs (Torch-Pruning#527). A model with a single KV head (Gemma 3 270M) keeps it and loses query
+  heads within its group instead (`_heads.keep_query_heads`, `_arch.unit_heads`). GPT-2 is refused: its config has no head_dim (head width is
   n_embd / n_head), so fewer heads cannot be written as a standard GPT2Config.
 - mlp: torch-pruning's DependencyGraph for Llama/Qwen2 (gate/up rows and down columns move
   together). Its graph cannot be built for GPT-2 (Conv1D breaks its concat index mapping), so
@@ -28,7 +29,7 @@ from torch import nn
 
 from vcompress.core.artifact import figure, read_json, write_json
 from vcompress.core.errors import InputError, InternalError
-from vcompress.core.models import bytes_on_disk, save_model
+from vcompress.core.models import bytes_on_disk, head_unit_name, head_units, save_model
 from vcompress.core.scoring import torch_logits_fn
 from vcompress.core.stage import Stage, StageConfig
 
@@ -36,17 +37,17 @@ from ._arch import (
     attention,
     attention_out,
     decoder_layers,
-    group_heads,
     head_rows,
     in_dim,
     is_gpt2,
     mlp_out,
     parameter_count,
     shape,
+    unit_heads,
     weight_bytes,
 )
 from ._calib import stage_blocks
-from ._heads import keep_kv_groups, slice_features
+from ._heads import keep_kv_groups, keep_query_heads, slice_features
 from ._judge import judge_of
 from ._ranking import least_important_layers
 from .prune_plan import PRUNE_PLAN, plan_pruning
@@ -56,7 +57,7 @@ from .sensitivity import SENSITIVITY, analyze, mean_loss
 @dataclass
 class Plan:
     keep_layers: list[int]  # original indices, in order
-    keep_groups: dict[int, list[int]]  # original layer -> kept KV groups (all when heads are not pruned)
+    keep_groups: dict[int, list[int]]  # original layer -> kept head units: KV groups, or one KV head's query heads
     drop_channels: dict[int, list[int]] = field(default_factory=dict)  # original layer -> removed MLP channels
     notes: list[str] = field(default_factory=list)
 
@@ -72,18 +73,21 @@ def whole_count(ratio: float, total: int, what: str, notes: list[str]) -> int:
 
 def make_plan(scores: dict, info: dict, *, heads: float = 0.0, mlp: float = 0.0, layers: int = 0, head_score: str = "mask") -> Plan:
     notes: list[str] = []
-    n_layers, kv = info["layers"], info["kv_heads"]
+    n_layers, kv = info["layers"], head_units(info["query_heads"], info["kv_heads"])
+    what = head_unit_name(info["kv_heads"])
     if layers >= n_layers:
         raise InputError(f"--layers {layers} would drop all {n_layers} layers; drop at most {n_layers - 1}")
     dropped = sorted(least_important_layers(scores)[:layers]) if layers else []
     keep_layers = [i for i in range(n_layers) if i not in dropped]
 
-    groups_out = whole_count(heads, kv, "KV groups per layer", notes)
+    groups_out = whole_count(heads, kv, f"{what} per layer", notes)
     if groups_out >= kv:
-        raise InputError(f"--heads {heads:g} would remove all {kv} KV groups of each layer; use a ratio below {(kv - 0.5) / kv:.2f}")
+        raise InputError(f"--heads {heads:g} would remove all {kv} {what} of each layer; use a ratio below {(kv - 0.5) / kv:.2f}")
     if heads > 0 and groups_out == 0:
-        notes.append(f"--heads {heads:g} rounds to 0 of {kv} KV groups: no heads removed (the smallest step is {1 / kv:.2f})")
-    key = "mask_loss_delta_nats" if head_score == "mask" else "taylor_kv_group"
+        notes.append(f"--heads {heads:g} rounds to 0 of {kv} {what}: no heads removed (the smallest step is {1 / kv:.2f})")
+    if groups_out and info["kv_heads"] == 1:
+        notes.append(f"one KV head per layer: it stays, and {groups_out} of its {kv} query heads go in every layer")
+    key = "mask_loss_delta_nats" if head_score == "mask" else ("taylor_query" if info["kv_heads"] == 1 else "taylor_kv_group")
     keep_groups = {}
     for i in keep_layers:
         ranking = sorted(range(kv), key=lambda g: (scores["heads"][key][i][g], g)) if groups_out else []
@@ -152,9 +156,9 @@ def plan_masked(model, plan: Plan):
                 if module.bias is not None:
                     zero(module.bias, ...)
             continue
-        removed = sorted(set(range(info["kv_heads"])) - set(plan.keep_groups[i]))
+        removed = sorted(set(range(head_units(info["query_heads"], info["kv_heads"]))) - set(plan.keep_groups[i]))
         if removed:
-            heads = [h for g in removed for h in group_heads(g, info["query_heads"], info["kv_heads"])]
+            heads = [h for g in removed for h in unit_heads(g, info["query_heads"], info["kv_heads"])]
             zero_inputs(outputs[0], head_rows(heads, info["head_dim"]))
         if plan.drop_channels.get(i):
             zero_inputs(outputs[1], torch.tensor(plan.drop_channels[i]))
@@ -184,7 +188,9 @@ def config_changes(model, plan: Plan) -> dict:
     config = model.config
     changes: dict = {}
     kv_after = len(plan.keep_groups[plan.keep_layers[0]])
-    if kv_after < info["kv_heads"]:
+    if info["kv_heads"] == 1 and kv_after < info["query_heads"]:  # one KV head: it stays, query heads go
+        changes.update(num_attention_heads=kv_after)
+    elif kv_after < info["kv_heads"]:
         changes.update(num_attention_heads=info["query_heads"] // info["kv_heads"] * kv_after, num_key_value_heads=kv_after)
     if not is_gpt2(model):
         changes["head_dim"] = info["head_dim"]  # written explicitly: the default hidden/heads is wrong once heads go
@@ -222,7 +228,10 @@ def apply_plan(model, plan: Plan) -> dict:
     """Prune in place and rewrite the config; returns the shape after."""
     info = shape(model)
     changes = config_changes(model, plan)  # validated before anything is cut
-    if "num_key_value_heads" in changes:
+    if "num_attention_heads" in changes and info["kv_heads"] == 1:
+        for i in plan.keep_layers:
+            keep_query_heads(attention(decoder_layers(model)[i]), plan.keep_groups[i], info["head_dim"])
+    elif "num_key_value_heads" in changes:
         for i in plan.keep_layers:
             keep_kv_groups(
                 attention(decoder_layers(model)[i]),
@@ -270,7 +279,10 @@ class Prune(Stage):
     class Config(StageConfig):
         auto: bool = Field(False, description="remove just enough to meet the profile's budgets, by loss increase per byte saved")
         heads: float = Field(
-            0.0, ge=0, lt=1, description="fraction of KV groups (a KV head and the query heads sharing it) to remove in every layer"
+            0.0,
+            ge=0,
+            lt=1,
+            description="fraction of KV groups (a KV head and the query heads sharing it) to remove in every layer; with one KV head, of its query heads",
         )
         mlp: float = Field(0.0, ge=0, lt=1, description="fraction of MLP channels to remove in every layer")
         layers: int = Field(0, ge=0, description="how many of the least important layers to drop")
@@ -340,7 +352,7 @@ class Prune(Stage):
             tokenizer,
             info,
             held,
-            plan.kv_groups / info["kv_heads"],
+            plan.kv_groups / head_units(info["query_heads"], info["kv_heads"]),
             plan.mlp_channels / info["intermediate_size"],
             len(plan.layers),
         )
@@ -360,7 +372,11 @@ class Prune(Stage):
                 blocks = stage_blocks(tokenizer, ctx, samples=cfg.plan_blocks, seq_len=cfg.plan_seq_len)
                 ctx.log(f"measuring each way to meet the budgets on {blocks.shape[0]} x {blocks.shape[1]} calibration tokens")
                 base = mean_loss(model, blocks)
-            ratios = (plan.kv_groups / info["kv_heads"], plan.mlp_channels / info["intermediate_size"], len(plan.layers))
+            ratios = (
+                plan.kv_groups / head_units(info["query_heads"], info["kv_heads"]),
+                plan.mlp_channels / info["intermediate_size"],
+                len(plan.layers),
+            )
             with plan_masked(model, make_plan(scores, info, heads=ratios[0], mlp=ratios[1], layers=ratios[2], head_score=cfg.head_score)):
                 return mean_loss(model, blocks) - base
 
@@ -408,11 +424,7 @@ class Prune(Stage):
                 "layer": new,
                 "source_layer": old,
                 "kv_groups": plan.keep_groups[old],
-                "query_heads": [
-                    g * (info["query_heads"] // info["kv_heads"]) + j
-                    for g in plan.keep_groups[old]
-                    for j in range(info["query_heads"] // info["kv_heads"])
-                ],
+                "query_heads": [h for g in plan.keep_groups[old] for h in unit_heads(g, info["query_heads"], info["kv_heads"])],
             }
             for new, old in enumerate(plan.keep_layers)
         ]
@@ -429,7 +441,10 @@ class Prune(Stage):
                 "requested_ratio": requested[0],
                 "query_heads": [info["query_heads"], after["query_heads"]],
                 "kv_heads": [info["kv_heads"], after["kv_heads"]],
-                "removed_ratio": round(1 - after["kv_heads"] / info["kv_heads"], 4),
+                "removed_ratio": round(
+                    1 - head_units(after["query_heads"], after["kv_heads"]) / head_units(info["query_heads"], info["kv_heads"]), 4
+                ),
+                "unit": head_unit_name(info["kv_heads"]),
                 "ranked_by": cfg.head_score,
                 "kept_per_layer": kept,
             },

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from vcompress.core.artifact import read_json
 from vcompress.core.errors import InputError
+from vcompress.core.models import head_unit_name, head_units
 from vcompress.core.profiles import Profile
 from vcompress.core.registry import EXPORTERS
 from vcompress.core.roofline_math import DEFAULT_DECODE_TOKENS, peak_ram_bytes, process_ram_bytes, roofline, runtime_memory, shapes
@@ -163,16 +164,20 @@ def missed(prediction: dict, profile: Profile) -> list[str]:
 
 
 def pruned_config(config: dict, kv_groups: int = 0, mlp_channels: int = 0, layers: int = 0) -> dict:
-    """config.json after removing that many KV groups and MLP channels per layer and that many layers."""
+    """config.json after removing that many KV groups (with one KV head: query heads) and MLP channels per layer
+    and that many layers."""
     shape = shapes(config)
     kv = shape["kv_heads"] - kv_groups
+    queries = shape["query_heads"] // shape["kv_heads"] * kv
+    if shape["kv_heads"] == 1:  # the one KV head stays, its query heads go
+        kv, queries = 1, shape["query_heads"] - kv_groups
     out = dict(config)
     if config.get("model_type") == "gpt2":
         out.update(n_layer=shape["layers"] - layers, n_inner=shape["intermediate_size"] - mlp_channels)
     else:
         out.update(
             num_hidden_layers=shape["layers"] - layers,
-            num_attention_heads=shape["query_heads"] // shape["kv_heads"] * kv,
+            num_attention_heads=queries,
             num_key_value_heads=kv,
             head_dim=shape["head_dim"],
             intermediate_size=shape["intermediate_size"] - mlp_channels,
@@ -194,7 +199,8 @@ def plan_pruning(
     mlp and layers (a function returning it is called only when something must go). `measure(plan)`: the real
     loss rise in nats of a candidate plan; the candidate with the smallest wins (without it, the smallest sum)."""
     shape = shapes(config)
-    n, kv, inner = shape["layers"], shape["kv_heads"], shape["intermediate_size"]
+    n, kv, inner = shape["layers"], head_units(shape["query_heads"], shape["kv_heads"]), shape["intermediate_size"]
+    what = head_unit_name(shape["kv_heads"])
     heads_prunable = config.get("model_type") != "gpt2"  # GPT2Config cannot state fewer heads
     step = channel_step(inner, profile)
     before = predict(config, profile)
@@ -208,7 +214,7 @@ def plan_pruning(
         key, unit, _ = BUDGETS[budget]
         limit = getattr(profile.budgets, budget)
         raise InputError(
-            f"{budget} {limit:g} {unit} cannot be met by pruning: even 1 of {n} layers, {kv - most[0]} of {kv} KV groups and "
+            f"{budget} {limit:g} {unit} cannot be met by pruning: even 1 of {n} layers, {kv - most[0]} of {kv} {what} and "
             f"{inner - most[1]} of {inner} MLP channels predict {floor[key]:g} {unit} at {_scheme(profile)}; "
             f"raise {budget} in the profile or quantize to fewer bits"
         )
@@ -222,7 +228,7 @@ def plan_pruning(
     chosen.perplexity_rise_pct = _pct(chosen.loss_rise_nats)
     chosen.reason = (
         f"the unpruned model misses {', '.join(missed(before, profile))} of {profile.name}; removing "
-        f"{chosen.kv_groups} of {kv} KV groups and {chosen.mlp_channels} of {inner} MLP channels per layer and "
+        f"{chosen.kv_groups} of {kv} {what} and {chosen.mlp_channels} of {inner} MLP channels per layer and "
         f"{len(chosen.layers)} of {n} layers {sorted(chosen.layers)}"
         + (f", the least loss measured of {len(found)} ways to meet the budgets" if measure is not None else "")
     )

@@ -3,7 +3,7 @@
 Scores (all on the same calibration blocks, losses in nats per token):
 - heads: first-order Taylor importance sum|w * dL/dw| over each query head's q rows and o columns
   (and per KV group: its query heads plus its k and v rows), and the loss change when one KV
-  group's contribution is masked;
+  group's contribution is masked (with a single KV head, as in Gemma 3 270M: one query head's);
 - layers: the loss change when the layer is skipped (its output replaced by its input), and the
   angular distance arccos(cos(x_in, x_out)) / pi between its input and output hidden states;
 - mlp: Taylor importance of each MLP channel (its gate/up rows and down column);
@@ -28,11 +28,11 @@ from pydantic import Field, model_validator
 
 from vcompress.core.artifact import write_json
 from vcompress.core.layer_stream import LayerStream, stream_source
-from vcompress.core.models import DEFAULT_NAME, attention_shape
+from vcompress.core.models import DEFAULT_NAME, attention_shape, head_units
 from vcompress.core.profiles import DEFAULT_SCHEME
 from vcompress.core.stage import Stage, StageConfig
 
-from ._arch import attention, decoder_layers, final_norm, group_heads, in_dim, is_gpt2, linear_modules, out_dim, shape
+from ._arch import attention, decoder_layers, final_norm, in_dim, is_gpt2, linear_modules, out_dim, shape, unit_heads
 from ._calib import calibration_summary, stage_blocks
 from ._gptq_core import Grid, rtn
 from ._heads import masked_heads
@@ -269,8 +269,8 @@ def analyze(model, blocks: torch.Tensor, *, parts=PARTS, batch_size: int = 4, gr
         for i, layer in enumerate(layers):
             row = []
             with resident(layer):
-                for group in range(info["kv_heads"]):
-                    with masked_heads(layer, group_heads(group, info["query_heads"], info["kv_heads"]), info["head_dim"]):
+                for unit in range(head_units(info["query_heads"], info["kv_heads"])):  # KV groups (or one KV head's query heads)
+                    with masked_heads(layer, unit_heads(unit, info["query_heads"], info["kv_heads"]), info["head_dim"]):
                         row.append(probe.loss(start=i) - loss)
             deltas.append(row)
         result["heads"] = {"taylor_query": taylor["query"], "taylor_kv_group": taylor["groups"], "mask_loss_delta_nats": deltas}

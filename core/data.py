@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import InputError
+from .packages import import_failure
 
 LETTERS = ("A", "B", "C", "D")
 PACKAGED_MMLU = resources.files(__package__) / "mmlu"  # mmlu.zip (dev/, test/), SHA256SUMS, SOURCE.md, LICENSE
@@ -251,8 +252,9 @@ def _load_jsonl(path: Path, split: str) -> list[Question]:
 def _load_hub(name: str, split: str) -> list[Question]:
     try:
         import datasets
-    except ImportError:
-        raise InputError("reading MMLU from the hub needs the `datasets` package; pip install datasets, or pass --mmlu PATH") from None
+    except ImportError as e:
+        why = import_failure(e, ("datasets",), "`pip install datasets`")
+        raise InputError(f"reading MMLU from the hub needs the `datasets` package: {why}; or pass --mmlu PATH") from None
     try:
         data = datasets.load_dataset(name, "all", split=split)
     except Exception as e:  # network, auth or a missing dataset all end here

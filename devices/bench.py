@@ -132,6 +132,9 @@ def open_artifact(artifact: Path, backend: str | None, threads: int | None) -> O
         others = [b for b, m in read_manifest(artifact)["sessions"].items() if m != module]
         fallback = f" (or measure it another way: --backend {' or '.join(others)})" if others else ""
         fmt = backend or artifact_format(artifact)
+        top = (e.name or "").split(".")[0]
+        if not top or importlib.util.find_spec(top) is not None:  # installed: something else failed, name it
+            raise InputError(f"{fmt} artifacts run on {module}, whose import failed here: {e}{fallback}") from None
         raise InputError(f"{fmt} artifacts run on {e.name}, which is not installed here; install it{fallback}") from None
     if session is None:
         return open_torch_runner(artifact, backend or artifact_format(artifact), threads)

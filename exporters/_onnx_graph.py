@@ -238,6 +238,8 @@ def build(model, weights: Weights | None = None, store: ExternalData | None = No
     _lengths_from_mask(g)
     if d.arch == "gpt2":
         hidden = _gpt2_body(g, model, w, d)
+    elif d.arch == "gemma3_text":
+        hidden = _gemma3_body(g, model, w, d)
     else:
         hidden = _llama_body(g, model, w, d)
     _lm_head(g, w, d, hidden)
@@ -267,10 +269,16 @@ def _linear(g: GraphBuilder, w: Weights, x: str, modules: list[str], name: str, 
     return g.one("Add", [y, g.weight(f"{name}.bias", b)], name=f"{name}/Add")
 
 
-def _attention(g: GraphBuilder, d: Dims, i: int, qkv: str, rotary: bool) -> str:
-    inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length"]
+def _attention(
+    g: GraphBuilder, d: Dims, i: int, qkv: str | list[str], rotary: bool, *, caches: str = "", scale: float | None = None, window: int = -1
+) -> str:
+    """GroupQueryAttention over a packed qkv (or [q, k, v]); `caches`: the rotary tables' name suffix; `window`: a
+    sliding-window layer's keys (ONNX Runtime's local_window_size; -1: all)."""
+    qkv = [qkv, "", ""] if isinstance(qkv, str) else qkv
+    inputs = [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length"]
     if rotary:
-        inputs += ["cos_cache", "sin_cache"]
+        inputs += [f"cos_cache{caches}", f"sin_cache{caches}"]
+    local = {"local_window_size": window} if window > 0 else {}
     out = g.op(
         "GroupQueryAttention",
         inputs,
@@ -281,52 +289,55 @@ def _attention(g: GraphBuilder, d: Dims, i: int, qkv: str, rotary: bool) -> str:
         kv_num_heads=d.kv_heads,
         do_rotary=int(rotary),
         rotary_interleaved=0,
-        scale=float(d.head_dim**-0.5),
+        scale=float(d.head_dim**-0.5 if scale is None else scale),
+        **local,
     )
     return out[0]
 
 
-def _rotary_caches(g: GraphBuilder, model, d: Dims) -> None:
-    # The model's own rotary module, so any rope scaling it applies is the one exported.
+def _rotary_caches(g: GraphBuilder, model, d: Dims, layer_type: str | None = None, suffix: str = "") -> None:
+    # The model's own rotary module, so any rope scaling it applies is the one exported. Gemma 3's takes the
+    # layer type (a base for sliding layers, one for global ones): one pair of tables each, named with `suffix`.
     positions = torch.arange(d.max_positions).unsqueeze(0)
     probe = torch.zeros(1, 1, d.head_dim)
     with torch.no_grad():
-        cos, sin = model.model.rotary_emb(probe, positions)
+        cos, sin = model.model.rotary_emb(probe, positions, *([layer_type] if layer_type else []))
     half = d.head_dim // 2
     cos, sin = cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
-    if g.compact and _rotary_in_graph(g, model, cos, sin):
+    if g.compact and _rotary_in_graph(g, model, cos, sin, f"{layer_type}_" if layer_type else "", suffix):
         return
-    g.weight("cos_cache", cos)
-    g.weight("sin_cache", sin)
+    g.weight(f"cos_cache{suffix}", cos)
+    g.weight(f"sin_cache{suffix}", sin)
 
 
-def _rotary_in_graph(g: GraphBuilder, model, cos: np.ndarray, sin: np.ndarray) -> bool:
+def _rotary_in_graph(g: GraphBuilder, model, cos: np.ndarray, sin: np.ndarray, prefix: str = "", suffix: str = "") -> bool:
     """cos/sin caches computed by the graph (positions x inv_freq, then Cos/Sin, times the module's
     attention scaling; ONNX Runtime folds them at load) instead of stored: a few hundred bytes instead of
     max_positions x head_dim floats. Only when that arithmetic, done here in float32 as ONNX Runtime does,
     gives the module's own tables (a rope scaling that is not a plain inv_freq keeps the stored tables)."""
     rotary = model.model.rotary_emb
-    inv_freq = getattr(rotary, "inv_freq", None)
+    inv_freq = getattr(rotary, f"{prefix}inv_freq", None)
     if inv_freq is None or inv_freq.is_meta:
         return False
     inv = inv_freq.detach().to(torch.float32).cpu().numpy()[None, :]
-    scale = np.float32(getattr(rotary, "attention_scaling", 1.0))
+    scale = np.float32(getattr(rotary, f"{prefix}attention_scaling", 1.0))
     angles = np.arange(cos.shape[0], dtype=np.float32)[:, None] * inv
     if inv.shape[1] != cos.shape[1] or max(np.abs(np.cos(angles) * scale - cos).max(), np.abs(np.sin(angles) * scale - sin).max()) > 1e-5:
         return False
+    r = f"rotary{suffix}"
     scalars = [
-        g.add(numpy_helper.from_array(np.array(v, np.float32), f"rotary.{n}"))
+        g.add(numpy_helper.from_array(np.array(v, np.float32), f"{r}.{n}"))
         for n, v in (("start", 0), ("limit", cos.shape[0]), ("delta", 1))
     ]
-    positions = g.one("Range", scalars, name="rotary/Range")
-    column = g.one("Unsqueeze", [positions, g.const("rotary.axes", [1])], name="rotary/Unsqueeze")
-    freqs = g.one("Mul", [column, g.weight("rotary.inv_freq", inv)], name="rotary/Mul")
-    for op, name in (("Cos", "cos_cache"), ("Sin", "sin_cache")):
+    positions = g.one("Range", scalars, name=f"{r}/Range")
+    column = g.one("Unsqueeze", [positions, g.const(f"{r}.axes", [1])], name=f"{r}/Unsqueeze")
+    freqs = g.one("Mul", [column, g.weight(f"{r}.inv_freq", inv)], name=f"{r}/Mul")
+    for op, name in (("Cos", f"cos_cache{suffix}"), ("Sin", f"sin_cache{suffix}")):
         if scale == 1:
-            g.op(op, [freqs], [name], name=f"rotary/{op}")
+            g.op(op, [freqs], [name], name=f"{r}/{op}")
         else:
-            raw = g.one(op, [freqs], name=f"rotary/{op}")
-            g.op("Mul", [raw, g.const("rotary.scaling", float(scale), np.float32)], [name], name=f"rotary/{op}Scale")
+            raw = g.one(op, [freqs], name=f"{r}/{op}")
+            g.op("Mul", [raw, g.const(f"{r}.scaling", float(scale), np.float32)], [name], name=f"{r}/{op}Scale")
     return True
 
 
@@ -369,6 +380,64 @@ def _llama_body(g: GraphBuilder, model, w: Weights, d: Dims) -> str:
     gamma = g.weight("norm.weight", w.read("model.norm.weight"))
     out, _, _, _ = g.op("SkipSimplifiedLayerNormalization", [branch, residual, gamma], 4, name="norm", domain=MS, epsilon=eps)
     return out
+
+
+def _gemma3_body(g: GraphBuilder, model, w: Weights, d: Dims) -> str:
+    """Gemma 3: the embedding times sqrt(hidden) (the model's own scale), RMSNorms that weigh by 1 + gamma, four
+    per layer (around attention and around the MLP), QK-norm before rotary, the query scaled by
+    query_pre_attn_scalar, GeGLU, and sliding-window layers (their own rotary base, ONNX Runtime's
+    local_window_size) between global ones."""
+    cfg = model.config
+    eps = float(cfg.rms_norm_eps)
+    kinds = sorted(set(cfg.layer_types))
+    for kind in kinds:
+        _rotary_caches(g, model, d, kind, f"_{kind}")
+    x = w.gather(g, TABLE, "model.embed_tokens.weight", "input_ids", "embed_tokens/Gather")
+    scale = model.model.embed_tokens.embed_scale.detach().to(torch.float32).cpu().numpy()
+    residual = g.one("Mul", [x, g.weight("embed_tokens.scale", scale)], name="embed_tokens/Scale")
+    branch = None
+
+    def norm(x: str, key: str, name: str, shape: list[int] | None = None) -> str:
+        gamma = g.weight(f"{name}.weight", 1.0 + w.read(key).to(torch.float32))
+        if shape is not None:  # per head: normalized over the head's features
+            x = g.one("Reshape", [x, g.const(f"{name}.heads", shape)], name=f"{name}/Heads")
+        y = g.one("SimplifiedLayerNormalization", [x, gamma], name=name, axis=-1, epsilon=eps, stash_type=1)
+        return y if shape is None else g.one("Reshape", [y, g.const(f"{name}.flat", [0, 0, -1])], name=f"{name}/Flat")
+
+    def add_norm(key: str, name: str) -> str:  # residual += branch, then the norm of the sum
+        nonlocal residual
+        gamma = g.weight(f"{name}.weight", 1.0 + w.read(key).to(torch.float32))
+        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [branch, residual, gamma], 4, name=name, domain=MS, epsilon=eps)
+        return h
+
+    for i in range(d.layers):
+        p, n = f"model.layers.{i}.", f"layers.{i}"
+        h = (
+            norm(residual, p + "input_layernorm.weight", f"{n}.input_layernorm")
+            if branch is None
+            else add_norm(p + "input_layernorm.weight", f"{n}.input_layernorm")
+        )
+        qkv = _linear(g, w, h, [p + f"self_attn.{x}_proj" for x in "qkv"], f"{n}.attn.qkv_proj")
+        sizes = [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim]
+        q, k, v = g.op("Split", [qkv, g.const(f"{n}.attn.split", sizes)], 3, name=f"{n}.attn/Split", axis=-1)
+        q = norm(q, p + "self_attn.q_norm.weight", f"{n}.attn.q_norm", [0, 0, d.heads, d.head_dim])
+        k = norm(k, p + "self_attn.k_norm.weight", f"{n}.attn.k_norm", [0, 0, d.kv_heads, d.head_dim])
+        kind = cfg.layer_types[i]
+        window = cfg.sliding_window if kind == "sliding_attention" else -1
+        attn = _attention(g, d, i, [q, k, v], True, caches=f"_{kind}", scale=float(cfg.query_pre_attn_scalar) ** -0.5, window=window)
+        branch = norm(
+            _linear(g, w, attn, [p + "self_attn.o_proj"], f"{n}.attn.o_proj"),
+            p + "post_attention_layernorm.weight",
+            f"{n}.post_attention_layernorm",
+        )
+        h = add_norm(p + "pre_feedforward_layernorm.weight", f"{n}.pre_feedforward_layernorm")
+        gate_up = _linear(g, w, h, [p + "mlp.gate_proj", p + "mlp.up_proj"], f"{n}.mlp.gate_up_proj")
+        inner = cfg.intermediate_size
+        gate, up = g.op("Split", [gate_up, g.const(f"{n}.mlp.split", [inner, inner])], 2, name=f"{n}.mlp/Split", axis=-1)
+        act = _activation(g, gate, cfg.hidden_activation, f"{n}.mlp.act")
+        down = _linear(g, w, g.one("Mul", [act, up], name=f"{n}.mlp/Mul"), [p + "mlp.down_proj"], f"{n}.mlp.down_proj")
+        branch = norm(down, p + "post_feedforward_layernorm.weight", f"{n}.post_feedforward_layernorm")
+    return add_norm("model.norm.weight", "norm")
 
 
 def _gpt2_body(g: GraphBuilder, model, w: Weights, d: Dims) -> str:

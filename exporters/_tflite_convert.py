@@ -17,20 +17,24 @@ import io
 from pathlib import Path
 
 from vcompress.core.errors import InternalError, Unsupported
+from vcompress.core.packages import import_failure
 
 # ai-edge-quantizer recipes: weights per channel, activations stay float32 (quantized on the fly).
 # "none" must be spelled out: litert-torch quantizes to int8 when no recipe is given.
 RECIPES = {"none": "none", "int8": "dynamic_wi8_afp32", "int4": "dynamic_wi4_afp32"}
+TOOLS = ("litert-torch", "tensorflow-cpu", "ai-edge-litert")  # what the exporter imports
+INSTALL = "`pip install -e '.[tflite]'`"
 CHECKED = ("llama", "qwen2")  # architectures whose export was checked against PyTorch
 
 
-def available() -> bool:
+def missing() -> str | None:
+    """Why the converter cannot be imported (one line), or None when it can."""
     try:
         import ai_edge_litert.interpreter  # noqa: F401
         import litert_torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as e:
+        return import_failure(e, TOOLS, INSTALL)
+    return None
 
 
 def convert(
@@ -45,9 +49,7 @@ def convert(
         with contextlib.redirect_stdout(transcript):
             from litert_torch.generative.export_hf import export as litert_export
     except ImportError as e:
-        raise Unsupported(
-            f"the tflite exporter needs litert-torch and tensorflow-cpu ({e}); install them with `pip install -e '.[tflite]'`"
-        ) from None
+        raise Unsupported(f"the tflite exporter needs litert-torch and tensorflow-cpu: {import_failure(e, TOOLS, INSTALL)}") from None
     try:
         # The exporter prints a progress tree on stdout, which carries --json output here.
         with contextlib.redirect_stdout(transcript):

@@ -84,10 +84,11 @@ class LiteRTSession:
             from ai_edge_litert.compiled_model import CompiledModel
             from ai_edge_litert.environment import Environment, EnvironmentOptions
             from ai_edge_litert.options import CpuOptions, Options
-        except ImportError:
-            raise SessionError(
-                "running a .tflite needs ai-edge-litert's CompiledModel API; install it with `pip install -e '.[tflite]'`"
-            ) from None
+        except ImportError as e:
+            from vcompress.core.packages import import_failure  # only on failure: this module runs on numpy alone
+
+            why = import_failure(e, ("ai-edge-litert",), "`pip install -e '.[tflite]'`")
+            raise SessionError(f"running a .tflite needs ai-edge-litert's CompiledModel API: {why}") from None
         self.threads = threads or os.cpu_count() or 1  # LiteRT's own default (0) runs on one thread
         # No compiler plugins: CPU only, and LiteRT would otherwise try (and loudly fail) to load vendor plugins.
         environment = Environment.create(

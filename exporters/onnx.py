@@ -137,7 +137,8 @@ class OnnxExport(Exporter):
         int8 / no quantization: 8 / 32 bits everywhere. The x86-cpu export of Qwen2.5-Coder-0.5B (untied, table
         bits 8) was 570.0 MiB where an earlier rule, ignoring the tables' blocks, said 483.6."""
         cfg = self.config
-        rotary = max_positions * shape["head_dim"] * 4 if shape["model_type"] != "gpt2" and not cfg.compact else 0
+        tables = {"gpt2": 0, "gemma3_text": 2}.get(shape["model_type"], 1)  # Gemma 3: a rotary base per layer type
+        rotary = max_positions * shape["head_dim"] * 4 * tables if not cfg.compact else 0
         if cfg.quant == "none" or quantization["method"] in ("none", "int8"):
             bits = 32 if cfg.quant == "none" or quantization["method"] == "none" else 8
             return stored_weights(shape, bits, bits, bits, rotary)

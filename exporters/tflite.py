@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import Refused, Unsupported
 from vcompress.core.models import attention_shape, bytes_on_disk, save_model
+from vcompress.core.packages import import_failure
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
@@ -94,10 +95,8 @@ class TFLiteExport(Exporter):
         source = ctx.read_source()
         model, tokenizer, grid = load_source(ctx)  # a quantize folder: its dequantized weights
         model_type = model.config.model_type
-        if not _tflite_convert.available():
-            raise Unsupported(
-                "the tflite exporter needs litert-torch, tensorflow-cpu and ai-edge-litert; install them with `pip install -e '.[tflite]'`"
-            )
+        if why := _tflite_convert.missing():
+            raise Unsupported(f"the tflite exporter needs litert-torch, tensorflow-cpu and ai-edge-litert: {why}")
         uncarried = uncarried_source(
             ctx, cfg.quant, "ai-edge-quantizer computes its own per-channel scales from the float weights and takes no given grid"
         )
@@ -160,7 +159,7 @@ def _bundle_loads(ctx: StageContext) -> str:
     try:
         from . import _litertlm_session
     except ImportError as e:
-        said = f"not loaded: LiteRT-LM is not installed here ({e}); install it with `pip install -e '.[tflite]'`"
+        said = f"not loaded: LiteRT-LM cannot be imported here: {import_failure(e, ('litert-lm-api',), _tflite_convert.INSTALL)}"
     else:
         try:
             _litertlm_session.Session(ctx.out, threads=1).close()

@@ -38,6 +38,12 @@ def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Gemma 3 (one KV head, QK-norm, sliding window 16; layers sliding, global, sliding)."""
+    return build_model("gemma3", tmp_path_factory.mktemp("tiny") / "gemma3", tokenizer, layers=3)
+
+
 @pytest.fixture(params=ARCHS)
 def tiny_model(request, tiny_models) -> Path:
     return tiny_models[request.param]

@@ -1,4 +1,4 @@
-"""Tiny random models (Llama with GQA, Qwen2, GPT-2) and a tokenizer trained here: no hub, seconds to build."""
+"""Tiny random models (Llama with GQA, Qwen2, GPT-2, Gemma 3) and a tokenizer trained here: no hub, seconds to build."""
 
 from __future__ import annotations
 
@@ -59,6 +59,16 @@ def build_config(arch: str, vocab_size: int, layers: int = 2, **sizes):
         return LlamaConfig(**{**decoder, "head_dim": 16, "rope_theta": 100000.0, "tie_word_embeddings": True, **sizes})
     if arch == "qwen2":
         return Qwen2Config(**{**decoder, "tie_word_embeddings": False, **sizes})
+    if arch == "gemma3":  # like Gemma 3 270M: one KV head, QK-norm, sliding layers (window 16) around a global one
+        from transformers import Gemma3TextConfig
+
+        rope = {
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        }
+        gemma = {"num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16, "rope_parameters": rope}
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention"][:layers]
+        return Gemma3TextConfig(**{**decoder, **gemma, "layer_types": layer_types, "tie_word_embeddings": True, **sizes})
     raise ValueError(arch)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from vcompress.core.artifact import RunLayout, write_json
 from vcompress.core.errors import InputError, VcompressError
+from vcompress.core.models import head_units
 from vcompress.core.profiles import Profile
 from vcompress.core.units import MIB
 
@@ -57,7 +58,7 @@ def candidates(scores: dict, profile: Profile) -> list[Candidate]:
     prune auto predicts (compress/prune_plan.py) for the pruned config exported as the candidate's profile says."""
     from vcompress.compress.prune_plan import predict, pruned_config
 
-    kv = scores["shape"]["kv_heads"]
+    kv = head_units(scores["shape"]["query_heads"], scores["shape"]["kv_heads"])
     if "config" not in scores:
         raise InputError("the analysis predates `run --auto`'s size predictions (no config in sensitivity.json); run it again")
     fractions = [round(g / kv, 4) for g in range(kv) if g / kv <= MAX_PRUNE_FRACTION]
@@ -78,7 +79,7 @@ def predicted_rise_pct(scores: dict, heads: float, bits: int) -> float | None:
     if heads:
         if "heads" not in scores:
             return None
-        removed = round(heads * scores["shape"]["kv_heads"])
+        removed = round(heads * head_units(scores["shape"]["query_heads"], scores["shape"]["kv_heads"]))
         delta += sum(sum(sorted(row)[:removed]) for row in scores["heads"]["mask_loss_delta_nats"])
     if bits == 4:
         if "quant" not in scores:
