@@ -40,7 +40,6 @@ from vcompress.core.errors import InputError, Refused, Unsupported
 from vcompress.core.layer_stream import file_tensors
 from vcompress.core.models import attention_shape, bytes_on_disk
 from vcompress.core.quant_format import codes, grid_bits, linear_tensors
-from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
@@ -82,7 +81,6 @@ class GGUFExportConfig(ParityConfig):
     threads: int | None = Field(None, gt=0, description="llama.cpp threads for the checks")
 
 
-@EXPORTERS.register(FORMAT)
 class GGUFExport(Exporter):
     format = FORMAT
     runtime = "llama.cpp"

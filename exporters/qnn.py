@@ -29,7 +29,6 @@ from pydantic import Field, model_validator
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.data import pack, texts_for
 from vcompress.core.models import bytes_on_disk
-from vcompress.core.registry import EXPORTERS
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
@@ -77,7 +76,6 @@ class QnnExportConfig(ParityConfig):
         return self
 
 
-@EXPORTERS.register(FORMAT)
 class QnnExport(Exporter):
     format = FORMAT
     runtime = "onnxruntime-qnn"
