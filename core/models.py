@@ -129,7 +129,7 @@ def default_model_dir() -> Path:
 
 def source_gguf(source: ModelSource) -> Path | None:
     """The GGUF file a resolved source was converted from (a .gguf, or the embedded default), or None."""
-    if source.kind == "gguf":
+    if source.gguf_file:
         return Path(source.path)
     if source.kind == "hf" and source.label == DEFAULT_NAME and Path(source.path) == default_model_dir():
         return default_gguf()
