@@ -156,6 +156,11 @@ class OnnxExport(Exporter):
             model, tensors = stream.model, stream_tensors(stream)
             ctx.log(f"streaming {stream_from} tensor by tensor (the model is never whole in memory)")
         source_grid = _gguf_grid(ctx, cfg, gguf, model, streamed=stream is not None) if gguf is not None else None
+        if gguf is not None and source_grid is None and stream is not None:
+            raise InputError(
+                f"{gguf.name} has no blocks that can be carried at {cfg.quant}, and ONNX Runtime's {cfg.quant} quantizer needs the "
+                "whole graph; pass --stream off, or run `vcompress quantize` first"
+            )
         weights = _weights(tensors, cfg, folder, grid, _onnx_graph.dims_of(model.config).tied, source_grid)
         ctx.log(f"building the ONNX decoder graph ({model.config.model_type}, {cfg.quant})")
         if isinstance(weights, _onnx_gptq.CarriedWeights) and source_grid is None:
@@ -290,7 +295,8 @@ def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | N
     if source_grid is not None:
         weights = _onnx_gptq.CarriedWeights(tensors, source_grid.tensors, source_grid.manifest, **settings)
         weights.rerounded = dict(source_grid.rerounded)
-        weights.carried.update(source="gguf", types=_counts(source_grid.types), rerounded=weights.rerounded)
+        rounder = f"onnxruntime {cfg.method if cfg.quant == 'int4' else cfg.int8_method}"
+        weights.carried.update(source="gguf", types=_counts(source_grid.types), rerounded=weights.rerounded, rerounded_by=rounder)
         return weights
     if grid is not None:
         codes = file_tensors(folder / grid["weights_file"])

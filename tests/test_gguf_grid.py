@@ -188,3 +188,16 @@ def test_a_refused_export_of_a_float_source_names_gptq_first(tiny_llama, tmp_pat
     with pytest.raises(Refused, match=r"vcompress quantize --model .* --method gptq --bits 4 --out q.*export onnx --model q --quant int4"):
         export(tiny_llama, tmp_path / "out", "int4", min_top1_quantized=1.0, **QUIET)
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_says_it_rerounds_a_gguf_source(tiny_ggufs, tmp_path, monkeypatch):
+    from vcompress.exporters import tensorrt
+
+    path, _ = tiny_ggufs["llama"]["q4"]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    logged = []
+    tensorrt.export(
+        path, tmp_path / "t", "int4", block_size=32, threads=1, new_tokens=4, min_top1_quantized=0, heldout_blocks=0, log=logged.append
+    )
+    note = json.loads((tmp_path / "t" / "manifest.json").read_text())["quant"]["source_grid"]
+    assert "not carried but re-rounded" in note and "zero points of zero only" in note and note in logged
