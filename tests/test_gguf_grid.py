@@ -201,3 +201,14 @@ def test_tensorrt_says_it_rerounds_a_gguf_source(tiny_ggufs, tmp_path, monkeypat
     )
     note = json.loads((tmp_path / "t" / "manifest.json").read_text())["quant"]["source_grid"]
     assert "not carried but re-rounded" in note and "zero points of zero only" in note and note in logged
+
+
+def test_a_streamed_gguf_export_carries_the_same_bytes(tiny_ggufs, tmp_path, monkeypatch):
+    import filecmp
+
+    path, _ = tiny_ggufs["llama"]["q4"]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    whole = export(path, tmp_path / "a", "int4", stream="off", accuracy_level=0, **QUIET)
+    streamed = export(path, tmp_path / "b", "int4", stream="on", accuracy_level=0, **QUIET)
+    assert streamed["streamed"] and streamed["grid"]["linears"] == whole["grid"]["linears"] == 14
+    assert filecmp.cmp(tmp_path / "a" / "model.onnx.data", tmp_path / "b" / "model.onnx.data", shallow=False)
