@@ -93,7 +93,7 @@ class OnnxExportConfig(ParityConfig):
         False,
         description="store block scales and float-zero corrections as float16 (cast to float32 when ONNX Runtime loads the "
         "model) and compute the rotary tables in the graph: a smaller file (SmolLM2 x86-cpu: 108.7 -> 92.4 MiB) for "
-        "scales rounded to float16 (exact for grids from GGUF, whose scales are float16) and a higher load-time peak RSS",
+        "scales rounded to float16 (exact for GGUF Q4_0/Q4_1/Q5_0/Q8_0 scales, which are float16; K-quant sub-block scales and float-minimum corrections round) and a higher load-time peak RSS",
     )
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the parity check")
     stream: Literal["auto", "on", "off"] = Field(
