@@ -74,10 +74,10 @@ class QuantizeConfig(StageConfig):
     stream: Literal["auto", "on", "off"] = Field(
         "auto", description="read and quantize one decoder layer at a time from disk (auto: when the model would not fit in memory)"
     )
-    keep_source_grid: bool = Field(
-        True,
-        description="a GGUF source's linears already at or below `bits` keep their own blocks (core/gguf_blocks.py) instead of "
-        "being re-solved; the rest are quantized by `method`",
+    requantize_source: bool = Field(
+        False,
+        description="re-solve every linear of a GGUF source by `method`; by default those already at or below `bits` keep "
+        "their own blocks (core/gguf_blocks.py) and only the rest are quantized",
     )
 
     @model_validator(mode="after")
@@ -232,8 +232,8 @@ class InMemoryLayers:
 
 def source_blocks(ctx, cfg: QuantizeConfig, source, kept: list[str]):
     """The blocks of a GGUF source's linears at or below the grid's bits, kept as they are (core/gguf_blocks.py), or
-    None: not a GGUF, `keep_source_grid` off, a streamed source (its layers are re-solved), or nothing to keep."""
-    if not cfg.keep_source_grid:
+    None: not a GGUF, `requantize_source` on, a streamed source (its layers are re-solved), or nothing to keep."""
+    if cfg.requantize_source:
         return None
     path = source_gguf(ctx.read_source())
     if path is None:

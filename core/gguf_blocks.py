@@ -126,22 +126,26 @@ def _q8_0(b):
     return _symmetric((b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), _f16(b, 0), 128)
 
 
+K_CODES = 4 + Q4_K.K_SCALE_SIZE  # Q4_K / Q5_K: fp16 d and dmin, then the packed 6-bit scales and minimums
+
+
 def _k_scales(b):
     """Q4_K / Q5_K: the eight 32-blocks' float scale d * sc and float minimum -(dmin * m), [blocks, 8]."""
-    sc, m = Q4_K.get_scale_min(b[:, 4:16])
+    sc, m = Q4_K.get_scale_min(b[:, 4:K_CODES])
     return _f16(b, 0) * sc.astype(np.float32), -(_f16(b, 2) * m.astype(np.float32))
 
 
 def _q4_k(b):
     scale, minimum = _k_scales(b)
-    codes = _nibbles(b[:, 16:].reshape(len(b), 4, 32)).reshape(len(b), 8, 32)
+    codes = _nibbles(b[:, K_CODES:].reshape(len(b), 4, 32)).reshape(len(b), 8, 32)
     return codes, scale, minimum, None
 
 
 def _q5_k(b):
     scale, minimum = _k_scales(b)
-    high = (b[:, 16:48][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [blocks, 8, 32]: bit j of qh -> 32-block j
-    codes = _nibbles(b[:, 48:].reshape(len(b), 4, 32)).reshape(len(b), 8, 32) | (high << 4)
+    qs = K_CODES + QK_K // 8  # after qh: the fifth bit of each value, bit j for 32-block j
+    high = (b[:, K_CODES:qs][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [blocks, 8, 32]
+    codes = _nibbles(b[:, qs:].reshape(len(b), 4, 32)).reshape(len(b), 8, 32) | (high << 4)
     return codes, scale, minimum, None
 
 

@@ -73,10 +73,12 @@ def read_quant_grid(folder: str | Path | None) -> dict | None:
 
 
 def grid_bits(manifest: dict) -> int:
-    bits = {spec["bits"] for spec in manifest["linears"].values()}
-    if len(bits) != 1:
+    """The checkpoint's bits: one width, or the widest where only a GGUF source's kept blocks ("mins") are narrower."""
+    specs = manifest["linears"].values()
+    bits = {spec["bits"] for spec in specs}
+    if any(spec["bits"] != max(bits) and "mins" not in spec["tensors"] for spec in specs):
         raise InputError(f"mixed bit widths {sorted(bits)} in one checkpoint cannot be exported; quantize every linear to the same bits")
-    return bits.pop()
+    return max(bits)
 
 
 def linear_tensors(packed: dict[str, torch.Tensor], spec: dict) -> dict[str, torch.Tensor]:

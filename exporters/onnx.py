@@ -92,7 +92,7 @@ class OnnxExportConfig(ParityConfig):
         False,
         description="store block scales and float-zero corrections as float16 (cast to float32 when ONNX Runtime loads the "
         "model) and compute the rotary tables in the graph: a smaller file (SmolLM2 x86-cpu: 108.7 -> 92.4 MiB) for "
-        "scales rounded to float16 (exact for grids from GGUF, whose scales are float16) and a higher load-time peak RSS",
+        "scales rounded to float16 (exact for GGUF Q4_0/Q4_1/Q5_0/Q8_0 scales, which are float16; K-quant sub-block scales and float-minimum corrections round) and a higher load-time peak RSS",
     )
     prefill_graph: Literal["none", "int8"] = Field(
         "none",
@@ -170,6 +170,11 @@ class OnnxExport(Exporter):
             model, tensors = stream.model, stream_tensors(stream)
             ctx.log(f"streaming {stream_from} tensor by tensor (the model is never whole in memory)")
         source_grid = _gguf_grid(ctx, cfg, gguf, model, streamed=stream is not None) if gguf is not None else None
+        if gguf is not None and source_grid is None and stream is not None:
+            raise InputError(
+                f"{gguf.name} has no blocks that can be carried at {cfg.quant}, and ONNX Runtime's {cfg.quant} quantizer needs the "
+                "whole graph; pass --stream off, or run `vcompress quantize` first"
+            )
         weights = _weights(tensors, cfg, folder, grid, _onnx_graph.dims_of(model.config).tied, source_grid)
         ctx.log(f"building the ONNX decoder graph ({model.config.model_type}, {cfg.quant})")
         if isinstance(weights, _onnx_gptq.CarriedWeights) and source_grid is None:
@@ -317,7 +322,8 @@ def _weights(tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | N
     if source_grid is not None:
         weights = _onnx_gptq.CarriedWeights(tensors, source_grid.tensors, source_grid.manifest, **settings)
         weights.rerounded = dict(source_grid.rerounded)
-        weights.carried.update(source="gguf", types=_counts(source_grid.types), rerounded=weights.rerounded)
+        rounder = f"onnxruntime {cfg.method if cfg.quant == 'int4' else cfg.int8_method}"
+        weights.carried.update(source="gguf", types=_counts(source_grid.types), rerounded=weights.rerounded, rerounded_by=rounder)
         return weights
     if grid is not None:
         codes = file_tensors(folder / grid["weights_file"])

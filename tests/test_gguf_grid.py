@@ -188,3 +188,27 @@ def test_a_refused_export_of_a_float_source_names_gptq_first(tiny_llama, tmp_pat
     with pytest.raises(Refused, match=r"vcompress quantize --model .* --method gptq --bits 4 --out q.*export onnx --model q --quant int4"):
         export(tiny_llama, tmp_path / "out", "int4", min_top1_quantized=1.0, **QUIET)
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_says_it_rerounds_a_gguf_source(tiny_ggufs, tmp_path, monkeypatch):
+    from vcompress.exporters import tensorrt
+
+    path, _ = tiny_ggufs["llama"]["q4"]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    logged = []
+    tensorrt.export(
+        path, tmp_path / "t", "int4", block_size=32, threads=1, new_tokens=4, min_top1_quantized=0, heldout_blocks=0, log=logged.append
+    )
+    note = json.loads((tmp_path / "t" / "manifest.json").read_text())["quant"]["source_grid"]
+    assert "not carried but re-rounded" in note and "zero points of zero only" in note and note in logged
+
+
+def test_a_streamed_gguf_export_carries_the_same_bytes(tiny_ggufs, tmp_path, monkeypatch):
+    import filecmp
+
+    path, _ = tiny_ggufs["llama"]["q4"]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    whole = export(path, tmp_path / "a", "int4", stream="off", accuracy_level=0, **QUIET)
+    streamed = export(path, tmp_path / "b", "int4", stream="on", accuracy_level=0, **QUIET)
+    assert streamed["streamed"] and streamed["grid"]["linears"] == whole["grid"]["linears"] == 14
+    assert filecmp.cmp(tmp_path / "a" / "model.onnx.data", tmp_path / "b" / "model.onnx.data", shallow=False)
