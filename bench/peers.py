@@ -566,6 +566,9 @@ def row_ours_int4(ctx) -> dict:
     return {
         "runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}, {through}",
         "engine": "genai" if genai else "onnx",
+        # scored by our loop on the same graphs: a whole sequence in one run, through the int8 prompt graph where the
+        # artifact has one (genai hands out only the newest position's logits: the rest would go through the 4-bit graph)
+        "score_engine": "onnx",
         "target": folder,
         "python": sys.executable,
         "kv_bytes": _kv_bytes(folder),
@@ -781,7 +784,8 @@ def prepare_row(name: str, ctx) -> dict:
 
 def _job(row: dict, ctx, score: bool = False) -> dict:
     options = {**row.get("options", {}), **(row.get("score_options", {}) if score else {})}
-    return {"engine": row["engine"], "target": row["target"], "threads": ctx["threads"], "options": options}
+    engine = row.get("score_engine", row["engine"]) if score else row["engine"]
+    return {"engine": engine, "target": row["target"], "threads": ctx["threads"], "options": options}
 
 
 def race(rows: list[dict], ctx) -> None:

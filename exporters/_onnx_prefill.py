@@ -6,7 +6,7 @@ of hundreds of tokens is bound by arithmetic instead, and there ONNX Runtime's i
 by several times (bench/kernels.py, rows dq-int8 and sym4+correction). So an export with `prefill_graph:
 int8` writes a second graph, model_prefill.onnx, whose linears hold the same weights as int8 per output
 channel: a quantize folder's grid is dequantized (W = scale * (q - zero), as the quantized model computes
-it) and rounded to 255 symmetric levels per column; a float source's weights are rounded directly. The
+it) and rounded to 255 symmetric levels per column (down_proj stays 4-bit: see PrefillWeights). The
 tables (embedding, LM head) are the decode graph's, block-quantized the same way. genai_config.json then
 names both graphs as one pipeline (type decoder-pipeline): the prompt graph runs on the prompt, the 4-bit
 graph on every generated token, both reading and writing the one KV cache ONNX Runtime GenAI keeps.
@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vcompress.core.quant_format import dequantize, grid_bits, linear_tensors
+from vcompress.core.quant_format import dequantize, linear_tensors
 
+from ._onnx_gptq import CarriedWeights
 from ._onnx_graph import MS, GraphBuilder
-from ._onnx_quant import TableWeights
 
 FILE = "model_prefill.onnx"
 
@@ -33,31 +33,20 @@ def per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-class PrefillWeights(TableWeights):
-    """Every linear of the body as DynamicQuantizeMatMul on per-channel int8 weights; the tables as TableWeights.
-    `codes` / `grid`: a quantize folder's weights file and manifest (its linears are dequantized from their codes)."""
+class PrefillWeights(CarriedWeights):
+    """The linears that read a normalized hidden state (qkv, gate_up, o) as DynamicQuantizeMatMul on per-channel int8
+    weights dequantized from the carried grid; down_proj keeps the decode graph's 4-bit MatMulNBits: its input,
+    SiLU(gate) * up, has outlier channels that one activation scale per tensor rounds away (SmolLM2-135M, 4 x 256
+    held-out tokens against the 4-bit graph: every linear int8, perplexity +54% and top-1 0.65; down_proj kept
+    4-bit, +2.1% and 0.86; docs/peers.md, "The int8 prompt graph"). The tables are the decode graph's."""
 
-    def __init__(self, tensors, codes=None, grid: dict | None = None, **table_settings):
-        super().__init__(tensors, **table_settings)
-        self.codes, self.grid = codes, grid
-        self.linears = grid["linears"] if grid else {}
-
-    def _float(self, module: str) -> torch.Tensor:
-        """W [in, out] of one checkpoint linear, as the model computes it."""
-        if module in self.linears:
-            return dequantize(linear_tensors(self.codes, self.linears[module]), grid_bits(self.grid))
-        return self.read(f"{module}.weight").t()
+    four_bit = ("down_proj",)
 
     def matmul(self, g: GraphBuilder, x: str, modules: list[str], name: str, transposed: bool = False) -> str:
-        if transposed:  # GPT-2's Conv1D: [in, out] already
-            w = torch.cat([self.read(f"{m}.weight") for m in modules], dim=1)
-        else:
-            w = torch.cat([self._float(m) for m in modules], dim=1)
-        q, scale = per_channel_int8(w.detach().to(torch.float32).numpy())
-        inputs = [
-            x,
-            g.weight(f"{name}.weight_int8", q),
-            g.side(f"{name}.weight_scale", scale),
-            g.weight(f"{name}.weight_zero", np.zeros(q.shape[1], np.int8)),
-        ]
+        if transposed or name.endswith(self.four_bit) or not all(m in self.linears for m in modules):
+            return super().matmul(g, x, modules, name, transposed)
+        w = torch.cat([dequantize(linear_tensors(self.codes, self.linears[m]), self.carried["bits"]) for m in modules], dim=1)
+        q, scale = per_channel_int8(w.numpy())
+        zero = np.zeros(q.shape[1], np.int8)
+        inputs = [x, g.weight(f"{name}.weight_int8", q), g.side(f"{name}.weight_scale", scale), g.weight(f"{name}.weight_zero", zero)]
         return g.one("DynamicQuantizeMatMul", inputs, name=f"{name}/DynamicQuantizeMatMul", domain=MS)

@@ -158,6 +158,10 @@ class OnnxExport(Exporter):
         folder = source_folder(ctx.source)
         grid = read_quant_grid(folder)
         _check_grid(cfg, grid)
+        if cfg.prefill_graph != "none" and grid is None:
+            raise InputError(
+                "--prefill-graph int8 takes its weights from a quantize folder's grid; run `vcompress quantize` and export that folder, or pass --prefill-graph none"
+            )
         gguf = source_gguf(ctx.read_source()) if grid is None and cfg.quant != "none" else None
         if cfg.table_bits is None:
             cfg = cfg.model_copy(update={"table_bits": 8 if gguf is not None and table_type(gguf) == "Q8_0" else 4})
@@ -372,8 +376,7 @@ def _write_graph(model, weights: _onnx_graph.Weights, cfg: OnnxExportConfig, out
 def _write_prefill(model, tensors, cfg: OnnxExportConfig, folder: Path | None, grid: dict | None, tied: bool, out: Path) -> list[str]:
     """The int8 prompt graph (_onnx_prefill.py), its bytes written to its own data file as it is built."""
     name = _onnx_prefill.FILE
-    codes = file_tensors(folder / grid["weights_file"]) if grid is not None else None
-    weights = _onnx_prefill.PrefillWeights(tensors, codes, grid, **_table_settings(cfg, tied))
+    weights = _onnx_prefill.PrefillWeights(tensors, file_tensors(folder / grid["weights_file"]), grid, **_table_settings(cfg, tied))
     proto, _ = _onnx_graph.build(model, weights, _onnx_graph.ExternalData(out, f"{name}.data"))
     onnx.save_model(proto, out / name)
     return [name, f"{name}.data"]

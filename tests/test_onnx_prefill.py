@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from safetensors.torch import load_file
 
 from vcompress.core import quant_format
+from vcompress.core.errors import InputError
 from vcompress.exporters.onnx import export
 
 GENAI_GREEDY = Path(__file__).with_name("genai_greedy.py")
@@ -59,10 +60,11 @@ def test_prompt_graph_holds_the_grid_as_int8_per_channel(paired):
     assert metrics["prefill_graph_bytes"] == sum((out / f).stat().st_size for f in ("model_prefill.onnx", "model_prefill.onnx.data"))
     assert metrics["model_bytes"] > metrics["prefill_graph_bytes"]
     model = onnx.load(str(out / "model_prefill.onnx"))
-    ops = [n.op_type for n in model.graph.node]
-    assert "MatMulNBits" not in [n.op_type for n in model.graph.node if not n.name.startswith("lm_head")]
     grid = quant_format.read_quant_grid(folder)
-    assert ops.count("DynamicQuantizeMatMul") == 4 * manifest["layers"]  # qkv, o, gate_up, down
+    int8 = {n.name.rsplit("/", 1)[0] for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"}
+    nbits = {n.name.rsplit("/", 1)[0] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert len(int8) == 3 * manifest["layers"] and not any("down_proj" in n for n in int8)  # qkv, o, gate_up
+    assert nbits == {f"layers.{i}.mlp.down_proj" for i in range(manifest["layers"])} | {"lm_head"}  # and the 8-bit head
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     packed = load_file(str(folder / grid["weights_file"]))
     spec = grid["linears"]["model.layers.0.self_attn.o_proj"]
@@ -117,6 +119,8 @@ def test_prompt_graph_needs_a_4bit_decode_graph(tiny_models, tmp_path):
 
     with pytest.raises(ValidationError, match="--quant int4"):
         OnnxExportConfig(quant="int8", prefill_graph="int8")
+    with pytest.raises(InputError, match="quantize folder"):
+        export(tiny_models["llama"], tmp_path / "float", "int4", prefill_graph="int8", log=lambda _: None, threads=1)
 
 
 def test_runner_runs_prompts_on_the_prompt_graph_as_genai_does(paired):
