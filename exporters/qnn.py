@@ -96,8 +96,7 @@ class QnnExport(Exporter):
         scratch.mkdir(parents=True, exist_ok=True)
         fp32 = {}
         for graph, seq in zip(GRAPHS, (cfg.chunk, 1)):
-            weights = _onnx_graph.Weights(model.state_dict())
-            proto, dims = _qnn_graph.build_step(model, weights, seq, cfg.cache)
+            proto, dims = _qnn_graph.build_step(model, _onnx_graph.Weights(model.state_dict()), seq, cfg.cache)
             _qnn_compile.check_ops(proto, graph)
             fp32[graph] = scratch / f"{graph}.fp32.onnx"
             onnx.save_model(proto, fp32[graph], save_as_external_data=True, location=f"{graph}.fp32.onnx.data")
@@ -136,12 +135,15 @@ class QnnExport(Exporter):
         write_json(ctx.out / MANIFEST, manifest)
         label = "QNN HTP emulation" if cfg.evaluate_on == "htp" else "QNN QDQ graphs on the CPU EP"
         result = gate(ctx, QnnRunner, model, tokenizer, cfg, manifest, label, dequantized=True)
+        fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
         size = sum(bytes_on_disk(ctx.out / f) for f in [*files["htp"].values(), *files["binaries"].values()])
         return {
             "format": FORMAT,
             "quant": cfg.quant,
             "htp_arch": cfg.htp_arch,
-            "model_bytes": size,
+            "model_bytes": size,  # both graphs' context binaries: each holds its own copy of the weights
+            "fp32_weight_bytes": fp32_bytes,
+            "size_ratio_to_fp32": round(size / fp32_bytes, 4),
             "placement": placement,
             "parity": result,
         }

@@ -21,9 +21,13 @@ SMALL = {"chunk": 16, "cache": 64, "calibration_blocks": 2, "calibration_decode_
 
 @pytest.fixture(scope="module")
 def exported(tiny_llama, tmp_path_factory):
+    """The tiny Llama through `vcompress export qnn`, as a user runs it."""
+    from vcompress.cli import main
+
     out = tmp_path_factory.mktemp("qnn") / "out"
-    metrics = qnn.export(tiny_llama, out, **SMALL)
-    return out, metrics
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    assert main(["export", "qnn", "--model", str(tiny_llama), "--out", str(out), *options]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
 
 
 def test_every_node_is_compiled_for_the_htp(exported):
