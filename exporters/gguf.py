@@ -312,7 +312,9 @@ def write_gguf(path: Path, model, tokenizer, arch, grid: dict | None, packed, cf
 
 def _table_type(name: str, cfg: GGUFExportConfig, tied: bool):
     """The embedding table at table_bits (tied: the head's bits), the LM head at head_bits; other 2-D weights
-    (a float source's linears, or those quantize kept float) fp32."""
+    (a float source's linears, or those quantize kept float) and everything under quant none fp32."""
+    if cfg.quant == "none":
+        return Q.F32
     if name.endswith("embed_tokens.weight"):
         return TABLE_TYPES[_head_bits(cfg) if tied else cfg.table_bits]
     if name == "lm_head.weight":
