@@ -124,7 +124,7 @@ def test_qwen2_and_an_explicit_head_dim_load_in_llama_cpp(tiny_models, tmp_path)
     from tests.tiny import build_config
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(build_config("llama", 384, head_dim=32, num_attention_heads=2, num_key_value_heads=1))
+    model = AutoModelForCausalLM.from_config(build_config("llama", 384, head_dim=32))
     pruned = tmp_path / "pruned"
     model.save_pretrained(pruned)
     AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(pruned)
