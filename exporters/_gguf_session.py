@@ -21,6 +21,22 @@ RUNTIME = "llama_cpp"
 FORMAT = "gguf"
 
 
+def _has_amx() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.is_file() and " amx_int8" in cpuinfo.read_text()
+
+
+# llama-cpp-python 0.3.36 built for this Xeon (GGML_NATIVE) crashes in ggml_backend_amx_mul_mat on the first eval of
+# any Q4_1 / Q8_0 model, llama.cpp's own SmolLM2 GGUF too: where the CPU has AMX, the weights stay in the plain CPU
+# buffer instead of the AMX-repacked one ("extra buffer types"), which runs.
+AMX = _has_amx()
+
+
+def _without_extra_buffers(params):
+    params.use_extra_bufts = False
+    return params
+
+
 class SessionError(ValueError):
     """A folder llama.cpp cannot open, or a sequence longer than its context."""
 
@@ -29,7 +45,16 @@ class Session:
     headroom = 256  # context slots past a prompt, as the other sessions allocate
     context = 2 * headroom  # the first context: the bench's 256-token prompt and its headroom
 
-    def __init__(self, folder: str | Path, *, threads: int | None = None, context: int | None = None, all_logits: bool = False, **_):
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        threads: int | None = None,
+        context: int | None = None,
+        all_logits: bool = False,
+        kv_float32: bool = False,
+        **_,
+    ):
         self.folder = Path(folder)
         manifest_file = self.folder / "manifest.json"
         if not manifest_file.is_file():
@@ -43,6 +68,7 @@ class Session:
         self.max_positions = int(self.manifest["max_positions"])
         self.threads = threads or os.cpu_count() or 1
         self.all_logits = all_logits
+        self.kv_float32 = kv_float32  # llama.cpp's KV cache is float16 unless asked (an fp32 export's parity check)
         import llama_cpp  # here, not at import: the exporter's module loads where llama.cpp is not installed
 
         self.lib = llama_cpp
@@ -51,6 +77,9 @@ class Session:
 
     def _open(self, context: int) -> None:
         """llama.cpp's model and context (its KV cache is allocated, and cleared, for all `context` slots now)."""
+        low, default = self.lib.llama_cpp, self.lib.llama_cpp.llama_model_default_params
+        if AMX:  # Llama() takes no argument for it: its model parameters with the extra buffer types off
+            low.llama_model_default_params = lambda: _without_extra_buffers(default())
         try:
             self.llm = self.lib.Llama(
                 model_path=str(self.model_file),
@@ -60,10 +89,13 @@ class Session:
                 n_threads=self.threads,
                 n_threads_batch=self.threads,
                 logits_all=self.all_logits,
+                **({"type_k": self.lib.GGML_TYPE_F32, "type_v": self.lib.GGML_TYPE_F32} if self.kv_float32 else {}),
                 verbose=False,
             )
         except (ValueError, RuntimeError) as e:
             raise SessionError(f"llama.cpp cannot load {self.model_file}: {e}") from None
+        finally:
+            low.llama_model_default_params = default
         self.context = context
 
     @property

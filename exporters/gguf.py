@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -129,8 +130,10 @@ class GGUFExport(Exporter):
             notes={"tokenizer": "in the GGUF (tokenizer.ggml.*, chat template): llama.cpp needs no other file"},
         )
         write_json(ctx.out / MANIFEST, manifest)
-        result = gate(ctx, GGUFRunner, model, tokenizer, cfg, manifest, "GGUF", dequantized=bool(grid))
-        manifest["heldout"] = heldout = heldout_check(ctx, model, tokenizer, cfg)
+        # fp32 weights are held to fp32 parity, so the check's cache is float32 too (an app's is llama.cpp's float16)
+        runner = partial(GGUFRunner, kv_float32=cfg.quant == "none")
+        result = gate(ctx, runner, model, tokenizer, cfg, manifest, "GGUF", dequantized=bool(grid))
+        manifest["heldout"] = heldout = heldout_check(ctx, runner, model, tokenizer, cfg)
         write_json(ctx.out / MANIFEST, manifest)
         if heldout.get("failure"):
             raise Refused(f"GGUF held-out check failed: {heldout['failure']}; the export was not written")
@@ -307,7 +310,9 @@ def write_gguf(path: Path, model, tokenizer, arch, grid: dict | None, packed, cf
 
 def _table_type(name: str, cfg: GGUFExportConfig, tied: bool):
     """The embedding table at table_bits (tied: the head's bits), the LM head at head_bits; other 2-D weights
-    (a float source's linears, or those quantize kept float) fp32."""
+    (a float source's linears, or those quantize kept float) and everything under quant none fp32."""
+    if cfg.quant == "none":
+        return Q.F32
     if name.endswith("embed_tokens.weight"):
         return TABLE_TYPES[_head_bits(cfg) if tied else cfg.table_bits]
     if name == "lm_head.weight":
@@ -318,7 +323,7 @@ def _table_type(name: str, cfg: GGUFExportConfig, tied: bool):
 def _hparams(writer, config, shape: dict) -> None:
     """llama.cpp's hyperparameters for the llama / qwen2 loaders. Every layer has the same counts (our pruning
     keeps them uniform); head_dim is written where it is not hidden / heads, as a pruned model's is not."""
-    writer.add_name(getattr(config, "_name_or_path", "") or config.model_type)
+    writer.add_name(Path(getattr(config, "_name_or_path", "") or config.model_type).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(shape["layers"])
@@ -376,7 +381,7 @@ def _pre_tokenizer(pre: dict | None) -> str:
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     kinds = [(s["type"], s.get("individual_digits"), s.get("use_regex")) for s in steps]
     if kinds == [("ByteLevel", None, True)]:
-        return "gpt2"
+        return "gpt-2"
     if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
         return "smollm"
     return "default"
@@ -385,13 +390,11 @@ def _pre_tokenizer(pre: dict | None) -> str:
 # --- llama.cpp's own check on held-out text ---------------------------------------------------------
 
 
-def heldout_check(ctx: StageContext, model, tokenizer, cfg: GGUFExportConfig) -> dict:
+def heldout_check(ctx: StageContext, runner, model, tokenizer, cfg: GGUFExportConfig) -> dict:
     """llama.cpp's top-1 next-token agreement and perplexity against our PyTorch model on held-out text
     (base.heldout_fidelity), with the config's bounds and the failure, if any ({} when skipped)."""
     ctx.log(f"checking llama.cpp against PyTorch on {cfg.heldout_blocks} held-out blocks of {cfg.heldout_seq_len} tokens")
-    figures = heldout_fidelity(
-        ctx, lambda: GGUFRunner(ctx.out, threads=cfg.threads), model, tokenizer, cfg.heldout_blocks, cfg.heldout_seq_len
-    )
+    figures = heldout_fidelity(ctx, lambda: runner(ctx.out, threads=cfg.threads), model, tokenizer, cfg.heldout_blocks, cfg.heldout_seq_len)
     if figures is None:
         return {}
     diff = figures["perplexity_rise_pct"]
@@ -421,13 +424,13 @@ class GGUFRunner(SessionRunner):
     backend = FORMAT
     session_error = SessionError
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, context: int | None = None, **_):
-        self.context = context
+    def __init__(self, path: str | Path, *, threads: int | None = None, context: int | None = None, kv_float32: bool = False, **_):
+        self.context, self.kv_float32 = context, kv_float32
         super().__init__(path, threads=threads)
         self.max_length = self.session.max_length
 
     def open_session(self) -> Session:
-        return Session(self.path, threads=self.threads, context=self.context, all_logits=True)
+        return Session(self.path, threads=self.threads, context=self.context, all_logits=True, kv_float32=self.kv_float32)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         lengths = None if attention_mask is None else attention_mask.sum(-1).tolist()

@@ -40,13 +40,14 @@ def gguf_command(settings, out, **options):
 def _gptq_first(model, out: Path, grid: dict, options: dict) -> str:
     """Quantize a float model onto the block grid into the export's work folder (kept if the export fails, removed
     with it when it succeeds); an earlier complete one there is reused."""
-    from vcompress.commands.quantize import echo_quantized
     from vcompress.compress.quantize import Quantize
 
     folder = out.parent / f".{out.name}.work" / "gptq"
     if not folder.is_dir():
         click.echo(f"GPTQ onto the GGUF block grid ({grid}) first, into {folder}", err=True)
-        execute_stage(Quantize(grid), folder, echo_quantized, model=model, **{k: v for k, v in options.items() if k != "force"})
+        settings = {k: v for k, v in options.items() if k not in ("force", "as_json")}
+        done = lambda folder, metrics: click.echo(f"quantized: {metrics['quantized_linears']} linears in {folder}", err=True)  # noqa: E731
+        execute_stage(Quantize(grid), folder, done, model=model, as_json=False, **settings)
     return str(folder)
 
 
