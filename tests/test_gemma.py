@@ -247,3 +247,14 @@ def test_tensorrt_standard_op_graph_of_gemma3_matches_pytorch_past_the_window(ti
     for t in range(30, 40):
         logits, state = session.decode(int(ids[0, t]), state)
         np.testing.assert_allclose(logits, want[t], atol=1e-4)
+
+
+def test_cli_names_the_unsupported_gemma3_piece_with_exit_2(cli, tiny_gemma, tmp_path):
+    import shutil
+
+    folder = tmp_path / "multimodal"
+    shutil.copytree(tiny_gemma, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}))
+    code, _, err = cli("inspect", "--model", folder)
+    assert code == 2 and "gemma3: the multimodal checkpoint (vision tower) is not supported yet" in err and "Traceback" not in err
