@@ -35,10 +35,12 @@ _spec.loader.exec_module(second_model)
 
 
 def complete(path: Path) -> bool:
-    if not path.is_file() or path.stat().st_size != SIZE:
-        return False
+    return path.is_file() and path.stat().st_size == SIZE and _magic(path) == b"GGUF"
+
+
+def _magic(path: Path) -> bytes:
     with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+        return f.read(4)
 
 
 def ensure(cache: Path) -> Path:
