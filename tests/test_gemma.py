@@ -258,3 +258,14 @@ def test_cli_names_the_unsupported_gemma3_piece_with_exit_2(cli, tiny_gemma, tmp
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}))
     code, _, err = cli("inspect", "--model", folder)
     assert code == 2 and "gemma3: the multimodal checkpoint (vision tower) is not supported yet" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_tflite_export_of_gemma3(tiny_gemma, tmp_path):
+    """litert-torch's Gemma 3 patches: greedy parity past the window, and the .litertlm bundle loads in LiteRT-LM."""
+    pytest.importorskip("litert_torch", reason="the tflite exporter needs litert-torch (pip install -e '.[tflite]')")
+    from vcompress.exporters.tflite import export
+
+    metrics = export(str(tiny_gemma), tmp_path / "tflite", "none", log=lambda _: None)
+    assert metrics["parity"]["passed"] and metrics["parity"]["greedy_identical"] == 5 and metrics["parity"]["greedy_tokens"] == 32
+    assert metrics["litertlm_loaded"].startswith("loaded by LiteRT-LM")
