@@ -372,6 +372,8 @@ def load_model(
 def _load_weights(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, dtype):
     if source.gguf_file:  # converted once (transformers' GGUF loading de-quantizes every tensor: ~2 min for a 0.5B)
         source = ModelSource("hf", converted_gguf_dir(Path(source.path)), label=source.label)
+    if source.kind == "hf":  # a family piece no stage handles is named before its weights load
+        _check_piece(_declared_type(Path(source.path)), f" ({source.path})")
     if source.kind == "hf" and (grid := read_quant_grid(source.path)) is not None:
         # a `vcompress quantize` folder: its linears as the grid computes them, in float32 (gptqmodel's
         # layers refuse the cast to float32 below, and are not needed to score the checkpoint)
@@ -401,6 +403,13 @@ def _load_hf(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, d
         raise InputError(f"cannot load {where}: {message}; check config.json and the weight files") from None
     except (OSError, KeyError, RuntimeError) as e:
         raise InputError(f"cannot load {where}: {_first_line(e)}; check config.json and the weights") from None
+
+
+def _declared_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def _merge_lora(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, dtype):
@@ -475,14 +484,18 @@ def tokenizer_note(source: ModelSource) -> str | None:
 
 def check_supported(config, source=None) -> None:
     where = f" ({source.path})" if source is not None else ""
-    if config.model_type in UNSUPPORTED_PIECES:
-        raise InputError(
-            f"{config.model_type}: {UNSUPPORTED_PIECES[config.model_type]} is not supported yet{where}; supported: {', '.join(SUPPORTED_TYPES)}"
-        )
+    _check_piece(config.model_type, where)
     if config.model_type not in SUPPORTED_TYPES:
         raise InputError(f"architecture {config.model_type!r}{where} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
     if softcap := getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
         raise InputError(f"{config.model_type}: logit soft-capping ({softcap}) is not supported yet{where}; pass a checkpoint without it")
+
+
+def _check_piece(model_type: str | None, where: str) -> None:
+    if model_type in UNSUPPORTED_PIECES:
+        raise InputError(
+            f"{model_type}: {UNSUPPORTED_PIECES[model_type]} is not supported yet{where}; supported: {', '.join(SUPPORTED_TYPES)}"
+        )
 
 
 def save_model(model, tokenizer, out: Path) -> Path:

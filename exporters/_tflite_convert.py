@@ -24,7 +24,7 @@ from vcompress.core.packages import import_failure
 RECIPES = {"none": "none", "int8": "dynamic_wi8_afp32", "int4": "dynamic_wi4_afp32"}
 TOOLS = ("litert-torch", "tensorflow-cpu", "ai-edge-litert")  # what the exporter imports
 INSTALL = "`pip install -e '.[tflite]'`"
-CHECKED = ("llama", "qwen2")  # architectures whose export was checked against PyTorch
+CHECKED = ("llama", "qwen2", "gemma3_text")  # architectures whose export was checked against PyTorch
 
 
 def missing() -> str | None:

@@ -33,7 +33,7 @@ from ._onnx_graph import Dims, GraphBuilder, dims_of
 OPSET = 21  # blocked DequantizeLinear (block_size) needs 21; TensorRT 10.15's parser takes opsets 9 to 24
 FLOATS = {"fp16": (np.float16, TensorProto.FLOAT16, "float16"), "fp32": (np.float32, TensorProto.FLOAT, "float32")}
 CODES = {"int4": (4, TensorProto.INT4), "int8": (8, TensorProto.INT8)}
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "qwen2", "gemma3_text")
 
 
 def build(model, *, precision: str = "fp16", weights: str = "int4", block_size: int = 128) -> tuple[onnx.ModelProto, Dims, dict]:
@@ -45,7 +45,7 @@ def build(model, *, precision: str = "fp16", weights: str = "int4", block_size: 
         )
     g = _Builder(precision, weights, block_size)
     sd = model.state_dict()
-    hidden = _body(g, model, sd, d)
+    hidden = (_gemma3_body if d.arch == "gemma3_text" else _body)(g, model, sd, d)
     _lm_head(g, sd, d, hidden)
     return _assemble(g, d), d, g.blocks
 
@@ -135,24 +135,35 @@ def _positions(g: _Builder, model, d: Dims) -> None:
     past = g.one("Shape", ["past_key_values.0.key"], name="past_len", start=2, end=3)
     seq = g.one("Shape", ["input_ids"], name="seq_len", start=1, end=2)
     total = g.one("Add", [past, seq], name="total_len")
-    with torch.no_grad():  # the model's own rotary module, so its rope scaling is the one exported
-        cos, sin = model.model.rotary_emb(torch.zeros(1, 1, d.head_dim), torch.arange(d.max_positions).unsqueeze(0))
-    for which, table in (("cos", cos[0]), ("sin", sin[0])):
-        g.op("Slice", [g.floats(f"{which}_table", table), past, total, "axis_0"], [which], name=f"rotary/{which}")
+    # Gemma 3: a rotary base per layer type (tables cos_<type>), and sliding layers see the last `window` keys only
+    kinds = sorted(set(model.config.layer_types)) if d.arch == "gemma3_text" else [None]
+    for kind in kinds:
+        with torch.no_grad():  # the model's own rotary module, so its rope scaling is the one exported
+            positions = torch.arange(d.max_positions).unsqueeze(0)
+            cos, sin = model.model.rotary_emb(torch.zeros(1, 1, d.head_dim), positions, *([kind] if kind else []))
+        for which, table in (("cos", cos[0]), ("sin", sin[0])):
+            name = f"{which}_{kind}" if kind else which
+            g.op("Slice", [g.floats(f"{name}_table", table), past, total, "axis_0"], [name], name=f"rotary/{name}")
     scalar = [g.one("Squeeze", [t, "axis_0"], name=f"{n}/Squeeze") for t, n in ((past, "past"), (total, "total"))]
     one, zero = g.const("one", 1), g.const("zero", 0)
     rows = g.one("Unsqueeze", [g.one("Range", [scalar[0], scalar[1], one], name="query_positions"), "axis_1"], name="query_positions/col")
     cols = g.one("Range", [zero, scalar[1], one], name="key_positions")
     g.op("Less", [rows, cols], ["future"], name="causal_mask")
+    if "sliding_attention" in kinds:
+        oldest = g.one("Sub", [rows, g.const("window", model.config.sliding_window)], name="window/oldest")
+        g.op("LessOrEqual", [cols, oldest], ["outside_window"], name="window_mask")
     g.weight("masked", np.array(np.finfo(np.float32).min, np.float32))
 
 
-def _rotate(g: _Builder, x: str, d: Dims, name: str) -> str:
+def _rotate(g: _Builder, x: str, d: Dims, name: str, kind: str | None = None) -> str:
     first, second = g.op("Split", [x, g.const(f"{name}.halves", [d.head_dim // 2] * 2)], 2, name=f"{name}/Split", axis=-1)
     rotated = g.one("Concat", [g.one("Neg", [second], name=f"{name}/Neg"), first], name=f"{name}/Concat", axis=-1)
     return g.one(
         "Add",
-        [g.one("Mul", [x, "cos"], name=f"{name}/MulCos"), g.one("Mul", [rotated, "sin"], name=f"{name}/MulSin")],
+        [
+            g.one("Mul", [x, f"cos_{kind}" if kind else "cos"], name=f"{name}/MulCos"),
+            g.one("Mul", [rotated, f"sin_{kind}" if kind else "sin"], name=f"{name}/MulSin"),
+        ],
         name=f"{name}/Add",
     )
 
@@ -163,10 +174,15 @@ def _heads(g: _Builder, x: str, heads: int, d: Dims, name: str) -> str:
     return g.one("Transpose", [split], name=f"{name}/Transpose", perm=[0, 2, 1, 3])
 
 
-def _attention(g: _Builder, d: Dims, i: int, q: str, k: str, v: str) -> str:
+def _attention(g: _Builder, d: Dims, i: int, q: str, k: str, v: str, *, kind: str | None = None, norms=None, scale=None) -> str:
+    """`kind`: a Gemma 3 layer type (its rotary tables; sliding: the window mask); `norms`: QK-norm as (q, k) ->
+    (q, k) on [batch, heads, seq, head_dim] before rotary; `scale`: the scores' (default head_dim^-0.5)."""
     n, group = f"layers.{i}.attn", d.heads // d.kv_heads
-    q = _rotate(g, _heads(g, q, d.heads, d, f"{n}.q"), d, f"{n}.q_rotary")
-    k = _rotate(g, _heads(g, k, d.kv_heads, d, f"{n}.k"), d, f"{n}.k_rotary")
+    q, k = _heads(g, q, d.heads, d, f"{n}.q"), _heads(g, k, d.kv_heads, d, f"{n}.k")
+    if norms is not None:
+        q, k = norms(q, k)
+    q = _rotate(g, q, d, f"{n}.q_rotary", kind)
+    k = _rotate(g, k, d, f"{n}.k_rotary", kind)
     v = _heads(g, v, d.kv_heads, d, f"{n}.v")
     key = g.one("Concat", [f"past_key_values.{i}.key", k], name=f"{n}/ConcatKey", axis=2)
     value = g.one("Concat", [f"past_key_values.{i}.value", v], name=f"{n}/ConcatValue", axis=2)
@@ -176,8 +192,12 @@ def _attention(g: _Builder, d: Dims, i: int, q: str, k: str, v: str) -> str:
     q5 = g.one("Reshape", [q, g.const(f"{n}.grouped", [0, d.kv_heads, group, -1, d.head_dim])], name=f"{n}/GroupQueries")
     k5 = g.one("Transpose", [g.one("Unsqueeze", [key, "axis_2"], name=f"{n}/KeyGroup")], name=f"{n}/KeyT", perm=[0, 1, 2, 4, 3])
     scores = g.cast(g.one("MatMul", [q5, k5], name=f"{n}/Scores"), TensorProto.FLOAT, f"{n}/ScoresFloat")
-    scaled = g.one("Mul", [scores, g.weight(f"{n}.scale", np.array(d.head_dim**-0.5, np.float32))], name=f"{n}/Scale")
-    probs = g.one("Softmax", [g.one("Where", ["future", "masked", scaled], name=f"{n}/Mask")], name=f"{n}/Softmax", axis=-1)
+    scale = d.head_dim**-0.5 if scale is None else scale
+    scaled = g.one("Mul", [scores, g.weight(f"{n}.scale", np.array(scale, np.float32))], name=f"{n}/Scale")
+    masked = g.one("Where", ["future", "masked", scaled], name=f"{n}/Mask")
+    if kind == "sliding_attention":
+        masked = g.one("Where", ["outside_window", "masked", masked], name=f"{n}/WindowMask")
+    probs = g.one("Softmax", [masked], name=f"{n}/Softmax", axis=-1)
     probs = g.cast(probs, g.float_type, f"{n}/ProbsCast")
     out = g.one("MatMul", [probs, g.one("Unsqueeze", [value, "axis_2"], name=f"{n}/ValueGroup")], name=f"{n}/Context")
     out = g.one("Reshape", [out, g.const(f"{n}.heads", [0, d.heads, -1, d.head_dim])], name=f"{n}/Heads")
@@ -205,6 +225,55 @@ def _body(g: _Builder, model, sd: dict, d: Dims) -> str:
         down = g.linear(g.one("Mul", [silu, up], name=f"layers.{i}.mlp/Mul"), sd[p + "mlp.down_proj.weight"], f"layers.{i}.mlp.down_proj")
         x = g.one("Add", [x, down], name=f"layers.{i}/MlpResidual")
     return _rms_norm(g, x, sd["model.norm.weight"], eps, "norm")
+
+
+def _gemma3_body(g: _Builder, model, sd: dict, d: Dims) -> str:
+    """Gemma 3 (as _onnx_graph._gemma3_body): scaled embedding, 1 + gamma RMSNorms (four per layer, QK-norm),
+    the query_pre_attn_scalar scale, GeGLU (tanh GELU from Tanh/Mul/Add), sliding layers masked to the window."""
+    cfg = model.config
+    eps = float(cfg.rms_norm_eps)
+    norm = lambda x, key, name: _rms_norm(g, x, 1.0 + sd[key].to(torch.float32), eps, name)  # noqa: E731
+    _positions(g, model, d)
+    x = g.one("Gather", [g.floats("embed_tokens.weight", sd["model.embed_tokens.weight"]), "input_ids"], name="embed_tokens/Gather")
+    x = g.one("Mul", [x, g.floats("embed_tokens.scale", model.model.embed_tokens.embed_scale)], name="embed_tokens/Scale")
+    for i in range(d.layers):
+        p, n = f"model.layers.{i}.", f"layers.{i}"
+        h = norm(x, p + "input_layernorm.weight", f"{n}.input_layernorm")
+        qkv = [g.linear(h, sd[f"{p}self_attn.{w}_proj.weight"], f"{n}.attn.{w}_proj") for w in "qkv"]
+
+        def qk_norm(q, k, p=p, n=n):
+            return norm(q, p + "self_attn.q_norm.weight", f"{n}.attn.q_norm"), norm(k, p + "self_attn.k_norm.weight", f"{n}.attn.k_norm")
+
+        scale = float(cfg.query_pre_attn_scalar) ** -0.5
+        attn = _attention(g, d, i, *qkv, kind=cfg.layer_types[i], norms=qk_norm, scale=scale)
+        out = norm(
+            g.linear(attn, sd[p + "self_attn.o_proj.weight"], f"{n}.attn.o_proj"),
+            p + "post_attention_layernorm.weight",
+            f"{n}.post_attention_layernorm",
+        )
+        x = g.one("Add", [x, out], name=f"{n}/AttnResidual")
+        h = norm(x, p + "pre_feedforward_layernorm.weight", f"{n}.pre_feedforward_layernorm")
+        gate = g.linear(h, sd[p + "mlp.gate_proj.weight"], f"{n}.mlp.gate_proj")
+        up = g.linear(h, sd[p + "mlp.up_proj.weight"], f"{n}.mlp.up_proj")
+        down = g.linear(
+            g.one("Mul", [_gelu_tanh(g, gate, f"{n}.mlp.act"), up], name=f"{n}.mlp/Mul"),
+            sd[p + "mlp.down_proj.weight"],
+            f"{n}.mlp.down_proj",
+        )
+        x = g.one(
+            "Add", [x, norm(down, p + "post_feedforward_layernorm.weight", f"{n}.post_feedforward_layernorm")], name=f"{n}/MlpResidual"
+        )
+    return norm(x, "model.norm.weight", "norm")
+
+
+def _gelu_tanh(g: _Builder, x: str, name: str) -> str:
+    """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), transformers' gelu_pytorch_tanh, in standard ops."""
+    c = lambda label, v: g.floats(f"{name}.{label}", torch.tensor(v))  # noqa: E731
+    cube = g.one("Mul", [g.one("Mul", [x, x], name=f"{name}/Square"), x], name=f"{name}/Cube")
+    inner = g.one("Add", [x, g.one("Mul", [cube, c("k", 0.044715)], name=f"{name}/MulK")], name=f"{name}/Inner")
+    t = g.one("Tanh", [g.one("Mul", [inner, c("c", (2 / np.pi) ** 0.5)], name=f"{name}/MulC")], name=f"{name}/Tanh")
+    half = g.one("Mul", [x, c("half", 0.5)], name=f"{name}/Half")
+    return g.one("Mul", [half, g.one("Add", [t, c("one", 1.0)], name=f"{name}/AddOne")], name=f"{name}/Mul")
 
 
 def _lm_head(g: _Builder, sd: dict, d: Dims, hidden: str) -> None:

