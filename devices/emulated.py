@@ -87,7 +87,10 @@ class EmulatedDevice(LatencyDevice):
         """qemu-user's binary for the arch; a one-line error naming the packages where it or debootstrap is missing."""
         qemu = shutil.which(ARCHES[self.settings.arch][1])
         if qemu is None or shutil.which("debootstrap") is None:
-            raise InputError(f"emulating {self.settings.arch} needs qemu-user-static and debootstrap; install them: {APT}")
+            raise InputError(
+                f"emulating {self.settings.arch} needs qemu-user-static and debootstrap; install them: {APT} "
+                "(or leave the check out: budgets.min_target_isa_agreement: null in your profile)"
+            )
         return qemu
 
     def check(self, artifact: Path, log=print) -> dict:
