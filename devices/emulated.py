@@ -252,7 +252,7 @@ def make_job(artifact: Path, profile: Profile, s: EmulatedSettings, manifest: di
         # the shared context: encode_pair cuts each answer off the same prompt's ids
         mmlu.append([pairs[0][0], [cont for _, cont in pairs]])
         lengths.append([max(1, len(c)) for c in q.choices] if ev.format == "cloze" else [1] * len(answers))
-    text = tokenizer(default_texts("heldout")[0], add_special_tokens=False)["input_ids"][: s.text_tokens]
+    text = tokenizer("\n\n".join(default_texts("heldout")[:16]), add_special_tokens=False)["input_ids"][: s.text_tokens]
     return {
         "prompts": [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PARITY_PROMPTS],
         "new_tokens": (manifest.get("thresholds") or {}).get("greedy_tokens", 32),
