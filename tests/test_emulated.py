@@ -31,6 +31,8 @@ def test_aarch64_profiles_budget_the_check_and_host_profiles_do_not():
     for name in ("raspberry-pi5", "phone-4gb"):
         device = target_isa_device(load_profile(name))
         assert device is not None and device.settings.arch == "aarch64" and not device.attached()
+    assert target_isa_device(load_profile("raspberry-pi5")).cpu == "cortex-a76"  # isa [asimd, asimddp]: the Pi's own core
+    assert target_isa_device(load_profile("phone-4gb")).cpu == "max"  # no isa named: every feature qemu has
     assert target_isa_device(load_profile("x86-cpu")) is None
     no_budget = _profile(min_target_isa_agreement=None)
     assert target_isa_device(no_budget) is None
@@ -73,7 +75,9 @@ def test_tiny_int4_export_answers_on_emulated_aarch64(tiny_llama, tmp_path):
     device = target_isa_device(_profile(), mmlu_per_subject=2, text_tokens=32)
     record = device.check(out, log=lambda _: None)
     assert record["loads"], record.get("error")
-    assert {"asimddp", "i8mm"} <= set(record["cpu_features"])  # -cpu max: the int8 dot-product kernels' features
+    # -cpu cortex-a76 (the profile's isa): the int8 dot product, and neither i8mm nor SVE for the kernels to pick
+    assert record["cpu"] == "cortex-a76" and "asimddp" in record["cpu_features"]
+    assert not {"i8mm", "sve"} & set(record["cpu_features"])
     assert record["runtime"] == record["host_runtime"]  # the same runtime, the same version, the other build
     assert record["greedy"]["prompts"] == 5 and len(record["greedy"]["first_difference"]) == 5
     logits = record["logits"]
