@@ -245,7 +245,8 @@ def test_2_when_bad_input_stops_the_auto_candidates_before_any_verdict(tmp_path,
 
     config = json.loads((tiny_llama / "config.json").read_text())
     found = candidates(
-        {"shape": {"kv_heads": config["num_key_value_heads"]}, "config": config}, load_profile(_profile(tmp_path / "p.yaml"))
+        {"shape": {"query_heads": config["num_attention_heads"], "kv_heads": config["num_key_value_heads"]}, "config": config},
+        load_profile(_profile(tmp_path / "p.yaml")),
     )
     pruned, unpruned = found[0].estimated_mb, min(c.estimated_mb for c in found if not c.heads)
     assert found[0].heads and pruned < unpruned
