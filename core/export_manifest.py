@@ -24,6 +24,9 @@ PARITY_PROMPTS = (
     "Question: which organ filters the blood?\nAnswer:",
 )
 MODEL_FILE_KEYS = ("model", "weights", "engine")  # the manifest's `files` that hold the model (not config, tokenizer, scripts)
+# A prompt graph stored beside the decode graph (ONNX's --prefill-graph, QNN's prefill context binary): part of the
+# artifact's size, which a size budget judges, but not of the bytes each decoded token reads (the roofline's).
+PREFILL_FILE_KEYS = ("prefill_model", "prefill_weights")
 
 
 def read_manifest(artifact: Path | str) -> dict:
@@ -65,7 +68,11 @@ def model_files(artifact: Path | str) -> list[Path]:
 
 
 def model_size_bytes(artifact: Path | str) -> int:
-    return sum(p.stat().st_size for p in model_files(artifact))
+    """Bytes on disk of the model files and of a prompt graph stored beside them."""
+    path = Path(artifact)
+    files = (read_manifest(path) or {}).get("files") or {} if path.is_dir() else {}
+    beside = [path / files[key] for key in PREFILL_FILE_KEYS if files.get(key) and (path / files[key]).is_file()]
+    return sum(p.stat().st_size for p in [*model_files(artifact), *beside])
 
 
 def session_runtime(session_module) -> dict:

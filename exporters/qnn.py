@@ -122,6 +122,7 @@ class QnnExport(Exporter):
             # model / weights: what decode reads per token (the roofline's bytes); the prefill binary holds a second copy
             files
             | {"model": files["htp"]["decode"], "weights": files["binaries"]["decode"]}
+            | {"prefill_model": files["htp"]["prefill"], "prefill_weights": files["binaries"]["prefill"]}  # counted in the size
             | {"config": "config.json", "tokenizer": "tokenizer.json", "app_config": APP_CONFIG},
             **dims.manifest_fields(),
             **shape,

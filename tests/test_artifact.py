@@ -59,3 +59,16 @@ def test_stage_folder_never_appears_half_written(tmp_path):
             (tmp / "partial").write_text("1")
             raise KeyboardInterrupt
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_prompt_graph_beside_the_decode_graph_counts_in_the_size_not_in_the_bytes_per_token(tmp_path):
+    import json
+
+    from vcompress.core.export_manifest import model_files, model_size_bytes
+
+    (tmp_path / "model.onnx").write_bytes(b"m" * 100)
+    (tmp_path / "model_prefill.onnx").write_bytes(b"p" * 40)
+    files = {"model": "model.onnx", "prefill_model": "model_prefill.onnx", "config": "config.json"}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "onnx", "files": files}))
+    assert model_files(tmp_path) == [tmp_path / "model.onnx"]
+    assert model_size_bytes(tmp_path) == 140
