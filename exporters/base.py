@@ -69,6 +69,13 @@ class ParityConfig(StageConfig):
     )
 
 
+class HeldoutConfig(ParityConfig):
+    """The parity check plus the held-out text check (`heldout_fidelity`): perplexity and top-1 agreement."""
+
+    heldout_blocks: int = Field(2, ge=0, description="held-out text blocks for perplexity and top-1 agreement (0: skip)")
+    heldout_seq_len: int = Field(256, ge=8, description="tokens per held-out block")
+
+
 def export_stage(settings: dict, where: str | None = None) -> Exporter:
     """The export Stage for settings that name their `format` (a registered exporter), its config validated."""
     settings = dict(settings)

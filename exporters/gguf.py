@@ -47,7 +47,7 @@ from vcompress.core.stage import StageContext
 from ._gguf_session import FORMAT, Session, SessionError
 from .base import (
     Exporter,
-    ParityConfig,
+    HeldoutConfig,
     SessionRunner,
     gate,
     heldout_fidelity,
@@ -66,7 +66,7 @@ TABLE_TYPES = {8: Q.Q8_0, 4: Q.Q4_1, 0: Q.F32}
 FILE_TYPES = {Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
 
 
-class GGUFExportConfig(ParityConfig):
+class GGUFExportConfig(HeldoutConfig):
     quant: Literal["none", "int8", "int4"] = Field(
         "int4", description="decoder linears: fp32, or a quantize folder's codes as Q8_0 / Q4_0 / Q4_1 blocks (its grid decides which)"
     )
@@ -75,7 +75,6 @@ class GGUFExportConfig(ParityConfig):
     )
     table_bits: Literal[0, 4, 8] = Field(8, description="bits of the embedding table (Q8_0, Q4_1; 0: F32); a tied one is the LM head's")
     head_bits: Literal[0, 4, 8] | None = Field(None, description="bits of an untied LM head if not table_bits")
-    heldout_blocks: int = Field(2, ge=0, description="held-out text blocks llama.cpp is checked on (0: skip)")
     heldout_seq_len: int = Field(512, ge=8, description="tokens per held-out block")
     min_heldout_top1: float = Field(0.99, ge=0, le=1, description="held-out top-1 next-token agreement with PyTorch required")
     max_perplexity_diff_pct: float = Field(0.5, ge=0, description="held-out perplexity: largest |difference| from PyTorch's, percent")

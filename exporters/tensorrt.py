@@ -36,7 +36,7 @@ from . import _onnx_quant, _trt_graph, _trt_ops, base
 from ._tensorrt_session import GraphSession, SessionError
 from .base import (
     Exporter,
-    ParityConfig,
+    HeldoutConfig,
     PowerOfTwo,
     SessionRunner,
     gate,
@@ -52,7 +52,7 @@ ENGINE_FILE = "model.engine"
 NO_GPU = "engine not built here: TensorRT needs a CUDA GPU"
 
 
-class TensorRTExportConfig(ParityConfig):
+class TensorRTExportConfig(HeldoutConfig):
     quant: Literal["int4", "int8", "none"] = Field("int4", description="weights: INT4 / INT8 weight-only (symmetric blocks) or float")
     precision: Literal["fp16", "fp32"] = Field("fp16", description="the graph's float type: activations, float weights and the KV cache")
     block_size: PowerOfTwo = Field(
@@ -62,8 +62,6 @@ class TensorRTExportConfig(ParityConfig):
     max_abs_diff_fp16: float = Field(0.5, gt=0, description="fp16 float weights: largest |logit difference| allowed")
     prefill_tokens: int = Field(256, ge=1, description="past length the optimization profile is tuned for")
     max_tokens: int | None = Field(None, ge=2, description="longest sequence the engine accepts (default: the model's positions)")
-    heldout_blocks: int = Field(2, ge=0, description="held-out text blocks for perplexity and top-1 agreement (0: skip)")
-    heldout_seq_len: int = Field(256, ge=8, description="tokens per held-out block")
     threads: int | None = Field(None, gt=0, description="ONNX Runtime intra-op threads for the checks")
 
 
