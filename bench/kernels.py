@@ -29,7 +29,6 @@ the --peak-gflops of the profile. Prints a Markdown table; --out writes it with 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -219,10 +218,9 @@ def measure_artifacts(artifact: Path, threads: int, runs: int, rounds: int = 2) 
 
 
 def _copy_bandwidth(threads: int) -> dict:
-    spec = importlib.util.spec_from_file_location("peers", ROOT / "bench" / "peers.py")
-    peers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peers)
-    return peers.memory_bandwidth(threads=threads)
+    from vcompress.core.by_path import load_by_path
+
+    return load_by_path("peers", ROOT / "bench" / "peers.py").memory_bandwidth(threads=threads)
 
 
 def main(argv=None) -> int:

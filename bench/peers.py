@@ -40,7 +40,6 @@ module-level imports to the standard library.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -66,15 +65,6 @@ REFERENCE = "pytorch-fp32"  # the row MMLU agreement is taken against
 # Worker side: one engine per runtime, the same timing and logits code for all of them.
 # Runs inside the row's own Python (main venv, optimum venv or llama venv).
 # =========================================================================================
-
-
-def _load_by_path(name: str, path: Path):
-    """A repository module without importing the vcompress package (absent in the peers' venvs)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 class TorchEngine:
@@ -134,7 +124,9 @@ class OnnxEngine(SessionEngine):
     as in an app built on ONNX Runtime (the same loop OnnxRunner wraps)."""
 
     def __init__(self, target, threads, context, profile_prefix=None, **_):
-        module = _load_by_path("onnx_session", ROOT / "exporters" / "_onnx_session.py")
+        from vcompress.core.by_path import load_by_path  # this row runs in the main venv
+
+        module = load_by_path("onnx_session", ROOT / "exporters" / "_onnx_session.py")
         self.session = module.DecoderSession(target, threads=threads)
         if profile_prefix:  # the same session settings, with ONNX Runtime's per-node profiler on
             ort = module.ort
@@ -241,7 +233,9 @@ class GenaiEngine(SessionEngine):
     genai's generator (exporters/_genai_session.py), numpy and onnxruntime_genai only: what an app ships."""
 
     def __init__(self, target, threads, context, **_):
-        module = _load_by_path("genai_session", ROOT / "exporters" / "_genai_session.py")
+        from vcompress.core.by_path import load_by_path  # this row runs in the main venv
+
+        module = load_by_path("genai_session", ROOT / "exporters" / "_genai_session.py")
         self.session = module.Session(target, threads=threads)
         self.session.headroom = context
 
@@ -493,27 +487,23 @@ class Skip(Exception):
     """This row cannot run here; the message says why and how to fix it."""
 
 
+def _row(runtime: str, engine: str, target, *, kv_bytes: int = 4, python=None, **more) -> dict:
+    """A row's run: its weights are counted from its target unless `more` names `weights_path`."""
+    run = {"runtime": runtime, "engine": engine, "target": target, "python": python or sys.executable, "kv_bytes": kv_bytes}
+    return run | {"weights_path": target} | more
+
+
 def row_pytorch(ctx) -> dict:
-    return {
-        "runtime": f"PyTorch {ctx['versions'].get('torch')} (vcompress torch Runner, KV cache)",
-        "engine": "torch",
-        "target": ctx["model_arg"],
-        "python": sys.executable,
-        "kv_bytes": 4,
-        "weights_path": ctx["hf_dir"],
-    }
+    return _row(
+        f"PyTorch {ctx['versions'].get('torch')} (vcompress torch Runner, KV cache)", "torch", ctx["model_arg"], weights_path=ctx["hf_dir"]
+    )
 
 
 def row_optimum(ctx) -> dict:
     folder = optimum_export(ctx)
-    return {
-        "runtime": f"optimum-onnx 0.1.0 export, plain onnxruntime {ctx['versions'].get('onnxruntime')} (no torch in the process)",
-        "engine": "ort",
-        "target": folder,
-        "python": sys.executable,
-        "kv_bytes": 4,
-        "weights_path": folder,
-    }
+    return _row(
+        f"optimum-onnx 0.1.0 export, plain onnxruntime {ctx['versions'].get('onnxruntime')} (no torch in the process)", "ort", folder
+    )
 
 
 def row_ort_int8(ctx) -> dict:
@@ -528,14 +518,11 @@ def row_ort_int8(ctx) -> dict:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data"))
         quantize_dynamic(source / "model.onnx", tmp / "model.onnx", weight_type=QuantType.QInt8)
         tmp.rename(folder)
-    return {
-        "runtime": f"onnxruntime quantize_dynamic (QInt8, defaults) of that export, plain onnxruntime {ctx['versions'].get('onnxruntime')}",
-        "engine": "ort",
-        "target": folder,
-        "python": sys.executable,
-        "kv_bytes": 4,
-        "weights_path": folder,
-    }
+    return _row(
+        f"onnxruntime quantize_dynamic (QInt8, defaults) of that export, plain onnxruntime {ctx['versions'].get('onnxruntime')}",
+        "ort",
+        folder,
+    )
 
 
 def row_llama(ctx) -> dict:
@@ -548,32 +535,29 @@ def row_llama(ctx) -> dict:
     version = subprocess.run(
         [str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
     ).stdout.strip()
-    return {
-        "runtime": f"llama.cpp via llama-cpp-python {version} (GGML_NATIVE), {gguf.name}",
-        "engine": "llama",
-        "target": gguf,
-        "python": python,
-        "kv_bytes": 2,
-        "weights_path": gguf,
-        "score_options": {"logits_all": True},
-    }  # llama.cpp's KV cache is f16
+    return _row(
+        f"llama.cpp via llama-cpp-python {version} (GGML_NATIVE), {gguf.name}",
+        "llama",
+        gguf,
+        kv_bytes=2,
+        python=python,
+        score_options={"logits_all": True},
+    )  # llama.cpp's KV cache is f16
 
 
 def row_ours_int4(ctx) -> dict:
     folder = ctx["ours"] or ours_artifact(ctx)
     genai = (Path(folder) / "genai_config.json").is_file()  # what an app ships; an older export: our own loop
     through = f"onnxruntime-genai {ctx['versions'].get('onnxruntime-genai')} generator" if genai else "vcompress's loop"
-    return {
-        "runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}, {through}",
-        "engine": "genai" if genai else "onnx",
-        # scored by our loop on the same graphs: a whole sequence in one run, through the int8 prompt graph where the
-        # artifact has one (genai hands out only the newest position's logits: the rest would go through the 4-bit graph)
-        "score_engine": "onnx",
-        "target": folder,
-        "python": sys.executable,
-        "kv_bytes": _kv_bytes(folder),
-        "weights_path": folder,
-    }
+    # scored by our loop on the same graphs: a whole sequence in one run, through the int8 prompt graph where the
+    # artifact has one (genai hands out only the newest position's logits: the rest would go through the 4-bit graph)
+    return _row(
+        f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}, {through}",
+        "genai" if genai else "onnx",
+        folder,
+        kv_bytes=_kv_bytes(folder),
+        score_engine="onnx",
+    )
 
 
 def row_ours_4bit_only(ctx) -> dict:
@@ -601,14 +585,7 @@ def row_ours_4bit_only(ctx) -> dict:
 
 def row_ours_int8(ctx) -> dict:
     folder = vcompress_export(ctx, "int8")
-    return {
-        "runtime": f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}",
-        "engine": "onnx",
-        "target": folder,
-        "python": sys.executable,
-        "kv_bytes": _kv_bytes(folder),
-        "weights_path": folder,
-    }
+    return _row(f"ONNX Runtime {ctx['versions'].get('onnxruntime')}, {_quant_label(folder)}", "onnx", folder, kv_bytes=_kv_bytes(folder))
 
 
 def row_genai_builder(ctx) -> dict:
@@ -626,28 +603,16 @@ def row_genai_builder(ctx) -> dict:
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
             raise Skip(f"onnxruntime-genai's model builder failed: {lines[-1] if lines else done.returncode}")
         tmp.rename(folder)
-    return {
-        "runtime": f"onnxruntime-genai {ctx['versions'].get('onnxruntime-genai')} model builder int4 (defaults), its generator",
-        "engine": "genai",
-        "target": folder,
-        "python": sys.executable,
-        "kv_bytes": 4,
-        "weights_path": folder,
-    }
+    return _row(
+        f"onnxruntime-genai {ctx['versions'].get('onnxruntime-genai')} model builder int4 (defaults), its generator", "genai", folder
+    )
 
 
 def row_tflite(ctx) -> dict:
     folder = ctx["tflite"]
     if not (Path(folder) / "manifest.json").is_file():
         raise Skip(f"{folder} has no manifest.json; pass a folder written by `vcompress export tflite`")
-    return {
-        "runtime": "LiteRT, vcompress TFLite int8",
-        "engine": "runner",
-        "target": folder,
-        "python": sys.executable,
-        "kv_bytes": _kv_bytes(folder),
-        "weights_path": folder,
-    }
+    return _row("LiteRT, vcompress TFLite int8", "runner", folder, kv_bytes=_kv_bytes(folder))
 
 
 def row_ours_gguf(ctx) -> dict:
@@ -1357,14 +1322,8 @@ def context(args) -> dict:
         "shape": shape,
         "tokenizer": tokenizer,
         "vocab": vocab,
-        "threads": args.threads,
-        "runs": args.runs,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "prompt_tokens": args.prompt_tokens,
-        "decode_tokens": args.decode_tokens,
+        **run_settings(args),
         "prompt": prompt_ids(vocab, args.prompt_tokens, args.seed)[0].tolist(),
-        "per_subject": args.per_subject,
         "work": args.work,
         "ours": args.ours,
         "tflite": args.tflite,
@@ -1416,6 +1375,11 @@ def resolve_ours(path: Path | None) -> Path | None:
     if not found:
         raise SystemExit(f"--ours {path}: neither an exported artifact (manifest.json) nor a run folder with an NN-export-* folder")
     return found[0]
+
+
+def run_settings(args) -> dict:
+    """The options that shape the measurement, as the workers read them and peers.json records them."""
+    return {key: getattr(args, key) for key in ("threads", "runs", "rounds", "warmup", "prompt_tokens", "decode_tokens", "per_subject")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1481,13 +1445,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {
-            "threads": args.threads,
-            "runs": args.runs,
-            "rounds": args.rounds,
-            "warmup": args.warmup,
-            "prompt_tokens": args.prompt_tokens,
-            "decode_tokens": args.decode_tokens,
-            "per_subject": args.per_subject,
+            **run_settings(args),
             "seed": args.seed,
             "questions": len(ctx.get("questions", [])),
         },

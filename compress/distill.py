@@ -82,12 +82,7 @@ class Distill(Stage):
     name = "distill"
     folder = "03-distill"
     Config = DistillConfig
-
-    @classmethod
-    def from_profile(cls, settings: dict, profile, where=None) -> Distill:
-        if profile.step("prune") is None:
-            raise InputError(f"{where}: distillation needs a pruned student; add a prune step before it")
-        return super().from_profile(settings, profile, where)
+    needs = ("prune", "distillation needs a pruned student")
 
     def run(self, ctx: StageContext) -> dict:
         cfg: DistillConfig = self.config

@@ -45,6 +45,26 @@ def read_manifest(artifact: Path | str) -> dict:
     return manifest
 
 
+class SessionError(ValueError):
+    """A runtime session cannot open or run an artifact; the message names the problem and the fix."""
+
+
+def open_exported(folder: Path, fmt: str, keys: tuple[str, ...] = ("model",)) -> tuple[dict, list[Path]]:
+    """A `fmt` artifact's manifest and the files its `keys` name, for a session to open (each must exist)."""
+    if not (folder / MANIFEST).is_file():
+        raise SessionError(f"{folder} has no {MANIFEST}; pass a folder written by `vcompress export {fmt}`")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("format") != fmt:
+        raise SessionError(f"{folder} is a {manifest.get('format')!r} artifact, not {fmt}; open it with its own backend")
+    files = manifest.get("files", {})
+    if absent := [key for key in keys if key not in files]:
+        raise SessionError(f"{folder}'s {MANIFEST} lists no {', '.join(absent)} file; re-run `vcompress export {fmt}`")
+    paths = [folder / files[key] for key in keys]
+    if missing := [str(path) for path in paths if not path.is_file()]:
+        raise SessionError(f"{', '.join(missing)} missing; re-run `vcompress export {fmt}`")
+    return manifest, paths
+
+
 def artifact_format(artifact: Path | str) -> str:
     """The exporter's format the manifest names; torch for an HF folder or a .gguf."""
     return read_manifest(artifact).get("format", "torch")

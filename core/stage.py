@@ -90,6 +90,8 @@ class Stage:
     # later stages rank by) or "" (nothing they read).
     produces: ClassVar[str] = "model"
     Config: ClassVar[type[StageConfig]] = StageConfig
+    # A recipe step this stage cannot do without, and why: (stage name, reason); checked before any work starts.
+    needs: ClassVar[tuple[str, str] | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -104,6 +106,8 @@ class Stage:
         """The stage for a profile's recipe step: its settings parsed (and checked against the profile) before
         any work starts. A stage whose defaults come from the profile (the quantization scheme, the target
         format, the device) overrides this."""
+        if cls.needs and profile.step(cls.needs[0]) is None:
+            raise InputError(f"{where}: {cls.needs[1]}; add a {cls.needs[0]} step before it")
         return cls(cls.parse_config(settings, where))
 
     @property

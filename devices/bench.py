@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from vcompress.core.by_path import load_by_path
 from vcompress.core.errors import InputError, VcompressError
 from vcompress.core.export_manifest import artifact_format, model_size_bytes, read_manifest, session_runtime
 from vcompress.core.units import UNIT, figure, mib
@@ -99,15 +100,6 @@ def load_session(module: str):
     path = Path(spec.submodule_search_locations[0]) / f"{leaf}.py"
     name = f"_bench_{leaf}"
     return load_by_path(name, path)
-
-
-def load_by_path(name: str, path: Path):
-    """A module from its file, without importing the package around it (vcompress.devices imports torch)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    loaded = importlib.util.module_from_spec(spec)
-    sys.modules[name] = loaded  # dataclasses look their module up there
-    spec.loader.exec_module(loaded)
-    return loaded
 
 
 def host_fingerprint(threads: int | None) -> dict:

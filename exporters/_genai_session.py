@@ -17,12 +17,10 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
+from vcompress.core.export_manifest import SessionError
+
 RUNTIME = "onnxruntime_genai"
 CONFIG = "genai_config.json"
-
-
-class SessionError(ValueError):
-    """A folder that ONNX Runtime GenAI cannot open."""
 
 
 class Session:

@@ -10,12 +10,13 @@ logits per position, which a bench run does not need (n_ctx x vocab floats).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vcompress.core.export_manifest import SessionError, open_exported
 
 RUNTIME = "llama_cpp"
 FORMAT = "gguf"
@@ -37,10 +38,6 @@ def _without_extra_buffers(params):
     return params
 
 
-class SessionError(ValueError):
-    """A folder llama.cpp cannot open, or a sequence longer than its context."""
-
-
 class Session:
     headroom = 256  # context slots past a prompt, as the other sessions allocate
     context = 2 * headroom  # the first context: the bench's 256-token prompt and its headroom
@@ -56,15 +53,7 @@ class Session:
         **_,
     ):
         self.folder = Path(folder)
-        manifest_file = self.folder / "manifest.json"
-        if not manifest_file.is_file():
-            raise SessionError(f"{self.folder} has no manifest.json; pass a folder written by `vcompress export gguf`")
-        self.manifest = json.loads(manifest_file.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise SessionError(f"{self.folder} is a {self.manifest.get('format')!r} artifact, not {FORMAT}; open it with its own backend")
-        self.model_file = self.folder / self.manifest["files"]["model"]
-        if not self.model_file.is_file():
-            raise SessionError(f"{self.model_file} is missing; re-run `vcompress export gguf`")
+        self.manifest, (self.model_file,) = open_exported(self.folder, FORMAT)
         self.max_positions = int(self.manifest["max_positions"])
         self.threads = threads or os.cpu_count() or 1
         self.all_logits = all_logits

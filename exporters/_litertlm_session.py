@@ -21,6 +21,8 @@ from pathlib import Path
 
 import litert_lm
 
+from vcompress.core.export_manifest import SessionError
+
 RUNTIME = "litert_lm"
 VERSION = metadata.version("litert-lm-api")  # the module has no __version__
 BUNDLE = "model.litertlm"
@@ -30,10 +32,6 @@ try:
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
 except OSError as e:  # a wheel whose library does not load on this system (glibc older than 2.27, ...)
     raise ImportError(f"litert_lm's library does not load here ({e})", name="litert_lm") from None
-
-
-class SessionError(ValueError):
-    """A folder whose bundle LiteRT-LM cannot open."""
 
 
 class Session:

@@ -15,7 +15,6 @@ a shape: nothing is copied). The same folder also runs under ONNX Runtime GenAI 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from vcompress.core.export_manifest import SessionError, open_exported
+
 RUNTIME = "onnxruntime"
 OPTIMIZATION = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -32,10 +33,6 @@ OPTIMIZATION = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-
-class SessionError(ValueError):
-    """A folder that is not a usable ONNX artifact, or a sequence past the model's positions."""
 
 
 @dataclass
@@ -60,15 +57,7 @@ class DecoderSession:
         self, folder: str | Path, *, threads: int | None = None, optimization: str = "all", spin: bool = True, prompt_graph: bool = True
     ):
         self.folder = Path(folder)
-        manifest_file = self.folder / "manifest.json"
-        if not manifest_file.is_file():
-            raise SessionError(f"{self.folder} has no manifest.json; pass a folder written by `vcompress export onnx`")
-        self.manifest = json.loads(manifest_file.read_text())
-        if self.manifest.get("format") != "onnx":
-            raise SessionError(f"{self.folder} is a {self.manifest.get('format')!r} artifact, not onnx; open it with its own backend")
-        model_file = self.folder / self.manifest["files"]["model"]
-        if not model_file.is_file():
-            raise SessionError(f"{model_file} is missing; re-run `vcompress export onnx`")
+        self.manifest, (model_file,) = open_exported(self.folder, "onnx")
         self.threads = threads or os.cpu_count() or 1
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads

@@ -15,20 +15,17 @@ as written (ONNX Runtime's fused QDQ kernels round differently).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from vcompress.core.export_manifest import SessionError, open_exported
+
 RUNTIME = "onnxruntime_qnn"
-MASKED = -100.0  # _qnn_graph.MASKED (this module imports nothing from the package)
+MASKED = -100.0  # _qnn_graph.MASKED (this module imports nothing from the exporters package)
 SOC_MODELS = {73: 43, 75: 57}  # htp_arch -> QNN soc_model: SM8550 (8 Gen 2), SM8650 (8 Gen 3)
-
-
-class SessionError(ValueError):
-    """A folder that is not a usable qnn artifact, a sequence past its cache, or no QNN execution provider."""
 
 
 def qnn_devices() -> list:
@@ -121,12 +118,7 @@ class QnnSession:
 
     def __init__(self, folder: str | Path, *, threads: int | None = None, backend: str = "htp"):
         self.folder = Path(folder)
-        manifest_file = self.folder / "manifest.json"
-        if not manifest_file.is_file():
-            raise SessionError(f"{self.folder} has no manifest.json; pass a folder written by `vcompress export qnn`")
-        self.manifest = m = json.loads(manifest_file.read_text())
-        if m.get("format") != "qnn":
-            raise SessionError(f"{self.folder} is a {m.get('format')!r} artifact, not qnn; open it with its own backend")
+        self.manifest = m = open_exported(self.folder, "qnn", keys=())[0]
         self.backend, self.threads = backend, threads
         files = m["files"]["htp" if backend == "htp" else "qdq"]
         paths = [self.folder / files[g] for g in ("prefill", "decode")]

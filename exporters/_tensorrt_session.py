@@ -9,7 +9,6 @@ Jetson does (TensorRT keeps the tensors on the GPU).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vcompress.core.export_manifest import SessionError, open_exported
+
 RUNTIME = "onnxruntime"  # what runs the graph here; on the Jetson it is TensorRT (manifest "runtime")
 FORMAT = "tensorrt"
 FLOAT = {"float16": np.float16, "float32": np.float32}
-
-
-class SessionError(ValueError):
-    """A folder that is not a TensorRT-graph artifact, or a sequence past the model's positions."""
 
 
 @dataclass
@@ -35,17 +32,8 @@ class CacheState:
 class GraphSession:
     def __init__(self, folder: str | Path, *, threads: int | None = None, **_):
         self.folder = Path(folder)
-        manifest_file = self.folder / "manifest.json"
-        if not manifest_file.is_file():
-            raise SessionError(f"{self.folder} has no manifest.json; pass a folder written by `vcompress export tensorrt`")
-        self.manifest = m = json.loads(manifest_file.read_text())
-        if m.get("format") != FORMAT or "model" not in m.get("files", {}):
-            raise SessionError(
-                f"{self.folder} is a {m.get('format')!r} artifact without a graph; export one with `vcompress export tensorrt`"
-            )
+        self.manifest = m = open_exported(self.folder, FORMAT)[0]
         graph = self.folder / m["files"]["model"]
-        if not graph.is_file():
-            raise SessionError(f"{graph} is missing; re-run `vcompress export tensorrt`")
         self.threads = threads or os.cpu_count() or 1
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads

@@ -27,7 +27,6 @@ weights in memory (measured on SmolLM2-135M int8: 545 MiB peak instead of 329).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -35,12 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vcompress.core.export_manifest import SessionError, open_exported
+
 FORMAT = "tflite"
 RUNTIME = "ai_edge_litert.compiled_model"
-
-
-class SessionError(ValueError):
-    """A folder that is not a usable LiteRT artifact, or a sequence past the cache."""
 
 
 @dataclass(eq=False)
@@ -70,15 +67,7 @@ class _Signature:
 class LiteRTSession:
     def __init__(self, folder: str | Path, *, threads: int | None = None):
         self.folder = Path(folder)
-        manifest_file = self.folder / "manifest.json"
-        if not manifest_file.is_file():
-            raise SessionError(f"{self.folder} has no manifest.json; pass a folder written by `vcompress export tflite`")
-        self.manifest = json.loads(manifest_file.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise SessionError(f"{self.folder} is a {self.manifest.get('format')!r} artifact, not tflite; open it with its own backend")
-        model_file = self.folder / self.manifest["files"]["model"]
-        if not model_file.is_file():
-            raise SessionError(f"{model_file} is missing; re-run `vcompress export tflite`")
+        self.manifest, (model_file,) = open_exported(self.folder, FORMAT)
         try:
             import ai_edge_litert
             from ai_edge_litert.compiled_model import CompiledModel

@@ -4,7 +4,8 @@ a numpy session (_onnx_session.py, _tflite_session.py).
 
 An exporter module declares one Exporter subclass with `format = FORMAT` (which registers it under that
 name), the `runtime` that runs the artifact (what a profile's `target.runtime` names) and
-`runtime_package`, the runtime's PyPI distribution whose installed version the manifest records.
+`runtime_package`, the runtime's PyPI distribution whose installed version the manifest records (where it is not
+the runtime's own name).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Exporter(Stage):
     name = ExportStep.name
     format: ClassVar[str]  # its name in EXPORTERS, and the manifest's "format"
     runtime: ClassVar[str]  # what runs the artifact: a profile's target.runtime
-    runtime_package: ClassVar[str]  # the runtime's PyPI distribution (its version goes into the manifest)
+    runtime_package: ClassVar[str | None] = None  # the runtime's PyPI distribution, where not `runtime` (its version: the manifest)
     app_runtime_package: ClassVar[str | None] = None  # a runtime an app ships on top of it (ONNX: onnxruntime-genai)
     # Why this exporter cannot take a model checkpoint as its source (None: it can), so that a
     # pipeline can refuse such a recipe before any work.
@@ -125,11 +126,21 @@ class Exporter(Stage):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "format" in cls.__dict__:
+            cls.runtime_package = cls.runtime_package or cls.runtime
             EXPORTERS.register(cls.format)(cls)
 
     @property
     def run_folder(self) -> str:
         return f"05-export-{self.format}"
+
+    @classmethod
+    def export(
+        cls, model_path, out, quant: str | None = None, *, force=False, seed=0, log=print, intake: Intake | None = None, **settings
+    ) -> dict:
+        """Run this exporter on a checkpoint (None: the embedded default) or a quantize folder into `out`; returns its
+        metrics. `quant` and the settings are the config's (its defaults where left out): the library API of the command."""
+        stage = cls(settings | ({"quant": quant} if quant else {}))
+        return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
 
     def predicted_weights(self, shape: dict, quantization: dict, max_positions: int) -> dict:
         """The bytes this exporter, with its config, would store for a model of `shape` (core/roofline_math.py's
@@ -170,23 +181,6 @@ def stored_weights(shape: dict, body_bits: float, table_bits: float, head_bits: 
     gathered = (0 if shape["tied"] else shape["head_params"] * table_bits / 8) + gather_only
     stored = shape["body_params"] * body_bits / 8 + head + gathered
     return {"stored_bytes": round(stored), "gather_only_bytes": round(gathered), "per_token_bytes": round(stored - gathered)}
-
-
-def run_export(
-    stage_class: type[Exporter],
-    model_path,
-    out,
-    quant: str,
-    *,
-    force: bool = False,
-    seed: int = 0,
-    log=print,
-    intake: Intake | None = None,
-    **settings,
-) -> dict:
-    """Run one exporter stage on a checkpoint (None: the embedded default) into `out`; returns its metrics."""
-    stage = stage_class({"quant": quant, **settings})
-    return execute(stage, out, source=model_path, force=force, seed=seed, log=log, intake=intake or Intake())
 
 
 def package_version(package: str) -> str | None:

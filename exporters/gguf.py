@@ -45,18 +45,7 @@ from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
 from ._gguf_session import FORMAT, Session, SessionError
-from .base import (
-    Exporter,
-    HeldoutConfig,
-    SessionRunner,
-    gate,
-    heldout_fidelity,
-    load_source,
-    run_export,
-    save_sidecars,
-    source_folder,
-    stored_weights,
-)
+from .base import Exporter, HeldoutConfig, SessionRunner, gate, heldout_fidelity, load_source, save_sidecars, source_folder, stored_weights
 
 MODEL_FILE = "model.gguf"
 Q = gguf.GGMLQuantizationType
@@ -151,9 +140,7 @@ class GGUFExport(Exporter):
         }
 
 
-def export(model_path: str | Path | None, out: str | Path, quant: str = "int4", **options) -> dict:
-    """Export a checkpoint (None: the embedded default) to a GGUF artifact folder; returns metrics."""
-    return run_export(GGUFExport, model_path, out, quant, **options)
+export = GGUFExport.export  # the library API: export(model_path, out, quant=None, **settings) -> metrics
 
 
 def _bits(qtype) -> float:

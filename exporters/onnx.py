@@ -55,7 +55,6 @@ from .base import (
     load_source,
     open_stream,
     package_version,
-    run_export,
     save_sidecars,
     source_folder,
     stored_weights,
@@ -123,7 +122,6 @@ class OnnxExportConfig(ParityConfig):
 class OnnxExport(Exporter):
     format = FORMAT
     runtime = "onnxruntime"
-    runtime_package = "onnxruntime"
     app_runtime_package = "onnxruntime-genai"  # what an app ships to run the folder (genai_config.json)
     sessions = {"onnxruntime_genai": f"{__package__}._genai_session", "onnxruntime": f"{__package__}._onnx_session"}
     Config = OnnxExportConfig
@@ -241,9 +239,7 @@ class OnnxExport(Exporter):
         return metrics
 
 
-def export(model_path: str | Path | None, out: str | Path, quant: str = "none", **options) -> dict:
-    """Export a checkpoint (None: the embedded default) to an ONNX artifact folder; returns metrics."""
-    return run_export(OnnxExport, model_path, out, quant, **options)
+export = OnnxExport.export  # the library API: export(model_path, out, quant=None, **settings) -> metrics
 
 
 def _check_grid(cfg: OnnxExportConfig, grid: dict | None) -> None:

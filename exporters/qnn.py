@@ -28,24 +28,14 @@ from pydantic import Field, model_validator
 
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.data import pack, texts_for
+from vcompress.core.export_manifest import PARITY_PROMPTS
 from vcompress.core.models import bytes_on_disk
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
 from . import _onnx_graph, _qnn_compile, _qnn_graph
 from ._qnn_session import SOC_MODELS, QnnSession, SessionError, Steps, open_step
-from .base import (
-    PARITY_PROMPTS,
-    Exporter,
-    ParityConfig,
-    SessionRunner,
-    gate,
-    load_source,
-    package_version,
-    run_export,
-    save_sidecars,
-    stored_weights,
-)
+from .base import Exporter, ParityConfig, SessionRunner, gate, load_source, package_version, save_sidecars, stored_weights
 
 FORMAT = "qnn"
 GRAPHS = ("prefill", "decode")
@@ -79,7 +69,6 @@ class QnnExportConfig(ParityConfig):
 class QnnExport(Exporter):
     format = FORMAT
     runtime = "onnxruntime-qnn"
-    runtime_package = "onnxruntime-qnn"
     sessions = {"onnxruntime_qnn": f"{__package__}._qnn_session"}
     Config = QnnExportConfig
 
@@ -201,7 +190,7 @@ def _htp_check(ctx: StageContext, tokenizer) -> dict:
 def _app_config(dims, files: dict, shape: dict) -> dict:
     """What an app reads to drive the two context binaries (the loop _qnn_session.Steps runs)."""
     return {
-        "runtime": {"name": "onnxruntime-qnn", "version": package_version("onnxruntime-qnn"), "backend": "htp", **shape},
+        "runtime": {"name": QnnExport.runtime_package, "version": package_version(QnnExport.runtime_package), "backend": "htp", **shape},
         "graphs": {g: {"model": files["htp"][g], "context_binary": files["binaries"][g]} for g in GRAPHS},
         "tokenizer": "tokenizer.json",
         "model": dims.manifest_fields(),
@@ -216,9 +205,7 @@ def _app_config(dims, files: dict, shape: dict) -> dict:
     }
 
 
-def export(model_path: str | Path | None, out: str | Path, quant: str = "int8", **options) -> dict:
-    """Export a checkpoint (None: the embedded default) to a qnn artifact folder; returns metrics."""
-    return run_export(QnnExport, model_path, out, quant, **options)
+export = QnnExport.export  # the library API: export(model_path, out, quant=None, **settings) -> metrics
 
 
 # --- the runner -----------------------------------------------------------------------

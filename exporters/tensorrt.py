@@ -34,18 +34,7 @@ from vcompress.core.stage import StageContext
 
 from . import _onnx_quant, _trt_graph, _trt_ops, base
 from ._tensorrt_session import GraphSession, SessionError
-from .base import (
-    Exporter,
-    HeldoutConfig,
-    PowerOfTwo,
-    SessionRunner,
-    gate,
-    heldout_fidelity,
-    load_source,
-    run_export,
-    save_sidecars,
-    stored_weights,
-)
+from .base import Exporter, HeldoutConfig, PowerOfTwo, SessionRunner, gate, heldout_fidelity, load_source, save_sidecars, stored_weights
 
 FORMAT = "tensorrt"
 ENGINE_FILE = "model.engine"
@@ -68,7 +57,6 @@ class TensorRTExportConfig(HeldoutConfig):
 class TensorRTExport(Exporter):
     format = FORMAT
     runtime = "tensorrt"
-    runtime_package = "tensorrt"
     sessions = {FORMAT: f"{__package__}._tensorrt_session"}  # the graph on ONNX Runtime here; the engine is built on the board
     Config = TensorRTExportConfig
 
@@ -137,9 +125,7 @@ class TensorRTExport(Exporter):
         }
 
 
-def export(model_path: str | Path | None, out: str | Path, quant: str = "int4", **options) -> dict:
-    """Export a checkpoint (None: the embedded default) or a quantize folder to a TensorRT artifact folder; returns metrics."""
-    return run_export(TensorRTExport, model_path, out, quant, **options)
+export = TensorRTExport.export  # the library API: export(model_path, out, quant=None, **settings) -> metrics
 
 
 def _graph_fields(dims, cfg: TensorRTExportConfig, blocks: dict, grid: dict | None) -> dict:

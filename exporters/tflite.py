@@ -42,7 +42,6 @@ from .base import (
     load_source,
     package_version,
     refuse_if_too_big,
-    run_export,
     save_sidecars,
     stored_weights,
     uncarried_source,
@@ -149,9 +148,7 @@ class TFLiteExport(Exporter):
         return metrics
 
 
-def export(model_path: str | Path | None, out: str | Path, quant: str = "none", **options) -> dict:
-    """Export a checkpoint (None: the embedded default) to a TFLite artifact folder; returns metrics."""
-    return run_export(TFLiteExport, model_path, out, quant, **options)
+export = TFLiteExport.export  # the library API: export(model_path, out, quant=None, **settings) -> metrics
 
 
 def _bundle_loads(ctx: StageContext) -> str:

@@ -72,9 +72,6 @@ def cli(capsys):
 
 def load_bench(name: str):
     """bench/<name>.py as a module (the bench folder is scripts, not a package)."""
-    import importlib.util
+    from vcompress.core.by_path import load_by_path
 
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_by_path(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")

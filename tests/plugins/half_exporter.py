@@ -29,7 +29,6 @@ class HalfExportConfig(ParityConfig):
 class HalfExport(Exporter):
     format = FORMAT
     runtime = "torch"
-    runtime_package = "torch"
     Config = HalfExportConfig
 
     def run(self, ctx: StageContext) -> dict:
