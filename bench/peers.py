@@ -128,6 +128,11 @@ class SessionEngine:
         logits, self.state = self.session.decode(token, self.state)
         return logits
 
+    def logits_at(self, ids, positions):
+        import numpy as np
+
+        return self.session.logits(np.array([ids], np.int64))[0, positions]
+
 
 class OnnxEngine(SessionEngine):
     """vcompress's ONNX artifact through exporters/_onnx_session.py, numpy only: no torch resident,
@@ -145,11 +150,6 @@ class OnnxEngine(SessionEngine):
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
             model_file = Path(target) / self.session.manifest["files"]["model"]
             self.session.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-
-    def logits_at(self, ids, positions):
-        import numpy as np
-
-        return self.session.logits(np.array([ids], np.int64))[0, positions]
 
 
 class OrtGraphEngine:
@@ -192,48 +192,14 @@ class OrtGraphEngine:
         return self._run(ids, None)[positions]
 
 
-class LlamaEngine:
-    """A GGUF through llama-cpp-python's low-level eval (no sampler chain): prompt in one batch,
-    then one eval per token; logits of the last token read from the context."""
+class LlamaEngine(SessionEngine):
+    """A GGUF (llama.cpp's own file, or a vcompress GGUF folder) through exporters/_gguf_session.py, numpy and
+    llama_cpp only: the session the host bench measures a GGUF export with (prompt in one batch, then one eval per
+    token; on an AMX host llama.cpp's extra buffer types off, where this build crashes)."""
 
     def __init__(self, target, threads, context, logits_all=False, **_):
-        import llama_cpp
-
-        self.llama_cpp = llama_cpp
-        self.llm = llama_cpp.Llama(
-            model_path=str(target),
-            n_ctx=context,
-            n_batch=512,
-            n_ubatch=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=logits_all,  # scoring jobs: every position's logits from one eval of the sequence
-            verbose=False,
-        )
-        self.vocab = self.llm.n_vocab()
-
-    def _last_logits(self):
-        import numpy as np
-
-        pointer = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self.vocab,)).copy()
-
-    def prefill(self, ids):
-        self.llm.reset()
-        self.llm.eval(ids)
-        return self._last_logits()
-
-    def decode(self, token):
-        self.llm.eval([token])
-        return self._last_logits()
-
-    def logits_at(self, ids, positions):
-        """One eval of the sequence (the engine opened with logits_all): llama-cpp-python keeps every position's logits."""
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.asarray(self.llm.scores[: len(ids)], np.float32)[positions]
+        module = _load_by_path("gguf_session", ROOT / "exporters" / "_gguf_session.py")
+        self.session = module.Session(target, threads=threads, context=context, all_logits=logits_all)
 
 
 class GenaiEngine(SessionEngine):
@@ -657,7 +623,7 @@ def row_ours_gguf(ctx) -> dict:
     if not found:
         raise Skip("no vcompress GGUF: run `vcompress run --profile x86-cpu-gguf --out runs/demo-gguf` first")
     gguf = found[-1].parent / json.loads(found[-1].read_text())["files"]["model"]
-    return {**row_llama({**ctx, "gguf": gguf}), "weights_path": gguf}
+    return {**row_llama({**ctx, "gguf": gguf}), "target": found[-1].parent, "weights_path": gguf}
 
 
 ROWS = {
@@ -1154,7 +1120,11 @@ def report_markdown(result: dict) -> str:
         f"% roofline = decode tok/s / (bandwidth / bytes read per token: weights + KV cache at the mean context).\n\n"
     )
     body = markdown(COLUMNS, table_rows(result["rows"]))
-    ratio = markdown(RATIO_COLUMNS, ratio_rows(result["ratios"])) if result["ratios"] else f"(no ratios: {OURS} or every peer did not run)"
+    ratio = (
+        markdown(RATIO_COLUMNS, ratio_rows(result["ratios"]))
+        if result["ratios"]
+        else f"(no ratios: {result.get('ours', OURS)} or every peer did not run)"
+    )
     g = result["gaps"]
     lines = [f"- vcompress reaches {100 * g['roofline_fraction']:.1f}% of the roofline"] if g else []
     if g.get("best_decode_peer"):
@@ -1166,7 +1136,7 @@ def report_markdown(result: dict) -> str:
         head
         + body
         + profile_markdown(result.get("profile"))
-        + f"\n\nRatios, {OURS} against each peer (x > 1: vcompress is faster / smaller / leaner):\n\n"
+        + f"\n\nRatios, {result.get('ours', OURS)} against each peer (x > 1: vcompress is faster / smaller / leaner):\n\n"
         + ratio
         + "\n\n"
         + "\n".join(lines)
@@ -1207,7 +1177,9 @@ def print_tables(result: dict) -> None:
         )
     ]
     if result["ratios"]:
-        tables.append((f"{OURS} against each peer (x > 1: vcompress better)", RATIO_COLUMNS, ratio_rows(result["ratios"])))
+        tables.append(
+            (f"{result.get('ours', OURS)} against each peer (x > 1: vcompress better)", RATIO_COLUMNS, ratio_rows(result["ratios"]))
+        )
     for title, header, rows in tables:
         table = Table(title=title)
         for column in header:
@@ -1467,6 +1439,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = context(args)
     rows = [prepare_row(name, ctx) for name in names]
+    # ratios against vcompress-int4, else the first vcompress row asked for (--rows llama.cpp,vcompress-gguf)
+    ours = OURS if OURS in names else next((n for n in names if n.startswith("vcompress")), OURS)
     race(rows, ctx)
     for row in rows:
         measure_quality(row, ctx)
@@ -1494,8 +1468,9 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth": ctx["bandwidth"],
         "versions": ctx["versions"],
         "rows": rows,
-        "ratios": ratios(rows),
-        "gaps": gaps(rows),
+        "ours": ours,
+        "ratios": ratios(rows, ours),
+        "gaps": gaps(rows, ours),
         "profile": profile_ours(rows, ctx, force=args.profile),
         "units": {
             "size_mb": "MiB",

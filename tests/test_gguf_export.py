@@ -16,6 +16,7 @@ import torch
 from vcompress.core import quant_format
 from vcompress.core.errors import InputError, Unsupported
 from vcompress.core.layer_stream import file_tensors
+from vcompress.exporters._gguf_session import Session
 from vcompress.exporters.gguf import GGUFExport, GGUFRunner, attention_rows, carried_blocks, export
 
 needs_llama = pytest.mark.skipif(
@@ -158,3 +159,50 @@ def test_host_bench_runs_the_gguf_through_llama_cpp_without_torch(quantized, tmp
     result = json.loads(done.stdout)
     assert result["decode_tokens_per_s"]["value"] > 0 and "llama_cpp" in result["modules_imported"]
     assert "torch" not in result["modules_imported"] and result["runtime"]["module"] == "llama_cpp"
+
+
+@needs_llama
+def test_a_pruned_student_quantized_and_exported_loads_in_llama_cpp(cli, tiny_llama, tmp_path):
+    """The road a student takes: prune (a KV group with its query heads, half the MLP, a layer) -> quantize (Q4_1
+    grid) -> export gguf; llama.cpp reads the smaller sizes from the file's metadata and agrees with PyTorch."""
+    from transformers import AutoConfig
+
+    fast = ["--heldout-blocks", "0", "--eval-per-subject", "0"]
+    pruned, quantized, out = tmp_path / "pruned", tmp_path / "quant", tmp_path / "gguf"
+    code, _, err = cli(
+        "prune",
+        "--model",
+        tiny_llama,
+        "--out",
+        pruned,
+        "--heads",
+        "0.5",
+        "--mlp",
+        "0.5",
+        "--layers",
+        "1",
+        "--samples",
+        "2",
+        "--seq-len",
+        "32",
+        *fast,
+    )
+    assert code == 0, err
+    code, _, err = cli("quantize", "--model", pruned, "--out", quantized, *GRIDS["Q4_1"], *fast)
+    assert code == 0, err
+    config = AutoConfig.from_pretrained(pruned)
+    assert (config.num_hidden_layers, config.num_key_value_heads, config.num_attention_heads, config.intermediate_size) == (1, 1, 2, 64)
+    metrics = export(quantized, out, "int4", table_bits=0, **QUIET)
+    assert metrics["parity"]["passed"] and metrics["heldout"]["failure"] is None
+    fields = gguf.GGUFReader(str(out / "model.gguf")).fields
+    sizes = ("block_count", "attention.head_count", "attention.head_count_kv", "feed_forward_length", "attention.key_length")
+    assert [fields[f"llama.{k}"].contents() for k in sizes] == [1, 2, 1, 64, 16]
+    assert metrics["parity"]["greedy_identical"] >= 4  # of 5 prompts: llama.cpp's greedy tokens are PyTorch's
+    # the bare file, as an app (or llama.cpp's own file in bench/peers.py) opens it: positions from its metadata
+    session = Session(out / "model.gguf", threads=1)
+    try:
+        assert session.max_positions == config.max_position_embeddings and session.vocab == config.vocab_size
+        logits, _ = session.prefill(np.arange(5, 13))
+        assert logits.shape == (config.vocab_size,) and np.isfinite(logits).all()
+    finally:
+        session.close()
