@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import math
 import subprocess
@@ -30,14 +29,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 Q4_1_FILE, Q8_0 = 3, 8  # LLAMA_FTYPE_MOSTLY_Q4_1, GGML_TYPE_Q8_0
-
-
-def _peers():
-    spec = importlib.util.spec_from_file_location("peers", ROOT / "bench" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["peers"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def vcompress(*args) -> None:
@@ -154,15 +145,22 @@ def main() -> int:
         print("importance matrix (PyTorch hooks on the calibration blocks)", file=sys.stderr, flush=True)
         llama_quantize(files["float (F32)"], files["llama.cpp imatrix"], importance(ckpt, args.calib_samples, args.calib_seq_len))
 
+    import peers  # bench/peers.py, beside this script
     from transformers import AutoTokenizer
 
-    peers = _peers()
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    positions = json.loads((ckpt / "config.json").read_text())["max_position_embeddings"]
     blocks = peers.heldout_blocks(tokenizer, argparse.Namespace(mmlu=None, ppl_seq_len=args.ppl_seq_len, ppl_blocks=args.ppl_blocks))
     rows = []
     for name, path in files.items():
         print(f"perplexity: {name}", file=sys.stderr, flush=True)
-        scored = perplexity(peers, path, blocks, args.threads)
+        # an export opens as it is; llama.cpp's files through a folder linking them (the session reads a manifest)
+        folder = (
+            path.parent
+            if (path.parent / "manifest.json").is_file()
+            else peers.gguf_folder(path, work / f"open-{path.stem}", {"max_positions": positions})
+        )
+        scored = perplexity(peers, folder, blocks, args.threads)
         rows.append({"row": name, "file": str(path), "size_mib": round(path.stat().st_size / 2**20, 2), **scored})
     reference, top1 = rows[0], rows[0]["top1"]
     for row in rows:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,20 +32,6 @@ def export_folder(path: Path) -> Path:
     if not found:
         raise SystemExit(f"{path}: neither a GGUF export (manifest.json) nor a run folder with an NN-export-gguf folder")
     return found[-1]
-
-
-def wrap(own: Path, ours: Path, work: Path) -> Path:
-    """A folder that opens llama.cpp's own file as the export opens its own: the export's manifest, the file linked."""
-    folder = work / "llama-cpp-own"
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((ours / "manifest.json").read_text())
-    (folder / manifest["files"]["model"]).unlink(missing_ok=True)
-    (folder / manifest["files"]["model"]).symlink_to(own.resolve())
-    for name in ("config.json", "tokenizer.json"):
-        if (ours / name).is_file():
-            shutil.copy(ours / name, folder / name)
-    (folder / "manifest.json").write_text(json.dumps({**manifest, "source": str(own), "quant": "llama.cpp's own file"}, indent=2))
-    return folder
 
 
 def bench(folder: Path, args) -> dict:
@@ -68,12 +53,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gguf_rss")
     args = parser.parse_args()
+    import peers  # bench/peers.py, beside this script
+
     from vcompress.core.models import default_gguf
 
     ours = export_folder(args.ours)
     own = args.gguf or default_gguf()
     with tempfile.TemporaryDirectory() as work:
-        rows = {"vcompress-gguf": ours, "llama.cpp": wrap(own, ours, Path(work))}
+        manifest = json.loads((ours / "manifest.json").read_text())
+        rows = {"vcompress-gguf": ours, "llama.cpp": peers.gguf_folder(own, Path(work) / "llama-cpp-own", manifest)}
         rounds = {name: [] for name in rows}
         for n in range(args.rounds):
             for name, folder in rows.items():

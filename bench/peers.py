@@ -193,7 +193,7 @@ class OrtGraphEngine:
 
 
 class LlamaEngine(SessionEngine):
-    """A GGUF (llama.cpp's own file, or a vcompress GGUF folder) through exporters/_gguf_session.py, numpy and
+    """A GGUF folder (vcompress's export, or llama.cpp's own file linked by gguf_folder) through exporters/_gguf_session.py, numpy and
     llama_cpp only: the session the host bench measures a GGUF export with (prompt in one batch, then one eval per
     token; on an AMX host llama.cpp's extra buffer types off, where this build crashes)."""
 
@@ -504,7 +504,20 @@ def row_ort_int8(ctx) -> dict:
     }
 
 
-def row_llama(ctx) -> dict:
+def gguf_folder(gguf: Path, folder: Path, manifest: dict) -> Path:
+    """A folder that opens a bare GGUF (llama.cpp's own file) as the gguf export's session opens an export: `manifest`
+    (at least max_positions) with the file linked as its model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "model.gguf"
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path(gguf).resolve())
+    files = {**manifest.get("files", {}), "model": link.name}
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format": "gguf", "files": files, "source": str(gguf)}, indent=2))
+    return folder
+
+
+def row_llama(ctx, folder: Path | None = None) -> dict:
+    """llama.cpp's own GGUF of the model (or `folder`, a vcompress GGUF export) through the gguf export's session."""
     gguf = ctx["gguf"]
     if gguf is None:
         raise Skip("no GGUF of this model: pass --model FILE.gguf (llama.cpp's convert_hf_to_gguf.py makes one)")
@@ -514,10 +527,13 @@ def row_llama(ctx) -> dict:
     version = subprocess.run(
         [str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
     ).stdout.strip()
+    if folder is None:
+        positions = json.loads((ctx["hf_dir"] / "config.json").read_text())["max_position_embeddings"]
+        folder = gguf_folder(gguf, ctx["work"] / f"llama-cpp-{gguf.stem}", {"max_positions": positions})
     return {
         "runtime": f"llama.cpp via llama-cpp-python {version} (GGML_NATIVE), {gguf.name}",
         "engine": "llama",
-        "target": gguf,
+        "target": folder,
         "python": python,
         "kv_bytes": 2,
         "weights_path": gguf,
@@ -623,7 +639,7 @@ def row_ours_gguf(ctx) -> dict:
     if not found:
         raise Skip("no vcompress GGUF: run `vcompress run --profile x86-cpu-gguf --out runs/demo-gguf` first")
     gguf = found[-1].parent / json.loads(found[-1].read_text())["files"]["model"]
-    return {**row_llama({**ctx, "gguf": gguf}), "target": found[-1].parent, "weights_path": gguf}
+    return row_llama({**ctx, "gguf": gguf}, found[-1].parent)
 
 
 ROWS = {

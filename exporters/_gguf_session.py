@@ -56,24 +56,9 @@ class Session:
         **_,
     ):
         self.folder = Path(folder)
-        if self.folder.suffix == ".gguf" and self.folder.is_file():  # a bare GGUF (llama.cpp's own file): its positions from its metadata
-            self.manifest, self.model_file, self.max_positions = {}, self.folder, None
-        else:
-            self._read_manifest()
-        self.threads = threads or os.cpu_count() or 1
-        self.all_logits = all_logits
-        self.kv_float32 = kv_float32  # llama.cpp's KV cache is float16 unless asked (an fp32 export's parity check)
-        import llama_cpp  # here, not at import: the exporter's module loads where llama.cpp is not installed
-
-        self.lib = llama_cpp
-        self._open(min(context or self.context, self.max_positions or self.context))
-        self.max_positions = self.max_positions or self.lib.llama_model_n_ctx_train(self.llm.model)
-        self.vocab = self.llm.n_vocab()
-
-    def _read_manifest(self) -> None:
         manifest_file = self.folder / "manifest.json"
         if not manifest_file.is_file():
-            raise SessionError(f"{self.folder} has no manifest.json; pass a folder written by `vcompress export gguf` or a .gguf file")
+            raise SessionError(f"{self.folder} has no manifest.json; pass a folder written by `vcompress export gguf`")
         self.manifest = json.loads(manifest_file.read_text())
         if self.manifest.get("format") != FORMAT:
             raise SessionError(f"{self.folder} is a {self.manifest.get('format')!r} artifact, not {FORMAT}; open it with its own backend")
@@ -81,6 +66,14 @@ class Session:
         if not self.model_file.is_file():
             raise SessionError(f"{self.model_file} is missing; re-run `vcompress export gguf`")
         self.max_positions = int(self.manifest["max_positions"])
+        self.threads = threads or os.cpu_count() or 1
+        self.all_logits = all_logits
+        self.kv_float32 = kv_float32  # llama.cpp's KV cache is float16 unless asked (an fp32 export's parity check)
+        import llama_cpp  # here, not at import: the exporter's module loads where llama.cpp is not installed
+
+        self.lib = llama_cpp
+        self._open(min(context or self.context, self.max_positions))
+        self.vocab = self.llm.n_vocab()
 
     def _open(self, context: int) -> None:
         """llama.cpp's model and context (its KV cache is allocated, and cleared, for all `context` slots now)."""

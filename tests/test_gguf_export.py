@@ -16,7 +16,6 @@ import torch
 from vcompress.core import quant_format
 from vcompress.core.errors import InputError, Unsupported
 from vcompress.core.layer_stream import file_tensors
-from vcompress.exporters._gguf_session import Session
 from vcompress.exporters.gguf import GGUFExport, GGUFRunner, attention_rows, carried_blocks, export
 
 needs_llama = pytest.mark.skipif(
@@ -198,11 +197,3 @@ def test_a_pruned_student_quantized_and_exported_loads_in_llama_cpp(cli, tiny_ll
     sizes = ("block_count", "attention.head_count", "attention.head_count_kv", "feed_forward_length", "attention.key_length")
     assert [fields[f"llama.{k}"].contents() for k in sizes] == [1, 2, 1, 64, 16]
     assert metrics["parity"]["greedy_identical"] >= 4  # of 5 prompts: llama.cpp's greedy tokens are PyTorch's
-    # the bare file, as an app (or llama.cpp's own file in bench/peers.py) opens it: positions from its metadata
-    session = Session(out / "model.gguf", threads=1)
-    try:
-        assert session.max_positions == config.max_position_embeddings and session.vocab == config.vocab_size
-        logits, _ = session.prefill(np.arange(5, 13))
-        assert logits.shape == (config.vocab_size,) and np.isfinite(logits).all()
-    finally:
-        session.close()
