@@ -118,6 +118,11 @@ class SessionEngine:
         logits, self.state = self.session.decode(token, self.state)
         return logits
 
+    def logits_at(self, ids, positions):
+        import numpy as np
+
+        return self.session.logits(np.array([ids], np.int64))[0, positions]
+
 
 class OnnxEngine(SessionEngine):
     """vcompress's ONNX artifact through exporters/_onnx_session.py, numpy only: no torch resident,
@@ -137,11 +142,6 @@ class OnnxEngine(SessionEngine):
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
             model_file = Path(target) / self.session.manifest["files"]["model"]
             self.session.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-
-    def logits_at(self, ids, positions):
-        import numpy as np
-
-        return self.session.logits(np.array([ids], np.int64))[0, positions]
 
 
 class OrtGraphEngine:
@@ -184,48 +184,14 @@ class OrtGraphEngine:
         return self._run(ids, None)[positions]
 
 
-class LlamaEngine:
-    """A GGUF through llama-cpp-python's low-level eval (no sampler chain): prompt in one batch,
-    then one eval per token; logits of the last token read from the context."""
+class LlamaEngine(SessionEngine):
+    """A GGUF folder (vcompress's export, or llama.cpp's own file linked by gguf_folder) through exporters/_gguf_session.py, numpy and
+    llama_cpp only: the session the host bench measures a GGUF export with (prompt in one batch, then one eval per
+    token; on an AMX host llama.cpp's extra buffer types off, where this build crashes)."""
 
     def __init__(self, target, threads, context, logits_all=False, **_):
-        import llama_cpp
-
-        self.llama_cpp = llama_cpp
-        self.llm = llama_cpp.Llama(
-            model_path=str(target),
-            n_ctx=context,
-            n_batch=512,
-            n_ubatch=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=logits_all,  # scoring jobs: every position's logits from one eval of the sequence
-            verbose=False,
-        )
-        self.vocab = self.llm.n_vocab()
-
-    def _last_logits(self):
-        import numpy as np
-
-        pointer = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self.vocab,)).copy()
-
-    def prefill(self, ids):
-        self.llm.reset()
-        self.llm.eval(ids)
-        return self._last_logits()
-
-    def decode(self, token):
-        self.llm.eval([token])
-        return self._last_logits()
-
-    def logits_at(self, ids, positions):
-        """One eval of the sequence (the engine opened with logits_all): llama-cpp-python keeps every position's logits."""
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.asarray(self.llm.scores[: len(ids)], np.float32)[positions]
+        module = _load_by_path("gguf_session", ROOT / "exporters" / "_gguf_session.py")
+        self.session = module.Session(target, threads=threads, context=context, all_logits=logits_all)
 
 
 class GenaiEngine(SessionEngine):
@@ -525,7 +491,20 @@ def row_ort_int8(ctx) -> dict:
     )
 
 
-def row_llama(ctx) -> dict:
+def gguf_folder(gguf: Path, folder: Path, manifest: dict) -> Path:
+    """A folder that opens a bare GGUF (llama.cpp's own file) as the gguf export's session opens an export: `manifest`
+    (at least max_positions) with the file linked as its model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "model.gguf"
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path(gguf).resolve())
+    files = {**manifest.get("files", {}), "model": link.name}
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format": "gguf", "files": files, "source": str(gguf)}, indent=2))
+    return folder
+
+
+def row_llama(ctx, folder: Path | None = None) -> dict:
+    """llama.cpp's own GGUF of the model (or `folder`, a vcompress GGUF export) through the gguf export's session."""
     gguf = ctx["gguf"]
     if gguf is None:
         raise Skip("no GGUF of this model: pass --model FILE.gguf (llama.cpp's convert_hf_to_gguf.py makes one)")
@@ -535,12 +514,16 @@ def row_llama(ctx) -> dict:
     version = subprocess.run(
         [str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
     ).stdout.strip()
+    if folder is None:
+        positions = json.loads((ctx["hf_dir"] / "config.json").read_text())["max_position_embeddings"]
+        folder = gguf_folder(gguf, ctx["work"] / f"llama-cpp-{gguf.stem}", {"max_positions": positions})
     return _row(
         f"llama.cpp via llama-cpp-python {version} (GGML_NATIVE), {gguf.name}",
         "llama",
-        gguf,
+        folder,
         kv_bytes=2,
         python=python,
+        weights_path=gguf,
         score_options={"logits_all": True},
     )  # llama.cpp's KV cache is f16
 
@@ -622,7 +605,7 @@ def row_ours_gguf(ctx) -> dict:
     if not found:
         raise Skip("no vcompress GGUF: run `vcompress run --profile x86-cpu-gguf --out runs/demo-gguf` first")
     gguf = found[-1].parent / json.loads(found[-1].read_text())["files"]["model"]
-    return {**row_llama({**ctx, "gguf": gguf}), "weights_path": gguf}
+    return row_llama({**ctx, "gguf": gguf}, found[-1].parent)
 
 
 ROWS = {
@@ -1119,7 +1102,11 @@ def report_markdown(result: dict) -> str:
         f"% roofline = decode tok/s / (bandwidth / bytes read per token: weights + KV cache at the mean context).\n\n"
     )
     body = markdown(COLUMNS, table_rows(result["rows"]))
-    ratio = markdown(RATIO_COLUMNS, ratio_rows(result["ratios"])) if result["ratios"] else f"(no ratios: {OURS} or every peer did not run)"
+    ratio = (
+        markdown(RATIO_COLUMNS, ratio_rows(result["ratios"]))
+        if result["ratios"]
+        else f"(no ratios: {result.get('ours', OURS)} or every peer did not run)"
+    )
     g = result["gaps"]
     lines = [f"- vcompress reaches {100 * g['roofline_fraction']:.1f}% of the roofline"] if g else []
     if g.get("best_decode_peer"):
@@ -1131,7 +1118,7 @@ def report_markdown(result: dict) -> str:
         head
         + body
         + profile_markdown(result.get("profile"))
-        + f"\n\nRatios, {OURS} against each peer (x > 1: vcompress is faster / smaller / leaner):\n\n"
+        + f"\n\nRatios, {result.get('ours', OURS)} against each peer (x > 1: vcompress is faster / smaller / leaner):\n\n"
         + ratio
         + "\n\n"
         + "\n".join(lines)
@@ -1172,7 +1159,9 @@ def print_tables(result: dict) -> None:
         )
     ]
     if result["ratios"]:
-        tables.append((f"{OURS} against each peer (x > 1: vcompress better)", RATIO_COLUMNS, ratio_rows(result["ratios"])))
+        tables.append(
+            (f"{result.get('ours', OURS)} against each peer (x > 1: vcompress better)", RATIO_COLUMNS, ratio_rows(result["ratios"]))
+        )
     for title, header, rows in tables:
         table = Table(title=title)
         for column in header:
@@ -1431,6 +1420,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = context(args)
     rows = [prepare_row(name, ctx) for name in names]
+    # ratios against vcompress-int4, else the first vcompress row asked for (--rows llama.cpp,vcompress-gguf)
+    ours = OURS if OURS in names else next((n for n in names if n.startswith("vcompress")), OURS)
     race(rows, ctx)
     for row in rows:
         measure_quality(row, ctx)
@@ -1452,8 +1443,9 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth": ctx["bandwidth"],
         "versions": ctx["versions"],
         "rows": rows,
-        "ratios": ratios(rows),
-        "gaps": gaps(rows),
+        "ours": ours,
+        "ratios": ratios(rows, ours),
+        "gaps": gaps(rows, ours),
         "profile": profile_ours(rows, ctx, force=args.profile),
         "units": {
             "size_mb": "MiB",

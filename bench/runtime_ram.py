@@ -1,7 +1,7 @@
 """What each runtime holds in memory beside the model file's weights, measured on this host: the data behind the
 whole-process peak-RAM estimate (core/runtime_memory.json, read by core/roofline_math.py).
 
-    python bench/runtime_ram.py [--layers 4 12] [--out core/runtime_memory.json]
+    python bench/runtime_ram.py [--layers 4 12] [--out core/runtime_memory.json] [--runtimes gguf ...]
 
 Two random Llama-shaped models that differ only in depth are exported (ONNX INT4, TFLite INT8 with its
 LiteRT-LM bundle) and run once, each artifact through each session an app or our loop uses (and the HF folders
@@ -28,11 +28,13 @@ sys.path.insert(0, str(ROOT))  # tests/tiny.py's tokenizer and config
 
 PROMPT, DECODE = 64, 16
 ONNX, TFLITE = ["onnx", "--quant", "int4"], ["tflite", "--quant", "int8"]
+GGUF = ["gguf", "--quant", "int4"]  # a float model: GPTQ onto Q4_1 first
 RUNS = {  # devices/bench.py's session (what an artifact runs through) -> (export flags, bench flags)
     "genai": (ONNX, []),  # ONNX Runtime GenAI, what an app ships for an ONNX folder
     "onnx": (ONNX, ["--backend", "onnxruntime"]),  # ONNX Runtime under our own loop
     "litertlm": (TFLITE, []),  # LiteRT-LM on the folder's model.litertlm, what the adb device runs
     "tflite": (TFLITE, ["--backend", "tflite"]),  # the LiteRT interpreter under our own loop
+    "gguf": (GGUF, []),  # llama.cpp on the memory-mapped GGUF (exporters/_gguf_session.py), what an app embedding it holds
     "torch": (None, []),  # the HF folder itself through PyTorch (validate of an unexported model)
 }
 
@@ -58,6 +60,8 @@ def export(model: Path, flags: list[str], out: Path) -> Path:
         command = [sys.executable, "-m", "vcompress", "export", *flags, "--model", str(model), "--out", str(out)]
         if flags[0] == "tflite":
             command += ["--prefill-tokens", str(PROMPT), "--cache-length", str(2 * (PROMPT + DECODE)), "--min-agreement", "0"]
+        if flags[0] == "gguf":  # a random model's flat logits: its agreement checks say nothing here
+            command += ["--min-agreement", "0", "--heldout-blocks", "0"]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return out
 
@@ -107,6 +111,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs=2, default=[4, 12])
     parser.add_argument("--out", type=Path, default=ROOT / "core" / "runtime_memory.json")
+    parser.add_argument(
+        "--runtimes", nargs="+", choices=list(RUNS), default=list(RUNS), help="measure these; the others' rows are kept from --out"
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vcompress-runtime-ram")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -114,14 +121,21 @@ def main() -> None:
     for layers, folder in models.items():
         if not folder.exists():
             build_model(folder, layers)
-    runtimes = {}
-    for name, (export_flags, bench_flags) in RUNS.items():
+    kept = json.loads(args.out.read_text())["runtimes"] if args.out.is_file() else {}
+    runtimes = {name: kept[name] for name in RUNS if name in kept and name not in args.runtimes}
+    for name in args.runtimes:
+        export_flags, bench_flags = RUNS[name]
         rows = []
         for layers, folder in models.items():
             artifact = export(folder, export_flags, args.work / f"{export_flags[0]}-{layers}l") if export_flags else folder
             rows.append({"layers": layers, **held_beside(artifact, bench(artifact, bench_flags))})
             print(name, rows[-1], flush=True)
-        runtimes[name] = {"format": export_flags[0] if export_flags else "torch", **fit(rows), "measured": rows}
+        runtimes[name] = {
+            "format": export_flags[0] if export_flags else "torch",
+            **fit(rows),
+            "measured": rows,
+            "date": dt.date.today().isoformat(),
+        }
     document = {
         "how": f"bench/runtime_ram.py: devices/bench.py once per artifact ({PROMPT}-token prompt, {DECODE} decoded, 2 threads), "
         "peak RSS (VmHWM) less the RSS after importing the runtime less roofline_math.peak_ram_bytes: a fixed part and one "

@@ -40,7 +40,7 @@ from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import InputError, Refused, Unsupported
 from vcompress.core.layer_stream import file_tensors
 from vcompress.core.models import attention_shape, bytes_on_disk
-from vcompress.core.quant_format import codes, grid_bits, linear_tensors
+from vcompress.core.quant_format import codes, grid_bits, linear_tensors, minimums
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
@@ -217,16 +217,16 @@ def carried_blocks(packed, spec: dict, rows: np.ndarray | None) -> tuple[np.ndar
         )
     if group % BLOCK:
         raise InputError(f"group size {group} is not a whole number of GGUF blocks of {BLOCK}; re-quantize with --group-size 32, 64 or 128")
-    q, scales, zero = (t.numpy() for t in codes(tensors, bits))  # [in, out], [groups, out], [groups, out]
-    q, scales, zero = q.T, scales.T, zero.T.astype(np.float32)
+    # W = scale * q + min: a zero point becomes min = -scale * zero; a GGUF source's kept Q4_1 blocks carry their mins
+    q, scales, mins = (t.numpy().T for t in minimums(tensors, bits))  # [out, in], [out, groups], [out, groups]
+    middle = 2 ** (bits - 1)
+    symmetric = "qzeros" in tensors and bool(np.all(codes(tensors, bits)[2].numpy() == middle))
     if rows is not None:
-        q, scales, zero = q[rows], scales[rows], zero[rows]
+        q, scales, mins = q[rows], scales[rows], mins[rows]
     out, k = q.shape
     repeat = group // BLOCK
     blocks = q.reshape(out, k // BLOCK, BLOCK).astype(np.uint8)
-    scales, zero = np.repeat(scales, repeat, axis=1), np.repeat(zero, repeat, axis=1)
-    middle = 2 ** (bits - 1)
-    symmetric = "zeros" not in tensors and bool(np.all(zero == middle))
+    scales, mins = np.repeat(scales, repeat, axis=1), np.repeat(mins, repeat, axis=1)
     if bits == 8:
         if not symmetric:
             raise InputError("Q8_0 is symmetric and this 8-bit grid has zero points: re-quantize with --sym, or export with --quant none")
@@ -235,7 +235,6 @@ def carried_blocks(packed, spec: dict, rows: np.ndarray | None) -> tuple[np.ndar
         raise InputError(f"{bits}-bit codes have no GGUF block of 32 (Q4_0, Q4_1, Q8_0): re-quantize to 4 or 8 bits")
     if symmetric:
         return pack_q4_0(blocks, scales), Q.Q4_0, 0.0
-    mins = -scales * zero
     return pack_q4_1(blocks, scales, mins), Q.Q4_1, float(np.abs(mins.astype(np.float16).astype(np.float32) - mins).max())
 
 

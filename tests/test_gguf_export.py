@@ -158,3 +158,73 @@ def test_host_bench_runs_the_gguf_through_llama_cpp_without_torch(quantized, tmp
     result = json.loads(done.stdout)
     assert result["decode_tokens_per_s"]["value"] > 0 and "llama_cpp" in result["modules_imported"]
     assert "torch" not in result["modules_imported"] and result["runtime"]["module"] == "llama_cpp"
+
+
+@needs_llama
+def test_a_pruned_student_quantized_and_exported_loads_in_llama_cpp(cli, tiny_llama, tmp_path):
+    """The road a student takes: prune (a KV group with its query heads, half the MLP, a layer) -> quantize (Q4_1
+    grid) -> export gguf; llama.cpp reads the smaller sizes from the file's metadata and agrees with PyTorch."""
+    from transformers import AutoConfig
+
+    fast = ["--heldout-blocks", "0", "--eval-per-subject", "0"]
+    pruned, quantized, out = tmp_path / "pruned", tmp_path / "quant", tmp_path / "gguf"
+    code, _, err = cli(
+        "prune",
+        "--model",
+        tiny_llama,
+        "--out",
+        pruned,
+        "--heads",
+        "0.5",
+        "--mlp",
+        "0.5",
+        "--layers",
+        "1",
+        "--samples",
+        "2",
+        "--seq-len",
+        "32",
+        *fast,
+    )
+    assert code == 0, err
+    code, _, err = cli("quantize", "--model", pruned, "--out", quantized, *GRIDS["Q4_1"], *fast)
+    assert code == 0, err
+    config = AutoConfig.from_pretrained(pruned)
+    assert (config.num_hidden_layers, config.num_key_value_heads, config.num_attention_heads, config.intermediate_size) == (1, 1, 2, 64)
+    metrics = export(quantized, out, "int4", table_bits=0, **QUIET)
+    assert metrics["parity"]["passed"] and metrics["heldout"]["failure"] is None
+    fields = gguf.GGUFReader(str(out / "model.gguf")).fields
+    sizes = ("block_count", "attention.head_count", "attention.head_count_kv", "feed_forward_length", "attention.key_length")
+    assert [fields[f"llama.{k}"].contents() for k in sizes] == [1, 2, 1, 64, 16]
+    assert metrics["parity"]["greedy_identical"] >= 4  # of 5 prompts: llama.cpp's greedy tokens are PyTorch's
+
+
+@needs_llama
+def test_a_gguf_sources_kept_q4_1_blocks_are_written_back_byte_for_byte(tmp_path, tokenizer, monkeypatch):
+    """The default's road (x86-cpu-gguf): quantize keeps a GGUF source's Q4_1 blocks (scales and float minimums,
+    no zero point) and the export writes them back unchanged, llama's q/k rows permuted back as llama.cpp holds them."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.gguf_tiny import write_gguf
+    from tests.tiny import build_config
+    from vcompress.cli import main
+
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config("llama", len(tokenizer) + 1, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    source = tmp_path / "src.gguf"
+    write_gguf(model, tmp_path / "tok", source, {})
+    folder, out = tmp_path / "q", tmp_path / "gguf"
+    args = ["quantize", "--model", source, "--out", folder, "--method", "rtn", "--group-size", "32", "--zero-point", "float"]
+    assert main([str(a) for a in [*args, "--heldout-blocks", "0", "--eval-per-subject", "0"]]) == 0
+    assert all("mins" in s["tensors"] for s in quant_format.read_quant_grid(folder)["linears"].values())
+    metrics = export(folder, out, "int4", table_bits=0, **QUIET)
+    assert metrics["types"]["Q4_1"] == 14 and metrics["q4_1_min_float16_move"] == 0
+    theirs = {t.name: t for t in gguf.GGUFReader(str(source)).tensors}
+    ours = [t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1]
+    assert len(ours) == 14 and all(np.array_equal(t.data, theirs[t.name].data) for t in ours)
