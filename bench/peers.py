@@ -40,6 +40,7 @@ module-level imports to the standard library.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -54,7 +55,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("VCOMPRESS_CACHE", Path.home() / ".cache" / "vcompress")) / "peers"
 OPTIMUM_PYTHON = Path("/work/venv-optimum/bin/python")
-LLAMA_PYTHON = CACHE / "venv-llama" / "bin" / "python"
+# llama.cpp runs in this venv when the [gguf] extra put llama-cpp-python here, else in its own (--setup)
+LLAMA_PYTHON = Path(sys.executable) if importlib.util.find_spec("llama_cpp") else CACHE / "venv-llama" / "bin" / "python"
 LLAMA_CPP_VERSION = "0.3.36"
 OPTIMUM_REQUIREMENTS = ["torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "transformers==4.57.*", "onnxruntime==1.31.*"]
 OURS = "vcompress-int4"  # the row every ratio is taken against
@@ -190,7 +192,9 @@ class LlamaEngine(SessionEngine):
     token; on an AMX host llama.cpp's extra buffer types off, where this build crashes)."""
 
     def __init__(self, target, threads, context, logits_all=False, **_):
-        module = _load_by_path("gguf_session", ROOT / "exporters" / "_gguf_session.py")
+        from vcompress.core.by_path import load_by_path  # the session imports vcompress.core: the llama venv holds it too
+
+        module = load_by_path("gguf_session", ROOT / "exporters" / "_gguf_session.py")
         self.session = module.Session(target, threads=threads, context=context, all_logits=logits_all)
 
 
@@ -1264,6 +1268,7 @@ def setup(optimum_python: Path, llama_python: Path) -> None:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         wheel = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}-*.whl"))[-1]
         subprocess.run([str(llama_python), "-m", "pip", "install", "-q", str(wheel), "numpy"], check=True)
+        subprocess.run([str(llama_python), "-m", "pip", "install", "-q", "--no-deps", str(ROOT)], check=True)  # the session's core
 
 
 # --- main -------------------------------------------------------------------------------------
