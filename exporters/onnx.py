@@ -40,7 +40,7 @@ from vcompress.core.errors import InputError
 from vcompress.core.gguf_blocks import carried_grid, table_type
 from vcompress.core.layer_stream import LazyTensors, file_tensors, stream_source, stream_tensors
 from vcompress.core.models import bytes_on_disk, source_gguf
-from vcompress.core.quant_format import grid_bits, read_quant_grid
+from vcompress.core.quant_format import carries_wider_source, grid_bits, read_quant_grid
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
@@ -250,12 +250,13 @@ def export(model_path: str | Path | None, out: str | Path, quant: str = "none", 
 
 
 def _check_grid(cfg: OnnxExportConfig, grid: dict | None) -> None:
-    """A quantize folder exports at its own bits (its grid carried) or as fp32."""
+    """A quantize folder exports at its own bits (its grid carried) or as fp32; one that carried a GGUF's wider blocks
+    (quantize --wider-source carry) under int4 too, its grid carried as it is."""
     if grid is None:
         return
     bits = grid_bits(grid)
     wanted = {4: "int4", 8: "int8"}.get(bits)
-    if cfg.quant not in ("none", wanted):
+    if cfg.quant not in ("none", wanted) and not (cfg.quant == "int4" and carries_wider_source(grid)):
         raise InputError(
             f"the checkpoint is quantized to {bits} bits; export it with --quant {wanted} (its grid is carried as is) or --quant none"
         )

@@ -267,3 +267,30 @@ def test_two_trained_tables_stay_two(tiny_ggufs, tmp_path, monkeypatch):
     assert not manifest["tied_embeddings"] and "shared_table" not in manifest["quant"]
     names = {t.name for t in onnx.load(str(out / "model.onnx")).graph.initializer}
     assert {"embed_tokens.weight_Q", "lm_head.weight_Q"} <= names
+
+
+def test_quantize_can_carry_the_wider_blocks_and_an_int4_export_carries_them(tiny_ggufs, tmp_path, monkeypatch):
+    from vcompress.cli import main
+    from vcompress.core import quant_format
+    from vcompress.core.models import load_model
+
+    path, _ = tiny_ggufs["qwen2"]["mixed"]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    folder = tmp_path / "q"
+    args = ["quantize", "--model", path, "--out", folder, "--method", "gptq", "--bits", "4", "--wider-source", "carry"]
+    assert main([str(a) for a in [*args, "--heldout-blocks", "0", "--eval-per-subject", "0"]]) == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    # every type is kept: 4-bit ones at 4 bits, Q5_0 / Q5_K / Q6_K / Q8_0 as 8-bit codes; nothing re-solved
+    assert metrics["source_grid"]["kept_linears"] == 14 and metrics["quantized_linears"] == 0
+    assert metrics["source_grid"]["requantized"] == {}
+    manifest = quant_format.read_quant_grid(folder)
+    assert {s["bits"] for s in manifest["linears"].values()} == {4, 8} and quant_format.carries_wider_source(manifest)
+    out = tmp_path / "o"
+    exported = export(folder, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
+    assert exported["grid"]["linears"] == 14 and exported["parity"]["top1_agreement"] == 1.0
+    reference, _ = quant_format.load_dequantized(folder, manifest)
+    source, _ = load_model(path)
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    logits = OnnxRunner(out, threads=1).forward(ids)
+    assert torch.allclose(logits, reference(input_ids=ids).logits, atol=1e-4)
+    assert torch.allclose(logits, source(input_ids=ids).logits, atol=1e-4)  # the GGUF's own weights
