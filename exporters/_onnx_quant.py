@@ -336,6 +336,8 @@ def one_matrix_steps(embedding, head, block: int) -> float:
         step = (h.max(-1) - h.min(-1)) / 15
         diff = np.abs(e - h).max(-1)
         worst = max(worst, float(np.max(diff / np.maximum(step, np.finfo(np.float32).tiny))))
+        if worst > ONE_MATRIX_STEPS:  # two tables: no need to read on
+            break
     return worst
 
 
