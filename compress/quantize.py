@@ -80,6 +80,12 @@ class QuantizeConfig(StageConfig):
         "their own blocks (core/gguf_blocks.py) and only the rest are quantized",
     )
 
+    wider_source: Literal["requantize", "carry"] = Field(
+        "requantize",
+        description="a GGUF source's blocks wider than `bits` (Q5_0, Q6_K, Q8_0): re-solved at `bits` by `method`, or carried "
+        "exactly as 8-bit codes (a larger artifact, the source's own weights)",
+    )
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.method != "int8" and self.bits not in (2, 4, 8):
@@ -231,7 +237,8 @@ class InMemoryLayers:
 
 
 def source_blocks(ctx, cfg: QuantizeConfig, source, kept: list[str]):
-    """The blocks of a GGUF source's linears at or below the grid's bits, kept as they are (core/gguf_blocks.py), or
+    """The blocks of a GGUF source's linears at or below the grid's bits (any width the exporters hold, 8 at most, with
+    `wider_source: carry`), kept as they are (core/gguf_blocks.py), or
     None: not a GGUF, `requantize_source` on, a streamed source (its layers are re-solved), or nothing to keep."""
     if cfg.requantize_source:
         return None
@@ -241,7 +248,7 @@ def source_blocks(ctx, cfg: QuantizeConfig, source, kept: list[str]):
     if source.streamed:
         ctx.log(f"{path.name}: a streamed quantize re-solves the source's blocks; pass --stream off to keep them")
         return None
-    found = carried_grid(path, source.model, cfg.grid_bits)
+    found = carried_grid(path, source.model, 8 if cfg.wider_source == "carry" else cfg.grid_bits)
     for name in kept:
         found.manifest["linears"].pop(name, None)
     if not found.manifest["linears"]:

@@ -81,6 +81,13 @@ def grid_bits(manifest: dict) -> int:
     return max(bits)
 
 
+def carries_wider_source(manifest: dict) -> bool:
+    """Whether every linear wider than 4 bits is a GGUF source's own blocks (quantize's `wider_source: carry`): such a
+    grid is carried as it is under an int4 export too."""
+    specs = manifest["linears"].values()
+    return any(s["bits"] > 4 for s in specs) and all(s["bits"] <= 4 or "mins" in s["tensors"] for s in specs)
+
+
 def linear_tensors(packed: dict[str, torch.Tensor], spec: dict) -> dict[str, torch.Tensor]:
     """One linear's tensors by role (qweight, qzeros or zeros, scales, g_idx) from a weights file."""
     return {key: packed[name] for key, name in spec["tensors"].items()}

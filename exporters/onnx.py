@@ -38,9 +38,9 @@ from pydantic import Field, model_validator
 from vcompress.core.artifact import MANIFEST, write_json
 from vcompress.core.errors import InputError
 from vcompress.core.gguf_blocks import carried_grid, table_type
-from vcompress.core.layer_stream import file_tensors, stream_source, stream_tensors
+from vcompress.core.layer_stream import LazyTensors, file_tensors, stream_source, stream_tensors
 from vcompress.core.models import bytes_on_disk, source_gguf
-from vcompress.core.quant_format import grid_bits, read_quant_grid
+from vcompress.core.quant_format import carries_wider_source, grid_bits, read_quant_grid
 from vcompress.core.runner import RUNNERS
 from vcompress.core.stage import StageContext
 
@@ -177,6 +177,7 @@ class OnnxExport(Exporter):
                 f"{gguf.name} has no blocks that can be carried at {cfg.quant}, and ONNX Runtime's {cfg.quant} quantizer needs the "
                 "whole graph; pass --stream off, or run `vcompress quantize` first"
             )
+        tensors, shared = _share_tables(ctx, cfg, model, tensors)
         weights = _weights(tensors, cfg, folder, grid, _onnx_graph.dims_of(model.config).tied, source_grid)
         ctx.log(f"building the ONNX decoder graph ({model.config.model_type}, {cfg.quant})")
         if isinstance(weights, _onnx_gptq.CarriedWeights) and source_grid is None:
@@ -211,6 +212,8 @@ class OnnxExport(Exporter):
         )
         if carried:
             manifest["quant"].update(method="carried", grid=carried)
+        if shared:
+            manifest["quant"]["shared_table"] = shared
         write_json(ctx.out / MANIFEST, manifest)
         result = gate(
             ctx,
@@ -243,12 +246,13 @@ export = OnnxExport.export  # the library API: export(model_path, out, quant=Non
 
 
 def _check_grid(cfg: OnnxExportConfig, grid: dict | None) -> None:
-    """A quantize folder exports at its own bits (its grid carried) or as fp32."""
+    """A quantize folder exports at its own bits (its grid carried) or as fp32; one that carried a GGUF's wider blocks
+    (quantize --wider-source carry) under int4 too, its grid carried as it is."""
     if grid is None:
         return
     bits = grid_bits(grid)
     wanted = {4: "int4", 8: "int8"}.get(bits)
-    if cfg.quant not in ("none", wanted):
+    if cfg.quant not in ("none", wanted) and not (cfg.quant == "int4" and carries_wider_source(grid)):
         raise InputError(
             f"the checkpoint is quantized to {bits} bits; export it with --quant {wanted} (its grid is carried as is) or --quant none"
         )
@@ -300,6 +304,34 @@ def _gguf_grid(ctx: StageContext, cfg: OnnxExportConfig, gguf: Path, model, stre
             "run `vcompress quantize --method gptq` on the GGUF (it keeps the blocks it can) and export that folder"
         )
     return found
+
+
+EMBEDDING, HEAD = "model.embed_tokens.weight", _onnx_quant.HEAD_WEIGHT
+
+
+def _share_tables(ctx: StageContext, cfg: OnnxExportConfig, model, tensors):
+    """(tensors, note): an untied embedding that is a second rounding of its head's matrix (a GGUF that stores a
+    tied table twice, at two grids: `_onnx_quant.one_matrix_steps`) is exported tied, the head's table (the one
+    every logit reads; the finer grid in such a GGUF) gathered for the embedding too, and the note says so. Two
+    trained tables stay two (note None)."""
+    config = model.config
+    if cfg.quant == "none" or getattr(config, "tie_word_embeddings", False) or "lm_head.bias" in tensors:
+        return tensors, None
+    if not {EMBEDDING, HEAD} <= set(tensors) or not _head_bits(cfg):
+        return tensors, None
+    block = _onnx_quant._table_block(config.hidden_size, cfg.block_size)
+    steps = _onnx_quant.one_matrix_steps(tensors[EMBEDDING], tensors[HEAD], block)
+    if steps > _onnx_quant.ONE_MATRIX_STEPS:
+        return tensors, None
+    config.tie_word_embeddings = True  # the artifact's: the source model itself keeps both tables
+    note = {
+        "from": HEAD,
+        "steps": round(steps, 3),
+        "why": f"the embedding differs from the LM head by at most {steps:.2f} of a 4-bit step per block: two roundings of "
+        "one matrix, stored once (the head's), read by the embedding's GatherBlockQuantized and the head",
+    }
+    ctx.log(f"{note['why']}; the embedding rows are the head's")
+    return LazyTensors(list(tensors), lambda name: tensors[HEAD if name == EMBEDDING else name]), note
 
 
 def _table_settings(cfg: OnnxExportConfig, tied: bool) -> dict:

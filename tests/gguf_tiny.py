@@ -44,9 +44,13 @@ LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_att
 LINEARS |= {"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def write_gguf(model, tokenizer_dir: Path, path: Path, types: dict[str, T], table=T.F32, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write `model` (a tiny Llama or Qwen2) as a GGUF with each linear in `types[gguf short name]` (default Q4_1) and the
-    token table in `table`; returns the dequantized weight of every linear by its Hugging Face name ([out, in])."""
+def write_gguf(
+    model, tokenizer_dir: Path, path: Path, types: dict[str, T], table=T.F32, seed: int = 0, head: T | None = None
+) -> dict[str, np.ndarray]:
+    """Write `model` (a tiny Llama or Qwen2) as a GGUF with each linear in `types[gguf short name]` (default Q4_1), the
+    token table in `table` and the LM head in `head` (default: `table`; given for a tied model, its table is written a
+    second time as output.weight, as llama.cpp stores Qwen2.5's); returns the dequantized weight of every linear by its
+    Hugging Face name ([out, in]), and of the two tables as "token_embd" and "output"."""
     rng = np.random.default_rng(seed)
     c, arch = model.config, model.config.model_type
     w = gguf.GGUFWriter(str(path), arch)
@@ -71,10 +75,12 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, types: dict[str, T], tabl
         w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
         return dequantize(raw, qtype).reshape(value.shape)
 
-    put("token_embd.weight", state["model.embed_tokens.weight"], table)
+    weights["token_embd"] = put("token_embd.weight", state["model.embed_tokens.weight"], table)
     put("output_norm.weight", state["model.norm.weight"])
-    if not c.tie_word_embeddings:
-        put("output.weight", state["lm_head.weight"], table)
+    if not c.tie_word_embeddings or head is not None:
+        weights["output"] = put(
+            "output.weight", state.get("lm_head.weight", state["model.embed_tokens.weight"]), table if head is None else head
+        )
     for i in range(c.num_hidden_layers):
         hf, blk = f"model.layers.{i}.", f"blk.{i}."
         put(f"{blk}attn_norm.weight", state[f"{hf}input_layernorm.weight"])

@@ -212,3 +212,85 @@ def test_a_streamed_gguf_export_carries_the_same_bytes(tiny_ggufs, tmp_path, mon
     streamed = export(path, tmp_path / "b", "int4", stream="on", accuracy_level=0, **QUIET)
     assert streamed["streamed"] and streamed["grid"]["linears"] == whole["grid"]["linears"] == 14
     assert filecmp.cmp(tmp_path / "a" / "model.onnx.data", tmp_path / "b" / "model.onnx.data", shallow=False)
+
+
+def test_a_table_stored_twice_at_two_grids_is_exported_once(tokenizer, tmp_path, monkeypatch):
+    """A tied Qwen2 written as llama.cpp writes Qwen2.5: its one table twice, token_embd at Q5_0 and output at Q8_0
+    (transformers loads it untied). The export stores the Q8_0 table once, exactly, with no zero points."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config("qwen2", len(tokenizer) + 1, 2, tie_word_embeddings=True, **SIZES["qwen2"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "twice.gguf"
+    symmetric = {"attn_q": T.Q4_0, "attn_k": T.Q4_0, "attn_v": T.Q4_0, "attn_output": T.Q5_0, "ffn_gate": T.Q6_K, "ffn_up": T.Q6_K}
+    weights = write_gguf(model, tmp_path / "tok", path, {**symmetric, "ffn_down": T.Q8_0}, table=T.Q5_0, head=T.Q8_0)
+    assert not np.array_equal(weights["token_embd"], weights["output"])
+    out = tmp_path / "o"
+    metrics = export(path, out, "int8", accuracy_level=0, **QUIET)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tied_embeddings"] and manifest["quant"]["shared_table"]["from"] == "lm_head.weight"
+    assert manifest["quant"]["shared_table"]["steps"] < 1
+    inits = {t.name: numpy_helper.to_array(t, str(out)) for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    assert not [n for n in inits if n.startswith("lm_head.weight")]  # one table
+    # symmetric grids (Q4_0, Q5_0, Q6_K, Q8_0 and the 8-bit table): no zero-point tensor, no float correction
+    assert not [n for n in inits if "zero_points" in n or "zero_correction" in n]
+    codes, scales = inits["embed_tokens.weight_Q"].astype(np.float32) - 128, inits["embed_tokens.weight_scales"]
+    table = (codes.reshape(*scales.shape, -1) * scales[..., None]).reshape(codes.shape)
+    np.testing.assert_allclose(table, weights["output"], rtol=1e-6, atol=1e-7)  # the Q8_0 table, exactly
+    for layer in range(2):
+        for stem, name in ((f"layers.{layer}.attn.o_proj", "self_attn.o_proj"), (f"layers.{layer}.mlp.down_proj", "mlp.down_proj")):
+            want = weights[f"model.layers.{layer}.{name}"]
+            np.testing.assert_allclose(_carried_weight(inits, stem, want.shape[1], want.shape[0]), want, rtol=1e-5, atol=1e-6)
+    assert metrics["parity"]["top1_agreement"] > 0  # the gate compares with the source: Q5_0 embedding rows there
+    # the artifact computes the source model with its embedding rows taken from the Q8_0 table
+    from vcompress.core.models import load_model
+
+    reference, _ = load_model(path)
+    with torch.no_grad():
+        reference.model.embed_tokens.weight.copy_(torch.from_numpy(weights["output"]))
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(OnnxRunner(out, threads=1).forward(ids), reference(input_ids=ids).logits, atol=1e-4)
+
+
+def test_two_trained_tables_stay_two(tiny_ggufs, tmp_path, monkeypatch):
+    path, _ = tiny_ggufs["qwen2"]["q4"]  # untied: its embedding and head are unrelated
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    out = tmp_path / "o"
+    export(path, out, "int4", accuracy_level=0, table_bits=8, **QUIET)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["tied_embeddings"] and "shared_table" not in manifest["quant"]
+    names = {t.name for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    assert {"embed_tokens.weight_Q", "lm_head.weight_Q"} <= names
+
+
+def test_quantize_can_carry_the_wider_blocks_and_an_int4_export_carries_them(tiny_ggufs, tmp_path, monkeypatch):
+    from vcompress.cli import main
+    from vcompress.core import quant_format
+    from vcompress.core.models import load_model
+
+    path, _ = tiny_ggufs["qwen2"]["mixed"]
+    monkeypatch.setenv("VCOMPRESS_CACHE", str(path.parent / "cache"))
+    folder = tmp_path / "q"
+    args = ["quantize", "--model", path, "--out", folder, "--method", "gptq", "--bits", "4", "--wider-source", "carry"]
+    assert main([str(a) for a in [*args, "--heldout-blocks", "0", "--eval-per-subject", "0"]]) == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    # every type is kept: 4-bit ones at 4 bits, Q5_0 / Q5_K / Q6_K / Q8_0 as 8-bit codes; nothing re-solved
+    assert metrics["source_grid"]["kept_linears"] == 14 and metrics["quantized_linears"] == 0
+    assert metrics["source_grid"]["requantized"] == {}
+    manifest = quant_format.read_quant_grid(folder)
+    assert {s["bits"] for s in manifest["linears"].values()} == {4, 8} and quant_format.carries_wider_source(manifest)
+    out = tmp_path / "o"
+    exported = export(folder, out, "int4", accuracy_level=0, table_bits=0, **QUIET)
+    assert exported["grid"]["linears"] == 14 and exported["parity"]["top1_agreement"] == 1.0
+    reference, _ = quant_format.load_dequantized(folder, manifest)
+    source, _ = load_model(path)
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    logits = OnnxRunner(out, threads=1).forward(ids)
+    assert torch.allclose(logits, reference(input_ids=ids).logits, atol=1e-4)
+    assert torch.allclose(logits, source(input_ids=ids).logits, atol=1e-4)  # the GGUF's own weights
