@@ -62,7 +62,7 @@ class EmulatedSettings(Settings):
     suite: str = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
     text_tokens: int = Field(128, gt=1, description="positions of the short text whose logits are compared")
-    # 16 cloze questions cost ~MMLU_S s under qemu here (docs/emulated.md, "Time"): the row says its n and interval
+    # 16 cloze questions cost ~280 s under qemu here (docs/emulated.md, "Time"): the row says its n and interval
     mmlu_questions: int = Field(16, ge=0, description="MMLU questions answered on both builds, drawn evenly from the profile's subjects")
     timeout_s: float = Field(3600, gt=0)
     # one thread: threads the guest spins on cost host cores that emulation needs; kernels are picked by ISA, not threads
