@@ -107,8 +107,8 @@ class Budgets(Strict):
     max_mmlu_drop_points: float = Field(ge=0, le=100)
     max_perplexity_rise_pct: float = Field(ge=0)
     min_answer_agreement: float = Field(ge=0, le=1)
-    # top-1 agreement, over every position of a short text, between the artifact on the device's build of its runtime
-    # (device.arch, emulated) and on this machine's: kernels differ by ISA (docs/emulated.md). None: not checked.
+    # top-1 agreement, over every position of a short text, of the artifact on the device's build of its runtime
+    # (device.arch, emulated) with its float-activation reference: kernels differ by ISA (docs/emulated.md). None: not checked.
     min_target_isa_agreement: float | None = Field(None, ge=0, le=1)
 
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from vcompress.core.data import default_texts, load_mmlu, resolve_subjects, samp
 from vcompress.core.errors import InputError, Unsupported
 from vcompress.core.export_manifest import PARITY_PROMPTS, read_manifest
 from vcompress.core.profiles import Profile
-from vcompress.core.registry import DEVICES
+from vcompress.core.registry import DEVICES, EXPORTERS
 
 from .base import LatencyDevice, Settings, last_line
 
@@ -61,7 +62,8 @@ class EmulatedSettings(Settings):
     suite: str = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
     text_tokens: int = Field(128, gt=1, description="positions of the short text whose logits are compared")
-    mmlu_per_subject: int = Field(10, ge=0, description="MMLU questions per subject answered on both builds")
+    # 16 cloze questions cost ~280 s under qemu here (docs/emulated.md, "Time"): the row says its n and interval
+    mmlu_questions: int = Field(16, ge=0, description="MMLU questions answered on both builds, drawn evenly from the profile's subjects")
     timeout_s: float = Field(3600, gt=0)
     # one thread: threads the guest spins on cost host cores that emulation needs; kernels are picked by ISA, not threads
     threads: int | None = Field(1, gt=0)
@@ -110,13 +112,18 @@ class EmulatedDevice(LatencyDevice):
                 (folder / "job.json").write_text(json.dumps(job))
             log(f"emulated {s.arch}: answering on this machine ({platform.machine()})")
             self._probe([sys.executable], artifact, x86, {})
+            reference = EXPORTERS.get(manifest["format"]).float_reference(Path(artifact), Path(tmp, "float-copy"))
+            if reference is not None:  # the text only: what each build's logits are measured against
+                Path(tmp, "reference").mkdir()
+                Path(tmp, "reference", "job.json").write_text(json.dumps(job | {"prompts": [], "mmlu": [], "lengths": []}))
+                self._probe([sys.executable], reference, Path(tmp, "reference"), {})
             log(f"emulated {s.arch}: answering under qemu-user (slow)")
             guest = [qemu, "-L", str(root), "-cpu", self.cpu, str(root / "usr/bin/python3")]
             failure = self._probe(guest, artifact, arm, {"PYTHONPATH": f"{site}:{package_shim(Path(tmp))}"}, fail=False)
             record = {"device": self.label, "arch": s.arch, "cpu": self.cpu, "qemu": qemu_version(qemu), "source": "emulated"}
             if failure:
                 return record | {"loads": False, "error": failure, "runtime": wheel_pins(manifest), "seconds": {"setup": round(setup_s, 1)}}
-            result = compare(x86, arm, job)
+            result = compare(x86, arm, job, Path(tmp, "reference") if reference is not None else None)
             result["seconds"]["setup"] = round(setup_s, 1)
             return record | result | {"loads": True}
 
@@ -142,7 +149,7 @@ class EmulatedDevice(LatencyDevice):
             done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=self.settings.timeout_s)
         except subprocess.TimeoutExpired:
             raise InputError(
-                f"the {job.name} run ran past {self.settings.timeout_s:.0f} s; lower mmlu_per_subject or raise timeout_s"
+                f"the {job.name} run ran past {self.settings.timeout_s:.0f} s; lower mmlu_questions or raise timeout_s"
             ) from None
         if done.returncode == 0:
             return None
@@ -243,7 +250,7 @@ def make_job(artifact: Path, profile: Profile, s: EmulatedSettings, manifest: di
     tokenizer = AutoTokenizer.from_pretrained(str(artifact))
     ev = profile.evaluation
     subjects = resolve_subjects(ev.subset)
-    questions = sample_questions(load_mmlu(None, "test", subjects), s.mmlu_per_subject, ev.seed) if s.mmlu_per_subject else []
+    questions = mmlu_sample(subjects, s.mmlu_questions, ev.seed)
     dev = load_mmlu(None, "dev", subjects) if ev.shots and questions else []
     mmlu, lengths = [], []
     for q in questions:
@@ -262,8 +269,18 @@ def make_job(artifact: Path, profile: Profile, s: EmulatedSettings, manifest: di
     }
 
 
-def compare(x86: Path, arm: Path, job: dict) -> dict:
-    """What the two runs agree on: greedy tokens (the first differing position), logits, MMLU answers."""
+def mmlu_sample(subjects: list[str], n: int, seed: int) -> list:
+    """n test questions, as even over the subjects as n allows (a seeded draw of the subjects' equal shares)."""
+    if not n:
+        return []
+    pool = sample_questions(load_mmlu(None, "test", subjects), -(-n // len(subjects)), seed)
+    keep = sorted(random.Random(seed).sample(range(len(pool)), min(n, len(pool))))
+    return [pool[i] for i in keep]
+
+
+def compare(x86: Path, arm: Path, job: dict, reference: Path | None = None) -> dict:
+    """What the two runs agree on: greedy tokens (the first differing position), logits, MMLU answers; and where the
+    format has a float-activation copy (`reference`), how near each build's logits are to it."""
     import numpy as np
     import torch
 
@@ -272,6 +289,10 @@ def compare(x86: Path, arm: Path, job: dict) -> dict:
     host, guest = (json.loads((d / "result.json").read_text()) for d in (x86, arm))
     first = [next((i for i, (a, b) in enumerate(zip(h, g)) if a != b), None) for h, g in zip(host["greedy"], guest["greedy"])]
     a, b = np.load(x86 / "logits.npy"), np.load(arm / "logits.npy")
+    near = lambda x, y: {  # noqa: E731
+        "max_abs_diff": float(np.abs(x - y).max()) if x.size else None,
+        "top1_agreement": round(float((x.argmax(-1) == y.argmax(-1)).mean()), 4) if x.size else None,
+    }
     out = {
         "runtime": guest["runtime"],
         "scoring_runtime": guest["scoring_runtime"],
@@ -279,12 +300,11 @@ def compare(x86: Path, arm: Path, job: dict) -> dict:
         "cpu_features": guest["cpu_features"],
         "host_cpu_features": host["cpu_features"],
         "greedy": {"prompts": len(first), "identical": first.count(None), "first_difference": first, "tokens": job["new_tokens"]},
-        "logits": {
-            "positions": len(a),
-            "max_abs_diff": float(np.abs(a - b).max()) if a.size else None,
-            "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).mean()), 4) if a.size else None,
-        },
+        "logits": {"positions": len(a), **near(a, b)},
     }
+    if reference is not None:
+        r = np.load(reference / "logits.npy")
+        out["reference"] = {"target": near(b, r), "host": near(a, r)}
     if job["mmlu"]:
         lengths = torch.tensor(job["lengths"], dtype=torch.float64)
         scores = [torch.tensor(r["answers"], dtype=torch.float64) / lengths for r in (guest, host)]

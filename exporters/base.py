@@ -152,6 +152,13 @@ class Exporter(Stage):
             "use a fixed prune fraction or a target format that predicts it"
         )
 
+    @classmethod
+    def float_reference(cls, artifact: Path, dest: Path) -> Path | None:
+        """A copy of `artifact` in `dest` whose kernels take float activations: the function its stored weights define,
+        which each ISA's build of the runtime is measured against (devices/emulated.py). None: the format has no such
+        switch, and the builds are compared only with each other."""
+        return None
+
     def manifest(self, files: dict[str, str], **fields) -> dict:
         """manifest.json: format, runtime and its version, files, the exporter's own fields (which may
         relabel the format), and the parity thresholds of a checked export."""

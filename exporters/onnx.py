@@ -28,6 +28,8 @@ quant.grid.rerounded (`vcompress quantize --method gptq` on the GGUF re-quantize
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,6 +152,27 @@ class OnnxExport(Exporter):
                 "stored_bytes"
             ]
         return stored
+
+    @classmethod
+    def float_reference(cls, artifact: Path, dest: Path) -> Path:
+        """Every graph with MatMulNBits at accuracy level 0 (float activations, the weights dequantized: equal to the
+        quantized checkpoint in PyTorch within 1e-3 on SmolLM2); the weight files shared by hard link where possible.
+        At level 4 the kernels quantize activations to int8 in their own ISA-specific way (docs/emulated.md)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in Path(artifact).iterdir():
+            if path.suffix == ".onnx":
+                proto = onnx.load(path, load_external_data=False)
+                for node in proto.graph.node:
+                    for attribute in node.attribute if node.op_type == "MatMulNBits" else ():
+                        if attribute.name == "accuracy_level":
+                            attribute.i = 0
+                onnx.save(proto, dest / path.name)
+            elif path.is_file():
+                try:  # ONNX Runtime refuses external data reached through a symbolic link
+                    os.link(path, dest / path.name)
+                except OSError:
+                    shutil.copy2(path, dest / path.name)
+        return dest
 
     def run(self, ctx: StageContext) -> dict:
         cfg: OnnxExportConfig = self.config
