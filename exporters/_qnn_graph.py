@@ -83,6 +83,13 @@ def build_step(model, weights: Weights, seq: int, cache: int) -> tuple[onnx.Mode
     return _assemble(g, d, seq, cache), d
 
 
+def residual_nodes(model: onnx.ModelProto) -> list[str]:
+    """The residual stream's nodes: its adds and the RMSNorms that read it. They stay in float (fp16 on the HTP):
+    some models carry a few "massive activations" in the stream (SmolLM2-135M: about 26,000 from layer 13 on),
+    which leave a uint16 grid over the stream's range a step of 0.4, far coarser than its ordinary values."""
+    return [n.name for n in model.graph.node if n.op_type == "RMSNormalization" or n.name.endswith("/residual")]
+
+
 def _rotary_rows(g: GraphBuilder, table: str, seq: int) -> str:
     """The table's rows at position_ids, both halves: [1, 1, seq, head_dim]."""
     rows = g.one("Gather", [table, "position_ids"], name=f"{table}/Gather")

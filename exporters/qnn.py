@@ -67,6 +67,12 @@ class QnnExportConfig(ParityConfig):
         description="what the parity check and validate run: the QDQ graphs on the CPU EP (labelled so), or the context "
         "binaries on QNN's HTP emulation; the HTP check (one prompt and one decode step, HTP against the CPU EP) runs either way",
     )
+    text_chunks: int = Field(
+        3,
+        ge=0,
+        description="prefill chunks of held-out text that validate scores on the HTP emulation (perplexity, top-1 agreement), "
+        "the QDQ graphs on the CPU EP over the same positions beside it; 0: the text is scored where the answers are (evaluate_on)",
+    )
     threads: int | None = Field(None, gt=0, description="ONNX Runtime threads for calibration and the parity check")
 
     @model_validator(mode="after")
@@ -107,7 +113,8 @@ class QnnExport(Exporter):
         for graph in GRAPHS:
             qdq = ctx.out / "qdq" / f"{graph}.onnx"
             ctx.log(f"quantizing the {graph} graph (uint16 activations, {cfg.quant} weights per channel) on {len(feeds[graph])} feeds")
-            _qnn_compile.quantize(fp32[graph], qdq, feeds[graph], 8 if cfg.quant == "int8" else 4)
+            float_nodes = _qnn_graph.residual_nodes(onnx.load(fp32[graph], load_external_data=False))
+            _qnn_compile.quantize(fp32[graph], qdq, feeds[graph], 8 if cfg.quant == "int8" else 4, float_nodes)
             context = ctx.out / f"{graph}.ctx.onnx"
             ctx.log(f"compiling the {graph} graph for HTP v{cfg.htp_arch} (soc_model {SOC_MODELS[cfg.htp_arch]})")
             placement[graph] = _qnn_compile.compile_htp(qdq, context, cfg.htp_arch)
@@ -130,7 +137,7 @@ class QnnExport(Exporter):
             placement=placement,
             io={"inputs": list(_qnn_graph.step_io(dims, cfg.chunk, cfg.cache)[0]), "masked_bias": _qnn_graph.MASKED},
         )
-        manifest["evaluate_on"] = cfg.evaluate_on
+        manifest["evaluate_on"], manifest["text_chunks"] = cfg.evaluate_on, cfg.text_chunks
         write_json(ctx.out / MANIFEST, manifest)
         manifest["fidelity"] = _htp_check(ctx, tokenizer)
         write_json(ctx.out / MANIFEST, manifest)
@@ -233,29 +240,77 @@ class QnnRunner(SessionRunner):
 
     backend = FORMAT
     session_error = SessionError
+    labels = {"htp": "QNN HTP backend (x86 emulation of the NPU's arithmetic)", "cpu": "QDQ on the CPU EP"}
 
     def __init__(self, path: str | Path, *, threads: int | None = None, backend: str | None = None, **_):
         manifest = Path(path) / MANIFEST
-        chosen = json.loads(manifest.read_text()).get("evaluate_on") if manifest.is_file() else None
-        self.requested, self.fallback = backend or chosen or "htp", None
+        settings = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        self.requested, self.fallback = backend or settings.get("evaluate_on") or "htp", None
         super().__init__(path, threads=threads)
         self.max_length = self.session.max_length
+        # the held-out text on the HTP emulation, a sample sized for its speed, the CPU EP beside it on the same positions
+        chunks = settings.get("text_chunks") or 0
+        self.text_positions = chunks * self.manifest["chunk"] or None
+        self._text = {"positions": 0, "agree": 0, "max_abs_diff": 0.0, "seconds": {"htp": 0.0, "cpu": 0.0}}
+        self._sessions: dict[str, QnnSession | None] = {}
 
     def open_session(self) -> QnnSession:
-        if self.requested == "cpu":
-            return QnnSession(self.path, threads=self.threads, backend="cpu")
+        return (self._open("htp") if self.requested == "htp" else None) or QnnSession(self.path, threads=self.threads, backend="cpu")
+
+    def _open(self, backend: str) -> QnnSession | None:
+        """A session on `backend`; None where the HTP backend refused the graphs (`fallback` says why)."""
         try:
-            return QnnSession(self.path, threads=self.threads, backend="htp")
+            return QnnSession(self.path, threads=self.threads, backend=backend)
         except SessionError:
             raise
         except Exception as e:  # onnxruntime's own error: the HTP backend refused a graph
             self.fallback = f"the QNN HTP backend could not open the context binaries ({str(e).splitlines()[0][:300]})"
-            return QnnSession(self.path, threads=self.threads, backend="cpu")
+            return None
 
     @property
     def runtime(self) -> dict:
-        label = "QNN HTP backend (x86 emulation of the NPU's arithmetic)" if self.session.backend == "htp" else "QDQ on the CPU EP"
+        label = self.labels[self.session.backend]
         return {**super().runtime, "backend": label, **({"fallback": self.fallback} if self.fallback else {})}
+
+    def text_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.text_positions:
+            return self.forward(input_ids)
+        ids = input_ids.cpu().numpy()
+        logits = {}
+        for backend in ("htp", "cpu"):
+            session = self._text_session(backend)
+            started = time.perf_counter()
+            logits[backend] = self._call(session.logits, ids) if session else None
+            self._text["seconds"][backend] += time.perf_counter() - started
+        if logits["htp"] is None:  # the HTP backend refused the graphs (self.fallback says why): the CPU EP's own
+            return torch.from_numpy(logits["cpu"])
+        t = self._text
+        t["positions"] += ids.size
+        t["agree"] += int((logits["htp"].argmax(-1) == logits["cpu"].argmax(-1)).sum())
+        t["max_abs_diff"] = max(t["max_abs_diff"], float(np.abs(logits["htp"] - logits["cpu"]).max()))
+        return torch.from_numpy(logits["htp"])
+
+    def _text_session(self, backend: str) -> QnnSession | None:
+        """The session of one backend for the text: the answers' own, or one opened for it (None: the HTP refused it)."""
+        if self.session.backend == backend:
+            return self.session
+        if backend not in self._sessions:
+            self._sessions[backend] = self._open(backend)
+        return self._sessions[backend]
+
+    def text_report(self) -> dict:
+        t = self._text
+        if not t["positions"]:
+            return {"scored_on": self.labels["cpu"], **({"fallback": self.fallback} if self.fallback else {})} if self.text_positions else {}
+        return {
+            "scored_on": self.labels["htp"],
+            "against_cpu_ep": {  # the same positions through the QDQ graphs on the CPU EP: do they compute the same numbers
+                "positions": t["positions"],
+                "top1_agreement": round(t["agree"] / t["positions"], 4),
+                "max_abs_diff": round(t["max_abs_diff"], 4),
+            },
+            "seconds": {k: round(v, 1) for k, v in t["seconds"].items()},
+        }
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         # causal: a right-padded row's real tokens never see its padding

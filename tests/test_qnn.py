@@ -89,3 +89,25 @@ def test_an_op_the_htp_does_not_run_is_refused_at_export_by_name(tokenizer, tmp_
     with pytest.raises(Refused, match=r"layers\.0\.mlp\.act/FastGelu \(com\.microsoft:FastGelu\)"):
         qnn.export(tmp_path / "gelu", tmp_path / "out", **SMALL)
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_scores_the_text_on_the_htp_and_the_answers_on_the_cpu_ep(exported, tiny_llama):
+    """The profiles' split: MMLU answers through the QDQ graphs on the CPU EP (the emulation is too slow for them), the
+    held-out text (perplexity, top-1 agreement) on the HTP emulation over its own small sample, the CPU EP beside it."""
+    from vcompress.core.profiles import load_profile
+    from vcompress.evaluate import Evaluator
+    from vcompress.validate import budget_checks, eval_summary
+
+    out, _ = exported
+    runner = qnn.QnnRunner(out, backend="cpu")
+    assert runner.text_positions == 3 * SMALL["chunk"]  # the export's text_chunks (3 by default)
+    evaluator = Evaluator(per_subject=1, format="cloze")
+    report = evaluator.evaluate(model=runner, reference=str(tiny_llama))
+    text = report["text"]
+    assert text["blocks"] * text["seq_len"] <= runner.text_positions
+    assert text["scored_on"].startswith("QNN HTP backend") and report["runtime"]["backend"] == "QDQ on the CPU EP"
+    check = text["against_cpu_ep"]
+    assert check["positions"] == text["blocks"] * text["seq_len"] and check["top1_agreement"] >= 0.9
+    checks = {c["budget"]: c for c in budget_checks(load_profile("snapdragon8g2-npu").budgets, eval_summary(report), {})}
+    assert f"over {text['tokens']} positions, on QNN HTP backend" in checks["max_perplexity_rise_pct"]["why"]
+    assert "answers scored on QDQ on the CPU EP" in checks["max_mmlu_drop_points"]["why"]

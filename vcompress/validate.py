@@ -259,6 +259,9 @@ def eval_summary(report: dict) -> dict:
         "perplexity": {"teacher": ref_ppl, "student": ppl, "rise_pct": (ppl / ref_ppl - 1) * 100 if ppl and ref_ppl else None},
         "top1_agreement": text.get("top1_agreement"),
         "kl_mean": text.get("kl_mean"),
+        # where a backend scores the text apart from the answers (an NPU's arithmetic in emulation): what and on how much
+        **({"text": {k: text.get(k) for k in ("scored_on", "tokens", "against_cpu_ep", "fallback")}} if text.get("scored_on") else {}),
+        "answers_on": (report.get("runtime") or {}).get("backend"),
     }
 
 
@@ -300,7 +303,7 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict, isa: dict |
             n=evaluation["n"],
             ci95=[_round(x) for x in drop["ci95"]],
             result=drop_result,
-            why=drop_why,
+            why=drop_why + (f"; answers scored on {evaluation['answers_on']}" if evaluation.get("text") else ""),
             format=evaluation["format"]["name"],
         ),
         check(
@@ -310,6 +313,7 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict, isa: dict |
             "%",
             "measured",
             rise is not None and rise <= budgets.max_perplexity_rise_pct,
+            **({"why": text_why(evaluation)} if evaluation.get("text") else {}),
         ),
         check(
             "min_answer_agreement",
@@ -322,6 +326,21 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict, isa: dict |
         ),
         *([isa_check(budgets.min_target_isa_agreement, isa)] if isa is not None and budgets.min_target_isa_agreement is not None else []),
     ]
+
+
+def text_why(evaluation: dict) -> str:
+    """"perplexity 15.1 vs 14.9, top-1 agreement 0.952 with the source over 381 positions, on <backend> (...)"."""
+    text, ppl = evaluation["text"], evaluation["perplexity"]
+    line = (
+        f"perplexity {_end(_round(ppl['student']))} vs {_end(_round(ppl['teacher']))}, top-1 agreement "
+        f"{_end(_round(evaluation['top1_agreement']))} with the source over {text['tokens']} positions, on {text['scored_on']}"
+    )
+    if check := text.get("against_cpu_ep"):
+        line += (
+            f" (against the CPU EP on the same {check['positions']} positions: top-1 agreement {check['top1_agreement']:.3f}, "
+            f"max |logit diff| {check['max_abs_diff']:.3g})"
+        )
+    return line + (f"; {text['fallback']}" if text.get("fallback") else "")
 
 
 def latency_check(budget: str, limit: float, latency: dict, prompt_tokens: int) -> dict:
