@@ -67,6 +67,14 @@ class QnnExportConfig(ParityConfig):
         description="what the parity check and validate run: the QDQ graphs on the CPU EP (labelled so), or the context "
         "binaries on QNN's HTP emulation; the HTP check (one prompt and one decode step, HTP against the CPU EP) runs either way",
     )
+    # SmolLM2-135M's down projections peak at 25,900 (layer 11), 15,500 and 7,900 (28, 29), then 670 to 310 (2, 9, 27,
+    # 10, 1): in fp16 the first three took held-out perplexity from +9% to +5.5%, all eight to +4.3% (QDQ, CPU EP)
+    fp16_mlp_above: float = Field(
+        256.0,
+        gt=0,
+        description="an MLP whose output reaches this magnitude on the calibration text runs its product and down projection "
+        "in fp16 on the HTP, not on a uint16 grid, whose step over it would exceed 1/128 (the residual stream always does)",
+    )
     text_chunks: int = Field(
         3,
         ge=0,
@@ -107,13 +115,17 @@ class QnnExport(Exporter):
             fp32[graph] = scratch / f"{graph}.fp32.onnx"
             onnx.save_model(proto, fp32[graph], save_as_external_data=True, location=f"{graph}.fp32.onnx.data")
         ctx.log(f"step graphs: prefill {cfg.chunk} tokens, decode 1, over a {cfg.cache}-slot cache ({len(proto.graph.node)} nodes each)")
-        feeds = self._calibration_feeds(ctx, tokenizer, dims, fp32)
+        texts = texts_for(ctx.data, tokenizer, part="calib", exclude=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
+        blocks = pack(texts, tokenizer, cfg.chunk + cfg.calibration_decode_tokens, max_blocks=cfg.calibration_blocks)
+        feeds = self._calibration_feeds(ctx, blocks, dims, fp32)
+        wide = _wide_mlps(model, blocks, cfg.fp16_mlp_above)
+        ctx.log(f"fp16 on the HTP: the residual stream, and the MLPs of layers {sorted(wide) or 'none'} (peak |output| {wide or '-'})")
         (ctx.out / "qdq").mkdir()
         files, placement = {"htp": {}, "qdq": {}, "binaries": {}}, {}
         for graph in GRAPHS:
             qdq = ctx.out / "qdq" / f"{graph}.onnx"
             ctx.log(f"quantizing the {graph} graph (uint16 activations, {cfg.quant} weights per channel) on {len(feeds[graph])} feeds")
-            float_nodes = _qnn_graph.residual_nodes(onnx.load(fp32[graph], load_external_data=False))
+            float_nodes = _qnn_graph.float_nodes(onnx.load(fp32[graph], load_external_data=False), wide)
             _qnn_compile.quantize(fp32[graph], qdq, feeds[graph], 8 if cfg.quant == "int8" else 4, float_nodes)
             context = ctx.out / f"{graph}.ctx.onnx"
             ctx.log(f"compiling the {graph} graph for HTP v{cfg.htp_arch} (soc_model {SOC_MODELS[cfg.htp_arch]})")
@@ -133,7 +145,12 @@ class QnnExport(Exporter):
             | {"config": "config.json", "tokenizer": "tokenizer.json", "app_config": APP_CONFIG},
             **dims.manifest_fields(),
             **shape,
-            quant={"weights": cfg.quant, "granularity": "per output channel, symmetric", "activations": "uint16"},
+            quant={
+                "weights": cfg.quant,
+                "granularity": "per output channel, symmetric",
+                "activations": "uint16",
+                "fp16": {"residual_stream": True, "mlp_layers": sorted(wide), "mlp_peaks": {str(k): v for k, v in wide.items()}},
+            },
             placement=placement,
             io={"inputs": list(_qnn_graph.step_io(dims, cfg.chunk, cfg.cache)[0]), "masked_bias": _qnn_graph.MASKED},
         )
@@ -156,12 +173,10 @@ class QnnExport(Exporter):
             "parity": result,
         }
 
-    def _calibration_feeds(self, ctx: StageContext, tokenizer, dims, fp32: dict[str, Path]) -> dict[str, list[dict]]:
+    def _calibration_feeds(self, ctx: StageContext, blocks: torch.Tensor, dims, fp32: dict[str, Path]) -> dict[str, list[dict]]:
         """Every feed of the fp32 step graphs while they read calibration text: per block, one prefill chunk, then
         `calibration_decode_tokens` decode steps teacher-forced on the block's next tokens (caches really filled)."""
         cfg: QnnExportConfig = self.config
-        texts = texts_for(ctx.data, tokenizer, part="calib", exclude=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
-        blocks = pack(texts, tokenizer, cfg.chunk + cfg.calibration_decode_tokens, max_blocks=cfg.calibration_blocks)
         recorded: list[dict] = []
         sessions = [open_step(fp32[g], "cpu", threads=cfg.threads) for g in GRAPHS]
         steps = Steps(*sessions, layers=dims.layers, kv_heads=dims.kv_heads, head_dim=dims.head_dim, chunk=cfg.chunk, cache=cfg.cache)
@@ -176,6 +191,24 @@ class QnnExport(Exporter):
             "prefill": [f for f in recorded if f["input_ids"].shape[1] == cfg.chunk],
             "decode": [f for f in recorded if f["input_ids"].shape[1] == 1],
         }
+
+
+def _wide_mlps(model, blocks: torch.Tensor, limit: float) -> dict[int, float]:
+    """The layers whose MLP output (down_proj) reaches `limit` in magnitude on the calibration blocks: their peaks."""
+    peaks: dict[int, float] = {}
+
+    def hook(layer: int):
+        return lambda module, args, out: peaks.__setitem__(layer, max(peaks.get(layer, 0.0), float(out.abs().max())))
+
+    handles = [layer.mlp.down_proj.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            for block in blocks:
+                model(block[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: round(peak, 1) for i, peak in peaks.items() if peak >= limit}
 
 
 def _htp_check(ctx: StageContext, tokenizer) -> dict:
@@ -301,7 +334,9 @@ class QnnRunner(SessionRunner):
     def text_report(self) -> dict:
         t = self._text
         if not t["positions"]:
-            return {"scored_on": self.labels["cpu"], **({"fallback": self.fallback} if self.fallback else {})} if self.text_positions else {}
+            return (
+                {"scored_on": self.labels["cpu"], **({"fallback": self.fallback} if self.fallback else {})} if self.text_positions else {}
+            )
         return {
             "scored_on": self.labels["htp"],
             "against_cpu_ep": {  # the same positions through the QDQ graphs on the CPU EP: do they compute the same numbers

@@ -16,7 +16,15 @@ from vcompress.core.errors import Refused  # noqa: E402
 from vcompress.exporters import qnn  # noqa: E402
 from vcompress.exporters._qnn_session import QnnSession, open_step  # noqa: E402
 
-SMALL = {"chunk": 16, "cache": 64, "calibration_blocks": 2, "calibration_decode_tokens": 4, "new_tokens": 4, "evaluate_on": "htp"}
+SMALL = {
+    "chunk": 16,
+    "cache": 64,
+    "calibration_blocks": 2,
+    "calibration_decode_tokens": 4,
+    "new_tokens": 4,
+    "evaluate_on": "htp",
+    "fp16_mlp_above": 1e-3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +48,8 @@ def test_every_node_is_compiled_for_the_htp(exported):
         assert {n.op_type for n in compiled.graph.node} == {"EPContext"}
         assert (out / manifest["files"]["binaries"][graph]).stat().st_size > 0
     assert metrics["parity"]["passed"]
+    fp16 = manifest["quant"]["fp16"]  # fp16_mlp_above 1e-3: every MLP stays float, and the HTP still runs every node
+    assert fp16["residual_stream"] and fp16["mlp_layers"] == list(range(json.loads((out / "config.json").read_text())["num_hidden_layers"]))
     check = manifest["fidelity"]["htp"]  # the sized HTP check every export runs
     assert check["positions"] > 1 and check["top1_agreement"] >= 0.75  # a random tiny model has near-ties
 

@@ -329,7 +329,7 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict, isa: dict |
 
 
 def text_why(evaluation: dict) -> str:
-    """"perplexity 15.1 vs 14.9, top-1 agreement 0.952 with the source over 381 positions, on <backend> (...)"."""
+    """The text measures and what scored them: perplexity, top-1 agreement with the source, positions, backend."""
     text, ppl = evaluation["text"], evaluation["perplexity"]
     line = (
         f"perplexity {_end(_round(ppl['student']))} vs {_end(_round(ppl['teacher']))}, top-1 agreement "
