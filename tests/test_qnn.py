@@ -3,6 +3,7 @@ graphs, the compiled context binaries loading back, and an op the HTP does not r
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -104,9 +105,11 @@ def test_an_op_the_htp_does_not_run_is_refused_at_export_by_name(tokenizer, tmp_
 def test_validate_scores_the_text_on_the_htp_and_the_answers_on_the_cpu_ep(exported, tiny_llama):
     """The profiles' split: MMLU answers through the QDQ graphs on the CPU EP (the emulation is too slow for them), the
     held-out text (perplexity, top-1 agreement) on the HTP emulation over its own small sample, the CPU EP beside it."""
+    from rich.console import Console
+
     from vcompress.core.profiles import load_profile
     from vcompress.evaluate import Evaluator
-    from vcompress.validate import budget_checks, eval_summary
+    from vcompress.validate import budget_checks, eval_summary, print_verdict
 
     out, _ = exported
     runner = qnn.QnnRunner(out, backend="cpu")
@@ -118,6 +121,13 @@ def test_validate_scores_the_text_on_the_htp_and_the_answers_on_the_cpu_ep(expor
     assert text["scored_on"].startswith("QNN HTP backend") and report["runtime"]["backend"] == "QDQ on the CPU EP"
     check = text["against_cpu_ep"]
     assert check["positions"] == text["blocks"] * text["seq_len"] and check["top1_agreement"] >= 0.9
-    checks = {c["budget"]: c for c in budget_checks(load_profile("snapdragon8g2-npu").budgets, eval_summary(report), {})}
+    listed = budget_checks(load_profile("snapdragon8g2-npu").budgets, eval_summary(report), {})
+    checks = {c["budget"]: c for c in listed}
     assert f"over {text['tokens']} positions, on QNN HTP backend" in checks["max_perplexity_rise_pct"]["why"]
     assert "answers scored on QDQ on the CPU EP" in checks["max_mmlu_drop_points"]["why"]
+    # the verdict says where the export's nodes were compiled for
+    console = Console(file=io.StringIO(), width=300)
+    placement = json.loads((out / "manifest.json").read_text())["placement"]
+    print_verdict({"profile": "snapdragon8g2-npu", "checks": listed, "export_check": {"placement": placement}}, console)
+    nodes = placement["prefill"]["nodes"]
+    assert f"compiled for the NPU: prefill {nodes}/{nodes} nodes, decode" in console.file.getvalue()

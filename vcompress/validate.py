@@ -235,7 +235,7 @@ def _artifact_tokenizer(ctx) -> dict | None:
     return ctx.tokenizer_used
 
 
-EXPORT_CHECK = ("parity", "fidelity", "checked_on", "tensorrt_ready", "engine_note")  # what an export says of itself
+EXPORT_CHECK = ("parity", "fidelity", "checked_on", "tensorrt_ready", "engine_note", "placement")  # what an export says of itself
 
 
 def eval_summary(report: dict) -> dict:
@@ -399,6 +399,16 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
         if c.get("why"):
             what = f" ({c.get('format', 'letter')} MMLU)" if c["budget"] == "max_mmlu_drop_points" else ""
             console.print(f"{c['budget']}{what}: {c['why']}", soft_wrap=True)
+    if placement := (verdict.get("export_check") or {}).get("placement"):  # an NPU export: where its nodes were compiled for
+        console.print(
+            "compiled for the NPU: "
+            + ", ".join(
+                f"{graph} {p['on_htp']}/{p['nodes']} nodes"
+                + (f" (+{p['io_quantization_on_cpu']} quantizing its float inputs and outputs, on the CPU)" if p.get("io_quantization_on_cpu") else "")
+                for graph, p in placement.items()
+            ),
+            soft_wrap=True,
+        )
     acc = verdict.get("accuracy", {})
     if acc.get("teacher") is not None:
         console.print(f"MMLU accuracy: teacher {acc['teacher']:.3f}, student {acc['student']:.3f}")
