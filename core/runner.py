@@ -45,6 +45,18 @@ class Runner(abc.ABC):
         part of the key of the answers cached on disk, so a runtime upgrade scores again. Empty where unknown."""
         return {}
 
+    # A backend too slow for the evaluator's held-out text (an NPU's arithmetic in emulation) scores this many
+    # positions of it through `text_logits`; None: the evaluator's own sample, through `forward`.
+    text_positions: int | None = None
+
+    def text_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, seq, vocab] for the held-out text's perplexity and top-1 agreement."""
+        return self.forward(input_ids)
+
+    def text_report(self) -> dict:
+        """What scored the held-out text where that is not what scored the answers ({} when it is the same)."""
+        return {}
+
     def continuation_logits(self, prefixes: list[torch.Tensor], continuations: list[list[torch.Tensor]]) -> list[list[torch.Tensor]] | None:
         """For each prefix [P] and each of its continuations [C], logits [C, vocab] whose row j predicts
         continuation[j] (row 0: the prefix's last logits). A prefix runs once for all its continuations,

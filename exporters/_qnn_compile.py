@@ -56,8 +56,9 @@ class Feeds:
         self.next = iter(self.feeds)
 
 
-def quantize(fp32: Path, out: Path, feeds: list[dict], weight_bits: int) -> None:
-    """The QDQ model of a step graph: activation ranges (MinMax) from `feeds`, weights per channel."""
+def quantize(fp32: Path, out: Path, feeds: list[dict], weight_bits: int, float_nodes: list[str] = ()) -> None:
+    """The QDQ model of a step graph: activation ranges (MinMax) from `feeds`, weights per channel; `float_nodes`
+    stay unquantized (the HTP runs them in fp16: `enable_htp_fp16_precision`, on by default)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize as ort_quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -69,6 +70,7 @@ def quantize(fp32: Path, out: Path, feeds: list[dict], weight_bits: int) -> None
         weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
         per_channel=True,
         weight_symmetric=True,
+        nodes_to_exclude=list(float_nodes),
     )
     ort_quantize(str(fp32), str(out), config)
 

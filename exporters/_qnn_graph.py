@@ -83,6 +83,15 @@ def build_step(model, weights: Weights, seq: int, cache: int) -> tuple[onnx.Mode
     return _assemble(g, d, seq, cache), d
 
 
+def float_nodes(model: onnx.ModelProto, wide_mlps=()) -> list[str]:
+    """The nodes that stay in float (fp16 on the HTP): the residual stream's adds and the RMSNorms that read it, and the
+    product and down projection of the MLPs in `wide_mlps`. Some models carry a few "massive activations" in the
+    stream, written by a few MLPs (SmolLM2-135M: about 26,000 from layer 11's down_proj), which leave a uint16 grid
+    over such a tensor a step of 0.4, far coarser than its ordinary values."""
+    wide = {f"layers.{i}.mlp/Mul" for i in wide_mlps} | {f"layers.{i}.mlp.down_proj/MatMul" for i in wide_mlps}
+    return [n.name for n in model.graph.node if n.op_type == "RMSNormalization" or n.name.endswith("/residual") or n.name in wide]
+
+
 def _rotary_rows(g: GraphBuilder, table: str, seq: int) -> str:
     """The table's rows at position_ids, both halves: [1, 1, seq, head_dim]."""
     rows = g.one("Gather", [table, "position_ids"], name=f"{table}/Gather")

@@ -57,6 +57,20 @@ class QnnExportConfig(ParityConfig):
         description="what the parity check and validate run: the QDQ graphs on the CPU EP (labelled so), or the context "
         "binaries on QNN's HTP emulation; the HTP check (one prompt and one decode step, HTP against the CPU EP) runs either way",
     )
+    # SmolLM2-135M's down projections peak at 25,900 (layer 11), 15,500 and 7,900 (28, 29), then 670 to 310 (2, 9, 27,
+    # 10, 1): in fp16 the first three took held-out perplexity from +9% to +5.5%, all eight to +4.3% (QDQ, CPU EP)
+    fp16_mlp_above: float = Field(
+        256.0,
+        gt=0,
+        description="an MLP whose output reaches this magnitude on the calibration text runs its product and down projection "
+        "in fp16 on the HTP, not on a uint16 grid, whose step over it would exceed 1/128 (the residual stream always does)",
+    )
+    text_chunks: int = Field(
+        3,
+        ge=0,
+        description="prefill chunks of held-out text that validate scores on the HTP emulation (perplexity, top-1 agreement), "
+        "the QDQ graphs on the CPU EP over the same positions beside it; 0: the text is scored where the answers are (evaluate_on)",
+    )
     threads: int | None = Field(None, gt=0, description="ONNX Runtime threads for calibration and the parity check")
 
     @model_validator(mode="after")
@@ -90,13 +104,18 @@ class QnnExport(Exporter):
             fp32[graph] = scratch / f"{graph}.fp32.onnx"
             onnx.save_model(proto, fp32[graph], save_as_external_data=True, location=f"{graph}.fp32.onnx.data")
         ctx.log(f"step graphs: prefill {cfg.chunk} tokens, decode 1, over a {cfg.cache}-slot cache ({len(proto.graph.node)} nodes each)")
-        feeds = self._calibration_feeds(ctx, tokenizer, dims, fp32)
+        texts = texts_for(ctx.data, tokenizer, part="calib", exclude=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
+        blocks = pack(texts, tokenizer, cfg.chunk + cfg.calibration_decode_tokens, max_blocks=cfg.calibration_blocks)
+        feeds = self._calibration_feeds(ctx, blocks, dims, fp32)
+        wide = _wide_mlps(model, blocks, cfg.fp16_mlp_above)
+        ctx.log(f"fp16 on the HTP: the residual stream, and the MLPs of layers {sorted(wide) or 'none'} (peak |output| {wide or '-'})")
         (ctx.out / "qdq").mkdir()
         files, placement = {"htp": {}, "qdq": {}, "binaries": {}}, {}
         for graph in GRAPHS:
             qdq = ctx.out / "qdq" / f"{graph}.onnx"
             ctx.log(f"quantizing the {graph} graph (uint16 activations, {cfg.quant} weights per channel) on {len(feeds[graph])} feeds")
-            _qnn_compile.quantize(fp32[graph], qdq, feeds[graph], 8 if cfg.quant == "int8" else 4)
+            float_nodes = _qnn_graph.float_nodes(onnx.load(fp32[graph], load_external_data=False), wide)
+            _qnn_compile.quantize(fp32[graph], qdq, feeds[graph], 8 if cfg.quant == "int8" else 4, float_nodes)
             context = ctx.out / f"{graph}.ctx.onnx"
             ctx.log(f"compiling the {graph} graph for HTP v{cfg.htp_arch} (soc_model {SOC_MODELS[cfg.htp_arch]})")
             placement[graph] = _qnn_compile.compile_htp(qdq, context, cfg.htp_arch)
@@ -115,11 +134,16 @@ class QnnExport(Exporter):
             | {"config": "config.json", "tokenizer": "tokenizer.json", "app_config": APP_CONFIG},
             **dims.manifest_fields(),
             **shape,
-            quant={"weights": cfg.quant, "granularity": "per output channel, symmetric", "activations": "uint16"},
+            quant={
+                "weights": cfg.quant,
+                "granularity": "per output channel, symmetric",
+                "activations": "uint16",
+                "fp16": {"residual_stream": True, "mlp_layers": sorted(wide), "mlp_peaks": {str(k): v for k, v in wide.items()}},
+            },
             placement=placement,
             io={"inputs": list(_qnn_graph.step_io(dims, cfg.chunk, cfg.cache)[0]), "masked_bias": _qnn_graph.MASKED},
         )
-        manifest["evaluate_on"] = cfg.evaluate_on
+        manifest["evaluate_on"], manifest["text_chunks"] = cfg.evaluate_on, cfg.text_chunks
         write_json(ctx.out / MANIFEST, manifest)
         manifest["fidelity"] = _htp_check(ctx, tokenizer)
         write_json(ctx.out / MANIFEST, manifest)
@@ -138,12 +162,10 @@ class QnnExport(Exporter):
             "parity": result,
         }
 
-    def _calibration_feeds(self, ctx: StageContext, tokenizer, dims, fp32: dict[str, Path]) -> dict[str, list[dict]]:
+    def _calibration_feeds(self, ctx: StageContext, blocks: torch.Tensor, dims, fp32: dict[str, Path]) -> dict[str, list[dict]]:
         """Every feed of the fp32 step graphs while they read calibration text: per block, one prefill chunk, then
         `calibration_decode_tokens` decode steps teacher-forced on the block's next tokens (caches really filled)."""
         cfg: QnnExportConfig = self.config
-        texts = texts_for(ctx.data, tokenizer, part="calib", exclude=ctx.subset, mmlu=ctx.mmlu, log=ctx.log)
-        blocks = pack(texts, tokenizer, cfg.chunk + cfg.calibration_decode_tokens, max_blocks=cfg.calibration_blocks)
         recorded: list[dict] = []
         sessions = [open_step(fp32[g], "cpu", threads=cfg.threads) for g in GRAPHS]
         steps = Steps(*sessions, layers=dims.layers, kv_heads=dims.kv_heads, head_dim=dims.head_dim, chunk=cfg.chunk, cache=cfg.cache)
@@ -158,6 +180,24 @@ class QnnExport(Exporter):
             "prefill": [f for f in recorded if f["input_ids"].shape[1] == cfg.chunk],
             "decode": [f for f in recorded if f["input_ids"].shape[1] == 1],
         }
+
+
+def _wide_mlps(model, blocks: torch.Tensor, limit: float) -> dict[int, float]:
+    """The layers whose MLP output (down_proj) reaches `limit` in magnitude on the calibration blocks: their peaks."""
+    peaks: dict[int, float] = {}
+
+    def hook(layer: int):
+        return lambda module, args, out: peaks.__setitem__(layer, max(peaks.get(layer, 0.0), float(out.abs().max())))
+
+    handles = [layer.mlp.down_proj.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            for block in blocks:
+                model(block[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: round(peak, 1) for i, peak in peaks.items() if peak >= limit}
 
 
 def _htp_check(ctx: StageContext, tokenizer) -> dict:
@@ -220,29 +260,79 @@ class QnnRunner(SessionRunner):
 
     backend = FORMAT
     session_error = SessionError
+    labels = {"htp": "QNN HTP backend (x86 emulation of the NPU's arithmetic)", "cpu": "QDQ on the CPU EP"}
 
     def __init__(self, path: str | Path, *, threads: int | None = None, backend: str | None = None, **_):
         manifest = Path(path) / MANIFEST
-        chosen = json.loads(manifest.read_text()).get("evaluate_on") if manifest.is_file() else None
-        self.requested, self.fallback = backend or chosen or "htp", None
+        settings = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        self.requested, self.fallback = backend or settings.get("evaluate_on") or "htp", None
         super().__init__(path, threads=threads)
         self.max_length = self.session.max_length
+        # the held-out text on the HTP emulation, a sample sized for its speed, the CPU EP beside it on the same positions
+        chunks = settings.get("text_chunks") or 0
+        self.text_positions = chunks * self.manifest["chunk"] or None
+        self._text = {"positions": 0, "agree": 0, "max_abs_diff": 0.0, "seconds": {"htp": 0.0, "cpu": 0.0}}
+        self._sessions: dict[str, QnnSession | None] = {}
 
     def open_session(self) -> QnnSession:
-        if self.requested == "cpu":
-            return QnnSession(self.path, threads=self.threads, backend="cpu")
+        return (self._open("htp") if self.requested == "htp" else None) or QnnSession(self.path, threads=self.threads, backend="cpu")
+
+    def _open(self, backend: str) -> QnnSession | None:
+        """A session on `backend`; None where the HTP backend refused the graphs (`fallback` says why)."""
         try:
-            return QnnSession(self.path, threads=self.threads, backend="htp")
+            return QnnSession(self.path, threads=self.threads, backend=backend)
         except SessionError:
             raise
         except Exception as e:  # onnxruntime's own error: the HTP backend refused a graph
             self.fallback = f"the QNN HTP backend could not open the context binaries ({str(e).splitlines()[0][:300]})"
-            return QnnSession(self.path, threads=self.threads, backend="cpu")
+            return None
 
     @property
     def runtime(self) -> dict:
-        label = "QNN HTP backend (x86 emulation of the NPU's arithmetic)" if self.session.backend == "htp" else "QDQ on the CPU EP"
+        label = self.labels[self.session.backend]
         return {**super().runtime, "backend": label, **({"fallback": self.fallback} if self.fallback else {})}
+
+    def text_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.text_positions:
+            return self.forward(input_ids)
+        ids = input_ids.cpu().numpy()
+        logits = {}
+        for backend in ("htp", "cpu"):
+            session = self._text_session(backend)
+            started = time.perf_counter()
+            logits[backend] = self._call(session.logits, ids) if session else None
+            self._text["seconds"][backend] += time.perf_counter() - started
+        if logits["htp"] is None:  # the HTP backend refused the graphs (self.fallback says why): the CPU EP's own
+            return torch.from_numpy(logits["cpu"])
+        t = self._text
+        t["positions"] += ids.size
+        t["agree"] += int((logits["htp"].argmax(-1) == logits["cpu"].argmax(-1)).sum())
+        t["max_abs_diff"] = max(t["max_abs_diff"], float(np.abs(logits["htp"] - logits["cpu"]).max()))
+        return torch.from_numpy(logits["htp"])
+
+    def _text_session(self, backend: str) -> QnnSession | None:
+        """The session of one backend for the text: the answers' own, or one opened for it (None: the HTP refused it)."""
+        if self.session.backend == backend:
+            return self.session
+        if backend not in self._sessions:
+            self._sessions[backend] = self._open(backend)
+        return self._sessions[backend]
+
+    def text_report(self) -> dict:
+        t = self._text
+        if not t["positions"]:
+            return (
+                {"scored_on": self.labels["cpu"], **({"fallback": self.fallback} if self.fallback else {})} if self.text_positions else {}
+            )
+        return {
+            "scored_on": self.labels["htp"],
+            "against_cpu_ep": {  # the same positions through the QDQ graphs on the CPU EP: do they compute the same numbers
+                "positions": t["positions"],
+                "top1_agreement": round(t["agree"] / t["positions"], 4),
+                "max_abs_diff": round(t["max_abs_diff"], 4),
+            },
+            "seconds": {k: round(v, 1) for k, v in t["seconds"].items()},
+        }
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         # causal: a right-padded row's real tokens never see its padding

@@ -3,6 +3,7 @@ graphs, the compiled context binaries loading back, and an op the HTP does not r
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -16,7 +17,15 @@ from vcompress.core.errors import Refused  # noqa: E402
 from vcompress.exporters import qnn  # noqa: E402
 from vcompress.exporters._qnn_session import QnnSession, open_step  # noqa: E402
 
-SMALL = {"chunk": 16, "cache": 64, "calibration_blocks": 2, "calibration_decode_tokens": 4, "new_tokens": 4, "evaluate_on": "htp"}
+SMALL = {
+    "chunk": 16,
+    "cache": 64,
+    "calibration_blocks": 2,
+    "calibration_decode_tokens": 4,
+    "new_tokens": 4,
+    "evaluate_on": "htp",
+    "fp16_mlp_above": 1e-3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +49,8 @@ def test_every_node_is_compiled_for_the_htp(exported):
         assert {n.op_type for n in compiled.graph.node} == {"EPContext"}
         assert (out / manifest["files"]["binaries"][graph]).stat().st_size > 0
     assert metrics["parity"]["passed"]
+    fp16 = manifest["quant"]["fp16"]  # fp16_mlp_above 1e-3: every MLP stays float, and the HTP still runs every node
+    assert fp16["residual_stream"] and fp16["mlp_layers"] == list(range(json.loads((out / "config.json").read_text())["num_hidden_layers"]))
     check = manifest["fidelity"]["htp"]  # the sized HTP check every export runs
     assert check["positions"] > 1 and check["top1_agreement"] >= 0.75  # a random tiny model has near-ties
 
@@ -89,3 +100,34 @@ def test_an_op_the_htp_does_not_run_is_refused_at_export_by_name(tokenizer, tmp_
     with pytest.raises(Refused, match=r"layers\.0\.mlp\.act/FastGelu \(com\.microsoft:FastGelu\)"):
         qnn.export(tmp_path / "gelu", tmp_path / "out", **SMALL)
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_scores_the_text_on_the_htp_and_the_answers_on_the_cpu_ep(exported, tiny_llama):
+    """The profiles' split: MMLU answers through the QDQ graphs on the CPU EP (the emulation is too slow for them), the
+    held-out text (perplexity, top-1 agreement) on the HTP emulation over its own small sample, the CPU EP beside it."""
+    from rich.console import Console
+
+    from vcompress.core.profiles import load_profile
+    from vcompress.evaluate import Evaluator
+    from vcompress.validate import budget_checks, eval_summary, print_verdict
+
+    out, _ = exported
+    runner = qnn.QnnRunner(out, backend="cpu")
+    assert runner.text_positions == 3 * SMALL["chunk"]  # the export's text_chunks (3 by default)
+    evaluator = Evaluator(per_subject=1, format="cloze")
+    report = evaluator.evaluate(model=runner, reference=str(tiny_llama))
+    text = report["text"]
+    assert text["blocks"] * text["seq_len"] <= runner.text_positions
+    assert text["scored_on"].startswith("QNN HTP backend") and report["runtime"]["backend"] == "QDQ on the CPU EP"
+    check = text["against_cpu_ep"]
+    assert check["positions"] == text["blocks"] * text["seq_len"] and check["top1_agreement"] >= 0.9
+    listed = budget_checks(load_profile("snapdragon8g2-npu").budgets, eval_summary(report), {})
+    checks = {c["budget"]: c for c in listed}
+    assert f"over {text['tokens']} positions, on QNN HTP backend" in checks["max_perplexity_rise_pct"]["why"]
+    assert "answers scored on QDQ on the CPU EP" in checks["max_mmlu_drop_points"]["why"]
+    # the verdict says where the export's nodes were compiled for
+    console = Console(file=io.StringIO(), width=300)
+    placement = json.loads((out / "manifest.json").read_text())["placement"]
+    print_verdict({"profile": "snapdragon8g2-npu", "checks": listed, "export_check": {"placement": placement}}, console)
+    nodes = placement["prefill"]["nodes"]
+    assert f"compiled for the NPU: prefill {nodes}/{nodes} nodes, decode" in console.file.getvalue()

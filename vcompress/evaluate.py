@@ -136,10 +136,10 @@ class Evaluator:
             self._seconds[key] = time.perf_counter() - started
         return self._logprobs[key]
 
-    def text_blocks(self, tokenizer, seq_len: int) -> tuple[torch.Tensor, str]:
+    def text_blocks(self, tokenizer, seq_len: int, max_blocks: int | None = None) -> tuple[torch.Tensor, str]:
         texts = texts_for(self.data, tokenizer, part="heldout", exclude=self.subset, mmlu=self.mmlu, log=self.log)
         source = str(self.data) if self.data else f"MMLU held-out text outside {self.subset}"
-        return pack(texts, tokenizer, seq_len, self.max_blocks), source
+        return pack(texts, tokenizer, seq_len, max_blocks or self.max_blocks), source
 
     def evaluate(self, model=None, reference=None) -> dict:
         """Accuracy with its interval, per subject and per domain; with a reference also the paired accuracy drop,
@@ -149,6 +149,7 @@ class Evaluator:
         report = {
             "model": _label(runner),
             "backend": runner.backend,
+            "runtime": runner.runtime,
             "subset": self.subset,
             "subjects": self.subjects,
             "shots": self.shots,
@@ -176,11 +177,16 @@ class Evaluator:
             ref_runner = self.runner(reference) if reference is not None else None
             # The same token ids go into both models: the reference's tokenizer makes them.
             limits = [r.max_length for r in (runner, ref_runner) if getattr(r, "max_length", None)]
-            blocks, source = self.text_blocks((ref_runner or runner).tokenizer, min([self.seq_len, *limits]))
+            seq_len, max_blocks = min([self.seq_len, *limits]), self.max_blocks
+            if runner.text_positions:  # a slow backend's own, smaller sample: as few blocks as hold it
+                seq_len = min(seq_len, runner.text_positions)
+                max_blocks = max(1, min(max_blocks, runner.text_positions // seq_len))
+            blocks, source = self.text_blocks((ref_runner or runner).tokenizer, seq_len, max_blocks)
             started = time.perf_counter()
             text = scoring.text_fidelity(
-                runner.forward, blocks, ref_runner.forward if ref_runner else None, batch_size=1, progress=self.progress
+                runner.text_logits, blocks, ref_runner.forward if ref_runner else None, batch_size=1, progress=self.progress
             )
+            text |= runner.text_report()
             report["text"] = {**text, "source": source, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
             report["seconds"]["text"] = time.perf_counter() - started
         return report

@@ -251,7 +251,7 @@ def _artifact_tokenizer(ctx) -> dict | None:
     return ctx.tokenizer_used
 
 
-EXPORT_CHECK = ("parity", "fidelity", "checked_on", "tensorrt_ready", "engine_note")  # what an export says of itself
+EXPORT_CHECK = ("parity", "fidelity", "checked_on", "tensorrt_ready", "engine_note", "placement")  # what an export says of itself
 
 
 def eval_summary(report: dict) -> dict:
@@ -275,6 +275,9 @@ def eval_summary(report: dict) -> dict:
         "perplexity": {"teacher": ref_ppl, "student": ppl, "rise_pct": (ppl / ref_ppl - 1) * 100 if ppl and ref_ppl else None},
         "top1_agreement": text.get("top1_agreement"),
         "kl_mean": text.get("kl_mean"),
+        # where a backend scores the text apart from the answers (an NPU's arithmetic in emulation): what and on how much
+        **({"text": {k: text.get(k) for k in ("scored_on", "tokens", "against_cpu_ep", "fallback")}} if text.get("scored_on") else {}),
+        "answers_on": (report.get("runtime") or {}).get("backend"),
     }
 
 
@@ -316,7 +319,7 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict, isa: dict |
             n=evaluation["n"],
             ci95=[_round(x) for x in drop["ci95"]],
             result=drop_result,
-            why=drop_why,
+            why=drop_why + (f"; answers scored on {evaluation['answers_on']}" if evaluation.get("text") else ""),
             format=evaluation["format"]["name"],
         ),
         check(
@@ -326,6 +329,7 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict, isa: dict |
             "%",
             "measured",
             rise is not None and rise <= budgets.max_perplexity_rise_pct,
+            **({"why": text_why(evaluation)} if evaluation.get("text") else {}),
         ),
         check(
             "min_answer_agreement",
@@ -338,6 +342,21 @@ def budget_checks(budgets: Budgets, evaluation: dict, latency: dict, isa: dict |
         ),
         *([isa_check(budgets.min_target_isa_agreement, isa)] if isa is not None and budgets.min_target_isa_agreement is not None else []),
     ]
+
+
+def text_why(evaluation: dict) -> str:
+    """The text measures and what scored them: perplexity, top-1 agreement with the source, positions, backend."""
+    text, ppl = evaluation["text"], evaluation["perplexity"]
+    line = (
+        f"perplexity {_end(_round(ppl['student']))} vs {_end(_round(ppl['teacher']))}, top-1 agreement "
+        f"{_end(_round(evaluation['top1_agreement']))} with the source over {text['tokens']} positions, on {text['scored_on']}"
+    )
+    if check := text.get("against_cpu_ep"):
+        line += (
+            f" (against the CPU EP on the same {check['positions']} positions: top-1 agreement {check['top1_agreement']:.3f}, "
+            f"max |logit diff| {check['max_abs_diff']:.3g})"
+        )
+    return line + (f"; {text['fallback']}" if text.get("fallback") else "")
 
 
 def latency_check(budget: str, limit: float, latency: dict, prompt_tokens: int) -> dict:
@@ -396,6 +415,16 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
         if c.get("why"):
             what = f" ({c.get('format', 'letter')} MMLU)" if c["budget"] == "max_mmlu_drop_points" else ""
             console.print(f"{c['budget']}{what}: {c['why']}", soft_wrap=True)
+    if placement := (verdict.get("export_check") or {}).get("placement"):  # an NPU export: where its nodes were compiled for
+        console.print(
+            "compiled for the NPU: "
+            + ", ".join(
+                f"{graph} {p['on_htp']}/{p['nodes']} nodes"
+                + (f" (+{p['io_quantization_on_cpu']} quantizing its float inputs and outputs, on the CPU)" if p.get("io_quantization_on_cpu") else "")
+                for graph, p in placement.items()
+            ),
+            soft_wrap=True,
+        )
     acc = verdict.get("accuracy", {})
     if acc.get("teacher") is not None:
         console.print(f"MMLU accuracy: teacher {acc['teacher']:.3f}, student {acc['student']:.3f}")
