@@ -405,6 +405,15 @@ def _load_hf(source: ModelSource, allow_pickle: bool, trust_remote_code: bool, d
         raise InputError(f"cannot load {where}: {_first_line(e)}; check config.json and the weights") from None
 
 
+def declared_model_type(spec: str | Path | None, *, allow_pickle: bool = False, base: str | Path | None = None) -> str | None:
+    """The `model_type` a --model argument declares, read before any weights load (a GGUF is converted once, as
+    loading it would); None where it cannot be read so early (a hub id, a LoRA adapter's merge)."""
+    source = resolve_weights(spec, allow_pickle=allow_pickle, base=base)
+    if source.gguf_file:
+        return _declared_type(converted_gguf_dir(Path(source.path)))
+    return _declared_type(Path(source.path)) if source.kind == "hf" else None
+
+
 def _declared_type(folder: Path) -> str | None:
     try:
         return json.loads((folder / "config.json").read_text()).get("model_type")

@@ -153,11 +153,17 @@ def _head_bits(cfg: GGUFExportConfig) -> int:
 
 
 def _arch(config):
-    if config.model_type not in ARCHES:
-        raise Unsupported(
-            f"GGUF export writes llama.cpp's {' and '.join(ARCHES)} architectures, not {config.model_type}; export ONNX or TFLite instead"
-        )
+    check_architecture(config.model_type)
     return ARCHES[config.model_type]
+
+
+def check_architecture(model_type: str) -> None:
+    """Refuse an architecture this exporter does not write, by name (the command asks before any GPTQ runs)."""
+    if model_type not in ARCHES:
+        raise Unsupported(
+            f"{model_type}: GGUF export is not supported yet (it writes llama.cpp's {' and '.join(ARCHES)} architectures); "
+            "export ONNX or TFLite instead"
+        )
 
 
 def _check_grid(cfg: GGUFExportConfig, grid: dict | None) -> None:

@@ -269,3 +269,10 @@ def test_tflite_export_of_gemma3(tiny_gemma, tmp_path):
     metrics = export(str(tiny_gemma), tmp_path / "tflite", "none", log=lambda _: None)
     assert metrics["parity"]["passed"] and metrics["parity"]["greedy_identical"] == 5 and metrics["parity"]["greedy_tokens"] == 32
     assert metrics["litertlm_loaded"].startswith("loaded by LiteRT-LM")
+
+
+def test_gguf_export_refuses_gemma3_by_name_before_any_gptq(cli, tiny_gemma, tmp_path):
+    out = tmp_path / "gguf"
+    code, _, err = cli("export", "gguf", "--model", tiny_gemma, "--out", out)
+    assert code == 2 and "gemma3_text: GGUF export is not supported yet" in err and "Traceback" not in err
+    assert not (tmp_path / ".gguf.work").exists() and "GPTQ" not in err  # refused before the float model's GPTQ

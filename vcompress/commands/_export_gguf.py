@@ -26,12 +26,15 @@ BLOCK_GRIDS = {
 def gguf_command(settings, out, **options):
     """GGUF for llama.cpp: a quantize folder's codes as Q4_1 / Q4_0 / Q8_0 blocks (a float model: GPTQ onto them first),
     tokenizer and chat template inside; checked by llama.cpp on the parity prompts and on held-out text."""
+    from vcompress.core.models import declared_model_type
     from vcompress.core.quant_format import read_quant_grid
-    from vcompress.exporters.gguf import GGUFExport
+    from vcompress.exporters.gguf import GGUFExport, check_architecture
 
     stage = GGUFExport(settings)
     cfg = stage.config
     model = options.pop("model")
+    if model_type := declared_model_type(model, allow_pickle=options.get("allow_pickle", False), base=options.get("base")):
+        check_architecture(model_type)  # before a float model's GPTQ, not after it
     if cfg.quant != "none" and read_quant_grid(model) is None:
         model = _gptq_first(model, Path(out), BLOCK_GRIDS["int8" if cfg.quant == "int8" else cfg.int4_block], options)
     execute_stage(stage, out, echo_gguf, model=model, **options)
