@@ -203,19 +203,13 @@ def test_a_pruned_student_quantized_and_exported_loads_in_llama_cpp(cli, tiny_ll
 def test_a_gguf_sources_kept_q4_1_blocks_are_written_back_byte_for_byte(tmp_path, tokenizer, monkeypatch):
     """The default's road (x86-cpu-gguf): quantize keeps a GGUF source's Q4_1 blocks (scales and float minimums,
     no zero point) and the export writes them back unchanged, llama's q/k rows permuted back as llama.cpp holds them."""
-    from transformers import AutoModelForCausalLM
 
     from tests.gguf_tiny import write_gguf
-    from tests.tiny import build_config
+    from tests.tiny import build_config, random_model
     from vcompress.cli import main
 
     monkeypatch.setenv("VCOMPRESS_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(build_config("llama", len(tokenizer) + 1, 2))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
+    model = random_model(build_config("llama", len(tokenizer) + 1, 2))
     tokenizer.save_pretrained(tmp_path / "tok")
     source = tmp_path / "src.gguf"
     write_gguf(model, tmp_path / "tok", source, {})

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from safetensors.torch import load_file
 
 from tests.gguf_tiny import T, blocks_of, write_gguf
-from tests.tiny import build_config
+from tests.tiny import build_config, random_model
 from vcompress.core.gguf_blocks import GGUFFile, read_blocks
 from vcompress.exporters.onnx import OnnxRunner, export
 
@@ -56,19 +56,13 @@ MIXED = {
 def tiny_ggufs(tmp_path_factory, tokenizer):
     """{arch: (path, {types name: (gguf path, dequantized linears)})}: a tiny Llama and Qwen2 written as GGUF twice,
     every linear Q4_1 ("q4") and every block type at once ("mixed")."""
-    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("gguf")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VCOMPRESS_CACHE", str(root / "cache"))
         made = {}
         for arch in ("llama", "qwen2"):
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(build_config(arch, len(tokenizer) + 1, 2, **SIZES[arch]))
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.dim() == 2:
-                        p.normal_(0, 0.08)
+            model = random_model(build_config(arch, len(tokenizer) + 1, 2, **SIZES[arch]))
             tokenizer.save_pretrained(root / arch)
             made[arch] = {
                 name: (root / f"{arch}-{name}.gguf", write_gguf(model, root / arch, root / f"{arch}-{name}.gguf", types))
@@ -217,15 +211,9 @@ def test_a_streamed_gguf_export_carries_the_same_bytes(tiny_ggufs, tmp_path, mon
 def test_a_table_stored_twice_at_two_grids_is_exported_once(tokenizer, tmp_path, monkeypatch):
     """A tied Qwen2 written as llama.cpp writes Qwen2.5: its one table twice, token_embd at Q5_0 and output at Q8_0
     (transformers loads it untied). The export stores the Q8_0 table once, exactly, with no zero points."""
-    from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("VCOMPRESS_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(build_config("qwen2", len(tokenizer) + 1, 2, tie_word_embeddings=True, **SIZES["qwen2"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
+    model = random_model(build_config("qwen2", len(tokenizer) + 1, 2, tie_word_embeddings=True, **SIZES["qwen2"]))
     tokenizer.save_pretrained(tmp_path / "tok")
     path = tmp_path / "twice.gguf"
     symmetric = {"attn_q": T.Q4_0, "attn_k": T.Q4_0, "attn_v": T.Q4_0, "attn_output": T.Q5_0, "ffn_gate": T.Q6_K, "ffn_up": T.Q6_K}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.tiny import build_config
+from tests.tiny import build_config, random_model
 from vcompress.compress._arch import attention, attention_out, decoder_layers, group_heads, head_rows, shape
 from vcompress.compress._heads import keep_kv_groups
 from vcompress.compress.prune import Prune, drop_layers, make_plan, prune_mlp_channels
@@ -26,12 +26,7 @@ def gqa_llama(tmp_path_factory, tokenizer):
     """6 query heads sharing 3 KV heads, 4 layers: enough groups and layers to choose from."""
     config = build_config("llama", len(tokenizer), layers=4)
     config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 96, 6, 3
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
+    model = random_model(config, 1)
     out = tmp_path_factory.mktemp("gqa") / "llama-6q3kv"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -72,16 +72,21 @@ def build_config(arch: str, vocab_size: int, layers: int = 2, **sizes):
     raise ValueError(arch)
 
 
-def build_model(arch: str, out: Path, tokenizer, layers: int = 2, seed: int = 0) -> Path:
+def random_model(config, seed: int = 0):
+    """A model of `config` with larger weights than the init default, so heads differ measurably."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(build_config(arch, len(tokenizer), layers))
-    with torch.no_grad():  # larger weights than the init default, so heads differ measurably
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-    model.eval()
+    return model
+
+
+def build_model(arch: str, out: Path, tokenizer, layers: int = 2, seed: int = 0) -> Path:
+    model = random_model(build_config(arch, len(tokenizer), layers), seed).eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

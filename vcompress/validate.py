@@ -420,7 +420,11 @@ def print_verdict(verdict: dict, console: Console | None = None) -> None:
             "compiled for the NPU: "
             + ", ".join(
                 f"{graph} {p['on_htp']}/{p['nodes']} nodes"
-                + (f" (+{p['io_quantization_on_cpu']} quantizing its float inputs and outputs, on the CPU)" if p.get("io_quantization_on_cpu") else "")
+                + (
+                    f" (+{p['io_quantization_on_cpu']} quantizing its float inputs and outputs, on the CPU)"
+                    if p.get("io_quantization_on_cpu")
+                    else ""
+                )
                 for graph, p in placement.items()
             ),
             soft_wrap=True,
