@@ -1,3 +1,3 @@
 """vcompress: compress a fine-tuned causal LLM for an edge device and prove the result."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
