@@ -358,8 +358,8 @@ def mmlu_logprobs(
     requests = _requests(tokenizer, items, max_length)
     out = torch.full((len(questions), 4), float("nan"))
     pad = _pad_id(tokenizer)
-    done = 0
-    progress(label, done, len(requests))
+    done, total = 0, len(requests)  # the total stays the first count: the prefix-shared rows leave `requests` below
+    progress(label, done, total)
     if continuation_fn is not None:
         rows: dict[int, list[_Request]] = {}
         for request in requests:
@@ -376,7 +376,7 @@ def mmlu_logprobs(
                     out[request.row, request.column] = score
                 scored.add(group[0].row)
                 done += len(group)
-            progress(label, done, len(requests))
+            progress(label, done, total)
         requests = [r for r in requests if r.row not in scored]
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
     for batch in _batches([requests[i] for i in order], batch_size, max_batch_tokens):
@@ -399,7 +399,7 @@ def mmlu_logprobs(
                 first = n - len(request.targets)
                 out[request.row, request.column] = sum(logp[b, where[first + j], token].item() for j, token in enumerate(request.targets))
         done += len(batch)
-        progress(label, done, len(requests))
+        progress(label, done, total)
     if format == "cloze":
         out /= torch.tensor([[max(1, len(choice)) for choice in q.choices] for q in questions], dtype=out.dtype)
     return out

@@ -314,8 +314,20 @@ def test_cloze_after_one_shared_prefix_equals_the_full_sequences(tiny_models, ar
         len(r.ids)
         for r in scoring._requests(runner.tokenizer, [scoring.prompt_and_continuations(q, format="cloze") for q in questions], None)
     )
-    cut = scoring.mmlu_logprobs(forward, runner.tokenizer, questions, format="cloze", continuation_fn=shared_fn, max_length=longest - 2)
+    reported = []
+    cut = scoring.mmlu_logprobs(
+        forward,
+        runner.tokenizer,
+        questions,
+        format="cloze",
+        continuation_fn=shared_fn,
+        max_length=longest - 2,
+        progress=lambda *call: reported.append(call),
+    )
     assert forward.calls and torch.isfinite(cut).all()
+    # progress counts both paths against one total: the shared rows do not shrink it (it read "3185/5" once)
+    totals = {total for _, _, total in reported}
+    assert len(totals) == 1 and reported[-1][1] == reported[0][2] >= 4 * len(questions) - 4
 
 
 def test_backends_without_a_shared_prefix_path_are_scored_in_full(char_model):
